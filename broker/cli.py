@@ -1,0 +1,164 @@
+"""The ``edgesync`` command line.
+
+``edgesync up`` runs everything locally; ``bridge`` and ``ingest`` run one
+service against external NATS/PostgreSQL from ``EDGESYNC_*`` settings;
+``status`` reads edges, backlog and committed counts from PostgreSQL.
+Service imports are lazy so ``edgesync --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from broker.errors import EdgesyncError
+from broker.logs import configure_logging
+from broker.settings import Settings
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="edgesync: durable edge-to-cloud sync over NATS JetStream into PostgreSQL.")
+console = Console()
+
+
+def _run_service(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+    """Run ``body(stop)`` with SIGINT/SIGTERM setting ``stop``."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await body(stop)
+
+    try:
+        asyncio.run(main())
+    except EdgesyncError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def up(
+    state_dir: Annotated[Path, typer.Option(help="Where buffers, NATS and Postgres data live.")]
+    = Path(".edgesync"),
+    edges: Annotated[int, typer.Option(min=1, max=64, help="Simulated edges, each a bridge.")]
+    = 1,
+    simulate: Annotated[float, typer.Option(
+        "--simulate", min=0, help="Synthetic records/s per edge through the SDK (0: off).")] = 0,
+    bridge_port: Annotated[int, typer.Option(help="First bridge port (0: free ports).")] = 8787,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "warning",
+) -> None:
+    """Run the whole system on this machine: NATS, PostgreSQL, ingest, bridges."""
+    from broker.local_run import LocalRunOptions, run_local
+
+    configure_logging(log_level, "console")
+    options = LocalRunOptions(state_dir=state_dir, edges=edges, simulate_rate=simulate,
+                              bridge_port=_free_or(bridge_port))
+    _run_service(lambda stop: run_local(options, stop=stop, print_line=console.print))
+
+
+def _free_or(port: int) -> int:
+    """``port`` if it can be bound on loopback, else 0 (pick a free one)."""
+    import socket
+
+    if port == 0:
+        return 0
+    try:
+        with socket.create_server(("127.0.0.1", port)):
+            return port
+    except OSError:
+        return 0
+
+
+@app.command()
+def bridge() -> None:
+    """Run one edge bridge (settings from EDGESYNC_BRIDGE__*, EDGESYNC_NATS__*)."""
+    from edge_bridge.bridge import run
+
+    settings = Settings()
+    configure_logging(settings.log.level, settings.log.format)
+    _run_service(lambda stop: run(settings.bridge, settings.nats, stop=stop))
+
+
+@app.command()
+def ingest() -> None:
+    """Run one ingest process (settings from EDGESYNC_INGEST__*, EDGESYNC_NATS__*)."""
+    from cloud_ingest.service import run
+
+    settings = Settings()
+    configure_logging(settings.log.level, settings.log.format)
+    _run_service(lambda stop: run(settings.ingest, settings.nats, stop=stop))
+
+
+def _dsn(dsn: str | None, state_dir: Path) -> str:
+    if dsn:
+        return dsn
+    runtime = state_dir / "runtime.json"
+    if runtime.exists():
+        return str(json.loads(runtime.read_text())["postgres_dsn"])
+    return Settings().ingest.postgres_dsn
+
+
+@app.command()
+def status(
+    dsn: Annotated[str | None, typer.Option(help="PostgreSQL DSN (default: runtime.json, "
+                                                   "then EDGESYNC_INGEST__POSTGRES_DSN).")] = None,
+    state_dir: Annotated[Path, typer.Option(help="Where `edgesync up` wrote runtime.json.")]
+    = Path(".edgesync"),
+) -> None:
+    """Print edges, their backlog, and committed counts per stream."""
+    import asyncpg
+
+    async def show() -> None:
+        conn = await asyncpg.connect(_dsn(dsn, state_dir))
+        try:
+            edges = await conn.fetch(
+                "SELECT edge_id, version, last_seen, now() - last_seen AS ago, "
+                "unshipped_records, buffer_bytes, oldest_unshipped_age_s, dropped "
+                "FROM edges ORDER BY edge_id"
+            )
+            progress = await conn.fetch(
+                "SELECT edge_id, stream, epoch, committed_records, committed_watermark, "
+                "highest_seq FROM v_stream_progress ORDER BY edge_id, stream, epoch"
+            )
+        finally:
+            await conn.close()
+        table = Table(title="edges")
+        for col in ("edge", "version", "last seen", "backlog", "buffer bytes",
+                    "oldest unshipped", "dropped"):
+            table.add_column(col)
+        for e in edges:
+            table.add_row(
+                e["edge_id"], e["version"], f"{e['ago'].total_seconds():.0f}s ago",
+                f"{e['unshipped_records']:,}", f"{e['buffer_bytes']:,}",
+                f"{e['oldest_unshipped_age_s']:.1f}s", str(e["dropped"]),
+            )
+        console.print(table)
+        table = Table(title="committed")
+        for col in ("edge", "stream", "epoch", "committed", "watermark", "highest seq"):
+            table.add_column(col)
+        for p in progress:
+            table.add_row(p["edge_id"], p["stream"], str(p["epoch"]),
+                          f"{p['committed_records']:,}", f"{p['committed_watermark']:,}",
+                          f"{p['highest_seq']:,}")
+        console.print(table)
+
+    try:
+        asyncio.run(show())
+    except (OSError, asyncpg.PostgresError) as exc:
+        console.print(f"[red]cannot read status:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,65 @@
+"""Messages the edge sends on ``<prefix>.evt.<edge>``: heartbeats (and, later,
+command status). MessagePack maps tagged by ``type`` so new kinds can be added
+without breaking old readers."""
+
+from __future__ import annotations
+
+import msgspec
+
+from broker.errors import DecodeError
+
+__all__ = ["Heartbeat", "StreamHealth", "decode_event", "encode_event"]
+
+
+class StreamHealth(msgspec.Struct, frozen=True):
+    epoch: int
+    next_seq: int
+    """One past the highest seq assigned."""
+    shipped_seq: int
+    committed_seq: int
+    records: int
+    bytes: int
+    dropped_overflow: int
+    dropped_ttl: int
+
+
+class Heartbeat(msgspec.Struct, tag="heartbeat", tag_field="type", frozen=True):
+    """The bridge's periodic health report."""
+
+    edge: str
+    version: str
+    sent_at: float
+    """Unix seconds, the edge's clock."""
+    buffer_records: int
+    buffer_bytes: int
+    buffer_max_bytes: int
+    unshipped_records: int
+    oldest_unshipped_age_s: float
+    disk_bytes: int
+    dropped: dict[str, dict[str, int]]
+    """``{stream: {"overflow": n, "ttl": m}}`` since the buffer was created."""
+    streams: dict[str, StreamHealth] = {}
+
+
+Event = Heartbeat
+
+_decoder = msgspec.msgpack.Decoder(Event)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes) -> Event:
+    """Decode one event.
+
+    Raises:
+        DecodeError: the bytes are not a known event.
+    """
+    try:
+        return _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise DecodeError(f"malformed event: {exc}") from exc
+    except Exception as exc:
+        raise DecodeError(f"malformed event: {type(exc).__name__}: {exc}") from exc

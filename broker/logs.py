@@ -1,0 +1,56 @@
+"""Logging set-up, done once by each entry point (never at import time).
+
+Production logs are JSON lines with ISO UTC timestamps and contextvars merged
+in; ``console`` is for people at a terminal. Standard-library loggers (uvicorn,
+asyncio, nats) are routed through the same renderer.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+__all__ = ["configure_logging"]
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+
+
+def configure_logging(level: str = "info", fmt: str = "json") -> None:
+    """Configure structlog and the standard library logging for this process."""
+    numeric = _LEVELS.get(level.lower(), logging.INFO)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processor=renderer, foreign_pre_chain=shared
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(numeric, logging.INFO) if numeric > logging.DEBUG else numeric)
+    for noisy in ("uvicorn.access", "nats"):
+        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
+
+
+def set_level(level: str) -> None:
+    """Change the log level live (``bridge.configure``)."""
+    numeric = _LEVELS.get(level.lower(), logging.INFO)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(numeric))
+    logging.getLogger().setLevel(numeric)

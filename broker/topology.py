@@ -1,0 +1,126 @@
+"""Subjects and JetStream streams: the one place that names them.
+
+| subject                    | stream       | purpose                        |
+| -------------------------- | ------------ | ------------------------------ |
+| ``<p>.rec.<edge>.<stream>`` | ``ES_RECORDS`` | record batches                 |
+| ``<p>.ctl.<edge>``          | ``ES_CONTROL`` | signed commands                |
+| ``<p>.evt.<edge>``          | ``ES_EVENTS``  | command status and heartbeats  |
+
+``<p>`` is the configurable prefix (default ``es``). Streams are created or
+updated idempotently by whichever side starts first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
+
+from broker.tokens import validate_token
+
+__all__ = ["Topology"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Subject and stream names under one prefix."""
+
+    prefix: str = "es"
+    records_max_age_s: float = 7 * 24 * 3600.0
+    """How long JetStream keeps record batches; the edge keeps them until committed anyway."""
+    records_max_bytes: int = -1
+    """Byte cap of ``ES_RECORDS`` (-1: unlimited, bounded by max age)."""
+    duplicate_window_s: float = 300.0
+    """JetStream's ``Nats-Msg-Id`` de-duplication window for record batches."""
+    replicas: int = 1
+
+    @property
+    def records_stream(self) -> str:
+        return f"{self.prefix.upper()}_RECORDS"
+
+    @property
+    def control_stream(self) -> str:
+        return f"{self.prefix.upper()}_CONTROL"
+
+    @property
+    def events_stream(self) -> str:
+        return f"{self.prefix.upper()}_EVENTS"
+
+    def records_subject(self, edge: str, stream: str) -> str:
+        validate_token("edge id", edge)
+        validate_token("stream name", stream)
+        return f"{self.prefix}.rec.{edge}.{stream}"
+
+    def control_subject(self, edge: str) -> str:
+        return f"{self.prefix}.ctl.{validate_token('edge id', edge)}"
+
+    def events_subject(self, edge: str) -> str:
+        return f"{self.prefix}.evt.{validate_token('edge id', edge)}"
+
+    @property
+    def records_wildcard(self) -> str:
+        return f"{self.prefix}.rec.>"
+
+    @property
+    def events_wildcard(self) -> str:
+        return f"{self.prefix}.evt.>"
+
+    def parse_records_subject(self, subject: str) -> tuple[str, str] | None:
+        """``(edge, stream)`` of a records subject, or None if it is not one."""
+        parts = subject.split(".")
+        if len(parts) != 4 or parts[0] != self.prefix or parts[1] != "rec":
+            return None
+        return parts[2], parts[3]
+
+    def stream_configs(self) -> list[StreamConfig]:
+        return [
+            StreamConfig(
+                name=self.records_stream,
+                subjects=[self.records_wildcard],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                discard=DiscardPolicy.OLD,
+                max_age=self.records_max_age_s,
+                max_bytes=self.records_max_bytes,
+                duplicate_window=self.duplicate_window_s,
+                num_replicas=self.replicas,
+            ),
+            StreamConfig(
+                name=self.control_stream,
+                subjects=[f"{self.prefix}.ctl.>"],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=30 * 24 * 3600.0,
+                duplicate_window=self.duplicate_window_s,
+                num_replicas=self.replicas,
+            ),
+            StreamConfig(
+                name=self.events_stream,
+                subjects=[self.events_wildcard],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=7 * 24 * 3600.0,
+                duplicate_window=self.duplicate_window_s,
+                num_replicas=self.replicas,
+            ),
+        ]
+
+    async def ensure_streams(self, js: JetStreamContext) -> None:
+        """Create the streams, or update them to this configuration; idempotent."""
+        for config in self.stream_configs():
+            try:
+                await js.stream_info(config.name or "")
+            except NotFoundError:
+                try:
+                    await js.add_stream(config)
+                    log.info("stream_created", stream=config.name)
+                    continue
+                except BadRequestError:
+                    # Created concurrently by another process: fall through to update.
+                    pass
+            await js.update_stream(config)

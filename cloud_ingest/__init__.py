@@ -1,0 +1,2 @@
+"""The cloud side: JetStream -> PostgreSQL ingest workers, the schema and its
+migrations, edge tracking from heartbeats, and (later) the operator API."""

@@ -1,0 +1,37 @@
+"""Prometheus metrics of one ingest process, in a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["IngestMetrics"]
+
+
+class IngestMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.records_committed = Counter(
+            "edgesync_records_committed", "Rows inserted into records.", registry=r
+        )
+        self.duplicate_records = Counter(
+            "edgesync_duplicate_records",
+            "Records received again and skipped (already committed).", registry=r,
+        )
+        self.batches_committed = Counter(
+            "edgesync_batches_committed", "Batches committed (including all-duplicate ones).",
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "edgesync_dead_letters", "Messages written to dead_letters.", registry=r
+        )
+        self.commit_seconds = Histogram(
+            "edgesync_ingest_commit_seconds", "Time to write and commit one fetched group.",
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.heartbeats = Counter(
+            "edgesync_heartbeats", "Edge heartbeats recorded.", registry=r
+        )
+        self.db_up = Gauge("edgesync_ingest_db_up", "1 while PostgreSQL accepts writes.",
+                           registry=r)
+        self.db_up.set(1)

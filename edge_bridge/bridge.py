@@ -1,0 +1,278 @@
+"""The edge bridge daemon: buffer, ingress, shipper and heartbeats under one roof.
+
+``Bridge`` owns every resource (buffer file, NATS connection, HTTP socket,
+tasks); :func:`run` is the service shape the CLI, ``edgesync up`` and the tests
+all embed::
+
+    async with Bridge(settings, nats_settings) as bridge:
+        await bridge.serve(stop)
+
+Shutdown order matters for durability: stop accepting HTTP, let in-flight
+appends commit, stop the shipper (in-flight publishes get a short deadline),
+close NATS, and close the buffer last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+
+import structlog
+from nats.aio.client import Client as NATS
+
+from broker import __version__
+from broker.connecting import connect_with_retry
+from broker.errors import ClosedError
+from broker.events import Heartbeat, StreamHealth, encode_event
+from broker.serving import EmbeddedServer, embedded_server
+from broker.settings import BridgeSettings, NatsSettings
+from broker.topology import Topology
+from edge_bridge.buffering import Buffer
+from edge_bridge.ingress import create_app
+from edge_bridge.metrics import BridgeMetrics
+from edge_bridge.shipping import Shipper
+
+__all__ = ["Bridge", "run"]
+
+log = structlog.get_logger(__name__)
+
+SHUTDOWN_DEADLINE_S = 20.0
+"""Hard bound on a clean shutdown; below Kubernetes' default 30 s grace period."""
+
+
+class Bridge:
+    """One edge bridge. Use as an async context manager, then :meth:`serve`."""
+
+    version = __version__
+
+    def __init__(self, settings: BridgeSettings, nats_settings: NatsSettings) -> None:
+        self.settings = settings
+        self.nats_settings = nats_settings
+        self.edge_id = settings.edge_id
+        self.topology = Topology(prefix=nats_settings.prefix, replicas=nats_settings.replicas)
+        self.metrics = BridgeMetrics(settings.edge_id)
+        self.buffer = Buffer(
+            settings.buffer_dir,
+            max_bytes=settings.buffer_max_bytes,
+            policy_for=settings.policy_for,
+            sync_mode=settings.sync_mode,
+        )
+        self.shipper = Shipper(
+            self.buffer,
+            edge_id=settings.edge_id,
+            topology=self.topology,
+            settings=settings.shipper,
+            policy_for=settings.policy_for,
+            metrics=self.metrics,
+            publish_timeout_s=nats_settings.publish_timeout_s,
+            on_shipped=self._on_shipped,
+        )
+        self._nc: NATS | None = None
+        self._sock: socket.socket | None = None
+        self._server: EmbeddedServer | None = None
+        self._state = "new"
+        self.accepting = False
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def __aenter__(self) -> Bridge:
+        if self._state != "new":
+            raise ClosedError(f"bridge is {self._state}; a Bridge starts once")
+        self._state = "open"
+        await self.buffer.open()
+        self._sock = socket.create_server((self.settings.host, self.settings.port))
+        self._sock.setblocking(False)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Release everything; idempotent."""
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        self.accepting = False
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._nc.close(), timeout=5)
+            self._nc = None
+        await self.buffer.close()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        log.info("bridge_stopped", edge=self.edge_id)
+
+    @property
+    def port(self) -> int:
+        assert self._sock is not None, "bridge not started"
+        return int(self._sock.getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.host}:{self.port}"
+
+    @property
+    def nats_connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    # -- the service ----------------------------------------------------------------
+
+    async def serve(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        """Run until ``stop`` is set, then shut down in order within a deadline."""
+        assert self._sock is not None, "use `async with Bridge(...)` first"
+        self._server = embedded_server(create_app(self))
+        http = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="ingress")
+        connector = asyncio.create_task(self._connect(), name="nats-connect")
+        shipper = asyncio.create_task(self.shipper.run_forever(), name="shipper")
+        heartbeat = asyncio.create_task(self._heartbeat_forever(), name="heartbeat")
+        housekeeping = asyncio.create_task(self._housekeeping_forever(), name="housekeeping")
+        roots = [http, connector, shipper, heartbeat, housekeeping]
+        # uvicorn offers a flag, not an event, for "listening".
+        while not self._server.started and not http.done():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        self.accepting = True
+        log.info("bridge_started", edge=self.edge_id, url=self.url,
+                 buffer=str(self.buffer.path))
+        if ready is not None:
+            ready.set()
+        stopper: asyncio.Task[None] = asyncio.create_task(_wait(stop), name="stop-wait")
+        try:
+            waiting: set[asyncio.Task[None]] = {stopper, *roots}
+            while stopper in waiting:
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                failed = [t for t in done if t is not stopper and (
+                    t.cancelled() or t.exception() is not None or t is not connector)]
+                for task in failed:
+                    log.error("bridge_task_failed", task=task.get_name(),
+                              error=repr(None if task.cancelled() else task.exception()))
+                if failed:
+                    break  # one root down: stop them all rather than limp along
+        finally:
+            stopper.cancel()
+            await asyncio.wait_for(self._shutdown(http, roots), timeout=SHUTDOWN_DEADLINE_S)
+
+    async def _shutdown(self, http: asyncio.Task[None], roots: list[asyncio.Task[None]]) -> None:
+        self.accepting = False
+        if self._server is not None:
+            self._server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(http), timeout=8)
+        self.shipper.begin_shutdown()
+        for task in roots:
+            if task is not http and task.get_name() != "shipper":
+                task.cancel()
+        results = await asyncio.gather(*roots, return_exceptions=True)
+        for task, result in zip(roots, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("bridge_task_failed", task=task.get_name(), error=repr(result))
+
+    async def _connect(self) -> None:
+        async def disconnected() -> None:
+            self.metrics.nats_connected.set(0)
+
+        async def reconnected() -> None:
+            self.metrics.nats_connected.set(1)
+
+        nc = await connect_with_retry(
+            self.nats_settings, name=f"edgesync-bridge-{self.edge_id}",
+            disconnected_cb=disconnected, reconnected_cb=reconnected,
+        )
+        self._nc = nc
+        self.metrics.nats_connected.set(1)
+        js = nc.jetstream(timeout=self.nats_settings.publish_timeout_s)
+        while True:
+            try:
+                await self.topology.ensure_streams(js)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("streams_not_ready", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(1.0)
+        self.shipper.attach(js)
+
+    async def _on_shipped(self, stream: str, epoch: int, upto_seq: int) -> None:
+        # Until the cloud's committed watermark closes the loop end to end, a
+        # JetStream ack is where the edge lets go of a record.
+        await self.buffer.trim(stream, epoch, upto_seq)
+
+    async def _heartbeat_forever(self) -> None:
+        while True:
+            try:
+                await self.send_heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("heartbeat_failed", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def heartbeat(self) -> Heartbeat:
+        stats = await self.buffer.stats()
+        streams = {}
+        for name in self.buffer.stream_names():
+            s = self.buffer.stream_state(name)
+            if s is None:
+                continue
+            streams[name] = StreamHealth(
+                epoch=s.epoch, next_seq=s.next_seq, shipped_seq=s.shipped_seq,
+                committed_seq=s.committed_seq, records=s.records, bytes=s.bytes,
+                dropped_overflow=s.dropped_overflow, dropped_ttl=s.dropped_ttl,
+            )
+        return Heartbeat(
+            edge=self.edge_id, version=self.version, sent_at=time.time(),
+            buffer_records=stats.records, buffer_bytes=stats.bytes,
+            buffer_max_bytes=stats.max_bytes, unshipped_records=stats.unshipped_records,
+            oldest_unshipped_age_s=stats.oldest_unshipped_age_s, disk_bytes=stats.disk_bytes,
+            dropped=stats.dropped, streams=streams,
+        )
+
+    async def send_heartbeat(self) -> None:
+        """Publish one heartbeat now (best effort: skipped while disconnected)."""
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            return
+        beat = await self.heartbeat()
+        await nc.publish(self.topology.events_subject(self.edge_id), encode_event(beat))
+        log.debug("heartbeat_sent", edge=self.edge_id, backlog=beat.unshipped_records)
+
+    async def _housekeeping_forever(self) -> None:
+        while True:
+            await asyncio.sleep(60)
+            try:
+                await self.buffer.prune_producer_requests()
+            except ClosedError:
+                return
+
+    async def refresh_gauges(self) -> None:
+        stats = await self.buffer.stats()
+        m = self.metrics
+        m.buffer_records.set(stats.records)
+        m.buffer_unshipped_records.set(stats.unshipped_records)
+        m.buffer_bytes.set(stats.bytes)
+        m.buffer_max_bytes.set(stats.max_bytes)
+        m.buffer_disk_bytes.set(stats.disk_bytes)
+        m.oldest_unshipped_age.set(stats.oldest_unshipped_age_s)
+        m.buffer_commits.set(self.buffer.commits)
+        m.nats_connected.set(1 if self.nats_connected else 0)
+        for stream, reasons in stats.dropped.items():
+            for reason, count in reasons.items():
+                m.records_dropped.labels(stream, reason).set(count)
+
+
+async def _wait(event: asyncio.Event) -> None:
+    await event.wait()
+
+
+async def run(
+    settings: BridgeSettings,
+    nats_settings: NatsSettings,
+    *,
+    stop: asyncio.Event,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Run one bridge until ``stop`` is set."""
+    async with Bridge(settings, nats_settings) as bridge:
+        await bridge.serve(stop, ready)

@@ -1,0 +1,703 @@
+"""The durable edge buffer: where a record gets its identity and waits to be shipped.
+
+SQLite in WAL mode, one file per bridge. One writer thread owns the write
+connection and *group-commits*: every append, trim or drop queued while the
+previous transaction was committing goes into the next one, so a single fsync
+covers many concurrent requests. Readers (the shipper) use their own
+connection, which WAL lets run beside the writer.
+
+Identity: each stream has a random ``epoch`` minted when the stream is first
+seen in this buffer file and a dense ``seq`` assigned in the same transaction
+as the records, so an acknowledged record keeps its identity through any crash
+and a wiped buffer never reuses one.
+
+Per-stream watermarks (all seqs of one epoch)::
+
+    committed_seq  <=  shipped_seq  <   next_seq
+    |-- deleted --|---- shipped ----|--- unshipped ---|
+
+``shipped_seq`` needs no durability: losing it after a crash only means
+shipping some records again, which the cloud absorbs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Generic, TypeVar
+
+import msgspec
+import structlog
+
+from broker.errors import BufferFull, ClosedError, InvalidInput
+from broker.settings import StreamPolicy
+from broker.wire import Record
+
+__all__ = ["AppendResult", "Buffer", "BufferStats", "StoredRun", "StreamState"]
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+RECORD_OVERHEAD_BYTES: Final = 32
+"""Bytes charged per record beyond payload/key/headers (seq, timestamps, index)."""
+DEDUP_WINDOW_S: Final = 600.0
+"""How long a producer request id is remembered; SDK retries give up well before."""
+_SCHEMA_VERSION: Final = 1
+_MAX_GROUP: Final = 512
+"""Most queued operations folded into one transaction."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS streams (
+    sid INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    epoch INTEGER NOT NULL,
+    next_seq INTEGER NOT NULL,
+    committed_seq INTEGER NOT NULL,
+    dropped_overflow INTEGER NOT NULL DEFAULT 0,
+    dropped_ttl INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS records (
+    sid INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    ts INTEGER NOT NULL,
+    received INTEGER NOT NULL,
+    ct INTEGER NOT NULL,
+    key TEXT,
+    headers BLOB,
+    payload BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (sid, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS producer_requests (
+    producer TEXT NOT NULL,
+    request_seq INTEGER NOT NULL,
+    stream TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    first_seq INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (producer, request_seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS drops (
+    sid INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (sid, epoch, first_seq)
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Where an append landed: records ``first_seq .. first_seq+count-1`` of ``epoch``."""
+
+    epoch: int
+    first_seq: int
+    count: int
+    duplicate: bool = False
+    """True when this answers a retried request that was already stored."""
+
+
+@dataclass(slots=True)
+class StreamState:
+    """In-memory mirror of one stream's row, owned by the writer thread."""
+
+    sid: int
+    name: str
+    epoch: int
+    next_seq: int
+    committed_seq: int
+    shipped_seq: int
+    records: int = 0
+    bytes: int = 0
+    dropped_overflow: int = 0
+    dropped_ttl: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRun:
+    """A contiguous run of stored records of one stream, ready to be packed."""
+
+    stream: str
+    epoch: int
+    first_seq: int
+    rows: list[tuple[int, int, bytes, str | None, msgspec.Raw | None]]
+    """``(ts, ct, payload, key, headers)`` in wire order; headers pre-encoded."""
+    nbytes: int
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.rows) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class BufferStats:
+    records: int
+    bytes: int
+    max_bytes: int
+    unshipped_records: int
+    oldest_unshipped_age_s: float
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)
+    """``{stream: {"overflow": n, "ttl": m}}`` since the buffer was created."""
+    disk_bytes: int = 0
+
+
+class _Op(Generic[T]):
+    """One unit of work for the writer thread, resolved on the event loop."""
+
+    __slots__ = ("fn", "future", "loop")
+
+    def __init__(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[T],
+    ) -> None:
+        self.fn = fn
+        self.loop = loop
+        self.future = future
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class Buffer:
+    """The durable, bounded, group-committing record buffer of one edge bridge.
+
+    Use as ``async with Buffer(...) as buffer``. All methods are coroutines that
+    may be called concurrently from the event loop.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_bytes: int,
+        policy_for: Callable[[str], StreamPolicy],
+        sync_mode: str = "full",
+    ) -> None:
+        self._dir = Path(directory)
+        self._path = self._dir / "buffer.sqlite3"
+        self._max_bytes = max_bytes
+        self._policy_for = policy_for
+        self._sync_mode = sync_mode
+        self._streams: dict[str, StreamState] = {}
+        self._by_sid: dict[int, StreamState] = {}
+        self._total_bytes = 0
+        self._ops: queue.SimpleQueue[_Op[Any] | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._reader_pool: ThreadPoolExecutor | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._state = "new"
+        self.appended = asyncio.Event()
+        """Set whenever records are appended; the shipper clears and waits on it."""
+        self.space_freed = asyncio.Event()
+        """Set whenever records are deleted; blocked producers may retry."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.commits = 0
+        """Transactions committed (for the group-commit metric)."""
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def __aenter__(self) -> Buffer:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    async def open(self) -> None:
+        if self._state != "new":
+            raise ClosedError(f"buffer is {self._state}; a Buffer opens once")
+        self._state = "opening"
+        self._loop = asyncio.get_running_loop()
+        self._dir.mkdir(parents=True, exist_ok=True)
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._writer = threading.Thread(
+            target=self._writer_main, args=(ready,), name=f"buffer-writer:{self._dir}", daemon=True
+        )
+        self._writer.start()
+        await ready
+        self._reader_pool = ThreadPoolExecutor(1, thread_name_prefix="buffer-reader")
+        self._reader = await self._in_reader(self._connect)
+        self._state = "open"
+        log.info(
+            "buffer_opened",
+            path=str(self._path),
+            records=sum(s.records for s in self._streams.values()),
+            bytes=self._total_bytes,
+        )
+
+    async def close(self) -> None:
+        """Finish queued writes, then close; idempotent."""
+        if self._state in ("closing", "closed", "new"):
+            self._state = "closed"
+            return
+        self._state = "closing"
+        self._ops.put(None)
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.join)
+        if self._reader_pool is not None:
+            reader = self._reader
+            if reader is not None:
+                await self._in_reader(reader.close)
+            self._reader_pool.shutdown(wait=True)
+        self._state = "closed"
+        log.info("buffer_closed", path=str(self._path))
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={'FULL' if self._sync_mode == 'full' else 'NORMAL'}")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA cache_size=-16000")  # 16 MiB page cache: memory stays bounded
+        return conn
+
+    async def _in_reader(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._reader_pool is not None
+        return await asyncio.get_running_loop().run_in_executor(self._reader_pool, fn, *args)
+
+    # -- writer thread ------------------------------------------------------------
+
+    def _writer_main(self, ready: asyncio.Future[None]) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            conn = self._connect()
+            self._load(conn)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_resolve, ready, None, exc)
+            return
+        loop.call_soon_threadsafe(_resolve, ready, None, None)
+        stopping = False
+        while not stopping:
+            first = self._ops.get()
+            group: list[_Op[Any]] = []
+            if first is None:
+                stopping = True
+            else:
+                group.append(first)
+            while len(group) < _MAX_GROUP:
+                try:
+                    nxt = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    continue
+                group.append(nxt)
+            if group:
+                self._run_group(conn, group)
+        conn.close()
+
+    def _run_group(self, conn: sqlite3.Connection, group: list[_Op[Any]]) -> None:
+        results: list[tuple[_Op[Any], Any, BaseException | None]] = []
+        snapshot = self._snapshot()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in group:
+                conn.execute("SAVEPOINT op")
+                op_snapshot = self._snapshot()
+                try:
+                    result = op.fn(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    self._restore(op_snapshot)
+                    results.append((op, None, exc))
+                else:
+                    results.append((op, result, None))
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+            self.commits += 1
+        except Exception as exc:  # the commit itself failed (disk full, I/O error)
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
+            self._restore(snapshot)
+            log.error("buffer_commit_failed", error=str(exc), ops=len(group))
+            results = [(op, None, exc) for op in group]
+        for op, result, error in results:
+            op.loop.call_soon_threadsafe(_resolve, op.future, result, error)
+
+    def _snapshot(self) -> tuple[int, dict[str, tuple[Any, ...]]]:
+        return self._total_bytes, {
+            name: (s.next_seq, s.committed_seq, s.records, s.bytes, s.dropped_overflow,
+                   s.dropped_ttl)
+            for name, s in self._streams.items()
+        }
+
+    def _restore(self, snap: tuple[int, dict[str, tuple[Any, ...]]]) -> None:
+        self._total_bytes, streams = snap
+        for name in list(self._streams):
+            if name not in streams:
+                state = self._streams.pop(name)
+                self._by_sid.pop(state.sid, None)
+                continue
+            s = self._streams[name]
+            (s.next_seq, s.committed_seq, s.records, s.bytes, s.dropped_overflow,
+             s.dropped_ttl) = streams[name]
+            s.shipped_seq = max(s.shipped_seq, s.committed_seq)
+
+    def _load(self, conn: sqlite3.Connection) -> None:
+        conn.executescript(_SCHEMA)
+        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (_SCHEMA_VERSION,)
+            )
+        elif int(row[0]) != _SCHEMA_VERSION:
+            raise InvalidInput(f"buffer schema version {row[0]} is not {_SCHEMA_VERSION}")
+        for sid, name, epoch, next_seq, committed, d_over, d_ttl in conn.execute(
+            "SELECT sid, name, epoch, next_seq, committed_seq, dropped_overflow, dropped_ttl "
+            "FROM streams"
+        ):
+            state = StreamState(sid, name, epoch, next_seq, committed, committed,
+                                dropped_overflow=d_over, dropped_ttl=d_ttl)
+            self._streams[name] = state
+            self._by_sid[sid] = state
+        for sid, count, nbytes in conn.execute(
+            "SELECT sid, count(*), coalesce(sum(size), 0) FROM records GROUP BY sid"
+        ):
+            if sid in self._by_sid:
+                self._by_sid[sid].records = count
+                self._by_sid[sid].bytes = nbytes
+                self._total_bytes += nbytes
+
+    def _stream(self, conn: sqlite3.Connection, name: str) -> StreamState:
+        state = self._streams.get(name)
+        if state is not None:
+            return state
+        epoch = secrets.randbits(63) or 1
+        cur = conn.execute(
+            "INSERT INTO streams(name, epoch, next_seq, committed_seq) VALUES (?, ?, 1, 0)",
+            (name, epoch),
+        )
+        sid = cur.lastrowid
+        assert sid is not None
+        state = StreamState(sid, name, epoch, next_seq=1, committed_seq=0, shipped_seq=0)
+        self._streams[name] = state
+        self._by_sid[sid] = state
+        log.info("stream_epoch_minted", stream=name, epoch=epoch)
+        return state
+
+    async def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._state != "open":
+            raise ClosedError(f"buffer is {self._state}")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._ops.put(_Op(fn, loop, future))
+        # Shielded: a cancelled caller must not lose track of a write that may commit.
+        return await asyncio.shield(future)
+
+    # -- appends -----------------------------------------------------------------
+
+    async def append(
+        self,
+        stream: str,
+        records: Sequence[Record],
+        *,
+        producer: str | None = None,
+        request_seq: int | None = None,
+    ) -> AppendResult:
+        """Store records durably and give them their identity.
+
+        Returns once the transaction holding them has committed.
+
+        Raises:
+            BufferFull: the cap is reached and the stream's policy is ``block``
+                (or nothing droppable is left).
+            InvalidInput: the request alone is larger than the whole buffer.
+        """
+        if not records:
+            raise InvalidInput("an append needs at least one record")
+        now = time.time()
+        received = int(now * 1_000_000)
+        rows: list[tuple[int, int, bytes, str | None, bytes | None, int]] = []
+        total = 0
+        for rec in records:
+            headers = msgspec.msgpack.encode(rec.headers) if rec.headers else None
+            size = (
+                len(rec.payload)
+                + (len(rec.key) if rec.key else 0)
+                + (len(headers) if headers else 0)
+                + RECORD_OVERHEAD_BYTES
+            )
+            total += size
+            rows.append((rec.ts, rec.ct, rec.payload, rec.key, headers, size))
+        if total > self._max_bytes:
+            raise InvalidInput(
+                f"request of {total} bytes exceeds the whole buffer cap of {self._max_bytes}"
+            )
+        policy = self._policy_for(stream)
+
+        def op(conn: sqlite3.Connection) -> AppendResult:
+            if producer is not None and request_seq is not None:
+                hit = conn.execute(
+                    "SELECT epoch, first_seq, count FROM producer_requests "
+                    "WHERE producer=? AND request_seq=?",
+                    (producer, request_seq),
+                ).fetchone()
+                if hit is not None:
+                    return AppendResult(hit[0], hit[1], hit[2], duplicate=True)
+            state = self._stream(conn, stream)
+            if self._total_bytes + total > self._max_bytes:
+                self._make_room(conn, state, policy, total)
+            first = state.next_seq
+            sid = state.sid
+            conn.executemany(
+                "INSERT INTO records(sid, seq, ts, received, ct, key, headers, payload, size) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (sid, first + i, ts, received, ct, key, hdr, payload, size)
+                    for i, (ts, ct, payload, key, hdr, size) in enumerate(rows)
+                ],
+            )
+            state.next_seq = first + len(rows)
+            conn.execute("UPDATE streams SET next_seq=? WHERE sid=?", (state.next_seq, sid))
+            if producer is not None and request_seq is not None:
+                conn.execute(
+                    "INSERT INTO producer_requests VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (producer, request_seq, stream, state.epoch, first, len(rows), now),
+                )
+            state.records += len(rows)
+            state.bytes += total
+            self._total_bytes += total
+            return AppendResult(state.epoch, first, len(rows))
+
+        result = await self._submit(op)
+        if not result.duplicate:
+            self.appended.set()
+        return result
+
+    def _make_room(
+        self, conn: sqlite3.Connection, state: StreamState, policy: StreamPolicy, need: int
+    ) -> None:
+        excess = self._total_bytes + need - self._max_bytes
+        if policy.overflow == "block" or state.bytes < excess:
+            raise BufferFull(
+                f"buffer holds {self._total_bytes} of {self._max_bytes} bytes; "
+                f"stream {state.name!r} policy is {policy.overflow}",
+                retry_after=1.0,
+            )
+        freed = 0
+        last_seq = 0
+        count = 0
+        for seq, size in conn.execute(
+            "SELECT seq, size FROM records WHERE sid=? ORDER BY seq", (state.sid,)
+        ):
+            freed += size
+            last_seq = seq
+            count += 1
+            if freed >= excess:
+                break
+        first_row = conn.execute(
+            "SELECT min(seq) FROM records WHERE sid=?", (state.sid,)
+        ).fetchone()
+        first_seq = int(first_row[0])
+        conn.execute("DELETE FROM records WHERE sid=? AND seq<=?", (state.sid, last_seq))
+        self._record_drop(
+            conn, state, first_seq=first_seq, last_seq=last_seq, count=count, reason="overflow"
+        )
+        state.records -= count
+        state.bytes -= freed
+        self._total_bytes -= freed
+
+    def _record_drop(
+        self,
+        conn: sqlite3.Connection,
+        state: StreamState,
+        *,
+        first_seq: int,
+        last_seq: int,
+        count: int,
+        reason: str,
+    ) -> None:
+        conn.execute(
+            "INSERT OR REPLACE INTO drops VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (state.sid, state.epoch, first_seq, last_seq, count, reason, time.time()),
+        )
+        if reason == "overflow":
+            state.dropped_overflow += count
+        else:
+            state.dropped_ttl += count
+        conn.execute(
+            "UPDATE streams SET dropped_overflow=?, dropped_ttl=? WHERE sid=?",
+            (state.dropped_overflow, state.dropped_ttl, state.sid),
+        )
+        log.warning(
+            "records_dropped", stream=state.name, epoch=state.epoch, first_seq=first_seq,
+            last_seq=last_seq, count=count, reason=reason,
+        )
+
+    # -- shipping side -------------------------------------------------------------
+
+    def stream_names(self) -> list[str]:
+        return list(self._streams)
+
+    def stream_state(self, stream: str) -> StreamState | None:
+        return self._streams.get(stream)
+
+    async def read_runs(
+        self, stream: str, after_seq: int, *, max_records: int, max_bytes: int
+    ) -> list[StoredRun]:
+        """Read the records of ``stream`` above ``after_seq``, in contiguous runs.
+
+        A run breaks where records were dropped, so every run is one valid batch.
+        At most ``max_records`` and about ``max_bytes`` payload bytes in total.
+        """
+        state = self._streams.get(stream)
+        if state is None:
+            return []
+        sid, epoch = state.sid, state.epoch
+
+        def read() -> list[StoredRun]:
+            assert self._reader is not None
+            runs: list[StoredRun] = []
+            rows: list[tuple[int, int, bytes, str | None, msgspec.Raw | None]] = []
+            first = -1
+            expect = -1
+            nbytes = 0
+            run_bytes = 0
+            cursor = self._reader.execute(
+                "SELECT seq, ts, ct, payload, key, headers, size FROM records "
+                "WHERE sid=? AND seq>? ORDER BY seq LIMIT ?",
+                (sid, after_seq, max_records),
+            )
+            for seq, ts, ct, payload, key, headers, size in cursor:
+                if rows and (seq != expect or nbytes + size > max_bytes):
+                    runs.append(StoredRun(stream, epoch, first, rows, run_bytes))
+                    rows, run_bytes = [], 0
+                    if nbytes + size > max_bytes:
+                        break
+                if not rows:
+                    first = seq
+                rows.append((ts, ct, payload, key, msgspec.Raw(headers) if headers else None))
+                expect = seq + 1
+                nbytes += size
+                run_bytes += size
+            else:
+                if rows:
+                    runs.append(StoredRun(stream, epoch, first, rows, run_bytes))
+            cursor.close()
+            return runs
+
+        return await self._in_reader(read)
+
+    async def oldest_unshipped_received(self, stream: str) -> float | None:
+        """Receive time (Unix seconds) of the stream's oldest unshipped record."""
+        state = self._streams.get(stream)
+        if state is None:
+            return None
+        sid, after = state.sid, state.shipped_seq
+
+        def read() -> float | None:
+            assert self._reader is not None
+            row = self._reader.execute(
+                "SELECT received FROM records WHERE sid=? AND seq>? ORDER BY seq LIMIT 1",
+                (sid, after),
+            ).fetchone()
+            return None if row is None else row[0] / 1_000_000
+
+        return await self._in_reader(read)
+
+    def mark_shipped(self, stream: str, upto_seq: int) -> None:
+        """Record that JetStream acknowledged everything of ``stream`` up to ``upto_seq``."""
+        state = self._streams.get(stream)
+        if state is not None and upto_seq > state.shipped_seq:
+            state.shipped_seq = upto_seq
+
+    async def trim(self, stream: str, epoch: int, upto_seq: int) -> int:
+        """Delete records of ``stream``/``epoch`` up to ``upto_seq`` (they are safe
+        elsewhere). Returns the number of records deleted."""
+        state = self._streams.get(stream)
+        if state is None or state.epoch != epoch or upto_seq <= state.committed_seq:
+            return 0
+
+        def op(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM records WHERE sid=? AND seq<=?",
+                (state.sid, upto_seq),
+            ).fetchone()
+            count, nbytes = int(row[0]), int(row[1])
+            conn.execute("DELETE FROM records WHERE sid=? AND seq<=?", (state.sid, upto_seq))
+            state.committed_seq = max(state.committed_seq, upto_seq)
+            state.shipped_seq = max(state.shipped_seq, upto_seq)
+            conn.execute(
+                "UPDATE streams SET committed_seq=? WHERE sid=?", (state.committed_seq, state.sid)
+            )
+            state.records -= count
+            state.bytes -= nbytes
+            self._total_bytes -= nbytes
+            return count
+
+        deleted = await self._submit(op)
+        if deleted:
+            self.space_freed.set()
+        return deleted
+
+    async def prune_producer_requests(self, older_than_s: float = DEDUP_WINDOW_S) -> int:
+        cutoff = time.time() - older_than_s
+
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM producer_requests WHERE at<?", (cutoff,)).rowcount
+
+        return await self._submit(op)
+
+    # -- reporting -------------------------------------------------------------------
+
+    def _disk_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                total += os.stat(f"{self._path}{suffix}").st_size
+        return total
+
+    async def stats(self) -> BufferStats:
+        oldest: float | None = None
+        unshipped = 0
+        for name, state in list(self._streams.items()):
+            unshipped += max(0, state.next_seq - 1 - max(state.shipped_seq, state.committed_seq))
+            received = await self.oldest_unshipped_received(name)
+            if received is not None and (oldest is None or received < oldest):
+                oldest = received
+        disk = await self._in_reader(self._disk_bytes)
+        return BufferStats(
+            records=sum(s.records for s in self._streams.values()),
+            bytes=self._total_bytes,
+            max_bytes=self._max_bytes,
+            unshipped_records=min(unshipped, sum(s.records for s in self._streams.values())),
+            oldest_unshipped_age_s=0.0 if oldest is None else max(0.0, time.time() - oldest),
+            dropped={
+                s.name: {"overflow": s.dropped_overflow, "ttl": s.dropped_ttl}
+                for s in self._streams.values()
+            },
+            disk_bytes=disk,
+        )

@@ -1,0 +1,83 @@
+"""Prometheus metrics of one edge bridge, in a registry of its own.
+
+A registry per bridge (not the global one) so that several bridges can live in
+one process, as ``edgesync up --edges N`` and the tests run them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["BridgeMetrics"]
+
+
+class BridgeMetrics:
+    """Everything an operator would graph about one bridge."""
+
+    def __init__(self, edge_id: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"edge": edge_id}
+        r = self.registry
+        self.records_accepted = Counter(
+            "edgesync_records_accepted", "Records made durable in the buffer.",
+            ["stream"], registry=r,
+        )
+        self.records_shipped = Counter(
+            "edgesync_records_shipped", "Records acknowledged by JetStream.",
+            ["stream"], registry=r,
+        )
+        self.batches_shipped = Counter(
+            "edgesync_batches_shipped", "Batches acknowledged by JetStream.", registry=r
+        )
+        self.bytes_shipped = Counter(
+            "edgesync_bytes_shipped", "Batch body bytes acknowledged by JetStream.", registry=r
+        )
+        self.publish_failures = Counter(
+            "edgesync_publish_failures", "Failed batch publish attempts (retried).", registry=r
+        )
+        self.ingress_requests = Counter(
+            "edgesync_ingress_requests", "Ingress requests by HTTP status.", ["status"],
+            registry=r,
+        )
+        self.duplicate_requests = Counter(
+            "edgesync_ingress_duplicate_requests",
+            "Retried producer requests answered from the de-duplication table.", registry=r,
+        )
+        self.append_seconds = Histogram(
+            "edgesync_buffer_append_seconds", "Time from request to durable commit.",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.records_dropped = Gauge(
+            "edgesync_records_dropped", "Records dropped by policy since the buffer was created.",
+            ["stream", "reason"], registry=r,
+        )
+        self.buffer_records = Gauge(
+            "edgesync_buffer_records", "Records held in the buffer.", registry=r
+        )
+        self.buffer_unshipped_records = Gauge(
+            "edgesync_buffer_unshipped_records", "Records not yet acknowledged by JetStream.",
+            registry=r,
+        )
+        self.buffer_bytes = Gauge(
+            "edgesync_buffer_bytes", "Record bytes held in the buffer.", registry=r
+        )
+        self.buffer_max_bytes = Gauge(
+            "edgesync_buffer_max_bytes", "Byte cap of the buffer.", registry=r
+        )
+        self.buffer_disk_bytes = Gauge(
+            "edgesync_buffer_disk_bytes", "Bytes of the buffer's files on disk.", registry=r
+        )
+        self.oldest_unshipped_age = Gauge(
+            "edgesync_oldest_unshipped_age_seconds", "Age of the oldest unshipped record.",
+            registry=r,
+        )
+        self.buffer_commits = Gauge(
+            "edgesync_buffer_commits", "Buffer transactions committed (group commits).",
+            registry=r,
+        )
+        self.nats_connected = Gauge(
+            "edgesync_nats_connected", "1 while connected to NATS.", registry=r
+        )
+        self.info = Gauge("edgesync_bridge_info", "Bridge identity.", ["edge"], registry=r)
+        self.info.labels(**labels).set(1)

@@ -1,0 +1,33 @@
+"""The edgesync Python SDK: publish records to the local edge bridge.
+
+A record's future resolves once the record is durable in the bridge's buffer;
+from there the bridge ships it to the cloud. Example::
+
+    from edge_bridge.sdk import EdgeClient, InvalidInput
+
+    async with EdgeClient("http://127.0.0.1:8787") as client:
+        ack = await client.publish_wait("telemetry", {"temp_c": 21.5}, key="sensor-7")
+        print(ack.stream, ack.epoch, ack.seq)         # durable at the bridge
+        for reading in readings:                      # fire-and-forget, batched
+            client.publish("telemetry", reading)
+        await client.flush()                          # wait until all are settled
+
+Non-asyncio applications use :class:`SyncEdgeClient` the same way, with
+``publish(...).result()`` and ``with SyncEdgeClient(...) as client:``.
+"""
+
+from broker.errors import BufferFull, ClosedError, InvalidInput, RecordTooLarge, TemporaryError
+from edge_bridge.sdk.client import ClientStats, EdgeClient, RecordAck
+from edge_bridge.sdk.sync_client import SyncEdgeClient
+
+__all__ = [
+    "BufferFull",
+    "ClientStats",
+    "ClosedError",
+    "EdgeClient",
+    "InvalidInput",
+    "RecordAck",
+    "RecordTooLarge",
+    "SyncEdgeClient",
+    "TemporaryError",
+]

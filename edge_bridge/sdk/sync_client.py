@@ -1,0 +1,244 @@
+"""The synchronous SDK client: an :class:`EdgeClient` on a background event loop.
+
+For applications without asyncio. A daemon thread runs an event loop that
+hosts one :class:`EdgeClient`; any number of application threads call
+:meth:`SyncEdgeClient.publish`, which validates in the calling thread and
+hands the prepared record over through a locked list. The loop is woken once
+per burst rather than once per record, which keeps the cross-thread cost per
+record to a lock and a list append.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from types import TracebackType
+from typing import Final
+
+import httpx
+
+from broker.errors import ClosedError
+from broker.wire import Record
+from edge_bridge.sdk.client import ClientStats, EdgeClient, RecordAck
+
+__all__ = ["SyncEdgeClient"]
+
+_ABORT_TIMEOUT_S: Final = 10.0
+"""Bound on the forced close after ``close(timeout)`` expired; it only drops sockets."""
+
+_Item = tuple[str, Record, int, "concurrent.futures.Future[RecordAck]"]
+
+
+class SyncEdgeClient:
+    """Thread-safe synchronous client; same arguments and semantics as :class:`EdgeClient`.
+
+    ``publish`` returns a :class:`concurrent.futures.Future`; its ``result()``
+    returns once the record is durable at the bridge. Use it as a context
+    manager, or call :meth:`close`: records not yet flushed when the process
+    exits are lost, since the loop runs in a daemon thread.
+
+    Callbacks added to the returned futures run on the client's loop thread;
+    they must not block, nor call :meth:`flush` or :meth:`close`.
+
+    Raises:
+        ValueError: an argument is out of range.
+    """
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8787",
+        *,
+        producer_id: str | None = None,
+        batch_max_records: int = 1000,
+        batch_max_bytes: int = 1024 * 1024,
+        linger_ms: float = 5.0,
+        max_in_flight: int = 4,
+        max_record_bytes: int = 1024 * 1024,
+        retry_timeout_s: float = 60.0,
+        request_timeout_s: float = 10.0,
+        max_pending_records: int = 100_000,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        # Built here so bad arguments raise before a thread exists; it binds
+        # to the background loop on first use there.
+        self._client = EdgeClient(
+            url,
+            producer_id=producer_id,
+            batch_max_records=batch_max_records,
+            batch_max_bytes=batch_max_bytes,
+            linger_ms=linger_ms,
+            max_in_flight=max_in_flight,
+            max_record_bytes=max_record_bytes,
+            retry_timeout_s=retry_timeout_s,
+            request_timeout_s=request_timeout_s,
+            max_pending_records=max_pending_records,
+            transport=transport,
+        )
+        self._max_pending = max_pending_records
+        self._lock = threading.Lock()
+        self._intake: list[_Item] = []
+        self._wakeup_scheduled = False
+        self._closed = False
+        self._close_future: concurrent.futures.Future[None] | None = None
+        self._stopped = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._run_loop, name="edgesync-sdk-loop", daemon=True
+        )
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._client.__aenter__(), self._loop).result()
+
+    def __enter__(self) -> SyncEdgeClient:
+        if self._closed:
+            raise ClosedError("SyncEdgeClient is closed; create a new one")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def stats(self) -> ClientStats:
+        """The hosted client's counters (updated by the loop thread)."""
+        return self._client.stats
+
+    @property
+    def producer_id(self) -> str:
+        """The producer id the bridge de-duplicates this client's requests by."""
+        return self._client.producer_id
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close`` has begun."""
+        return self._closed
+
+    def publish(
+        self,
+        stream: str,
+        payload: object,
+        *,
+        key: str | None = None,
+        ts: object = None,
+        headers: dict[str, str] | None = None,
+    ) -> concurrent.futures.Future[RecordAck]:
+        """Queue one record; ``result()`` of the returned future waits until it is durable.
+
+        Callable from any thread. Arguments, errors and the future's outcomes
+        are those of :meth:`EdgeClient.publish`; validation errors, ``BufferFull``
+        and ``ClosedError`` are raised here, in the calling thread.
+        """
+        if self._closed:
+            raise ClosedError("SyncEdgeClient is closed; publish is no longer possible")
+        record, nbytes = self._client._prepare(stream, payload, key, ts, headers)
+        future: concurrent.futures.Future[RecordAck] = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise ClosedError("SyncEdgeClient is closed; publish is no longer possible")
+            # _outstanding is written by the loop thread; reading a stale value
+            # only shifts the bound by a few records, it never lets it run away.
+            if self._client._outstanding + len(self._intake) >= self._max_pending:
+                raise self._client._buffer_full()
+            self._intake.append((stream, record, nbytes, future))
+            wake = not self._wakeup_scheduled
+            self._wakeup_scheduled = True
+        if wake:
+            self._loop.call_soon_threadsafe(self._drain)
+        return future
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send everything published so far and wait until all of it is settled.
+
+        Failures are delivered through the records' futures, as with
+        :meth:`EdgeClient.flush`. After ``close`` there is nothing to flush.
+
+        Raises:
+            TimeoutError: not settled within ``timeout`` seconds (sending goes on).
+        """
+        self._check_not_loop_thread("flush")
+        with self._lock:
+            if self._close_future is not None:
+                return
+            future = asyncio.run_coroutine_threadsafe(self._flush(), self._loop)
+        try:
+            future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"flush did not complete within {timeout} s") from None
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush, close the client and stop the loop thread. Idempotent, thread-safe.
+
+        Raises:
+            TimeoutError: the flush did not finish within ``timeout`` seconds;
+                the client was then aborted, failing unconfirmed records with
+                :class:`ClosedError`.
+        """
+        self._check_not_loop_thread("close")
+        with self._lock:
+            self._closed = True
+            if self._close_future is None:
+                self._close_future = asyncio.run_coroutine_threadsafe(self._aclose(), self._loop)
+            close_future = self._close_future
+        try:
+            close_future.result(timeout)
+        except TimeoutError:
+            abort = asyncio.run_coroutine_threadsafe(self._client.abort(), self._loop)
+            abort.result(_ABORT_TIMEOUT_S)
+            close_future.result(_ABORT_TIMEOUT_S)
+            raise TimeoutError(
+                f"close did not flush within {timeout} s; unconfirmed records failed"
+            ) from None
+        finally:
+            self._stop_loop()
+
+    # -- loop thread ------------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_forever()
+        finally:
+            # Whatever is still scheduled (only after an abnormal stop) is
+            # cancelled and run to completion so the loop closes cleanly.
+            leftovers = asyncio.all_tasks(self._loop)
+            for task in leftovers:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
+
+    def _drain(self) -> None:
+        """Move the records handed over by application threads into the client."""
+        with self._lock:
+            items, self._intake = self._intake, []
+            self._wakeup_scheduled = False
+        submit = self._client._submit
+        for stream, record, nbytes, future in items:
+            submit(stream, record, nbytes, future)
+
+    async def _flush(self) -> None:
+        self._drain()
+        await self._client.flush()
+
+    async def _aclose(self) -> None:
+        # No publish can add to the intake any more (closed is set under the
+        # lock), so this drain hands over the last records before the flush.
+        self._drain()
+        await self._client.close()
+
+    def _stop_loop(self) -> None:
+        with self._lock:
+            first = not self._stopped
+            self._stopped = True
+        if first:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+
+    def _check_not_loop_thread(self, what: str) -> None:
+        if threading.get_ident() == self._thread.ident:
+            raise RuntimeError(f"SyncEdgeClient.{what}() from its own loop thread would deadlock")

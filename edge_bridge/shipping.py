@@ -1,0 +1,253 @@
+"""The shipper: reads the oldest unshipped records, packs batches and publishes them.
+
+Streams are served by priority (higher first). Each publish carries a
+``Nats-Msg-Id`` derived from the batch's identity range, so a retried publish
+of the same batch is absorbed by JetStream's duplicate window, and the batch is
+retried with its original boundaries until it is acknowledged. At most
+``max_in_flight`` batches are held in memory, whatever the backlog on disk.
+
+The shipped watermark of a stream is "everything below the oldest batch still
+in flight": it tolerates gaps left by dropped records and never runs ahead of
+an unacknowledged batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import msgspec
+import structlog
+from nats.js import JetStreamContext
+
+from broker.settings import ShipperSettings, StreamPolicy
+from broker.topology import Topology
+from broker.wire import WIRE_VERSION, compress_body, msg_id
+from edge_bridge.buffering import Buffer, StoredRun
+from edge_bridge.metrics import BridgeMetrics
+
+__all__ = ["Shipper"]
+
+log = structlog.get_logger(__name__)
+
+
+class _BatchOut(msgspec.Struct):
+    """Encoding-side twin of :class:`broker.wire.Batch` that takes stored rows as-is."""
+
+    v: int
+    edge: str
+    stream: str
+    epoch: int
+    first_seq: int
+    records: list[tuple[int, int, bytes, str | None, msgspec.Raw | None]]
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+@dataclass(slots=True)
+class _StreamCursor:
+    epoch: int
+    read_upto: int
+    """Highest seq handed to a publish task."""
+    in_flight: dict[int, int] = field(default_factory=dict)
+    """first_seq -> last_seq of batches published but not yet acknowledged."""
+
+    def shipped_upto(self) -> int:
+        if self.in_flight:
+            return min(self.in_flight) - 1
+        return self.read_upto
+
+
+class Shipper:
+    """Moves records from the buffer to JetStream; one per bridge."""
+
+    def __init__(
+        self,
+        buffer: Buffer,
+        *,
+        edge_id: str,
+        topology: Topology,
+        settings: ShipperSettings,
+        policy_for: Callable[[str], StreamPolicy],
+        metrics: BridgeMetrics,
+        publish_timeout_s: float,
+        on_shipped: Callable[[str, int, int], Awaitable[None]] | None = None,
+    ) -> None:
+        self._buffer = buffer
+        self._edge = edge_id
+        self._topology = topology
+        self.settings = settings
+        self._policy_for = policy_for
+        self._metrics = metrics
+        self._publish_timeout = publish_timeout_s
+        self._on_shipped = on_shipped
+        self._cursors: dict[str, _StreamCursor] = {}
+        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._js: JetStreamContext | None = None
+        self._connected = asyncio.Event()
+        self._backoff = 0.0
+
+    def attach(self, js: JetStreamContext | None) -> None:
+        """Give the shipper a JetStream context (or None while disconnected)."""
+        self._js = js
+        if js is None:
+            self._connected.clear()
+        else:
+            self._connected.set()
+
+    def begin_shutdown(self) -> None:
+        self._stopping = True
+        self._buffer.appended.set()
+
+    def _cursor(self, stream: str) -> _StreamCursor | None:
+        state = self._buffer.stream_state(stream)
+        if state is None:
+            return None
+        cursor = self._cursors.get(stream)
+        if cursor is None or cursor.epoch != state.epoch:
+            start = max(state.shipped_seq, state.committed_seq)
+            cursor = _StreamCursor(epoch=state.epoch, read_upto=start)
+            self._cursors[stream] = cursor
+        return cursor
+
+    def _streams_by_priority(self) -> list[str]:
+        names = self._buffer.stream_names()
+        return sorted(names, key=lambda s: -self._policy_for(s).priority)
+
+    async def run_forever(self) -> None:
+        """Ship until :meth:`begin_shutdown`; then wait for in-flight batches briefly."""
+        try:
+            while not self._stopping:
+                await self._connected.wait()
+                if self._stopping:
+                    break
+                self._buffer.appended.clear()
+                progressed = await self._ship_round()
+                if not progressed:
+                    await self._buffer.appended.wait()
+                    if not self._stopping and self.settings.linger_ms > 0:
+                        # Let a trickle accumulate into a fuller batch.
+                        await asyncio.sleep(self.settings.linger_ms / 1000)
+        finally:
+            await self._drain_in_flight()
+
+    async def _drain_in_flight(self, timeout: float = 5.0) -> None:
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(self._tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+    async def _ship_round(self) -> bool:
+        """Read and publish what is unshipped, highest priority first.
+
+        A stream is only served while every stream of higher priority has
+        nothing left to read: a backlog of low-priority records never delays
+        high-priority ones by more than the batches already in flight.
+        """
+        progressed = False
+        for stream in self._streams_by_priority():
+            cursor = self._cursor(stream)
+            if cursor is None:
+                continue
+            while not self._stopping:
+                await self._slots.acquire()
+                try:
+                    runs = await self._buffer.read_runs(
+                        stream,
+                        cursor.read_upto,
+                        max_records=self.settings.batch_max_records,
+                        max_bytes=self.settings.batch_max_bytes,
+                    )
+                except BaseException:
+                    self._slots.release()
+                    raise
+                if not runs:
+                    self._slots.release()
+                    break
+                progressed = True
+                # One slot covers the first run; further runs (after a gap) take their own.
+                for i, run in enumerate(runs):
+                    if i > 0:
+                        await self._slots.acquire()
+                    cursor.in_flight[run.first_seq] = run.last_seq
+                    cursor.read_upto = run.last_seq
+                    task = asyncio.create_task(
+                        self._publish(run, cursor), name=f"publish:{stream}:{run.first_seq}"
+                    )
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                if self._higher_priority_waiting(stream):
+                    return True
+        return progressed
+
+    def _higher_priority_waiting(self, stream: str) -> bool:
+        mine = self._policy_for(stream).priority
+        for other in self._buffer.stream_names():
+            if self._policy_for(other).priority <= mine:
+                continue
+            state = self._buffer.stream_state(other)
+            cursor = self._cursors.get(other)
+            if state is not None and state.next_seq - 1 > (cursor.read_upto if cursor else 0):
+                return True
+        return False
+
+    async def _publish(self, run: StoredRun, cursor: _StreamCursor) -> None:
+        try:
+            body, headers = compress_body(
+                _encoder.encode(_BatchOut(
+                    WIRE_VERSION, self._edge, run.stream, run.epoch, run.first_seq, run.rows
+                )),
+                self.settings.zstd_level if self.settings.compression == "zstd" else None,
+            )
+            headers["Nats-Msg-Id"] = msg_id(
+                self._edge, run.stream, run.epoch, run.first_seq, run.last_seq
+            )
+            subject = self._topology.records_subject(self._edge, run.stream)
+            attempt = 0
+            while True:
+                js = self._js
+                try:
+                    if js is None:
+                        raise ConnectionError("not connected to NATS")
+                    await js.publish(
+                        subject, body, timeout=self._publish_timeout, headers=headers
+                    )
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    attempt += 1
+                    delay = min(
+                        self.settings.retry_backoff_max_s, 0.05 * 2 ** min(attempt, 10)
+                    ) * random.uniform(0.5, 1.0)
+                    self._metrics.publish_failures.inc()
+                    log.warning(
+                        "batch_publish_failed",
+                        stream=run.stream,
+                        first_seq=run.first_seq,
+                        last_seq=run.last_seq,
+                        attempt=attempt,
+                        retry_in_s=round(delay, 3),
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
+                    await asyncio.sleep(delay)
+            self._metrics.batches_shipped.inc()
+            self._metrics.records_shipped.labels(run.stream).inc(len(run.rows))
+            self._metrics.bytes_shipped.inc(len(body))
+            del cursor.in_flight[run.first_seq]
+            upto = cursor.shipped_upto()
+            self._buffer.mark_shipped(run.stream, upto)
+            if self._on_shipped is not None:
+                await self._on_shipped(run.stream, run.epoch, upto)
+        finally:
+            self._slots.release()
+            # Freed slot or new watermark: the main loop may have work again.
+            self._buffer.appended.set()

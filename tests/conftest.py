@@ -1,0 +1,67 @@
+"""Fixtures that start the real servers on free ports.
+
+- ``nats_server``: a fresh ``nats-server -js`` per test, in ``tmp_path``.
+- ``pg_cluster``: one PostgreSQL for the whole session: the external server
+  described by ``PG*`` variables when ``PGHOST`` is set, else an embedded
+  throwaway cluster.
+- ``pg_dsn``: a fresh database per test on that cluster, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from broker.embedded_nats import EmbeddedNats
+from broker.embedded_postgres import EmbeddedPostgres
+from tests.helpers import PgCluster, dsn_from_env
+
+
+@pytest.fixture
+async def nats_server(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
+    """A running nats-server with JetStream, its store and log in ``tmp_path``."""
+    async with EmbeddedNats(tmp_path / "nats-store", log_file=tmp_path / "nats.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgCluster]:
+    """The session's PostgreSQL: external if ``PGHOST`` is set, else embedded.
+
+    A sync fixture driving its own short event loops: EmbeddedPostgres is not
+    tied to a loop, and this keeps the session fixture independent of the
+    per-test loops pytest-asyncio creates.
+    """
+    if os.environ.get("PGHOST"):
+        yield PgCluster(admin_dsn=dsn_from_env())
+        return
+    cluster = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+    asyncio.run(cluster.start())
+    try:
+        yield PgCluster(admin_dsn=cluster.dsn_for("postgres"), embedded=cluster)
+    finally:
+        asyncio.run(cluster.close())
+
+
+@pytest.fixture
+async def pg_dsn(pg_cluster: PgCluster) -> AsyncIterator[str]:
+    """DSN of a fresh, empty database ``t_<12 hex>`` that is dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(pg_cluster.admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+    finally:
+        await conn.close()
+    yield pg_cluster.dsn_for(name)
+    conn = await asyncpg.connect(pg_cluster.admin_dsn)
+    try:
+        # FORCE: a test that leaked a connection must not leak the database too.
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()

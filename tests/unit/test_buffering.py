@@ -1,0 +1,173 @@
+"""The durable edge buffer: identity, de-duplication, group commit, caps and policies."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from broker.errors import BufferFull, ClosedError, InvalidInput
+from broker.settings import StreamPolicy
+from broker.wire import CT_JSON, Record
+from edge_bridge.buffering import RECORD_OVERHEAD_BYTES, Buffer
+
+
+def recs(n: int, size: int = 10, start: int = 0) -> list[Record]:
+    return [Record(1_000 + start + i, CT_JSON, b"1" * size, None, None) for i in range(n)]
+
+
+def make(
+    tmp_path: Path, *, max_bytes: int = 10**9, policies: dict[str, StreamPolicy] | None = None
+) -> Buffer:
+    table = policies or {}
+    return Buffer(
+        tmp_path / "buf", max_bytes=max_bytes, policy_for=lambda s: table.get(s, StreamPolicy())
+    )
+
+
+async def test_seqs_are_dense_per_stream_and_survive_reopen(tmp_path: Path) -> None:
+    """Each stream counts from 1 without gaps; a reopened buffer continues, same epoch."""
+    async with make(tmp_path) as buf:
+        a1 = await buf.append("a", recs(3))
+        b1 = await buf.append("b", recs(2))
+        a2 = await buf.append("a", recs(4))
+    assert (a1.first_seq, a1.count, a2.first_seq, b1.first_seq) == (1, 3, 4, 1)
+    assert a1.epoch == a2.epoch != b1.epoch
+    async with make(tmp_path) as buf:
+        a3 = await buf.append("a", recs(1))
+        stats = await buf.stats()
+    assert (a3.epoch, a3.first_seq) == (a1.epoch, 8)
+    assert stats.records == 10
+
+
+async def test_a_wiped_buffer_mints_a_new_epoch(tmp_path: Path) -> None:
+    """Identities are never reused: a new buffer file means a new epoch."""
+    async with make(tmp_path) as buf:
+        first = await buf.append("a", recs(1))
+    for f in (tmp_path / "buf").iterdir():
+        f.unlink()
+    async with make(tmp_path) as buf:
+        second = await buf.append("a", recs(1))
+    assert second.first_seq == 1 and second.epoch != first.epoch
+
+
+async def test_a_retried_request_is_stored_once(tmp_path: Path) -> None:
+    """Same producer and request seq: the original answer, no new records."""
+    async with make(tmp_path) as buf:
+        first = await buf.append("a", recs(5), producer="p1", request_seq=7)
+        again = await buf.append("a", recs(5), producer="p1", request_seq=7)
+        other = await buf.append("a", recs(5), producer="p2", request_seq=7)
+        stats = await buf.stats()
+    assert again.duplicate and not first.duplicate
+    assert (again.epoch, again.first_seq, again.count) == (first.epoch, 1, 5)
+    assert other.first_seq == 6
+    assert stats.records == 10
+
+
+async def test_concurrent_retries_in_one_group_are_stored_once(tmp_path: Path) -> None:
+    """Two copies of one request committed in the same transaction still dedupe."""
+    async with make(tmp_path) as buf:
+        results = await asyncio.gather(
+            *[buf.append("a", recs(2), producer="p", request_seq=1) for _ in range(20)]
+        )
+        stats = await buf.stats()
+    assert stats.records == 2
+    assert sum(not r.duplicate for r in results) == 1
+
+
+async def test_concurrent_appends_are_group_committed(tmp_path: Path) -> None:
+    """Many concurrent requests share transactions (fewer commits than requests)."""
+    async with make(tmp_path) as buf:
+        results = await asyncio.gather(*[buf.append("a", recs(10)) for _ in range(200)])
+        commits = buf.commits
+    seqs = sorted(s for r in results for s in range(r.first_seq, r.first_seq + r.count))
+    assert seqs == list(range(1, 2001))
+    assert commits < 200
+
+
+async def test_block_policy_refuses_at_the_cap(tmp_path: Path) -> None:
+    """With 'block', a full buffer raises BufferFull (HTTP 503) and keeps what it has."""
+    per = 10 + RECORD_OVERHEAD_BYTES
+    async with make(tmp_path, max_bytes=per * 10) as buf:
+        await buf.append("a", recs(10))
+        with pytest.raises(BufferFull) as info:
+            await buf.append("a", recs(1))
+        assert info.value.retry_after > 0
+        stats = await buf.stats()
+    assert stats.records == 10 and stats.dropped["a"]["overflow"] == 0
+
+
+async def test_drop_oldest_makes_room_and_counts_every_drop(tmp_path: Path) -> None:
+    """With 'drop_oldest', the stream's oldest records go and are counted."""
+    per = 10 + RECORD_OVERHEAD_BYTES
+    policies = {"a": StreamPolicy(overflow="drop_oldest")}
+    async with make(tmp_path, max_bytes=per * 10, policies=policies) as buf:
+        await buf.append("a", recs(10))
+        await buf.append("a", recs(3))
+        stats = await buf.stats()
+        runs = await buf.read_runs("a", 0, max_records=100, max_bytes=10**6)
+    assert stats.records == 10
+    assert stats.dropped["a"] == {"overflow": 3, "ttl": 0}
+    assert [(r.first_seq, r.last_seq) for r in runs] == [(4, 13)]
+
+
+async def test_drop_oldest_counts_survive_restart(tmp_path: Path) -> None:
+    per = 10 + RECORD_OVERHEAD_BYTES
+    policies = {"a": StreamPolicy(overflow="drop_oldest")}
+    async with make(tmp_path, max_bytes=per * 4, policies=policies) as buf:
+        await buf.append("a", recs(4))
+        await buf.append("a", recs(2))
+    async with make(tmp_path, max_bytes=per * 4, policies=policies) as buf:
+        stats = await buf.stats()
+    assert stats.dropped["a"]["overflow"] == 2 and stats.records == 4
+
+
+async def test_a_request_larger_than_the_buffer_is_invalid(tmp_path: Path) -> None:
+    async with make(tmp_path, max_bytes=100_000) as buf:
+        with pytest.raises(InvalidInput, match="exceeds the whole buffer"):
+            await buf.append("a", recs(1, size=200_000))
+
+
+async def test_read_runs_split_at_gaps_and_respect_limits(tmp_path: Path) -> None:
+    """Runs are contiguous (a valid batch each) and bounded in count and bytes."""
+    per = 10 + RECORD_OVERHEAD_BYTES
+    async with make(tmp_path) as buf:
+        await buf.append("a", recs(10))
+        all_runs = await buf.read_runs("a", 0, max_records=4, max_bytes=10**6)
+        small = await buf.read_runs("a", 0, max_records=100, max_bytes=per * 3)
+        after = await buf.read_runs("a", 8, max_records=100, max_bytes=10**6)
+    assert [(r.first_seq, r.last_seq) for r in all_runs] == [(1, 4)]
+    assert [(r.first_seq, r.last_seq) for r in small] == [(1, 3)]
+    assert [(r.first_seq, r.last_seq) for r in after] == [(9, 10)]
+    assert after[0].rows[0][:3] == (1_008, CT_JSON, b"1" * 10)
+
+
+async def test_trim_deletes_and_frees_space(tmp_path: Path) -> None:
+    async with make(tmp_path) as buf:
+        r = await buf.append("a", recs(10))
+        deleted = await buf.trim("a", r.epoch, 6)
+        wrong_epoch = await buf.trim("a", r.epoch + 1, 10)
+        stats = await buf.stats()
+        runs = await buf.read_runs("a", 0, max_records=100, max_bytes=10**6)
+    assert (deleted, wrong_epoch, stats.records) == (6, 0, 4)
+    assert runs[0].first_seq == 7
+    assert stats.bytes == 4 * (10 + RECORD_OVERHEAD_BYTES)
+
+
+async def test_headers_and_keys_are_kept(tmp_path: Path) -> None:
+    async with make(tmp_path) as buf:
+        await buf.append("a", [Record(5, CT_JSON, b"{}", "key-1", {"h": "v"})])
+        runs = await buf.read_runs("a", 0, max_records=10, max_bytes=10**6)
+    ts, ct, payload, key, headers = runs[0].rows[0]
+    assert (ts, ct, payload, key) == (5, CT_JSON, b"{}", "key-1")
+    assert headers is not None and bytes(headers) == b"\x81\xa1h\xa1v"
+
+
+async def test_use_after_close_is_a_clear_error(tmp_path: Path) -> None:
+    buf = make(tmp_path)
+    async with buf:
+        pass
+    await buf.close()  # idempotent
+    with pytest.raises(ClosedError):
+        await buf.append("a", recs(1))

@@ -1,0 +1,153 @@
+"""Wire format v1: round trips, strictness, and totality of decoding."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.errors import DecodeError
+from broker.wire import (
+    CT_JSON,
+    CT_RAW,
+    ENCODING_HEADER,
+    MAX_SEQ,
+    Batch,
+    Record,
+    decode_batch,
+    encode_batch,
+    msg_id,
+)
+
+tokens = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
+records = st.builds(
+    Record,
+    ts=st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    ct=st.sampled_from([CT_RAW, CT_JSON]),
+    payload=st.binary(max_size=300),
+    key=st.none() | st.text(max_size=50),
+    headers=st.none() | st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=3),
+)
+batches = st.builds(
+    Batch,
+    v=st.just(1),
+    edge=tokens,
+    stream=tokens,
+    epoch=st.integers(min_value=1, max_value=MAX_SEQ),
+    first_seq=st.integers(min_value=1, max_value=2**40),
+    records=st.lists(records, min_size=1, max_size=20),
+)
+
+
+def _batch(**overrides: object) -> Batch:
+    fields: dict[str, object] = {
+        "v": 1,
+        "edge": "edge-1",
+        "stream": "telemetry",
+        "epoch": 7,
+        "first_seq": 1,
+        "records": [Record(1_700_000_000_000_000, CT_JSON, b'{"a":1}', "k", {"h": "v"})],
+    }
+    fields.update(overrides)
+    return Batch(**fields)  # type: ignore[arg-type]
+
+
+@given(batches, st.sampled_from([None, 1, 3]))
+@settings(max_examples=200)
+def test_every_valid_batch_round_trips(batch: Batch, level: int | None) -> None:
+    """Any valid batch decodes to itself, compressed or not."""
+    body, headers = encode_batch(batch, zstd_level=level)
+    assert decode_batch(body, headers, strict=True) == batch
+
+
+@given(st.binary(max_size=2000))
+@settings(max_examples=500)
+def test_arbitrary_bytes_only_ever_raise_decode_error(data: bytes) -> None:
+    """Decoding is total: garbage gives DecodeError, never another exception."""
+    try:
+        decode_batch(data)
+    except DecodeError as exc:
+        assert str(exc)
+
+
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**64 - 1)
+        | st.floats()
+        | st.text()
+        | st.binary(),
+        lambda inner: (
+            st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=6)
+        ),
+        max_leaves=30,
+    )
+)
+@settings(max_examples=300)
+def test_arbitrary_msgpack_values_only_ever_raise_decode_error(value: object) -> None:
+    """Well-formed MessagePack of the wrong shape is a DecodeError too."""
+    data = msgspec.msgpack.encode(value)
+    with pytest.raises(DecodeError):
+        decode_batch(data)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"v": 2}, "unsupported wire version"),
+        ({"edge": "a.b"}, "invalid edge id"),
+        ({"stream": "*"}, "invalid stream name"),
+        ({"epoch": 0}, "epoch"),
+        ({"first_seq": 0}, "seq range"),
+        ({"first_seq": MAX_SEQ}, None),
+        ({"records": []}, "no records"),
+        ({"records": [Record(0, 9, b"x")]}, "unknown content type"),
+        ({"records": [Record(0, 0, b"x", "k" * 1025)]}, "key longer"),
+    ],
+)
+def test_invalid_batches_are_rejected_with_a_reason(
+    overrides: dict[str, object], reason: str | None
+) -> None:
+    """Each invariant of the format has its own error message."""
+    body, _ = encode_batch(_batch(**overrides))
+    if reason is None:  # MAX_SEQ as first seq of a one-record batch is the last valid one
+        assert decode_batch(body).last_seq == MAX_SEQ
+        return
+    with pytest.raises(DecodeError, match=reason):
+        decode_batch(body)
+
+
+def test_strict_decoding_rejects_unknown_fields_that_lenient_ignores() -> None:
+    """Production ignores fields from a newer writer; tests see them."""
+    raw = msgspec.msgpack.decode(encode_batch(_batch())[0])
+    raw["future"] = 1
+    body = msgspec.msgpack.encode(raw)
+    assert decode_batch(body).edge == "edge-1"
+    with pytest.raises(DecodeError, match="unknown batch fields"):
+        decode_batch(body, strict=True)
+    raw.pop("future")
+    raw["records"][0].append("extra")
+    with pytest.raises(DecodeError, match="record 0 has 6 fields"):
+        decode_batch(msgspec.msgpack.encode(raw), strict=True)
+
+
+def test_unknown_or_broken_compression_is_a_decode_error() -> None:
+    body, _ = encode_batch(_batch())
+    with pytest.raises(DecodeError, match="unknown Es-Encoding"):
+        decode_batch(body, {ENCODING_HEADER: "gzip"})
+    with pytest.raises(DecodeError, match="invalid zstd"):
+        decode_batch(body, {ENCODING_HEADER: "zstd"})
+
+
+def test_a_zstd_bomb_is_refused() -> None:
+    """A small body that expands past the limit is rejected, not allocated."""
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (65 * 1024 * 1024))
+    with pytest.raises(DecodeError):
+        decode_batch(bomb, {ENCODING_HEADER: "zstd"})
+
+
+def test_msg_id_names_the_identity_range() -> None:
+    assert msg_id("e", "s", 9, 1, 100) == "e.s.9.1-100"
