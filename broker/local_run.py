@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import time
 from collections.abc import Callable
@@ -104,10 +105,10 @@ async def run_local(
         nats_server = await stack.enter_async_context(
             EmbeddedNats(state / "nats", log_file=state / "nats.log")
         )
-        # synchronous_commit on: the edge lets go of records once the ingest has
-        # committed, so a commit must survive a database crash.
+        # Throwaway by design (removed on exit). synchronous_commit on: the edge lets
+        # go of records once they are committed, so a commit must survive a crash.
         postgres = await stack.enter_async_context(
-            EmbeddedPostgres(state / "postgres", ephemeral=False, synchronous_commit=True)
+            EmbeddedPostgres(state / "postgres", ephemeral=True, synchronous_commit=True)
         )
         nats_settings = NatsSettings(url=nats_server.url)
         ingest = await stack.enter_async_context(Ingest(
@@ -141,7 +142,9 @@ async def run_local(
             "bridges": {b.edge_id: b.url for b in bridges},
             "ingest_health_url": f"http://127.0.0.1:{ingest.port}",
             "state_dir": str(state),
-            "pid": __import__("os").getpid(),
+            "pid": os.getpid(),
+            "nats_pid": nats_server.pid,
+            "postgres_pid": postgres.pid,
         }
         runtime_file.write_text(json.dumps(runtime, indent=2) + "\n")
         sim_stop = asyncio.Event()

@@ -45,7 +45,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.INFO) if numeric > logging.DEBUG else numeric)
-    for noisy in ("uvicorn.access", "nats"):
+    for noisy in ("uvicorn.access", "nats", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
 
 

@@ -25,7 +25,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -58,6 +58,9 @@ BACKOFF_INITIAL_S: Final = 0.05
 """First retry delay after an error; doubles per failed attempt (with jitter)."""
 BACKOFF_MAX_S: Final = 2.0
 """Cap of the error backoff: a recovering bridge is found within ~2 s."""
+MAX_RETRY_TIMEOUT_S: Final = 300.0
+"""Retries must end well inside the bridge's 10-minute request de-duplication
+window; a retry after it could be stored a second time."""
 RETRY_AFTER_MIN_S: Final = 0.05
 """Floor under a bridge's Retry-After, so ``Retry-After: 0`` cannot spin."""
 RECORD_OVERHEAD_BYTES: Final = 16
@@ -99,8 +102,6 @@ class ClientStats:
 
 class _Waiter(Protocol):
     """What a record's completion needs: both asyncio and concurrent futures fit."""
-
-    def done(self) -> bool: ...
 
     def set_result(self, result: RecordAck, /) -> None: ...
 
@@ -171,7 +172,8 @@ class EdgeClient:
         max_record_bytes: largest payload accepted by ``publish``; keep it at
             or below the bridge's ``max_record_bytes``.
         retry_timeout_s: give up retrying a request this long after its first
-            attempt (the bridge remembers request ids for 10 minutes).
+            attempt; at most 300 s, since the bridge remembers request ids
+            for 10 minutes.
         request_timeout_s: per-attempt connect/read/write timeout.
         max_pending_records: records published but not yet confirmed beyond
             which ``publish`` raises :class:`BufferFull`; bounds memory.
@@ -205,7 +207,10 @@ class EdgeClient:
         _require(math.isfinite(linger_ms) and linger_ms >= 0, "linger_ms must be >= 0")
         _require(max_in_flight >= 1, "max_in_flight must be >= 1")
         _require(max_record_bytes >= 1, "max_record_bytes must be >= 1")
-        _require(retry_timeout_s >= 0, "retry_timeout_s must be >= 0")
+        _require(
+            0 <= retry_timeout_s <= MAX_RETRY_TIMEOUT_S,
+            f"retry_timeout_s must be within 0..{MAX_RETRY_TIMEOUT_S:g}",
+        )
         _require(request_timeout_s > 0, "request_timeout_s must be > 0")
         _require(max_pending_records >= 1, "max_pending_records must be >= 1")
         base_url = httpx.URL(url)
@@ -237,7 +242,6 @@ class EdgeClient:
             # must not silently route records through a proxy.
             trust_env=False,
         )
-        self._log = log.bind(producer=producer_id)
 
         self._state = _State.OPEN
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -376,7 +380,7 @@ class EdgeClient:
             raise ClosedError("EdgeClient is closed; publish is no longer possible")
         record, nbytes = self._prepare(stream, payload, key, ts, headers)
         if self._outstanding >= self._max_pending:
-            raise self._buffer_full()
+            raise self._buffer_full(self._outstanding)
         loop = self._loop if self._loop is not None else self._bind_loop()
         future: asyncio.Future[RecordAck] = loop.create_future()
         self._append(stream, record, nbytes, future)
@@ -425,16 +429,18 @@ class EdgeClient:
             nbytes += sum(len(name) + len(value) + 2 for name, value in checked_headers.items())
         return Record(ts_us, ct, data, checked_key, checked_headers), nbytes
 
-    def _submit(self, stream: str, record: Record, nbytes: int, waiter: _Waiter) -> None:
-        """Append a prepared record (loop thread only; used by the synchronous wrapper).
+    def _submit(self, items: Iterable[tuple[str, Record, int, _Waiter]]) -> None:
+        """Append prepared records (loop thread only; used by the synchronous wrapper).
 
         The caller has already checked capacity; a client closed in between
-        fails the waiter instead of raising, because nobody is there to catch.
+        fails the waiters instead of raising, because nobody is there to catch.
         """
-        if self._state is not _State.OPEN:
-            waiter.set_exception(ClosedError("EdgeClient closed before the record was queued"))
-            return
-        self._append(stream, record, nbytes, waiter)
+        append = self._append
+        for stream, record, nbytes, waiter in items:
+            if self._state is _State.OPEN:
+                append(stream, record, nbytes, waiter)
+            else:
+                waiter.set_exception(ClosedError("EdgeClient closed before the record was queued"))
 
     def _append(self, stream: str, record: Record, nbytes: int, waiter: _Waiter) -> None:
         batch = self._pending.get(stream)
@@ -451,9 +457,9 @@ class EdgeClient:
         if len(batch.records) >= self._batch_max_records or batch.nbytes >= self._batch_max_bytes:
             self._seal(batch)
 
-    def _buffer_full(self) -> BufferFull:
+    def _buffer_full(self, waiting: int) -> BufferFull:
         return BufferFull(
-            f"{self._outstanding} records await confirmation by the bridge "
+            f"{waiting} records await confirmation by the bridge "
             f"(max_pending_records={self._max_pending}); retry later",
             retry_after=self._backpressure_hint_s,
         )
@@ -521,7 +527,7 @@ class EdgeClient:
                 self._fail(batch, lambda: ClosedError("client aborted while sending the record"))
                 raise
             except Exception as exc:  # a bug here must not leave futures pending forever
-                self._log.exception("sdk_sender_failed", stream=batch.stream)
+                log.exception("sdk_sender_failed", producer=self._producer, stream=batch.stream)
                 self._fail(batch, functools.partial(_same, exc))
 
     async def _deliver(self, batch: _Batch) -> None:
@@ -574,8 +580,9 @@ class EdgeClient:
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
             delay = min(delay, remaining)
             self.stats.retries += 1
-            self._log.info(
+            log.info(
                 "sdk_request_retried",
+                producer=self._producer,
                 stream=batch.stream,
                 request_seq=batch.request_seq,
                 records=len(batch.waiters),
@@ -606,11 +613,12 @@ class EdgeClient:
             return
         stream, epoch, first_seq = batch.stream, ack.epoch, ack.first_seq
         for i, waiter in enumerate(batch.waiters):
-            if not waiter.done():
-                try:
-                    waiter.set_result(RecordAck(stream, epoch, first_seq + i))
-                except _INVALID_STATE:  # cancelled from another thread in between
-                    continue
+            # No done() check first: on a concurrent future it takes a lock,
+            # and a future is cancelled rarely; set_result refuses those.
+            try:
+                waiter.set_result(RecordAck(stream, epoch, first_seq + i))
+            except _INVALID_STATE:
+                continue
         self.stats.records_acked += len(batch.waiters)
         self._settle(batch)
 
@@ -623,18 +631,18 @@ class EdgeClient:
         if batch.settled:
             return
         for waiter in batch.waiters:
-            if not waiter.done():
-                try:
-                    waiter.set_exception(make_error())
-                except _INVALID_STATE:
-                    continue
-                # Mark it retrieved: a fire-and-forget publisher gets the one
-                # log line below, not one "exception never retrieved" per record.
-                waiter.exception()
+            try:
+                waiter.set_exception(make_error())
+            except _INVALID_STATE:  # cancelled by the application
+                continue
+            # Mark it retrieved: a fire-and-forget publisher gets the one log
+            # line below, not one "exception never retrieved" per record.
+            waiter.exception()
         error = make_error()
         self.stats.records_failed += len(batch.waiters)
-        self._log.error(
+        log.error(
             "sdk_batch_failed",
+            producer=self._producer,
             stream=batch.stream,
             request_seq=batch.request_seq,
             records=len(batch.waiters),

@@ -141,8 +141,9 @@ class SyncEdgeClient:
                 raise ClosedError("SyncEdgeClient is closed; publish is no longer possible")
             # _outstanding is written by the loop thread; reading a stale value
             # only shifts the bound by a few records, it never lets it run away.
-            if self._client._outstanding + len(self._intake) >= self._max_pending:
-                raise self._client._buffer_full()
+            waiting = self._client._outstanding + len(self._intake)
+            if waiting >= self._max_pending:
+                raise self._client._buffer_full(waiting)
             self._intake.append((stream, record, nbytes, future))
             wake = not self._wakeup_scheduled
             self._wakeup_scheduled = True
@@ -217,9 +218,7 @@ class SyncEdgeClient:
         with self._lock:
             items, self._intake = self._intake, []
             self._wakeup_scheduled = False
-        submit = self._client._submit
-        for stream, record, nbytes, future in items:
-            submit(stream, record, nbytes, future)
+        self._client._submit(items)
 
     async def _flush(self) -> None:
         self._drain()
