@@ -8,7 +8,7 @@ import msgspec
 
 from broker.errors import DecodeError
 
-__all__ = ["Heartbeat", "StreamHealth", "decode_event", "encode_event"]
+__all__ = ["DropMarker", "Event", "Heartbeat", "StreamHealth", "decode_event", "encode_event"]
 
 
 class StreamHealth(msgspec.Struct, frozen=True):
@@ -21,6 +21,8 @@ class StreamHealth(msgspec.Struct, frozen=True):
     bytes: int
     dropped_overflow: int
     dropped_ttl: int
+    oldest_uncommitted_age_s: float = 0.0
+    """Age of the oldest record not yet committed in PostgreSQL (the lag)."""
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", tag_field="type", frozen=True):
@@ -41,9 +43,24 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", tag_field="type", frozen=True):
     streams: dict[str, StreamHealth] = {}
 
 
-Event = Heartbeat
+class DropMarker(msgspec.Struct, tag="drop", tag_field="type", frozen=True):
+    """The edge dropped a contiguous run of records by policy (reported once per run)."""
 
-_decoder = msgspec.msgpack.Decoder(Event)
+    edge: str
+    stream: str
+    epoch: int
+    first_seq: int
+    last_seq: int
+    count: int
+    reason: str
+    """``overflow`` or ``ttl``."""
+    dropped_at: float
+    """Unix seconds, the edge's clock."""
+
+
+Event = Heartbeat | DropMarker
+
+_decoder: msgspec.msgpack.Decoder[Event] = msgspec.msgpack.Decoder(Event)
 _encoder = msgspec.msgpack.Encoder()
 
 

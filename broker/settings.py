@@ -85,6 +85,16 @@ class ShipperSettings(BaseModel):
     retry_backoff_max_s: float = Field(
         5.0, gt=0, description="Cap of the exponential backoff after a failed publish."
     )
+    retransmit_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a shipped record may stay uncommitted in Postgres before it "
+        "is shipped again (repairs loss between JetStream and Postgres); doubles after "
+        "each retransmission without progress.",
+    )
+    retransmit_backoff_max_s: float = Field(
+        600.0, gt=0, description="Cap of the retransmit timeout's doubling."
+    )
 
 
 class BridgeSettings(BaseModel):
@@ -153,6 +163,9 @@ class IngestSettings(BaseModel):
     workers: int = Field(2, ge=1, le=64, description="Concurrent fetch-commit loops per process.")
     pool_size: int = Field(4, ge=1, description="Postgres connections per process.")
     db_retry_max_s: float = Field(5.0, gt=0, description="Backoff cap while Postgres is down.")
+    watermark_interval_s: float = Field(
+        0.25, gt=0, description="Coalescing window of committed-watermark updates per key."
+    )
     host: str = Field("127.0.0.1", description="Health/metrics HTTP bind address.")
     port: int = Field(8788, ge=0, le=65535, description="Health/metrics port (0 = free port).")
 

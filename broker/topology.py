@@ -51,6 +51,15 @@ class Topology:
     def events_stream(self) -> str:
         return f"{self.prefix.upper()}_EVENTS"
 
+    @property
+    def watermarks_bucket(self) -> str:
+        """KV bucket of committed watermarks, key ``<edge>.<stream>.<epoch>``."""
+        return f"{self.prefix.upper()}_WATERMARKS"
+
+    def watermark_updates_subject(self, edge: str) -> str:
+        """Where the KV bucket publishes updates of one edge's keys."""
+        return f"$KV.{self.watermarks_bucket}.{validate_token('edge id', edge)}.>"
+
     def records_subject(self, edge: str, stream: str) -> str:
         validate_token("edge id", edge)
         validate_token("stream name", stream)

@@ -1,14 +1,19 @@
-"""Keeps the ``edges`` table current from the heartbeats on ``<prefix>.evt.>``.
+"""Consumes the edges' events on ``<prefix>.evt.>``: heartbeats keep the ``edges``
+table current, and each further event type is stored by the writer registered
+for it, all in one transaction per fetched group.
 
-Events are consumed through their own durable consumer; a heartbeat is an
-upsert, so redelivery is harmless. Undecodable events become dead letters.
+Events are consumed through their own durable consumer; every writer must be
+idempotent (an upsert, or an insert keyed by the event's identity), because a
+group is redelivered if the process dies before acking it. Undecodable events,
+and events whose edge id does not match their subject, become dead letters.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -24,7 +29,13 @@ from broker.events import Heartbeat, decode_event
 from broker.topology import Topology
 from cloud_ingest.metrics import IngestMetrics
 
-__all__ = ["EdgeTracker"]
+__all__ = ["AfterCommit", "EdgeTracker", "EventWriter"]
+
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+AfterCommit = Callable[[], None]
+EventWriter = Callable[[Connection, list[Any]], Awaitable[AfterCommit | None]]
+"""Stores a list of events of one type using the given connection, inside the group's
+transaction; may return an action to run only once that transaction has committed."""
 
 log = structlog.get_logger(__name__)
 _json = msgspec.json.Encoder()
@@ -53,7 +64,12 @@ class EdgeTracker:
         topology: Topology,
         consumer: str,
         metrics: IngestMetrics,
+        writers: Mapping[type, EventWriter] | None = None,
     ) -> None:
+        """``writers`` maps further event types to the coroutine that stores a list of
+        them inside the consumer's transaction (heartbeats are handled here)."""
+        self._writers: dict[type, EventWriter] = {Heartbeat: self._write_heartbeats}
+        self._writers.update(writers or {})
         self._js = js
         self._pool = pool
         self._topology = topology
@@ -98,31 +114,45 @@ class EdgeTracker:
             with contextlib.suppress(Exception):  # the connection may already be gone
                 await sub.unsubscribe()
 
-    async def _handle(self, msgs: list[Msg]) -> None:
+    async def _write_heartbeats(self, conn: Connection, beats: list[Any]) -> None:
+        """Upsert each edge's latest heartbeat into ``edges``."""
         latest: dict[str, Heartbeat] = {}
-        dead: list[tuple[Msg, str]] = []
-        for m in msgs:
-            try:
-                beat = decode_event(m.data)
-            except DecodeError as exc:
-                dead.append((m, str(exc)))
-                continue
-            if m.subject != self._topology.events_subject(beat.edge):
-                dead.append((m, f"heartbeat of edge {beat.edge!r} on subject {m.subject!r}"))
-                continue
+        for beat in beats:
             prev = latest.get(beat.edge)
             if prev is None or prev.sent_at <= beat.sent_at:
                 latest[beat.edge] = beat
+        await conn.executemany(_UPSERT, [
+            (b.edge, b.version, b.buffer_records, b.buffer_bytes,
+             b.buffer_max_bytes, b.unshipped_records, b.oldest_unshipped_age_s,
+             b.disk_bytes, _json.encode(b.dropped), _json.encode(b.streams), b.sent_at)
+            for b in latest.values()
+        ])
+        self._metrics.heartbeats.inc(len(latest))
+
+    async def _handle(self, msgs: list[Msg]) -> None:
+        by_type: dict[type, list[Any]] = {}
+        dead: list[tuple[Msg, str]] = []
+        for m in msgs:
+            try:
+                event = decode_event(m.data)
+            except DecodeError as exc:
+                dead.append((m, str(exc)))
+                continue
+            if m.subject != self._topology.events_subject(event.edge):
+                dead.append((m, f"event of edge {event.edge!r} on subject {m.subject!r}"))
+                continue
+            if type(event) not in self._writers:
+                dead.append((m, f"no handler for event type {type(event).__name__}"))
+                continue
+            by_type.setdefault(type(event), []).append(event)
         while True:
+            after: list[AfterCommit] = []
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
-                    await conn.executemany(_UPSERT, [
-                        (b.edge, b.version, b.buffer_records, b.buffer_bytes,
-                         b.buffer_max_bytes, b.unshipped_records, b.oldest_unshipped_age_s,
-                         b.disk_bytes, _json.encode(b.dropped),
-                         _json.encode(b.streams), b.sent_at)
-                        for b in latest.values()
-                    ])
+                    for kind, events in by_type.items():
+                        action = await self._writers[kind](conn, events)
+                        if action is not None:
+                            after.append(action)
                     if dead:
                         await conn.executemany(
                             "INSERT INTO dead_letters(subject, data, reason) VALUES ($1, $2, $3)",
@@ -130,20 +160,20 @@ class EdgeTracker:
                         )
                 break
             except asyncpg.DataError as exc:
-                # Permanent: these heartbeats will never fit; keep them as dead letters.
-                log.error("heartbeats_rejected", error=f"{type(exc).__name__}: {exc}")
+                # Permanent: these events will never fit; keep them as dead letters.
+                log.error("events_rejected", error=f"{type(exc).__name__}: {exc}")
                 dead = [(m, f"rejected by PostgreSQL: {exc}") for m in msgs]
-                latest.clear()
+                by_type.clear()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("heartbeat_write_failed", error=f"{type(exc).__name__}: {exc}")
+                log.warning("events_write_failed", error=f"{type(exc).__name__}: {exc}")
                 if self._stopping:
                     return  # unacked: redelivered to whoever runs next
                 await asyncio.sleep(1.0)
+        for action in after:
+            action()
         for m in msgs:
             try:
                 await m.ack()
             except Exception as exc:
                 log.debug("ack_failed", error=str(exc))
-        self._metrics.heartbeats.inc(len(latest))
-        if latest:
-            log.debug("heartbeats_recorded", edges=sorted(latest), at=time.time())
+        log.debug("events_recorded", counts={k.__name__: len(v) for k, v in by_type.items()})

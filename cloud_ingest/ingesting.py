@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +90,8 @@ class GroupResult:
     records: int
     inserted: int
     dead_letters: int
+    watermarks: list[tuple[str, str, int, int]]
+    """``(edge, stream, epoch, watermark)`` after this commit, per key touched."""
 
 
 class GroupWriter:
@@ -133,6 +135,7 @@ class GroupWriter:
         good = [d for d in group if d.batch is not None]
         dead = [(d.msg, d.reason or "invalid") for d in group if d.batch is None]
         inserted = 0
+        watermarks: list[tuple[str, str, int, int]] = []
         async with conn.transaction():
             if good:
                 rows = [r for d in good for r in self.rows(d.batch, received_us)]  # type: ignore[arg-type]
@@ -143,7 +146,9 @@ class GroupWriter:
                     # Some batch holds data Postgres rejects: find it batch by batch.
                     good, rejected, inserted = await self._isolate_poison(conn, good, received_us)
                     dead.extend(rejected)
-                await self._merge_ranges(conn, [d.batch for d in good if d.batch is not None])
+                watermarks = await self._merge_ranges(
+                    conn, [d.batch for d in good if d.batch is not None]
+                )
             if dead:
                 await conn.executemany(
                     "INSERT INTO dead_letters(subject, headers, data, reason) "
@@ -155,7 +160,7 @@ class GroupWriter:
                     ],
                 )
         records = sum(len(d.batch.records) for d in good if d.batch is not None)
-        return GroupResult(len(good), records, inserted, len(dead))
+        return GroupResult(len(good), records, inserted, len(dead), watermarks)
 
     async def _insert(self, conn: Connection, rows: list[Row]) -> int:
         """Insert rows, skipping identities already present; returns rows inserted."""
@@ -194,26 +199,32 @@ class GroupWriter:
         return kept, rejected, inserted
 
     @staticmethod
-    async def _merge_ranges(conn: Connection, batches: Sequence[Batch]) -> None:
-        spans: dict[tuple[str, str, int], list[tuple[int, int]]] = {}
-        for b in batches:
-            spans.setdefault((b.edge, b.stream, b.epoch), []).append((b.first_seq, b.last_seq + 1))
-        if not spans:
-            return
-        # Sorted keys: concurrent workers lock rows in one order, so never deadlock.
-        args = []
-        for (edge, stream, epoch), ranges in sorted(spans.items()):
-            lowers = [lo for lo, _ in ranges]
-            uppers = [hi for _, hi in ranges]
-            args.append((edge, stream, epoch, lowers, uppers))
-        await conn.executemany(
+    async def _merge_ranges(
+        conn: Connection, batches: Sequence[Batch]
+    ) -> list[tuple[str, str, int, int]]:
+        """Merge the batches' seq ranges into ``committed_ranges``.
+
+        Returns ``(edge, stream, epoch, watermark)`` of every key touched, as seen
+        inside this transaction (so it includes every earlier commit).
+        """
+        if not batches:
+            return []
+        # Sorted: concurrent workers lock the rows in one order, so they never deadlock.
+        ordered = sorted(batches, key=lambda b: (b.edge, b.stream, b.epoch, b.first_seq))
+        rows = await conn.fetch(
             "INSERT INTO committed_ranges AS c (edge_id, stream, epoch, ranges) "
-            "SELECT $1, $2, $3, range_agg(int8range(lo, hi)) "
-            "FROM unnest($4::int8[], $5::int8[]) AS u(lo, hi) "
+            "SELECT edge_id, stream, epoch, range_agg(int8range(lo, hi)) "
+            "FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) "
+            "  AS u(edge_id, stream, epoch, lo, hi) "
+            "GROUP BY edge_id, stream, epoch ORDER BY edge_id, stream, epoch "
             "ON CONFLICT (edge_id, stream, epoch) DO UPDATE "
-            "SET ranges = c.ranges + EXCLUDED.ranges, updated_at = now()",
-            args,
+            "SET ranges = c.ranges + EXCLUDED.ranges, updated_at = now() "
+            "RETURNING edge_id, stream, epoch, es_watermark(ranges + dropped) AS watermark",
+            [b.edge for b in ordered], [b.stream for b in ordered],
+            [b.epoch for b in ordered], [b.first_seq for b in ordered],
+            [b.last_seq + 1 for b in ordered],
         )
+        return [(r["edge_id"], r["stream"], r["epoch"], r["watermark"]) for r in rows]
 
 
 class RecordsConsumer:
@@ -233,7 +244,10 @@ class RecordsConsumer:
         workers: int,
         db_retry_max_s: float,
         metrics: IngestMetrics,
+        on_committed: Callable[[list[tuple[str, str, int, int]]], None] | None = None,
     ) -> None:
+        """``on_committed`` receives the watermarks of each group after its commit."""
+        self._on_committed = on_committed
         self._nc = nc
         self._js = js
         self._pool = pool
@@ -324,6 +338,8 @@ class RecordsConsumer:
                 log.error("group_write_failed", attempt=attempt,
                           error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(min(self._db_retry_max, 0.2 * attempt))
+        if self._on_committed is not None:
+            self._on_committed(result.watermarks)
         if not self.db_ok:
             log.info("database_available")
         self.db_ok = True

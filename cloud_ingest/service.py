@@ -26,13 +26,16 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from broker.connecting import connect_with_retry
 from broker.errors import ClosedError
+from broker.events import DropMarker
 from broker.serving import embedded_server
 from broker.settings import IngestSettings, NatsSettings
 from broker.topology import Topology
+from cloud_ingest.completeness import drop_marker_writer
 from cloud_ingest.edge_tracking import EdgeTracker
 from cloud_ingest.ingesting import RecordsConsumer, init_connection
 from cloud_ingest.metrics import IngestMetrics
 from cloud_ingest.schema import migrate
+from cloud_ingest.watermarks import WatermarkPublisher, ensure_watermark_bucket
 
 __all__ = ["Ingest", "connect_pool", "run"]
 
@@ -71,6 +74,7 @@ class Ingest:
         self._state = "new"
         self.consumer: RecordsConsumer | None = None
         self.tracker: EdgeTracker | None = None
+        self.watermarks: WatermarkPublisher | None = None
 
     async def __aenter__(self) -> Ingest:
         if self._state != "new":
@@ -88,17 +92,23 @@ class Ingest:
             self._nc = await connect_with_retry(self.nats_settings, name="edgesync-ingest")
             js = self._nc.jetstream()
             await self.topology.ensure_streams(js)
+            self.watermarks = WatermarkPublisher(
+                await ensure_watermark_bucket(js, self.topology),
+                interval_s=self.settings.watermark_interval_s,
+            )
             self.consumer = RecordsConsumer(
                 nc=self._nc, js=js, pool=self._pool, topology=self.topology,
                 consumer=self.settings.consumer, fetch_batch=self.settings.fetch_batch,
                 fetch_timeout_s=self.settings.fetch_timeout_s,
                 ack_wait_s=self.settings.ack_wait_s, workers=self.settings.workers,
                 db_retry_max_s=self.settings.db_retry_max_s, metrics=self.metrics,
+                on_committed=self.watermarks.note,
             )
             await self.consumer.ensure_consumer()
             self.tracker = EdgeTracker(
                 js=js, pool=self._pool, topology=self.topology,
                 consumer=self.settings.consumer, metrics=self.metrics,
+                writers={DropMarker: drop_marker_writer(self.watermarks.note)},
             )
             await self.tracker.ensure_consumer()
         except BaseException:
@@ -162,10 +172,12 @@ class Ingest:
     async def serve(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         """Consume until ``stop`` is set; groups in hand are committed and acked first."""
         assert self.consumer is not None and self.tracker is not None and self._sock
+        assert self.watermarks is not None
         server = embedded_server(self.health_app())
         roots = [
             asyncio.create_task(self.consumer.consume_forever(), name="consume"),
             asyncio.create_task(self.tracker.track_forever(), name="track-edges"),
+            asyncio.create_task(self.watermarks.publish_forever(), name="watermarks"),
             asyncio.create_task(server.serve(sockets=[self._sock]), name="health"),
         ]
         log.info("ingest_started", consumer=self.settings.consumer, health_port=self.port)
@@ -183,6 +195,8 @@ class Ingest:
             self.consumer.begin_shutdown()
             self.tracker.begin_shutdown()
             server.should_exit = True
+            _, pending = await asyncio.wait(roots[:2], timeout=10)
+            self.watermarks.begin_shutdown()  # after the last commit: publish its watermarks
             _, pending = await asyncio.wait(roots, timeout=10)
             for task in pending:
                 task.cancel()

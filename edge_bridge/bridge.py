@@ -29,6 +29,7 @@ from broker.events import Heartbeat, StreamHealth, encode_event
 from broker.serving import EmbeddedServer, embedded_server
 from broker.settings import BridgeSettings, NatsSettings
 from broker.topology import Topology
+from edge_bridge.acknowledging import DropReporter, WatermarkFollower
 from edge_bridge.buffering import Buffer
 from edge_bridge.ingress import create_app
 from edge_bridge.metrics import BridgeMetrics
@@ -67,9 +68,10 @@ class Bridge:
             policy_for=settings.policy_for,
             metrics=self.metrics,
             publish_timeout_s=nats_settings.publish_timeout_s,
-            on_shipped=self._on_shipped,
         )
         self._nc: NATS | None = None
+        self.watermarks: WatermarkFollower | None = None
+        self.drops: DropReporter | None = None
         self._sock: socket.socket | None = None
         self._server: EmbeddedServer | None = None
         self._state = "new"
@@ -125,7 +127,7 @@ class Bridge:
         assert self._sock is not None, "use `async with Bridge(...)` first"
         self._server = embedded_server(create_app(self))
         http = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="ingress")
-        connector = asyncio.create_task(self._connect(), name="nats-connect")
+        connector = asyncio.create_task(self._connect_and_follow(), name="nats")
         shipper = asyncio.create_task(self.shipper.run_forever(), name="shipper")
         heartbeat = asyncio.create_task(self._heartbeat_forever(), name="heartbeat")
         housekeeping = asyncio.create_task(self._housekeeping_forever(), name="housekeeping")
@@ -143,8 +145,7 @@ class Bridge:
             waiting: set[asyncio.Task[None]] = {stopper, *roots}
             while stopper in waiting:
                 done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                failed = [t for t in done if t is not stopper and (
-                    t.cancelled() or t.exception() is not None or t is not connector)]
+                failed = [t for t in done if t is not stopper]
                 for task in failed:
                     log.error("bridge_task_failed", task=task.get_name(),
                               error=repr(None if task.cancelled() else task.exception()))
@@ -169,7 +170,8 @@ class Bridge:
             if isinstance(result, Exception):
                 log.error("bridge_task_failed", task=task.get_name(), error=repr(result))
 
-    async def _connect(self) -> None:
+    async def _connect_and_follow(self) -> None:
+        """Connect (retrying), then follow committed watermarks and report drops."""
         async def disconnected() -> None:
             self.metrics.nats_connected.set(0)
 
@@ -193,11 +195,17 @@ class Bridge:
                 log.warning("streams_not_ready", error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(1.0)
         self.shipper.attach(js)
-
-    async def _on_shipped(self, stream: str, epoch: int, upto_seq: int) -> None:
-        # Until the cloud's committed watermark closes the loop end to end, a
-        # JetStream ack is where the edge lets go of a record.
-        await self.buffer.trim(stream, epoch, upto_seq)
+        self.watermarks = WatermarkFollower(
+            nc=nc, js=js, topology=self.topology, edge_id=self.edge_id, buffer=self.buffer,
+            shipper=self.shipper,
+        )
+        self.drops = DropReporter(
+            js=js, topology=self.topology, edge_id=self.edge_id, buffer=self.buffer,
+            repeat_after_s=self.settings.shipper.retransmit_timeout_s,
+        )
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.watermarks.follow_forever(), name="watermarks")
+            tasks.create_task(self.drops.report_forever(), name="drop-reports")
 
     async def _heartbeat_forever(self) -> None:
         while True:
@@ -211,15 +219,18 @@ class Bridge:
 
     async def heartbeat(self) -> Heartbeat:
         stats = await self.buffer.stats()
+        now = time.time()
         streams = {}
         for name in self.buffer.stream_names():
             s = self.buffer.stream_state(name)
             if s is None:
                 continue
+            oldest = await self.buffer.oldest_received(name)
             streams[name] = StreamHealth(
                 epoch=s.epoch, next_seq=s.next_seq, shipped_seq=s.shipped_seq,
                 committed_seq=s.committed_seq, records=s.records, bytes=s.bytes,
                 dropped_overflow=s.dropped_overflow, dropped_ttl=s.dropped_ttl,
+                oldest_uncommitted_age_s=0.0 if oldest is None else max(0.0, now - oldest),
             )
         return Heartbeat(
             edge=self.edge_id, version=self.version, sent_at=time.time(),

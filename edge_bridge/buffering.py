@@ -648,6 +648,11 @@ class Buffer:
             ).fetchone()
             count, nbytes = int(row[0]), int(row[1])
             conn.execute("DELETE FROM records WHERE sid=? AND seq<=?", (state.sid, upto_seq))
+            # Drop runs the cloud has accounted for need not be reported again.
+            conn.execute(
+                "DELETE FROM drops WHERE sid=? AND epoch=? AND last_seq<=?",
+                (state.sid, state.epoch, upto_seq),
+            )
             state.committed_seq = max(state.committed_seq, upto_seq)
             state.shipped_seq = max(state.shipped_seq, upto_seq)
             conn.execute(
@@ -662,6 +667,80 @@ class Buffer:
         if deleted:
             self.space_freed.set()
         return deleted
+
+    def rewind_shipped(self, stream: str) -> None:
+        """Forget that records above the committed watermark were shipped (they will be
+        shipped again: retransmission after a loss between JetStream and Postgres)."""
+        state = self._streams.get(stream)
+        if state is not None:
+            state.shipped_seq = state.committed_seq
+
+    async def expire(self, stream: str, *, after_seq: int, ttl_s: float) -> int:
+        """Drop (and count, reason ``ttl``) the records of ``stream`` above ``after_seq``
+        received more than ``ttl_s`` ago. The shipper calls this before reading, with
+        its read cursor, so an expired record is never shipped. Returns the count."""
+        state = self._streams.get(stream)
+        if state is None:
+            return 0
+        cutoff = int((time.time() - ttl_s) * 1_000_000)
+
+        def op(conn: sqlite3.Connection) -> int:
+            # Receive times grow with seq, so the expired records are a prefix.
+            row = conn.execute(
+                "SELECT min(seq), max(seq), count(*), coalesce(sum(size), 0) FROM records "
+                "WHERE sid=? AND seq>? AND received<?",
+                (state.sid, after_seq, cutoff),
+            ).fetchone()
+            count = int(row[2])
+            if count == 0:
+                return 0
+            first_seq, last_seq, nbytes = int(row[0]), int(row[1]), int(row[3])
+            conn.execute(
+                "DELETE FROM records WHERE sid=? AND seq>=? AND seq<=?",
+                (state.sid, first_seq, last_seq),
+            )
+            self._record_drop(conn, state, first_seq=first_seq, last_seq=last_seq, count=count,
+                              reason="ttl")
+            state.records -= count
+            state.bytes -= nbytes
+            self._total_bytes -= nbytes
+            return count
+
+        expired = await self._submit(op)
+        if expired:
+            self.space_freed.set()
+        return expired
+
+    async def pending_drops(self) -> list[tuple[str, int, int, int, int, str, float]]:
+        """Drop runs the cloud has not yet accounted for:
+        ``(stream, epoch, first_seq, last_seq, count, reason, dropped_at)``."""
+        names = {s.sid: s.name for s in self._streams.values()}
+
+        def read() -> list[tuple[str, int, int, int, int, str, float]]:
+            assert self._reader is not None
+            rows = self._reader.execute(
+                "SELECT sid, epoch, first_seq, last_seq, count, reason, at FROM drops "
+                "ORDER BY sid, first_seq"
+            ).fetchall()
+            return [(names[r[0]], *r[1:]) for r in rows if r[0] in names]
+
+        return await self._in_reader(read)
+
+    async def oldest_received(self, stream: str) -> float | None:
+        """Receive time (Unix seconds) of the stream's oldest record not yet committed."""
+        state = self._streams.get(stream)
+        if state is None:
+            return None
+        sid = state.sid
+
+        def read() -> float | None:
+            assert self._reader is not None
+            row = self._reader.execute(
+                "SELECT received FROM records WHERE sid=? ORDER BY seq LIMIT 1", (sid,)
+            ).fetchone()
+            return None if row is None else row[0] / 1_000_000
+
+        return await self._in_reader(read)
 
     async def prune_producer_requests(self, older_than_s: float = DEDUP_WINDOW_S) -> int:
         cutoff = time.time() - older_than_s

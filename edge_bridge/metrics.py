@@ -35,6 +35,10 @@ class BridgeMetrics:
         self.publish_failures = Counter(
             "edgesync_publish_failures", "Failed batch publish attempts (retried).", registry=r
         )
+        self.retransmissions = Counter(
+            "edgesync_retransmissions",
+            "Times a stream's uncommitted records were shipped again.", registry=r,
+        )
         self.ingress_requests = Counter(
             "edgesync_ingress_requests", "Ingress requests by HTTP status.", ["status"],
             registry=r,

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -54,6 +56,11 @@ class _StreamCursor:
     """Highest seq handed to a publish task."""
     in_flight: dict[int, int] = field(default_factory=dict)
     """first_seq -> last_seq of batches published but not yet acknowledged."""
+    uncommitted: deque[tuple[int, float]] = field(default_factory=deque)
+    """(last_seq, acked_at) of batches JetStream acked but Postgres has not committed."""
+    retransmit_factor: float = 1.0
+    """Doubles with each retransmission that brought no progress; 1 after progress."""
+    next_expiry_check: float = 0.0
 
     def shipped_upto(self) -> int:
         if self.in_flight:
@@ -74,7 +81,6 @@ class Shipper:
         policy_for: Callable[[str], StreamPolicy],
         metrics: BridgeMetrics,
         publish_timeout_s: float,
-        on_shipped: Callable[[str, int, int], Awaitable[None]] | None = None,
     ) -> None:
         self._buffer = buffer
         self._edge = edge_id
@@ -83,7 +89,6 @@ class Shipper:
         self._policy_for = policy_for
         self._metrics = metrics
         self._publish_timeout = publish_timeout_s
-        self._on_shipped = on_shipped
         self._cursors: dict[str, _StreamCursor] = {}
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -114,6 +119,49 @@ class Shipper:
             cursor = _StreamCursor(epoch=state.epoch, read_upto=start)
             self._cursors[stream] = cursor
         return cursor
+
+    def on_committed(self, stream: str, epoch: int, watermark: int) -> None:
+        """The cloud committed everything of ``stream``/``epoch`` up to ``watermark``."""
+        cursor = self._cursors.get(stream)
+        if cursor is None or cursor.epoch != epoch:
+            return
+        progressed = False
+        while cursor.uncommitted and cursor.uncommitted[0][0] <= watermark:
+            cursor.uncommitted.popleft()
+            progressed = True
+        if progressed:
+            cursor.retransmit_factor = 1.0
+        if watermark > cursor.read_upto and not cursor.in_flight:
+            cursor.read_upto = watermark
+
+    def _maybe_retransmit(self, stream: str, cursor: _StreamCursor, now: float) -> None:
+        """Ship again what JetStream acked but Postgres never committed in time."""
+        if not cursor.uncommitted or cursor.in_flight:
+            return
+        timeout = min(self.settings.retransmit_backoff_max_s,
+                      self.settings.retransmit_timeout_s * cursor.retransmit_factor)
+        if now - cursor.uncommitted[0][1] < timeout:
+            return
+        state = self._buffer.stream_state(stream)
+        if state is None:
+            return
+        log.warning(
+            "records_retransmitted", stream=stream, epoch=cursor.epoch,
+            from_seq=state.committed_seq + 1, to_seq=cursor.read_upto,
+            uncommitted_for_s=round(now - cursor.uncommitted[0][1], 1),
+        )
+        self._metrics.retransmissions.inc()
+        cursor.read_upto = state.committed_seq
+        cursor.uncommitted.clear()
+        cursor.retransmit_factor *= 2
+        self._buffer.rewind_shipped(stream)
+
+    async def _expire(self, stream: str, cursor: _StreamCursor, now: float) -> None:
+        ttl = self._policy_for(stream).ttl_s
+        if ttl is None or now < cursor.next_expiry_check:
+            return
+        cursor.next_expiry_check = now + min(1.0, ttl / 10)
+        await self._buffer.expire(stream, after_seq=cursor.read_upto, ttl_s=ttl)
 
     def _streams_by_priority(self) -> list[str]:
         names = self._buffer.stream_names()
@@ -153,10 +201,13 @@ class Shipper:
         high-priority ones by more than the batches already in flight.
         """
         progressed = False
+        now = time.monotonic()
         for stream in self._streams_by_priority():
             cursor = self._cursor(stream)
             if cursor is None:
                 continue
+            self._maybe_retransmit(stream, cursor, now)
+            await self._expire(stream, cursor, now)
             while not self._stopping:
                 await self._slots.acquire()
                 try:
@@ -243,10 +294,8 @@ class Shipper:
             self._metrics.records_shipped.labels(run.stream).inc(len(run.rows))
             self._metrics.bytes_shipped.inc(len(body))
             del cursor.in_flight[run.first_seq]
-            upto = cursor.shipped_upto()
-            self._buffer.mark_shipped(run.stream, upto)
-            if self._on_shipped is not None:
-                await self._on_shipped(run.stream, run.epoch, upto)
+            cursor.uncommitted.append((run.last_seq, time.monotonic()))
+            self._buffer.mark_shipped(run.stream, cursor.shipped_upto())
         finally:
             self._slots.release()
             # Freed slot or new watermark: the main loop may have work again.

@@ -11,8 +11,13 @@ from broker.embedded_nats import EmbeddedNats
 from broker.embedded_postgres import EmbeddedPostgres
 from edge_bridge.sdk import EdgeClient
 from tests.helpers import until
-from tests.integration.harness import bridge_settings, count_records, running_bridge, \
-    running_ingest, wait_for_records
+from tests.integration.harness import (
+    bridge_settings,
+    count_records,
+    running_bridge,
+    running_ingest,
+    wait_for_records,
+)
 
 
 async def publish_ids(url: str, ids: range) -> None:
@@ -43,7 +48,7 @@ async def test_nats_outage_is_buffered_then_drained(
     async with running_ingest(pg_dsn, nats_server.url), running_bridge(
         bridge_settings(tmp_path), nats_server.url
     ) as bridge:
-        await publish_ids(bridge.url, range(0, 5_000))
+        await publish_ids(bridge.url, range(5_000))
         await wait_for_records(pg_dsn, 5_000)
         await nats_server.stop()
         await publish_ids(bridge.url, range(5_000, 10_000))
@@ -71,7 +76,7 @@ async def test_postgres_outage_under_the_ingest_heals_by_itself(
         async with running_ingest(dsn, nats_server.url) as ingest, running_bridge(
             bridge_settings(tmp_path), nats_server.url
         ) as bridge:
-            await publish_ids(bridge.url, range(0, 5_000))
+            await publish_ids(bridge.url, range(5_000))
             await wait_for_records(dsn, 5_000)
             await pg.stop()
             publishing = asyncio.create_task(publish_ids(bridge.url, range(5_000, 10_000)))

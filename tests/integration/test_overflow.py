@@ -12,8 +12,13 @@ from broker.events import Heartbeat, decode_event
 from broker.settings import StreamPolicy
 from edge_bridge.sdk import EdgeClient
 from tests.helpers import until
-from tests.integration.harness import bridge_settings, count_records, running_bridge, \
-    running_ingest, wait_for_records
+from tests.integration.harness import (
+    bridge_settings,
+    count_records,
+    running_bridge,
+    running_ingest,
+    wait_for_records,
+)
 
 CAP = 64 * 1024
 PAYLOAD = "x" * 400  # ~440 bytes per record in the buffer: ~150 records fill the cap
@@ -27,27 +32,27 @@ async def test_block_policy_back_pressures_the_sdk_until_space_frees(
     the bridge drains."""
     await nats_server.stop()
     settings = bridge_settings(tmp_path, buffer_max_bytes=CAP)
-    async with running_bridge(settings, nats_server.url) as bridge:
-        async with EdgeClient(bridge.url, linger_ms=1, batch_max_records=20,
-                              retry_timeout_s=60) as client:
-            futures = [client.publish("s", {"i": i, "pad": PAYLOAD}) for i in range(400)]
-            await until(lambda: client.stats.retries > 0, timeout=15,
-                        message="the SDK never met back-pressure")
-            async with httpx.AsyncClient(base_url=bridge.url) as http:
-                resp = await http.post("/v1/streams/s/records",
-                                       json={"records": [{"payload": PAYLOAD}] * 20})
-            assert resp.status_code == 503
-            assert resp.json()["error"] == "buffer_full"
-            assert int(resp.headers["Retry-After"]) >= 1
-            stats = await bridge.buffer.stats()
-            assert stats.bytes <= CAP
-            assert stats.dropped["s"]["overflow"] == 0
-            assert not all(f.done() for f in futures)
-            await nats_server.restart()
-            async with running_ingest(pg_dsn, nats_server.url):
-                await client.flush()
-                assert all(f.result().stream == "s" for f in futures)
-                await wait_for_records(pg_dsn, 400, timeout=60)
+    async with running_bridge(settings, nats_server.url) as bridge, EdgeClient(
+        bridge.url, linger_ms=1, batch_max_records=20, retry_timeout_s=60
+    ) as client:
+        futures = [client.publish("s", {"i": i, "pad": PAYLOAD}) for i in range(400)]
+        await until(lambda: client.stats.retries > 0, timeout=15,
+                    message="the SDK never met back-pressure")
+        async with httpx.AsyncClient(base_url=bridge.url) as http:
+            resp = await http.post("/v1/streams/s/records",
+                                   json={"records": [{"payload": PAYLOAD}] * 20})
+        assert resp.status_code == 503
+        assert resp.json()["error"] == "buffer_full"
+        assert int(resp.headers["Retry-After"]) >= 1
+        stats = await bridge.buffer.stats()
+        assert stats.bytes <= CAP
+        assert stats.dropped["s"]["overflow"] == 0
+        assert not all(f.done() for f in futures)
+        await nats_server.restart()
+        async with running_ingest(pg_dsn, nats_server.url):
+            await client.flush()
+            assert all(f.result().stream == "s" for f in futures)
+            await wait_for_records(pg_dsn, 400, timeout=60)
 
 
 async def test_drop_oldest_drops_the_oldest_and_heartbeats_count_every_drop(

@@ -1,0 +1,56 @@
+"""Completeness accounting on the cloud side: the drops edges report.
+
+A drop marker says "the edge deleted these seqs by policy" (overflow or ttl).
+It is stored in ``drop_markers`` and merged into ``committed_ranges.dropped``,
+so that (a) the completeness view tells records dropped on purpose from
+records missing, and (b) the watermark can pass over a dropped run, which
+lets the edge trim what follows it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from broker.events import DropMarker
+from cloud_ingest.edge_tracking import AfterCommit
+
+__all__ = ["drop_marker_writer"]
+
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
+def drop_marker_writer(
+    on_watermarks: Callable[[list[tuple[str, str, int, int]]], None],
+) -> Callable[[Connection, list[Any]], Any]:
+    """An event writer for :class:`DropMarker` that reports the new watermarks
+    (after commit) to ``on_watermarks``."""
+
+    async def write(conn: Connection, markers: list[DropMarker]) -> AfterCommit | None:
+        await conn.executemany(
+            "INSERT INTO drop_markers (edge_id, stream, epoch, first_seq, last_seq, count, "
+            "reason, dropped_at) VALUES ($1, $2, $3, $4, $5, $6, $7, to_timestamp($8)) "
+            "ON CONFLICT DO NOTHING",
+            [(m.edge, m.stream, m.epoch, m.first_seq, m.last_seq, m.count, m.reason,
+              m.dropped_at) for m in markers],
+        )
+        ordered = sorted(markers, key=lambda m: (m.edge, m.stream, m.epoch, m.first_seq))
+        rows = await conn.fetch(
+            "INSERT INTO committed_ranges AS c (edge_id, stream, epoch, ranges, dropped) "
+            "SELECT edge_id, stream, epoch, '{}', range_agg(int8range(lo, hi)) "
+            "FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) "
+            "  AS u(edge_id, stream, epoch, lo, hi) "
+            "GROUP BY edge_id, stream, epoch ORDER BY edge_id, stream, epoch "
+            "ON CONFLICT (edge_id, stream, epoch) DO UPDATE "
+            "SET dropped = c.dropped + EXCLUDED.dropped, updated_at = now() "
+            "RETURNING edge_id, stream, epoch, es_watermark(ranges + dropped) AS watermark",
+            [m.edge for m in ordered], [m.stream for m in ordered],
+            [m.epoch for m in ordered], [m.first_seq for m in ordered],
+            [m.last_seq + 1 for m in ordered],
+        )
+        watermarks = [(r["edge_id"], r["stream"], r["epoch"], r["watermark"]) for r in rows]
+        return lambda: on_watermarks(watermarks)
+
+    return write

@@ -1,0 +1,100 @@
+"""Tells each edge how far the cloud has committed: the end-to-end acknowledgement.
+
+After every commit the ingest knows the contiguous watermark of each
+``(edge, stream, epoch)`` it touched: every seq up to it is committed in
+PostgreSQL (or was dropped on purpose by the edge). The publisher coalesces
+them, keeping only the highest per key, and writes them at most every
+``interval_s`` into a JetStream key-value bucket under the key
+``<edge>.<stream>.<epoch>``. A KV bucket is what makes an edge that was
+offline learn the current value when it returns: it reads the key; an online
+edge sees each update live on the bucket's subject.
+
+Several ingest processes may write the same key; an edge only ever moves its
+watermark forward, so a stale write is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+from broker.topology import Topology
+
+__all__ = ["WatermarkPublisher", "ensure_watermark_bucket"]
+
+log = structlog.get_logger(__name__)
+
+
+async def ensure_watermark_bucket(js: JetStreamContext, topology: Topology) -> KeyValue:
+    """Create (idempotently) and return the watermark bucket."""
+    return await js.create_key_value(KeyValueConfig(
+        bucket=topology.watermarks_bucket,
+        history=1,
+        storage=StorageType.FILE,
+        replicas=topology.replicas,
+        description="edgesync committed watermarks, key <edge>.<stream>.<epoch>",
+    ))
+
+
+class WatermarkPublisher:
+    """Coalesces watermarks and publishes the latest of each key periodically."""
+
+    def __init__(self, kv: KeyValue, *, interval_s: float = 0.25) -> None:
+        self._kv = kv
+        self._interval = interval_s
+        self._pending: dict[tuple[str, str, int], int] = {}
+        self._published: dict[tuple[str, str, int], int] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self.published = 0
+
+    def note(self, watermarks: list[tuple[str, str, int, int]]) -> None:
+        """Record watermarks seen after a commit; cheap, never blocks."""
+        for edge, stream, epoch, watermark in watermarks:
+            key = (edge, stream, epoch)
+            if watermark > max(self._pending.get(key, 0), self._published.get(key, 0)):
+                self._pending[key] = watermark
+        if self._pending:
+            self._wake.set()
+
+    def begin_shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def publish_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._flush()
+            if self._stopping:
+                return
+            await asyncio.sleep(self._interval)  # the coalescing window
+
+    async def _flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for key, watermark in pending.items():
+            edge, stream, epoch = key
+            try:
+                await self._kv.put(f"{edge}.{stream}.{epoch}", str(watermark).encode())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # NATS unavailable: keep the value for the next round (if still newest).
+                log.warning("watermark_publish_failed", edge=edge, stream=stream,
+                            error=f"{type(exc).__name__}: {exc}")
+                if watermark > self._pending.get(key, 0):
+                    self._pending[key] = watermark
+                self._wake.set()
+                continue
+            self._published[key] = watermark
+            self.published += 1
+        if len(self._published) > 100_000:
+            # Bounded memory: forgetting only costs a redundant publish later.
+            with contextlib.suppress(KeyError):
+                for key in list(self._published)[:50_000]:
+                    del self._published[key]

@@ -1,0 +1,174 @@
+"""The edge half of the end-to-end acknowledgement, and drop reporting.
+
+:class:`WatermarkFollower` learns, per ``(stream, epoch)``, the cloud's committed
+watermark (every seq up to it is committed in PostgreSQL or accounted for as
+dropped) and lets the buffer delete those records. Updates arrive live on the
+watermark bucket's subject; a periodic read of the bucket catches up after an
+outage, so an edge that was offline learns the current values when it returns.
+
+:class:`DropReporter` tells the cloud about every run of records the buffer
+dropped by policy, and repeats itself until the watermark passes the run, so a
+marker lost on the way is sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from broker.errors import ClosedError
+from broker.events import DropMarker, encode_event
+from broker.topology import Topology
+from edge_bridge.buffering import Buffer
+from edge_bridge.shipping import Shipper
+
+__all__ = ["DropReporter", "WatermarkFollower"]
+
+log = structlog.get_logger(__name__)
+
+
+class WatermarkFollower:
+    def __init__(
+        self,
+        *,
+        nc: NATS,
+        js: JetStreamContext,
+        topology: Topology,
+        edge_id: str,
+        buffer: Buffer,
+        shipper: Shipper,
+        catch_up_interval_s: float = 1.0,
+    ) -> None:
+        self._nc = nc
+        self._js = js
+        self._topology = topology
+        self._edge = edge_id
+        self._buffer = buffer
+        self._shipper = shipper
+        self._interval = catch_up_interval_s
+        self._kv: KeyValue | None = None
+        self._lock = asyncio.Lock()
+
+    async def follow_forever(self) -> None:
+        sub = await self._nc.subscribe(
+            self._topology.watermark_updates_subject(self._edge), cb=self._on_update
+        )
+        try:
+            while True:
+                await self._catch_up()
+                await asyncio.sleep(self._interval)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _on_update(self, msg: Msg) -> None:
+        # $KV.<bucket>.<edge>.<stream>.<epoch>
+        parts = msg.subject.split(".")
+        if len(parts) != 5:
+            return
+        try:
+            epoch, watermark = int(parts[4]), int(msg.data)
+        except ValueError:
+            log.warning("watermark_malformed", subject=msg.subject)
+            return
+        await self.apply(parts[3], epoch, watermark)
+
+    async def _catch_up(self) -> None:
+        try:
+            if self._kv is None:
+                self._kv = await self._js.key_value(self._topology.watermarks_bucket)
+            for stream in self._buffer.stream_names():
+                state = self._buffer.stream_state(stream)
+                if state is None or state.next_seq - 1 <= state.committed_seq:
+                    continue
+                try:
+                    entry = await self._kv.get(f"{self._edge}.{stream}.{state.epoch}")
+                except KeyNotFoundError:
+                    continue
+                if entry.value:
+                    await self.apply(stream, state.epoch, int(entry.value))
+        except asyncio.CancelledError:
+            raise
+        except BucketNotFoundError:
+            log.debug("watermark_bucket_missing")  # no ingest has started yet
+        except ClosedError:
+            raise
+        except Exception as exc:  # NATS down: the next round tries again
+            log.debug("watermark_catch_up_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def apply(self, stream: str, epoch: int, watermark: int) -> None:
+        """Trim what the cloud has committed; a stale or foreign value is ignored."""
+        state = self._buffer.stream_state(stream)
+        if state is None or state.epoch != epoch or watermark <= state.committed_seq:
+            return
+        async with self._lock:
+            deleted = await self._buffer.trim(stream, epoch, watermark)
+        self._shipper.on_committed(stream, epoch, watermark)
+        log.debug("records_committed_upstream", stream=stream, epoch=epoch,
+                  watermark=watermark, deleted=deleted)
+
+
+class DropReporter:
+    def __init__(
+        self,
+        *,
+        js: JetStreamContext,
+        topology: Topology,
+        edge_id: str,
+        buffer: Buffer,
+        repeat_after_s: float,
+        interval_s: float = 1.0,
+    ) -> None:
+        self._js = js
+        self._topology = topology
+        self._edge = edge_id
+        self._buffer = buffer
+        self._repeat_after = repeat_after_s
+        self._interval = interval_s
+        self._sent: dict[tuple[str, int, int], float] = {}
+
+    async def report_forever(self) -> None:
+        while True:
+            try:
+                await self.report_once()
+            except asyncio.CancelledError:
+                raise
+            except ClosedError:
+                return
+            except Exception as exc:
+                log.debug("drop_report_failed", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(self._interval)
+
+    async def report_once(self) -> int:
+        """Publish the markers not sent recently; returns how many were sent."""
+        now = time.monotonic()
+        pending = await self._buffer.pending_drops()
+        live = set()
+        sent = 0
+        for stream, epoch, first, last, count, reason, dropped_at in pending:
+            key = (stream, epoch, first)
+            live.add(key)
+            if now - self._sent.get(key, -1e18) < self._repeat_after:
+                continue
+            marker = DropMarker(edge=self._edge, stream=stream, epoch=epoch, first_seq=first,
+                                last_seq=last, count=count, reason=reason,
+                                dropped_at=dropped_at)
+            await self._js.publish(
+                self._topology.events_subject(self._edge), encode_event(marker),
+                headers={"Nats-Msg-Id": f"drop.{self._edge}.{stream}.{epoch}.{first}-{last}"},
+            )
+            self._sent[key] = now
+            sent += 1
+            log.info("drop_marker_sent", stream=stream, epoch=epoch, first_seq=first,
+                     last_seq=last, count=count, reason=reason)
+        for key in set(self._sent) - live:
+            del self._sent[key]
+        return sent
