@@ -4,11 +4,21 @@ without breaking old readers."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from broker.errors import DecodeError
 
-__all__ = ["DropMarker", "Event", "Heartbeat", "StreamHealth", "decode_event", "encode_event"]
+__all__ = [
+    "CommandStatus",
+    "DropMarker",
+    "Event",
+    "Heartbeat",
+    "StreamHealth",
+    "decode_event",
+    "encode_event",
+]
 
 
 class StreamHealth(msgspec.Struct, frozen=True):
@@ -58,7 +68,26 @@ class DropMarker(msgspec.Struct, tag="drop", tag_field="type", frozen=True):
     """Unix seconds, the edge's clock."""
 
 
-Event = Heartbeat | DropMarker
+class CommandStatus(msgspec.Struct, tag="command_status", tag_field="type", frozen=True):
+    """Where one control command stands at the edge (``delivered``, then ``applied``,
+    ``failed``, ``rejected`` or ``expired``); see :mod:`edge_bridge.commanding`."""
+
+    edge: str
+    command_id: str
+    """The id the command carries (claimed, for commands that failed verification)."""
+    digest: str
+    """SHA-256 hex of the signed payload; the cloud only updates the command it names."""
+    status: str
+    reported_at: float
+    """Unix seconds, the edge's clock."""
+    code: str = ""
+    """Machine-readable reason of a refusal (``bad_signature``, ``not_allowed``, ...)."""
+    reason: str = ""
+    result: dict[str, Any] | None = None
+    """What an applied command achieved, e.g. ``{"replicas": 3}``."""
+
+
+Event = Heartbeat | DropMarker | CommandStatus
 
 _decoder: msgspec.msgpack.Decoder[Event] = msgspec.msgpack.Decoder(Event)
 _encoder = msgspec.msgpack.Encoder()

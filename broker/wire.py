@@ -27,9 +27,11 @@ __all__ = [
     "WIRE_VERSION",
     "Batch",
     "Record",
+    "array_header",
     "compress_body",
     "decode_batch",
     "encode_batch",
+    "encode_batch_parts",
     "msg_id",
 ]
 
@@ -82,10 +84,18 @@ _BATCH_FIELDS: Final = frozenset(Batch.__struct_fields__)
 _RECORD_ARITY: Final = len(Record.__struct_fields__)
 
 
-def msg_id(edge: str, stream: str, epoch: int, first_seq: int, last_seq: int) -> str:
+def msg_id(
+    edge: str, stream: str, epoch: int, first_seq: int, last_seq: int, *, generation: int = 0
+) -> str:
     """The ``Nats-Msg-Id`` of a batch: its identity range, so JetStream de-duplicates
-    a retried publish of the same range within its duplicate window."""
-    return f"{edge}.{stream}.{epoch}.{first_seq}-{last_seq}"
+    a retried publish of the same range within its duplicate window.
+
+    ``generation`` counts deliberate retransmissions (the cloud never committed the
+    range): those must *not* be absorbed by JetStream's duplicate window, since the
+    earlier copy is what got lost.
+    """
+    base = f"{edge}.{stream}.{epoch}.{first_seq}-{last_seq}"
+    return base if generation == 0 else f"{base}.r{generation}"
 
 
 def encode_batch(batch: Batch, *, zstd_level: int | None = None) -> tuple[bytes, dict[str, str]]:
@@ -98,6 +108,37 @@ def encode_batch(batch: Batch, *, zstd_level: int | None = None) -> tuple[bytes,
         The body and the NATS headers that must accompany it (besides ``Nats-Msg-Id``).
     """
     return compress_body(_encoder.encode(batch), zstd_level)
+
+
+class _BatchHead(msgspec.Struct):
+    """Batch fields in wire order; ``records`` last, so the body can be spliced."""
+
+    v: int
+    edge: str
+    stream: str
+    epoch: int
+    first_seq: int
+    records: list[Record]
+
+
+def array_header(n: int) -> bytes:
+    """The MessagePack header of an array of ``n`` items."""
+    if n < 16:
+        return bytes([0x90 | n])
+    if n < 2**16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def encode_batch_parts(
+    edge: str, stream: str, *, epoch: int, first_seq: int, count: int, parts: list[bytes]
+) -> bytes:
+    """Encode a batch whose records are already MessagePack-encoded, back to back in
+    ``parts`` (as the edge buffer stores them): no record is decoded or re-encoded."""
+    head = _encoder.encode(_BatchHead(WIRE_VERSION, edge, stream, epoch, first_seq, []))
+    # msgspec writes fields in definition order: the body ends with the empty array.
+    assert head[-1] == 0x90
+    return b"".join([head[:-1], array_header(count), *parts])
 
 
 def compress_body(body: bytes, zstd_level: int | None) -> tuple[bytes, dict[str, str]]:

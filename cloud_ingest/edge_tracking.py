@@ -86,7 +86,7 @@ class EdgeTracker:
             ConsumerConfig(
                 durable_name=self._consumer,
                 ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.NEW,
+                deliver_policy=DeliverPolicy.ALL,  # events sent before the first ingest count too
                 ack_wait=30,
                 max_deliver=-1,
                 filter_subject=self._topology.events_wildcard,

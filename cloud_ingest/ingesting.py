@@ -55,6 +55,8 @@ _COLUMNS = (
     "payload", "payload_raw",
 )
 _json = msgspec.json.Encoder()
+_TOP_UP_S = 0.005
+"""How long a fetch waits to fill a group once its first message is in hand."""
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 """A connection, whether pooled or not."""
@@ -138,14 +140,21 @@ class GroupWriter:
         watermarks: list[tuple[str, str, int, int]] = []
         async with conn.transaction():
             if good:
-                rows = [r for d in good for r in self.rows(d.batch, received_us)]  # type: ignore[arg-type]
+                # A redelivered or retransmitted batch whose range is already committed
+                # needs no rows written at all (the replay case costs one lookup).
+                seen = await self._committed(conn, [d.batch for d in good if d.batch])
+                fresh = [d for i, d in enumerate(good) if i not in seen]
+                rows = [r for d in fresh if d.batch for r in self.rows(d.batch, received_us)]
                 try:
                     async with conn.transaction():  # savepoint around the whole attempt
-                        inserted = await self._insert(conn, rows)
+                        inserted = await self._insert(conn, rows) if rows else 0
                 except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
                     # Some batch holds data Postgres rejects: find it batch by batch.
-                    good, rejected, inserted = await self._isolate_poison(conn, good, received_us)
+                    fresh, rejected, inserted = await self._isolate_poison(
+                        conn, fresh, received_us
+                    )
                     dead.extend(rejected)
+                    good = [d for i, d in enumerate(good) if i in seen] + fresh
                 watermarks = await self._merge_ranges(
                     conn, [d.batch for d in good if d.batch is not None]
                 )
@@ -161,6 +170,20 @@ class GroupWriter:
                 )
         records = sum(len(d.batch.records) for d in good if d.batch is not None)
         return GroupResult(len(good), records, inserted, len(dead), watermarks)
+
+    @staticmethod
+    async def _committed(conn: Connection, batches: Sequence[Batch]) -> set[int]:
+        """Indexes of the batches whose whole seq range is already committed."""
+        rows = await conn.fetch(
+            "SELECT u.i - 1 AS i FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], "
+            "$5::int8[]) WITH ORDINALITY AS u(edge_id, stream, epoch, lo, hi, i) "
+            "JOIN committed_ranges c USING (edge_id, stream, epoch) "
+            "WHERE c.ranges @> int8range(u.lo, u.hi)",
+            [b.edge for b in batches], [b.stream for b in batches],
+            [b.epoch for b in batches], [b.first_seq for b in batches],
+            [b.last_seq + 1 for b in batches],
+        )
+        return {r["i"] for r in rows}
 
     async def _insert(self, conn: Connection, rows: list[Row]) -> int:
         """Insert rows, skipping identities already present; returns rows inserted."""
@@ -294,7 +317,12 @@ class RecordsConsumer:
     async def _worker(self, sub: JetStreamContext.PullSubscription) -> None:
         while not self._stopping:
             try:
-                msgs = await sub.fetch(self._fetch_batch, timeout=self._fetch_timeout)
+                # Block for the first message only, then take whatever else is ready:
+                # a trickle commits at once, a backlog still commits in full groups.
+                msgs = await sub.fetch(1, timeout=self._fetch_timeout)
+                if self._fetch_batch > 1:
+                    with contextlib.suppress(FetchTimeoutError, nats.errors.TimeoutError):
+                        msgs += await sub.fetch(self._fetch_batch - 1, timeout=_TOP_UP_S)
             except (FetchTimeoutError, nats.errors.TimeoutError):
                 continue
             except asyncio.CancelledError:

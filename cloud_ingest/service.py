@@ -26,10 +26,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from broker.connecting import connect_with_retry
 from broker.errors import ClosedError
-from broker.events import DropMarker
-from broker.serving import embedded_server
+from broker.events import CommandStatus, DropMarker
+from broker.serving import embedded_server, listen_tcp
 from broker.settings import IngestSettings, NatsSettings
 from broker.topology import Topology
+from cloud_ingest.command_status import CommandStatusWriter
 from cloud_ingest.completeness import drop_marker_writer
 from cloud_ingest.edge_tracking import EdgeTracker
 from cloud_ingest.ingesting import RecordsConsumer, init_connection
@@ -81,8 +82,7 @@ class Ingest:
             raise ClosedError(f"ingest is {self._state}; an Ingest starts once")
         self._state = "open"
         try:
-            self._sock = socket.create_server((self.settings.host, self.settings.port))
-            self._sock.setblocking(False)
+            self._sock = listen_tcp(self.settings.host, self.settings.port)
             self._pool = await connect_pool(
                 self.settings.postgres_dsn, size=self.settings.pool_size,
                 retry_max_s=self.settings.db_retry_max_s,
@@ -108,7 +108,10 @@ class Ingest:
             self.tracker = EdgeTracker(
                 js=js, pool=self._pool, topology=self.topology,
                 consumer=self.settings.consumer, metrics=self.metrics,
-                writers={DropMarker: drop_marker_writer(self.watermarks.note)},
+                writers={
+                    DropMarker: drop_marker_writer(self.watermarks.note),
+                    CommandStatus: CommandStatusWriter(self.metrics.registry),
+                },
             )
             await self.tracker.ensure_consumer()
         except BaseException:

@@ -18,22 +18,29 @@ import asyncio
 import contextlib
 import socket
 import time
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 
 from broker import __version__
 from broker.connecting import connect_with_retry
 from broker.errors import ClosedError
 from broker.events import Heartbeat, StreamHealth, encode_event
-from broker.serving import EmbeddedServer, embedded_server
+from broker.serving import EmbeddedServer, embedded_server, listen_tcp
 from broker.settings import BridgeSettings, NatsSettings
 from broker.topology import Topology
 from edge_bridge.acknowledging import DropReporter, WatermarkFollower
 from edge_bridge.buffering import Buffer
+from edge_bridge.configuring import RuntimeConfig
 from edge_bridge.ingress import create_app
 from edge_bridge.metrics import BridgeMetrics
 from edge_bridge.shipping import Shipper
+
+if TYPE_CHECKING:
+    from broker.command_specs import BridgeConfigure
+    from edge_bridge.commanding import ControlChannel
 
 __all__ = ["Bridge", "run"]
 
@@ -49,7 +56,8 @@ class Bridge:
     version = __version__
 
     def __init__(self, settings: BridgeSettings, nats_settings: NatsSettings) -> None:
-        self.settings = settings
+        # Our own copy: bridge.configure changes it live, the caller's stays as given.
+        self.settings = settings = settings.model_copy(deep=True)
         self.nats_settings = nats_settings
         self.edge_id = settings.edge_id
         self.topology = Topology(prefix=nats_settings.prefix, replicas=nats_settings.replicas)
@@ -69,6 +77,18 @@ class Bridge:
             metrics=self.metrics,
             publish_timeout_s=nats_settings.publish_timeout_s,
         )
+        self.runtime_config = RuntimeConfig(settings.buffer_dir, self.metrics.registry)
+        self.control: ControlChannel | None = None
+        if settings.control.public_key_file is not None:
+            from edge_bridge.commanding import ControlChannel  # only bridges that take commands
+
+            self.control = ControlChannel(
+                edge_id=settings.edge_id, topology=self.topology, settings=settings.control,
+                directory=settings.buffer_dir, registry=self.metrics.registry,
+                configure=self.configure, publish_timeout_s=nats_settings.publish_timeout_s,
+                sync_mode=settings.sync_mode,
+            )
+        self._heartbeat_wake = asyncio.Event()
         self._nc: NATS | None = None
         self.watermarks: WatermarkFollower | None = None
         self.drops: DropReporter | None = None
@@ -82,10 +102,17 @@ class Bridge:
     async def __aenter__(self) -> Bridge:
         if self._state != "new":
             raise ClosedError(f"bridge is {self._state}; a Bridge starts once")
+        # Before anything is opened: an unusable overrides file fails start-up cleanly.
+        self.runtime_config.restore(self.settings, self.shipper)
         self._state = "open"
         await self.buffer.open()
-        self._sock = socket.create_server((self.settings.host, self.settings.port))
-        self._sock.setblocking(False)
+        try:
+            if self.control is not None:
+                await self.control.open()
+            self._sock = listen_tcp(self.settings.host, self.settings.port)
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -101,6 +128,8 @@ class Bridge:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._nc.close(), timeout=5)
             self._nc = None
+        if self.control is not None:
+            await self.control.close()
         await self.buffer.close()
         if self._sock is not None:
             self._sock.close()
@@ -132,6 +161,8 @@ class Bridge:
         heartbeat = asyncio.create_task(self._heartbeat_forever(), name="heartbeat")
         housekeeping = asyncio.create_task(self._housekeeping_forever(), name="housekeeping")
         roots = [http, connector, shipper, heartbeat, housekeeping]
+        if self.control is not None:
+            roots.append(asyncio.create_task(self.control.run_forever(), name="control"))
         # uvicorn offers a flag, not an event, for "listening".
         while not self._server.started and not http.done():  # noqa: ASYNC110
             await asyncio.sleep(0.005)
@@ -172,11 +203,16 @@ class Bridge:
 
     async def _connect_and_follow(self) -> None:
         """Connect (retrying), then follow committed watermarks and report drops."""
+        js: JetStreamContext | None = None
+
         async def disconnected() -> None:
             self.metrics.nats_connected.set(0)
+            self.shipper.attach(None)
 
         async def reconnected() -> None:
             self.metrics.nats_connected.set(1)
+            if js is not None:
+                self.shipper.attach(js)
 
         nc = await connect_with_retry(
             self.nats_settings, name=f"edgesync-bridge-{self.edge_id}",
@@ -195,6 +231,9 @@ class Bridge:
                 log.warning("streams_not_ready", error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(1.0)
         self.shipper.attach(js)
+        if self.control is not None:
+            self.control.attach(js)
+        self._heartbeat_wake.set()  # tell the cloud we are here now, not an interval later
         self.watermarks = WatermarkFollower(
             nc=nc, js=js, topology=self.topology, edge_id=self.edge_id, buffer=self.buffer,
             shipper=self.shipper,
@@ -215,7 +254,26 @@ class Bridge:
                 raise
             except Exception as exc:
                 log.warning("heartbeat_failed", error=f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            # Woken early when bridge.configure changes the interval.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._heartbeat_wake.wait(),
+                                       timeout=self.settings.heartbeat_interval_s)
+            self._heartbeat_wake.clear()
+
+    async def configure(self, change: BridgeConfigure) -> dict[str, Any]:
+        """Apply a ``bridge.configure`` change live and persist it in the buffer directory.
+
+        Returns:
+            The effective configuration (see :mod:`edge_bridge.configuring`).
+
+        Raises:
+            InvalidInput: the change does not combine into valid settings.
+            OSError: it could not be persisted; nothing changed.
+        """
+        effective = self.runtime_config.change(self.settings, self.shipper, change)
+        if change.heartbeat_interval_s is not None:
+            self._heartbeat_wake.set()
+        return effective
 
     async def heartbeat(self) -> Heartbeat:
         stats = await self.buffer.stats()

@@ -30,7 +30,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,18 +41,31 @@ import structlog
 
 from broker.errors import BufferFull, ClosedError, InvalidInput
 from broker.settings import StreamPolicy
-from broker.wire import Record
+from broker.wire import Record, array_header
 
-__all__ = ["AppendResult", "Buffer", "BufferStats", "StoredRun", "StreamState"]
+__all__ = [
+    "AppendResult",
+    "Buffer",
+    "BufferStats",
+    "StoredRun",
+    "StreamState",
+    "encode_chunks",
+    "record_size",
+    "split_chunk",
+]
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-RECORD_OVERHEAD_BYTES: Final = 32
-"""Bytes charged per record beyond payload/key/headers (seq, timestamps, index)."""
+RECORD_OVERHEAD_BYTES: Final = 16
+"""Bytes charged per record beyond its encoded form (its share of row and index)."""
+CHUNK_MAX_RECORDS: Final = 1000
+CHUNK_MAX_BYTES: Final = 256 * 1024
+"""A request is stored as chunks of at most this many records / encoded bytes, so
+any chunk fits in one batch under NATS' default 1 MiB message limit."""
 DEDUP_WINDOW_S: Final = 600.0
 """How long a producer request id is remembered; SDK retries give up well before."""
-_SCHEMA_VERSION: Final = 1
+_SCHEMA_VERSION: Final = 2
 _MAX_GROUP: Final = 512
 """Most queued operations folded into one transaction."""
 
@@ -67,18 +80,18 @@ CREATE TABLE IF NOT EXISTS streams (
     dropped_overflow INTEGER NOT NULL DEFAULT 0,
     dropped_ttl INTEGER NOT NULL DEFAULT 0
 );
-CREATE TABLE IF NOT EXISTS records (
+-- Records are stored in chunks: a contiguous seq run of one stream, its records
+-- MessagePack-encoded back to back exactly as they travel on the wire, so a
+-- request is one row and a batch is a concatenation of rows.
+CREATE TABLE IF NOT EXISTS chunks (
     sid INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    ts INTEGER NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
     received INTEGER NOT NULL,
-    ct INTEGER NOT NULL,
-    key TEXT,
-    headers BLOB,
-    payload BLOB NOT NULL,
     size INTEGER NOT NULL,
-    PRIMARY KEY (sid, seq)
-) WITHOUT ROWID;
+    body BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS chunks_by_seq ON chunks (sid, first_seq);
 CREATE TABLE IF NOT EXISTS producer_requests (
     producer TEXT NOT NULL,
     request_seq INTEGER NOT NULL,
@@ -136,13 +149,14 @@ class StoredRun:
     stream: str
     epoch: int
     first_seq: int
-    rows: list[tuple[int, int, bytes, str | None, msgspec.Raw | None]]
-    """``(ts, ct, payload, key, headers)`` in wire order; headers pre-encoded."""
+    count: int
+    parts: list[bytes]
+    """The records' MessagePack encodings, back to back, in seq order."""
     nbytes: int
 
     @property
     def last_seq(self) -> int:
-        return self.first_seq + len(self.rows) - 1
+        return self.first_seq + self.count - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +169,50 @@ class BufferStats:
     dropped: dict[str, dict[str, int]] = field(default_factory=dict)
     """``{stream: {"overflow": n, "ttl": m}}`` since the buffer was created."""
     disk_bytes: int = 0
+
+
+_record_encoder = msgspec.msgpack.Encoder()
+_raw_list = msgspec.msgpack.Decoder(list[msgspec.Raw])
+
+
+def encode_chunks(records: Sequence[Record]) -> list[tuple[int, bytes, int]]:
+    """Split and encode records into chunks: ``(count, body, size)`` each, where
+    ``body`` is the records' MessagePack arrays back to back and ``size`` what the
+    chunk is charged against the byte cap."""
+    chunks: list[tuple[int, bytes, int]] = []
+    parts: list[bytes] = []
+    nbytes = 0
+    for rec in records:
+        raw = _record_encoder.encode(rec)
+        if parts and (len(parts) >= CHUNK_MAX_RECORDS or nbytes + len(raw) > CHUNK_MAX_BYTES):
+            chunks.append((len(parts), b"".join(parts), nbytes))
+            parts, nbytes = [], 0
+        parts.append(raw)
+        nbytes += len(raw) + RECORD_OVERHEAD_BYTES
+    chunks.append((len(parts), b"".join(parts), nbytes))
+    return chunks
+
+
+def split_chunk(body: bytes, count: int) -> list[bytes]:
+    """The encoded records of a chunk, one ``bytes`` each."""
+    return [bytes(raw) for raw in _raw_list.decode(array_header(count) + body)]
+
+
+def _pages(
+    conn: sqlite3.Connection, query: str, args: tuple[Any, ...]
+) -> Iterator[tuple[Any, ...]]:
+    """Rows of a ``LIMIT``-ed query that the caller deletes or shrinks as it goes:
+    re-run page after page, so memory stays at one page whatever the backlog."""
+    while True:
+        page = conn.execute(query, args).fetchall()
+        if not page:
+            return
+        yield from page
+
+
+def record_size(record: Record) -> int:
+    """Bytes one record is charged against the buffer cap."""
+    return len(_record_encoder.encode(record)) + RECORD_OVERHEAD_BYTES
 
 
 class _Op(Generic[T]):
@@ -384,7 +442,8 @@ class Buffer:
             self._streams[name] = state
             self._by_sid[sid] = state
         for sid, count, nbytes in conn.execute(
-            "SELECT sid, count(*), coalesce(sum(size), 0) FROM records GROUP BY sid"
+            "SELECT sid, sum(last_seq - first_seq + 1), coalesce(sum(size), 0) FROM chunks "
+            "GROUP BY sid"
         ):
             if sid in self._by_sid:
                 self._by_sid[sid].records = count
@@ -440,18 +499,8 @@ class Buffer:
             raise InvalidInput("an append needs at least one record")
         now = time.time()
         received = int(now * 1_000_000)
-        rows: list[tuple[int, int, bytes, str | None, bytes | None, int]] = []
-        total = 0
-        for rec in records:
-            headers = msgspec.msgpack.encode(rec.headers) if rec.headers else None
-            size = (
-                len(rec.payload)
-                + (len(rec.key) if rec.key else 0)
-                + (len(headers) if headers else 0)
-                + RECORD_OVERHEAD_BYTES
-            )
-            total += size
-            rows.append((rec.ts, rec.ct, rec.payload, rec.key, headers, size))
+        chunks = encode_chunks(records)
+        total = sum(size for _, _, size in chunks)
         if total > self._max_bytes:
             raise InvalidInput(
                 f"request of {total} bytes exceeds the whole buffer cap of {self._max_bytes}"
@@ -472,25 +521,28 @@ class Buffer:
                 self._make_room(conn, state, policy, total)
             first = state.next_seq
             sid = state.sid
+            rows = []
+            seq = first
+            for count, body, size in chunks:
+                rows.append((sid, seq, seq + count - 1, received, size, body))
+                seq += count
             conn.executemany(
-                "INSERT INTO records(sid, seq, ts, received, ct, key, headers, payload, size) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (sid, first + i, ts, received, ct, key, hdr, payload, size)
-                    for i, (ts, ct, payload, key, hdr, size) in enumerate(rows)
-                ],
+                "INSERT INTO chunks(sid, first_seq, last_seq, received, size, body) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
             )
-            state.next_seq = first + len(rows)
+            n = seq - first
+            state.next_seq = seq
             conn.execute("UPDATE streams SET next_seq=? WHERE sid=?", (state.next_seq, sid))
             if producer is not None and request_seq is not None:
                 conn.execute(
                     "INSERT INTO producer_requests VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (producer, request_seq, stream, state.epoch, first, len(rows), now),
+                    (producer, request_seq, stream, state.epoch, first, n, now),
                 )
-            state.records += len(rows)
+            state.records += n
             state.bytes += total
             self._total_bytes += total
-            return AppendResult(state.epoch, first, len(rows))
+            return AppendResult(state.epoch, first, n)
 
         result = await self._submit(op)
         if not result.duplicate:
@@ -507,28 +559,53 @@ class Buffer:
                 f"stream {state.name!r} policy is {policy.overflow}",
                 retry_after=1.0,
             )
-        freed = 0
+        first_seq = -1
+        freed = count = 0
         last_seq = 0
-        count = 0
-        for seq, size in conn.execute(
-            "SELECT seq, size FROM records WHERE sid=? ORDER BY seq", (state.sid,)
+        for first, last, size, body in _pages(
+            conn,
+            "SELECT first_seq, last_seq, size, body FROM chunks WHERE sid=? "
+            "ORDER BY first_seq LIMIT 16",
+            (state.sid,),
         ):
-            freed += size
-            last_seq = seq
-            count += 1
+            if first_seq < 0:
+                first_seq = first
+            if freed + size <= excess or freed + size - excess < RECORD_OVERHEAD_BYTES:
+                # The whole chunk goes.
+                conn.execute("DELETE FROM chunks WHERE sid=? AND first_seq=?", (state.sid, first))
+                freed += size
+                count += last - first + 1
+                last_seq = last
+            else:
+                # Only its oldest records go: keep the rest as a shorter chunk.
+                parts = split_chunk(body, last - first + 1)
+                k, part_bytes = 0, 0
+                while freed + part_bytes < excess:
+                    part_bytes += len(parts[k]) + RECORD_OVERHEAD_BYTES
+                    k += 1
+                self._replace_chunk(conn, state.sid, first, first + k, parts[k:])
+                freed += part_bytes
+                count += k
+                last_seq = first + k - 1
             if freed >= excess:
                 break
-        first_row = conn.execute(
-            "SELECT min(seq) FROM records WHERE sid=?", (state.sid,)
-        ).fetchone()
-        first_seq = int(first_row[0])
-        conn.execute("DELETE FROM records WHERE sid=? AND seq<=?", (state.sid, last_seq))
         self._record_drop(
             conn, state, first_seq=first_seq, last_seq=last_seq, count=count, reason="overflow"
         )
         state.records -= count
         state.bytes -= freed
         self._total_bytes -= freed
+
+    @staticmethod
+    def _replace_chunk(
+        conn: sqlite3.Connection, sid: int, old_first: int, new_first: int, parts: list[bytes]
+    ) -> None:
+        """Replace the chunk at ``old_first`` by its tail ``parts`` starting at ``new_first``."""
+        conn.execute(
+            "UPDATE chunks SET first_seq=?, size=?, body=? WHERE sid=? AND first_seq=?",
+            (new_first, sum(len(p) for p in parts) + RECORD_OVERHEAD_BYTES * len(parts),
+             b"".join(parts), sid, old_first),
+        )
 
     def _record_drop(
         self,
@@ -581,31 +658,54 @@ class Buffer:
         def read() -> list[StoredRun]:
             assert self._reader is not None
             runs: list[StoredRun] = []
-            rows: list[tuple[int, int, bytes, str | None, msgspec.Raw | None]] = []
-            first = -1
-            expect = -1
-            nbytes = 0
-            run_bytes = 0
+            parts: list[bytes] = []
+            first = expect = -1
+            count = run_bytes = total = n_total = 0
             cursor = self._reader.execute(
-                "SELECT seq, ts, ct, payload, key, headers, size FROM records "
-                "WHERE sid=? AND seq>? ORDER BY seq LIMIT ?",
-                (sid, after_seq, max_records),
+                "SELECT first_seq, last_seq, size, body FROM chunks "
+                "WHERE sid=? AND last_seq>? ORDER BY first_seq",
+                (sid, after_seq),
             )
-            for seq, ts, ct, payload, key, headers, size in cursor:
-                if rows and (seq != expect or nbytes + size > max_bytes):
-                    runs.append(StoredRun(stream, epoch, first, rows, run_bytes))
-                    rows, run_bytes = [], 0
-                    if nbytes + size > max_bytes:
+            for row_first, row_last, row_size, body in cursor:
+                c_first, c_count, size = row_first, row_last - row_first + 1, row_size
+                room_records = max_records - n_total
+                room_bytes = max_bytes - total
+                if c_first <= after_seq or c_count > room_records or size > room_bytes:
+                    # Take part of the chunk: its records after the cursor, within limits.
+                    records = split_chunk(body, c_count)
+                    skip = max(0, after_seq - c_first + 1)
+                    take: list[bytes] = []
+                    take_bytes = 0
+                    for raw in records[skip:]:
+                        cost = len(raw) + RECORD_OVERHEAD_BYTES
+                        if len(take) >= room_records or (take and take_bytes + cost > room_bytes):
+                            break
+                        take.append(raw)
+                        take_bytes += cost
+                    if not take or (parts and take_bytes > room_bytes):
                         break
-                if not rows:
-                    first = seq
-                rows.append((ts, ct, payload, key, msgspec.Raw(headers) if headers else None))
-                expect = seq + 1
-                nbytes += size
+                    cut = len(take) < len(records) - skip  # stopped by a limit
+                    c_first, c_count, size, chunk_parts = (
+                        c_first + skip, len(take), take_bytes, take
+                    )
+                else:
+                    chunk_parts = [body]
+                    cut = False
+                if parts and c_first != expect:
+                    runs.append(StoredRun(stream, epoch, first, count, parts, run_bytes))
+                    parts, count, run_bytes = [], 0, 0
+                if not parts:
+                    first = c_first
+                parts.extend(chunk_parts)
+                count += c_count
                 run_bytes += size
-            else:
-                if rows:
-                    runs.append(StoredRun(stream, epoch, first, rows, run_bytes))
+                total += size
+                n_total += c_count
+                expect = c_first + c_count
+                if cut or n_total >= max_records or total >= max_bytes:
+                    break
+            if parts:
+                runs.append(StoredRun(stream, epoch, first, count, parts, run_bytes))
             cursor.close()
             return runs
 
@@ -621,7 +721,8 @@ class Buffer:
         def read() -> float | None:
             assert self._reader is not None
             row = self._reader.execute(
-                "SELECT received FROM records WHERE sid=? AND seq>? ORDER BY seq LIMIT 1",
+                "SELECT received FROM chunks WHERE sid=? AND last_seq>? ORDER BY first_seq "
+                "LIMIT 1",
                 (sid, after),
             ).fetchone()
             return None if row is None else row[0] / 1_000_000
@@ -643,11 +744,24 @@ class Buffer:
 
         def op(conn: sqlite3.Connection) -> int:
             row = conn.execute(
-                "SELECT count(*), coalesce(sum(size), 0) FROM records WHERE sid=? AND seq<=?",
+                "SELECT coalesce(sum(last_seq - first_seq + 1), 0), coalesce(sum(size), 0) "
+                "FROM chunks WHERE sid=? AND last_seq<=?",
                 (state.sid, upto_seq),
             ).fetchone()
             count, nbytes = int(row[0]), int(row[1])
-            conn.execute("DELETE FROM records WHERE sid=? AND seq<=?", (state.sid, upto_seq))
+            conn.execute("DELETE FROM chunks WHERE sid=? AND last_seq<=?", (state.sid, upto_seq))
+            straddling = conn.execute(
+                "SELECT first_seq, last_seq, size, body FROM chunks "
+                "WHERE sid=? AND first_seq<=? AND last_seq>?",
+                (state.sid, upto_seq, upto_seq),
+            ).fetchone()
+            if straddling is not None:  # committed up to the middle of a chunk
+                c_first, c_last, c_size, body = straddling
+                parts = split_chunk(body, c_last - c_first + 1)
+                keep = parts[upto_seq - c_first + 1:]
+                self._replace_chunk(conn, state.sid, c_first, upto_seq + 1, keep)
+                count += upto_seq - c_first + 1
+                nbytes += c_size - (sum(len(p) for p in keep) + RECORD_OVERHEAD_BYTES * len(keep))
             # Drop runs the cloud has accounted for need not be reported again.
             conn.execute(
                 "DELETE FROM drops WHERE sid=? AND epoch=? AND last_seq<=?",
@@ -685,20 +799,42 @@ class Buffer:
         cutoff = int((time.time() - ttl_s) * 1_000_000)
 
         def op(conn: sqlite3.Connection) -> int:
-            # Receive times grow with seq, so the expired records are a prefix.
-            row = conn.execute(
-                "SELECT min(seq), max(seq), count(*), coalesce(sum(size), 0) FROM records "
-                "WHERE sid=? AND seq>? AND received<?",
-                (state.sid, after_seq, cutoff),
-            ).fetchone()
-            count = int(row[2])
+            # Receive times grow with seq, so the expired records are a prefix: walk it
+            # in seq order and stop at the first fresh one (cost ~ what expires).
+            first_seq = last_seq = -1
+            count = nbytes = 0
+            # Whole chunks only (a chunk's records share one receive time); one that
+            # straddles the cursor keeps its shipped part.
+            for row_first, c_last, received, row_size, body in _pages(
+                conn,
+                "SELECT first_seq, last_seq, received, size, body FROM chunks "
+                "WHERE sid=? AND last_seq>? ORDER BY first_seq LIMIT 16",
+                (state.sid, after_seq),
+            ):
+                if received >= cutoff:
+                    break
+                c_first, size = row_first, row_size
+                if c_first <= after_seq:
+                    parts = split_chunk(body, c_last - c_first + 1)
+                    kept = parts[:after_seq - c_first + 1]
+                    kept_bytes = sum(len(p) for p in kept) + RECORD_OVERHEAD_BYTES * len(kept)
+                    conn.execute(
+                        "UPDATE chunks SET last_seq=?, size=?, body=? WHERE sid=? AND first_seq=?",
+                        (after_seq, kept_bytes, b"".join(kept), state.sid, c_first),
+                    )
+                    size -= kept_bytes
+                    c_first = after_seq + 1
+                else:
+                    conn.execute(
+                        "DELETE FROM chunks WHERE sid=? AND first_seq=?", (state.sid, c_first)
+                    )
+                if first_seq < 0:
+                    first_seq = c_first
+                last_seq = c_last
+                count += c_last - c_first + 1
+                nbytes += size
             if count == 0:
                 return 0
-            first_seq, last_seq, nbytes = int(row[0]), int(row[1]), int(row[3])
-            conn.execute(
-                "DELETE FROM records WHERE sid=? AND seq>=? AND seq<=?",
-                (state.sid, first_seq, last_seq),
-            )
             self._record_drop(conn, state, first_seq=first_seq, last_seq=last_seq, count=count,
                               reason="ttl")
             state.records -= count
@@ -736,7 +872,7 @@ class Buffer:
         def read() -> float | None:
             assert self._reader is not None
             row = self._reader.execute(
-                "SELECT received FROM records WHERE sid=? ORDER BY seq LIMIT 1", (sid,)
+                "SELECT received FROM chunks WHERE sid=? ORDER BY first_seq LIMIT 1", (sid,)
             ).fetchone()
             return None if row is None else row[0] / 1_000_000
 

@@ -14,19 +14,19 @@ an unacknowledged batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import msgspec
 import structlog
 from nats.js import JetStreamContext
 
 from broker.settings import ShipperSettings, StreamPolicy
 from broker.topology import Topology
-from broker.wire import WIRE_VERSION, compress_body, msg_id
+from broker.wire import compress_body, encode_batch_parts, msg_id
 from edge_bridge.buffering import Buffer, StoredRun
 from edge_bridge.metrics import BridgeMetrics
 
@@ -35,18 +35,6 @@ __all__ = ["Shipper"]
 log = structlog.get_logger(__name__)
 
 
-class _BatchOut(msgspec.Struct):
-    """Encoding-side twin of :class:`broker.wire.Batch` that takes stored rows as-is."""
-
-    v: int
-    edge: str
-    stream: str
-    epoch: int
-    first_seq: int
-    records: list[tuple[int, int, bytes, str | None, msgspec.Raw | None]]
-
-
-_encoder = msgspec.msgpack.Encoder()
 
 
 @dataclass(slots=True)
@@ -60,6 +48,8 @@ class _StreamCursor:
     """(last_seq, acked_at) of batches JetStream acked but Postgres has not committed."""
     retransmit_factor: float = 1.0
     """Doubles with each retransmission that brought no progress; 1 after progress."""
+    generation: int = 0
+    """Retransmission rounds so far; part of the message id of re-sent batches."""
     next_expiry_check: float = 0.0
 
     def shipped_upto(self) -> int:
@@ -95,15 +85,20 @@ class Shipper:
         self._stopping = False
         self._js: JetStreamContext | None = None
         self._connected = asyncio.Event()
-        self._backoff = 0.0
+        self._link_changed = asyncio.Event()
 
     def attach(self, js: JetStreamContext | None) -> None:
-        """Give the shipper a JetStream context (or None while disconnected)."""
+        """Give the shipper a JetStream context, or None while disconnected: then no new
+        batches are read (so none queue up behind a dead link, where they would
+        delay higher-priority records once it heals)."""
         self._js = js
         if js is None:
             self._connected.clear()
         else:
             self._connected.set()
+        # Wake publishes that are backing off: the link they waited for has changed.
+        self._link_changed.set()
+        self._link_changed = asyncio.Event()
 
     def begin_shutdown(self) -> None:
         self._stopping = True
@@ -154,6 +149,7 @@ class Shipper:
         cursor.read_upto = state.committed_seq
         cursor.uncommitted.clear()
         cursor.retransmit_factor *= 2
+        cursor.generation += 1
         self._buffer.rewind_shipped(stream)
 
     async def _expire(self, stream: str, cursor: _StreamCursor, now: float) -> None:
@@ -163,6 +159,16 @@ class Shipper:
         cursor.next_expiry_check = now + min(1.0, ttl / 10)
         await self._buffer.expire(stream, after_seq=cursor.read_upto, ttl_s=ttl)
 
+    def _idle_tick_s(self) -> float:
+        return max(0.05, min(1.0, self.settings.retransmit_timeout_s / 4))
+
+    async def _expire_all(self) -> None:
+        now = time.monotonic()
+        for stream in self._buffer.stream_names():
+            cursor = self._cursor(stream)
+            if cursor is not None:
+                await self._expire(stream, cursor, now)
+
     def _streams_by_priority(self) -> list[str]:
         names = self._buffer.stream_names()
         return sorted(names, key=lambda s: -self._policy_for(s).priority)
@@ -171,14 +177,24 @@ class Shipper:
         """Ship until :meth:`begin_shutdown`; then wait for in-flight batches briefly."""
         try:
             while not self._stopping:
-                await self._connected.wait()
+                if not self._connected.is_set():
+                    # Disconnected: still expire records past their TTL, so an outage
+                    # frees their space and they are never shipped late.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._connected.wait(), timeout=1.0)
+                    await self._expire_all()
+                    continue
                 if self._stopping:
                     break
                 self._buffer.appended.clear()
                 progressed = await self._ship_round()
                 if not progressed:
-                    await self._buffer.appended.wait()
-                    if not self._stopping and self.settings.linger_ms > 0:
+                    # Idle: wake on new records, or periodically for TTL and retransmits.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._buffer.appended.wait(),
+                                               timeout=self._idle_tick_s())
+                    woken = self._buffer.appended.is_set()
+                    if woken and not self._stopping and self.settings.linger_ms > 0:
                         # Let a trickle accumulate into a fuller batch.
                         await asyncio.sleep(self.settings.linger_ms / 1000)
         finally:
@@ -231,7 +247,8 @@ class Shipper:
                     cursor.in_flight[run.first_seq] = run.last_seq
                     cursor.read_upto = run.last_seq
                     task = asyncio.create_task(
-                        self._publish(run, cursor), name=f"publish:{stream}:{run.first_seq}"
+                        self._publish(run, cursor, cursor.generation),
+                        name=f"publish:{stream}:{run.first_seq}",
                     )
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
@@ -250,16 +267,18 @@ class Shipper:
                 return True
         return False
 
-    async def _publish(self, run: StoredRun, cursor: _StreamCursor) -> None:
+    async def _publish(self, run: StoredRun, cursor: _StreamCursor, generation: int) -> None:
         try:
             body, headers = compress_body(
-                _encoder.encode(_BatchOut(
-                    WIRE_VERSION, self._edge, run.stream, run.epoch, run.first_seq, run.rows
-                )),
+                encode_batch_parts(
+                    self._edge, run.stream, epoch=run.epoch, first_seq=run.first_seq,
+                    count=run.count, parts=run.parts,
+                ),
                 self.settings.zstd_level if self.settings.compression == "zstd" else None,
             )
             headers["Nats-Msg-Id"] = msg_id(
-                self._edge, run.stream, run.epoch, run.first_seq, run.last_seq
+                self._edge, run.stream, run.epoch, run.first_seq, run.last_seq,
+                generation=generation,
             )
             subject = self._topology.records_subject(self._edge, run.stream)
             attempt = 0
@@ -289,9 +308,10 @@ class Shipper:
                         retry_in_s=round(delay, 3),
                         error=f"{type(exc).__name__}: {exc}",
                     )
-                    await asyncio.sleep(delay)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._link_changed.wait(), timeout=delay)
             self._metrics.batches_shipped.inc()
-            self._metrics.records_shipped.labels(run.stream).inc(len(run.rows))
+            self._metrics.records_shipped.labels(run.stream).inc(run.count)
             self._metrics.bytes_shipped.inc(len(body))
             del cursor.in_flight[run.first_seq]
             cursor.uncommitted.append((run.last_seq, time.monotonic()))

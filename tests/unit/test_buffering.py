@@ -5,16 +5,24 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from broker.errors import BufferFull, ClosedError, InvalidInput
 from broker.settings import StreamPolicy
-from broker.wire import CT_JSON, Record
-from edge_bridge.buffering import RECORD_OVERHEAD_BYTES, Buffer
+from broker.wire import CT_JSON, Record, array_header
+from edge_bridge.buffering import Buffer, StoredRun, record_size
 
 
 def recs(n: int, size: int = 10, start: int = 0) -> list[Record]:
     return [Record(1_000 + start + i, CT_JSON, b"1" * size, None, None) for i in range(n)]
+
+
+def decoded(run: StoredRun) -> list[Record]:
+    """The records of a stored run, decoded as the ingest would."""
+    return msgspec.msgpack.decode(
+        array_header(run.count) + b"".join(run.parts), type=list[Record]
+    )
 
 
 def make(
@@ -88,7 +96,7 @@ async def test_concurrent_appends_are_group_committed(tmp_path: Path) -> None:
 
 async def test_block_policy_refuses_at_the_cap(tmp_path: Path) -> None:
     """With 'block', a full buffer raises BufferFull (HTTP 503) and keeps what it has."""
-    per = 10 + RECORD_OVERHEAD_BYTES
+    per = record_size(recs(1)[0])
     async with make(tmp_path, max_bytes=per * 10) as buf:
         await buf.append("a", recs(10))
         with pytest.raises(BufferFull) as info:
@@ -100,7 +108,7 @@ async def test_block_policy_refuses_at_the_cap(tmp_path: Path) -> None:
 
 async def test_drop_oldest_makes_room_and_counts_every_drop(tmp_path: Path) -> None:
     """With 'drop_oldest', the stream's oldest records go and are counted."""
-    per = 10 + RECORD_OVERHEAD_BYTES
+    per = record_size(recs(1)[0])
     policies = {"a": StreamPolicy(overflow="drop_oldest")}
     async with make(tmp_path, max_bytes=per * 10, policies=policies) as buf:
         await buf.append("a", recs(10))
@@ -113,7 +121,7 @@ async def test_drop_oldest_makes_room_and_counts_every_drop(tmp_path: Path) -> N
 
 
 async def test_drop_oldest_counts_survive_restart(tmp_path: Path) -> None:
-    per = 10 + RECORD_OVERHEAD_BYTES
+    per = record_size(recs(1)[0])
     policies = {"a": StreamPolicy(overflow="drop_oldest")}
     async with make(tmp_path, max_bytes=per * 4, policies=policies) as buf:
         await buf.append("a", recs(4))
@@ -131,7 +139,7 @@ async def test_a_request_larger_than_the_buffer_is_invalid(tmp_path: Path) -> No
 
 async def test_read_runs_split_at_gaps_and_respect_limits(tmp_path: Path) -> None:
     """Runs are contiguous (a valid batch each) and bounded in count and bytes."""
-    per = 10 + RECORD_OVERHEAD_BYTES
+    per = record_size(recs(1)[0])
     async with make(tmp_path) as buf:
         await buf.append("a", recs(10))
         all_runs = await buf.read_runs("a", 0, max_records=4, max_bytes=10**6)
@@ -140,7 +148,8 @@ async def test_read_runs_split_at_gaps_and_respect_limits(tmp_path: Path) -> Non
     assert [(r.first_seq, r.last_seq) for r in all_runs] == [(1, 4)]
     assert [(r.first_seq, r.last_seq) for r in small] == [(1, 3)]
     assert [(r.first_seq, r.last_seq) for r in after] == [(9, 10)]
-    assert after[0].rows[0][:3] == (1_008, CT_JSON, b"1" * 10)
+    first = decoded(after[0])[0]
+    assert (first.ts, first.ct, first.payload) == (1_008, CT_JSON, b"1" * 10)
 
 
 async def test_trim_deletes_and_frees_space(tmp_path: Path) -> None:
@@ -152,16 +161,14 @@ async def test_trim_deletes_and_frees_space(tmp_path: Path) -> None:
         runs = await buf.read_runs("a", 0, max_records=100, max_bytes=10**6)
     assert (deleted, wrong_epoch, stats.records) == (6, 0, 4)
     assert runs[0].first_seq == 7
-    assert stats.bytes == 4 * (10 + RECORD_OVERHEAD_BYTES)
+    assert stats.bytes == sum(record_size(r) for r in recs(10)[6:])
 
 
 async def test_headers_and_keys_are_kept(tmp_path: Path) -> None:
     async with make(tmp_path) as buf:
         await buf.append("a", [Record(5, CT_JSON, b"{}", "key-1", {"h": "v"})])
         runs = await buf.read_runs("a", 0, max_records=10, max_bytes=10**6)
-    ts, ct, payload, key, headers = runs[0].rows[0]
-    assert (ts, ct, payload, key) == (5, CT_JSON, b"{}", "key-1")
-    assert headers is not None and bytes(headers) == b"\x81\xa1h\xa1v"
+    assert decoded(runs[0]) == [Record(5, CT_JSON, b"{}", "key-1", {"h": "v"})]
 
 
 async def test_use_after_close_is_a_clear_error(tmp_path: Path) -> None:
@@ -171,3 +178,68 @@ async def test_use_after_close_is_a_clear_error(tmp_path: Path) -> None:
     await buf.close()  # idempotent
     with pytest.raises(ClosedError):
         await buf.append("a", recs(1))
+
+
+async def test_expire_drops_only_old_unshipped_records_and_counts_them(tmp_path: Path) -> None:
+    """TTL expiry removes the records above the cursor received before the cutoff,
+    counts them as 'ttl', and remembers the run as a pending drop."""
+    async with make(tmp_path) as buf:
+        first = await buf.append("a", recs(5))
+        none_yet = await buf.expire("a", after_seq=0, ttl_s=3600)
+        expired = await buf.expire("a", after_seq=2, ttl_s=0.0)
+        stats = await buf.stats()
+        drops = await buf.pending_drops()
+        runs = await buf.read_runs("a", 0, max_records=10, max_bytes=10**6)
+    assert (none_yet, expired) == (0, 3)
+    assert stats.dropped["a"] == {"overflow": 0, "ttl": 3}
+    assert [(r.first_seq, r.last_seq) for r in runs] == [(1, 2)]
+    assert [d[:6] for d in drops] == [("a", first.epoch, 3, 5, 3, "ttl")]
+
+
+async def test_trim_past_a_drop_run_forgets_it(tmp_path: Path) -> None:
+    """Once the committed watermark passes a drop run, it is no longer pending."""
+    async with make(tmp_path) as buf:
+        r = await buf.append("a", recs(5))
+        await buf.expire("a", after_seq=3, ttl_s=0.0)
+        assert len(await buf.pending_drops()) == 1
+        await buf.trim("a", r.epoch, 3)
+        assert len(await buf.pending_drops()) == 1
+        await buf.trim("a", r.epoch, 5)
+        assert await buf.pending_drops() == []
+
+
+async def test_rewind_forgets_shipping_above_the_committed_watermark(tmp_path: Path) -> None:
+    async with make(tmp_path) as buf:
+        r = await buf.append("a", recs(10))
+        buf.mark_shipped("a", 8)
+        await buf.trim("a", r.epoch, 3)
+        state = buf.stream_state("a")
+        assert state is not None and state.shipped_seq == 8
+        buf.rewind_shipped("a")
+        assert state.shipped_seq == 3
+        assert (await buf.stats()).unshipped_records == 7
+
+
+async def test_large_requests_are_stored_in_chunks_and_read_back_in_order(
+    tmp_path: Path,
+) -> None:
+    """A request larger than a chunk spans several; reads may start and stop inside a
+    chunk and still return exactly the records asked for."""
+    records = recs(2_500, start=0)
+    async with make(tmp_path) as buf:
+        await buf.append("a", records)
+        head = await buf.read_runs("a", 0, max_records=700, max_bytes=10**9)
+        middle = await buf.read_runs("a", 700, max_records=1_000, max_bytes=10**9)
+        tail = await buf.read_runs("a", 1_700, max_records=10_000, max_bytes=10**9)
+        r = await buf.append("a", recs(1))
+        await buf.trim("a", r.epoch, 1_234)  # the watermark lands inside a chunk
+        after_trim = await buf.read_runs("a", 0, max_records=10_000, max_bytes=10**9)
+        stats = await buf.stats()
+    got = [x for run in head + middle + tail for x in decoded(run)]
+    assert got == records
+    assert [(x.first_seq, x.last_seq) for x in head + middle + tail] == [
+        (1, 700), (701, 1_700), (1_701, 2_500)]
+    assert [(x.first_seq, x.last_seq) for x in after_trim] == [(1_235, 2_501)]
+    assert decoded(after_trim[0])[0] == records[1_234]
+    assert stats.records == 2_501 - 1_234
+    assert stats.bytes == sum(record_size(x) for x in records[1_234:]) + record_size(recs(1)[0])

@@ -1,0 +1,208 @@
+"""The bench's own servers and the helpers every scenario shares.
+
+One PostgreSQL cluster (the embedded runtime, configured as ``edgesync up``
+configures it: ``synchronous_commit`` on, ``fsync`` off) serves the whole run,
+with a fresh database per measurement; each scenario gets a fresh
+``nats-server`` with its own JetStream store, so no scenario inherits another's
+streams, consumers or disk usage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import httpx
+import nats
+from nats.aio.client import Client as NATS
+
+from bench.procs import CpuMeter, PostgresCpu, ProcessCpu, ServiceProcess
+from broker.embedded_nats import EmbeddedNats, find_nats_server
+from broker.embedded_postgres import EmbeddedPostgres, find_postgres_bindir
+from cloud_ingest.schema import migrate
+
+__all__ = ["BenchEnv", "connect_nats", "free_port", "machine_info", "metric_total"]
+
+
+def free_port() -> int:
+    """A TCP port that was free on loopback a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class BenchEnv:
+    """What a scenario runs against; built once per bench run."""
+
+    workdir: Path
+    postgres: EmbeddedPostgres
+    profile_dir: Path | None = None
+    service_env: dict[str, str] = field(default_factory=dict)
+    """``EDGESYNC_*`` overrides for every service process (``--service-env``)."""
+
+    @contextlib.asynccontextmanager
+    async def nats_server(self, name: str) -> AsyncIterator[EmbeddedNats]:
+        """A fresh nats-server with JetStream; its store is deleted afterwards."""
+        store = self.workdir / f"nats-{name}-{uuid.uuid4().hex[:6]}"
+        server = EmbeddedNats(store, log_file=self.workdir / f"nats-{name}.log")
+        await server.start()
+        try:
+            yield server
+        finally:
+            await server.stop()
+            shutil.rmtree(store, ignore_errors=True)
+
+    @contextlib.asynccontextmanager
+    async def database(self, name: str) -> AsyncIterator[str]:
+        """A fresh database with the edgesync schema applied; dropped afterwards."""
+        db = f"bench_{name}_{uuid.uuid4().hex[:6]}"
+        dsn = await self.postgres.create_database(db)
+        conn = await asyncpg.connect(dsn)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        try:
+            yield dsn
+        finally:
+            admin = await asyncpg.connect(self.postgres.dsn_for("postgres"))
+            try:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+            finally:
+                await admin.close()
+
+    def profile_file(self, name: str) -> Path | None:
+        return None if self.profile_dir is None else self.profile_dir / f"{name}.txt"
+
+    def bridge(
+        self, name: str, nats_url: str, *, buffer_max_bytes: int = 1024**3,
+        extra: dict[str, str] | None = None,
+    ) -> ServiceProcess:
+        """A bridge process (not started) with its own buffer directory and port."""
+        port = free_port()
+        buffer_dir = self.workdir / f"buffer-{name}-{uuid.uuid4().hex[:6]}"
+        env = {
+            "EDGESYNC_BRIDGE__EDGE_ID": "edge-1",
+            "EDGESYNC_BRIDGE__PORT": str(port),
+            "EDGESYNC_BRIDGE__BUFFER_DIR": str(buffer_dir),
+            "EDGESYNC_BRIDGE__BUFFER_MAX_BYTES": str(buffer_max_bytes),
+            "EDGESYNC_NATS__URL": nats_url,
+            "EDGESYNC_LOG__LEVEL": "warning",
+            "EDGESYNC_LOG__FORMAT": "json",
+            **(extra or {}),
+            **self.service_env,
+        }
+        return ServiceProcess(
+            "bridge", env, http_port=port, log_file=self.workdir / f"bridge-{name}.log",
+            profile_to=self.profile_file(f"bridge-{name}"),
+        )
+
+    def ingest(
+        self, name: str, nats_url: str, dsn: str, *, consumer: str = "ingest",
+        extra: dict[str, str] | None = None,
+    ) -> ServiceProcess:
+        """An ingest process (not started); logs at info so its start time can be read."""
+        port = free_port()
+        env = {
+            "EDGESYNC_INGEST__POSTGRES_DSN": dsn,
+            "EDGESYNC_INGEST__PORT": str(port),
+            "EDGESYNC_INGEST__CONSUMER": consumer,
+            "EDGESYNC_NATS__URL": nats_url,
+            "EDGESYNC_LOG__LEVEL": "info",
+            "EDGESYNC_LOG__FORMAT": "json",
+            **(extra or {}),
+            **self.service_env,
+        }
+        return ServiceProcess(
+            "ingest", env, http_port=port, log_file=self.workdir / f"ingest-{name}.log",
+            profile_to=self.profile_file(f"ingest-{name}"),
+        )
+
+    def cpu_meter(self, nats_server: EmbeddedNats | None, **services: ServiceProcess) -> CpuMeter:
+        """A meter over the driver, nats-server, PostgreSQL and the given services."""
+        meter = CpuMeter()
+        meter.add("bench driver", ProcessCpu(os.getpid()))
+        if nats_server is not None and nats_server.pid is not None:
+            meter.add("nats-server", ProcessCpu(nats_server.pid))
+        if self.postgres.pid is not None:
+            meter.add("postgres", PostgresCpu(self.postgres.pid))
+        for name, service in services.items():
+            meter.add(name, ProcessCpu(service.pid))
+        return meter
+
+
+async def connect_nats(url: str) -> NATS:
+    return await nats.connect(url, name="edgesync-bench", max_reconnect_attempts=3)
+
+
+async def metric_total(client: httpx.AsyncClient, url: str, name: str) -> float:
+    """Sum of a Prometheus counter's samples at ``url``/metrics (0 if unreachable)."""
+    try:
+        text = (await client.get(f"{url}/metrics", timeout=5)).text
+    except httpx.TransportError:
+        return 0.0
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and (len(line) > len(name) and line[len(name)] in " {"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _git_state() -> str:
+    """The commit the product code came from, and whether the tree had local changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              check=True, capture_output=True, text=True, timeout=10).stdout
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
+                                "broker", "edge_bridge", "cloud_ingest"],
+                               check=True, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return head.strip() + (" with uncommitted product changes" if dirty.strip() else "")
+
+
+def machine_info(postgres: EmbeddedPostgres | None = None) -> dict[str, object]:
+    """The machine the figures came from."""
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    ram_gib = 0.0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram_gib = round(int(line.split()[1]) / 1024**2, 1)
+    versions: dict[str, str] = {}
+    with contextlib.suppress(Exception):
+        versions["nats-server"] = subprocess.run(
+            [str(find_nats_server()), "--version"],
+            check=False, capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+    with contextlib.suppress(Exception):
+        versions["postgres"] = subprocess.run(
+            [str(find_postgres_bindir() / "postgres"), "-V"],
+            check=False, capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+    return {
+        "code": _git_state(),
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "ram_gib": ram_gib,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        **versions,
+    }
+

@@ -1,0 +1,57 @@
+"""How big each scenario runs: ``full`` (≤ 20 min), ``quick`` (< 2 min), ``smoke`` (tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["PROFILES", "Profile"]
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    name: str
+    ingest_records: int
+    """Records pre-loaded into ES_RECORDS (as shipper-sized batches) and ingested."""
+    ceiling_group: int
+    """Rows per COPY transaction of the ceiling baseline."""
+    naive_records: int
+    framework_records: int
+    edge_records: int
+    """Records through SDK -> bridge -> JetStream in the edge-path scenario."""
+    producers: int
+    """Producer tasks (each its own SDK client / app) in the edge-path scenarios."""
+    publish_wait_records: int
+    publish_async_records: int
+    latency_rate: float
+    """Records per second offered in the latency scenario."""
+    latency_warmup_s: float
+    latency_seconds: float
+    backlog_sizes: tuple[int, int]
+    footprint_records: int
+    footprint_idle_s: float
+    wire_records: int
+
+
+PROFILES: dict[str, Profile] = {
+    "full": Profile(
+        name="full", ingest_records=1_000_000, ceiling_group=10_000, naive_records=20_000,
+        framework_records=200_000, edge_records=1_000_000, producers=4,
+        publish_wait_records=20_000, publish_async_records=300_000, latency_rate=10_000,
+        latency_warmup_s=3, latency_seconds=20, backlog_sizes=(200_000, 2_000_000),
+        footprint_records=300_000, footprint_idle_s=5, wire_records=50_000,
+    ),
+    "quick": Profile(
+        name="quick", ingest_records=100_000, ceiling_group=10_000, naive_records=4_000,
+        framework_records=30_000, edge_records=100_000, producers=4,
+        publish_wait_records=3_000, publish_async_records=50_000, latency_rate=10_000,
+        latency_warmup_s=2, latency_seconds=6, backlog_sizes=(20_000, 200_000),
+        footprint_records=50_000, footprint_idle_s=3, wire_records=20_000,
+    ),
+    "smoke": Profile(
+        name="smoke", ingest_records=6_000, ceiling_group=2_000, naive_records=300,
+        framework_records=1_000, edge_records=4_000, producers=2,
+        publish_wait_records=200, publish_async_records=2_000, latency_rate=2_000,
+        latency_warmup_s=0.5, latency_seconds=1.0, backlog_sizes=(2_000, 6_000),
+        footprint_records=3_000, footprint_idle_s=0.5, wire_records=4_000,
+    ),
+}

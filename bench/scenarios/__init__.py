@@ -1,0 +1,29 @@
+"""The six scenarios, in the order they run; each module's docstring says what it measures."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from bench.data import Pool
+from bench.env import BenchEnv
+from bench.profiles import Profile
+from bench.results import ScenarioResult
+from bench.scenarios import backlog, edge_path, footprint, ingest, latency, wire
+
+__all__ = ["SCENARIOS", "Scenario"]
+
+Runner = Callable[[BenchEnv, Profile, Pool, Callable[[str], None]], Awaitable[ScenarioResult]]
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    key: str
+    title: str
+    run: Runner
+
+
+SCENARIOS: tuple[Scenario, ...] = tuple(
+    Scenario(module.KEY, module.TITLE, module.run)
+    for module in (ingest, edge_path, latency, backlog, footprint, wire)
+)

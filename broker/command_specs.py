@@ -1,0 +1,191 @@
+"""What each command kind's ``spec`` may contain: one pydantic model per kind.
+
+The cloud API validates a request against these models before it signs
+anything (a bad spec is a 422, never a command), and the bridge validates the
+signed spec again before acting, so an edge never trusts a spec it cannot
+parse. Every model forbids unknown fields: a typo is an error, not a no-op.
+
+| kind                    | spec                                                    |
+| ----------------------- | ------------------------------------------------------- |
+| ``deployment.scale``    | ``namespace, name, replicas``                           |
+| ``deployment.set_env``  | ``namespace, name, container?, env: {K: V or null}``    |
+| ``deployment.set_image``| ``namespace, name, container, image``                   |
+| ``deployment.restart``  | ``namespace, name``                                     |
+| ``configmap.patch``     | ``namespace, name, data: {K: V or null}``               |
+| ``bridge.configure``    | batch size, linger, compression, stream policies, ...   |
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from broker.errors import InvalidInput
+from broker.settings import StreamPolicy
+from broker.tokens import TOKEN_PATTERN
+
+__all__ = [
+    "KINDS",
+    "KUBERNETES_KINDS",
+    "SPEC_MODELS",
+    "BridgeConfigure",
+    "ConfigMapPatch",
+    "DeploymentRestart",
+    "DeploymentScale",
+    "DeploymentSetEnv",
+    "DeploymentSetImage",
+    "KubernetesTarget",
+    "StreamPolicyChange",
+    "describe_validation_error",
+    "parse_spec",
+]
+
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+Namespace = Annotated[str, Field(pattern=_DNS_LABEL, max_length=63,
+                                 description="Kubernetes namespace (a DNS-1123 label).")]
+ObjectName = Annotated[str, Field(pattern=_DNS_SUBDOMAIN, max_length=253,
+                                  description="Object name (a DNS-1123 subdomain).")]
+ContainerName = Annotated[str, Field(pattern=_DNS_LABEL, max_length=63,
+                                     description="Container name in the pod template.")]
+EnvName = Annotated[str, Field(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", max_length=256)]
+ConfigKey = Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KubernetesTarget(_Spec):
+    """The object a Kubernetes command acts on."""
+
+    namespace: Namespace
+    name: ObjectName
+
+    @property
+    def target(self) -> str:
+        """``namespace/name``, the form the allow-list matches."""
+        return f"{self.namespace}/{self.name}"
+
+
+class DeploymentScale(KubernetesTarget):
+    """Set a Deployment's replica count."""
+
+    replicas: int = Field(ge=0, le=10_000, description="Desired replicas.")
+
+
+class DeploymentSetEnv(KubernetesTarget):
+    """Set or remove environment variables; every other variable and field is kept."""
+
+    container: ContainerName | None = Field(
+        None, description="Only this container; omitted: every container (as `kubectl set env`)."
+    )
+    env: dict[EnvName, str | None] = Field(
+        min_length=1, max_length=256, description="Variable -> value; null removes the variable."
+    )
+
+
+class DeploymentSetImage(KubernetesTarget):
+    """Roll a container to a new image."""
+
+    container: ContainerName
+    image: str = Field(pattern=r"^\S+$", min_length=1, max_length=1024,
+                       description="Image reference, e.g. registry/app:1.2.3 or @sha256:...")
+
+
+class DeploymentRestart(KubernetesTarget):
+    """Restart a Deployment's pods as ``kubectl rollout restart`` does."""
+
+
+class ConfigMapPatch(KubernetesTarget):
+    """Set or remove ConfigMap keys; other keys are kept."""
+
+    data: dict[ConfigKey, str | None] = Field(
+        min_length=1, max_length=1024, description="Key -> value; null removes the key."
+    )
+
+
+class StreamPolicyChange(_Spec):
+    """A partial stream policy: only the fields given change."""
+
+    overflow: Literal["block", "drop_oldest"] | None = None
+    priority: int | None = Field(None, ge=-1000, le=1000)
+    ttl_s: float | None = Field(None, gt=0, description="null removes the TTL.")
+
+    def merged_into(self, policy: StreamPolicy) -> StreamPolicy:
+        """``policy`` with the fields this change sets (an explicit null TTL clears it)."""
+        update = {k: getattr(self, k) for k in self.model_fields_set}
+        if update.get("overflow") is None:
+            update.pop("overflow", None)
+        if update.get("priority") is None:
+            update.pop("priority", None)
+        return StreamPolicy.model_validate({**policy.model_dump(), **update})
+
+
+class BridgeConfigure(_Spec):
+    """Tune a running bridge. Applied live, persisted in its buffer directory so it
+    survives a restart; only the fields given change."""
+
+    batch_max_records: int | None = Field(None, ge=1, le=100_000, description="Records/batch.")
+    batch_max_bytes: int | None = Field(
+        None, ge=1024, le=1024 * 1024,
+        description="Payload bytes per batch; capped at NATS' default 1 MiB max_payload, "
+        "above which every publish would fail.",
+    )
+    linger_ms: float | None = Field(None, ge=0, le=10_000, description="Milliseconds.")
+    compression: Literal["none", "zstd"] | None = None
+    zstd_level: int | None = Field(None, ge=1, le=19)
+    default_policy: StreamPolicyChange | None = Field(
+        None, description="Changes to the policy of streams without their own."
+    )
+    streams: dict[Annotated[str, Field(pattern=f"^{TOKEN_PATTERN}$")],
+                  StreamPolicyChange | None] | None = Field(
+        None, description="Per-stream policy changes; null removes a stream's own policy."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] | None = None
+    heartbeat_interval_s: float | None = Field(None, gt=0, le=3600, description="Seconds.")
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> BridgeConfigure:
+        if not self.model_fields_set:
+            raise ValueError("bridge.configure needs at least one setting to change")
+        return self
+
+
+SPEC_MODELS: Final[dict[str, type[_Spec]]] = {
+    "deployment.scale": DeploymentScale,
+    "deployment.set_env": DeploymentSetEnv,
+    "deployment.set_image": DeploymentSetImage,
+    "deployment.restart": DeploymentRestart,
+    "configmap.patch": ConfigMapPatch,
+    "bridge.configure": BridgeConfigure,
+}
+KINDS: Final = tuple(SPEC_MODELS)
+KUBERNETES_KINDS: Final = tuple(k for k in KINDS if not k.startswith("bridge."))
+
+
+def describe_validation_error(exc: ValidationError, *, prefix: str = "") -> str:
+    """One readable line per problem: ``spec.replicas: Input should be ...``."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        parts.append(f"{loc}: {err['msg']}" if loc else str(err["msg"]))
+    return "; ".join(parts)
+
+
+def parse_spec(kind: str, spec: Any) -> BaseModel:
+    """Validate ``spec`` for ``kind``.
+
+    Raises:
+        InvalidInput: unknown kind, or the spec does not fit its model (message names
+            each offending field).
+    """
+    model = SPEC_MODELS.get(kind)
+    if model is None:
+        raise InvalidInput(f"unknown command kind {kind!r}; known: {', '.join(KINDS)}")
+    try:
+        return model.model_validate(spec)
+    except ValidationError as exc:
+        raise InvalidInput(describe_validation_error(exc, prefix="spec")) from exc

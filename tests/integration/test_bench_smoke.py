@@ -1,0 +1,51 @@
+"""`python -m bench` keeps working: a tiny run of every scenario yields the table and the JSON.
+
+Speed is never asserted here (bench/ does the measuring); only that each
+scenario ran against the real servers and reported its figures and targets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.scenarios import SCENARIOS
+
+
+def test_bench_smoke_run_reports_every_scenario_in_the_table_and_the_json(
+    tmp_path: Path,
+) -> None:
+    """A smoke-sized run exits 0, prints both tables, and writes one JSON with all scenarios."""
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--profile", "smoke", "--results-dir", str(results)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+        env={**os.environ, "COLUMNS": "240"},
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+
+    assert "edgesync beside its baselines" in proc.stdout
+    assert "targets (issue 5)" in proc.stdout
+    for scenario in SCENARIOS:
+        assert scenario.title in proc.stdout, f"{scenario.title!r} missing from the table"
+
+    files = list(results.glob("*.json"))
+    assert len(files) == 1, files
+    document = json.loads(files[0].read_text())
+    assert document["profile"] == "smoke"
+    assert document["machine"]["nproc"] >= 1
+    assert set(document["scenarios"]) == {s.key for s in SCENARIOS}
+    for key, scenario in document["scenarios"].items():
+        assert scenario["error"] is None, (key, scenario["error"])
+        assert scenario["figures"], f"{key} reported no figures"
+    checked = {(t["figure"], t["target"]) for t in document["targets"]}
+    assert len(checked) == 13, sorted(checked)  # every target of issue 5, each once
+    labels = {f["label"] for f in document["scenarios"]["ingest"]["figures"]}
+    assert "framework (c): FastStream + executemany" in labels  # measured or skipped, with a note

@@ -1,0 +1,24 @@
+"""The documentation that is generated from code stays equal to the code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from broker.settings_reference import BEGIN, END, settings_reference
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_operations_doc_holds_the_current_settings_reference() -> None:
+    """docs/operations.md embeds exactly what `edgesync settings` prints: regenerate it
+    with `edgesync settings --write-docs docs/operations.md` after changing a setting."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    embedded = text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip()
+    assert embedded == settings_reference().strip()
+
+
+def test_every_setting_is_documented() -> None:
+    """Every settings field carries a description."""
+    undocumented = [line for line in settings_reference().splitlines()[2:]
+                    if line.rstrip().endswith("|  |")]
+    assert undocumented == []
