@@ -75,7 +75,7 @@ class ShipperSettings(BaseModel):
         description="Payload bytes per batch (under nats-server's 1 MiB default max_payload).",
     )
     linger_ms: float = Field(
-        20.0, ge=0, description="Milliseconds to wait for a fuller batch; bounds added latency."
+        10.0, ge=0, description="Milliseconds to wait for a fuller batch; bounds added latency."
     )
     max_in_flight: int = Field(
         8, ge=1, le=256, description="Batches published but not yet acked; hides the round trip."
@@ -222,7 +222,10 @@ class IngestSettings(BaseModel):
         "the workers overlap (measured: 8 beats 64 by ~1.5x).",
     )
     fetch_timeout_s: float = Field(
-        1.0, gt=0, description="Seconds a fetch waits for the first message of a group."
+        0.02,
+        gt=0,
+        description="Seconds a fetch waits to fill a group when fewer messages are ready; "
+        "bounds the latency a trickle of records sees.",
     )
     ack_wait_s: float = Field(
         30.0, gt=0, description="Seconds before JetStream redelivers an unacked batch."

@@ -55,8 +55,6 @@ _COLUMNS = (
     "payload", "payload_raw",
 )
 _json = msgspec.json.Encoder()
-_TOP_UP_S = 0.005
-"""How long a fetch waits to fill a group once its first message is in hand."""
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 """A connection, whether pooled or not."""
@@ -317,12 +315,11 @@ class RecordsConsumer:
     async def _worker(self, sub: JetStreamContext.PullSubscription) -> None:
         while not self._stopping:
             try:
-                # Block for the first message only, then take whatever else is ready:
-                # a trickle commits at once, a backlog still commits in full groups.
-                msgs = await sub.fetch(1, timeout=self._fetch_timeout)
-                if self._fetch_batch > 1:
-                    with contextlib.suppress(FetchTimeoutError, nats.errors.TimeoutError):
-                        msgs += await sub.fetch(self._fetch_batch - 1, timeout=_TOP_UP_S)
+                # nats-py first takes what is available at once (no_wait), else waits up
+                # to the timeout for a group: a short timeout bounds a trickle's latency.
+                # (Do not chain fetches with tiny timeouts: a timeout that races a
+                # delivery can drop that message until JetStream redelivers it.)
+                msgs = await sub.fetch(self._fetch_batch, timeout=self._fetch_timeout)
             except (FetchTimeoutError, nats.errors.TimeoutError):
                 continue
             except asyncio.CancelledError:
