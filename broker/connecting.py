@@ -8,16 +8,17 @@ NATS is unreachable, so the first connect is retried here with backoff.
 from __future__ import annotations
 
 import asyncio
-import random
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import nats
 import structlog
 from nats.aio.client import Client as NATS
 
+from broker.backoff import backoff_s
 from broker.settings import NatsSettings
 
-__all__ = ["connect_with_retry"]
+__all__ = ["close_nats", "connect_with_retry"]
 
 log = structlog.get_logger(__name__)
 
@@ -69,7 +70,7 @@ async def connect_with_retry(
             raise
         except Exception as exc:
             attempt += 1
-            delay = min(max_backoff_s, 0.1 * 2**min(attempt, 8)) * random.uniform(0.5, 1.0)
+            delay = backoff_s(attempt, cap_s=max_backoff_s)
             log.warning(
                 "nats_connect_failed", client=name, attempt=attempt, retry_in_s=round(delay, 2),
                 error=f"{type(exc).__name__}: {exc}",
@@ -79,3 +80,9 @@ async def connect_with_retry(
         log.info("nats_connected", client=name, url=nc.connected_url.netloc if nc.connected_url
                  else None)
         return nc
+
+
+async def close_nats(nc: NATS, timeout_s: float = 5.0) -> None:
+    """Close a connection within ``timeout_s``; a dead link must not hang a shutdown."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.close(), timeout=timeout_s)

@@ -58,13 +58,14 @@ from broker.command_specs import (
     DeploymentSetImage,
 )
 from broker.commands import CommandSigner, new_envelope
-from broker.connecting import connect_with_retry
+from broker.connecting import close_nats, connect_with_retry
 from broker.errors import ClosedError, ConfigError
 from broker.serving import embedded_server
 from broker.settings import ApiSettings, NatsSettings
 from broker.tokens import is_valid_token
 from broker.topology import Topology
 from cloud_ingest.command_status import expire_overdue
+from cloud_ingest.pooling import close_pool, connect_pool
 from cloud_ingest.schema import migrate
 
 __all__ = ["Api", "create_app", "run"]
@@ -240,7 +241,10 @@ class Api:
                                                   issuer=self.settings.issuer)
             self._sock = socket.create_server((self.settings.host, self.settings.port))
             self._sock.setblocking(False)
-            self._pool = await _connect_pool(self.settings)
+            self._pool = await connect_pool(
+                self.settings.postgres_dsn, size=self.settings.pool_size, init=_init_connection,
+                retry_max_s=self.settings.db_retry_max_s, command_timeout_s=30,
+            )
             async with self._pool.acquire() as conn:
                 await migrate(conn)
             self._nc = await connect_with_retry(self.nats_settings, name="edgesync-api")
@@ -261,13 +265,9 @@ class Api:
             return
         self._state = "closed"
         if self._nc is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._nc.close(), timeout=5)
+            await close_nats(self._nc)
         if self._pool is not None:
-            try:
-                await asyncio.wait_for(self._pool.close(), timeout=5)
-            except Exception:
-                self._pool.terminate()
+            await close_pool(self._pool)
         if self._sock is not None:
             self._sock.close()
         log.info("api_stopped")
@@ -469,24 +469,6 @@ class Api:
             for task in roots[1:]:
                 task.cancel()
             await asyncio.gather(*roots, return_exceptions=True)
-
-
-async def _connect_pool(settings: ApiSettings) -> asyncpg.Pool:
-    attempt = 0
-    while True:
-        try:
-            pool = await asyncpg.create_pool(settings.postgres_dsn, min_size=1,
-                                             max_size=settings.pool_size,
-                                             init=_init_connection, command_timeout=30)
-            assert pool is not None
-            return pool
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            attempt += 1
-            delay = min(settings.db_retry_max_s, 0.1 * 2 ** min(attempt, 8)) * random.uniform(
-                0.5, 1)
-            log.warning("database_connect_failed", attempt=attempt, retry_in_s=round(delay, 2),
-                        error=f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(delay)
 
 
 def _command(row: asyncpg.Record) -> dict[str, Any]:

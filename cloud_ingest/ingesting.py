@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import FetchTimeoutError
 
+from broker.backoff import backoff_s
 from broker.errors import DecodeError
 from broker.topology import Topology
 from broker.wire import CT_JSON, Batch, decode_batch
@@ -348,7 +348,7 @@ class RecordsConsumer:
                 attempt += 1
                 self.db_ok = False
                 self._metrics.db_up.set(0)
-                delay = min(self._db_retry_max, 0.1 * 2**min(attempt, 8)) * random.uniform(0.5, 1)
+                delay = backoff_s(attempt, cap_s=self._db_retry_max)
                 log.warning("database_unavailable", attempt=attempt, retry_in_s=round(delay, 2),
                             error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(delay)

@@ -12,8 +12,6 @@ schema migrations, creates the streams and durable consumers, then consumes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import random
 import socket
 
 import asyncpg
@@ -24,7 +22,7 @@ from nats.aio.client import Client as NATS
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from broker.connecting import connect_with_retry
+from broker.connecting import close_nats, connect_with_retry
 from broker.errors import ClosedError
 from broker.events import CommandStatus, DropMarker
 from broker.serving import embedded_server, listen_tcp
@@ -35,30 +33,13 @@ from cloud_ingest.completeness import drop_marker_writer
 from cloud_ingest.edge_tracking import EdgeTracker
 from cloud_ingest.ingesting import RecordsConsumer, init_connection
 from cloud_ingest.metrics import IngestMetrics
+from cloud_ingest.pooling import close_pool, connect_pool
 from cloud_ingest.schema import migrate
 from cloud_ingest.watermarks import WatermarkPublisher, ensure_watermark_bucket
 
-__all__ = ["Ingest", "connect_pool", "run"]
+__all__ = ["Ingest", "run"]
 
 log = structlog.get_logger(__name__)
-
-
-async def connect_pool(dsn: str, *, size: int, retry_max_s: float = 5.0) -> asyncpg.Pool:
-    """An ingest connection pool, retrying until PostgreSQL accepts connections."""
-    attempt = 0
-    while True:
-        try:
-            pool = await asyncpg.create_pool(
-                dsn, min_size=1, max_size=size, init=init_connection, command_timeout=60
-            )
-            assert pool is not None
-            return pool
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            attempt += 1
-            delay = min(retry_max_s, 0.1 * 2**min(attempt, 8)) * random.uniform(0.5, 1)
-            log.warning("database_connect_failed", attempt=attempt, retry_in_s=round(delay, 2),
-                        error=f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(delay)
 
 
 class Ingest:
@@ -84,7 +65,7 @@ class Ingest:
         try:
             self._sock = listen_tcp(self.settings.host, self.settings.port)
             self._pool = await connect_pool(
-                self.settings.postgres_dsn, size=self.settings.pool_size,
+                self.settings.postgres_dsn, size=self.settings.pool_size, init=init_connection,
                 retry_max_s=self.settings.db_retry_max_s,
             )
             async with self._pool.acquire() as conn:
@@ -128,13 +109,9 @@ class Ingest:
             return
         self._state = "closed"
         if self._nc is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._nc.close(), timeout=5)
+            await close_nats(self._nc)
         if self._pool is not None:
-            try:
-                await asyncio.wait_for(self._pool.close(), timeout=5)
-            except Exception:
-                self._pool.terminate()
+            await close_pool(self._pool)
         if self._sock is not None:
             self._sock.close()
         log.info("ingest_stopped")

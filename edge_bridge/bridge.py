@@ -25,7 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from broker import __version__
-from broker.connecting import connect_with_retry
+from broker.connecting import close_nats, connect_with_retry
 from broker.errors import ClosedError
 from broker.events import Heartbeat, StreamHealth, encode_event
 from broker.serving import EmbeddedServer, embedded_server, listen_tcp
@@ -125,8 +125,7 @@ class Bridge:
         self._state = "closed"
         self.accepting = False
         if self._nc is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._nc.close(), timeout=5)
+            await close_nats(self._nc)
             self._nc = None
         if self.control is not None:
             await self.control.close()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 import structlog
 from nats.js import JetStreamContext
 
+from broker.backoff import backoff_s
 from broker.settings import ShipperSettings, StreamPolicy
 from broker.topology import Topology
 from broker.wire import compress_body, encode_batch_parts, msg_id
@@ -295,9 +295,9 @@ class Shipper:
                     raise
                 except Exception as exc:
                     attempt += 1
-                    delay = min(
-                        self.settings.retry_backoff_max_s, 0.05 * 2 ** min(attempt, 10)
-                    ) * random.uniform(0.5, 1.0)
+                    delay = backoff_s(
+                        attempt, base_s=0.05, cap_s=self.settings.retry_backoff_max_s
+                    )
                     self._metrics.publish_failures.inc()
                     log.warning(
                         "batch_publish_failed",
