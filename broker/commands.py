@@ -43,7 +43,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from broker.errors import ConfigError, EdgesyncError
+from broker.errors import CommandRejected, ConfigError
 from broker.tokens import validate_token
 
 __all__ = [
@@ -66,26 +66,6 @@ ENVELOPE_VERSION: Final = 1
 _MAX_MESSAGE_BYTES: Final = 256 * 1024
 """Largest signed command accepted; specs are small, this bounds what a forger can make us parse."""
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-
-
-class CommandRejected(EdgesyncError):
-    """A command the edge refuses to act on: signature, expiry, replay or policy.
-
-    Attributes:
-        code: a stable machine-readable reason (``bad_signature``, ``unknown_key``,
-            ``malformed``, ``non_canonical``, ``wrong_edge``, ``expired``,
-            ``not_yet_valid``, ``replay``, ``unknown_kind``, ``invalid_spec``,
-            ``not_allowed``).
-        command_id: the id the command claims (``""`` when not even that can be read).
-        digest: SHA-256 hex of the signed payload (``""`` when there is none).
-    """
-
-    def __init__(self, code: str, message: str, *, command_id: str = "", digest: str = ""
-                 ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.command_id = command_id
-        self.digest = digest
 
 
 class CommandEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -12,6 +12,7 @@ retry-ability is decided once, where the error enters our code.
     │   ├── DecodeError          bytes that are not a valid wire message
     │   └── RecordTooLarge       one record above the per-record limit (413)
     ├── BufferFull               back-pressure; carries retry_after (seconds)
+    ├── CommandRejected          signature, expiry, replay or policy; carries a code
     ├── ClosedError              a component used after close()
     ├── RuntimeUnavailable       an embedded server cannot be found or started
     └── TemporaryError(delay)    NATS timeout, DB unavailable: retry after delay
@@ -22,6 +23,7 @@ from __future__ import annotations
 __all__ = [
     "BufferFull",
     "ClosedError",
+    "CommandRejected",
     "ConfigError",
     "DecodeError",
     "EdgesyncError",
@@ -58,6 +60,27 @@ class BufferFull(EdgesyncError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class CommandRejected(EdgesyncError):
+    """A command the edge refuses to act on: signature, expiry, replay or policy.
+
+    Attributes:
+        code: a stable machine-readable reason (``bad_signature``, ``unknown_key``,
+            ``malformed``, ``non_canonical``, ``wrong_edge``, ``expired``,
+            ``not_yet_valid``, ``replay``, ``unknown_kind``, ``invalid_spec``,
+            ``not_allowed``).
+        command_id: the id the command claims (``""`` when not even that can be read).
+        digest: SHA-256 hex of the signed payload (``""`` when there is none).
+    """
+
+    def __init__(
+        self, code: str, message: str, *, command_id: str = "", digest: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.command_id = command_id
+        self.digest = digest
 
 
 class ClosedError(EdgesyncError):
