@@ -154,14 +154,14 @@ def status(
             await conn.close()
         table = Table(title="edges")
         for col in ("edge", "version", "last seen", "unshipped", "buffered", "buffer bytes",
-                    "oldest unshipped", "dropped"):
+                    "oldest unshipped", "dropped (overflow/ttl)"):
             table.add_column(col)
         for e in edges:
             table.add_row(
                 e["edge_id"], e["version"], f"{e['ago'].total_seconds():.0f}s ago",
                 f"{e['unshipped_records']:,}", f"{e['buffer_records']:,}",
                 f"{e['buffer_bytes']:,}", f"{e['oldest_unshipped_age_s']:.1f}s",
-                str(e["dropped"]),
+                _drop_counts(e["dropped"]),
             )
         console.print(table)
         table = Table(title="completeness" if gaps else "committed")
@@ -190,6 +190,14 @@ def status(
     except (OSError, asyncpg.PostgresError) as exc:
         console.print(f"[red]cannot read status:[/red] {exc}")
         raise typer.Exit(2) from exc
+
+
+def _drop_counts(dropped: Any) -> str:
+    """``overflow/ttl`` totals over an edge's streams, from the heartbeat's JSON."""
+    per_stream = json.loads(dropped) if isinstance(dropped, str | bytes) else dropped
+    overflow = sum(int(v.get("overflow", 0)) for v in per_stream.values())
+    ttl = sum(int(v.get("ttl", 0)) for v in per_stream.values())
+    return f"{overflow:,}/{ttl:,}"
 
 
 def _ranges(ranges: Any, limit: int = 5) -> str:
