@@ -68,6 +68,8 @@ DEDUP_WINDOW_S: Final = 600.0
 _SCHEMA_VERSION: Final = 2
 _MAX_GROUP: Final = 512
 """Most queued operations folded into one transaction."""
+_DAMAGED: Final = frozenset({11, 26})
+"""SQLite error codes that mean a damaged file: SQLITE_CORRUPT, SQLITE_NOTADB."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -275,6 +277,8 @@ class Buffer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.commits = 0
         """Transactions committed (for the group-commit metric)."""
+        self.quarantined = 0
+        """Damaged buffer files moved aside at open (see ``_open_checked``)."""
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -350,8 +354,7 @@ class Buffer:
         loop = self._loop
         assert loop is not None
         try:
-            conn = self._connect()
-            self._load(conn)
+            conn = self._open_checked()
         except BaseException as exc:
             loop.call_soon_threadsafe(_resolve, ready, None, exc)
             return
@@ -423,6 +426,57 @@ class Buffer:
             (s.next_seq, s.committed_seq, s.records, s.bytes, s.dropped_overflow,
              s.dropped_ttl) = streams[name]
             s.shipped_seq = max(s.shipped_seq, s.committed_seq)
+
+    def _open_checked(self) -> sqlite3.Connection:
+        """Connect and load the buffer; a damaged file is quarantined, not fatal.
+
+        A bridge that cannot read its buffer must not crash-loop: the files go to
+        ``quarantine/<UTC time>/`` beside it (kept for forensics, counted and
+        logged), and a fresh buffer starts; its streams get new epochs, so no
+        identity the damaged buffer may have handed out is ever reused.
+        """
+        problem: str | None = None
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = self._connect()
+            check = conn.execute("PRAGMA quick_check").fetchall()
+            if check != [("ok",)]:
+                problem = "; ".join(str(r[0]) for r in check[:5])
+            else:
+                self._load(conn)
+                return conn
+        except sqlite3.DatabaseError as exc:
+            # Only damage is quarantined: locked, unwritable or full disks are not
+            # the file's fault and must fail start-up, leaving the buffer alone.
+            if getattr(exc, "sqlite_errorcode", None) not in _DAMAGED:
+                if conn is not None:
+                    conn.close()
+                raise
+            problem = f"{type(exc).__name__}: {exc}"
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._quarantine(problem or "unreadable")
+        self._streams.clear()
+        self._by_sid.clear()
+        self._total_bytes = 0
+        conn = self._connect()
+        self._load(conn)
+        return conn
+
+    def _quarantine(self, problem: str) -> None:
+        """Move the buffer's files aside into ``quarantine/<UTC time>/``."""
+        target = self._dir / "quarantine" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target.mkdir(parents=True, exist_ok=True)
+        moved = []
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(f"{self._path}{suffix}")
+            if source.exists():
+                source.rename(target / source.name)
+                moved.append(source.name)
+        self.quarantined += 1
+        log.error("buffer_quarantined", path=str(self._path), problem=problem,
+                  quarantine_dir=str(target), files=moved)
 
     def _load(self, conn: sqlite3.Connection) -> None:
         conn.executescript(_SCHEMA)
