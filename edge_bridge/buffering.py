@@ -6,6 +6,11 @@ previous transaction was committing goes into the next one, so a single fsync
 covers many concurrent requests. Readers (the shipper) use their own
 connection, which WAL lets run beside the writer.
 
+Storage: a request's records are kept as *chunks* (a contiguous seq run, its
+records MessagePack-encoded back to back as on the wire), so an append is one
+row per chunk and the shipper splices batches from chunks without decoding.
+Trims, drops and reads that land inside a chunk split it.
+
 Identity: each stream has a random ``epoch`` minted when the stream is first
 seen in this buffer file and a dense ``seq`` assigned in the same transaction
 as the records, so an acknowledged record keeps its identity through any crash
@@ -210,6 +215,11 @@ def _pages(
         if not page:
             return
         yield from page
+
+
+def _parts_size(parts: list[bytes]) -> int:
+    """Bytes charged against the cap for these encoded records."""
+    return sum(len(p) for p in parts) + RECORD_OVERHEAD_BYTES * len(parts)
 
 
 def record_size(record: Record) -> int:
@@ -657,7 +667,7 @@ class Buffer:
         """Replace the chunk at ``old_first`` by its tail ``parts`` starting at ``new_first``."""
         conn.execute(
             "UPDATE chunks SET first_seq=?, size=?, body=? WHERE sid=? AND first_seq=?",
-            (new_first, sum(len(p) for p in parts) + RECORD_OVERHEAD_BYTES * len(parts),
+            (new_first, _parts_size(parts),
              b"".join(parts), sid, old_first),
         )
 
@@ -815,7 +825,7 @@ class Buffer:
                 keep = parts[upto_seq - c_first + 1:]
                 self._replace_chunk(conn, state.sid, c_first, upto_seq + 1, keep)
                 count += upto_seq - c_first + 1
-                nbytes += c_size - (sum(len(p) for p in keep) + RECORD_OVERHEAD_BYTES * len(keep))
+                nbytes += c_size - _parts_size(keep)
             # Drop runs the cloud has accounted for need not be reported again.
             conn.execute(
                 "DELETE FROM drops WHERE sid=? AND epoch=? AND last_seq<=?",
@@ -871,7 +881,7 @@ class Buffer:
                 if c_first <= after_seq:
                     parts = split_chunk(body, c_last - c_first + 1)
                     kept = parts[:after_seq - c_first + 1]
-                    kept_bytes = sum(len(p) for p in kept) + RECORD_OVERHEAD_BYTES * len(kept)
+                    kept_bytes = _parts_size(kept)
                     conn.execute(
                         "UPDATE chunks SET last_seq=?, size=?, body=? WHERE sid=? AND first_seq=?",
                         (after_seq, kept_bytes, b"".join(kept), state.sid, c_first),
