@@ -47,6 +47,7 @@ import structlog
 from broker.errors import BufferFull, ClosedError, InvalidInput
 from broker.settings import StreamPolicy
 from broker.wire import Record, array_header
+from edge_bridge.salvaging import Salvage, salvage
 
 __all__ = [
     "AppendResult",
@@ -289,6 +290,10 @@ class Buffer:
         """Transactions committed (for the group-commit metric)."""
         self.quarantined = 0
         """Damaged buffer files moved aside at open (see ``_open_checked``)."""
+        self.salvaged_records = 0
+        """Records read back out of a quarantined file (identities unchanged)."""
+        self.lost_records = 0
+        """Records of a quarantined file found but unusable (counted, reported)."""
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -466,16 +471,45 @@ class Buffer:
         if conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
-        self._quarantine(problem or "unreadable")
+        damaged = self._quarantine(problem or "unreadable")
         self._streams.clear()
         self._by_sid.clear()
         self._total_bytes = 0
         conn = self._connect()
+        conn.executescript(_SCHEMA)
+        self._restore_salvage(conn, salvage(damaged))
         self._load(conn)
         return conn
 
-    def _quarantine(self, problem: str) -> None:
-        """Move the buffer's files aside into ``quarantine/<UTC time>/``."""
+    def _restore_salvage(self, conn: sqlite3.Connection, found: Salvage) -> None:
+        """Write what was salvaged into the fresh buffer, identities unchanged."""
+        next_seq = {sid: 0 for sid, *_ in found.streams}
+        for sid, _first, last, *_ in found.chunks:
+            next_seq[sid] = max(next_seq[sid], last + 1)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "INSERT INTO streams(sid, name, epoch, next_seq, committed_seq, dropped_overflow, "
+            "dropped_ttl) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            # next_seq never moves back: a seq once handed out is never reused.
+            [(sid, name, epoch, max(nxt, next_seq[sid]), committed, d_over, d_ttl)
+             for sid, name, epoch, nxt, committed, d_over, d_ttl in found.streams],
+        )
+        conn.executemany(
+            "INSERT INTO chunks(sid, first_seq, last_seq, received, size, body) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            found.chunks,
+        )
+        conn.execute("COMMIT")
+        self.salvaged_records = sum(last - first + 1 for _, first, last, *_ in found.chunks)
+        self.lost_records = found.lost_records
+        log.error(
+            "buffer_salvaged", streams=len(found.streams), records_kept=self.salvaged_records,
+            records_lost=found.lost_records, unreadable_rows=found.unreadable_rows,
+        )
+
+    def _quarantine(self, problem: str) -> Path:
+        """Move the buffer's files aside into ``quarantine/<UTC time>/``; returns where
+        the main file went."""
         target = self._dir / "quarantine" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         target.mkdir(parents=True, exist_ok=True)
         moved = []
@@ -487,6 +521,7 @@ class Buffer:
         self.quarantined += 1
         log.error("buffer_quarantined", path=str(self._path), problem=problem,
                   quarantine_dir=str(target), files=moved)
+        return target / self._path.name
 
     def _load(self, conn: sqlite3.Connection) -> None:
         conn.executescript(_SCHEMA)

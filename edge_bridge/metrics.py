@@ -80,6 +80,14 @@ class BridgeMetrics:
             "edgesync_buffer_commits", "Buffer transactions committed (group commits).",
             registry=r,
         )
+        self.buffer_quarantined = Gauge(
+            "edgesync_buffer_quarantined_files",
+            "Damaged buffer files moved to quarantine at start-up.", registry=r,
+        )
+        self.buffer_lost_records = Gauge(
+            "edgesync_buffer_lost_records",
+            "Records found in a damaged buffer file but not recoverable.", registry=r,
+        )
         self.nats_connected = Gauge(
             "edgesync_nats_connected", "1 while connected to NATS.", registry=r
         )

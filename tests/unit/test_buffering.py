@@ -243,3 +243,59 @@ async def test_large_requests_are_stored_in_chunks_and_read_back_in_order(
     assert decoded(after_trim[0])[0] == records[1_234]
     assert stats.records == 2_501 - 1_234
     assert stats.bytes == sum(record_size(x) for x in records[1_234:]) + record_size(recs(1)[0])
+
+
+def _damage(path: Path, offset: int, length: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(bytes(range(256)) * (length // 256 + 1))
+
+
+async def test_a_damaged_buffer_is_quarantined_and_its_intact_records_kept(
+    tmp_path: Path,
+) -> None:
+    """Pages of a stopped buffer overwritten with garbage: the buffer opens, moves the
+    damaged file to quarantine/, keeps every chunk it can still read with its identity,
+    counts what it could not, and hands out no seq twice."""
+    big = [Record(i, CT_JSON, b"7" * 3000) for i in range(200)]
+    async with make(tmp_path) as buf:
+        small = await buf.append("keep", recs(5))
+        for i in range(0, 200, 10):
+            await buf.append("bulk", big[i:i + 10])
+    db = tmp_path / "buf" / "buffer.sqlite3"
+    size = db.stat().st_size
+    _damage(db, size // 2, 4096 * 3)  # three pages in the middle of the chunk data
+    async with make(tmp_path) as buf:
+        stats = await buf.stats()
+        keep = await buf.read_runs("keep", 0, max_records=100, max_bytes=10**9)
+        bulk = await buf.read_runs("bulk", 0, max_records=1_000, max_bytes=10**9)
+        again = await buf.append("keep", recs(1))
+        quarantined, lost = buf.quarantined, buf.lost_records
+    assert quarantined == 1
+    assert list((tmp_path / "buf" / "quarantine").iterdir())
+    assert [x for run in keep for x in decoded(run)] == recs(5)
+    assert (again.epoch, again.first_seq) == (small.epoch, 6)  # same identity line
+    kept = sum(run.count for run in bulk)
+    assert 0 < kept < 200  # some chunks were behind the damaged pages
+    assert stats.records == 5 + kept
+    for run in bulk:  # whatever was kept is intact and where it was
+        assert decoded(run) == big[run.first_seq - 1:run.last_seq]
+    assert lost + kept <= 200
+
+
+async def test_a_truncated_buffer_opens_and_never_reuses_an_identity(tmp_path: Path) -> None:
+    """A buffer file cut in half: the bridge still opens (no crash loop), and whatever
+    it could not read, no (epoch, seq) it handed out is ever handed out again."""
+    async with make(tmp_path) as buf:
+        for _ in range(20):
+            old = await buf.append("a", [Record(0, CT_JSON, b"x" * 2000)] * 10)
+    db = tmp_path / "buf" / "buffer.sqlite3"
+    with db.open("r+b") as f:
+        f.truncate(db.stat().st_size // 2)
+    async with make(tmp_path) as buf:
+        stats = await buf.stats()
+        again = await buf.append("a", recs(1))
+        quarantined = buf.quarantined
+    assert quarantined == 1
+    assert stats.records < 200
+    assert again.epoch != old.epoch or again.first_seq > old.first_seq + old.count - 1
