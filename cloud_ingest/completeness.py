@@ -16,6 +16,7 @@ import asyncpg
 
 from broker.events import DropMarker
 from cloud_ingest.edge_tracking import AfterCommit
+from cloud_ingest.ranges import merge_ranges
 
 __all__ = ["drop_marker_writer"]
 
@@ -36,21 +37,9 @@ def drop_marker_writer(
             [(m.edge, m.stream, m.epoch, m.first_seq, m.last_seq, m.count, m.reason,
               m.dropped_at) for m in markers],
         )
-        ordered = sorted(markers, key=lambda m: (m.edge, m.stream, m.epoch, m.first_seq))
-        rows = await conn.fetch(
-            "INSERT INTO committed_ranges AS c (edge_id, stream, epoch, ranges, dropped) "
-            "SELECT edge_id, stream, epoch, '{}', range_agg(int8range(lo, hi)) "
-            "FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) "
-            "  AS u(edge_id, stream, epoch, lo, hi) "
-            "GROUP BY edge_id, stream, epoch ORDER BY edge_id, stream, epoch "
-            "ON CONFLICT (edge_id, stream, epoch) DO UPDATE "
-            "SET dropped = c.dropped + EXCLUDED.dropped, updated_at = now() "
-            "RETURNING edge_id, stream, epoch, es_watermark(ranges + dropped) AS watermark",
-            [m.edge for m in ordered], [m.stream for m in ordered],
-            [m.epoch for m in ordered], [m.first_seq for m in ordered],
-            [m.last_seq + 1 for m in ordered],
-        )
-        watermarks = [(r["edge_id"], r["stream"], r["epoch"], r["watermark"]) for r in rows]
+        watermarks = await merge_ranges(conn, "dropped", [
+            (m.edge, m.stream, m.epoch, m.first_seq, m.last_seq) for m in markers
+        ])
         return lambda: on_watermarks(watermarks)
 
     return write

@@ -43,6 +43,7 @@ from broker.errors import DecodeError
 from broker.topology import Topology
 from broker.wire import CT_JSON, Batch, decode_batch
 from cloud_ingest.metrics import IngestMetrics
+from cloud_ingest.ranges import merge_ranges
 
 __all__ = ["GroupWriter", "RecordsConsumer", "init_connection"]
 
@@ -153,9 +154,10 @@ class GroupWriter:
                     )
                     dead.extend(rejected)
                     good = [d for i, d in enumerate(good) if i in seen] + fresh
-                watermarks = await self._merge_ranges(
-                    conn, [d.batch for d in good if d.batch is not None]
-                )
+                watermarks = await merge_ranges(conn, "ranges", [
+                    (b.edge, b.stream, b.epoch, b.first_seq, b.last_seq)
+                    for b in (d.batch for d in good) if b is not None
+                ])
             if dead:
                 await conn.executemany(
                     "INSERT INTO dead_letters(subject, headers, data, reason) "
@@ -218,34 +220,6 @@ class GroupWriter:
                 rejected.append((d.msg, f"rejected by PostgreSQL: {type(exc).__name__}: {exc}"))
                 log.warning("batch_dead_lettered", subject=d.msg.subject, error=str(exc))
         return kept, rejected, inserted
-
-    @staticmethod
-    async def _merge_ranges(
-        conn: Connection, batches: Sequence[Batch]
-    ) -> list[tuple[str, str, int, int]]:
-        """Merge the batches' seq ranges into ``committed_ranges``.
-
-        Returns ``(edge, stream, epoch, watermark)`` of every key touched, as seen
-        inside this transaction (so it includes every earlier commit).
-        """
-        if not batches:
-            return []
-        # Sorted: concurrent workers lock the rows in one order, so they never deadlock.
-        ordered = sorted(batches, key=lambda b: (b.edge, b.stream, b.epoch, b.first_seq))
-        rows = await conn.fetch(
-            "INSERT INTO committed_ranges AS c (edge_id, stream, epoch, ranges) "
-            "SELECT edge_id, stream, epoch, range_agg(int8range(lo, hi)) "
-            "FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) "
-            "  AS u(edge_id, stream, epoch, lo, hi) "
-            "GROUP BY edge_id, stream, epoch ORDER BY edge_id, stream, epoch "
-            "ON CONFLICT (edge_id, stream, epoch) DO UPDATE "
-            "SET ranges = c.ranges + EXCLUDED.ranges, updated_at = now() "
-            "RETURNING edge_id, stream, epoch, es_watermark(ranges + dropped) AS watermark",
-            [b.edge for b in ordered], [b.stream for b in ordered],
-            [b.epoch for b in ordered], [b.first_seq for b in ordered],
-            [b.last_seq + 1 for b in ordered],
-        )
-        return [(r["edge_id"], r["stream"], r["epoch"], r["watermark"]) for r in rows]
 
 
 class RecordsConsumer:

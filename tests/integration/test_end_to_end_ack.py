@@ -17,6 +17,7 @@ from broker.settings import ShipperSettings, StreamPolicy
 from broker.topology import Topology
 from broker.wire import CT_JSON, Batch, Record, encode_batch, msg_id
 from cloud_ingest.ingesting import GroupWriter
+from cloud_ingest.ranges import merge_ranges
 from cloud_ingest.schema import migrate
 from edge_bridge.bridge import Bridge
 from edge_bridge.sdk import EdgeClient
@@ -131,12 +132,12 @@ async def test_out_of_order_commits_give_the_contiguous_watermark(pg_dsn: str) -
         tx_a = a.transaction()
         await tx_a.start()
         await writer._insert(a, GroupWriter.rows(_batch(101, 100), 0))
-        marks_a = await writer._merge_ranges(a, [_batch(101, 100)])
+        marks_a = await merge_ranges(a, "ranges", [("e1", "s", 5, 101, 200)])
         # B starts while A holds its row lock, and must wait for A's commit.
         async def write_b() -> list[tuple[str, str, int, int]]:
             async with b.transaction():
                 await writer._insert(b, GroupWriter.rows(_batch(1, 100), 0))
-                return await writer._merge_ranges(b, [_batch(1, 100)])
+                return await merge_ranges(b, "ranges", [("e1", "s", 5, 1, 100)])
 
         task_b = asyncio.create_task(write_b())
         await asyncio.sleep(0.2)

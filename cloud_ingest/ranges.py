@@ -1,0 +1,49 @@
+"""Merging seq ranges into ``committed_ranges``: what is committed, what was dropped.
+
+The one place that writes that table. Both writers run inside the transaction
+that stores what the ranges describe, and get back the contiguous watermark of
+every key they touched as seen inside that transaction (so it includes every
+earlier commit, whatever order parallel workers commit in).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import asyncpg
+
+__all__ = ["Span", "Watermark", "merge_ranges"]
+
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+Span = tuple[str, str, int, int, int]
+"""``(edge, stream, epoch, first_seq, last_seq)``, closed."""
+Watermark = tuple[str, str, int, int]
+"""``(edge, stream, epoch, watermark)``."""
+
+_AGG = "range_agg(int8range(lo, hi))"
+_EMPTY = "'{}'::int8multirange"
+
+
+async def merge_ranges(
+    conn: Connection, column: Literal["ranges", "dropped"], spans: Sequence[Span]
+) -> list[Watermark]:
+    """Add ``spans`` to ``committed_ranges.<column>``; returns the new watermarks."""
+    if not spans:
+        return []
+    # Sorted: concurrent transactions lock the rows in one order, so never deadlock.
+    ordered = sorted(spans)
+    ranges, dropped = (_AGG, _EMPTY) if column == "ranges" else (_EMPTY, _AGG)
+    rows = await conn.fetch(
+        "INSERT INTO committed_ranges AS c (edge_id, stream, epoch, ranges, dropped) "
+        f"SELECT edge_id, stream, epoch, {ranges}, {dropped} "
+        "FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) "
+        "  AS u(edge_id, stream, epoch, lo, hi) "
+        "GROUP BY edge_id, stream, epoch ORDER BY edge_id, stream, epoch "
+        "ON CONFLICT (edge_id, stream, epoch) DO UPDATE "
+        f"SET {column} = c.{column} + EXCLUDED.{column}, updated_at = now() "
+        "RETURNING edge_id, stream, epoch, es_watermark(ranges + dropped) AS watermark",
+        [s[0] for s in ordered], [s[1] for s in ordered], [s[2] for s in ordered],
+        [s[3] for s in ordered], [s[4] + 1 for s in ordered],
+    )
+    return [(r["edge_id"], r["stream"], r["epoch"], r["watermark"]) for r in rows]
