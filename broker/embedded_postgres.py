@@ -48,6 +48,7 @@ import asyncpg
 import structlog
 
 from broker.errors import ClosedError, RuntimeUnavailable
+from broker.processes import die_with_parent
 
 __all__ = ["EmbeddedPostgres", "find_postgres_bindir", "template_dir_for"]
 
@@ -643,7 +644,8 @@ class EmbeddedPostgres:
             args += ["-c", f"{name}={value}"]
         try:
             proc = subprocess.Popen(
-                args,
+                # If we die without stopping it, it stops too: fast shutdown.
+                [*die_with_parent(signal.SIGINT), *args],
                 stdin=subprocess.DEVNULL,
                 stdout=log_fh,
                 stderr=subprocess.STDOUT,

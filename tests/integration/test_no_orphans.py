@@ -1,0 +1,65 @@
+"""Embedded servers do not outlive a process that dies without stopping them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import until
+
+SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from broker.embedded_nats import EmbeddedNats
+from broker.embedded_postgres import EmbeddedPostgres
+
+async def main() -> None:
+    root = Path(sys.argv[1])
+    nats = EmbeddedNats(root / "nats")
+    pg = EmbeddedPostgres(root / "pg")
+    await nats.start()
+    await pg.start()
+    print("PIDS", nats.pid, pg.pid, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for init to reap it is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+async def test_servers_stop_when_their_parent_is_sigkilled(tmp_path: Path) -> None:
+    """SIGKILL the process that started nats-server and PostgreSQL: both stop by
+    themselves (the kernel's parent-death signal), nothing is left running."""
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = ""
+        while not line.startswith("PIDS"):  # structlog also writes to stdout
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+            assert line, "the child exited before starting its servers"
+        nats_pid, pg_pid = (int(x) for x in line.split()[1:])
+        assert _alive(nats_pid) and _alive(pg_pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        for pid in (nats_pid, pg_pid):
+            await until(lambda pid=pid: not _alive(pid), timeout=20,
+                        message=f"server {pid} outlived its parent")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
