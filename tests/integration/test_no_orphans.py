@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.helpers import until
 
@@ -41,6 +44,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv")
 async def test_servers_stop_when_their_parent_is_sigkilled(tmp_path: Path) -> None:
     """SIGKILL the process that started nats-server and PostgreSQL: both stop by
     themselves (the kernel's parent-death signal), nothing is left running."""
