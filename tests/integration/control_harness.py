@@ -29,7 +29,7 @@ from broker.settings import ApiSettings, BridgeSettings, ControlSettings, NatsSe
 from cloud_ingest.api import Api
 from cloud_ingest.service import Ingest
 from tests.helpers import until
-from tests.integration.harness import bridge_settings, running_ingest
+from tests.integration.harness import bridge_settings, running_ingest, serving
 
 __all__ = [
     "CONFIGMAPS",
@@ -119,16 +119,8 @@ async def kube_emulator(tmp_path: Path, emulator: kmock.KubernetesEmulator | Non
 
 @contextlib.asynccontextmanager
 async def running_api(settings: ApiSettings, nats_url: str) -> AsyncIterator[Api]:
-    stop = asyncio.Event()
-    ready = asyncio.Event()
-    async with Api(settings, NatsSettings(url=nats_url)) as api:
-        task = asyncio.create_task(api.serve(stop, ready))
-        await asyncio.wait_for(ready.wait(), 10)
-        try:
-            yield api
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
+    async with serving(Api(settings, NatsSettings(url=nats_url))) as api:
+        yield api
 
 
 @dataclass

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import httpx
@@ -27,6 +28,7 @@ __all__ = [
     "free_port",
     "running_bridge",
     "running_ingest",
+    "serving",
     "wait_for_records",
 ]
 
@@ -43,18 +45,34 @@ def bridge_settings(tmp: Path, edge: str = "edge-1", **overrides: object) -> Bri
     return BridgeSettings(**fields)  # type: ignore[arg-type]
 
 
+class _Service(Protocol):
+    async def __aenter__(self) -> Any: ...
+    async def __aexit__(self, *exc: object) -> None: ...
+    async def serve(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None: ...
+
+
+S = TypeVar("S", bound=_Service)
+
+
 @contextlib.asynccontextmanager
-async def running_bridge(settings: BridgeSettings, nats_url: str) -> AsyncIterator[Bridge]:
+async def serving(service: S) -> AsyncIterator[S]:
+    """Open a service, run its ``serve`` until ready, and stop it cleanly afterwards."""
     stop = asyncio.Event()
     ready = asyncio.Event()
-    async with Bridge(settings, NatsSettings(url=nats_url, publish_timeout_s=2)) as bridge:
-        task = asyncio.create_task(bridge.serve(stop, ready))
+    async with service:
+        task = asyncio.create_task(service.serve(stop, ready))
         await asyncio.wait_for(ready.wait(), 10)
         try:
-            yield bridge
+            yield service
         finally:
             stop.set()
             await asyncio.wait_for(task, 30)
+
+
+@contextlib.asynccontextmanager
+async def running_bridge(settings: BridgeSettings, nats_url: str) -> AsyncIterator[Bridge]:
+    async with serving(Bridge(settings, NatsSettings(url=nats_url, publish_timeout_s=2))) as b:
+        yield b
 
 
 @contextlib.asynccontextmanager
@@ -62,16 +80,8 @@ async def running_ingest(dsn: str, nats_url: str, **overrides: object) -> AsyncI
     fields: dict[str, object] = {"postgres_dsn": dsn, "port": 0, "db_retry_max_s": 0.5}
     fields.update(overrides)
     settings = IngestSettings(**fields)  # type: ignore[arg-type]
-    stop = asyncio.Event()
-    ready = asyncio.Event()
-    async with Ingest(settings, NatsSettings(url=nats_url)) as ingest:
-        task = asyncio.create_task(ingest.serve(stop, ready))
-        await asyncio.wait_for(ready.wait(), 10)
-        try:
-            yield ingest
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
+    async with serving(Ingest(settings, NatsSettings(url=nats_url))) as ingest:
+        yield ingest
 
 
 async def count_records(dsn: str, where: str = "true") -> int:
