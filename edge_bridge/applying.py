@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import json
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -44,6 +43,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel
 
+from broker.backoff import backoff_s
 from broker.command_specs import (
     KINDS,
     BridgeConfigure,
@@ -336,10 +336,10 @@ class KubernetesApplier:
                     raise ApplyFailed(f"conflict persisted after {conflicts} attempts: {exc}"
                                       ) from None
                 log.info("kubernetes_conflict_retried", command=envelope.id, attempt=conflicts)
-                await asyncio.sleep(0.05 * 2 ** min(conflicts, 5) * random.uniform(0.5, 1.0))
+                await asyncio.sleep(backoff_s(conflicts, base_s=0.05, cap_s=1.6))
             except TemporaryError as exc:
                 attempt += 1
-                delay = min(5.0, 0.2 * 2 ** min(attempt, 5)) * random.uniform(0.5, 1.0)
+                delay = backoff_s(attempt, base_s=0.2)
                 if time.time() + delay >= deadline:
                     raise ApplyFailed(f"Kubernetes API unavailable: {exc}") from None
                 log.warning("kubernetes_unavailable", command=envelope.id, attempt=attempt,
@@ -354,19 +354,15 @@ class KubernetesApplier:
             await self._call(self._apps.patch_namespaced_deployment, spec.name, spec.namespace,
                              {"spec": {"replicas": spec.replicas}}, content_type=_MERGE)
             return {"replicas": spec.replicas, "previous_replicas": previous}
-        if isinstance(spec, DeploymentSetEnv):
+        if isinstance(spec, DeploymentSetEnv | DeploymentSetImage):
             current = await self._call(self._apps.read_namespaced_deployment,
                                        spec.name, spec.namespace)
-            ops, summary = set_env_patch(current, spec.container, spec.env)
-            if ops:
-                await self._call(self._apps.patch_namespaced_deployment, spec.name,
-                                 spec.namespace, ops, content_type=_JSON_PATCH)
-            return summary
-        if isinstance(spec, DeploymentSetImage):
-            current = await self._call(self._apps.read_namespaced_deployment,
-                                       spec.name, spec.namespace)
-            ops, summary = set_image_patch(current, spec.container, spec.image)
-            if ops:
+            ops, summary = (
+                set_env_patch(current, spec.container, spec.env)
+                if isinstance(spec, DeploymentSetEnv)
+                else set_image_patch(current, spec.container, spec.image)
+            )
+            if ops:  # JSON Patch by index: every other env var, container and the image stay
                 await self._call(self._apps.patch_namespaced_deployment, spec.name,
                                  spec.namespace, ops, content_type=_JSON_PATCH)
             return summary

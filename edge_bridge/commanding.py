@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 import secrets
 import sqlite3
 import time
@@ -51,6 +50,7 @@ from nats.js.errors import FetchTimeoutError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel
 
+from broker.backoff import backoff_s
 from broker.command_specs import BridgeConfigure
 from broker.commands import CommandRejected, OpenedCommand, load_public_keys
 from broker.errors import ClosedError
@@ -409,7 +409,7 @@ class ControlChannel:
                 raise
             except Exception as exc:
                 attempt += 1
-                delay = min(5.0, 0.2 * 2 ** min(attempt, 5)) * random.uniform(0.5, 1.0)
+                delay = backoff_s(attempt, base_s=0.2)
                 log.warning("control_subscribe_failed", attempt=attempt,
                             retry_in_s=round(delay, 2), error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(delay)
@@ -595,7 +595,7 @@ class ControlChannel:
                     raise
                 except Exception as exc:
                     failures += 1
-                    delay = min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
+                    delay = backoff_s(failures)
                     log.warning("command_status_publish_failed", attempt=failures,
                                 retry_in_s=round(delay, 2), error=f"{type(exc).__name__}: {exc}")
                     await asyncio.sleep(delay)
