@@ -26,8 +26,8 @@ from bench.procs import start_self_profile, stop_profile
 from bench.profiles import PROFILES, Profile
 from bench.results import ScenarioResult, markdown, rich_tables
 from bench.scenarios import SCENARIOS
-from broker.embedded_postgres import EmbeddedPostgres
 from broker.logs import configure_logging
+from broker.runtime.embedded_postgres import EmbeddedPostgres
 
 __all__ = ["build_parser", "main"]
 

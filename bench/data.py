@@ -1,6 +1,6 @@
 """The records every scenario sends, and their shapes on each path.
 
-Synthetic telemetry from :func:`broker.local_run.synthetic_telemetry` (about
+Synthetic telemetry from :func:`broker.cli.local_run.synthetic_telemetry` (about
 180 bytes of JSON: numbers, strings, a nested map and a list), from a fixed
 seed. A pool of distinct payloads is generated once and cycled, so that large
 scenarios do not spend the driver's CPU on generating data; the pool is larger
@@ -26,9 +26,9 @@ from typing import Any, Final
 
 import msgspec
 
-from broker.local_run import synthetic_telemetry
+from broker.cli.local_run import synthetic_telemetry
+from broker.protocol.wire import CT_JSON, WIRE_VERSION, Batch, Record
 from broker.settings import ShipperSettings
-from broker.wire import CT_JSON, WIRE_VERSION, Batch, Record
 from edge_bridge.buffering import RECORD_OVERHEAD_BYTES
 
 __all__ = [

@@ -26,8 +26,8 @@ import nats
 from nats.aio.client import Client as NATS
 
 from bench.procs import CpuMeter, PostgresCpu, ProcessCpu, ServiceProcess
-from broker.embedded_nats import EmbeddedNats, find_nats_server
-from broker.embedded_postgres import EmbeddedPostgres, find_postgres_bindir
+from broker.runtime.embedded_nats import EmbeddedNats, find_nats_server
+from broker.runtime.embedded_postgres import EmbeddedPostgres, find_postgres_bindir
 from cloud_ingest.schema import migrate
 
 __all__ = ["BenchEnv", "connect_nats", "free_port", "machine_info", "metric_total"]

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from broker.tokens import TOKEN_PATTERN, validate_token
+from broker.protocol.tokens import TOKEN_PATTERN, validate_token
 
 __all__ = [
     "ApiSettings",

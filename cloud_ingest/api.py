@@ -49,7 +49,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
 from broker import __version__
-from broker.command_specs import (
+from broker.connecting import close_nats, connect_with_retry
+from broker.errors import ClosedError, ConfigError
+from broker.protocol.command_specs import (
     BridgeConfigure,
     ConfigMapPatch,
     DeploymentRestart,
@@ -57,13 +59,11 @@ from broker.command_specs import (
     DeploymentSetEnv,
     DeploymentSetImage,
 )
-from broker.commands import CommandSigner, new_envelope
-from broker.connecting import close_nats, connect_with_retry
-from broker.errors import ClosedError, ConfigError
+from broker.protocol.commands import CommandSigner, new_envelope
+from broker.protocol.tokens import is_valid_token
+from broker.protocol.topology import Topology
 from broker.serving import embedded_server
 from broker.settings import ApiSettings, NatsSettings
-from broker.tokens import is_valid_token
-from broker.topology import Topology
 from cloud_ingest.command_status import expire_overdue
 from cloud_ingest.pooling import close_pool, connect_pool
 from cloud_ingest.schema import migrate

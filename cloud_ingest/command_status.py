@@ -33,7 +33,7 @@ import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
-from broker.events import CommandStatus
+from broker.protocol.events import CommandStatus
 
 __all__ = ["FINAL_STATUSES", "STATUSES", "CommandStatusWriter", "expire_overdue"]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from broker.events import DropMarker
+from broker.protocol.events import DropMarker
 from cloud_ingest.edge_tracking import AfterCommit
 from cloud_ingest.ranges import merge_ranges
 

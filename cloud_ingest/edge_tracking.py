@@ -25,8 +25,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import FetchTimeoutError
 
 from broker.errors import DecodeError
-from broker.events import Heartbeat, decode_event
-from broker.topology import Topology
+from broker.protocol.events import Heartbeat, decode_event
+from broker.protocol.topology import Topology
 from cloud_ingest.metrics import IngestMetrics
 
 __all__ = ["AfterCommit", "EdgeTracker", "EventWriter"]

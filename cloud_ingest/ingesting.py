@@ -40,8 +40,8 @@ from nats.js.errors import FetchTimeoutError
 
 from broker.backoff import backoff_s
 from broker.errors import DecodeError
-from broker.topology import Topology
-from broker.wire import CT_JSON, Batch, decode_batch
+from broker.protocol.topology import Topology
+from broker.protocol.wire import CT_JSON, Batch, decode_batch
 from cloud_ingest.metrics import IngestMetrics
 from cloud_ingest.ranges import merge_ranges
 

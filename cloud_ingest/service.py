@@ -24,10 +24,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from broker.connecting import close_nats, connect_with_retry
 from broker.errors import ClosedError
-from broker.events import CommandStatus, DropMarker
+from broker.protocol.events import CommandStatus, DropMarker
+from broker.protocol.topology import Topology
 from broker.serving import embedded_server, listen_tcp
 from broker.settings import IngestSettings, NatsSettings
-from broker.topology import Topology
 from cloud_ingest.command_status import CommandStatusWriter
 from cloud_ingest.completeness import drop_marker_writer
 from cloud_ingest.edge_tracking import EdgeTracker

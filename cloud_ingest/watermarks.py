@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from broker.topology import Topology
+from broker.protocol.topology import Topology
 
 __all__ = ["WatermarkPublisher", "ensure_watermark_bucket"]
 

@@ -25,8 +25,8 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from broker.errors import ClosedError
-from broker.events import DropMarker, encode_event
-from broker.topology import Topology
+from broker.protocol.events import DropMarker, encode_event
+from broker.protocol.topology import Topology
 from edge_bridge.buffering import Buffer
 from edge_bridge.shipping import Shipper
 

@@ -44,7 +44,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel
 
 from broker.backoff import backoff_s
-from broker.command_specs import (
+from broker.errors import EdgesyncError, InvalidInput, TemporaryError
+from broker.protocol.command_specs import (
     KINDS,
     BridgeConfigure,
     ConfigMapPatch,
@@ -55,8 +56,7 @@ from broker.command_specs import (
     KubernetesTarget,
     parse_spec,
 )
-from broker.commands import CommandEnvelope, CommandRejected, OpenedCommand, open_command
-from broker.errors import EdgesyncError, InvalidInput, TemporaryError
+from broker.protocol.commands import CommandEnvelope, CommandRejected, OpenedCommand, open_command
 from broker.settings import ControlSettings
 
 __all__ = [

@@ -27,10 +27,10 @@ from nats.js import JetStreamContext
 from broker import __version__
 from broker.connecting import close_nats, connect_with_retry
 from broker.errors import ClosedError
-from broker.events import Heartbeat, StreamHealth, encode_event
+from broker.protocol.events import Heartbeat, StreamHealth, encode_event
+from broker.protocol.topology import Topology
 from broker.serving import EmbeddedServer, embedded_server, listen_tcp
 from broker.settings import BridgeSettings, NatsSettings
-from broker.topology import Topology
 from edge_bridge.acknowledging import DropReporter, WatermarkFollower
 from edge_bridge.buffering import Buffer
 from edge_bridge.configuring import RuntimeConfig
@@ -39,7 +39,7 @@ from edge_bridge.metrics import BridgeMetrics
 from edge_bridge.shipping import Shipper
 
 if TYPE_CHECKING:
-    from broker.command_specs import BridgeConfigure
+    from broker.protocol.command_specs import BridgeConfigure
     from edge_bridge.commanding import ControlChannel
 
 __all__ = ["Bridge", "run"]

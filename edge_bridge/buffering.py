@@ -45,8 +45,8 @@ import msgspec
 import structlog
 
 from broker.errors import BufferFull, ClosedError, InvalidInput
+from broker.protocol.wire import Record, array_header
 from broker.settings import StreamPolicy
-from broker.wire import Record, array_header
 from edge_bridge.salvaging import Salvage, salvage
 
 __all__ = [

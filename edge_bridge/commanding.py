@@ -51,12 +51,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel
 
 from broker.backoff import backoff_s
-from broker.command_specs import BridgeConfigure
-from broker.commands import CommandRejected, OpenedCommand, load_public_keys
 from broker.errors import ClosedError
-from broker.events import CommandStatus, encode_event
+from broker.protocol.command_specs import BridgeConfigure
+from broker.protocol.commands import CommandRejected, OpenedCommand, load_public_keys
+from broker.protocol.events import CommandStatus, encode_event
+from broker.protocol.topology import Topology
 from broker.settings import ControlSettings
-from broker.topology import Topology
 from edge_bridge.applying import Appliers, ApplyFailed, CommandGate, KubernetesApplier
 
 __all__ = ["CONTROL_DB", "ControlChannel", "ControlStore", "Remembered"]

@@ -28,9 +28,13 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import ValidationError
 
-from broker.command_specs import BridgeConfigure, StreamPolicyChange, describe_validation_error
 from broker.errors import ConfigError, InvalidInput
 from broker.logs import set_level
+from broker.protocol.command_specs import (
+    BridgeConfigure,
+    StreamPolicyChange,
+    describe_validation_error,
+)
 from broker.settings import BridgeSettings, ShipperSettings, StreamPolicy
 
 __all__ = ["OVERRIDES_FILE", "RuntimeConfig"]

@@ -23,9 +23,9 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from broker.errors import BufferFull, ClosedError, InvalidInput, RecordTooLarge
-from broker.tokens import TOKEN_PATTERN, is_valid_token
-from broker.wire import CT_JSON, CT_RAW, Record
-from edge_bridge.sdk._protocol import IngressRequest
+from broker.protocol.ingress import IngressRequest
+from broker.protocol.tokens import TOKEN_PATTERN, is_valid_token
+from broker.protocol.wire import CT_JSON, CT_RAW, Record
 
 if TYPE_CHECKING:
     from edge_bridge.bridge import Bridge

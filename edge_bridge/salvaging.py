@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import msgspec
 
-from broker.wire import Record, array_header
+from broker.protocol.wire import Record, array_header
 
 __all__ = ["Salvage", "salvage"]
 

@@ -24,9 +24,9 @@ import structlog
 from nats.js import JetStreamContext
 
 from broker.backoff import backoff_s
+from broker.protocol.topology import Topology
+from broker.protocol.wire import compress_body, encode_batch_parts, msg_id
 from broker.settings import ShipperSettings, StreamPolicy
-from broker.topology import Topology
-from broker.wire import compress_body, encode_batch_parts, msg_id
 from edge_bridge.buffering import Buffer, StoredRun
 from edge_bridge.metrics import BridgeMetrics
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from broker.embedded_nats import EmbeddedNats
-from broker.embedded_postgres import EmbeddedPostgres
+from broker.runtime.embedded_nats import EmbeddedNats
+from broker.runtime.embedded_postgres import EmbeddedPostgres
 from tests.helpers import PgCluster, dsn_from_env
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
-from broker.embedded_postgres import EmbeddedPostgres
+from broker.runtime.embedded_postgres import EmbeddedPostgres
 
 __all__ = ["PgCluster", "dsn_from_env", "until"]
 

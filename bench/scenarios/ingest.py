@@ -1,7 +1,7 @@
 """Scenario 1: ingest, JetStream -> PostgreSQL, exactly once; beside its baselines.
 
 - *edgesync*: N records pre-loaded into ``ES_RECORDS`` as the shipper's batches
-  (published directly with ``broker.wire.encode_batch``); then the ingest
+  (published directly with ``broker.protocol.wire.encode_batch``); then the ingest
   starts as its own process (``python -m broker ingest``) and is timed from
   its ``ingest_started`` log line to the moment ``committed_ranges`` counts N.
 - *replay*: a second ingest process with a new durable consumer receives the
@@ -39,8 +39,8 @@ from bench.driving import committed_records, wait_for
 from bench.env import BenchEnv, connect_nats
 from bench.profiles import Profile
 from bench.results import ScenarioResult
-from broker.topology import Topology
-from broker.wire import encode_batch, msg_id
+from broker.protocol.topology import Topology
+from broker.protocol.wire import encode_batch, msg_id
 from cloud_ingest.ingesting import GroupWriter, init_connection
 
 __all__ = ["run"]

@@ -23,9 +23,9 @@ from bench.data import EDGE, STREAM, Pool, batches, json_message, json_msg_id
 from bench.env import BenchEnv
 from bench.profiles import Profile
 from bench.results import ScenarioResult
+from broker.protocol.topology import Topology
+from broker.protocol.wire import encode_batch, msg_id
 from broker.settings import ShipperSettings
-from broker.topology import Topology
-from broker.wire import encode_batch, msg_id
 
 __all__ = ["hpub_bytes", "run"]
 

@@ -36,9 +36,7 @@ import msgspec
 import structlog
 
 from broker.errors import BufferFull, ClosedError, InvalidInput, RecordTooLarge, TemporaryError
-from broker.tokens import validate_token
-from broker.wire import CT_RAW, Record
-from edge_bridge.sdk._protocol import (
+from broker.protocol.ingress import (
     CONTENT_TYPE,
     MAX_PRODUCER_CHARS,
     IngressRequest,
@@ -49,6 +47,8 @@ from edge_bridge.sdk._protocol import (
     records_path,
     to_ts_us,
 )
+from broker.protocol.tokens import validate_token
+from broker.protocol.wire import CT_RAW, Record
 
 __all__ = ["ClientStats", "EdgeClient", "RecordAck"]
 

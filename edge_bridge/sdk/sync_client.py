@@ -19,7 +19,7 @@ from typing import Final
 import httpx
 
 from broker.errors import ClosedError
-from broker.wire import Record
+from broker.protocol.wire import Record
 from edge_bridge.sdk.client import ClientStats, EdgeClient, RecordAck
 
 __all__ = ["SyncEdgeClient"]

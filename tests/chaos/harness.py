@@ -40,8 +40,8 @@ from typing import Any
 import asyncpg
 import httpx
 
-from broker.embedded_nats import EmbeddedNats
-from broker.embedded_postgres import EmbeddedPostgres
+from broker.runtime.embedded_nats import EmbeddedNats
+from broker.runtime.embedded_postgres import EmbeddedPostgres
 from edge_bridge.sdk import EdgeClient, RecordAck
 from tests.helpers import until
 from tests.integration.harness import free_port

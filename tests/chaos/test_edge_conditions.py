@@ -10,7 +10,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from broker.wire import CT_JSON, Batch, Record, encode_batch
+from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch
 from tests.chaos.harness import ChaosSystem, Load, chaos_system
 from tests.helpers import until
 

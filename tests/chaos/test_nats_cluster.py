@@ -9,7 +9,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from broker.embedded_nats import EmbeddedNats
+from broker.runtime.embedded_nats import EmbeddedNats
 from tests.chaos.harness import ChaosSystem, Load
 from tests.helpers import until
 from tests.integration.harness import free_port

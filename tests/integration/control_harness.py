@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import kmock
 
-from broker.commands import generate_key_pair
+from broker.protocol.commands import generate_key_pair
 from broker.settings import ApiSettings, BridgeSettings, ControlSettings, NatsSettings
 from cloud_ingest.api import Api
 from cloud_ingest.service import Ingest

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import asyncpg
 
-from broker.embedded_nats import EmbeddedNats
+from broker.runtime.embedded_nats import EmbeddedNats
 from edge_bridge.sdk import EdgeClient, RecordAck
 from tests.helpers import until
 from tests.integration.harness import BridgeProcess, bridge_settings, free_port, running_ingest

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from broker.embedded_nats import EmbeddedNats
+from broker.runtime.embedded_nats import EmbeddedNats
 from tests.integration.control_harness import ControlPlane, control_plane
 from tests.integration.harness import bridge_settings, running_bridge
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.embedded_nats import EmbeddedNats
+from broker.runtime.embedded_nats import EmbeddedNats
 from edge_bridge.bridge import Bridge
 from edge_bridge.sdk import EdgeClient
 from tests.integration.control_harness import control_plane

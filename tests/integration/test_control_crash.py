@@ -13,7 +13,7 @@ from pathlib import Path
 import attrs
 import kmock
 
-from broker.embedded_nats import EmbeddedNats
+from broker.runtime.embedded_nats import EmbeddedNats
 from edge_bridge.commanding import CONTROL_DB
 from tests.helpers import until
 from tests.integration.control_harness import DEPLOYMENTS, control_plane, kube_emulator

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from broker.embedded_nats import EmbeddedNats
+from broker.runtime.embedded_nats import EmbeddedNats
 from edge_bridge.applying import RESTARTED_AT_ANNOTATION
 from tests.integration.control_harness import (
     CONFIGMAPS,

@@ -13,8 +13,8 @@ import kmock
 import pytest
 from kmock import KubernetesError
 
-from broker.command_specs import parse_spec
-from broker.commands import CommandEnvelope, new_envelope
+from broker.protocol.command_specs import parse_spec
+from broker.protocol.commands import CommandEnvelope, new_envelope
 from broker.settings import ControlSettings
 from edge_bridge.applying import ApplyFailed, KubernetesApplier
 from tests.integration.control_harness import DEPLOYMENTS, kube_emulator

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from broker.embedded_nats import EmbeddedNats
+from broker.runtime.embedded_nats import EmbeddedNats
 from tests.helpers import until
 from tests.integration.control_harness import DEPLOYMENTS, control_plane, kube_emulator
 from tests.integration.harness import running_bridge

@@ -17,8 +17,8 @@ import msgspec
 import nats
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker.commands import CommandSigner, SignedCommand, load_private_key, new_envelope
-from broker.embedded_nats import EmbeddedNats
+from broker.protocol.commands import CommandSigner, SignedCommand, load_private_key, new_envelope
+from broker.runtime.embedded_nats import EmbeddedNats
 from tests.helpers import until
 from tests.integration.control_harness import (
     CONFIGMAPS,

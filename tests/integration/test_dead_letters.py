@@ -7,8 +7,8 @@ from pathlib import Path
 import asyncpg
 import nats
 
-from broker.embedded_nats import EmbeddedNats
-from broker.wire import CT_JSON, Batch, Record, encode_batch
+from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch
+from broker.runtime.embedded_nats import EmbeddedNats
 from tests.helpers import until
 from tests.integration.harness import running_ingest, wait_for_records
 

@@ -16,9 +16,9 @@ import asyncpg
 import nats
 import pytest
 
-from broker.embedded_nats import EmbeddedNats, find_nats_server
-from broker.embedded_postgres import EmbeddedPostgres, find_postgres_bindir
 from broker.errors import RuntimeUnavailable
+from broker.runtime.embedded_nats import EmbeddedNats, find_nats_server
+from broker.runtime.embedded_postgres import EmbeddedPostgres, find_postgres_bindir
 from tests.helpers import PgCluster, until
 
 

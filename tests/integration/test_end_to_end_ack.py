@@ -12,10 +12,10 @@ import asyncpg
 import httpx
 import nats
 
-from broker.embedded_nats import EmbeddedNats
+from broker.protocol.topology import Topology
+from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch, msg_id
+from broker.runtime.embedded_nats import EmbeddedNats
 from broker.settings import ShipperSettings, StreamPolicy
-from broker.topology import Topology
-from broker.wire import CT_JSON, Batch, Record, encode_batch, msg_id
 from cloud_ingest.ingesting import GroupWriter
 from cloud_ingest.ranges import merge_ranges
 from cloud_ingest.schema import migrate
@@ -292,7 +292,7 @@ async def test_zstd_batches_are_ingested_identically(
     ratio of bytes on the wire is printed for the record."""
     import random
 
-    from broker.local_run import synthetic_telemetry
+    from broker.cli.local_run import synthetic_telemetry
 
     plain = bridge_settings(tmp_path, "plain")
     packed = bridge_settings(tmp_path, "packed", shipper=ShipperSettings(

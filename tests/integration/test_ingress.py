@@ -9,9 +9,9 @@ import httpx
 import msgspec
 import pytest
 
-from broker.embedded_nats import EmbeddedNats
-from broker.wire import CT_JSON, Record
-from edge_bridge.sdk._protocol import IngressRequest
+from broker.protocol.ingress import IngressRequest
+from broker.protocol.wire import CT_JSON, Record
+from broker.runtime.embedded_nats import EmbeddedNats
 from tests.integration.harness import (
     bridge_settings,
     count_records,

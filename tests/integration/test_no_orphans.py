@@ -17,8 +17,8 @@ from tests.helpers import until
 SCRIPT = """
 import asyncio, sys
 from pathlib import Path
-from broker.embedded_nats import EmbeddedNats
-from broker.embedded_postgres import EmbeddedPostgres
+from broker.runtime.embedded_nats import EmbeddedNats
+from broker.runtime.embedded_postgres import EmbeddedPostgres
 
 async def main() -> None:
     root = Path(sys.argv[1])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import asyncpg
 
-from broker.embedded_nats import EmbeddedNats
-from broker.embedded_postgres import EmbeddedPostgres
+from broker.runtime.embedded_nats import EmbeddedNats
+from broker.runtime.embedded_postgres import EmbeddedPostgres
 from edge_bridge.sdk import EdgeClient
 from tests.helpers import until
 from tests.integration.harness import (

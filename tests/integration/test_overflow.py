@@ -7,8 +7,8 @@ from pathlib import Path
 import httpx
 import nats
 
-from broker.embedded_nats import EmbeddedNats
-from broker.events import Heartbeat, decode_event
+from broker.protocol.events import Heartbeat, decode_event
+from broker.runtime.embedded_nats import EmbeddedNats
 from broker.settings import StreamPolicy
 from edge_bridge.sdk import EdgeClient
 from tests.helpers import until

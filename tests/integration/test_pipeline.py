@@ -9,7 +9,7 @@ from pathlib import Path
 
 import asyncpg
 
-from broker.embedded_nats import EmbeddedNats
+from broker.runtime.embedded_nats import EmbeddedNats
 from edge_bridge.sdk import EdgeClient, RecordAck
 from tests.integration.harness import (
     bridge_settings,

@@ -9,8 +9,8 @@ import msgspec
 import pytest
 
 from broker.errors import BufferFull, ClosedError, InvalidInput
+from broker.protocol.wire import CT_JSON, Record, array_header
 from broker.settings import StreamPolicy
-from broker.wire import CT_JSON, Record, array_header
 from edge_bridge.buffering import Buffer, StoredRun, record_size
 
 

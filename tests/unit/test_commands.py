@@ -11,8 +11,9 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker import command_specs
-from broker.commands import (
+from broker.errors import ConfigError
+from broker.protocol import command_specs
+from broker.protocol.commands import (
     CommandEnvelope,
     CommandRejected,
     CommandSigner,
@@ -25,7 +26,6 @@ from broker.commands import (
     new_envelope,
     open_command,
 )
-from broker.errors import ConfigError
 from broker.settings import ControlSettings
 from edge_bridge.applying import CommandGate
 

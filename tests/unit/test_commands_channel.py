@@ -13,11 +13,16 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CollectorRegistry
 
-from broker.command_specs import BridgeConfigure
-from broker.commands import CommandSigner, generate_key_pair, load_private_key, new_envelope
-from broker.events import CommandStatus, decode_event
+from broker.protocol.command_specs import BridgeConfigure
+from broker.protocol.commands import (
+    CommandSigner,
+    generate_key_pair,
+    load_private_key,
+    new_envelope,
+)
+from broker.protocol.events import CommandStatus, decode_event
+from broker.protocol.topology import Topology
 from broker.settings import ControlSettings
-from broker.topology import Topology
 from edge_bridge.commanding import ControlChannel
 
 

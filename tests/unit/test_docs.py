@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from broker.settings_reference import BEGIN, END, settings_reference
+from broker.cli.settings_reference import BEGIN, END, settings_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -23,7 +23,8 @@ import structlog
 
 import edge_bridge.sdk
 from broker import errors
-from broker.wire import Record
+from broker.protocol.ingress import IngressRequest
+from broker.protocol.wire import Record
 from edge_bridge.sdk import (
     BufferFull,
     ClosedError,
@@ -34,7 +35,6 @@ from edge_bridge.sdk import (
     SyncEdgeClient,
     TemporaryError,
 )
-from edge_bridge.sdk._protocol import IngressRequest
 from edge_bridge.sdk.client import RETRY_AFTER_MIN_S, _retry_after_s
 
 WAIT_S = 10.0

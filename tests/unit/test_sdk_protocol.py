@@ -12,8 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker.errors import InvalidInput
-from broker.wire import CT_JSON, CT_RAW, Record
-from edge_bridge.sdk._protocol import (
+from broker.protocol.ingress import (
     IngressRequest,
     IngressResponse,
     check_headers,
@@ -22,6 +21,7 @@ from edge_bridge.sdk._protocol import (
     records_path,
     to_ts_us,
 )
+from broker.protocol.wire import CT_JSON, CT_RAW, Record
 
 # -- payloads -----------------------------------------------------------------------------
 

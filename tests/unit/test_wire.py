@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.errors import DecodeError
-from broker.wire import (
+from broker.protocol.wire import (
     CT_JSON,
     CT_RAW,
     ENCODING_HEADER,

@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from broker.errors import CommandRejected, ConfigError
-from broker.tokens import validate_token
+from broker.protocol.tokens import validate_token
 
 __all__ = [
     "ENVELOPE_VERSION",
@@ -76,7 +76,7 @@ class CommandEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A UUID (lower-case, hyphenated); the edge applies each id at most once."""
     edge: str
     kind: str
-    """``deployment.scale``, ``bridge.configure``, ... (see :mod:`broker.command_specs`)."""
+    """``deployment.scale``, ``bridge.configure``, ... (see :mod:`.command_specs`)."""
     spec: dict[str, Any]
     issued_at: float
     """Unix seconds (millisecond precision), the issuer's clock."""

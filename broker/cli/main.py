@@ -4,7 +4,7 @@
 service against external NATS/PostgreSQL from ``EDGESYNC_*`` settings;
 ``status`` reads edges, backlog and committed counts from PostgreSQL; ``cmd``
 sends control commands through the API and ``keys`` makes their signing keys
-(:mod:`broker.command_cli`).
+(:mod:`broker.cli.commands`).
 Service imports are lazy so ``edgesync --help`` stays fast.
 """
 
@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from broker.command_cli import cmd_app, keys_app
+from broker.cli.commands import cmd_app, keys_app
 from broker.errors import EdgesyncError
 from broker.logs import configure_logging
 from broker.settings import Settings
@@ -66,7 +66,7 @@ def up(
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "warning",
 ) -> None:
     """Run the whole system on this machine: NATS, PostgreSQL, ingest, bridges."""
-    from broker.local_run import LocalRunOptions, run_local
+    from broker.cli.local_run import LocalRunOptions, run_local
 
     configure_logging(log_level, "console")
     options = LocalRunOptions(state_dir=state_dir, edges=edges, simulate_rate=simulate,
@@ -227,7 +227,7 @@ def settings_cmd(
                              "(docs/operations.md) instead of printing it.")] = None,
 ) -> None:
     """Print every EDGESYNC_* setting with its default and meaning."""
-    from broker.settings_reference import BEGIN, END, settings_reference
+    from broker.cli.settings_reference import BEGIN, END, settings_reference
 
     table = settings_reference()
     if write_docs is None:

@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
-from broker.tokens import validate_token
+from broker.protocol.tokens import validate_token
 
 __all__ = ["Topology"]
 

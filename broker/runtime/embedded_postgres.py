@@ -15,7 +15,7 @@ runs as the unprivileged ``postgres`` OS user (created as ``edgesync-pg`` if
 absent), and the data directory is owned by it.
 
 ``postgres`` is run directly as our child (no ``pg_ctl``), so its pid is the
-postmaster's and chaos tests can SIGKILL it. Like :mod:`broker.embedded_nats`
+postmaster's and chaos tests can SIGKILL it. Like :mod:`broker.runtime.embedded_nats`
 the process is a plain :class:`subprocess.Popen`, polled, so an instance may
 be started in one event loop and stopped in another.
 """
@@ -48,7 +48,7 @@ import asyncpg
 import structlog
 
 from broker.errors import ClosedError, RuntimeUnavailable
-from broker.processes import die_with_parent
+from broker.runtime.processes import die_with_parent
 
 __all__ = ["EmbeddedPostgres", "find_postgres_bindir", "template_dir_for"]
 

@@ -3,7 +3,7 @@
 This module is the single definition of the ingress wire shapes; both the SDK
 (which encodes :class:`IngressRequest`) and the bridge's ingress (which decodes
 it) import it. It therefore depends on nothing but msgspec and
-:mod:`broker.wire`, so importing it is cheap on both sides.
+:mod:`broker.protocol.wire`, so importing it is cheap on both sides.
 
 ::
 
@@ -16,7 +16,7 @@ it) import it. It therefore depends on nothing but msgspec and
     503 + Retry-After                                    buffer full: retry later
 
 The conversion helpers turn what an application hands to ``publish`` into the
-fields of a :class:`broker.wire.Record`, raising
+fields of a :class:`broker.protocol.wire.Record`, raising
 :class:`~broker.errors.InvalidInput` with a reason for anything the bridge
 would reject, so a bad record fails alone at ``publish`` instead of poisoning
 the whole batch it would have travelled in.
@@ -33,7 +33,7 @@ from typing import Annotated, Final
 import msgspec
 
 from broker.errors import InvalidInput
-from broker.wire import CT_JSON, CT_RAW, MAX_KEY_CHARS, Record
+from broker.protocol.wire import CT_JSON, CT_RAW, MAX_KEY_CHARS, Record
 
 __all__ = [
     "CONTENT_TYPE",

@@ -36,7 +36,7 @@ from typing import IO, Self
 import structlog
 
 from broker.errors import RuntimeUnavailable
-from broker.processes import die_with_parent
+from broker.runtime.processes import die_with_parent
 
 __all__ = ["EmbeddedNats", "find_nats_server"]
 
@@ -210,7 +210,7 @@ class EmbeddedNats:
         binary = find_nats_server()
         self._store_dir.mkdir(parents=True, exist_ok=True)
         args = [
-            # If we die without stopping it, it stops too (see broker.processes).
+            # If we die without stopping it, it stops too (see broker.runtime.processes).
             *die_with_parent(signal.SIGTERM),
             str(binary),
             "-a",

@@ -29,9 +29,9 @@ from typing import Any
 
 import structlog
 
-from broker.commands import generate_key_pair
-from broker.embedded_nats import EmbeddedNats
-from broker.embedded_postgres import EmbeddedPostgres
+from broker.protocol.commands import generate_key_pair
+from broker.runtime.embedded_nats import EmbeddedNats
+from broker.runtime.embedded_postgres import EmbeddedPostgres
 from broker.settings import (
     ApiSettings,
     BridgeSettings,

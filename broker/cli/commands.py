@@ -398,8 +398,8 @@ def generate(
     force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
 ) -> None:
     """Write an Ed25519 key pair: NAME.key (private, for the API) and NAME.pub (for bridges)."""
-    from broker.commands import generate_key_pair, key_id, load_private_key
     from broker.errors import ConfigError
+    from broker.protocol.commands import generate_key_pair, key_id, load_private_key
 
     try:
         private, public = generate_key_pair(out_dir, name, force=force)

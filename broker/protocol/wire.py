@@ -17,7 +17,7 @@ import msgspec
 import zstandard
 
 from broker.errors import DecodeError
-from broker.tokens import is_valid_token
+from broker.protocol.tokens import is_valid_token
 
 __all__ = [
     "CT_JSON",

@@ -22,8 +22,8 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from broker.errors import InvalidInput
+from broker.protocol.tokens import TOKEN_PATTERN
 from broker.settings import StreamPolicy
-from broker.tokens import TOKEN_PATTERN
 
 __all__ = [
     "KINDS",
