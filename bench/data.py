@@ -29,7 +29,7 @@ import msgspec
 from broker.cli.local_run import synthetic_telemetry
 from broker.protocol.wire import CT_JSON, WIRE_VERSION, Batch, Record
 from broker.settings import ShipperSettings
-from edge_bridge.buffering import RECORD_OVERHEAD_BYTES
+from edge_bridge.buffer import STORED_RECORD_OVERHEAD_BYTES
 
 __all__ = [
     "EDGE",
@@ -99,7 +99,7 @@ def batches(pool: Pool, n: int, *, settings: ShipperSettings | None = None,
     nbytes = 0
     first = 1
     for seq, rec in enumerate(pool.records(n, ts_us=ts_us), 1):
-        size = len(rec.payload) + len(rec.key or "") + RECORD_OVERHEAD_BYTES
+        size = len(rec.payload) + len(rec.key or "") + STORED_RECORD_OVERHEAD_BYTES
         if current and (len(current) >= limits.batch_max_records
                         or nbytes + size > limits.batch_max_bytes):
             out.append(Batch(WIRE_VERSION, EDGE, STREAM, EPOCH, first, current))

@@ -27,7 +27,7 @@ from nats.js.kv import KeyValue
 from broker.errors import ClosedError
 from broker.protocol.events import DropMarker, encode_event
 from broker.protocol.topology import Topology
-from edge_bridge.buffering import Buffer
+from edge_bridge.buffer import Buffer
 from edge_bridge.shipping import Shipper
 
 __all__ = ["DropReporter", "WatermarkFollower"]

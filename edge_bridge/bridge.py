@@ -32,7 +32,7 @@ from broker.protocol.topology import Topology
 from broker.serving import EmbeddedServer, embedded_server, listen_tcp
 from broker.settings import BridgeSettings, NatsSettings
 from edge_bridge.acknowledging import DropReporter, WatermarkFollower
-from edge_bridge.buffering import Buffer
+from edge_bridge.buffer import Buffer
 from edge_bridge.configuring import RuntimeConfig
 from edge_bridge.ingress import create_app
 from edge_bridge.metrics import BridgeMetrics

@@ -27,7 +27,7 @@ from broker.backoff import backoff_s
 from broker.protocol.topology import Topology
 from broker.protocol.wire import compress_body, encode_batch_parts, msg_id
 from broker.settings import ShipperSettings, StreamPolicy
-from edge_bridge.buffering import Buffer, StoredRun
+from edge_bridge.buffer import Buffer, StoredRun
 from edge_bridge.metrics import BridgeMetrics
 
 __all__ = ["Shipper"]

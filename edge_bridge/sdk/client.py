@@ -63,8 +63,9 @@ MAX_RETRY_TIMEOUT_S: Final = 300.0
 window; a retry after it could be stored a second time."""
 RETRY_AFTER_MIN_S: Final = 0.05
 """Floor under a bridge's Retry-After, so ``Retry-After: 0`` cannot spin."""
-RECORD_OVERHEAD_BYTES: Final = 16
-"""Bytes charged per record beyond payload/key/headers (msgpack array, ts, ct, nils)."""
+WIRE_RECORD_OVERHEAD_BYTES: Final = 16
+"""Estimated wire framing per record beyond payload/key/headers (msgpack array, ts, ct,
+nils), charged when sizing a batch; not the buffer's per-record storage charge."""
 _KNOWN_STREAMS_MAX: Final = 10_000
 """Validated stream names remembered to skip the regex; bounded like all caches."""
 _INVALID_STATE: Final = (asyncio.InvalidStateError, concurrent.futures.InvalidStateError)
@@ -419,7 +420,7 @@ class EdgeClient:
             raise RecordTooLarge(
                 f"payload of {len(data)} bytes exceeds max_record_bytes={self._max_record_bytes}"
             )
-        nbytes = len(data) + RECORD_OVERHEAD_BYTES
+        nbytes = len(data) + WIRE_RECORD_OVERHEAD_BYTES
         ts_us = time.time_ns() // 1000 if ts is None else to_ts_us(ts)
         checked_key = None if key is None else check_key(key)
         if checked_key is not None:

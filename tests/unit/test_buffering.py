@@ -11,7 +11,7 @@ import pytest
 from broker.errors import BufferFull, ClosedError, InvalidInput
 from broker.protocol.wire import CT_JSON, Record, array_header
 from broker.settings import StreamPolicy
-from edge_bridge.buffering import Buffer, StoredRun, record_size
+from edge_bridge.buffer import Buffer, StoredRun, record_size
 
 
 def recs(n: int, size: int = 10, start: int = 0) -> list[Record]:
