@@ -13,6 +13,7 @@ retry-ability is decided once, where the error enters our code.
     │   └── RecordTooLarge       one record above the per-record limit (413)
     ├── BufferFull               back-pressure; carries retry_after (seconds)
     ├── CommandRejected          signature, expiry, replay or policy; carries a code
+    ├── ApplyFailed              an admitted command could not be carried out: ``failed``
     ├── ClosedError              a component used after close()
     ├── RuntimeUnavailable       an embedded server cannot be found or started
     └── TemporaryError(delay)    NATS timeout, DB unavailable: retry after delay
@@ -21,6 +22,7 @@ retry-ability is decided once, where the error enters our code.
 from __future__ import annotations
 
 __all__ = [
+    "ApplyFailed",
     "BufferFull",
     "ClosedError",
     "CommandRejected",
@@ -81,6 +83,10 @@ class CommandRejected(EdgesyncError):
         self.code = code
         self.command_id = command_id
         self.digest = digest
+
+
+class ApplyFailed(EdgesyncError):
+    """The command was valid and allowed but could not be carried out (reported ``failed``)."""
 
 
 class ClosedError(EdgesyncError):

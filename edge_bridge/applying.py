@@ -1,16 +1,7 @@
-"""Deciding whether a control command may act, and acting: Kubernetes and the bridge itself.
+"""Carrying out an admitted control command: Kubernetes and the bridge itself.
 
-:class:`CommandGate` is the edge's gatekeeper, checked in this order:
-
-1. :meth:`CommandGate.open` - signature by a trusted key, canonical form, and
-   that the command is addressed to *this* edge. Anything failing here is not
-   authentic (or not ours) and is never remembered as a command.
-2. (the consumer checks its durable memory of ids here: replays stop.)
-3. :meth:`CommandGate.admit` - not expired, not issued in the future beyond
-   the allowed clock skew, a kind this edge allows, a valid spec, and a target
-   inside the local allow-list (namespaces, deployments, configmaps).
-
-:class:`KubernetesApplier` then acts through the official ``kubernetes``
+Commands reach here only through the gate (:mod:`edge_bridge.admission`).
+:class:`KubernetesApplier` acts through the official ``kubernetes``
 client (imported on first use, so a bridge without Kubernetes commands never
 pays for it). Every write is *precise*, with the same meaning on a real API
 server and on a plain-JSON-merge emulator:
@@ -32,38 +23,30 @@ the command's issue time, not the apply time, for exactly that reason).
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel
 
 from broker.backoff import backoff_s
-from broker.errors import EdgesyncError, InvalidInput, TemporaryError
+from broker.errors import ApplyFailed, InvalidInput, TemporaryError
 from broker.protocol.command_specs import (
-    KINDS,
     BridgeConfigure,
     ConfigMapPatch,
     DeploymentRestart,
     DeploymentScale,
     DeploymentSetEnv,
     DeploymentSetImage,
-    KubernetesTarget,
-    parse_spec,
 )
-from broker.protocol.commands import CommandEnvelope, CommandRejected, OpenedCommand, open_command
+from broker.protocol.commands import CommandEnvelope, iso_time
 from broker.settings import ControlSettings
 
 __all__ = [
     "RESTARTED_AT_ANNOTATION",
     "Appliers",
-    "ApplyFailed",
-    "CommandGate",
     "KubernetesApplier",
     "set_env_patch",
     "set_image_patch",
@@ -77,87 +60,8 @@ _JSON_PATCH = "application/json-patch+json"
 _FIELD_MANAGER = "edgesync"
 
 
-class ApplyFailed(EdgesyncError):
-    """The command was valid and allowed but could not be carried out (reported ``failed``)."""
-
-
 class _Conflict(Exception):
     """A 409 from the API server: re-read and try again."""
-
-
-# -- the gate ------------------------------------------------------------------------
-
-
-class CommandGate:
-    """Signature, addressing, expiry, kind, spec and allow-list checks of one edge."""
-
-    def __init__(self, *, edge_id: str, trusted_keys: Sequence[Ed25519PublicKey],
-                 settings: ControlSettings) -> None:
-        self.edge_id = edge_id
-        self._keys = list(trusted_keys)
-        self._settings = settings
-
-    def open(self, data: bytes) -> OpenedCommand:
-        """Verify a message and check it is addressed to this edge.
-
-        Raises:
-            CommandRejected: not authentic, malformed, or for another edge.
-        """
-        opened = open_command(data, self._keys)
-        env = opened.envelope
-        if env.edge != self.edge_id:
-            raise CommandRejected(
-                "wrong_edge", f"command is addressed to edge {env.edge!r}, this is "
-                f"{self.edge_id!r}", command_id=env.id, digest=opened.digest,
-            )
-        return opened
-
-    def admit(self, opened: OpenedCommand, *, now: float) -> BaseModel:
-        """Check an authentic command against time and local policy; returns its spec.
-
-        Raises:
-            CommandRejected: ``expired``, ``not_yet_valid``, ``not_allowed``,
-                ``unknown_kind`` or ``invalid_spec``.
-        """
-        env, s = opened.envelope, self._settings
-
-        def reject(code: str, message: str) -> CommandRejected:
-            return CommandRejected(code, message, command_id=env.id, digest=opened.digest)
-
-        if now >= env.expires_at:
-            raise reject("expired", f"expired at {_iso(env.expires_at)}, received at "
-                         f"{_iso(now)} (edge clock)")
-        if env.issued_at > now + s.max_clock_skew_s:
-            raise reject("not_yet_valid", f"issued at {_iso(env.issued_at)}, more than "
-                         f"{s.max_clock_skew_s:g}s ahead of this edge's clock ({_iso(now)})")
-        if env.kind not in s.allowed_kinds:
-            raise reject("not_allowed", f"kind {env.kind!r} is not allowed on this edge "
-                         f"(allowed: {', '.join(s.allowed_kinds) or 'none'})")
-        try:
-            spec = parse_spec(env.kind, env.spec)
-        except InvalidInput as exc:
-            code = "unknown_kind" if env.kind not in KINDS else "invalid_spec"
-            raise reject(code, str(exc)) from exc
-        if isinstance(spec, KubernetesTarget):
-            if not _matches(spec.namespace, s.allowed_namespaces):
-                raise reject("not_allowed", f"namespace {spec.namespace!r} is not allowed on "
-                             f"this edge (allowed: {', '.join(s.allowed_namespaces) or 'none'})")
-            patterns = s.allowed_configmaps if isinstance(spec, ConfigMapPatch) else (
-                s.allowed_deployments)
-            what = "configmap" if isinstance(spec, ConfigMapPatch) else "deployment"
-            if not _matches(spec.target, patterns):
-                raise reject("not_allowed", f"{what} {spec.target!r} is not allowed on this "
-                             f"edge (allowed: {', '.join(patterns) or 'none'})")
-        return spec
-
-
-def _matches(value: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(value, p) for p in patterns)
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
 
 
 # -- precise patches (pure, unit-tested) ------------------------------------------------
@@ -369,7 +273,7 @@ class KubernetesApplier:
         if isinstance(spec, DeploymentRestart):
             # The command's issue time, not "now": re-applying after a crash writes the
             # same value and so does not start a second rollout.
-            stamp = _iso(env.issued_at)
+            stamp = iso_time(env.issued_at)
             patch = {"spec": {"template": {"metadata": {"annotations": {
                 RESTARTED_AT_ANNOTATION: stamp}}}}}
             await self._call(self._apps.patch_namespaced_deployment, spec.name, spec.namespace,

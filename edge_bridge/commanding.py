@@ -6,10 +6,10 @@ in flight: commands are handled one at a time, in the order they were issued,
 and a command sent while the bridge was down is delivered when it returns. The
 message is acknowledged only once its outcome is on disk here.
 
-Memory. ``control.sqlite3`` in the buffer directory (apart from the record
-buffer) remembers every authentic command it took: id, digest, the stream
-sequence that carried it, and its state (``applying``, then the final status).
-So after any crash:
+Memory. The :class:`~edge_bridge.control_store.ControlStore`
+(``control.sqlite3`` in the buffer directory) remembers every authentic command
+it took: id, digest, the stream sequence that carried it, and its state
+(``applying``, then the final status). So after any crash:
 
 - the same message redelivered (same stream sequence) whose outcome is known
   is *not* applied again; its final status is reported again;
@@ -21,8 +21,8 @@ Messages that fail verification are reported but not remembered, so a forger
 cannot burn the id of a real command.
 
 Status outbox. Each status report (``delivered``, then ``applied`` /
-``failed`` / ``rejected`` / ``expired``) is written to an outbox in the same
-transaction as the state it reports, and a publisher sends the outbox in order
+``failed`` / ``rejected`` / ``expired``) is written to the store's outbox in the
+same transaction as the state it reports, and a publisher sends the outbox in order
 with JetStream acks (``Nats-Msg-Id`` per entry), deleting only what was
 acknowledged. Reports produced while NATS is unreachable go out on reconnect.
 """
@@ -31,15 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import secrets
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import nats.errors
 import structlog
@@ -51,228 +46,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel
 
 from broker.backoff import backoff_s
-from broker.errors import ClosedError
+from broker.errors import ApplyFailed, ClosedError
 from broker.protocol.command_specs import BridgeConfigure
 from broker.protocol.commands import CommandRejected, OpenedCommand, load_public_keys
-from broker.protocol.events import CommandStatus, encode_event
+from broker.protocol.events import CommandStatus
 from broker.protocol.topology import Topology
 from broker.settings import ControlSettings
-from edge_bridge.applying import Appliers, ApplyFailed, CommandGate, KubernetesApplier
+from edge_bridge.admission import CommandGate
+from edge_bridge.applying import Appliers, KubernetesApplier
+from edge_bridge.control_store import CONTROL_DB, FINAL, ControlStore
 
-__all__ = ["CONTROL_DB", "ControlChannel", "ControlStore", "Remembered"]
+__all__ = ["ControlChannel", "ControlMetrics"]
 
 log = structlog.get_logger(__name__)
-T = TypeVar("T")
 
-CONTROL_DB = "control.sqlite3"
-FINAL = frozenset({"applied", "failed", "rejected", "expired"})
 _FORGET_AFTER_S = 7 * 24 * 3600.0
 """Remembered ids are dropped this long after they expire: an expired command is refused
 anyway, so forgetting it cannot let a replay through."""
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS commands (
-    id TEXT PRIMARY KEY,
-    digest TEXT NOT NULL,
-    stream_seq INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    state TEXT NOT NULL,
-    code TEXT NOT NULL DEFAULT '',
-    reason TEXT NOT NULL DEFAULT '',
-    result TEXT,
-    expires_at REAL NOT NULL,
-    received_at REAL NOT NULL,
-    finished_at REAL
-);
-CREATE TABLE IF NOT EXISTS outbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    event BLOB NOT NULL,
-    created_at REAL NOT NULL
-);
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class Remembered:
-    """What the edge remembers of one command it took."""
-
-    id: str
-    digest: str
-    stream_seq: int
-    kind: str
-    state: str
-    code: str
-    reason: str
-    result: dict[str, Any] | None
-    received_at: float
-    finished_at: float | None
-
-
-class ControlStore:
-    """``control.sqlite3``: remembered command ids and the status outbox.
-
-    One connection, used from one worker thread, so operations are serialized
-    and never block the event loop. An operation in progress completes even if
-    the awaiting task is cancelled.
-    """
-
-    def __init__(self, path: Path, *, sync_mode: str = "full") -> None:
-        self.path = Path(path)
-        self._sync_mode = sync_mode
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
-        self.epoch = ""
-        """Random id of this store file, part of every outbox message id."""
-        self._state = "new"
-
-    async def __aenter__(self) -> ControlStore:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def open(self) -> None:
-        """Create or open the database (WAL, synchronous as configured)."""
-        if self._state != "new":
-            raise ClosedError(f"control store is {self._state}; it opens once")
-        self._state = "open"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="control-store")
-        self.epoch = await self._run(self._init)
-
-    def _init(self) -> str:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={'FULL' if self._sync_mode == 'full' else 'NORMAL'}")
-        conn.executescript(_SCHEMA)
-        self._conn = conn
-        row = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
-        if row is not None:
-            return str(row[0])
-        epoch = secrets.token_hex(4)
-        conn.execute("INSERT INTO meta(key, value) VALUES ('epoch', ?)", (epoch,))
-        return epoch
-
-    async def close(self) -> None:
-        """Close the database; idempotent."""
-        if self._state == "closed":
-            return
-        self._state = "closed"
-        executor, self._executor = self._executor, None
-        if executor is None:
-            return
-
-        def shut() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        await asyncio.get_running_loop().run_in_executor(executor, shut)
-        executor.shutdown(wait=True)
-
-    async def _run(self, fn: Callable[[], T]) -> T:
-        if self._executor is None or self._state != "open":
-            raise ClosedError("control store is closed")
-        future = asyncio.get_running_loop().run_in_executor(self._executor, fn)
-        return await asyncio.shield(future)
-
-    def _c(self) -> sqlite3.Connection:
-        assert self._conn is not None
-        return self._conn
-
-    async def lookup(self, command_id: str) -> Remembered | None:
-        def q() -> Remembered | None:
-            row = self._c().execute(
-                "SELECT id, digest, stream_seq, kind, state, code, reason, result, received_at,"
-                " finished_at FROM commands WHERE id = ?", (command_id,)).fetchone()
-            if row is None:
-                return None
-            result = json.loads(row[7]) if row[7] else None
-            return Remembered(row[0], row[1], row[2], row[3], row[4], row[5], row[6], result,
-                              row[8], row[9])
-        return await self._run(q)
-
-    async def remember(self, opened: OpenedCommand, *, stream_seq: int, state: str,
-                       received_at: float, event: CommandStatus) -> None:
-        """Remember a command the edge took (``applying`` or a refusal) and queue its status."""
-        env = opened.envelope
-
-        def q() -> None:
-            c = self._c()
-            with _transaction(c):
-                c.execute(
-                    "INSERT INTO commands(id, digest, stream_seq, kind, state, code, reason,"
-                    " expires_at, received_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT(id) DO UPDATE SET state = excluded.state",
-                    (env.id, opened.digest, stream_seq, env.kind, state, event.code, event.reason,
-                     env.expires_at, received_at, received_at if state in FINAL else None),
-                )
-                c.execute("INSERT INTO outbox(event, created_at) VALUES (?, ?)",
-                          (encode_event(event), time.time()))
-        await self._run(q)
-
-    async def finish(self, command_id: str, event: CommandStatus) -> None:
-        """Record the final status of a command and queue its report, atomically."""
-        def q() -> None:
-            c = self._c()
-            with _transaction(c):
-                c.execute(
-                    "UPDATE commands SET state = ?, code = ?, reason = ?, result = ?,"
-                    " finished_at = ? WHERE id = ?",
-                    (event.status, event.code, event.reason,
-                     None if event.result is None else json.dumps(event.result),
-                     event.reported_at, command_id),
-                )
-                c.execute("INSERT INTO outbox(event, created_at) VALUES (?, ?)",
-                          (encode_event(event), time.time()))
-        await self._run(q)
-
-    async def enqueue(self, event: CommandStatus) -> None:
-        """Queue a status report about something not remembered (or reported again)."""
-        def q() -> None:
-            self._c().execute("INSERT INTO outbox(event, created_at) VALUES (?, ?)",
-                              (encode_event(event), time.time()))
-        await self._run(q)
-
-    async def outbox(self, limit: int = 64) -> list[tuple[int, bytes]]:
-        """The oldest unsent status reports, in order."""
-        def q() -> list[tuple[int, bytes]]:
-            rows = self._c().execute(
-                "SELECT seq, event FROM outbox ORDER BY seq LIMIT ?", (limit,)).fetchall()
-            return [(int(r[0]), bytes(r[1])) for r in rows]
-        return await self._run(q)
-
-    async def sent(self, seq: int) -> None:
-        """Forget one report JetStream acknowledged."""
-        def q() -> None:
-            self._c().execute("DELETE FROM outbox WHERE seq = ?", (seq,))
-        await self._run(q)
-
-    async def outbox_size(self) -> int:
-        def q() -> int:
-            return int(self._c().execute("SELECT count(*) FROM outbox").fetchone()[0])
-        return await self._run(q)
-
-    async def forget_expired(self, before: float) -> int:
-        """Drop remembered commands (not mid-apply) that expired before ``before``."""
-        def q() -> int:
-            cur = self._c().execute(
-                "DELETE FROM commands WHERE expires_at < ? AND state != 'applying'", (before,))
-            return int(cur.rowcount)
-        return await self._run(q)
-
-
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Any:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 class ControlMetrics:

@@ -18,9 +18,7 @@ bridge is running with, not what it was started with.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,6 +26,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import ValidationError
 
+from broker.durable_files import write_atomically
 from broker.errors import ConfigError, InvalidInput
 from broker.logs import set_level
 from broker.protocol.command_specs import (
@@ -167,21 +166,9 @@ class RuntimeConfig:
 
     def _persist(self, overrides: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        data = json.dumps(overrides, indent=2, sort_keys=True).encode() + b"\n"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(self.path)
-        with contextlib.suppress(OSError):  # directory fsync: not every filesystem allows it
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        write_atomically(
+            self.path, json.dumps(overrides, indent=2, sort_keys=True).encode() + b"\n"
+        )
 
     def _export(self, settings: BridgeSettings) -> None:
         s = settings.shipper

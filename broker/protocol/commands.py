@@ -22,19 +22,18 @@ PEM files); each bridge holds the public key(s) it trusts, so rotating keys is
 
 Verification here covers what needs no local state: signature, canonical form,
 decoding. Expiry, edge, replay and allow-list checks are the bridge's
-(:mod:`edge_bridge.applying`), because they need its clock, id and memory.
+(:mod:`edge_bridge.admission`), because they need its clock, id and memory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import re
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -43,6 +42,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from broker.durable_files import write_atomically
 from broker.errors import CommandRejected, ConfigError
 from broker.protocol.tokens import validate_token
 
@@ -55,6 +55,7 @@ __all__ = [
     "SignedCommand",
     "canonical_bytes",
     "generate_key_pair",
+    "iso_time",
     "key_id",
     "load_private_key",
     "load_public_keys",
@@ -147,6 +148,13 @@ def new_envelope(
         expires_at=round(issued + ttl_s, 3),
         issuer=issuer,
     )
+
+
+def iso_time(ts: float) -> str:
+    """A command time (Unix seconds) as ISO 8601 UTC with milliseconds, ``...Z``: how
+    refusals quote ``issued_at`` / ``expires_at`` and how a restart is stamped."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -263,24 +271,9 @@ def generate_key_pair(directory: Path, name: str = "edgesync", *, force: bool = 
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _write_private(private_path, private_pem)
-    tmp = public_path.with_suffix(".pub.tmp")
-    tmp.write_bytes(public_pem)
-    tmp.replace(public_path)
+    write_atomically(private_path, private_pem, mode=0o600)
+    write_atomically(public_path, public_pem)
     return private_path, public_path
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".key.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()  # left over by a crash mid-write
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:

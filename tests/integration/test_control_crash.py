@@ -14,7 +14,7 @@ import attrs
 import kmock
 
 from broker.runtime.embedded_nats import EmbeddedNats
-from edge_bridge.commanding import CONTROL_DB
+from edge_bridge.control_store import CONTROL_DB
 from tests.helpers import until
 from tests.integration.control_harness import DEPLOYMENTS, control_plane, kube_emulator
 from tests.integration.harness import BridgeProcess, free_port

@@ -13,10 +13,11 @@ import kmock
 import pytest
 from kmock import KubernetesError
 
+from broker.errors import ApplyFailed
 from broker.protocol.command_specs import parse_spec
 from broker.protocol.commands import CommandEnvelope, new_envelope
 from broker.settings import ControlSettings
-from edge_bridge.applying import ApplyFailed, KubernetesApplier
+from edge_bridge.applying import KubernetesApplier
 from tests.integration.control_harness import DEPLOYMENTS, kube_emulator
 from tests.integration.harness import free_port
 

@@ -27,7 +27,7 @@ from broker.protocol.commands import (
     open_command,
 )
 from broker.settings import ControlSettings
-from edge_bridge.applying import CommandGate
+from edge_bridge.admission import CommandGate
 
 NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 

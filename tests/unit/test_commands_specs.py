@@ -12,10 +12,10 @@ import jsonpatch
 import pytest
 from prometheus_client import CollectorRegistry
 
-from broker.errors import ConfigError, InvalidInput
+from broker.errors import ApplyFailed, ConfigError, InvalidInput
 from broker.protocol.command_specs import BridgeConfigure, DeploymentSetEnv, parse_spec
 from broker.settings import BridgeSettings, ShipperSettings, StreamPolicy
-from edge_bridge.applying import ApplyFailed, set_env_patch, set_image_patch
+from edge_bridge.applying import set_env_patch, set_image_patch
 from edge_bridge.configuring import OVERRIDES_FILE, RuntimeConfig
 
 

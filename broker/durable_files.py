@@ -1,0 +1,43 @@
+"""Writing a small file so that a crash leaves either the old or the new content.
+
+The one recipe (write a temporary sibling, fsync it, rename it over the target,
+fsync the directory) used by whatever must survive a power loss whole: the
+bridge's runtime overrides, key files. Both sides may use it; it imports
+nothing of ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+__all__ = ["write_atomically"]
+
+
+def write_atomically(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace ``path`` by ``data``, durably and all at once.
+
+    The content goes to ``<name>.tmp`` beside it (created with ``mode``, so a
+    secret is never readable by others, not even briefly), is fsynced, and is
+    renamed over ``path``; then the directory is fsynced so the rename itself
+    survives a power loss (where the filesystem allows it).
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # left over by a crash mid-write
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.replace(path)
+    with contextlib.suppress(OSError):  # directory fsync: not every filesystem allows it
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
