@@ -17,7 +17,8 @@ Non-asyncio applications use :class:`SyncEdgeClient` the same way, with
 """
 
 from broker.errors import BufferFull, ClosedError, InvalidInput, RecordTooLarge, TemporaryError
-from edge_bridge.sdk.client import ClientStats, EdgeClient, RecordAck
+from edge_bridge.sdk.client import EdgeClient
+from edge_bridge.sdk.results import ClientStats, RecordAck
 from edge_bridge.sdk.sync_client import SyncEdgeClient
 
 __all__ = [

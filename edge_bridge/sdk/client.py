@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import email.utils
 import enum
 import functools
 import math
@@ -26,16 +25,14 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from types import TracebackType
-from typing import Final, Protocol
+from typing import Final
 
 import httpx
 import msgspec
 import structlog
 
-from broker.errors import BufferFull, ClosedError, InvalidInput, RecordTooLarge, TemporaryError
+from broker.errors import BufferFull, ClosedError, RecordTooLarge, TemporaryError
 from broker.protocol.ingress import (
     CONTENT_TYPE,
     MAX_PRODUCER_CHARS,
@@ -49,99 +46,40 @@ from broker.protocol.ingress import (
 )
 from broker.protocol.tokens import validate_token
 from broker.protocol.wire import CT_RAW, Record
+from edge_bridge.sdk._answers import decode_ack, rejection, retry_after_s
+from edge_bridge.sdk._batch import OutgoingBatch, Waiter
+from edge_bridge.sdk._defaults import (
+    BACKOFF_INITIAL_S,
+    BACKOFF_MAX_S,
+    DEFAULT_BATCH_MAX_BYTES,
+    DEFAULT_BATCH_MAX_RECORDS,
+    DEFAULT_LINGER_MS,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_PENDING_RECORDS,
+    DEFAULT_MAX_RECORD_BYTES,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    DEFAULT_RETRY_TIMEOUT_S,
+    DEFAULT_URL,
+    MAX_RETRY_TIMEOUT_S,
+    WIRE_RECORD_OVERHEAD_BYTES,
+)
+from edge_bridge.sdk.results import ClientStats, RecordAck
 
 __all__ = ["ClientStats", "EdgeClient", "RecordAck"]
 
 log = structlog.get_logger(__name__)
 
-BACKOFF_INITIAL_S: Final = 0.05
-"""First retry delay after an error; doubles per failed attempt (with jitter)."""
-BACKOFF_MAX_S: Final = 2.0
-"""Cap of the error backoff: a recovering bridge is found within ~2 s."""
-MAX_RETRY_TIMEOUT_S: Final = 300.0
-"""Retries must end well inside the bridge's 10-minute request de-duplication
-window; a retry after it could be stored a second time."""
-RETRY_AFTER_MIN_S: Final = 0.05
-"""Floor under a bridge's Retry-After, so ``Retry-After: 0`` cannot spin."""
-WIRE_RECORD_OVERHEAD_BYTES: Final = 16
-"""Estimated wire framing per record beyond payload/key/headers (msgpack array, ts, ct,
-nils), charged when sizing a batch; not the buffer's per-record storage charge."""
 _KNOWN_STREAMS_MAX: Final = 10_000
 """Validated stream names remembered to skip the regex; bounded like all caches."""
 _INVALID_STATE: Final = (asyncio.InvalidStateError, concurrent.futures.InvalidStateError)
 
 _encoder = msgspec.msgpack.Encoder()
-_ack_decoder = msgspec.json.Decoder(IngressResponse)
-_error_decoder = msgspec.json.Decoder()
-
-
-class RecordAck(msgspec.Struct, frozen=True, gc=False):
-    """A record's identity at the bridge, returned once the record is durable there."""
-
-    stream: str
-    epoch: int
-    """Random id of the stream's buffer incarnation (a wiped buffer gets a new one)."""
-    seq: int
-    """Dense, increasing position of the record in ``(stream, epoch)``."""
-
-
-@dataclass(slots=True)
-class ClientStats:
-    """Counters since the client was created (monotonic; read them, do not write)."""
-
-    records_published: int = 0
-    """Records accepted by ``publish``."""
-    records_acked: int = 0
-    """Records the bridge confirmed durable."""
-    records_failed: int = 0
-    """Records whose future failed (rejected, timed out, or aborted by close)."""
-    requests_sent: int = 0
-    """HTTP requests attempted, retries included."""
-    retries: int = 0
-    """Attempts beyond the first of each request."""
-
-
-class _Waiter(Protocol):
-    """What a record's completion needs: both asyncio and concurrent futures fit."""
-
-    def set_result(self, result: RecordAck, /) -> None: ...
-
-    def set_exception(self, exception: BaseException, /) -> None: ...
-
-    def exception(self) -> BaseException | None: ...
 
 
 class _State(enum.Enum):
     OPEN = "open"
     CLOSING = "closing"
     CLOSED = "closed"
-
-
-class _Batch:
-    """One stream's records on their way: pending (open), then sealed until settled."""
-
-    __slots__ = (
-        "body",
-        "done",
-        "nbytes",
-        "records",
-        "request_seq",
-        "settled",
-        "stream",
-        "timer",
-        "waiters",
-    )
-
-    def __init__(self, stream: str) -> None:
-        self.stream = stream
-        self.records: list[Record] = []
-        self.waiters: list[_Waiter] = []
-        self.nbytes = 0
-        self.timer: asyncio.Handle | None = None
-        self.request_seq = -1
-        self.body = b""
-        self.done: asyncio.Future[None] | None = None
-        self.settled = False
 
 
 class EdgeClient:
@@ -186,17 +124,17 @@ class EdgeClient:
 
     def __init__(
         self,
-        url: str = "http://127.0.0.1:8787",
+        url: str = DEFAULT_URL,
         *,
         producer_id: str | None = None,
-        batch_max_records: int = 1000,
-        batch_max_bytes: int = 1024 * 1024,
-        linger_ms: float = 5.0,
-        max_in_flight: int = 4,
-        max_record_bytes: int = 1024 * 1024,
-        retry_timeout_s: float = 60.0,
-        request_timeout_s: float = 10.0,
-        max_pending_records: int = 100_000,
+        batch_max_records: int = DEFAULT_BATCH_MAX_RECORDS,
+        batch_max_bytes: int = DEFAULT_BATCH_MAX_BYTES,
+        linger_ms: float = DEFAULT_LINGER_MS,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        retry_timeout_s: float = DEFAULT_RETRY_TIMEOUT_S,
+        request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+        max_pending_records: int = DEFAULT_MAX_PENDING_RECORDS,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if producer_id is None:
@@ -247,10 +185,10 @@ class EdgeClient:
         self._state = _State.OPEN
         self._loop: asyncio.AbstractEventLoop | None = None
         self._known_streams: set[str] = set()
-        self._pending: dict[str, _Batch] = {}
-        self._unresolved: set[_Batch] = set()
+        self._pending: dict[str, OutgoingBatch] = {}
+        self._unresolved: set[OutgoingBatch] = set()
         self._outstanding = 0
-        self._send_queue: asyncio.Queue[_Batch] | None = None
+        self._send_queue: asyncio.Queue[OutgoingBatch] | None = None
         self._senders: list[asyncio.Task[None]] = []
         self._release_task: asyncio.Task[None] | None = None
         self._backpressure_hint_s = BACKOFF_INITIAL_S
@@ -430,7 +368,7 @@ class EdgeClient:
             nbytes += sum(len(name) + len(value) + 2 for name, value in checked_headers.items())
         return Record(ts_us, ct, data, checked_key, checked_headers), nbytes
 
-    def _submit(self, items: Iterable[tuple[str, Record, int, _Waiter]]) -> None:
+    def _submit(self, items: Iterable[tuple[str, Record, int, Waiter]]) -> None:
         """Append prepared records (loop thread only; used by the synchronous wrapper).
 
         The caller has already checked capacity; a client closed in between
@@ -443,7 +381,7 @@ class EdgeClient:
             else:
                 waiter.set_exception(ClosedError("EdgeClient closed before the record was queued"))
 
-    def _append(self, stream: str, record: Record, nbytes: int, waiter: _Waiter) -> None:
+    def _append(self, stream: str, record: Record, nbytes: int, waiter: Waiter) -> None:
         batch = self._pending.get(stream)
         if batch is None:
             batch = self._open_batch(stream)
@@ -476,9 +414,9 @@ class EdgeClient:
 
     # -- batching ---------------------------------------------------------------------------
 
-    def _open_batch(self, stream: str) -> _Batch:
+    def _open_batch(self, stream: str) -> OutgoingBatch:
         assert self._loop is not None
-        batch = _Batch(stream)
+        batch = OutgoingBatch(stream)
         self._pending[stream] = batch
         if self._linger_s > 0:
             batch.timer = self._loop.call_later(self._linger_s, self._linger_expired, batch)
@@ -486,11 +424,11 @@ class EdgeClient:
             batch.timer = self._loop.call_soon(self._linger_expired, batch)
         return batch
 
-    def _linger_expired(self, batch: _Batch) -> None:
+    def _linger_expired(self, batch: OutgoingBatch) -> None:
         if self._pending.get(batch.stream) is batch:
             self._seal(batch)
 
-    def _seal(self, batch: _Batch) -> None:
+    def _seal(self, batch: OutgoingBatch) -> None:
         """Give the batch its request id, encode it once, and queue it for sending."""
         assert self._loop is not None and self._send_queue is not None
         if self._pending.get(batch.stream) is batch:
@@ -531,7 +469,7 @@ class EdgeClient:
                 log.exception("sdk_sender_failed", producer=self._producer, stream=batch.stream)
                 self._fail(batch, functools.partial(_same, exc))
 
-    async def _deliver(self, batch: _Batch) -> None:
+    async def _deliver(self, batch: OutgoingBatch) -> None:
         """Send one sealed batch until it is confirmed, rejected, or its deadline passes."""
         assert self._loop is not None
         loop = self._loop
@@ -553,18 +491,18 @@ class EdgeClient:
             else:
                 status = response.status_code
                 if status == 200:
-                    ack = _decode_ack(response.content, len(batch.waiters))
+                    ack = decode_ack(response.content, len(batch.waiters))
                     if ack is not None:
                         self._resolve(batch, ack)
                         return
                     # Retrying is safe (the bridge answers a repeat with the
                     # original ack) and cures a garbled response.
                     problem = f"malformed 200 answer: {response.content[:200]!r}"
-                elif status in (429, 503) and (retry_after := _retry_after_s(response)) is not None:
+                elif status in (429, 503) and (retry_after := retry_after_s(response)) is not None:
                     problem = f"bridge buffer full (HTTP {status}), retry after {retry_after:g} s"
                     self._backpressure_hint_s = retry_after
                 elif 400 <= status < 500 and status != 408:
-                    self._fail(batch, functools.partial(_rejection, response))
+                    self._fail(batch, functools.partial(rejection, response))
                     return
                 else:
                     problem = f"HTTP {status}: {response.content[:200]!r}"
@@ -594,7 +532,7 @@ class EdgeClient:
             await asyncio.sleep(delay)
 
     def _give_up(
-        self, batch: _Batch, attempts: int, problem: str, retry_after: float | None
+        self, batch: OutgoingBatch, attempts: int, problem: str, retry_after: float | None
     ) -> None:
         timeout = self._retry_timeout_s
         if retry_after is not None:
@@ -609,7 +547,7 @@ class EdgeClient:
 
     # -- settling ---------------------------------------------------------------------------
 
-    def _resolve(self, batch: _Batch, ack: IngressResponse) -> None:
+    def _resolve(self, batch: OutgoingBatch, ack: IngressResponse) -> None:
         if batch.settled:
             return
         stream, epoch, first_seq = batch.stream, ack.epoch, ack.first_seq
@@ -623,7 +561,7 @@ class EdgeClient:
         self.stats.records_acked += len(batch.waiters)
         self._settle(batch)
 
-    def _fail(self, batch: _Batch, make_error: Callable[[], BaseException]) -> None:
+    def _fail(self, batch: OutgoingBatch, make_error: Callable[[], BaseException]) -> None:
         """Fail every record of ``batch``, each with its own exception instance.
 
         Separate instances, because an exception raised in many places (and
@@ -652,7 +590,7 @@ class EdgeClient:
         )
         self._settle(batch)
 
-    def _settle(self, batch: _Batch) -> None:
+    def _settle(self, batch: OutgoingBatch) -> None:
         batch.settled = True
         self._outstanding -= len(batch.waiters)
         batch.waiters = []
@@ -674,47 +612,3 @@ def _same(exc: BaseException) -> BaseException:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
-
-
-def _decode_ack(body: bytes, count: int) -> IngressResponse | None:
-    """The 200 answer, or None when it is not one for ``count`` records."""
-    try:
-        ack = _ack_decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    return ack if ack.count == count else None
-
-
-def _retry_after_s(response: httpx.Response) -> float | None:
-    """The Retry-After delay in seconds (delta-seconds or HTTP-date), or None."""
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
-    if not math.isfinite(seconds):
-        return None
-    return max(seconds, RETRY_AFTER_MIN_S)
-
-
-def _rejection(response: httpx.Response) -> InvalidInput:
-    """Translate a permanent 4xx answer into the error its records fail with."""
-    code = "unknown"
-    message = response.text[:500] or response.reason_phrase
-    try:
-        body = _error_decoder.decode(response.content)
-    except msgspec.DecodeError:
-        body = None
-    if isinstance(body, dict):
-        code = str(body.get("error", code))
-        message = str(body.get("message", message))
-    text = f"bridge rejected the request: {message} (HTTP {response.status_code} {code})"
-    return RecordTooLarge(text) if response.status_code == 413 else InvalidInput(text)

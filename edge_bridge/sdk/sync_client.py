@@ -20,7 +20,19 @@ import httpx
 
 from broker.errors import ClosedError
 from broker.protocol.wire import Record
-from edge_bridge.sdk.client import ClientStats, EdgeClient, RecordAck
+from edge_bridge.sdk._defaults import (
+    DEFAULT_BATCH_MAX_BYTES,
+    DEFAULT_BATCH_MAX_RECORDS,
+    DEFAULT_LINGER_MS,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_PENDING_RECORDS,
+    DEFAULT_MAX_RECORD_BYTES,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    DEFAULT_RETRY_TIMEOUT_S,
+    DEFAULT_URL,
+)
+from edge_bridge.sdk.client import EdgeClient
+from edge_bridge.sdk.results import ClientStats, RecordAck
 
 __all__ = ["SyncEdgeClient"]
 
@@ -47,17 +59,17 @@ class SyncEdgeClient:
 
     def __init__(
         self,
-        url: str = "http://127.0.0.1:8787",
+        url: str = DEFAULT_URL,
         *,
         producer_id: str | None = None,
-        batch_max_records: int = 1000,
-        batch_max_bytes: int = 1024 * 1024,
-        linger_ms: float = 5.0,
-        max_in_flight: int = 4,
-        max_record_bytes: int = 1024 * 1024,
-        retry_timeout_s: float = 60.0,
-        request_timeout_s: float = 10.0,
-        max_pending_records: int = 100_000,
+        batch_max_records: int = DEFAULT_BATCH_MAX_RECORDS,
+        batch_max_bytes: int = DEFAULT_BATCH_MAX_BYTES,
+        linger_ms: float = DEFAULT_LINGER_MS,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        retry_timeout_s: float = DEFAULT_RETRY_TIMEOUT_S,
+        request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+        max_pending_records: int = DEFAULT_MAX_PENDING_RECORDS,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         # Built here so bad arguments raise before a thread exists; it binds

@@ -35,7 +35,8 @@ from edge_bridge.sdk import (
     SyncEdgeClient,
     TemporaryError,
 )
-from edge_bridge.sdk.client import RETRY_AFTER_MIN_S, _retry_after_s
+from edge_bridge.sdk._answers import retry_after_s
+from edge_bridge.sdk._defaults import RETRY_AFTER_MIN_S
 
 WAIT_S = 10.0
 """Upper bound on any wait for a condition; a healthy run takes milliseconds."""
@@ -371,7 +372,7 @@ def test_retry_after_is_read_as_seconds_or_an_http_date_and_floored() -> None:
     """Both Retry-After forms are understood; 0 cannot make the client spin."""
 
     def parsed(value: str) -> float | None:
-        return _retry_after_s(httpx.Response(503, headers={"Retry-After": value}))
+        return retry_after_s(httpx.Response(503, headers={"Retry-After": value}))
 
     assert parsed("2") == 2.0
     assert parsed("0") == RETRY_AFTER_MIN_S

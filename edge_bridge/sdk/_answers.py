@@ -1,0 +1,67 @@
+"""Reading the bridge's answers: the 200 acknowledgement, Retry-After, and 4xx refusals.
+
+Pure functions of an HTTP response; the client decides what to do with them
+(resolve, wait and retry, or fail the batch).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+from datetime import UTC, datetime
+
+import httpx
+import msgspec
+
+from broker.errors import InvalidInput, RecordTooLarge
+from broker.protocol.ingress import IngressResponse
+from edge_bridge.sdk._defaults import RETRY_AFTER_MIN_S
+
+__all__ = ["decode_ack", "rejection", "retry_after_s"]
+
+_ack_decoder = msgspec.json.Decoder(IngressResponse)
+_error_decoder = msgspec.json.Decoder()
+
+
+def decode_ack(body: bytes, count: int) -> IngressResponse | None:
+    """The 200 answer, or None when it is not one for ``count`` records."""
+    try:
+        ack = _ack_decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return ack if ack.count == count else None
+
+
+def retry_after_s(response: httpx.Response) -> float | None:
+    """The Retry-After delay in seconds (delta-seconds or HTTP-date), or None."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return max(seconds, RETRY_AFTER_MIN_S)
+
+
+def rejection(response: httpx.Response) -> InvalidInput:
+    """Translate a permanent 4xx answer into the error its records fail with."""
+    code = "unknown"
+    message = response.text[:500] or response.reason_phrase
+    try:
+        body = _error_decoder.decode(response.content)
+    except msgspec.DecodeError:
+        body = None
+    if isinstance(body, dict):
+        code = str(body.get("error", code))
+        message = str(body.get("message", message))
+    text = f"bridge rejected the request: {message} (HTTP {response.status_code} {code})"
+    return RecordTooLarge(text) if response.status_code == 413 else InvalidInput(text)

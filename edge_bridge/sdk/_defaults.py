@@ -1,0 +1,55 @@
+"""The SDK's defaults and limits: one definition, used by both clients' signatures.
+
+:class:`~edge_bridge.sdk.client.EdgeClient` documents what each argument means;
+:class:`~edge_bridge.sdk.sync_client.SyncEdgeClient` takes the same arguments
+with these same defaults and forwards them.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "BACKOFF_INITIAL_S",
+    "BACKOFF_MAX_S",
+    "DEFAULT_BATCH_MAX_BYTES",
+    "DEFAULT_BATCH_MAX_RECORDS",
+    "DEFAULT_LINGER_MS",
+    "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_MAX_PENDING_RECORDS",
+    "DEFAULT_MAX_RECORD_BYTES",
+    "DEFAULT_REQUEST_TIMEOUT_S",
+    "DEFAULT_RETRY_TIMEOUT_S",
+    "DEFAULT_URL",
+    "MAX_RETRY_TIMEOUT_S",
+    "RETRY_AFTER_MIN_S",
+    "WIRE_RECORD_OVERHEAD_BYTES",
+]
+
+DEFAULT_URL: Final = "http://127.0.0.1:8787"
+"""The bridge's ingress on its default port, on this host."""
+DEFAULT_BATCH_MAX_RECORDS: Final = 1000
+DEFAULT_BATCH_MAX_BYTES: Final = 1024 * 1024
+"""Matches the bridge's default request limit (and NATS' default message size)."""
+DEFAULT_LINGER_MS: Final = 5.0
+"""Latency batching may add to a record, in milliseconds."""
+DEFAULT_MAX_IN_FLIGHT: Final = 4
+DEFAULT_MAX_RECORD_BYTES: Final = 1024 * 1024
+"""The bridge's default ``max_record_bytes``."""
+DEFAULT_RETRY_TIMEOUT_S: Final = 60.0
+DEFAULT_REQUEST_TIMEOUT_S: Final = 10.0
+DEFAULT_MAX_PENDING_RECORDS: Final = 100_000
+"""Bounds the memory of unconfirmed records."""
+
+BACKOFF_INITIAL_S: Final = 0.05
+"""First retry delay after an error; doubles per failed attempt (with jitter)."""
+BACKOFF_MAX_S: Final = 2.0
+"""Cap of the error backoff: a recovering bridge is found within ~2 s."""
+MAX_RETRY_TIMEOUT_S: Final = 300.0
+"""Retries must end well inside the bridge's 10-minute request de-duplication
+window; a retry after it could be stored a second time."""
+RETRY_AFTER_MIN_S: Final = 0.05
+"""Floor under a bridge's Retry-After, so ``Retry-After: 0`` cannot spin."""
+WIRE_RECORD_OVERHEAD_BYTES: Final = 16
+"""Estimated wire framing per record beyond payload/key/headers (msgpack array, ts, ct,
+nils), charged when sizing a batch; not the buffer's per-record storage charge."""
