@@ -1,13 +1,16 @@
-"""The SDK's defaults and limits: one definition, used by both clients' signatures.
+"""The SDK's options, defaults and limits: one definition for both clients.
 
-:class:`~edge_bridge.sdk.client.EdgeClient` documents what each argument means;
-:class:`~edge_bridge.sdk.sync_client.SyncEdgeClient` takes the same arguments
-with these same defaults and forwards them.
+:class:`~edge_bridge.sdk.client.EdgeClient` takes the options as keyword
+arguments with these defaults and documents what each means;
+:class:`~edge_bridge.sdk.sync_client.SyncEdgeClient` takes the same
+:class:`ClientOptions` and forwards them, so neither list is kept in sync by hand.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, TypedDict
+
+import httpx
 
 __all__ = [
     "BACKOFF_INITIAL_S",
@@ -24,6 +27,7 @@ __all__ = [
     "MAX_RETRY_TIMEOUT_S",
     "RETRY_AFTER_MIN_S",
     "WIRE_RECORD_OVERHEAD_BYTES",
+    "ClientOptions",
 ]
 
 DEFAULT_URL: Final = "http://127.0.0.1:8787"
@@ -53,3 +57,18 @@ RETRY_AFTER_MIN_S: Final = 0.05
 WIRE_RECORD_OVERHEAD_BYTES: Final = 16
 """Estimated wire framing per record beyond payload/key/headers (msgpack array, ts, ct,
 nils), charged when sizing a batch; not the buffer's per-record storage charge."""
+
+
+class ClientOptions(TypedDict, total=False):
+    """The keyword options of both clients (meaning: :class:`EdgeClient`'s docstring)."""
+
+    producer_id: str | None
+    batch_max_records: int
+    batch_max_bytes: int
+    linger_ms: float
+    max_in_flight: int
+    max_record_bytes: int
+    retry_timeout_s: float
+    request_timeout_s: float
+    max_pending_records: int
+    transport: httpx.AsyncBaseTransport | None

@@ -217,6 +217,11 @@ class EdgeClient:
         return self._producer
 
     @property
+    def max_pending_records(self) -> int:
+        """Records published but not yet confirmed beyond which ``publish`` refuses."""
+        return self._max_pending
+
+    @property
     def closed(self) -> bool:
         """True once ``close`` or ``abort`` has begun."""
         return self._state is not _State.OPEN

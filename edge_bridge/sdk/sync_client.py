@@ -14,23 +14,11 @@ import asyncio
 import concurrent.futures
 import threading
 from types import TracebackType
-from typing import Final
-
-import httpx
+from typing import Final, Unpack
 
 from broker.errors import ClosedError
 from broker.protocol.wire import Record
-from edge_bridge.sdk._defaults import (
-    DEFAULT_BATCH_MAX_BYTES,
-    DEFAULT_BATCH_MAX_RECORDS,
-    DEFAULT_LINGER_MS,
-    DEFAULT_MAX_IN_FLIGHT,
-    DEFAULT_MAX_PENDING_RECORDS,
-    DEFAULT_MAX_RECORD_BYTES,
-    DEFAULT_REQUEST_TIMEOUT_S,
-    DEFAULT_RETRY_TIMEOUT_S,
-    DEFAULT_URL,
-)
+from edge_bridge.sdk._defaults import DEFAULT_URL, ClientOptions
 from edge_bridge.sdk.client import EdgeClient
 from edge_bridge.sdk.results import ClientStats, RecordAck
 
@@ -43,7 +31,8 @@ _Item = tuple[str, Record, int, "concurrent.futures.Future[RecordAck]"]
 
 
 class SyncEdgeClient:
-    """Thread-safe synchronous client; same arguments and semantics as :class:`EdgeClient`.
+    """Thread-safe synchronous client; same arguments and semantics as :class:`EdgeClient`
+    (``url`` and the keyword :class:`~edge_bridge.sdk._defaults.ClientOptions`).
 
     ``publish`` returns a :class:`concurrent.futures.Future`; its ``result()``
     returns once the record is durable at the bridge. Use it as a context
@@ -57,37 +46,11 @@ class SyncEdgeClient:
         ValueError: an argument is out of range.
     """
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        *,
-        producer_id: str | None = None,
-        batch_max_records: int = DEFAULT_BATCH_MAX_RECORDS,
-        batch_max_bytes: int = DEFAULT_BATCH_MAX_BYTES,
-        linger_ms: float = DEFAULT_LINGER_MS,
-        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
-        retry_timeout_s: float = DEFAULT_RETRY_TIMEOUT_S,
-        request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
-        max_pending_records: int = DEFAULT_MAX_PENDING_RECORDS,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
+    def __init__(self, url: str = DEFAULT_URL, **options: Unpack[ClientOptions]) -> None:
         # Built here so bad arguments raise before a thread exists; it binds
         # to the background loop on first use there.
-        self._client = EdgeClient(
-            url,
-            producer_id=producer_id,
-            batch_max_records=batch_max_records,
-            batch_max_bytes=batch_max_bytes,
-            linger_ms=linger_ms,
-            max_in_flight=max_in_flight,
-            max_record_bytes=max_record_bytes,
-            retry_timeout_s=retry_timeout_s,
-            request_timeout_s=request_timeout_s,
-            max_pending_records=max_pending_records,
-            transport=transport,
-        )
-        self._max_pending = max_pending_records
+        self._client = EdgeClient(url, **options)
+        self._max_pending = self._client.max_pending_records
         self._lock = threading.Lock()
         self._intake: list[_Item] = []
         self._wakeup_scheduled = False
