@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel
 
 from broker.backoff import backoff_s
-from broker.errors import EdgesyncError, InvalidInput, TemporaryError
+from broker.errors import ApplyFailed, InvalidInput, TemporaryError
 from broker.protocol.command_specs import (
     KINDS,
     BridgeConfigure,
@@ -75,10 +75,6 @@ RESTARTED_AT_ANNOTATION = "kubectl.kubernetes.io/restartedAt"
 _MERGE = "application/merge-patch+json"
 _JSON_PATCH = "application/json-patch+json"
 _FIELD_MANAGER = "edgesync"
-
-
-class ApplyFailed(EdgesyncError):
-    """The command was valid and allowed but could not be carried out (reported ``failed``)."""
 
 
 class _Conflict(Exception):

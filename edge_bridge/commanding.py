@@ -53,8 +53,9 @@ from pydantic import BaseModel
 from broker.backoff import backoff_s
 from broker.errors import ClosedError
 from broker.protocol.command_specs import BridgeConfigure
+from broker.protocol.command_status import FINAL_STATUSES
 from broker.protocol.commands import CommandRejected, OpenedCommand, load_public_keys
-from broker.protocol.events import CommandStatus, encode_event
+from broker.protocol.events import CommandStatusReport, encode_event
 from broker.protocol.topology import Topology
 from broker.settings import ControlSettings
 from edge_bridge.applying import Appliers, ApplyFailed, CommandGate, KubernetesApplier
@@ -65,7 +66,6 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 CONTROL_DB = "control.sqlite3"
-FINAL = frozenset({"applied", "failed", "rejected", "expired"})
 _FORGET_AFTER_S = 7 * 24 * 3600.0
 """Remembered ids are dropped this long after they expire: an expired command is refused
 anyway, so forgetting it cannot let a replay through."""
@@ -195,7 +195,7 @@ class ControlStore:
         return await self._run(q)
 
     async def remember(self, opened: OpenedCommand, *, stream_seq: int, state: str,
-                       received_at: float, event: CommandStatus) -> None:
+                       received_at: float, event: CommandStatusReport) -> None:
         """Remember a command the edge took (``applying`` or a refusal) and queue its status."""
         env = opened.envelope
 
@@ -207,13 +207,13 @@ class ControlStore:
                     " expires_at, received_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT(id) DO UPDATE SET state = excluded.state",
                     (env.id, opened.digest, stream_seq, env.kind, state, event.code, event.reason,
-                     env.expires_at, received_at, received_at if state in FINAL else None),
+                     env.expires_at, received_at, received_at if state in FINAL_STATUSES else None),
                 )
                 c.execute("INSERT INTO outbox(event, created_at) VALUES (?, ?)",
                           (encode_event(event), time.time()))
         await self._run(q)
 
-    async def finish(self, command_id: str, event: CommandStatus) -> None:
+    async def finish(self, command_id: str, event: CommandStatusReport) -> None:
         """Record the final status of a command and queue its report, atomically."""
         def q() -> None:
             c = self._c()
@@ -229,7 +229,7 @@ class ControlStore:
                           (encode_event(event), time.time()))
         await self._run(q)
 
-    async def enqueue(self, event: CommandStatus) -> None:
+    async def enqueue(self, event: CommandStatusReport) -> None:
         """Queue a status report about something not remembered (or reported again)."""
         def q() -> None:
             self._c().execute("INSERT INTO outbox(event, created_at) VALUES (?, ?)",
@@ -489,7 +489,7 @@ class ControlChannel:
                     "an id is acted on at most once", command_id=env.id, digest=opened.digest,
                 ), kind=env.kind)
                 return "rejected"
-            if known.state in FINAL:
+            if known.state in FINAL_STATUSES:
                 log.info("command_redelivered", command=env.id, status=known.state)
                 # Same report as the first time (same edge time), so the cloud sees one
                 # outcome however often it is repeated.
@@ -566,8 +566,8 @@ class ControlChannel:
 
     def _status(self, command_id: str, digest: str, status: str, *, code: str = "",
                 reason: str = "", result: dict[str, Any] | None = None,
-                reported_at: float | None = None) -> CommandStatus:
-        return CommandStatus(edge=self.edge_id, command_id=command_id, digest=digest,
+                reported_at: float | None = None) -> CommandStatusReport:
+        return CommandStatusReport(edge=self.edge_id, command_id=command_id, digest=digest,
                              status=status, reported_at=reported_at or time.time(), code=code,
                              reason=reason, result=result)
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
+import structlog
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -28,6 +29,8 @@ from broker.settings import Settings
 
 __all__ = ["app", "main"]
 
+log = structlog.get_logger(__name__)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="edgesync: durable edge-to-cloud sync over NATS JetStream into PostgreSQL.")
 console = Console()
@@ -35,8 +38,18 @@ app.add_typer(cmd_app, name="cmd")
 app.add_typer(keys_app, name="keys")
 
 
+EXIT_CRASHED = 1
+"""A service's root task crashed: Kubernetes must see a failed container, not a clean exit."""
+EXIT_ERROR = 2
+"""An error of ours (bad settings, a root task that ended unasked, ...)."""
+
+
 def _run_service(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
-    """Run ``body(stop)`` with SIGINT/SIGTERM setting ``stop``."""
+    """Run ``body(stop)`` with SIGINT/SIGTERM setting ``stop``.
+
+    A clean stop exits 0; an error of ours exits :data:`EXIT_ERROR`; anything
+    else a root task raised (the supervisor re-raises it) exits :data:`EXIT_CRASHED`.
+    """
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -48,8 +61,12 @@ def _run_service(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> 
     try:
         asyncio.run(main())
     except EdgesyncError as exc:
+        log.error("service_failed", error=f"{type(exc).__name__}: {exc}")
         console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        raise typer.Exit(EXIT_ERROR) from exc
+    except Exception as exc:
+        log.critical("service_crashed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        raise typer.Exit(EXIT_CRASHED) from exc
 
 
 @app.command()
