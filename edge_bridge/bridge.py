@@ -25,6 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from broker import __version__
+from broker.backoff import backoff_s
 from broker.connecting import close_nats, connect_with_retry
 from broker.errors import ClosedError
 from broker.protocol.events import Heartbeat, StreamHealth, encode_event
@@ -192,6 +193,7 @@ class Bridge(Service):
         self._nc = nc
         self.metrics.nats_connected.set(1)
         js = nc.jetstream(timeout=self.nats_settings.publish_timeout_s)
+        attempt = 0
         while True:
             try:
                 await self.topology.ensure_streams(js)
@@ -199,8 +201,10 @@ class Bridge(Service):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("streams_not_ready", error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(1.0)
+                attempt += 1
+                log.warning("streams_not_ready", attempt=attempt,
+                            error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(backoff_s(attempt, base_s=0.5, cap_s=5.0))
         self.shipper.attach(js)
         if self.control is not None:
             self.control.attach(js)
