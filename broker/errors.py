@@ -4,60 +4,137 @@ Every error a caller can act on is one of these; foreign errors (asyncpg, nats,
 sqlite3, httpx) are translated at the boundary with ``raise ... from exc`` so
 retry-ability is decided once, where the error enters our code.
 
-::
+Errors that reach an HTTP client carry a stable ``code`` (the ``error`` field
+of the JSON refusal); :data:`HTTP_STATUS` is the one table from error to status,
+used by the bridge's ingress and the operator API alike::
 
-    EdgesyncError
+    EdgesyncError                                                          HTTP
     ├── ConfigError              bad settings; fail at start-up with the field named
-    ├── InvalidInput             bad record / stream name / command: 4xx, dead letter
-    │   ├── DecodeError          bytes that are not a valid wire message
-    │   └── RecordTooLarge       one record above the per-record limit (413)
-    ├── BufferFull               back-pressure; carries retry_after (seconds)
+    ├── InvalidInput             bad record / stream name / command: dead letter  422
+    │   ├── DecodeError          bytes that are not a valid wire message          422
+    │   ├── InvalidName          a stream or edge name that is not a token        400
+    │   ├── RecordTooLarge       one record above the per-record limit            413
+    │   ├── RequestTooLarge      a request body above its limit                   413
+    │   └── UnsupportedMediaType a request body in a format we do not read        415
+    ├── Unauthorized             missing or wrong operator token                  401
+    ├── NotFound                 no such edge, no such command                    404
+    ├── Conflict                 an idempotency key reused for something else     409
+    ├── BufferFull               back-pressure; carries retry_after (seconds)     503
     ├── CommandRejected          signature, expiry, replay or policy; carries a code
-    ├── ApplyFailed              an admitted command could not be carried out: ``failed``
-    ├── ClosedError              a component used after close()
+    ├── ApplyFailed              a valid, allowed command that could not be done
+    ├── ClosedError              a component used after close()                   503
+    ├── RootTaskEnded            a service's root task ended without being asked
     ├── RuntimeUnavailable       an embedded server cannot be found or started
-    └── TemporaryError(delay)    NATS timeout, DB unavailable: retry after delay
+    └── TemporaryError(delay)    NATS timeout, DB unavailable: retry after delay  503
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "HTTP_STATUS",
     "ApplyFailed",
     "BufferFull",
     "ClosedError",
     "CommandRejected",
     "ConfigError",
+    "Conflict",
     "DecodeError",
     "EdgesyncError",
     "InvalidInput",
+    "InvalidName",
+    "NotFound",
     "RecordTooLarge",
+    "RequestTooLarge",
+    "RootTaskEnded",
     "RuntimeUnavailable",
     "TemporaryError",
+    "Unauthorized",
+    "UnsupportedMediaType",
+    "http_status",
+    "retry_after_s",
 ]
 
 
 class EdgesyncError(Exception):
-    """Root of every error edgesync raises on purpose."""
+    """Root of every error edgesync raises on purpose.
+
+    Attributes:
+        code: stable machine-readable name of the error (the ``error`` field of
+            an HTTP refusal); each class has a default, a raise site may be more
+            specific (``InvalidInput(msg, code="invalid_records")``).
+    """
+
+    default_code = "error"
+
+    def __init__(self, message: str = "", *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code or self.default_code
 
 
 class ConfigError(EdgesyncError):
     """Settings are invalid; raised at start-up, naming the field."""
 
+    default_code = "config_error"
+
 
 class InvalidInput(EdgesyncError):
     """Input that will never become valid by retrying (a 4xx, a dead letter)."""
+
+    default_code = "invalid_input"
 
 
 class DecodeError(InvalidInput):
     """Bytes that are not a valid wire message; ``str(exc)`` is the reason."""
 
+    default_code = "malformed"
+
+
+class InvalidName(InvalidInput):
+    """A stream name or edge id that is not a valid token (``[A-Za-z0-9_-]{1,64}``)."""
+
+    default_code = "invalid_name"
+
 
 class RecordTooLarge(InvalidInput):
     """A single record exceeds the per-record size limit."""
 
+    default_code = "record_too_large"
+
+
+class RequestTooLarge(InvalidInput):
+    """A request (body, or one append) exceeds its size limit."""
+
+    default_code = "request_too_large"
+
+
+class UnsupportedMediaType(InvalidInput):
+    """A request body in a content type the receiver does not read."""
+
+    default_code = "unsupported_media_type"
+
+
+class Unauthorized(EdgesyncError):
+    """A request without the credentials it needs (missing or wrong operator token)."""
+
+    default_code = "unauthorized"
+
+
+class NotFound(EdgesyncError):
+    """The thing a request names does not exist (an edge, a command)."""
+
+    default_code = "not_found"
+
+
+class Conflict(EdgesyncError):
+    """A request that contradicts what is stored (an idempotency key reused)."""
+
+    default_code = "conflict"
+
 
 class BufferFull(EdgesyncError):
     """The edge buffer is at its byte cap and the stream's policy is ``block``."""
+
+    default_code = "buffer_full"
 
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
@@ -79,8 +156,7 @@ class CommandRejected(EdgesyncError):
     def __init__(
         self, code: str, message: str, *, command_id: str = "", digest: str = ""
     ) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code=code)
         self.command_id = command_id
         self.digest = digest
 
@@ -88,18 +164,68 @@ class CommandRejected(EdgesyncError):
 class ApplyFailed(EdgesyncError):
     """The command was valid and allowed but could not be carried out (reported ``failed``)."""
 
+    default_code = "apply_failed"
+
 
 class ClosedError(EdgesyncError):
     """A component was used after it was closed."""
+
+    default_code = "shutting_down"
+
+
+class RootTaskEnded(EdgesyncError):
+    """A service's root task returned or was cancelled without a stop being asked for."""
+
+    default_code = "root_task_ended"
 
 
 class RuntimeUnavailable(EdgesyncError):
     """An embedded server (nats-server, PostgreSQL) cannot be found or started."""
 
+    default_code = "runtime_unavailable"
+
 
 class TemporaryError(EdgesyncError):
     """A failure expected to clear by itself; retry after ``delay`` seconds."""
 
-    def __init__(self, message: str, *, delay: float = 1.0) -> None:
-        super().__init__(message)
+    default_code = "unavailable"
+
+    def __init__(self, message: str, *, delay: float = 1.0, code: str | None = None) -> None:
+        super().__init__(message, code=code)
         self.delay = delay
+
+
+HTTP_STATUS: dict[type[EdgesyncError], int] = {
+    InvalidName: 400,
+    Unauthorized: 401,
+    NotFound: 404,
+    Conflict: 409,
+    RecordTooLarge: 413,
+    RequestTooLarge: 413,
+    UnsupportedMediaType: 415,
+    InvalidInput: 422,
+    BufferFull: 503,
+    ClosedError: 503,
+    TemporaryError: 503,
+}
+"""The one table from error to HTTP status; a subclass inherits its nearest entry."""
+
+
+def http_status(exc: EdgesyncError) -> int:
+    """The HTTP status of ``exc``: its nearest class in :data:`HTTP_STATUS`, else 500."""
+    for cls in type(exc).__mro__:
+        status = HTTP_STATUS.get(cls)
+        if status is not None:
+            return status
+    return 500
+
+
+def retry_after_s(exc: EdgesyncError) -> int | None:
+    """Whole seconds a client should wait before retrying ``exc`` (None: do not retry)."""
+    if isinstance(exc, BufferFull):
+        return max(1, round(exc.retry_after))
+    if isinstance(exc, TemporaryError):
+        return max(1, round(exc.delay))
+    if isinstance(exc, ClosedError):
+        return 1
+    return None

@@ -3,6 +3,11 @@
 Production logs are JSON lines with ISO UTC timestamps and contextvars merged
 in; ``console`` is for people at a terminal. Standard-library loggers (uvicorn,
 asyncio, nats) are routed through the same renderer.
+
+Context is bound once, not repeated at every call: a service binds its fields
+through contextvars (the bridge its ``edge``; see
+:meth:`broker.service.Service.bound_log_context`), and every line logged while
+it opens, serves or closes, in any of its tasks, carries them.
 """
 
 from __future__ import annotations

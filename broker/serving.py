@@ -1,15 +1,21 @@
-"""Serving an ASGI app inside a service that owns its own signals and socket."""
+"""Serving an ASGI app inside a service that owns its own signals and socket: the
+listener, the embedded uvicorn server, its ready-wait, and the JSON refusal every
+HTTP surface answers an :class:`~broker.errors.EdgesyncError` with."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import uvicorn
+from starlette.responses import JSONResponse
 
-__all__ = ["EmbeddedServer", "embedded_server", "listen_tcp"]
+from broker.errors import EdgesyncError, http_status, retry_after_s
+
+__all__ = ["EmbeddedServer", "embedded_server", "error_response", "listen_tcp", "wait_started"]
 
 
 class EmbeddedServer(uvicorn.Server):
@@ -33,6 +39,19 @@ def embedded_server(app: Any, *, graceful_s: int = 5) -> EmbeddedServer:
     return EmbeddedServer(config)
 
 
+async def wait_started(server: uvicorn.Server, task: asyncio.Task[None]) -> bool:
+    """Wait until ``server`` listens, or until ``task`` (its ``serve``) has ended.
+
+    Returns:
+        Whether the server is listening; False means its task ended first (the
+        service's supervisor then sees that root end and re-raises its error).
+    """
+    # uvicorn offers a flag, not an event, for "listening".
+    while not server.started and not task.done():  # noqa: ASYNC110
+        await asyncio.sleep(0.005)
+    return bool(server.started) and not task.done()
+
+
 def listen_tcp(host: str, port: int) -> socket.socket:
     """A listening, non-blocking TCP socket whose accepted connections get TCP_NODELAY.
 
@@ -51,3 +70,19 @@ def listen_tcp(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def error_response(
+    exc: EdgesyncError, *, message: str | None = None, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """The refusal ``{"error": exc.code, "message": text}`` for ``exc``.
+
+    The status comes from :data:`broker.errors.HTTP_STATUS`; errors worth retrying
+    (buffer full, shutting down, temporarily unavailable) carry ``Retry-After``.
+    """
+    all_headers = dict(headers or {})
+    retry_after = retry_after_s(exc)
+    if retry_after is not None:
+        all_headers.setdefault("Retry-After", str(retry_after))
+    return JSONResponse({"error": exc.code, "message": str(exc) if message is None else message},
+                        status_code=http_status(exc), headers=all_headers or None)

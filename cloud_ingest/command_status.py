@@ -1,7 +1,7 @@
 """Command status in PostgreSQL: the edges' reports, and expiry decided by the cloud.
 
-:class:`CommandStatusWriter` stores the ``command_status`` events the edge
-tracker consumes from ``<prefix>.evt.>``, inside its transaction. A report
+:class:`CommandStatusWriter` stores the ``command_status`` events the
+events consumer reads from ``<prefix>.evt.>``, inside its transaction. A report
 changes a command's row only when all of these hold:
 
 - the reporting edge is the command's edge (an edge speaks for itself only);
@@ -26,22 +26,20 @@ codecs are custom.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
-import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
-from broker.protocol.events import CommandStatus
+from broker.protocol.command_status import FINAL_STATUSES, CommandStatus
+from broker.protocol.commands import COMMAND_ID
+from broker.protocol.events import CommandStatusReport
+from cloud_ingest.db_errors import Connection
 
-__all__ = ["FINAL_STATUSES", "STATUSES", "CommandStatusWriter", "expire_overdue"]
+__all__ = ["CommandStatusWriter", "expire_overdue"]
 
 log = structlog.get_logger(__name__)
 
-STATUSES = ("pending", "delivered", "applied", "failed", "rejected", "expired")
-FINAL_STATUSES = frozenset({"applied", "failed", "rejected", "expired"})
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _CLOUD_EXPIRED = "(status = 'expired' AND finished_by = 'cloud')"
 
 _DELIVERED = f"""
@@ -91,7 +89,10 @@ RETURNING id, edge_id
 
 
 class CommandStatusWriter:
-    """Stores ``CommandStatus`` events (an :data:`~cloud_ingest.edge_tracking.EventWriter`)."""
+    """Stores ``CommandStatusReport`` events.
+
+    An :data:`~cloud_ingest.events_consuming.EventWriter`.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.reports = Counter(
@@ -102,20 +103,20 @@ class CommandStatusWriter:
     async def __call__(self, conn: Any, events: list[Any]) -> None:
         """Store ``events`` (in order) using ``conn``, inside the caller's transaction."""
         for event in events:
-            assert isinstance(event, CommandStatus)
+            assert isinstance(event, CommandStatusReport)
             effective = await self._update(conn, event)
             result = None if event.result is None else json.dumps(event.result)
             await conn.execute(_EVENT, event.command_id, event.edge, event.digest, event.status,
                                event.code, event.reason, result, event.reported_at, effective)
             self.reports.labels(event.status, "true" if effective else "false").inc()
-            if not effective and event.status != "delivered":
+            if not effective and event.status != CommandStatus.DELIVERED:
                 log.info("command_status_ignored", command=event.command_id or None,
                          edge=event.edge, status=event.status, code=event.code)
 
-    async def _update(self, conn: Any, event: CommandStatus) -> bool:
-        if not _UUID.match(event.command_id) or event.code == "replay":
+    async def _update(self, conn: Any, event: CommandStatusReport) -> bool:
+        if not COMMAND_ID.match(event.command_id) or event.code == "replay":
             return False
-        if event.status == "delivered":
+        if event.status == CommandStatus.DELIVERED:
             row = await conn.fetchrow(_DELIVERED, event.command_id, event.edge, event.digest,
                                       event.reported_at)
         elif event.status in FINAL_STATUSES:
@@ -128,7 +129,7 @@ class CommandStatusWriter:
         return row is not None
 
 
-async def expire_overdue(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+async def expire_overdue(conn: Connection
                          ) -> list[tuple[str, str]]:
     """Mark commands still ``pending`` past ``expires_at`` as ``expired``.
 

@@ -12,15 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg
-
 from broker.protocol.events import DropMarker
-from cloud_ingest.edge_tracking import AfterCommit
+from cloud_ingest.db_errors import Connection
+from cloud_ingest.events_consuming import AfterCommit
 from cloud_ingest.ranges import merge_ranges
 
 __all__ = ["drop_marker_writer"]
 
-Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 
 def drop_marker_writer(

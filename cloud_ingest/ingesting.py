@@ -42,6 +42,7 @@ from broker.backoff import backoff_s
 from broker.errors import DecodeError
 from broker.protocol.topology import Topology
 from broker.protocol.wire import CT_JSON, Batch, decode_batch
+from cloud_ingest.db_errors import DATABASE_ERRORS, Connection, as_temporary
 from cloud_ingest.metrics import IngestMetrics
 from cloud_ingest.ranges import merge_ranges
 
@@ -57,8 +58,6 @@ _COLUMNS = (
 )
 _json = msgspec.json.Encoder()
 
-Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
-"""A connection, whether pooled or not."""
 Row = tuple[str, str, int, int, int, int, str | None, bytes | None, bytes | None, bytes | None]
 
 
@@ -287,6 +286,7 @@ class RecordsConsumer:
                 await sub.unsubscribe()
 
     async def _worker(self, sub: JetStreamContext.PullSubscription) -> None:
+        failures = 0
         while not self._stopping:
             try:
                 # nats-py first takes what is available at once (no_wait), else waits up
@@ -299,9 +299,11 @@ class RecordsConsumer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # NATS down or reconnecting: nats-py heals the link
+                failures += 1
                 log.warning("fetch_failed", error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(backoff_s(failures, base_s=0.25, cap_s=2.0))
                 continue
+            failures = 0
             if msgs:
                 await self._handle_group(msgs)
 
@@ -315,28 +317,27 @@ class RecordsConsumer:
                 async with self._pool.acquire() as conn:
                     result = await self._writer.write(conn, decoded)
                 break
-            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                    asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError,
-                    TimeoutError) as exc:
-                # Database unavailable: keep the group, do not ack, retry when it returns.
+            except DATABASE_ERRORS as exc:
                 attempt += 1
+                temporary = as_temporary(exc, attempt=attempt, cap_s=self._db_retry_max)
+                if temporary is None:
+                    # A server-side error we did not foresee: retry rather than drop or ack.
+                    log.error("group_write_failed", attempt=attempt,
+                              error=f"{type(exc).__name__}: {exc}")
+                    await asyncio.sleep(backoff_s(attempt, cap_s=self._db_retry_max))
+                    continue
+                # Database unavailable: keep the group, do not ack, retry when it returns.
                 self.db_ok = False
                 self._metrics.db_up.set(0)
-                delay = backoff_s(attempt, cap_s=self._db_retry_max)
-                log.warning("database_unavailable", attempt=attempt, retry_in_s=round(delay, 2),
+                log.warning("database_unavailable", attempt=attempt,
+                            retry_in_s=round(temporary.delay, 2),
                             error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(delay)
+                await asyncio.sleep(temporary.delay)
                 if time.monotonic() - last_progress > self._ack_wait / 3:
                     # Keep JetStream from redelivering a group we still hold.
                     for m in msgs:
                         await _quietly(m.in_progress())
                     last_progress = time.monotonic()
-            except asyncpg.PostgresError as exc:
-                # A server-side error we did not foresee: retry rather than drop or ack.
-                attempt += 1
-                log.error("group_write_failed", attempt=attempt,
-                          error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(min(self._db_retry_max, 0.2 * attempt))
         if self._on_committed is not None:
             self._on_committed(result.watermarks)
         if not self.db_ok:

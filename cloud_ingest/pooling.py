@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from broker.backoff import backoff_s
+from cloud_ingest.db_errors import DATABASE_ERRORS, as_temporary
 
 __all__ = ["close_pool", "connect_pool"]
 
@@ -35,12 +35,15 @@ async def connect_pool(
             )
             assert pool is not None
             return pool
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except DATABASE_ERRORS as exc:
             attempt += 1
-            delay = backoff_s(attempt, cap_s=retry_max_s)
-            log.warning("database_connect_failed", attempt=attempt, retry_in_s=round(delay, 2),
+            temporary = as_temporary(exc, attempt=attempt, cap_s=retry_max_s, connecting=True)
+            if temporary is None:
+                raise
+            log.warning("database_connect_failed", attempt=attempt,
+                        retry_in_s=round(temporary.delay, 2),
                         error=f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(delay)
+            await asyncio.sleep(temporary.delay)
 
 
 async def close_pool(pool: asyncpg.Pool, timeout_s: float = 5.0) -> None:

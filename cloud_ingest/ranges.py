@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import asyncpg
+from cloud_ingest.db_errors import Connection
 
 __all__ = ["Span", "Watermark", "merge_ranges"]
 
-Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 Span = tuple[str, str, int, int, int]
 """``(edge, stream, epoch, first_seq, last_seq)``, closed."""
 Watermark = tuple[str, str, int, int]

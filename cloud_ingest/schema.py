@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 from importlib import resources
 
-import asyncpg
 import structlog
+
+from cloud_ingest.db_errors import Connection
 
 __all__ = ["migrate"]
 
@@ -29,7 +30,7 @@ def _migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-async def migrate(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> list[int]:
+async def migrate(conn: Connection) -> list[int]:
     """Apply pending migrations; returns the versions applied now."""
     applied_now: list[int] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)

@@ -12,7 +12,6 @@ schema migrations, creates the streams and durable consumers, then consumes.
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import asyncpg
 import structlog
@@ -23,14 +22,14 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from broker.connecting import close_nats, connect_with_retry
-from broker.errors import ClosedError
-from broker.protocol.events import CommandStatus, DropMarker
+from broker.protocol.events import CommandStatusReport, DropMarker
 from broker.protocol.topology import Topology
-from broker.serving import embedded_server, listen_tcp
+from broker.service import Service, Supervisor
+from broker.serving import embedded_server
 from broker.settings import IngestSettings, NatsSettings
 from cloud_ingest.command_status import CommandStatusWriter
 from cloud_ingest.completeness import drop_marker_writer
-from cloud_ingest.edge_tracking import EdgeTracker
+from cloud_ingest.events_consuming import EventsConsumer
 from cloud_ingest.ingesting import RecordsConsumer, init_connection
 from cloud_ingest.metrics import IngestMetrics
 from cloud_ingest.pooling import close_pool, connect_pool
@@ -41,90 +40,75 @@ __all__ = ["Ingest", "run"]
 
 log = structlog.get_logger(__name__)
 
+SHUTDOWN_DEADLINE_S = 20.0
+"""Hard bound on a clean shutdown; below Kubernetes' default 30 s grace period."""
+DRAIN_S = 8.0
+"""Each shutdown step (finish in-flight groups; publish the last watermarks) gets this long."""
 
-class Ingest:
+
+class Ingest(Service):
     """One ingest process."""
 
+    kind = "ingest"
+
     def __init__(self, settings: IngestSettings, nats_settings: NatsSettings) -> None:
+        super().__init__()
         self.settings = settings
         self.nats_settings = nats_settings
         self.topology = Topology(prefix=nats_settings.prefix, replicas=nats_settings.replicas)
         self.metrics = IngestMetrics()
         self._nc: NATS | None = None
         self._pool: asyncpg.Pool | None = None
-        self._sock: socket.socket | None = None
-        self._state = "new"
         self.consumer: RecordsConsumer | None = None
-        self.tracker: EdgeTracker | None = None
+        self.events: EventsConsumer | None = None
         self.watermarks: WatermarkPublisher | None = None
 
-    async def __aenter__(self) -> Ingest:
-        if self._state != "new":
-            raise ClosedError(f"ingest is {self._state}; an Ingest starts once")
-        self._state = "open"
-        try:
-            self._sock = listen_tcp(self.settings.host, self.settings.port)
-            self._pool = await connect_pool(
-                self.settings.postgres_dsn, size=self.settings.pool_size, init=init_connection,
-                retry_max_s=self.settings.db_retry_max_s,
-            )
-            async with self._pool.acquire() as conn:
-                await migrate(conn)
-            self._nc = await connect_with_retry(self.nats_settings, name="edgesync-ingest")
-            js = self._nc.jetstream()
-            await self.topology.ensure_streams(js)
-            self.watermarks = WatermarkPublisher(
-                await ensure_watermark_bucket(js, self.topology),
-                interval_s=self.settings.watermark_interval_s,
-            )
-            self.consumer = RecordsConsumer(
-                nc=self._nc, js=js, pool=self._pool, topology=self.topology,
-                consumer=self.settings.consumer, fetch_batch=self.settings.fetch_batch,
-                fetch_timeout_s=self.settings.fetch_timeout_s,
-                ack_wait_s=self.settings.ack_wait_s, workers=self.settings.workers,
-                db_retry_max_s=self.settings.db_retry_max_s, metrics=self.metrics,
-                on_committed=self.watermarks.note,
-            )
-            await self.consumer.ensure_consumer()
-            self.tracker = EdgeTracker(
-                js=js, pool=self._pool, topology=self.topology,
-                consumer=self.settings.consumer, metrics=self.metrics,
-                writers={
-                    DropMarker: drop_marker_writer(self.watermarks.note),
-                    CommandStatus: CommandStatusWriter(self.metrics.registry),
-                },
-            )
-            await self.tracker.ensure_consumer()
-        except BaseException:
-            await self.close()
-            raise
-        return self
+    async def _open(self) -> None:
+        self._listen(self.settings.host, self.settings.port)
+        self._pool = await connect_pool(
+            self.settings.postgres_dsn, size=self.settings.pool_size, init=init_connection,
+            retry_max_s=self.settings.db_retry_max_s,
+        )
+        async with self._pool.acquire() as conn:
+            await migrate(conn)
+        self._nc = await connect_with_retry(self.nats_settings, name="edgesync-ingest")
+        js = self._nc.jetstream()
+        await self.topology.ensure_streams(js)
+        self.watermarks = WatermarkPublisher(
+            await ensure_watermark_bucket(js, self.topology),
+            interval_s=self.settings.watermark_interval_s,
+        )
+        self.consumer = RecordsConsumer(
+            nc=self._nc, js=js, pool=self._pool, topology=self.topology,
+            consumer=self.settings.consumer, fetch_batch=self.settings.fetch_batch,
+            fetch_timeout_s=self.settings.fetch_timeout_s,
+            ack_wait_s=self.settings.ack_wait_s, workers=self.settings.workers,
+            db_retry_max_s=self.settings.db_retry_max_s, metrics=self.metrics,
+            on_committed=self.watermarks.note,
+        )
+        await self.consumer.ensure_consumer()
+        self.events = EventsConsumer(
+            js=js, pool=self._pool, topology=self.topology,
+            consumer=self.settings.consumer, metrics=self.metrics,
+            writers={
+                DropMarker: drop_marker_writer(self.watermarks.note),
+                CommandStatusReport: CommandStatusWriter(self.metrics.registry),
+            },
+        )
+        await self.events.ensure_consumer()
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Release NATS, the pool and the socket; idempotent."""
-        if self._state == "closed":
-            return
-        self._state = "closed"
+    async def _close(self) -> None:
+        """Release NATS and the pool (the socket is the skeleton's)."""
         if self._nc is not None:
             await close_nats(self._nc)
         if self._pool is not None:
             await close_pool(self._pool)
-        if self._sock is not None:
-            self._sock.close()
         log.info("ingest_stopped")
-
-    @property
-    def port(self) -> int:
-        assert self._sock is not None
-        return int(self._sock.getsockname()[1])
 
     @property
     def ready(self) -> bool:
         return (
-            self._state == "open"
+            self.is_open
             and self._nc is not None
             and self._nc.is_connected
             and self.consumer is not None
@@ -150,37 +134,35 @@ class Ingest:
         return app
 
     async def serve(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-        """Consume until ``stop`` is set; groups in hand are committed and acked first."""
-        assert self.consumer is not None and self.tracker is not None and self._sock
+        """Consume until ``stop`` is set; groups in hand are committed and acked first.
+
+        Raises:
+            Exception: the error of the first root task that ended unasked
+                (:class:`~broker.errors.RootTaskEnded` if it just returned).
+        """
+        assert self.consumer is not None and self.events is not None
         assert self.watermarks is not None
+        consumer, events, watermarks = self.consumer, self.events, self.watermarks
         server = embedded_server(self.health_app())
-        roots = [
-            asyncio.create_task(self.consumer.consume_forever(), name="consume"),
-            asyncio.create_task(self.tracker.track_forever(), name="track-edges"),
-            asyncio.create_task(self.watermarks.publish_forever(), name="watermarks"),
-            asyncio.create_task(server.serve(sockets=[self._sock]), name="health"),
-        ]
-        log.info("ingest_started", consumer=self.settings.consumer, health_port=self.port)
-        if ready is not None:
-            ready.set()
-        stopper = asyncio.create_task(stop.wait())
-        try:
-            done, _ = await asyncio.wait([stopper, *roots], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not stopper and task.exception() is not None:
-                    log.error("ingest_task_failed", task=task.get_name(),
-                              error=repr(task.exception()))
-        finally:
-            stopper.cancel()
-            self.consumer.begin_shutdown()
-            self.tracker.begin_shutdown()
-            server.should_exit = True
-            _, pending = await asyncio.wait(roots[:2], timeout=10)
-            self.watermarks.begin_shutdown()  # after the last commit: publish its watermarks
-            _, pending = await asyncio.wait(roots, timeout=10)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*roots, return_exceptions=True)
+        async with Supervisor("ingest", deadline_s=SHUTDOWN_DEADLINE_S) as roots:
+            consume = roots.start(consumer.consume_forever(), name="consume")
+            consume_events = roots.start(events.consume_forever(), name="events")
+            roots.start(watermarks.publish_forever(), name="watermarks")
+            roots.start(server.serve(sockets=[self.listener]), name="health")
+
+            async def shutdown() -> None:
+                consumer.begin_shutdown()
+                events.begin_shutdown()
+                server.should_exit = True
+                await asyncio.wait([consume, consume_events], timeout=DRAIN_S)
+                watermarks.begin_shutdown()  # after the last commit: publish its watermarks
+                await asyncio.wait(roots.roots, timeout=DRAIN_S)
+
+            roots.on_shutdown(shutdown)
+            log.info("ingest_started", consumer=self.settings.consumer, health_port=self.port)
+            if ready is not None:
+                ready.set()
+            await roots.wait(stop)
 
 
 async def run(
@@ -190,5 +172,6 @@ async def run(
     stop: asyncio.Event,
     ready: asyncio.Event | None = None,
 ) -> None:
+    """Run one ingest process until ``stop`` is set; a crashed root task is re-raised."""
     async with Ingest(settings, nats_settings) as ingest:
         await ingest.serve(stop, ready)

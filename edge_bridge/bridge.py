@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
+import functools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -25,11 +25,13 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from broker import __version__
+from broker.backoff import backoff_s
 from broker.connecting import close_nats, connect_with_retry
 from broker.errors import ClosedError
 from broker.protocol.events import Heartbeat, StreamHealth, encode_event
 from broker.protocol.topology import Topology
-from broker.serving import EmbeddedServer, embedded_server, listen_tcp
+from broker.service import Service, Supervisor
+from broker.serving import EmbeddedServer, embedded_server, wait_started
 from broker.settings import BridgeSettings, NatsSettings
 from edge_bridge.acknowledging import DropReporter, WatermarkFollower
 from edge_bridge.buffer import Buffer
@@ -48,14 +50,18 @@ log = structlog.get_logger(__name__)
 
 SHUTDOWN_DEADLINE_S = 20.0
 """Hard bound on a clean shutdown; below Kubernetes' default 30 s grace period."""
+HTTP_DRAIN_S = 8.0
+"""How long in-flight requests get to finish (and their appends to commit) at shutdown."""
 
 
-class Bridge:
+class Bridge(Service):
     """One edge bridge. Use as an async context manager, then :meth:`serve`."""
 
+    kind = "bridge"
     version = __version__
 
     def __init__(self, settings: BridgeSettings, nats_settings: NatsSettings) -> None:
+        super().__init__()
         # Our own copy: bridge.configure changes it live, the caller's stays as given.
         self.settings = settings = settings.model_copy(deep=True)
         self.nats_settings = nats_settings
@@ -92,37 +98,23 @@ class Bridge:
         self._nc: NATS | None = None
         self.watermarks: WatermarkFollower | None = None
         self.drops: DropReporter | None = None
-        self._sock: socket.socket | None = None
         self._server: EmbeddedServer | None = None
-        self._state = "new"
         self.accepting = False
 
     # -- lifecycle ----------------------------------------------------------------
 
-    async def __aenter__(self) -> Bridge:
-        if self._state != "new":
-            raise ClosedError(f"bridge is {self._state}; a Bridge starts once")
+    def log_context(self) -> dict[str, str]:
+        return {"edge": self.edge_id}
+
+    async def _open(self) -> None:
         # Before anything is opened: an unusable overrides file fails start-up cleanly.
         self.runtime_config.restore(self.settings, self.shipper)
-        self._state = "open"
         await self.buffer.open()
-        try:
-            if self.control is not None:
-                await self.control.open()
-            self._sock = listen_tcp(self.settings.host, self.settings.port)
-        except BaseException:
-            await self.close()
-            raise
-        return self
+        if self.control is not None:
+            await self.control.open()
+        self._listen(self.settings.host, self.settings.port)
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Release everything; idempotent."""
-        if self._state == "closed":
-            return
-        self._state = "closed"
+    async def _close(self) -> None:
         self.accepting = False
         if self._nc is not None:
             await close_nats(self._nc)
@@ -130,15 +122,7 @@ class Bridge:
         if self.control is not None:
             await self.control.close()
         await self.buffer.close()
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        log.info("bridge_stopped", edge=self.edge_id)
-
-    @property
-    def port(self) -> int:
-        assert self._sock is not None, "bridge not started"
-        return int(self._sock.getsockname()[1])
+        log.info("bridge_stopped")
 
     @property
     def url(self) -> str:
@@ -151,54 +135,43 @@ class Bridge:
     # -- the service ----------------------------------------------------------------
 
     async def serve(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-        """Run until ``stop`` is set, then shut down in order within a deadline."""
-        assert self._sock is not None, "use `async with Bridge(...)` first"
-        self._server = embedded_server(create_app(self))
-        http = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="ingress")
-        connector = asyncio.create_task(self._connect_and_follow(), name="nats")
-        shipper = asyncio.create_task(self.shipper.run_forever(), name="shipper")
-        heartbeat = asyncio.create_task(self._heartbeat_forever(), name="heartbeat")
-        housekeeping = asyncio.create_task(self._housekeeping_forever(), name="housekeeping")
-        roots = [http, connector, shipper, heartbeat, housekeeping]
-        if self.control is not None:
-            roots.append(asyncio.create_task(self.control.run_forever(), name="control"))
-        # uvicorn offers a flag, not an event, for "listening".
-        while not self._server.started and not http.done():  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
-        self.accepting = True
-        log.info("bridge_started", edge=self.edge_id, url=self.url,
-                 buffer=str(self.buffer.path))
-        if ready is not None:
-            ready.set()
-        stopper: asyncio.Task[None] = asyncio.create_task(_wait(stop), name="stop-wait")
-        try:
-            waiting: set[asyncio.Task[None]] = {stopper, *roots}
-            while stopper in waiting:
-                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                failed = [t for t in done if t is not stopper]
-                for task in failed:
-                    log.error("bridge_task_failed", task=task.get_name(),
-                              error=repr(None if task.cancelled() else task.exception()))
-                if failed:
-                    break  # one root down: stop them all rather than limp along
-        finally:
-            stopper.cancel()
-            await asyncio.wait_for(self._shutdown(http, roots), timeout=SHUTDOWN_DEADLINE_S)
+        """Run until ``stop`` is set, then shut down in order within a deadline.
 
-    async def _shutdown(self, http: asyncio.Task[None], roots: list[asyncio.Task[None]]) -> None:
+        Raises:
+            Exception: the error of the first root task that ended unasked
+                (:class:`~broker.errors.RootTaskEnded` if it just returned).
+        """
+        sock = self.listener
+        self._server = server = embedded_server(create_app(self))
+        with self.bound_log_context():
+            async with Supervisor("bridge", deadline_s=SHUTDOWN_DEADLINE_S) as roots:
+                http = roots.start(server.serve(sockets=[sock]), name="ingress")
+                roots.start(self._connect_and_follow(), name="nats")
+                shipper = roots.start(self.shipper.run_forever(), name="shipper")
+                roots.start(self._heartbeat_forever(), name="heartbeat")
+                roots.start(self._housekeeping_forever(), name="housekeeping")
+                if self.control is not None:
+                    roots.start(self.control.run_forever(), name="control")
+                roots.on_shutdown(functools.partial(self._shutdown, server, roots, http, shipper))
+                if await wait_started(server, http):
+                    self.accepting = True
+                    log.info("bridge_started", url=self.url, buffer=str(self.buffer.path))
+                    if ready is not None:
+                        ready.set()
+                await roots.wait(stop)
+
+    async def _shutdown(self, server: EmbeddedServer, roots: Supervisor,
+                        http: asyncio.Task[None], shipper: asyncio.Task[None]) -> None:
+        """Stop HTTP, let in-flight appends commit, then stop the shipper and the rest."""
         self.accepting = False
-        if self._server is not None:
-            self._server.should_exit = True
+        server.should_exit = True
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(http), timeout=8)
-        self.shipper.begin_shutdown()
-        for task in roots:
-            if task is not http and task.get_name() != "shipper":
+            await asyncio.wait_for(asyncio.shield(http), timeout=HTTP_DRAIN_S)
+        self.shipper.begin_shutdown()  # in-flight publishes get a short deadline
+        for task in roots.roots:
+            if task is not http and task is not shipper:
                 task.cancel()
-        results = await asyncio.gather(*roots, return_exceptions=True)
-        for task, result in zip(roots, results, strict=True):
-            if isinstance(result, Exception):
-                log.error("bridge_task_failed", task=task.get_name(), error=repr(result))
+        await asyncio.wait(roots.roots)
 
     async def _connect_and_follow(self) -> None:
         """Connect (retrying), then follow committed watermarks and report drops."""
@@ -220,6 +193,7 @@ class Bridge:
         self._nc = nc
         self.metrics.nats_connected.set(1)
         js = nc.jetstream(timeout=self.nats_settings.publish_timeout_s)
+        attempt = 0
         while True:
             try:
                 await self.topology.ensure_streams(js)
@@ -227,8 +201,10 @@ class Bridge:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("streams_not_ready", error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(1.0)
+                attempt += 1
+                log.warning("streams_not_ready", attempt=attempt,
+                            error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(backoff_s(attempt, base_s=0.5, cap_s=5.0))
         self.shipper.attach(js)
         if self.control is not None:
             self.control.attach(js)
@@ -304,7 +280,7 @@ class Bridge:
             return
         beat = await self.heartbeat()
         await nc.publish(self.topology.events_subject(self.edge_id), encode_event(beat))
-        log.debug("heartbeat_sent", edge=self.edge_id, backlog=beat.unshipped_records)
+        log.debug("heartbeat_sent", backlog=beat.unshipped_records)
 
     async def _housekeeping_forever(self) -> None:
         while True:
@@ -332,10 +308,6 @@ class Bridge:
                 m.records_dropped.labels(stream, reason).set(count)
 
 
-async def _wait(event: asyncio.Event) -> None:
-    await event.wait()
-
-
 async def run(
     settings: BridgeSettings,
     nats_settings: NatsSettings,
@@ -343,6 +315,6 @@ async def run(
     stop: asyncio.Event,
     ready: asyncio.Event | None = None,
 ) -> None:
-    """Run one bridge until ``stop`` is set."""
+    """Run one bridge until ``stop`` is set; a crashed root task is re-raised."""
     async with Bridge(settings, nats_settings) as bridge:
         await bridge.serve(stop, ready)

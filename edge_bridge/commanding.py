@@ -48,13 +48,14 @@ from pydantic import BaseModel
 from broker.backoff import backoff_s
 from broker.errors import ApplyFailed, ClosedError
 from broker.protocol.command_specs import BridgeConfigure
+from broker.protocol.command_status import FINAL_STATUSES
 from broker.protocol.commands import CommandRejected, OpenedCommand, load_public_keys
-from broker.protocol.events import CommandStatus
+from broker.protocol.events import CommandStatusReport
 from broker.protocol.topology import Topology
 from broker.settings import ControlSettings
 from edge_bridge.admission import CommandGate
 from edge_bridge.applying import Appliers, KubernetesApplier
-from edge_bridge.control_store import CONTROL_DB, FINAL, ControlStore
+from edge_bridge.control_store import CONTROL_DB, ControlStore
 
 __all__ = ["ControlChannel", "ControlMetrics"]
 
@@ -279,7 +280,7 @@ class ControlChannel:
                     "an id is acted on at most once", command_id=env.id, digest=opened.digest,
                 ), kind=env.kind)
                 return "rejected"
-            if known.state in FINAL:
+            if known.state in FINAL_STATUSES:
                 log.info("command_redelivered", command=env.id, status=known.state)
                 # Same report as the first time (same edge time), so the cloud sees one
                 # outcome however often it is repeated.
@@ -356,8 +357,8 @@ class ControlChannel:
 
     def _status(self, command_id: str, digest: str, status: str, *, code: str = "",
                 reason: str = "", result: dict[str, Any] | None = None,
-                reported_at: float | None = None) -> CommandStatus:
-        return CommandStatus(edge=self.edge_id, command_id=command_id, digest=digest,
+                reported_at: float | None = None) -> CommandStatusReport:
+        return CommandStatusReport(edge=self.edge_id, command_id=command_id, digest=digest,
                              status=status, reported_at=reported_at or time.time(), code=code,
                              reason=reason, result=result)
 

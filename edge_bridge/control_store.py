@@ -32,18 +32,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from broker.errors import ClosedError
+from broker.protocol.command_status import FINAL_STATUSES
 from broker.protocol.commands import OpenedCommand
-from broker.protocol.events import CommandStatus, encode_event
+from broker.protocol.events import CommandStatusReport, encode_event
 from edge_bridge.sqlite_files import connect_wal
 
-__all__ = ["CONTROL_DB", "FINAL", "ControlStore", "Remembered"]
+__all__ = ["CONTROL_DB", "ControlStore", "Remembered"]
 
 T = TypeVar("T")
 
 CONTROL_DB = "control.sqlite3"
 """The store's file name, in the bridge's buffer directory."""
-FINAL = frozenset({"applied", "failed", "rejected", "expired"})
-"""States that are an outcome: reported again on redelivery, never applied again."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -168,7 +167,7 @@ class ControlStore:
         return await self._run(select_command)
 
     async def remember(self, opened: OpenedCommand, *, stream_seq: int, state: str,
-                       received_at: float, event: CommandStatus) -> None:
+                       received_at: float, event: CommandStatusReport) -> None:
         """Remember a command the edge took (``applying`` or a refusal) and queue its status."""
         env = opened.envelope
 
@@ -180,12 +179,12 @@ class ControlStore:
                     " expires_at, received_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT(id) DO UPDATE SET state = excluded.state",
                     (env.id, opened.digest, stream_seq, env.kind, state, event.code, event.reason,
-                     env.expires_at, received_at, received_at if state in FINAL else None),
+                     env.expires_at, received_at, received_at if state in FINAL_STATUSES else None),
                 )
                 _queue_status(c, event)
         await self._run(insert_command_and_status)
 
-    async def finish(self, command_id: str, event: CommandStatus) -> None:
+    async def finish(self, command_id: str, event: CommandStatusReport) -> None:
         """Record the final status of a command and queue its report, atomically."""
         def update_command_and_status() -> None:
             c = self._connection()
@@ -200,7 +199,7 @@ class ControlStore:
                 _queue_status(c, event)
         await self._run(update_command_and_status)
 
-    async def enqueue(self, event: CommandStatus) -> None:
+    async def enqueue(self, event: CommandStatusReport) -> None:
         """Queue a status report about something not remembered (or reported again)."""
         def insert_status() -> None:
             _queue_status(self._connection(), event)
@@ -234,7 +233,7 @@ class ControlStore:
         return await self._run(delete_expired)
 
 
-def _queue_status(conn: sqlite3.Connection, event: CommandStatus) -> None:
+def _queue_status(conn: sqlite3.Connection, event: CommandStatusReport) -> None:
     conn.execute("INSERT INTO outbox(event, created_at) VALUES (?, ?)",
                  (encode_event(event), time.time()))
 

@@ -2,9 +2,10 @@
 
 ``POST /v1/streams/{stream}/records`` answers only once the records are durable
 in the buffer. MessagePack is the SDK's format; JSON is accepted for any
-language and for curl. Every refusal is a 4xx/503 with a JSON body
-``{"error": code, "message": text}``; the protocol is documented in
-``docs/ingress-http.md``.
+language and for curl. Every refusal is an :class:`~broker.errors.EdgesyncError`
+answered as a 4xx/503 with a JSON body ``{"error": code, "message": text}`` and the
+status of the one table, :data:`broker.errors.HTTP_STATUS`; the protocol is
+documented in ``docs/ingress-http.md``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,18 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from broker.errors import BufferFull, ClosedError, InvalidInput, RecordTooLarge
+from broker.errors import (
+    EdgesyncError,
+    InvalidInput,
+    InvalidName,
+    RecordTooLarge,
+    RequestTooLarge,
+    UnsupportedMediaType,
+)
 from broker.protocol.ingress import IngressRequest
 from broker.protocol.tokens import TOKEN_PATTERN, is_valid_token
 from broker.protocol.wire import CT_JSON, CT_RAW, Record
+from broker.serving import error_response
 
 if TYPE_CHECKING:
     from edge_bridge.bridge import Bridge
@@ -54,11 +63,6 @@ class _JsonRequest(msgspec.Struct, forbid_unknown_fields=True):
 _msgpack_request = msgspec.msgpack.Decoder(IngressRequest)
 _json_request = msgspec.json.Decoder(_JsonRequest)
 _json_encoder = msgspec.json.Encoder()
-
-
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None
-           ) -> JSONResponse:
-    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
 
 
 def _json_ts(value: float | str | None, now_us: int) -> int:
@@ -112,21 +116,22 @@ def create_app(bridge: Bridge) -> FastAPI:
         metrics.ingress_requests.labels(str(response.status_code)).inc()
         return response
 
-    async def _handle(stream: str, request: Request) -> Response:
-        started = time.perf_counter()
+    async def _read(stream: str, request: Request
+                    ) -> tuple[str, list[Record], str | None, int | None]:
+        """The request's records, validated; refusals raise (statuses: ``HTTP_STATUS``)."""
         if not is_valid_token(stream):
-            return _error(400, "invalid_stream",
-                          f"stream name {stream!r} must match {TOKEN_PATTERN}")
+            raise InvalidName(f"stream name {stream!r} must match {TOKEN_PATTERN}",
+                              code="invalid_stream")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > (
             settings.max_request_bytes
         ):
-            return _error(413, "request_too_large",
-                          f"body of {declared} bytes exceeds {settings.max_request_bytes}")
+            raise RequestTooLarge(
+                f"body of {declared} bytes exceeds {settings.max_request_bytes}")
         body = await request.body()
         if len(body) > settings.max_request_bytes:
-            return _error(413, "request_too_large",
-                          f"body of {len(body)} bytes exceeds {settings.max_request_bytes}")
+            raise RequestTooLarge(
+                f"body of {len(body)} bytes exceeds {settings.max_request_bytes}")
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         producer: str | None
         request_seq: int | None
@@ -139,27 +144,29 @@ def create_app(bridge: Bridge) -> FastAPI:
                 records = _from_json(jreq)
                 producer, request_seq = jreq.producer, jreq.request_seq
             else:
-                return _error(415, "unsupported_media_type",
-                              f"content-type {ctype!r}: use application/msgpack or "
-                              "application/json")
+                raise UnsupportedMediaType(
+                    f"content-type {ctype!r}: use application/msgpack or application/json")
             _validate(records, producer, request_seq, settings.max_record_bytes)
-        except RecordTooLarge as exc:
-            return _error(413, "record_too_large", str(exc))
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return _error(422, "malformed_body", f"malformed body: {exc}")
+            raise InvalidInput(f"malformed body: {exc}", code="malformed_body") from exc
         except InvalidInput as exc:
-            return _error(422, "invalid_records", str(exc))
+            if type(exc) is not InvalidInput:  # the subclasses carry their own code
+                raise
+            raise InvalidInput(str(exc), code="invalid_records") from exc
+        return stream, records, producer, request_seq
+
+    async def _handle(stream: str, request: Request) -> Response:
+        started = time.perf_counter()
         try:
-            result = await bridge.buffer.append(
-                stream, records, producer=producer, request_seq=request_seq
-            )
-        except BufferFull as exc:
-            return _error(503, "buffer_full", str(exc),
-                          headers={"Retry-After": str(max(1, round(exc.retry_after)))})
-        except InvalidInput as exc:
-            return _error(413, "request_too_large", str(exc))
-        except ClosedError as exc:
-            return _error(503, "shutting_down", str(exc), headers={"Retry-After": "1"})
+            stream, records, producer, request_seq = await _read(stream, request)
+            try:
+                result = await bridge.buffer.append(
+                    stream, records, producer=producer, request_seq=request_seq
+                )
+            except InvalidInput as exc:  # the buffer refuses a request it cannot hold
+                raise RequestTooLarge(str(exc)) from exc
+        except EdgesyncError as exc:
+            return error_response(exc)
         if result.duplicate:
             metrics.duplicate_requests.inc()
         else:

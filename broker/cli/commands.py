@@ -27,6 +27,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from broker.protocol.command_status import FINAL_STATUSES, CommandStatus
+
 __all__ = ["cmd_app", "keys_app"]
 
 console = Console()
@@ -35,7 +37,6 @@ err_console = Console(stderr=True)
 cmd_app = typer.Typer(no_args_is_help=True, help="Send signed commands to edges and follow them.")
 keys_app = typer.Typer(no_args_is_help=True, help="Manage the command signing keys.")
 
-FINAL = ("applied", "failed", "rejected", "expired")
 EXIT_FAILED, EXIT_ERROR, EXIT_TIMEOUT = 1, 2, 3
 
 
@@ -161,10 +162,10 @@ def _follow(client: _Client, command_id: str, *, timeout: float, as_json: bool) 
         if status != seen and not as_json:
             console.print(f"  {status}" + _outcome(command))
             seen = status
-        if status in FINAL:
+        if status in FINAL_STATUSES:
             if as_json:
                 console.print_json(data=command)
-            raise typer.Exit(0 if status == "applied" else EXIT_FAILED)
+            raise typer.Exit(0 if status == CommandStatus.APPLIED else EXIT_FAILED)
         if time.monotonic() >= deadline:
             err_console.print(f"[yellow]still {status} after {timeout:g}s[/yellow]")
             raise typer.Exit(EXIT_TIMEOUT)
@@ -347,7 +348,7 @@ def status(ctx: typer.Context, command_id: str, *, wait: Wait = False, timeout: 
                                "yes" if e["effective"] else "no")
             console.print(events)
     final = command["status"]
-    if final in FINAL and final != "applied":
+    if final in FINAL_STATUSES and final != CommandStatus.APPLIED:
         raise typer.Exit(EXIT_FAILED)
 
 

@@ -17,9 +17,9 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
+import structlog
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from broker.cli.commands import cmd_app, keys_app
 from broker.errors import EdgesyncError
@@ -28,6 +28,8 @@ from broker.settings import Settings
 
 __all__ = ["app", "main"]
 
+log = structlog.get_logger(__name__)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="edgesync: durable edge-to-cloud sync over NATS JetStream into PostgreSQL.")
 console = Console()
@@ -35,8 +37,18 @@ app.add_typer(cmd_app, name="cmd")
 app.add_typer(keys_app, name="keys")
 
 
+EXIT_CRASHED = 1
+"""A service's root task crashed: Kubernetes must see a failed container, not a clean exit."""
+EXIT_ERROR = 2
+"""An error of ours (bad settings, a root task that ended unasked, ...)."""
+
+
 def _run_service(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
-    """Run ``body(stop)`` with SIGINT/SIGTERM setting ``stop``."""
+    """Run ``body(stop)`` with SIGINT/SIGTERM setting ``stop``.
+
+    A clean stop exits 0; an error of ours exits :data:`EXIT_ERROR`; anything
+    else a root task raised (the supervisor re-raises it) exits :data:`EXIT_CRASHED`.
+    """
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -48,8 +60,12 @@ def _run_service(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> 
     try:
         asyncio.run(main())
     except EdgesyncError as exc:
+        log.error("service_failed", error=f"{type(exc).__name__}: {exc}")
         console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        raise typer.Exit(EXIT_ERROR) from exc
+    except Exception as exc:
+        log.critical("service_crashed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        raise typer.Exit(EXIT_CRASHED) from exc
 
 
 @app.command()
@@ -139,74 +155,13 @@ def status(
     """Print edges, their backlog, and committed counts per stream."""
     import asyncpg
 
-    async def show() -> None:
-        conn = await asyncpg.connect(_dsn(dsn, state_dir))
-        try:
-            edges = await conn.fetch(
-                "SELECT edge_id, version, last_seen, now() - last_seen AS ago, "
-                "unshipped_records, buffer_records, buffer_bytes, oldest_unshipped_age_s, "
-                "dropped FROM edges ORDER BY edge_id"
-            )
-            progress = await conn.fetch(
-                "SELECT * FROM v_completeness ORDER BY edge_id, stream, epoch"
-            )
-        finally:
-            await conn.close()
-        table = Table(title="edges")
-        for col in ("edge", "version", "last seen", "unshipped", "buffered", "buffer bytes",
-                    "oldest unshipped", "dropped (overflow/ttl)"):
-            table.add_column(col)
-        for e in edges:
-            table.add_row(
-                e["edge_id"], e["version"], f"{e['ago'].total_seconds():.0f}s ago",
-                f"{e['unshipped_records']:,}", f"{e['buffer_records']:,}",
-                f"{e['buffer_bytes']:,}", f"{e['oldest_unshipped_age_s']:.1f}s",
-                _drop_counts(e["dropped"]),
-            )
-        console.print(table)
-        table = Table(title="completeness" if gaps else "committed")
-        columns = ["edge", "stream", "epoch", "committed", "watermark", "highest seq"]
-        if gaps:
-            columns += ["dropped (overflow/ttl)", "missing", "missing ranges", "lag"]
-        for col in columns:
-            table.add_column(col)
-        for p in progress:
-            row = [p["edge_id"], p["stream"], str(p["epoch"]),
-                   f"{p['committed_records']:,}", f"{p['watermark']:,}",
-                   f"{p['highest_seq']:,}"]
-            if gaps:
-                lag = p["lag_seconds"]
-                row += [
-                    f"{p['dropped_records']:,} ({p['dropped_overflow']:,}/{p['dropped_ttl']:,})",
-                    f"{p['missing_records']:,}",
-                    _ranges(p["missing_ranges"]),
-                    "-" if lag is None else f"{lag:.1f}s",
-                ]
-            table.add_row(*row)
-        console.print(table)
+    from broker.cli.status import show_status
 
     try:
-        asyncio.run(show())
+        asyncio.run(show_status(_dsn(dsn, state_dir), console, gaps=gaps))
     except (OSError, asyncpg.PostgresError) as exc:
         console.print(f"[red]cannot read status:[/red] {exc}")
         raise typer.Exit(2) from exc
-
-
-def _drop_counts(dropped: Any) -> str:
-    """``overflow/ttl`` totals over an edge's streams, from the heartbeat's JSON."""
-    per_stream = json.loads(dropped) if isinstance(dropped, str | bytes) else dropped
-    overflow = sum(int(v.get("overflow", 0)) for v in per_stream.values())
-    ttl = sum(int(v.get("ttl", 0)) for v in per_stream.values())
-    return f"{overflow:,}/{ttl:,}"
-
-
-def _ranges(ranges: Any, limit: int = 5) -> str:
-    """``[1-10, 20-25, …]`` from an asyncpg multirange (closed bounds, people's notation)."""
-    spans = [f"{r.lower}-{r.upper - 1}" for r in ranges]
-    if not spans:
-        return "-"
-    more = f", … ({len(spans) - limit} more)" if len(spans) > limit else ""
-    return ", ".join(spans[:limit]) + more
 
 
 @app.command(

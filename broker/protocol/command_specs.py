@@ -17,6 +17,7 @@ parse. Every model forbids unknown fields: a typo is an error, not a no-op.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -166,12 +167,25 @@ KINDS: Final = tuple(SPEC_MODELS)
 KUBERNETES_KINDS: Final = tuple(k for k in KINDS if not k.startswith("bridge."))
 
 
-def describe_validation_error(exc: ValidationError, *, prefix: str = "") -> str:
-    """One readable line per problem: ``spec.replicas: Input should be ...``."""
+def describe_validation_error(
+    errors: ValidationError | Iterable[Mapping[str, Any]], *, prefix: str = ""
+) -> str:
+    """One readable line per problem: ``spec.replicas: Input should be ...``.
+
+    Args:
+        errors: a pydantic ``ValidationError``, or its ``errors()`` list (what
+            FastAPI's ``RequestValidationError.errors()`` gives); the leading
+            ``body`` FastAPI puts in front of a request body's locations is left out.
+        prefix: a location to put in front of every problem's own.
+    """
+    items = errors.errors() if isinstance(errors, ValidationError) else errors
     parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
-        parts.append(f"{loc}: {err['msg']}" if loc else str(err["msg"]))
+    for err in items:
+        where = tuple(err.get("loc", ()))
+        if where[:1] == ("body",):
+            where = where[1:]
+        loc = ".".join(str(p) for p in (prefix, *where) if p != "")
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
     return "; ".join(parts)
 
 

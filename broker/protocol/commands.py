@@ -47,6 +47,7 @@ from broker.errors import CommandRejected, ConfigError
 from broker.protocol.tokens import validate_token
 
 __all__ = [
+    "COMMAND_ID",
     "ENVELOPE_VERSION",
     "CommandEnvelope",
     "CommandRejected",
@@ -66,7 +67,9 @@ __all__ = [
 ENVELOPE_VERSION: Final = 1
 _MAX_MESSAGE_BYTES: Final = 256 * 1024
 """Largest signed command accepted; specs are small, this bounds what a forger can make us parse."""
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+COMMAND_ID: Final = re.compile(
+    r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+"""What a command id looks like: a lower-case canonical UUID (``new_envelope`` makes them)."""
 
 
 class CommandEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -231,7 +234,7 @@ def open_command(data: bytes, trusted: Sequence[Ed25519PublicKey]) -> OpenedComm
     if canonical_bytes(envelope) != signed.payload:
         raise CommandRejected("non_canonical", "payload is not in canonical form",
                               command_id=claimed, digest=digest)
-    if envelope.v != ENVELOPE_VERSION or not _UUID.match(envelope.id):
+    if envelope.v != ENVELOPE_VERSION or not COMMAND_ID.match(envelope.id):
         raise CommandRejected("malformed", "envelope version or id is invalid",
                               command_id=claimed, digest=digest)
     return OpenedCommand(envelope=envelope, digest=digest)
@@ -243,7 +246,7 @@ def _claimed_id(payload: bytes) -> str:
         claimed = _claimed_decoder.decode(payload).id
     except (msgspec.DecodeError, msgspec.ValidationError):
         return ""
-    return claimed if isinstance(claimed, str) and _UUID.match(claimed) else ""
+    return claimed if isinstance(claimed, str) and COMMAND_ID.match(claimed) else ""
 
 
 # -- key files ---------------------------------------------------------------------

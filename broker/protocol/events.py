@@ -1,6 +1,6 @@
-"""Messages the edge sends on ``<prefix>.evt.<edge>``: heartbeats (and, later,
-command status). MessagePack maps tagged by ``type`` so new kinds can be added
-without breaking old readers."""
+"""Messages the edge sends on ``<prefix>.evt.<edge>``: heartbeats, drop markers and
+command status reports. MessagePack maps tagged by ``type`` so new kinds can be
+added without breaking old readers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import msgspec
 from broker.errors import DecodeError
 
 __all__ = [
-    "CommandStatus",
+    "CommandStatusReport",
     "DropMarker",
     "Event",
     "Heartbeat",
@@ -68,9 +68,10 @@ class DropMarker(msgspec.Struct, tag="drop", tag_field="type", frozen=True):
     """Unix seconds, the edge's clock."""
 
 
-class CommandStatus(msgspec.Struct, tag="command_status", tag_field="type", frozen=True):
+class CommandStatusReport(msgspec.Struct, tag="command_status", tag_field="type", frozen=True):
     """Where one control command stands at the edge (``delivered``, then ``applied``,
-    ``failed``, ``rejected`` or ``expired``); see :mod:`edge_bridge.commanding`."""
+    ``failed``, ``rejected`` or ``expired``: a
+    :class:`~broker.protocol.commands.CommandStatus`); see :mod:`edge_bridge.commanding`."""
 
     edge: str
     command_id: str
@@ -78,6 +79,8 @@ class CommandStatus(msgspec.Struct, tag="command_status", tag_field="type", froz
     digest: str
     """SHA-256 hex of the signed payload; the cloud only updates the command it names."""
     status: str
+    """A :class:`~broker.protocol.commands.CommandStatus` value; kept a plain string so a
+    status this reader does not know is stored and ignored, not dead-lettered."""
     reported_at: float
     """Unix seconds, the edge's clock."""
     code: str = ""
@@ -87,7 +90,7 @@ class CommandStatus(msgspec.Struct, tag="command_status", tag_field="type", froz
     """What an applied command achieved, e.g. ``{"replicas": 3}``."""
 
 
-Event = Heartbeat | DropMarker | CommandStatus
+Event = Heartbeat | DropMarker | CommandStatusReport
 
 _decoder: msgspec.msgpack.Decoder[Event] = msgspec.msgpack.Decoder(Event)
 _encoder = msgspec.msgpack.Encoder()

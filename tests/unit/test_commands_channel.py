@@ -20,7 +20,7 @@ from broker.protocol.commands import (
     load_private_key,
     new_envelope,
 )
-from broker.protocol.events import CommandStatus, decode_event
+from broker.protocol.events import CommandStatusReport, decode_event
 from broker.protocol.topology import Topology
 from broker.settings import ControlSettings
 from edge_bridge.commanding import ControlChannel
@@ -53,9 +53,9 @@ class Harness:
         return env.id, self.signer.sign(env)[0]
 
 
-async def outbox(channel: ControlChannel) -> list[CommandStatus]:
+async def outbox(channel: ControlChannel) -> list[CommandStatusReport]:
     events = [decode_event(data) for _, data in await channel.store.outbox(100)]
-    assert all(isinstance(e, CommandStatus) for e in events)
+    assert all(isinstance(e, CommandStatusReport) for e in events)
     return events  # type: ignore[return-value]
 
 

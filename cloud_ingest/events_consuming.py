@@ -24,14 +24,15 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import FetchTimeoutError
 
+from broker.backoff import backoff_s
 from broker.errors import DecodeError
 from broker.protocol.events import Heartbeat, decode_event
 from broker.protocol.topology import Topology
+from cloud_ingest.db_errors import DATABASE_ERRORS, Connection, as_temporary
 from cloud_ingest.metrics import IngestMetrics
 
-__all__ = ["AfterCommit", "EdgeTracker", "EventWriter"]
+__all__ = ["AfterCommit", "EventWriter", "EventsConsumer"]
 
-Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 AfterCommit = Callable[[], None]
 EventWriter = Callable[[Connection, list[Any]], Awaitable[AfterCommit | None]]
 """Stores a list of events of one type using the given connection, inside the group's
@@ -55,7 +56,9 @@ WHERE e.edge_clock <= EXCLUDED.edge_clock
 """
 
 
-class EdgeTracker:
+class EventsConsumer:
+    """The events consumer of one ingest process (see the module docstring)."""
+
     def __init__(
         self,
         *,
@@ -93,10 +96,11 @@ class EdgeTracker:
             ),
         )
 
-    async def track_forever(self) -> None:
+    async def consume_forever(self) -> None:
         sub = await self._js.pull_subscribe_bind(
             self._consumer, stream=self._topology.events_stream
         )
+        failures = 0
         try:
             while not self._stopping:
                 try:
@@ -106,9 +110,11 @@ class EdgeTracker:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
+                    failures += 1
                     log.warning("events_fetch_failed", error=f"{type(exc).__name__}: {exc}")
-                    await asyncio.sleep(0.5)
+                    await asyncio.sleep(backoff_s(failures, base_s=0.25, cap_s=2.0))
                     continue
+                failures = 0
                 await self._handle(msgs)
         finally:
             with contextlib.suppress(Exception):  # the connection may already be gone
@@ -145,6 +151,7 @@ class EdgeTracker:
                 dead.append((m, f"no handler for event type {type(event).__name__}"))
                 continue
             by_type.setdefault(type(event), []).append(event)
+        attempt = 0
         while True:
             after: list[AfterCommit] = []
             try:
@@ -164,11 +171,17 @@ class EdgeTracker:
                 log.error("events_rejected", error=f"{type(exc).__name__}: {exc}")
                 dead = [(m, f"rejected by PostgreSQL: {exc}") for m in msgs]
                 by_type.clear()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("events_write_failed", error=f"{type(exc).__name__}: {exc}")
+            except DATABASE_ERRORS as exc:
+                # Unavailable or not, retry: a server-side error we did not foresee must
+                # not drop events, and acking is what would drop them.
+                attempt += 1
+                temporary = as_temporary(exc, attempt=attempt, cap_s=5.0)
+                log.warning("events_write_failed", attempt=attempt, temporary=temporary is not None,
+                            error=f"{type(exc).__name__}: {exc}")
                 if self._stopping:
                     return  # unacked: redelivered to whoever runs next
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(temporary.delay if temporary is not None
+                                    else backoff_s(attempt, base_s=0.5, cap_s=5.0))
         for action in after:
             action()
         for m in msgs:

@@ -1,0 +1,34 @@
+"""The operator API (``edgesync api``): send signed commands to edges, follow their
+status, see the edges.
+
+| method & path                          | what                                        |
+| -------------------------------------- | ------------------------------------------- |
+| ``POST /v1/edges/{edge}/commands``     | issue a command: 202 with its id            |
+| ``GET  /v1/commands/{id}``             | one command, its lifecycle and its history  |
+| ``GET  /v1/edges/{edge}/commands``     | an edge's commands (``?status=``)           |
+| ``GET  /v1/edges``                     | edges: last seen, online, backlog, version  |
+| ``GET  /healthz``, ``/readyz``, ``/metrics``, ``/docs``, ``/openapi.json`` |       |
+
+Issuing a command: validate the spec (422 with a message), check the edge is
+known (404), sign the envelope, store the command as ``pending`` (the row is
+the source of truth), then publish it to ``<prefix>.ctl.<edge>`` with the
+command id as ``Nats-Msg-Id``. If NATS is unreachable the request still
+succeeds; a background loop publishes stored commands JetStream has not
+acknowledged. Another loop marks commands ``expired`` that are still pending
+at their expiry. Status reports from the edges reach the rows through the
+ingest (:mod:`cloud_ingest.command_status`).
+
+Writes need ``Authorization: Bearer <operator token>`` (401 otherwise); reads
+are open unless ``read_requires_token``. Refusals are JSON
+``{"error": code, "message": text}``.
+
+Rooms: :mod:`~cloud_ingest.api.models` (request and response bodies),
+:mod:`~cloud_ingest.api.auth` (the operator token), :mod:`~cloud_ingest.api.routes`
+(the HTTP surface), :mod:`~cloud_ingest.api.service` (resources, operations,
+root tasks).
+"""
+
+from cloud_ingest.api.routes import create_app
+from cloud_ingest.api.service import Api, run
+
+__all__ = ["Api", "create_app", "run"]

@@ -1,0 +1,66 @@
+"""Where the cloud decides, once, whether a database error is worth retrying.
+
+Every cloud call site that talks to PostgreSQL (the pool at start-up, the
+records and events consumers, the operator API) hands a foreign error to
+:func:`as_temporary`: a database that is unavailable (connection refused or
+lost, starting up, shutting down, out of connections, a timeout) becomes
+:class:`~broker.errors.TemporaryError` whose
+``delay`` is :func:`broker.backoff.backoff_s` for the attempt; anything else
+(the database answered, and said no) is not temporary and yields None.
+
+It also holds :data:`Connection`, the one name for "a connection, pooled or not".
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from broker.backoff import backoff_s
+from broker.errors import TemporaryError
+
+__all__ = ["DATABASE_ERRORS", "Connection", "as_temporary"]
+
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+"""A connection, whether pooled or not."""
+
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+)
+"""Every error a database call may raise (what call sites catch before classifying)."""
+
+_UNAVAILABLE: tuple[type[Exception], ...] = (
+    OSError,  # refused, reset, unreachable
+    TimeoutError,  # connect or command timeout
+    asyncpg.InterfaceError,  # the connection is closed or was lost mid-call
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,  # starting up, shutting down, admin shutdown
+    asyncpg.InsufficientResourcesError,  # too many connections, disk full
+)
+
+
+def as_temporary(
+    exc: BaseException, *, attempt: int = 1, cap_s: float = 5.0, connecting: bool = False
+) -> TemporaryError | None:
+    """Classify a database error.
+
+    Args:
+        exc: what the database call raised.
+        attempt: how many times in a row this call has failed (1 for the first).
+        cap_s: the longest delay to suggest.
+        connecting: the error came from opening connections at start-up, where
+            any server-side refusal may still clear (the database or its role
+            is being created): then every database error is temporary.
+
+    Returns:
+        A :class:`TemporaryError` (``raise ... from exc`` it, or sleep its
+        ``delay``) when retrying may succeed, else None.
+    """
+    retryable = isinstance(exc, _UNAVAILABLE) or (
+        connecting and isinstance(exc, asyncpg.PostgresError)
+    )
+    if not retryable:
+        return None
+    error = TemporaryError(f"database unavailable: {type(exc).__name__}: {exc}",
+                           delay=backoff_s(attempt, cap_s=cap_s))
+    error.__cause__ = exc
+    return error

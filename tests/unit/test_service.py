@@ -1,0 +1,154 @@
+"""The service skeleton: one lifecycle, one supervisor of root tasks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from broker.errors import ClosedError, RootTaskEnded
+from broker.service import Lifecycle, Service, Supervisor
+from tests.helpers import until
+
+
+async def _forever(cancelled: list[str], name: str, running: asyncio.Event | None = None
+                   ) -> None:
+    if running is not None:
+        running.set()
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        cancelled.append(name)
+        raise
+
+
+async def test_the_first_root_to_fail_stops_the_others_and_its_error_propagates() -> None:
+    """A crashed root cancels its siblings, the ordered shutdown runs, the error is re-raised."""
+    cancelled: list[str] = []
+    shutdowns: list[str] = []
+    crash = asyncio.Event()
+
+    async def crashing() -> None:
+        await crash.wait()
+        raise RuntimeError("root crashed")
+
+    async def shutdown() -> None:
+        shutdowns.append("ran")
+
+    with pytest.raises(RuntimeError, match="root crashed"):
+        async with Supervisor("test", shutdown=shutdown) as roots:
+            roots.start(_forever(cancelled, "a"), name="a")
+            roots.start(crashing(), name="crashing")
+            roots.start(_forever(cancelled, "b"), name="b")
+            crash.set()
+            await roots.wait(asyncio.Event())
+    assert sorted(cancelled) == ["a", "b"]
+    assert shutdowns == ["ran"]
+    assert all(task.done() for task in roots.roots)
+    assert roots.culprit is not None and roots.culprit.get_name() == "test:crashing"
+
+
+async def test_a_root_that_returns_unasked_ends_the_service_with_root_task_ended() -> None:
+    """Returning is a failure too: a root runs until stopped, so the service must not limp on."""
+    cancelled: list[str] = []
+
+    async def returning() -> None:
+        return None
+
+    with pytest.raises(RootTaskEnded, match="returning"):
+        async with Supervisor("test") as roots:
+            roots.start(_forever(cancelled, "a"), name="a")
+            roots.start(returning(), name="returning")
+            await roots.wait(asyncio.Event())
+    assert cancelled == ["a"]
+
+
+async def test_the_stop_event_ends_every_root_cleanly_after_the_ordered_shutdown() -> None:
+    """Setting stop runs the shutdown, ends every root, and raises nothing."""
+    stop = asyncio.Event()
+    order: list[str] = []
+    finished = asyncio.Event()
+
+    async def drains() -> None:
+        await finished.wait()
+        order.append("drained")
+
+    async def shutdown() -> None:
+        order.append("shutdown")
+        finished.set()
+        await asyncio.wait(roots.roots, timeout=5)
+
+    async with Supervisor("test", shutdown=shutdown) as roots:
+        drain = roots.start(drains(), name="drain")
+        roots.start(_forever([], "a"), name="a")
+        stop.set()
+        await roots.wait(stop)
+    assert order == ["shutdown", "drained"]
+    assert drain.done() and not drain.cancelled()
+    assert roots.culprit is None
+    assert all(task.done() for task in roots.roots)
+
+
+async def test_cancelling_the_serving_task_still_stops_every_root() -> None:
+    """A cancelled ``serve`` leaves no root behind, and the cancellation propagates."""
+    cancelled: list[str] = []
+    running = asyncio.Event()
+
+    async def serve() -> None:
+        async with Supervisor("test") as roots:
+            roots.start(_forever(cancelled, "a", running), name="a")
+            await roots.wait(asyncio.Event())
+
+    task = asyncio.create_task(serve())
+    await until(running.is_set, timeout=5)  # the root is inside its wait, not just created
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cancelled == ["a"]
+
+
+class _Resource(Service):
+    kind = "resource"
+
+    def __init__(self, fail_at: str | None = None) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+        self.opened: list[str] = []
+        self.closes = 0
+
+    async def _open(self) -> None:
+        for step in ("first", "second", "third"):
+            if step == self.fail_at:
+                raise OSError(f"cannot open {step}")
+            self.opened.append(step)
+        self._listen("127.0.0.1", 0)
+
+    async def _close(self) -> None:
+        self.closes += 1
+        self.opened.clear()
+
+
+async def test_a_start_that_fails_half_way_closes_what_it_opened() -> None:
+    """Rollback: the error propagates and whatever was opened is released."""
+    service = _Resource(fail_at="third")
+    with pytest.raises(OSError, match="cannot open third"):
+        async with service:
+            pass
+    assert service.state is Lifecycle.CLOSED
+    assert service.opened == [] and service.closes == 1
+
+
+async def test_a_service_starts_once_and_closes_once() -> None:
+    """close() is idempotent, and reopening a closed service is a clear error."""
+    service = _Resource()
+    assert service.state is Lifecycle.NEW
+    async with service:
+        assert service.state is Lifecycle.OPEN
+        assert service.port > 0
+    await service.close()
+    assert service.state is Lifecycle.CLOSED and service.closes == 1
+    with pytest.raises(ClosedError, match="resource is closed"):
+        async with service:
+            pass
+    with pytest.raises(ClosedError):
+        _ = service.port
