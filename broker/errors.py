@@ -9,7 +9,9 @@ retry-ability is decided once, where the error enters our code.
     EdgesyncError
     ├── ConfigError              bad settings; fail at start-up with the field named
     ├── InvalidInput             bad record / stream name / command: 4xx, dead letter
-    │   ├── DecodeError          bytes that are not a valid wire message
+    │   ├── DecodeError          bytes that are not a valid wire message; carries the
+    │   │                        batch's identity span when the envelope was readable
+    │   ├── InvalidRecords       records the cloud cannot store; carries (index, reason)s
     │   └── RecordTooLarge       one record above the per-record limit (413)
     ├── BufferFull               back-pressure; carries retry_after (seconds)
     ├── CommandRejected          signature, expiry, replay or policy; carries a code
@@ -28,6 +30,7 @@ __all__ = [
     "DecodeError",
     "EdgesyncError",
     "InvalidInput",
+    "InvalidRecords",
     "RecordTooLarge",
     "RuntimeUnavailable",
     "TemporaryError",
@@ -47,7 +50,33 @@ class InvalidInput(EdgesyncError):
 
 
 class DecodeError(InvalidInput):
-    """Bytes that are not a valid wire message; ``str(exc)`` is the reason."""
+    """Bytes that are not a valid wire message; ``str(exc)`` is the reason.
+
+    Attributes:
+        span: ``(edge, stream, epoch, first_seq, last_seq)`` the message claims,
+            when its envelope was readable and valid (so the seqs can be
+            accounted as dead-lettered); ``None`` otherwise.
+    """
+
+    def __init__(
+        self, message: str, *, span: tuple[str, str, int, int, int] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.span = span
+
+
+class InvalidRecords(InvalidInput):
+    """Records the cloud cannot store (:mod:`broker.protocol.validation`).
+
+    Attributes:
+        problems: ``(index, reason)`` of each bad record, in order.
+    """
+
+    def __init__(self, problems: list[tuple[int, str]]) -> None:
+        shown = "; ".join(f"record {i}: {reason}" for i, reason in problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        super().__init__(shown + more)
+        self.problems = problems
 
 
 class RecordTooLarge(InvalidInput):
