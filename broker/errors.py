@@ -12,7 +12,8 @@ retry-ability is decided once, where the error enters our code.
     │   ├── DecodeError          bytes that are not a valid wire message; carries the
     │   │                        batch's identity span when the envelope was readable
     │   ├── InvalidRecords       records the cloud cannot store; carries (index, reason)s
-    │   └── RecordTooLarge       one record above the per-record limit (413)
+    │   ├── RecordTooLarge       one record above the per-record limit (413)
+    │   └── RequestConflict      (producer, request_seq) reused for another request (409)
     ├── BufferFull               back-pressure; carries retry_after (seconds)
     ├── CommandRejected          signature, expiry, replay or policy; carries a code
     ├── ClosedError              a component used after close()
@@ -32,6 +33,7 @@ __all__ = [
     "InvalidInput",
     "InvalidRecords",
     "RecordTooLarge",
+    "RequestConflict",
     "RuntimeUnavailable",
     "TemporaryError",
 ]
@@ -81,6 +83,10 @@ class InvalidRecords(InvalidInput):
 
 class RecordTooLarge(InvalidInput):
     """A single record exceeds the per-record size limit."""
+
+
+class RequestConflict(InvalidInput):
+    """A ``(producer, request_seq)`` already stored for a different request."""
 
 
 class BufferFull(EdgesyncError):

@@ -2,18 +2,26 @@
 
 ``POST /v1/streams/{stream}/records`` answers only once the records are durable
 in the buffer. MessagePack is the SDK's format; JSON is accepted for any
-language and for curl. Every refusal is a 4xx/503 with a JSON body
+language and for curl; either may be sent gzip-compressed
+(``Content-Encoding: gzip``). Every refusal is a 4xx/503 with a JSON body
 ``{"error": code, "message": text}``; the protocol is documented in
 ``docs/ingress-http.md``.
+
+A request is all or nothing: every record is checked by the cloud's own
+validator (:mod:`broker.protocol.validation`) before any is stored, and a 422
+lists each bad record's index and reason, so nothing acknowledged here can be
+refused later by the ingest or PostgreSQL.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import math
 import time
+import zlib
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 import structlog
@@ -22,10 +30,19 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from broker.errors import BufferFull, ClosedError, InvalidInput, RecordTooLarge
-from broker.protocol.ingress import IngressRequest
+from broker.errors import (
+    BufferFull,
+    ClosedError,
+    InvalidInput,
+    InvalidRecords,
+    RecordTooLarge,
+    RequestConflict,
+)
+from broker.protocol.ingress import IngressRequest, RequestSeq, to_ts_us
 from broker.protocol.tokens import TOKEN_PATTERN, is_valid_token
+from broker.protocol.validation import record_problems
 from broker.protocol.wire import CT_JSON, CT_RAW, Record
+from edge_bridge.ingress_openapi import RESPONSES, request_body
 
 if TYPE_CHECKING:
     from edge_bridge.bridge import Bridge
@@ -38,7 +55,8 @@ MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vn
 
 
 class _JsonRecord(msgspec.Struct, forbid_unknown_fields=True):
-    payload: Any = msgspec.UNSET
+    payload: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    """Kept as the JSON text it arrived as: stored as such, never re-encoded."""
     payload_b64: str | None = None
     key: str | None = None
     ts: float | str | None = None
@@ -48,7 +66,7 @@ class _JsonRecord(msgspec.Struct, forbid_unknown_fields=True):
 class _JsonRequest(msgspec.Struct, forbid_unknown_fields=True):
     records: list[_JsonRecord]
     producer: str | None = None
-    request_seq: int | None = None
+    request_seq: RequestSeq | None = None
 
 
 _msgpack_request = msgspec.msgpack.Decoder(IngressRequest)
@@ -71,12 +89,14 @@ def _json_ts(value: float | str | None, now_us: int) -> int:
             raise InvalidInput(f"ts {value!r} is not an ISO 8601 time or epoch seconds") from exc
         if parsed.tzinfo is None:
             raise InvalidInput(f"ts {value!r} has no time zone; add 'Z' or an offset")
-        return int(parsed.timestamp() * 1_000_000)
-    return int(value * 1_000_000)
+        return to_ts_us(parsed)
+    if not math.isfinite(value):
+        raise InvalidInput(f"ts {value!r} is not a finite number of seconds")
+    return round(value * 1_000_000)  # any size: the validator checks the range
 
 
 def _from_json(req: _JsonRequest) -> list[Record]:
-    now_us = int(time.time() * 1_000_000)
+    now_us = time.time_ns() // 1000
     out: list[Record] = []
     for i, rec in enumerate(req.records):
         if rec.payload_b64 is not None:
@@ -87,13 +107,39 @@ def _from_json(req: _JsonRequest) -> list[Record]:
             except binascii.Error as exc:
                 raise InvalidInput(f"record {i}: payload_b64 is not base64: {exc}") from exc
             ct = CT_RAW
-        elif rec.payload is msgspec.UNSET:
-            raise InvalidInput(f"record {i}: missing payload")
-        else:
-            body = _json_encoder.encode(rec.payload)
+        elif isinstance(rec.payload, msgspec.Raw):
+            body = bytes(rec.payload)
             ct = CT_JSON
-        out.append(Record(_json_ts(rec.ts, now_us), ct, body, rec.key, rec.headers))
+        else:
+            raise InvalidInput(f"record {i}: missing payload")
+        try:
+            ts = _json_ts(rec.ts, now_us)
+        except InvalidInput as exc:
+            raise InvalidInput(f"record {i}: {exc}") from exc
+        out.append(Record(ts, ct, body, rec.key, rec.headers))
     return out
+
+
+def _decoded_body(body: bytes, encoding: str, max_bytes: int) -> bytes:
+    """The request body without its ``Content-Encoding`` (gzip, bounded), or raise."""
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "x-gzip"):
+        raise _Unsupported(encoding)
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        plain = inflater.decompress(body, max_bytes + 1)
+    except zlib.error as exc:
+        raise InvalidInput(f"body is not valid gzip: {exc}") from exc
+    if len(plain) > max_bytes:
+        raise RecordTooLarge(f"gzip body expands past {max_bytes} bytes")
+    if not inflater.eof:
+        raise InvalidInput("gzip body is truncated")
+    return plain
+
+
+class _Unsupported(Exception):
+    """A Content-Encoding the ingress does not decode."""
 
 
 def create_app(bridge: Bridge) -> FastAPI:
@@ -106,9 +152,14 @@ def create_app(bridge: Bridge) -> FastAPI:
     settings = bridge.settings
     metrics = bridge.metrics
 
-    @app.post("/v1/streams/{stream}/records")
+    @app.post("/v1/streams/{stream}/records", responses=RESPONSES,
+              openapi_extra={"requestBody": request_body()})
     async def post_records(stream: str, request: Request) -> Response:
-        response = await _handle(stream, request)
+        """Store records durably; the answer gives each its identity (see docs/ingress-http.md)."""
+        try:
+            response = await _handle(stream, request)
+        except RecursionError:  # a body nested beyond what any decoder here recurses into
+            response = _error(422, "malformed_body", "body nested too deeply to decode")
         metrics.ingress_requests.labels(str(response.status_code)).inc()
         return response
 
@@ -127,6 +178,16 @@ def create_app(bridge: Bridge) -> FastAPI:
         if len(body) > settings.max_request_bytes:
             return _error(413, "request_too_large",
                           f"body of {len(body)} bytes exceeds {settings.max_request_bytes}")
+        encoding = request.headers.get("content-encoding", "").strip().lower()
+        try:
+            body = _decoded_body(body, encoding, settings.max_request_bytes)
+        except _Unsupported:
+            return _error(415, "unsupported_content_encoding",
+                          f"content-encoding {encoding!r}: send the body plain or gzip")
+        except RecordTooLarge as exc:
+            return _error(413, "request_too_large", str(exc))
+        except InvalidInput as exc:
+            return _error(400, "invalid_content_encoding", str(exc))
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         producer: str | None
         request_seq: int | None
@@ -147,6 +208,11 @@ def create_app(bridge: Bridge) -> FastAPI:
             return _error(413, "record_too_large", str(exc))
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return _error(422, "malformed_body", f"malformed body: {exc}")
+        except InvalidRecords as exc:
+            return JSONResponse(status_code=422, content={
+                "error": "invalid_records", "message": str(exc),
+                "records": [{"index": i, "reason": r} for i, r in exc.problems],
+            })
         except InvalidInput as exc:
             return _error(422, "invalid_records", str(exc))
         try:
@@ -156,6 +222,8 @@ def create_app(bridge: Bridge) -> FastAPI:
         except BufferFull as exc:
             return _error(503, "buffer_full", str(exc),
                           headers={"Retry-After": str(max(1, round(exc.retry_after)))})
+        except RequestConflict as exc:
+            return _error(409, "request_seq_reused", str(exc))
         except InvalidInput as exc:
             return _error(413, "request_too_large", str(exc))
         except ClosedError as exc:
@@ -167,6 +235,8 @@ def create_app(bridge: Bridge) -> FastAPI:
         metrics.append_seconds.observe(time.perf_counter() - started)
         return JSONResponse({
             "epoch": result.epoch,
+            # JSON numbers lose integers above 2^53 in JavaScript (and other doubles).
+            "epoch_str": str(result.epoch),
             "first_seq": result.first_seq,
             "count": result.count,
             "duplicate": result.duplicate,
@@ -201,14 +271,11 @@ def _validate(
         raise InvalidInput("producer and request_seq go together: give both or neither")
     if producer is not None and not 0 < len(producer) <= 128:
         raise InvalidInput("producer must be 1 to 128 characters")
-    if request_seq is not None and request_seq < 0:
-        raise InvalidInput("request_seq must be >= 0")
     for i, rec in enumerate(records):
         if len(rec.payload) > max_record_bytes:
             raise RecordTooLarge(
                 f"record {i} payload is {len(rec.payload)} bytes; the limit is {max_record_bytes}"
             )
-        if rec.ct not in (CT_RAW, CT_JSON):
-            raise InvalidInput(f"record {i}: unknown content type {rec.ct}")
-        if rec.key is not None and len(rec.key) > 1024:
-            raise InvalidInput(f"record {i}: key longer than 1024 characters")
+    problems = record_problems(records)
+    if problems:
+        raise InvalidRecords(problems)
