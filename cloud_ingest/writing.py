@@ -34,6 +34,7 @@ from broker.protocol.topology import Topology
 from broker.protocol.validation import record_problem
 from broker.protocol.wire import CT_JSON, Batch, DecodedBatch, Record, decode_records
 from cloud_ingest.dead_letters import DeadLetter, insert_dead_letters
+from cloud_ingest.isolating import REJECTED, refusal
 from cloud_ingest.ranges import Span, Watermark, merge_ranges, spans_of
 
 __all__ = ["ROW_OVERHEAD_BYTES", "Decoded", "GroupResult", "GroupWriter", "Row"]
@@ -49,16 +50,6 @@ _COLUMNS = (
 ROW_OVERHEAD_BYTES = 400
 """Python memory one decoded record costs besides its payload (Record, row tuple,
 ints): measured ~300 B; used to budget the records a worker holds at once."""
-_REJECTED = (
-    asyncpg.DataError,
-    asyncpg.IntegrityConstraintViolationError,
-    asyncpg.ProgramLimitExceededError,
-    OverflowError,  # a value the client-side codecs cannot encode
-    ValueError,
-    TypeError,
-)
-"""What makes PostgreSQL (or asyncpg's encoding) refuse the data itself, not the
-connection: narrowed down to the records that cause it."""
 _json = msgspec.json.Encoder()
 _msgpack = msgspec.msgpack.Encoder()
 
@@ -219,9 +210,9 @@ class GroupWriter:
             try:
                 async with conn.transaction():  # savepoint: a refusal undoes only this part
                     return await self._insert(conn, rows[lo:hi])
-            except _REJECTED as exc:
+            except REJECTED as exc:
                 if hi - lo == 1:
-                    rejected.append((lo, f"rejected by PostgreSQL: {type(exc).__name__}: {exc}"))
+                    rejected.append((lo, refusal(exc)))
                     return 0
                 mid = (lo + hi) // 2
                 return await attempt(lo, mid) + await attempt(mid, hi)
