@@ -7,6 +7,8 @@ status, see the edges.
 | ``GET  /v1/commands/{id}``             | one command, its lifecycle and its history  |
 | ``GET  /v1/edges/{edge}/commands``     | an edge's commands (``?status=``)           |
 | ``GET  /v1/edges``                     | edges: last seen, online, backlog, version  |
+| ``GET  /v1/dead-letters[/{id}]``, ``POST /v1/dead-letters/{id}/replay`` | dead letters: |
+|                                        | list, show, replay (:mod:`cloud_ingest.dead_letters`) |
 | ``GET  /healthz``, ``/readyz``, ``/metrics``, ``/docs``, ``/openapi.json`` |       |
 
 Issuing a command: validate the spec (422 with a message), check the edge is
@@ -65,6 +67,7 @@ from broker.protocol.topology import Topology
 from broker.serving import embedded_server
 from broker.settings import ApiSettings, NatsSettings
 from cloud_ingest.command_status import expire_overdue
+from cloud_ingest.dead_letters import dead_letter_routes
 from cloud_ingest.pooling import close_pool, connect_pool
 from cloud_ingest.schema import migrate
 
@@ -607,6 +610,9 @@ def create_app(api: Api) -> FastAPI:
     async def list_edges() -> list[dict[str, Any]]:
         """Every edge that has reported: last seen, online or not, backlog, version."""
         return await api.list_edges()
+
+    app.include_router(dead_letter_routes(
+        api._db, read=Depends(require_read), write=Depends(require_token)))
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

@@ -24,14 +24,18 @@ a record exactly once, and a second replay finds it already there.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import base64
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import asyncpg
 import msgspec
 import structlog
+from fastapi import APIRouter, Query
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, Response
 
 from broker.errors import DecodeError
 from broker.protocol.validation import record_problem
@@ -42,6 +46,7 @@ __all__ = [
     "DeadLetter",
     "NotReplayable",
     "ReplayResult",
+    "dead_letter_routes",
     "get_dead_letter",
     "insert_dead_letters",
     "list_dead_letters",
@@ -255,3 +260,60 @@ def _summary(row: asyncpg.Record) -> dict[str, Any]:
         "seq": row["seq"], "last_seq": row["last_seq"], "reason": row["reason"],
         "size": row["size"], "received_at": received, "replayed_at": replayed,
     }
+
+
+def dead_letter_routes(
+    pool: Callable[[], asyncpg.Pool], *, read: Any, write: Any
+) -> APIRouter:
+    """The operator API's dead-letter routes (mounted by :mod:`cloud_ingest.api`).
+
+    Args:
+        pool: returns the API's PostgreSQL pool.
+        read: the dependency guarding reads; ``write``: the one guarding replays.
+    """
+    router = APIRouter(prefix="/v1/dead-letters", tags=["dead letters"])
+    not_found = {"description": "No such dead letter.",
+                 "content": {"application/json": {"example": {
+                     "error": "unknown_dead_letter", "message": "no dead letter 7"}}}}
+
+    @router.get("", dependencies=[read])
+    async def list_route(
+        *,
+        edge: str | None = None, stream: str | None = None,
+        kind: Literal["record", "batch", "message", "event"] | None = None,
+        pending: Annotated[bool, Query(description="Only those not replayed yet.")] = False,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        before: Annotated[int | None, Query(description="Page: ids below this.")] = None,
+    ) -> list[dict[str, Any]]:
+        """Dead letters, newest first: identity, reason, size, replay state."""
+        async with pool().acquire() as conn:
+            return await list_dead_letters(conn, edge=edge, stream=stream, kind=kind,
+                                           pending_only=pending, limit=limit, before_id=before)
+
+    @router.get("/{letter_id}", dependencies=[read], responses={404: not_found})
+    async def show_route(letter_id: int) -> Response:
+        """One dead letter with its bytes (base64) and, for a record, what it decodes to."""
+        async with pool().acquire() as conn:
+            found = await get_dead_letter(conn, letter_id)
+        if found is None:
+            return JSONResponse({"error": "unknown_dead_letter",
+                                 "message": f"no dead letter {letter_id}"}, status_code=404)
+        found["data_b64"] = base64.b64encode(found.pop("data")).decode()
+        return JSONResponse(jsonable_encoder(found))
+
+    @router.post("/{letter_id}/replay", dependencies=[write], responses={
+        404: not_found,
+        409: {"description": "A dead letter without record identity (message, event)."},
+        422: {"description": "Still refused by the validator or PostgreSQL; the reason."}})
+    async def replay_route(letter_id: int) -> Response:
+        """Write the dead-lettered record(s) with their original identity, exactly once."""
+        try:
+            async with pool().acquire() as conn:
+                result = await replay_dead_letter(conn, letter_id)
+        except NotReplayable as exc:
+            status = {"unknown_dead_letter": 404, "no_identity": 409}.get(exc.code, 422)
+            return JSONResponse({"error": exc.code, "message": str(exc)}, status_code=status)
+        return JSONResponse({"id": result.id, "inserted": result.inserted,
+                             "already_replayed": result.already_replayed})
+
+    return router

@@ -22,6 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from broker.cli.commands import cmd_app, keys_app
+from broker.cli.database import resolve_dsn
+from broker.cli.dead_letters import dead_letters_app
 from broker.errors import EdgesyncError
 from broker.logs import configure_logging
 from broker.settings import Settings
@@ -33,6 +35,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 app.add_typer(cmd_app, name="cmd")
 app.add_typer(keys_app, name="keys")
+app.add_typer(dead_letters_app, name="dead-letters")
 
 
 def _run_service(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
@@ -117,15 +120,6 @@ def api() -> None:
     _run_service(lambda stop: run(settings.api, settings.nats, stop=stop))
 
 
-def _dsn(dsn: str | None, state_dir: Path) -> str:
-    if dsn:
-        return dsn
-    runtime = state_dir / "runtime.json"
-    if runtime.exists():
-        return str(json.loads(runtime.read_text())["postgres_dsn"])
-    return Settings().ingest.postgres_dsn
-
-
 @app.command()
 def status(
     dsn: Annotated[str | None, typer.Option(help="PostgreSQL DSN (default: runtime.json, "
@@ -133,14 +127,15 @@ def status(
     state_dir: Annotated[Path, typer.Option(help="Where `edgesync up` wrote runtime.json.")]
     = Path(".edgesync"),
     gaps: Annotated[bool, typer.Option(
-        "--gaps", help="Completeness per edge/stream/epoch: committed, dropped, missing.")]
+        "--gaps", help="Completeness per edge/stream/epoch: committed, dropped, "
+        "dead-lettered, missing.")]
     = False,
 ) -> None:
     """Print edges, their backlog, and committed counts per stream."""
     import asyncpg
 
     async def show() -> None:
-        conn = await asyncpg.connect(_dsn(dsn, state_dir))
+        conn = await asyncpg.connect(resolve_dsn(dsn, state_dir))
         try:
             edges = await conn.fetch(
                 "SELECT edge_id, version, last_seen, now() - last_seen AS ago, "
@@ -167,7 +162,8 @@ def status(
         table = Table(title="completeness" if gaps else "committed")
         columns = ["edge", "stream", "epoch", "committed", "watermark", "highest seq"]
         if gaps:
-            columns += ["dropped (overflow/ttl)", "missing", "missing ranges", "lag"]
+            columns += ["dropped (overflow/ttl)", "dead-lettered", "missing", "missing ranges",
+                        "lag"]
         for col in columns:
             table.add_column(col)
         for p in progress:
@@ -178,6 +174,7 @@ def status(
                 lag = p["lag_seconds"]
                 row += [
                     f"{p['dropped_records']:,} ({p['dropped_overflow']:,}/{p['dropped_ttl']:,})",
+                    _dead_lettered(p["dead_lettered_records"], p["dead_lettered_ranges"]),
                     f"{p['missing_records']:,}",
                     _ranges(p["missing_ranges"]),
                     "-" if lag is None else f"{lag:.1f}s",
@@ -198,6 +195,11 @@ def _drop_counts(dropped: Any) -> str:
     overflow = sum(int(v.get("overflow", 0)) for v in per_stream.values())
     ttl = sum(int(v.get("ttl", 0)) for v in per_stream.values())
     return f"{overflow:,}/{ttl:,}"
+
+
+def _dead_lettered(count: int, ranges: Any) -> str:
+    """``3 [7-8, 12-12]``: see them with `edgesync dead-letters list`."""
+    return "0" if not count else f"{count:,} [{_ranges(ranges, limit=3)}]"
 
 
 def _ranges(ranges: Any, limit: int = 5) -> str:
