@@ -11,14 +11,18 @@ used by the bridge's ingress and the operator API alike::
     EdgesyncError                                                          HTTP
     ├── ConfigError              bad settings; fail at start-up with the field named
     ├── InvalidInput             bad record / stream name / command: dead letter  422
-    │   ├── DecodeError          bytes that are not a valid wire message          422
+    │   ├── DecodeError          bytes that are not a valid wire message; carries 422
+    │   │                        the batch's identity span when readable
+    │   ├── InvalidRecords       records the cloud cannot store; (index, reason)s 422
     │   ├── InvalidName          a stream or edge name that is not a token        400
     │   ├── RecordTooLarge       one record above the per-record limit            413
     │   ├── RequestTooLarge      a request body above its limit                   413
+    │   ├── InvalidEncoding      a body whose Content-Encoding does not decode    400
     │   └── UnsupportedMediaType a request body in a format we do not read        415
     ├── Unauthorized             missing or wrong operator token                  401
     ├── NotFound                 no such edge, no such command                    404
     ├── Conflict                 an idempotency key reused for something else     409
+    │   └── RequestConflict      (producer, request_seq) reused for another body  409
     ├── BufferFull               back-pressure; carries retry_after (seconds)     503
     ├── CommandRejected          signature, expiry, replay or policy; carries a code
     ├── ApplyFailed              a valid, allowed command that could not be done
@@ -40,10 +44,13 @@ __all__ = [
     "Conflict",
     "DecodeError",
     "EdgesyncError",
+    "InvalidEncoding",
     "InvalidInput",
     "InvalidName",
+    "InvalidRecords",
     "NotFound",
     "RecordTooLarge",
+    "RequestConflict",
     "RequestTooLarge",
     "RootTaskEnded",
     "RuntimeUnavailable",
@@ -70,6 +77,10 @@ class EdgesyncError(Exception):
         super().__init__(message)
         self.code = code or self.default_code
 
+    def details(self) -> dict[str, object]:
+        """Fields an HTTP refusal carries beside ``error`` and ``message`` (none by default)."""
+        return {}
+
 
 class ConfigError(EdgesyncError):
     """Settings are invalid; raised at start-up, naming the field."""
@@ -84,9 +95,39 @@ class InvalidInput(EdgesyncError):
 
 
 class DecodeError(InvalidInput):
-    """Bytes that are not a valid wire message; ``str(exc)`` is the reason."""
+    """Bytes that are not a valid wire message; ``str(exc)`` is the reason.
 
-    default_code = "malformed"
+    Attributes:
+        span: ``(edge, stream, epoch, first_seq, last_seq)`` the message claims,
+            when its envelope was readable and valid (so the seqs can be
+            accounted as dead-lettered); ``None`` otherwise.
+    """
+
+    def __init__(
+        self, message: str, *, span: tuple[str, str, int, int, int] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.span = span
+
+
+class InvalidRecords(InvalidInput):
+    """Records the cloud cannot store (:mod:`broker.protocol.validation`).
+
+    Attributes:
+        problems: ``(index, reason)`` of each bad record, in order.
+    """
+
+    default_code = "invalid_records"
+
+    def __init__(self, problems: list[tuple[int, str]]) -> None:
+        shown = "; ".join(f"record {i}: {reason}" for i, reason in problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        super().__init__(shown + more)
+        self.problems = problems
+
+    def details(self) -> dict[str, object]:
+        """Each bad record's index and reason, for the 422 body."""
+        return {"records": [{"index": i, "reason": r} for i, r in self.problems]}
 
 
 class InvalidName(InvalidInput):
@@ -105,6 +146,12 @@ class RequestTooLarge(InvalidInput):
     """A request (body, or one append) exceeds its size limit."""
 
     default_code = "request_too_large"
+
+
+class InvalidEncoding(InvalidInput):
+    """A request body whose ``Content-Encoding`` does not decode (broken gzip)."""
+
+    default_code = "invalid_content_encoding"
 
 
 class UnsupportedMediaType(InvalidInput):
@@ -129,6 +176,12 @@ class Conflict(EdgesyncError):
     """A request that contradicts what is stored (an idempotency key reused)."""
 
     default_code = "conflict"
+
+
+class RequestConflict(Conflict):
+    """A ``(producer, request_seq)`` already stored for a different request."""
+
+    default_code = "request_seq_reused"
 
 
 class BufferFull(EdgesyncError):
@@ -197,6 +250,7 @@ class TemporaryError(EdgesyncError):
 
 HTTP_STATUS: dict[type[EdgesyncError], int] = {
     InvalidName: 400,
+    InvalidEncoding: 400,
     Unauthorized: 401,
     NotFound: 404,
     Conflict: 409,

@@ -84,5 +84,6 @@ def error_response(
     retry_after = retry_after_s(exc)
     if retry_after is not None:
         all_headers.setdefault("Retry-After", str(retry_after))
-    return JSONResponse({"error": exc.code, "message": str(exc) if message is None else message},
-                        status_code=http_status(exc), headers=all_headers or None)
+    body: dict[str, object] = {
+        "error": exc.code, "message": str(exc) if message is None else message, **exc.details()}
+    return JSONResponse(body, status_code=http_status(exc), headers=all_headers or None)

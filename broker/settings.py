@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.protocol.tokens import TOKEN_PATTERN, validate_token
+from broker.protocol.wire import MAX_BATCH_BYTES, MAX_BATCH_RECORDS
 
 __all__ = [
     "ApiSettings",
@@ -67,12 +68,16 @@ class ShipperSettings(BaseModel):
     """How the bridge packs and publishes batches."""
 
     batch_max_records: int = Field(
-        2000, ge=1, le=100_000, description="Records per batch; ~2k amortises per-message cost."
+        2000, ge=1, le=MAX_BATCH_RECORDS,
+        description="Records per batch; ~2k amortises per-message cost. At most the wire's "
+        "cap (100,000), which the ingest enforces.",
     )
     batch_max_bytes: int = Field(
         512 * 1024,
         ge=1024,
-        description="Payload bytes per batch (under nats-server's 1 MiB default max_payload).",
+        le=MAX_BATCH_BYTES // 2,
+        description="Payload bytes per batch (under nats-server's 1 MiB default max_payload). "
+        "At most half the wire's 16 MiB decoded cap, leaving room for one large record.",
     )
     linger_ms: float = Field(
         10.0, ge=0, description="Milliseconds to wait for a fuller batch; bounds added latency."
@@ -168,7 +173,9 @@ class BridgeSettings(BaseModel):
         1024**3, ge=64 * 1024, description="Byte cap of buffered records (1 GiB)."
     )
     max_record_bytes: int = Field(
-        1024**2, ge=1, description="Largest accepted record payload (1 MiB); larger is 413."
+        1024**2, ge=1, le=4 * 1024**2,
+        description="Largest accepted record payload (1 MiB); larger is 413. At most 4 MiB, "
+        "so a batch stays under the wire's 16 MiB decoded cap.",
     )
     max_request_bytes: int = Field(
         16 * 1024**2, ge=1024, description="Largest accepted ingress request body (16 MiB)."
@@ -233,6 +240,13 @@ class IngestSettings(BaseModel):
     workers: int = Field(2, ge=1, le=64, description="Concurrent fetch-commit loops per process.")
     pool_size: int = Field(4, ge=1, description="Postgres connections per process.")
     db_retry_max_s: float = Field(5.0, gt=0, description="Backoff cap while Postgres is down.")
+    group_budget_bytes: int = Field(
+        64 * 1024**2,
+        ge=1024**2,
+        description="Bytes of decoded batches (bodies plus ~400 B per record) a worker holds "
+        "at once; a fetched group beyond it is written in parts. Memory stays near "
+        "workers x this, whatever the messages expand to.",
+    )
     watermark_interval_s: float = Field(
         0.25, gt=0, description="Coalescing window of committed-watermark updates per key."
     )

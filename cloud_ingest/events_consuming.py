@@ -5,7 +5,9 @@ for it, all in one transaction per fetched group.
 Events are consumed through their own durable consumer; every writer must be
 idempotent (an upsert, or an insert keyed by the event's identity), because a
 group is redelivered if the process dies before acking it. Undecodable events,
-and events whose edge id does not match their subject, become dead letters.
+and events whose edge id does not match their subject, become dead letters; so
+does an event PostgreSQL refuses, alone (:func:`cloud_ingest.isolating.write_each`),
+while the valid events fetched with it are stored.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from broker.errors import DecodeError
 from broker.protocol.events import Heartbeat, decode_event
 from broker.protocol.topology import Topology
 from cloud_ingest.db_errors import DATABASE_ERRORS, Connection, as_temporary
+from cloud_ingest.dead_letters import DeadLetter, insert_dead_letters
+from cloud_ingest.isolating import write_each
 from cloud_ingest.metrics import IngestMetrics
 
 __all__ = ["AfterCommit", "EventWriter", "EventsConsumer"]
@@ -105,8 +109,8 @@ class EventsConsumer:
             while not self._stopping:
                 try:
                     msgs = await sub.fetch(256, timeout=0.5)
-                except (FetchTimeoutError, nats.errors.TimeoutError):
-                    continue
+                except (FetchTimeoutError, nats.errors.TimeoutError, TimeoutError):
+                    continue  # idle: nothing to fetch is not a failure
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -136,7 +140,7 @@ class EventsConsumer:
         self._metrics.heartbeats.inc(len(latest))
 
     async def _handle(self, msgs: list[Msg]) -> None:
-        by_type: dict[type, list[Any]] = {}
+        by_type: dict[type, list[tuple[Msg, Any]]] = {}
         dead: list[tuple[Msg, str]] = []
         for m in msgs:
             try:
@@ -150,27 +154,22 @@ class EventsConsumer:
             if type(event) not in self._writers:
                 dead.append((m, f"no handler for event type {type(event).__name__}"))
                 continue
-            by_type.setdefault(type(event), []).append(event)
+            by_type.setdefault(type(event), []).append((m, event))
         attempt = 0
         while True:
             after: list[AfterCommit] = []
+            refused: list[tuple[Msg, str]] = []
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
-                    for kind, events in by_type.items():
-                        action = await self._writers[kind](conn, events)
-                        if action is not None:
-                            after.append(action)
-                    if dead:
-                        await conn.executemany(
-                            "INSERT INTO dead_letters(subject, data, reason) VALUES ($1, $2, $3)",
-                            [(m.subject, m.data, reason) for m, reason in dead],
-                        )
+                    for kind, items in by_type.items():
+                        actions, bad = await write_each(
+                            conn, self._writers[kind], [e for _, e in items])
+                        after.extend(a for a in actions if a is not None)
+                        refused.extend((items[i][0], reason) for i, reason in bad)
+                    letters = [DeadLetter("event", m.subject, m.data, reason)
+                               for m, reason in dead + refused]
+                    await insert_dead_letters(conn, letters)
                 break
-            except asyncpg.DataError as exc:
-                # Permanent: these events will never fit; keep them as dead letters.
-                log.error("events_rejected", error=f"{type(exc).__name__}: {exc}")
-                dead = [(m, f"rejected by PostgreSQL: {exc}") for m in msgs]
-                by_type.clear()
             except DATABASE_ERRORS as exc:
                 # Unavailable or not, retry: a server-side error we did not foresee must
                 # not drop events, and acking is what would drop them.
@@ -182,6 +181,8 @@ class EventsConsumer:
                     return  # unacked: redelivered to whoever runs next
                 await asyncio.sleep(temporary.delay if temporary is not None
                                     else backoff_s(attempt, base_s=0.5, cap_s=5.0))
+        for m, reason in refused:
+            log.error("event_dead_lettered", subject=m.subject, reason=reason)
         for action in after:
             action()
         for m in msgs:
@@ -189,4 +190,5 @@ class EventsConsumer:
                 await m.ack()
             except Exception as exc:
                 log.debug("ack_failed", error=str(exc))
-        log.debug("events_recorded", counts={k.__name__: len(v) for k, v in by_type.items()})
+        log.debug("events_recorded", counts={k.__name__: len(v) for k, v in by_type.items()},
+                  dead_letters=len(dead) + len(refused))

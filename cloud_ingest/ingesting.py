@@ -1,22 +1,24 @@
 """JetStream -> PostgreSQL: the exactly-once ingest of record batches.
 
 Each worker loop fetches a group of batches from the shared durable pull
-consumer and writes it in one transaction:
-
-1. decode every message; what does not decode, or whose edge id does not match
-   its subject, becomes a ``dead_letters`` row with the reason;
-2. binary COPY the rows straight into ``records`` (the optimistic path: in
-   steady state nothing is a duplicate); if a row already exists the COPY fails
-   with a unique violation, and the group is written again through a staging
-   table with ``INSERT ... ON CONFLICT DO NOTHING`` (the replay path);
-3. if Postgres rejects the data itself (a poison payload), the group is split
-   to find the batches it rejects, which are dead-lettered, and the rest is
-   written;
-4. merge the group's seq ranges into ``committed_ranges``;
-5. COMMIT, and only then ack the messages.
+consumer and writes it in one transaction (:mod:`cloud_ingest.writing`):
+decode and validate every record, COPY the good ones, dead-letter each bad
+one with its identity (narrowing PostgreSQL's refusals down to the record),
+merge committed and dead-lettered seqs into ``committed_ranges``, COMMIT, and
+only then ack the messages.
 
 A crash anywhere before the commit loses nothing (JetStream redelivers); a
-crash between commit and ack yields a redelivery that step 2 absorbs.
+crash between commit and ack yields a redelivery the idempotent write absorbs.
+
+No input stops the ingest:
+
+- decoding is bounded (:mod:`broker.protocol.wire` caps) and a fetched group
+  is decoded and written in parts that fit ``group_budget_bytes``;
+- a database outage keeps the group, unacked, and retries with backoff;
+- any other failure of a group is retried with backoff, then the group is
+  split message by message, and a message that still fails alone is
+  dead-lettered whole (its seqs accounted when its identity is known) and
+  acked: it never reaches the worker loop, let alone the service.
 """
 
 from __future__ import annotations
@@ -24,12 +26,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
-import msgspec
 import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
@@ -39,12 +39,10 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import FetchTimeoutError
 
 from broker.backoff import backoff_s
-from broker.errors import DecodeError
 from broker.protocol.topology import Topology
-from broker.protocol.wire import CT_JSON, Batch, decode_batch
-from cloud_ingest.db_errors import DATABASE_ERRORS, Connection, as_temporary
+from cloud_ingest.db_errors import as_temporary
 from cloud_ingest.metrics import IngestMetrics
-from cloud_ingest.ranges import merge_ranges
+from cloud_ingest.writing import Decoded, GroupResult, GroupWriter
 
 __all__ = ["GroupWriter", "RecordsConsumer", "init_connection"]
 
@@ -52,13 +50,9 @@ log = structlog.get_logger(__name__)
 
 _PG_EPOCH_US = 946_684_800_000_000
 """Microseconds from the Unix epoch to PostgreSQL's (2000-01-01)."""
-_COLUMNS = (
-    "edge_id", "stream", "epoch", "seq", "event_time", "received_at", "key", "headers",
-    "payload", "payload_raw",
-)
-_json = msgspec.json.Encoder()
-
-Row = tuple[str, str, int, int, int, int, str | None, bytes | None, bytes | None, bytes | None]
+GROUP_FAILURES_BEFORE_SPLIT = 3
+"""Unexpected failures of one group (not a database outage) before it is split
+message by message, and then before a lone message is dead-lettered whole."""
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
@@ -75,150 +69,6 @@ async def init_connection(conn: asyncpg.Connection) -> None:
         "timestamptz", schema="pg_catalog", format="tuple",
         encoder=lambda us: (us - _PG_EPOCH_US,), decoder=lambda t: t[0] + _PG_EPOCH_US,
     )
-
-
-@dataclass(slots=True)
-class _Decoded:
-    msg: Msg
-    batch: Batch | None
-    reason: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class GroupResult:
-    batches: int
-    records: int
-    inserted: int
-    dead_letters: int
-    watermarks: list[tuple[str, str, int, int]]
-    """``(edge, stream, epoch, watermark)`` after this commit, per key touched."""
-
-
-class GroupWriter:
-    """Writes one fetched group in one transaction (see module docstring)."""
-
-    def __init__(self, topology: Topology) -> None:
-        self.topology = topology
-
-    def decode(self, msg: Msg) -> _Decoded:
-        try:
-            batch = decode_batch(msg.data, msg.headers)
-        except DecodeError as exc:
-            return _Decoded(msg, None, str(exc))
-        route = self.topology.parse_records_subject(msg.subject)
-        if route is None:
-            return _Decoded(msg, None, f"subject {msg.subject!r} is not a records subject")
-        if route != (batch.edge, batch.stream):
-            return _Decoded(
-                msg, None,
-                f"batch of edge {batch.edge!r} stream {batch.stream!r} arrived on subject "
-                f"{msg.subject!r}",
-            )
-        return _Decoded(msg, batch, None)
-
-    @staticmethod
-    def rows(batch: Batch, received_us: int) -> list[Row]:
-        edge, stream, epoch, first = batch.edge, batch.stream, batch.epoch, batch.first_seq
-        return [
-            (
-                edge, stream, epoch, first + i, rec.ts, received_us, rec.key,
-                _json.encode(rec.headers) if rec.headers else None,
-                rec.payload if rec.ct == CT_JSON else None,
-                None if rec.ct == CT_JSON else rec.payload,
-            )
-            for i, rec in enumerate(batch.records)
-        ]
-
-    async def write(self, conn: Connection, group: Sequence[_Decoded]) -> GroupResult:
-        """Write a decoded group in one transaction; raises on database failure."""
-        received_us = int(time.time() * 1_000_000)
-        good = [d for d in group if d.batch is not None]
-        dead = [(d.msg, d.reason or "invalid") for d in group if d.batch is None]
-        inserted = 0
-        watermarks: list[tuple[str, str, int, int]] = []
-        async with conn.transaction():
-            if good:
-                # A redelivered or retransmitted batch whose range is already committed
-                # needs no rows written at all (the replay case costs one lookup).
-                seen = await self._committed(conn, [d.batch for d in good if d.batch])
-                fresh = [d for i, d in enumerate(good) if i not in seen]
-                rows = [r for d in fresh if d.batch for r in self.rows(d.batch, received_us)]
-                try:
-                    async with conn.transaction():  # savepoint around the whole attempt
-                        inserted = await self._insert(conn, rows) if rows else 0
-                except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
-                    # Some batch holds data Postgres rejects: find it batch by batch.
-                    fresh, rejected, inserted = await self._isolate_poison(
-                        conn, fresh, received_us
-                    )
-                    dead.extend(rejected)
-                    good = [d for i, d in enumerate(good) if i in seen] + fresh
-                watermarks = await merge_ranges(conn, "ranges", [
-                    (b.edge, b.stream, b.epoch, b.first_seq, b.last_seq)
-                    for b in (d.batch for d in good) if b is not None
-                ])
-            if dead:
-                await conn.executemany(
-                    "INSERT INTO dead_letters(subject, headers, data, reason) "
-                    "VALUES ($1, $2, $3, $4)",
-                    [
-                        (m.subject, _json.encode(dict(m.headers)) if m.headers else None,
-                         m.data, reason)
-                        for m, reason in dead
-                    ],
-                )
-        records = sum(len(d.batch.records) for d in good if d.batch is not None)
-        return GroupResult(len(good), records, inserted, len(dead), watermarks)
-
-    @staticmethod
-    async def _committed(conn: Connection, batches: Sequence[Batch]) -> set[int]:
-        """Indexes of the batches whose whole seq range is already committed."""
-        rows = await conn.fetch(
-            "SELECT u.i - 1 AS i FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], "
-            "$5::int8[]) WITH ORDINALITY AS u(edge_id, stream, epoch, lo, hi, i) "
-            "JOIN committed_ranges c USING (edge_id, stream, epoch) "
-            "WHERE c.ranges @> int8range(u.lo, u.hi)",
-            [b.edge for b in batches], [b.stream for b in batches],
-            [b.epoch for b in batches], [b.first_seq for b in batches],
-            [b.last_seq + 1 for b in batches],
-        )
-        return {r["i"] for r in rows}
-
-    async def _insert(self, conn: Connection, rows: list[Row]) -> int:
-        """Insert rows, skipping identities already present; returns rows inserted."""
-        try:
-            async with conn.transaction():  # savepoint: a conflict must not doom the group
-                await conn.copy_records_to_table("records", records=rows, columns=_COLUMNS)
-            return len(rows)
-        except asyncpg.UniqueViolationError:
-            pass
-        await conn.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS records_stage "
-            "(LIKE records INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-        )
-        await conn.copy_records_to_table("records_stage", records=rows, columns=_COLUMNS)
-        status = await conn.execute(
-            "INSERT INTO records SELECT * FROM records_stage ON CONFLICT DO NOTHING"
-        )
-        await conn.execute("TRUNCATE records_stage")
-        return int(status.split()[-1])
-
-    async def _isolate_poison(
-        self, conn: Connection, good: list[_Decoded], received_us: int
-    ) -> tuple[list[_Decoded], list[tuple[Msg, str]], int]:
-        kept: list[_Decoded] = []
-        rejected: list[tuple[Msg, str]] = []
-        inserted = 0
-        for d in good:
-            assert d.batch is not None
-            try:
-                async with conn.transaction():
-                    inserted += await self._insert(conn, self.rows(d.batch, received_us))
-                kept.append(d)
-            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
-                rejected.append((d.msg, f"rejected by PostgreSQL: {type(exc).__name__}: {exc}"))
-                log.warning("batch_dead_lettered", subject=d.msg.subject, error=str(exc))
-        return kept, rejected, inserted
 
 
 class RecordsConsumer:
@@ -238,6 +88,7 @@ class RecordsConsumer:
         workers: int,
         db_retry_max_s: float,
         metrics: IngestMetrics,
+        group_budget_bytes: int = 64 * 1024 * 1024,
         on_committed: Callable[[list[tuple[str, str, int, int]]], None] | None = None,
     ) -> None:
         """``on_committed`` receives the watermarks of each group after its commit."""
@@ -253,6 +104,7 @@ class RecordsConsumer:
         self._workers = workers
         self._db_retry_max = db_retry_max_s
         self._metrics = metrics
+        self._group_budget = group_budget_bytes
         self._writer = GroupWriter(topology)
         self._stopping = False
         self.db_ok = True
@@ -294,8 +146,8 @@ class RecordsConsumer:
                 # (Do not chain fetches with tiny timeouts: a timeout that races a
                 # delivery can drop that message until JetStream redelivers it.)
                 msgs = await sub.fetch(self._fetch_batch, timeout=self._fetch_timeout)
-            except (FetchTimeoutError, nats.errors.TimeoutError):
-                continue
+            except (FetchTimeoutError, nats.errors.TimeoutError, TimeoutError):
+                continue  # an idle consumer: nothing to fetch is not a failure
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # NATS down or reconnecting: nats-py heals the link
@@ -304,12 +156,36 @@ class RecordsConsumer:
                 await asyncio.sleep(backoff_s(failures, base_s=0.25, cap_s=2.0))
                 continue
             failures = 0
-            if msgs:
+            if not msgs:
+                continue
+            try:
                 await self._handle_group(msgs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # last resort: unacked, JetStream redelivers later
+                self._metrics.group_failures.labels(type(exc).__name__).inc()
+                log.exception("group_abandoned", messages=len(msgs),
+                              error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(1.0)
 
     async def _handle_group(self, msgs: list[Msg]) -> None:
-        decoded = [self._writer.decode(m) for m in msgs]
-        attempt = 0
+        """Decode ``msgs`` one by one and write them in parts within the memory budget."""
+        part: list[Decoded] = []
+        cost = 0
+        for m in msgs:
+            decoded = self._writer.decode(m)
+            if part and cost + decoded.cost > self._group_budget:
+                await self._commit(part)
+                part, cost = [], 0
+            part.append(decoded)
+            cost += decoded.cost
+        if part:
+            await self._commit(part)
+
+    async def _commit(self, decoded: list[Decoded]) -> None:
+        """Write, commit and ack ``decoded``; contain any failure to it (module docstring)."""
+        attempt = failures = 0
+        dead_lettering = False  # the group is one message, now only its dead letter
         last_progress = time.monotonic()
         while True:
             started = time.perf_counter()
@@ -317,27 +193,54 @@ class RecordsConsumer:
                 async with self._pool.acquire() as conn:
                     result = await self._writer.write(conn, decoded)
                 break
-            except DATABASE_ERRORS as exc:
-                attempt += 1
-                temporary = as_temporary(exc, attempt=attempt, cap_s=self._db_retry_max)
-                if temporary is None:
-                    # A server-side error we did not foresee: retry rather than drop or ack.
-                    log.error("group_write_failed", attempt=attempt,
-                              error=f"{type(exc).__name__}: {exc}")
-                    await asyncio.sleep(backoff_s(attempt, cap_s=self._db_retry_max))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                temporary = as_temporary(exc, attempt=attempt + 1, cap_s=self._db_retry_max)
+                if temporary is not None:
+                    # Database unavailable: keep the group, do not ack, retry when it returns.
+                    attempt += 1
+                    self.db_ok = False
+                    self._metrics.db_up.set(0)
+                    log.warning("database_unavailable", attempt=attempt,
+                                retry_in_s=round(temporary.delay, 2),
+                                error=f"{type(exc).__name__}: {exc}")
+                    await asyncio.sleep(temporary.delay)
                     continue
-                # Database unavailable: keep the group, do not ack, retry when it returns.
-                self.db_ok = False
-                self._metrics.db_up.set(0)
-                log.warning("database_unavailable", attempt=attempt,
-                            retry_in_s=round(temporary.delay, 2),
-                            error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(temporary.delay)
-                if time.monotonic() - last_progress > self._ack_wait / 3:
-                    # Keep JetStream from redelivering a group we still hold.
-                    for m in msgs:
-                        await _quietly(m.in_progress())
-                    last_progress = time.monotonic()
+                # Not an outage: something about this group. Retry a few times (it may
+                # be transient), then narrow it down; never let it reach the worker.
+                failures += 1
+                self._metrics.group_failures.labels(type(exc).__name__).inc()
+                error = f"{type(exc).__name__}: {exc}"
+                log.error("group_write_failed", attempt=failures, messages=len(decoded),
+                          error=error)
+                if failures >= GROUP_FAILURES_BEFORE_SPLIT:
+                    if len(decoded) > 1:
+                        for one in decoded:
+                            await self._commit([one])
+                        return
+                    only = decoded[0]
+                    if dead_lettering:
+                        # Even its dead letter cannot be written: leave it unacked.
+                        log.error("message_abandoned", subject=only.msg.subject, error=error)
+                        return
+                    dead_lettering = True
+                    decoded = [Decoded(
+                        only.msg, None,
+                        f"ingest failed on it {failures} times: {error}", only.span,
+                        only.cost)]
+                    failures = 0
+                    log.error("message_dead_lettered", subject=only.msg.subject, error=error)
+                    continue
+                await asyncio.sleep(backoff_s(failures, cap_s=self._db_retry_max))
+            if time.monotonic() - last_progress > self._ack_wait / 3:
+                # Keep JetStream from redelivering a group we still hold.
+                for d in decoded:
+                    await _quietly(d.msg.in_progress())
+                last_progress = time.monotonic()
+        await self._committed(result, [d.msg for d in decoded], started)
+
+    async def _committed(self, result: GroupResult, msgs: list[Msg], started: float) -> None:
         if self._on_committed is not None:
             self._on_committed(result.watermarks)
         if not self.db_ok:
@@ -350,8 +253,10 @@ class RecordsConsumer:
         metrics.commit_seconds.observe(time.perf_counter() - started)
         metrics.batches_committed.inc(result.batches)
         metrics.records_committed.inc(result.inserted)
-        metrics.duplicate_records.inc(result.records - result.inserted)
+        metrics.duplicate_records.inc(
+            max(0, result.records - result.inserted - result.dead_lettered_records))
         metrics.dead_letters.inc(result.dead_letters)
+        metrics.dead_lettered_records.inc(result.dead_lettered_records)
         log.debug("records_committed", batches=result.batches, records=result.records,
                   inserted=result.inserted, dead_letters=result.dead_letters)
 

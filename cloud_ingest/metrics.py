@@ -24,6 +24,17 @@ class IngestMetrics:
         self.dead_letters = Counter(
             "edgesync_dead_letters", "Messages written to dead_letters.", registry=r
         )
+        self.dead_lettered_records = Counter(
+            "edgesync_dead_lettered_records",
+            "Records whose seq was dead-lettered (invalid, or refused by PostgreSQL).",
+            registry=r,
+        )
+        self.group_failures = Counter(
+            "edgesync_ingest_group_failures",
+            "Unexpected failures writing a group (not outages), by exception type; each is "
+            "retried, then narrowed down to the message and dead-lettered.",
+            ["error"], registry=r,
+        )
         self.commit_seconds = Histogram(
             "edgesync_ingest_commit_seconds", "Time to write and commit one fetched group.",
             buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),

@@ -1,4 +1,5 @@
-"""Merging seq ranges into ``committed_ranges``: what is committed, what was dropped.
+"""Merging seq ranges into ``committed_ranges``: what is committed, what was dropped,
+what was dead-lettered.
 
 The one place that writes that table. Both writers run inside the transaction
 that stores what the ranges describe, and get back the contiguous watermark of
@@ -13,36 +14,54 @@ from typing import Literal
 
 from cloud_ingest.db_errors import Connection
 
-__all__ = ["Span", "Watermark", "merge_ranges"]
+__all__ = ["ACCOUNTED", "Column", "Span", "Watermark", "merge_ranges", "spans_of"]
 
 Span = tuple[str, str, int, int, int]
 """``(edge, stream, epoch, first_seq, last_seq)``, closed."""
 Watermark = tuple[str, str, int, int]
 """``(edge, stream, epoch, watermark)``."""
 
+Column = Literal["ranges", "dropped", "dead_lettered"]
+_COLUMNS: tuple[Column, ...] = ("ranges", "dropped", "dead_lettered")
 _AGG = "range_agg(int8range(lo, hi))"
 _EMPTY = "'{}'::int8multirange"
+ACCOUNTED = "ranges + dropped + dead_lettered"
+"""Every seq whose fate is known; the watermark is its contiguous prefix."""
 
 
-async def merge_ranges(
-    conn: Connection, column: Literal["ranges", "dropped"], spans: Sequence[Span]
-) -> list[Watermark]:
+async def merge_ranges(conn: Connection, column: Column, spans: Sequence[Span]) -> list[Watermark]:
     """Add ``spans`` to ``committed_ranges.<column>``; returns the new watermarks."""
     if not spans:
         return []
     # Sorted: concurrent transactions lock the rows in one order, so never deadlock.
     ordered = sorted(spans)
-    ranges, dropped = (_AGG, _EMPTY) if column == "ranges" else (_EMPTY, _AGG)
+    values = ", ".join(_AGG if c == column else _EMPTY for c in _COLUMNS)
     rows = await conn.fetch(
-        "INSERT INTO committed_ranges AS c (edge_id, stream, epoch, ranges, dropped) "
-        f"SELECT edge_id, stream, epoch, {ranges}, {dropped} "
+        f"INSERT INTO committed_ranges AS c (edge_id, stream, epoch, {', '.join(_COLUMNS)}) "
+        f"SELECT edge_id, stream, epoch, {values} "
         "FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) "
         "  AS u(edge_id, stream, epoch, lo, hi) "
         "GROUP BY edge_id, stream, epoch ORDER BY edge_id, stream, epoch "
         "ON CONFLICT (edge_id, stream, epoch) DO UPDATE "
         f"SET {column} = c.{column} + EXCLUDED.{column}, updated_at = now() "
-        "RETURNING edge_id, stream, epoch, es_watermark(ranges + dropped) AS watermark",
+        f"RETURNING edge_id, stream, epoch, es_watermark({ACCOUNTED}) AS watermark",
         [s[0] for s in ordered], [s[1] for s in ordered], [s[2] for s in ordered],
         [s[3] for s in ordered], [s[4] + 1 for s in ordered],
     )
     return [(r["edge_id"], r["stream"], r["epoch"], r["watermark"]) for r in rows]
+
+
+def spans_of(edge: str, stream: str, epoch: int, seqs: Sequence[int]) -> list[Span]:
+    """Closed spans covering ``seqs`` (sorted ascending), one per contiguous run."""
+    spans: list[Span] = []
+    start = prev = None
+    for seq in seqs:
+        if prev is not None and seq == prev + 1:
+            prev = seq
+            continue
+        if start is not None and prev is not None:
+            spans.append((edge, stream, epoch, start, prev))
+        start = prev = seq
+    if start is not None and prev is not None:
+        spans.append((edge, stream, epoch, start, prev))
+    return spans

@@ -84,6 +84,7 @@ class Ingest(Service):
             fetch_timeout_s=self.settings.fetch_timeout_s,
             ack_wait_s=self.settings.ack_wait_s, workers=self.settings.workers,
             db_retry_max_s=self.settings.db_retry_max_s, metrics=self.metrics,
+            group_budget_bytes=self.settings.group_budget_bytes,
             on_committed=self.watermarks.note,
         )
         await self.consumer.ensure_consumer()

@@ -2,19 +2,28 @@
 
 ``POST /v1/streams/{stream}/records`` answers only once the records are durable
 in the buffer. MessagePack is the SDK's format; JSON is accepted for any
-language and for curl. Every refusal is an :class:`~broker.errors.EdgesyncError`
-answered as a 4xx/503 with a JSON body ``{"error": code, "message": text}`` and the
-status of the one table, :data:`broker.errors.HTTP_STATUS`; the protocol is
-documented in ``docs/ingress-http.md``.
+language and for curl; either may be sent gzip-compressed
+(``Content-Encoding: gzip``). Every refusal is an
+:class:`~broker.errors.EdgesyncError` answered as a 4xx/503 with a JSON body
+``{"error": code, "message": text}`` and the status of the one table,
+:data:`broker.errors.HTTP_STATUS`; the protocol is documented in
+``docs/ingress-http.md``.
+
+A request is all or nothing: every record is checked by the cloud's own
+validator (:mod:`broker.protocol.validation`) before any is stored, and a 422
+lists each bad record's index and reason, so nothing acknowledged here can be
+refused later by the ingest or PostgreSQL.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import math
 import time
+import zlib
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 import structlog
@@ -25,16 +34,20 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from broker.errors import (
     EdgesyncError,
+    InvalidEncoding,
     InvalidInput,
     InvalidName,
+    InvalidRecords,
     RecordTooLarge,
     RequestTooLarge,
     UnsupportedMediaType,
 )
-from broker.protocol.ingress import IngressRequest
+from broker.protocol.ingress import IngressRequest, RequestSeq, to_ts_us
 from broker.protocol.tokens import TOKEN_PATTERN, is_valid_token
+from broker.protocol.validation import record_problems
 from broker.protocol.wire import CT_JSON, CT_RAW, Record
 from broker.serving import error_response
+from edge_bridge.ingress_openapi import RESPONSES, request_body
 
 if TYPE_CHECKING:
     from edge_bridge.bridge import Bridge
@@ -47,7 +60,8 @@ MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vn
 
 
 class _JsonRecord(msgspec.Struct, forbid_unknown_fields=True):
-    payload: Any = msgspec.UNSET
+    payload: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    """Kept as the JSON text it arrived as: stored as such, never re-encoded."""
     payload_b64: str | None = None
     key: str | None = None
     ts: float | str | None = None
@@ -57,7 +71,7 @@ class _JsonRecord(msgspec.Struct, forbid_unknown_fields=True):
 class _JsonRequest(msgspec.Struct, forbid_unknown_fields=True):
     records: list[_JsonRecord]
     producer: str | None = None
-    request_seq: int | None = None
+    request_seq: RequestSeq | None = None
 
 
 _msgpack_request = msgspec.msgpack.Decoder(IngressRequest)
@@ -75,12 +89,14 @@ def _json_ts(value: float | str | None, now_us: int) -> int:
             raise InvalidInput(f"ts {value!r} is not an ISO 8601 time or epoch seconds") from exc
         if parsed.tzinfo is None:
             raise InvalidInput(f"ts {value!r} has no time zone; add 'Z' or an offset")
-        return int(parsed.timestamp() * 1_000_000)
-    return int(value * 1_000_000)
+        return to_ts_us(parsed)
+    if not math.isfinite(value):
+        raise InvalidInput(f"ts {value!r} is not a finite number of seconds")
+    return round(value * 1_000_000)  # any size: the validator checks the range
 
 
 def _from_json(req: _JsonRequest) -> list[Record]:
-    now_us = int(time.time() * 1_000_000)
+    now_us = time.time_ns() // 1000
     out: list[Record] = []
     for i, rec in enumerate(req.records):
         if rec.payload_b64 is not None:
@@ -91,13 +107,37 @@ def _from_json(req: _JsonRequest) -> list[Record]:
             except binascii.Error as exc:
                 raise InvalidInput(f"record {i}: payload_b64 is not base64: {exc}") from exc
             ct = CT_RAW
-        elif rec.payload is msgspec.UNSET:
-            raise InvalidInput(f"record {i}: missing payload")
-        else:
-            body = _json_encoder.encode(rec.payload)
+        elif isinstance(rec.payload, msgspec.Raw):
+            body = bytes(rec.payload)
             ct = CT_JSON
-        out.append(Record(_json_ts(rec.ts, now_us), ct, body, rec.key, rec.headers))
+        else:
+            raise InvalidInput(f"record {i}: missing payload")
+        try:
+            ts = _json_ts(rec.ts, now_us)
+        except InvalidInput as exc:
+            raise InvalidInput(f"record {i}: {exc}") from exc
+        out.append(Record(ts, ct, body, rec.key, rec.headers))
     return out
+
+
+def _decoded_body(body: bytes, encoding: str, max_bytes: int) -> bytes:
+    """The request body without its ``Content-Encoding`` (gzip, bounded), or raise."""
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "x-gzip"):
+        raise UnsupportedMediaType(
+            f"content-encoding {encoding!r}: send the body plain or gzip",
+            code="unsupported_content_encoding")
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        plain = inflater.decompress(body, max_bytes + 1)
+    except zlib.error as exc:
+        raise InvalidEncoding(f"body is not valid gzip: {exc}") from exc
+    if len(plain) > max_bytes:
+        raise RequestTooLarge(f"gzip body expands past {max_bytes} bytes")
+    if not inflater.eof:
+        raise InvalidEncoding("gzip body is truncated")
+    return plain
 
 
 def create_app(bridge: Bridge) -> FastAPI:
@@ -110,14 +150,20 @@ def create_app(bridge: Bridge) -> FastAPI:
     settings = bridge.settings
     metrics = bridge.metrics
 
-    @app.post("/v1/streams/{stream}/records")
+    @app.post("/v1/streams/{stream}/records", responses=RESPONSES,
+              openapi_extra={"requestBody": request_body()})
     async def post_records(stream: str, request: Request) -> Response:
-        response = await _handle(stream, request)
+        """Store records durably; the answer gives each its identity (see docs/ingress-http.md)."""
+        try:
+            response = await _handle(stream, request)
+        except RecursionError:  # a body nested beyond what any decoder here recurses into
+            response = error_response(
+                InvalidInput("body nested too deeply to decode", code="malformed_body"))
         metrics.ingress_requests.labels(str(response.status_code)).inc()
         return response
 
     async def _read(stream: str, request: Request
-                    ) -> tuple[str, list[Record], str | None, int | None]:
+                    ) -> tuple[list[Record], str | None, int | None]:
         """The request's records, validated; refusals raise (statuses: ``HTTP_STATUS``)."""
         if not is_valid_token(stream):
             raise InvalidName(f"stream name {stream!r} must match {TOKEN_PATTERN}",
@@ -132,6 +178,8 @@ def create_app(bridge: Bridge) -> FastAPI:
         if len(body) > settings.max_request_bytes:
             raise RequestTooLarge(
                 f"body of {len(body)} bytes exceeds {settings.max_request_bytes}")
+        encoding = request.headers.get("content-encoding", "").strip().lower()
+        body = _decoded_body(body, encoding, settings.max_request_bytes)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         producer: str | None
         request_seq: int | None
@@ -153,12 +201,12 @@ def create_app(bridge: Bridge) -> FastAPI:
             if type(exc) is not InvalidInput:  # the subclasses carry their own code
                 raise
             raise InvalidInput(str(exc), code="invalid_records") from exc
-        return stream, records, producer, request_seq
+        return records, producer, request_seq
 
     async def _handle(stream: str, request: Request) -> Response:
         started = time.perf_counter()
         try:
-            stream, records, producer, request_seq = await _read(stream, request)
+            records, producer, request_seq = await _read(stream, request)
             try:
                 result = await bridge.buffer.append(
                     stream, records, producer=producer, request_seq=request_seq
@@ -174,6 +222,8 @@ def create_app(bridge: Bridge) -> FastAPI:
         metrics.append_seconds.observe(time.perf_counter() - started)
         return JSONResponse({
             "epoch": result.epoch,
+            # JSON numbers lose integers above 2^53 in JavaScript (and other doubles).
+            "epoch_str": str(result.epoch),
             "first_seq": result.first_seq,
             "count": result.count,
             "duplicate": result.duplicate,
@@ -208,14 +258,11 @@ def _validate(
         raise InvalidInput("producer and request_seq go together: give both or neither")
     if producer is not None and not 0 < len(producer) <= 128:
         raise InvalidInput("producer must be 1 to 128 characters")
-    if request_seq is not None and request_seq < 0:
-        raise InvalidInput("request_seq must be >= 0")
     for i, rec in enumerate(records):
         if len(rec.payload) > max_record_bytes:
             raise RecordTooLarge(
                 f"record {i} payload is {len(rec.payload)} bytes; the limit is {max_record_bytes}"
             )
-        if rec.ct not in (CT_RAW, CT_JSON):
-            raise InvalidInput(f"record {i}: unknown content type {rec.ct}")
-        if rec.key is not None and len(rec.key) > 1024:
-            raise InvalidInput(f"record {i}: key longer than 1024 characters")
+    problems = record_problems(records)
+    if problems:
+        raise InvalidRecords(problems)

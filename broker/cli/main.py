@@ -11,7 +11,6 @@ Service imports are lazy so ``edgesync --help`` stays fast.
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -22,6 +21,8 @@ import typer
 from rich.console import Console
 
 from broker.cli.commands import cmd_app, keys_app
+from broker.cli.database import resolve_dsn
+from broker.cli.dead_letters import dead_letters_app
 from broker.errors import EdgesyncError
 from broker.logs import configure_logging
 from broker.settings import Settings
@@ -35,6 +36,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 app.add_typer(cmd_app, name="cmd")
 app.add_typer(keys_app, name="keys")
+app.add_typer(dead_letters_app, name="dead-letters")
 
 
 EXIT_CRASHED = 1
@@ -133,15 +135,6 @@ def api() -> None:
     _run_service(lambda stop: run(settings.api, settings.nats, stop=stop))
 
 
-def _dsn(dsn: str | None, state_dir: Path) -> str:
-    if dsn:
-        return dsn
-    runtime = state_dir / "runtime.json"
-    if runtime.exists():
-        return str(json.loads(runtime.read_text())["postgres_dsn"])
-    return Settings().ingest.postgres_dsn
-
-
 @app.command()
 def status(
     dsn: Annotated[str | None, typer.Option(help="PostgreSQL DSN (default: runtime.json, "
@@ -149,7 +142,8 @@ def status(
     state_dir: Annotated[Path, typer.Option(help="Where `edgesync up` wrote runtime.json.")]
     = Path(".edgesync"),
     gaps: Annotated[bool, typer.Option(
-        "--gaps", help="Completeness per edge/stream/epoch: committed, dropped, missing.")]
+        "--gaps", help="Completeness per edge/stream/epoch: committed, dropped, "
+        "dead-lettered, missing.")]
     = False,
 ) -> None:
     """Print edges, their backlog, and committed counts per stream."""
@@ -158,7 +152,7 @@ def status(
     from broker.cli.status import show_status
 
     try:
-        asyncio.run(show_status(_dsn(dsn, state_dir), console, gaps=gaps))
+        asyncio.run(show_status(resolve_dsn(dsn, state_dir), console, gaps=gaps))
     except (OSError, asyncpg.PostgresError) as exc:
         console.print(f"[red]cannot read status:[/red] {exc}")
         raise typer.Exit(2) from exc

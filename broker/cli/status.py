@@ -24,7 +24,8 @@ async def show_status(dsn: str, console: Console, *, gaps: bool = False) -> None
     """Print the ``edges`` table and, per edge/stream/epoch, what is committed.
 
     Args:
-        gaps: also the completeness columns (dropped, missing, missing ranges, lag).
+        gaps: also the completeness columns (dropped, dead-lettered, missing, missing
+            ranges, lag).
 
     Raises:
         OSError, asyncpg.PostgresError: the database cannot be read.
@@ -50,7 +51,8 @@ async def show_status(dsn: str, console: Console, *, gaps: bool = False) -> None
     table = Table(title="completeness" if gaps else "committed")
     columns = ["edge", "stream", "epoch", "committed", "watermark", "highest seq"]
     if gaps:
-        columns += ["dropped (overflow/ttl)", "missing", "missing ranges", "lag"]
+        columns += ["dropped (overflow/ttl)", "dead-lettered", "missing", "missing ranges",
+                    "lag"]
     for col in columns:
         table.add_column(col)
     for p in progress:
@@ -61,6 +63,7 @@ async def show_status(dsn: str, console: Console, *, gaps: bool = False) -> None
             lag = p["lag_seconds"]
             row += [
                 f"{p['dropped_records']:,} ({p['dropped_overflow']:,}/{p['dropped_ttl']:,})",
+                _dead_lettered(p["dead_lettered_records"], p["dead_lettered_ranges"]),
                 f"{p['missing_records']:,}",
                 _ranges(p["missing_ranges"]),
                 "-" if lag is None else f"{lag:.1f}s",
@@ -75,6 +78,11 @@ def _drop_counts(dropped: Any) -> str:
     overflow = sum(int(v.get("overflow", 0)) for v in per_stream.values())
     ttl = sum(int(v.get("ttl", 0)) for v in per_stream.values())
     return f"{overflow:,}/{ttl:,}"
+
+
+def _dead_lettered(count: int, ranges: Any) -> str:
+    """``3 [7-8, 12-12]``: see them with `edgesync dead-letters list`."""
+    return "0" if not count else f"{count:,} [{_ranges(ranges, limit=3)}]"
 
 
 def _ranges(ranges: Any, limit: int = 5) -> str:

@@ -2,8 +2,9 @@
 
 This module is the single definition of the ingress wire shapes; both the SDK
 (which encodes :class:`IngressRequest`) and the bridge's ingress (which decodes
-it) import it. It therefore depends on nothing but msgspec and
-:mod:`broker.protocol.wire`, so importing it is cheap on both sides.
+it) import it. It therefore depends on nothing but msgspec,
+:mod:`broker.protocol.wire` and :mod:`broker.protocol.validation`, so importing
+it is cheap on both sides.
 
 ::
 
@@ -33,7 +34,15 @@ from typing import Annotated, Final
 import msgspec
 
 from broker.errors import InvalidInput
-from broker.protocol.wire import CT_JSON, CT_RAW, MAX_KEY_CHARS, Record
+from broker.protocol.validation import (
+    MAX_JSON_DEPTH,
+    MAX_TS_US,
+    MIN_TS_US,
+    headers_problem,
+    json_problem,
+    key_problem,
+)
+from broker.protocol.wire import CT_JSON, CT_RAW, Record
 
 __all__ = [
     "CONTENT_TYPE",
@@ -131,11 +140,17 @@ def encode_payload(payload: object) -> tuple[int, bytes]:
         except (TypeError, ValueError, BufferError) as exc:  # released or odd memoryview
             raise InvalidInput(f"payload buffer cannot be read: {exc}") from exc
     try:
-        return CT_JSON, msgspec.json.encode(payload)
+        body = msgspec.json.encode(payload)
     except _JSON_FAILURES as exc:
         raise InvalidInput(
             f"payload of type {type(payload).__name__} is neither bytes nor JSON-encodable: {exc}"
         ) from exc
+    # msgspec's output is valid JSON; what jsonb may still refuse is cheap to rule out.
+    if b"\\u0000" in body or body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH:
+        problem = json_problem(body)
+        if problem:
+            raise InvalidInput(f"payload: {problem}")
+    return CT_JSON, body
 
 
 def to_ts_us(ts: object) -> int:
@@ -146,8 +161,8 @@ def to_ts_us(ts: object) -> int:
 
     Raises:
         InvalidInput: any other type (including ``bool`` and plain ``date``),
-            a non-finite float, or a time outside the signed 64-bit microsecond
-            range.
+            a non-finite float, or a time outside 0001-01-01..9999-12-31 UTC
+            (what the cloud stores; :mod:`broker.protocol.validation`).
     """
     if ts is None:
         return time.time_ns() // 1000
@@ -169,8 +184,8 @@ def to_ts_us(ts: object) -> int:
             f"ts must be a datetime, seconds since the epoch (int/float) or None, "
             f"not {type(ts).__name__}"
         )
-    if not _INT64_MIN <= us <= _INT64_MAX:
-        raise InvalidInput(f"ts {ts!r} is outside the representable range (int64 microseconds)")
+    if not MIN_TS_US <= us <= MAX_TS_US:
+        raise InvalidInput(f"ts {ts!r} is outside the storable range 0001-01-01..9999-12-31 UTC")
     return us
 
 
@@ -184,8 +199,9 @@ def check_key(key: object) -> str | None:
         return None
     if not isinstance(key, str):
         raise InvalidInput(f"key must be a str or None, not {type(key).__name__}")
-    if len(key) > MAX_KEY_CHARS:
-        raise InvalidInput(f"key of {len(key)} characters exceeds {MAX_KEY_CHARS}")
+    problem = key_problem(key)
+    if problem:
+        raise InvalidInput(problem)
     return key
 
 
@@ -212,4 +228,7 @@ def check_headers(headers: object) -> dict[str, str] | None:
                 f"{type(value).__name__} for {name!r}"
             )
         copy[name] = value
+    problem = headers_problem(copy)
+    if problem:
+        raise InvalidInput(problem)
     return copy

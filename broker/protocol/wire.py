@@ -6,11 +6,21 @@ per-record overhead is a few bytes. The full format is documented in
 
 Decoding is total: whatever the input, :func:`decode_batch` either returns a
 valid :class:`Batch` or raises :class:`~broker.errors.DecodeError` with a reason.
+:func:`decode_records` is the ingest's form: it decodes the envelope, then each
+record on its own, so one bad record is reported alone with its seq instead of
+condemning its batch.
+
+Decoding is bounded: a body may not expand past :data:`MAX_BATCH_BYTES` (the
+zstd stream is read up to that cap and refused beyond it, never decompressed
+whole) and may not hold more than :data:`MAX_BATCH_RECORDS` records (read from
+the array header before any record is allocated). The shipper's batch limits
+stay inside both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final
 
 import msgspec
@@ -23,13 +33,18 @@ __all__ = [
     "CT_JSON",
     "CT_RAW",
     "ENCODING_HEADER",
+    "MAX_BATCH_BYTES",
+    "MAX_BATCH_RECORDS",
+    "MAX_KEY_CHARS",
     "MAX_SEQ",
     "WIRE_VERSION",
     "Batch",
+    "DecodedBatch",
     "Record",
     "array_header",
     "compress_body",
     "decode_batch",
+    "decode_records",
     "encode_batch",
     "encode_batch_parts",
     "msg_id",
@@ -44,8 +59,11 @@ ENCODING_HEADER: Final = "Es-Encoding"
 """NATS header naming the batch body's compression (``zstd``); absent means none."""
 MAX_SEQ: Final = 2**63 - 1
 MAX_KEY_CHARS: Final = 1024
-MAX_DECOMPRESSED_BYTES: Final = 64 * 1024 * 1024
-"""A compressed batch may not expand past this: a zip bomb is a decode error."""
+MAX_BATCH_BYTES: Final = 16 * 1024 * 1024
+"""Largest batch body once decompressed: a zstd bomb is a decode error, refused
+after reading this much of it."""
+MAX_BATCH_RECORDS: Final = 100_000
+"""Most records in one batch (the shipper's ``batch_max_records`` is capped to it)."""
 
 _INT64_MIN: Final = -(2**63)
 
@@ -77,6 +95,8 @@ class Batch(msgspec.Struct, frozen=True):
         return self.first_seq + len(self.records) - 1
 
 
+_DCTX = zstandard.ZstdDecompressor(max_window_size=MAX_BATCH_BYTES)
+"""The window cap also bounds what a frame header can make the decoder allocate."""
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Batch)
 _raw_decoder = msgspec.msgpack.Decoder()
@@ -150,21 +170,36 @@ def compress_body(body: bytes, zstd_level: int | None) -> tuple[bytes, dict[str,
 
 def _decompress(data: bytes, encoding: str | None) -> bytes:
     if encoding is None or encoding == "":
+        if len(data) > MAX_BATCH_BYTES:
+            raise DecodeError(f"batch body of {len(data)} bytes exceeds {MAX_BATCH_BYTES}")
         return data
     if encoding != "zstd":
         raise DecodeError(f"unknown {ENCODING_HEADER} {encoding!r} (expected 'zstd' or none)")
     try:
-        return zstandard.ZstdDecompressor().decompress(
-            data, max_output_size=MAX_DECOMPRESSED_BYTES
-        )
+        # Streamed, so a frame that claims (or expands to) gigabytes is refused after
+        # MAX_BATCH_BYTES + 1 bytes were produced, whatever its header says.
+        reader = _DCTX.stream_reader(data, read_across_frames=True)
+        parts: list[bytes] = []
+        size = 0
+        while size <= MAX_BATCH_BYTES:
+            part = reader.read(min(1 << 20, MAX_BATCH_BYTES + 1 - size))
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
     except zstandard.ZstdError as exc:
         raise DecodeError(f"invalid zstd body: {exc}") from exc
+    if size > MAX_BATCH_BYTES:
+        raise DecodeError(
+            f"zstd body expands past {MAX_BATCH_BYTES} bytes (from {len(data)}): refused"
+        )
+    return b"".join(parts)
 
 
 def decode_batch(
     data: bytes, headers: Mapping[str, str] | None = None, *, strict: bool = False
 ) -> Batch:
-    """Decode and validate one batch.
+    """Decode and validate one batch, all or nothing.
 
     Args:
         data: the message body.
@@ -176,19 +211,122 @@ def decode_batch(
     Raises:
         DecodeError: with the reason, for any input that is not a valid v1 batch.
     """
+    decoded = decode_records(data, headers)
+    if decoded.problems:
+        index, reason, _ = decoded.problems[0]
+        raise DecodeError(f"record {index}: {reason}", span=decoded.span)
+    if strict:
+        _check_no_unknown_fields(_decompress(data, (headers or {}).get(ENCODING_HEADER)))
+    return Batch(WIRE_VERSION, decoded.edge, decoded.stream, decoded.epoch, decoded.first_seq,
+                 [r for r in decoded.records if r is not None])
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedBatch:
+    """A batch whose envelope is valid; each record decoded (and checked) on its own.
+
+    ``records[i]`` is seq ``first_seq + i``, or ``None`` where that record is
+    malformed; ``problems`` then holds ``(i, reason, the record's bytes)``.
+    """
+
+    edge: str
+    stream: str
+    epoch: int
+    first_seq: int
+    records: list[Record | None]
+    problems: list[tuple[int, str, bytes]]
+    body_bytes: int
+    """Size of the decoded (decompressed) body: what decoding it cost in memory."""
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.records) - 1
+
+    @property
+    def span(self) -> tuple[str, str, int, int, int]:
+        return (self.edge, self.stream, self.epoch, self.first_seq, self.last_seq)
+
+
+class _Envelope(msgspec.Struct):
+    """A batch with its records left undecoded (a view into the body)."""
+
+    v: int
+    edge: str
+    stream: str
+    epoch: int
+    first_seq: int
+    records: msgspec.Raw
+
+
+_envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
+_records_decoder = msgspec.msgpack.Decoder(list[Record])
+_raw_list_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_record_decoder = msgspec.msgpack.Decoder(Record)
+
+
+def decode_records(data: bytes, headers: Mapping[str, str] | None = None) -> DecodedBatch:
+    """Decode a batch's envelope, then its records one by one.
+
+    Raises:
+        DecodeError: the body is not a batch with a valid envelope (with
+            ``span`` set when the envelope named a valid identity range, e.g. a
+            batch over the record cap or whose record array is unreadable).
+    """
     try:
         body = _decompress(data, (headers or {}).get(ENCODING_HEADER))
-        batch = _decoder.decode(body)
-        if strict:
-            _check_no_unknown_fields(body)
+        env = _envelope_decoder.decode(body)
     except DecodeError:
         raise
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise DecodeError(f"malformed batch: {exc}") from exc
     except Exception as exc:  # decoding must be total: nothing else may escape
         raise DecodeError(f"malformed batch: {type(exc).__name__}: {exc}") from exc
-    _validate(batch)
-    return batch
+    count = _validate_envelope(env)
+    span = (env.edge, env.stream, env.epoch, env.first_seq, env.first_seq + count - 1)
+    if count > MAX_BATCH_RECORDS:
+        raise DecodeError(f"batch of {count} records exceeds {MAX_BATCH_RECORDS}", span=span)
+    problems: list[tuple[int, str, bytes]] = []
+    records: list[Record | None]
+    try:
+        records = list(_records_decoder.decode(env.records))
+    except Exception:  # some record is malformed: find which, one by one
+        try:
+            raws = _raw_list_decoder.decode(env.records)
+        except Exception as exc:
+            raise DecodeError(f"malformed record array: {exc}", span=span) from exc
+        records = []
+        for i, raw in enumerate(raws):
+            try:
+                records.append(_record_decoder.decode(raw))
+            except Exception as exc:
+                records.append(None)
+                problems.append((i, f"malformed record: {exc}", bytes(raw)))
+    if len(records) != count:
+        raise DecodeError(f"record array holds {len(records)}, header says {count}", span=span)
+    for i, rec in enumerate(records):
+        if rec is None:
+            continue
+        problem = _record_structure_problem(rec)
+        if problem:
+            records[i] = None
+            problems.append((i, problem, _encoder.encode(rec)))
+    problems.sort(key=lambda p: p[0])
+    return DecodedBatch(env.edge, env.stream, env.epoch, env.first_seq, records, problems,
+                        len(body))
+
+
+def _array_count(raw: msgspec.Raw) -> int:
+    head = bytes(memoryview(raw)[:5])
+    if not head:
+        raise DecodeError("malformed batch: empty records field")
+    tag = head[0]
+    if 0x90 <= tag <= 0x9F:
+        return tag & 0x0F
+    if tag == 0xDC and len(head) >= 3:
+        return int.from_bytes(head[1:3], "big")
+    if tag == 0xDD and len(head) >= 5:
+        return int.from_bytes(head[1:5], "big")
+    raise DecodeError("malformed batch: records is not an array")
 
 
 def _check_no_unknown_fields(body: bytes) -> None:
@@ -203,23 +341,33 @@ def _check_no_unknown_fields(body: bytes) -> None:
             raise DecodeError(f"record {i} has {len(rec)} fields, at most {_RECORD_ARITY} known")
 
 
-def _validate(batch: Batch) -> None:
-    if batch.v != WIRE_VERSION:
-        raise DecodeError(f"unsupported wire version {batch.v} (this build reads {WIRE_VERSION})")
-    if not is_valid_token(batch.edge):
-        raise DecodeError(f"invalid edge id {batch.edge!r}")
-    if not is_valid_token(batch.stream):
-        raise DecodeError(f"invalid stream name {batch.stream!r}")
-    if not 0 < batch.epoch <= MAX_SEQ:
-        raise DecodeError(f"epoch {batch.epoch} out of range 1..2^63-1")
-    if not batch.records:
+def _validate_envelope(env: _Envelope) -> int:
+    """Check the envelope; returns the number of records it announces."""
+    if env.v != WIRE_VERSION:
+        raise DecodeError(f"unsupported wire version {env.v} (this build reads {WIRE_VERSION})")
+    if not is_valid_token(env.edge):
+        raise DecodeError(f"invalid edge id {env.edge!r}")
+    if not is_valid_token(env.stream):
+        raise DecodeError(f"invalid stream name {env.stream!r}")
+    if not 0 < env.epoch <= MAX_SEQ:
+        raise DecodeError(f"epoch {env.epoch} out of range 1..2^63-1")
+    count = _array_count(env.records)
+    if not count:
         raise DecodeError("batch has no records")
-    if batch.first_seq < 1 or batch.last_seq > MAX_SEQ:
-        raise DecodeError(f"seq range {batch.first_seq}..{batch.last_seq} out of range 1..2^63-1")
-    for i, rec in enumerate(batch.records):
-        if not _INT64_MIN <= rec.ts <= MAX_SEQ:
-            raise DecodeError(f"record {i}: timestamp {rec.ts} outside int64")
-        if rec.ct not in (CT_RAW, CT_JSON):
-            raise DecodeError(f"record {i}: unknown content type {rec.ct}")
-        if rec.key is not None and len(rec.key) > MAX_KEY_CHARS:
-            raise DecodeError(f"record {i}: key longer than {MAX_KEY_CHARS} characters")
+    if env.first_seq < 1 or env.first_seq + count - 1 > MAX_SEQ:
+        raise DecodeError(
+            f"seq range {env.first_seq}..{env.first_seq + count - 1} out of range 1..2^63-1"
+        )
+    return count
+
+
+def _record_structure_problem(rec: Record) -> str | None:
+    """What the wire format itself forbids in a record (storability is
+    :mod:`broker.protocol.validation`'s job)."""
+    if not _INT64_MIN <= rec.ts <= MAX_SEQ:
+        return f"timestamp {rec.ts} outside int64"
+    if rec.ct not in (CT_RAW, CT_JSON):
+        return f"unknown content type {rec.ct}"
+    if rec.key is not None and len(rec.key) > MAX_KEY_CHARS:
+        return f"key longer than {MAX_KEY_CHARS} characters"
+    return None

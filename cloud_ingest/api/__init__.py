@@ -7,6 +7,8 @@ status, see the edges.
 | ``GET  /v1/commands/{id}``             | one command, its lifecycle and its history  |
 | ``GET  /v1/edges/{edge}/commands``     | an edge's commands (``?status=``)           |
 | ``GET  /v1/edges``                     | edges: last seen, online, backlog, version  |
+| ``GET  /v1/dead-letters[/{id}]``, ``POST /v1/dead-letters/{id}/replay`` | dead letters: |
+|                                        | list, show, replay (:mod:`cloud_ingest.dead_letters`) |
 | ``GET  /healthz``, ``/readyz``, ``/metrics``, ``/docs``, ``/openapi.json`` |       |
 
 Issuing a command: validate the spec (422 with a message), check the edge is

@@ -27,6 +27,7 @@ from broker.serving import error_response
 from cloud_ingest.api.auth import CHALLENGE, read_guard, write_guard
 from cloud_ingest.api.models import CommandAccepted, CommandOut, CommandRequest, EdgeOut
 from cloud_ingest.db_errors import DATABASE_ERRORS, as_temporary
+from cloud_ingest.dead_letters import dead_letter_routes
 
 if TYPE_CHECKING:
     from cloud_ingest.api.service import Api
@@ -135,6 +136,9 @@ def create_app(api: Api) -> FastAPI:
     async def list_edges() -> list[dict[str, Any]]:
         """Every edge that has reported: last seen, online or not, backlog, version."""
         return await api.list_edges()
+
+    app.include_router(dead_letter_routes(
+        api._db, read=Depends(require_read), write=Depends(require_token)))
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

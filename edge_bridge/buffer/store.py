@@ -38,7 +38,7 @@ from typing import Any, Final, TypeVar
 
 import structlog
 
-from broker.errors import ClosedError, InvalidInput
+from broker.errors import ClosedError, InvalidInput, RequestConflict
 from broker.protocol.wire import Record
 from broker.settings import StreamPolicy
 from edge_bridge.buffer import policies, reads
@@ -221,11 +221,17 @@ class Buffer:
         def append_in_transaction(conn: sqlite3.Connection) -> AppendResult:
             if producer is not None and request_seq is not None:
                 hit = conn.execute(
-                    "SELECT epoch, first_seq, count FROM producer_requests "
+                    "SELECT epoch, first_seq, count, stream FROM producer_requests "
                     "WHERE producer=? AND request_seq=?",
                     (producer, request_seq),
                 ).fetchone()
                 if hit is not None:
+                    if (hit[3], hit[2]) != (stream, len(records)):
+                        # A retry repeats its request; this is another one reusing the id.
+                        raise RequestConflict(
+                            f"producer {producer!r} request_seq {request_seq} was already "
+                            f"used for {hit[2]} records of stream {hit[3]!r}"
+                        )
                     return AppendResult(hit[0], hit[1], hit[2], duplicate=True)
             state = streams.ensure(conn, stream)
             if streams.total_bytes + total > self._max_bytes:

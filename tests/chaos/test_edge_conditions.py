@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+import asyncpg
 import nats
 import pytest
 
@@ -67,10 +68,10 @@ async def test_buffer_cap_under_block_and_drop_oldest_loses_nothing_unexplained(
     assert not drops.get("edge-a"), "a block stream dropped records"
 
 
-@pytest.mark.chaos_ci
 async def test_poison_batch_is_dead_lettered_while_the_rest_flows(system: ChaosSystem) -> None:
-    """A batch with a valid envelope whose payload PostgreSQL refuses (JSON text with
-    \\u0000) lands in dead_letters with its reason; the load around it commits."""
+    """A batch with a valid envelope whose payloads PostgreSQL would refuse (JSON text
+    with \\u0000): each record lands in dead_letters with its identity and reason,
+    its seqs are accounted (the watermark passes them); the load around it commits."""
     async with Load(system) as load:
         await load.wait_acked(2_000)
         nc = await nats.connect(system.nats.url)
@@ -85,16 +86,19 @@ async def test_poison_batch_is_dead_lettered_while_the_rest_flows(system: ChaosS
         await load.wait_acked(len(load.acked) + 2_000)
     recover = await system.quiesce(load)
 
-    async def dead_lettered() -> list[str]:
-        rows = await system._fetch("SELECT reason FROM dead_letters")
-        return [r["reason"] for r in rows]
+    async def dead_lettered() -> list[asyncpg.Record]:
+        return await system._fetch("SELECT seq, reason FROM dead_letters ORDER BY seq")
 
-    reasons = await until(dead_lettered, timeout=15, message="poison batch not dead-lettered")
+    rows = await until(dead_lettered, timeout=15, message="poison batch not dead-lettered")
     outcome = await system.reconcile("poison batch dead-lettered", load, recover_s=recover,
-                                     notes=f"dead letters: {len(reasons)}")
+                                     notes=f"dead letters: {len(rows)}, one per record")
     assert_exact(outcome)
-    assert len(reasons) == 1 and "rejected by PostgreSQL" in reasons[0], reasons
+    assert [r["seq"] for r in rows] == [1, 2, 3]
+    assert all("\\u0000" in r["reason"] for r in rows), rows
     assert await system._fetch("SELECT 1 FROM records WHERE stream='poison'") == []
+    progress = await system._fetch(
+        "SELECT watermark FROM v_completeness WHERE stream = 'poison'")
+    assert progress[0]["watermark"] == 3
 
 
 async def test_skewed_edge_clocks_keep_event_time_and_seq_order(system: ChaosSystem) -> None:

@@ -1,0 +1,233 @@
+"""The one record validator: what the cloud will store, checked wherever a record passes.
+
+A record is valid when the ingest can write it into ``records`` and PostgreSQL
+accepts it. These are exactly the rules checked here; the bridge's ingress
+applies them before it acknowledges anything (422 with each bad record's index
+and reason), the SDK applies the cheap ones at ``publish``, and the ingest
+applies them after decoding, so a bad record is dead-lettered alone, with its
+identity, instead of taking its batch (or the ingest) down with it.
+
+| field     | rule                                                                     |
+| --------- | ------------------------------------------------------------------------ |
+| ``ts``    | integer microseconds in [0001-01-01, 9999-12-31T23:59:59.999999] UTC     |
+| ``ct``    | 0 (opaque bytes) or 1 (JSON text)                                        |
+| payload   | JSON (ct 1): UTF-8 JSON text PostgreSQL ``jsonb`` takes: no ``\\u0000``, |
+|           | no lone surrogate, nesting at most :data:`MAX_JSON_DEPTH`                |
+| ``key``   | ``None`` or at most :data:`MAX_KEY_CHARS` characters, no NUL             |
+| headers   | ``None`` or ``str -> str``, no NUL, at most :data:`MAX_HEADERS_BYTES`    |
+
+Why those time bounds: PostgreSQL's ``timestamptz`` reaches further (4713 BC to
+294276 AD), but four-digit years are what every reader can represent (ISO 8601,
+Python ``datetime``, JavaScript ``Date``), and the encoder's arithmetic cannot
+overflow inside them. A ``ts`` of ``1e13`` (seconds given as microseconds' worth)
+or ``-2^63`` is a producer bug, caught at the edge instead of in the cloud.
+
+Every check here is total: it returns a reason or ``None`` and never raises,
+whatever the input (including inputs that make a JSON parser recurse).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from decimal import Decimal
+from typing import Any, Final
+
+import msgspec
+
+from broker.errors import InvalidRecords
+from broker.protocol.wire import CT_JSON, CT_RAW, MAX_KEY_CHARS, Record
+
+__all__ = [
+    "MAX_HEADERS_BYTES",
+    "MAX_JSON_DEPTH",
+    "MAX_TS_US",
+    "MIN_TS_US",
+    "check_records",
+    "headers_problem",
+    "json_problem",
+    "key_problem",
+    "record_problem",
+    "record_problems",
+    "ts_problem",
+]
+
+MIN_TS_US: Final = -62_135_596_800_000_000
+"""0001-01-01T00:00:00Z in microseconds since the Unix epoch."""
+MAX_TS_US: Final = 253_402_300_799_999_999
+"""9999-12-31T23:59:59.999999Z in microseconds since the Unix epoch."""
+MAX_JSON_DEPTH: Final = 256
+"""Deepest nesting of JSON arrays/objects: far beyond real documents, and well
+inside what a recursive parser (msgspec's, PostgreSQL's) handles on any stack."""
+MAX_HEADERS_BYTES: Final = 64 * 1024
+"""UTF-8 bytes of all header names and values of one record together."""
+
+_NUMERIC_MAX_EXP: Final = 131_071
+"""PostgreSQL ``numeric`` (jsonb numbers) holds up to 131,072 digits before the point..."""
+_NUMERIC_MIN_EXP: Final = -16_383
+"""... and 16,383 after it."""
+_TOKENS = re.compile(rb'"(?:[^"\\]++|\\.)*+"?|[\[\]{}]', re.DOTALL)
+_OPEN = frozenset(b"[{")
+_CLOSE = frozenset(b"]}")
+_json_plain = msgspec.json.Decoder()
+_json_decimal = msgspec.json.Decoder(float_hook=Decimal)
+
+
+def ts_problem(ts: object) -> str | None:
+    """Why ``ts`` (integer microseconds since the Unix epoch) is not storable, or None."""
+    if type(ts) is not int:
+        return f"ts must be integer microseconds, not {type(ts).__name__}"
+    if not MIN_TS_US <= ts <= MAX_TS_US:
+        return (f"ts {ts} µs is outside 0001-01-01..9999-12-31 UTC "
+                f"({MIN_TS_US}..{MAX_TS_US} microseconds since the Unix epoch)")
+    return None
+
+
+def key_problem(key: object) -> str | None:
+    """Why ``key`` is not a storable record key, or None."""
+    if key is None:
+        return None
+    if not isinstance(key, str):
+        return f"key must be a string or null, not {type(key).__name__}"
+    if len(key) > MAX_KEY_CHARS:
+        return f"key of {len(key)} characters exceeds {MAX_KEY_CHARS}"
+    return _text_problem("key", key)
+
+
+def headers_problem(headers: object) -> str | None:
+    """Why ``headers`` are not storable (as ``jsonb``), or None."""
+    if headers is None:
+        return None
+    if not isinstance(headers, dict):
+        return f"headers must be a map of strings, not {type(headers).__name__}"
+    size = 0
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            return f"headers must map strings to strings; {name!r} does not"
+        problem = _text_problem("header name", name) or _text_problem(f"header {name!r}", value)
+        if problem:
+            return problem
+        size += len(name) + len(value)
+    if size > MAX_HEADERS_BYTES:  # characters <= bytes: exact check only when close
+        size = sum(len(n.encode()) + len(v.encode()) for n, v in headers.items())
+        if size > MAX_HEADERS_BYTES:
+            return f"headers of {size} bytes exceed {MAX_HEADERS_BYTES}"
+    return None
+
+
+def json_problem(payload: bytes) -> str | None:
+    """Why ``payload`` is not JSON text PostgreSQL's ``jsonb`` accepts, or None.
+
+    The common case costs one C-speed parse; the slower checks (depth, NUL,
+    huge numbers) run only when a cheap scan says they might apply.
+    """
+    if payload.count(b"[") + payload.count(b"{") > MAX_JSON_DEPTH:
+        depth = _json_depth(payload)
+        if depth > MAX_JSON_DEPTH:
+            return f"JSON nested {depth} deep; at most {MAX_JSON_DEPTH}"
+    try:
+        value = _json_plain.decode(payload)
+    except msgspec.ValidationError:  # a number beyond float: jsonb (numeric) may take it
+        try:
+            value = _json_decimal.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+            return f"invalid JSON: {exc}"
+        problem = _numbers_problem(value)
+        if problem:
+            return problem
+    except msgspec.DecodeError as exc:
+        return f"invalid JSON: {exc}"
+    except RecursionError:
+        return f"JSON nested deeper than this process can parse (limit {MAX_JSON_DEPTH})"
+    if b"\\u0000" in payload and _has_nul(value):
+        return "JSON text contains \\u0000, which PostgreSQL jsonb cannot store"
+    return None
+
+
+def record_problem(rec: Record, *, max_payload_bytes: int | None = None) -> str | None:
+    """Why ``rec`` cannot be stored, or None when it can."""
+    problem = ts_problem(rec.ts)
+    if problem:
+        return problem
+    if rec.ct not in (CT_RAW, CT_JSON):
+        return f"unknown content type {rec.ct} (0 = bytes, 1 = JSON)"
+    if max_payload_bytes is not None and len(rec.payload) > max_payload_bytes:
+        return f"payload of {len(rec.payload)} bytes exceeds {max_payload_bytes}"
+    if rec.ct == CT_JSON:
+        problem = json_problem(rec.payload)
+        if problem:
+            return problem
+    return key_problem(rec.key) or headers_problem(rec.headers)
+
+
+def record_problems(records: Iterable[Record]) -> list[tuple[int, str]]:
+    """``(index, reason)`` of every record that cannot be stored."""
+    found = []
+    for i, rec in enumerate(records):
+        problem = record_problem(rec)
+        if problem:
+            found.append((i, problem))
+    return found
+
+
+def check_records(records: Iterable[Record]) -> None:
+    """Raise :class:`InvalidRecords` naming every record that cannot be stored."""
+    problems = record_problems(records)
+    if problems:
+        raise InvalidRecords(problems)
+
+
+def _text_problem(what: str, text: str) -> str | None:
+    if "\x00" in text:
+        return f"{what} contains NUL (\\x00), which PostgreSQL text cannot store"
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return f"{what} is not valid Unicode (lone surrogate)"
+    return None
+
+
+def _json_depth(payload: bytes) -> int:
+    """Deepest array/object nesting of ``payload``, outside strings (rarely needed)."""
+    depth = deepest = 0
+    for token in _TOKENS.finditer(payload):
+        char = token.group()[0]
+        if char in _OPEN:
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in _CLOSE:
+            depth -= 1
+    return deepest
+
+
+def _has_nul(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                if "\x00" in k:
+                    return True
+                stack.append(v)
+    return False
+
+
+def _numbers_problem(value: Any) -> str | None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Decimal):
+            exp = item.adjusted()
+            if not _NUMERIC_MIN_EXP <= exp <= _NUMERIC_MAX_EXP:
+                return f"JSON number {item:.3e} is beyond what PostgreSQL numeric holds"
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+    return None

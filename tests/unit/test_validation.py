@@ -1,0 +1,109 @@
+"""The shared record validator: exactly what the cloud stores, a reason for the rest;
+and the SDK's publish-time checks built on it."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.errors import InvalidInput, InvalidRecords
+from broker.protocol.ingress import check_headers, check_key, encode_payload, to_ts_us
+from broker.protocol.validation import (
+    MAX_JSON_DEPTH,
+    MAX_TS_US,
+    MIN_TS_US,
+    check_records,
+    json_problem,
+    record_problem,
+)
+from broker.protocol.wire import CT_JSON, CT_RAW, Record
+
+
+def test_the_ts_bounds_are_the_first_and_last_microsecond_of_four_digit_years() -> None:
+    assert datetime.fromtimestamp(MIN_TS_US / 1e6, UTC).year == 1
+    assert to_ts_us(datetime(9999, 12, 31, 23, 59, 59, 999999, UTC)) == MAX_TS_US
+    assert to_ts_us(datetime(1, 1, 1, tzinfo=UTC)) == MIN_TS_US
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        (Record(MIN_TS_US - 1, CT_RAW, b""), "outside 0001-01-01"),
+        (Record(MAX_TS_US + 1, CT_RAW, b""), "outside 0001-01-01"),
+        (Record(-(2**63), CT_RAW, b""), "outside"),
+        (Record(0, 5, b""), "unknown content type"),
+        (Record(0, CT_JSON, b'{"a": "\\u0000"}'), "\\\\u0000"),
+        (Record(0, CT_JSON, b'["\\ud800"]'), "invalid JSON"),
+        (Record(0, CT_JSON, b"{"), "invalid JSON"),
+        (Record(0, CT_JSON, b"\xff"), "invalid JSON"),
+        (Record(0, CT_JSON, b"NaN"), "invalid JSON"),
+        (Record(0, CT_JSON, b"1e200000"), "numeric"),
+        (Record(0, CT_JSON, b"[" * 1000 + b"]" * 1000), "nested 1000 deep"),
+        (Record(0, CT_RAW, b"", "a\x00b"), "key contains NUL"),
+        (Record(0, CT_RAW, b"", "x" * 1025), "exceeds 1024"),
+        (Record(0, CT_RAW, b"", None, {"h": "\x00"}), "NUL"),
+        (Record(0, CT_RAW, b"", None, {"h": "x" * 70_000}), "exceed"),
+    ],
+)
+def test_each_rule_refuses_with_its_reason(record: Record, reason: str) -> None:
+    problem = record_problem(record)
+    assert problem is not None and re.search(reason, problem), problem
+
+
+STRINGS_OF_BRACKETS = b"[" + b",".join([b'"' + b"[" * 64 + b'\\"{"'] * 10) + b"]"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"1e400", b'"\\\\u0000"', b'{"a": [1, {"b": null}]}', b"[" * MAX_JSON_DEPTH + b"]" *
+     MAX_JSON_DEPTH, STRINGS_OF_BRACKETS,
+     '"é😀"'.encode()],
+)
+def test_what_jsonb_stores_passes(payload: bytes) -> None:
+    """Huge numbers (jsonb numbers are numeric), an escaped backslash before u0000,
+    nesting at the limit and brackets inside strings are all fine."""
+    assert json_problem(payload) is None
+
+
+@given(st.binary(max_size=200))
+@settings(max_examples=300)
+def test_json_checks_are_total(data: bytes) -> None:
+    """Whatever the bytes: a reason or None, never an exception."""
+    assert json_problem(data) is None or json_problem(data)
+
+
+def test_check_records_lists_every_bad_index() -> None:
+    good = Record(0, CT_JSON, b"1")
+    with pytest.raises(InvalidRecords) as caught:
+        check_records([good, Record(0, CT_JSON, b"{"), good, Record(MAX_TS_US + 1, 0, b"")])
+    assert [i for i, _ in caught.value.problems] == [1, 3]
+
+
+@pytest.mark.parametrize(
+    ("call", "fragment"),
+    [
+        (lambda: to_ts_us(1e13), "storable range"),
+        (lambda: to_ts_us(-9_223_000_000_000), "storable range"),
+        (lambda: check_key("a\x00"), "NUL"),
+        (lambda: check_key("\ud800"), "surrogate"),
+        (lambda: check_headers({"a": "\x00"}), "NUL"),
+        (lambda: encode_payload({"a": "x\x00"}), "u0000"),
+        (lambda: encode_payload(_nested(300)), "nested"),
+    ],
+)
+def test_the_sdk_refuses_at_publish_what_the_cloud_would_refuse(
+    call: object, fragment: str
+) -> None:
+    with pytest.raises(InvalidInput, match=fragment):
+        call()  # type: ignore[operator]
+
+
+def _nested(depth: int) -> list[object]:
+    value: list[object] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
