@@ -82,6 +82,9 @@ class Ingest:
                 consumer=self.settings.consumer, fetch_batch=self.settings.fetch_batch,
                 fetch_timeout_s=self.settings.fetch_timeout_s,
                 ack_wait_s=self.settings.ack_wait_s, workers=self.settings.workers,
+                group_max_records=self.settings.group_max_records,
+                group_max_bytes=self.settings.group_max_bytes,
+                group_max_messages=self.settings.group_max_messages,
                 db_retry_max_s=self.settings.db_retry_max_s, metrics=self.metrics,
                 on_committed=self.watermarks.note,
             )
