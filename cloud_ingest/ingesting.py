@@ -325,8 +325,14 @@ class RecordsConsumer:
         while True:
             try:
                 got = await sub.fetch(ask, timeout=self._fetch_timeout)
-            except (FetchTimeoutError, nats.errors.TimeoutError):
+            except (FetchTimeoutError, nats.errors.TimeoutError, TimeoutError):
+                # nats-py also raises the bare (asyncio) TimeoutError when its pull
+                # request expired with nothing delivered: an empty fetch, not a failure.
                 return msgs
+            except Exception:
+                if msgs:
+                    return msgs  # a group in hand is written now, not left to ack_wait
+                raise
             msgs.extend(got)
             for m in got:
                 records += _records_hint(m)
