@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.protocol.tokens import TOKEN_PATTERN, validate_token
+from broker.protocol.topology import RECORDS_MAX_AGE_S, RECORDS_MAX_BYTES
 
 __all__ = [
     "ApiSettings",
@@ -45,6 +46,17 @@ class NatsSettings(BaseModel):
         5.0, gt=0, description="Seconds to wait for a JetStream publish ack before retrying."
     )
     replicas: int = Field(1, ge=1, le=5, description="Replicas of the streams we create.")
+    records_max_bytes: int = Field(
+        RECORDS_MAX_BYTES, ge=1024,
+        description="Byte cap of the records stream (ES_RECORDS; 10 GiB); the oldest batches "
+        "are discarded past it and the edges retransmit what was not yet committed. Size it "
+        "as records/s x bytes/record x the ingest outage to ride out (docs/scaling.md).",
+    )
+    records_max_age_s: float = Field(
+        RECORDS_MAX_AGE_S, gt=0,
+        description="Seconds the records stream keeps a batch (1 day); the edge keeps every "
+        "record until PostgreSQL commits it, so this only bounds the disk.",
+    )
 
 
 class StreamPolicy(BaseModel):

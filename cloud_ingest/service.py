@@ -48,7 +48,11 @@ class Ingest:
     def __init__(self, settings: IngestSettings, nats_settings: NatsSettings) -> None:
         self.settings = settings
         self.nats_settings = nats_settings
-        self.topology = Topology(prefix=nats_settings.prefix, replicas=nats_settings.replicas)
+        self.topology = Topology(
+            prefix=nats_settings.prefix, replicas=nats_settings.replicas,
+            records_max_bytes=nats_settings.records_max_bytes,
+            records_max_age_s=nats_settings.records_max_age_s,
+        )
         self.metrics = IngestMetrics()
         self._nc: NATS | None = None
         self._pool: asyncpg.Pool | None = None
