@@ -6,7 +6,8 @@ status, see the edges.
 | ``POST /v1/edges/{edge}/commands``     | issue a command: 202 with its id            |
 | ``GET  /v1/commands/{id}``             | one command, its lifecycle and its history  |
 | ``GET  /v1/edges/{edge}/commands``     | an edge's commands (``?status=``)           |
-| ``GET  /v1/edges``                     | edges: last seen, online, backlog, version  |
+| ``GET  /v1/edges``                     | edges, paged (``?after=&limit=``), filtered |
+|                                        | (``?state=online|offline|lagging``)         |
 | ``GET  /healthz``, ``/readyz``, ``/metrics``, ``/docs``, ``/openapi.json`` |       |
 
 Issuing a command: validate the spec (422 with a message), check the edge is
@@ -387,12 +388,25 @@ class Api:
             " ORDER BY issued_at DESC LIMIT $3", edge, status, limit)
         return [_command(r) for r in rows]
 
-    async def list_edges(self) -> list[dict[str, Any]]:
+    async def list_edges(self, *, state: str | None = None, after: str | None = None,
+                         limit: int = 1000, lagging_after_s: float = 60.0
+                         ) -> list[dict[str, Any]]:
+        """One page of edges in id order, after the edge id ``after`` (keyset
+        pagination: a page costs the same at any depth), optionally only those
+        ``online``, ``offline`` or ``lagging`` (online, oldest unshipped record older
+        than ``lagging_after_s``)."""
         rows = await self._db().fetch(
             "SELECT edge_id, version, last_seen,"
             " extract(epoch FROM now() - last_seen)::float8 AS ago, buffer_records,"
             " buffer_bytes, unshipped_records, oldest_unshipped_age_s, disk_bytes, dropped"
-            " FROM edges ORDER BY edge_id")
+            " FROM edges WHERE ($1::text IS NULL OR edge_id > $1) AND CASE $2::text"
+            "  WHEN 'online' THEN last_seen > now() - make_interval(secs => $3)"
+            "  WHEN 'offline' THEN last_seen <= now() - make_interval(secs => $3)"
+            "  WHEN 'lagging' THEN last_seen > now() - make_interval(secs => $3)"
+            "   AND oldest_unshipped_age_s > $4"
+            "  ELSE true END"
+            " ORDER BY edge_id LIMIT $5",
+            after, state, self.settings.edge_offline_after_s, lagging_after_s, limit)
         return [{
             "edge": r["edge_id"], "version": r["version"], "last_seen": r["last_seen"],
             "seconds_since_seen": max(0.0, r["ago"]),
@@ -604,9 +618,24 @@ def create_app(api: Api) -> FastAPI:
 
     @app.get("/v1/edges", response_model=list[EdgeOut], dependencies=[Depends(require_read)],
              tags=["edges"])
-    async def list_edges() -> list[dict[str, Any]]:
-        """Every edge that has reported: last seen, online or not, backlog, version."""
-        return await api.list_edges()
+    async def list_edges(
+        response: Response,
+        state: Annotated[Literal["online", "offline", "lagging"] | None, Query(
+            description="Only edges in this state; lagging = online with its oldest "
+                        "unshipped record older than lagging_after_s.")] = None,
+        after: Annotated[str | None, Query(
+            description="Page after this edge id (the X-Next-After of the last page).")]
+        = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+        lagging_after_s: Annotated[float, Query(ge=0)] = 60.0,
+    ) -> list[dict[str, Any]]:
+        """Edges that have reported, in id order, a page at a time: last seen, online or
+        not, backlog, version. A full page carries ``X-Next-After``: pass it as ``after``."""
+        edges = await api.list_edges(state=state, after=after, limit=limit,
+                                     lagging_after_s=lagging_after_s)
+        if len(edges) == limit:
+            response.headers["X-Next-After"] = edges[-1]["edge"]
+        return edges
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
