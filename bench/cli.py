@@ -100,6 +100,7 @@ async def _run(args: argparse.Namespace, profile: Profile, argv: Sequence[str] |
     }
     try:
         async with EmbeddedPostgres(workdir / "pg", ephemeral=True, fsync=args.pg_fsync,
+                                    start_timeout=60.0,  # a busy shared machine starts slowly
                                     synchronous_commit=True) as postgres:
             meta["machine"] = machine_info()
             meta["cores_shared_by"] = (
