@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--service-env", action="append", default=[], metavar="NAME=VALUE",
                         help="an EDGESYNC_* setting for every bridge and ingest process "
                              "(repeatable), to measure a setting beside the baselines")
+    parser.add_argument("--pg-fsync", action="store_true",
+                        help="run PostgreSQL with fsync=on (production) instead of the embedded "
+                             "default fsync=off; the results record which")
     parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                         help="sample every service process and the driver with py-spy "
                              "(collapsed stacks, one file each) into DIR")
@@ -93,9 +96,11 @@ async def _run(args: argparse.Namespace, profile: Profile, argv: Sequence[str] |
         "started_at": started_at.isoformat(timespec="seconds"),
         "sizes": _sizes(profile),
         "service_env": dict(item.split("=", 1) for item in args.service_env),
+        "postgres_fsync": bool(args.pg_fsync),
     }
     try:
-        async with EmbeddedPostgres(workdir / "pg", ephemeral=True,
+        async with EmbeddedPostgres(workdir / "pg", ephemeral=True, fsync=args.pg_fsync,
+                                    start_timeout=60.0,  # a busy shared machine starts slowly
                                     synchronous_commit=True) as postgres:
             meta["machine"] = machine_info()
             meta["cores_shared_by"] = (

@@ -30,6 +30,19 @@ class Profile:
     footprint_records: int
     footprint_idle_s: float
     wire_records: int
+    fleet_sizes: tuple[int, ...]
+    """Simulated edges of each live-fleet run (scenario 7)."""
+    fleet_drain_records: int
+    """Records pre-loaded for the fan-in and bulk drains."""
+    fleet_drain_edges: int
+    """Edges (x 2 streams) the fan-in drain's records come from."""
+    fleet_drain_batch: int
+    """Records per fleet batch (linger-driven: a few records/s per edge)."""
+    fleet_rate: float
+    """Records/s the live fleet offers in all, however many edges."""
+    fleet_load_s: float
+    fleet_idle_s: float
+    fleet_commands: int
 
 
 PROFILES: dict[str, Profile] = {
@@ -39,6 +52,9 @@ PROFILES: dict[str, Profile] = {
         publish_wait_records=20_000, publish_async_records=300_000, latency_rate=10_000,
         latency_warmup_s=3, latency_seconds=20, backlog_sizes=(200_000, 2_000_000),
         footprint_records=300_000, footprint_idle_s=5, wire_records=50_000,
+        fleet_sizes=(1_000, 10_000), fleet_drain_records=400_000, fleet_drain_edges=2_000,
+        fleet_drain_batch=10, fleet_rate=10_000, fleet_load_s=20, fleet_idle_s=30,
+        fleet_commands=50,
     ),
     "quick": Profile(
         name="quick", ingest_records=100_000, ceiling_group=10_000, naive_records=4_000,
@@ -46,6 +62,9 @@ PROFILES: dict[str, Profile] = {
         publish_wait_records=3_000, publish_async_records=50_000, latency_rate=10_000,
         latency_warmup_s=2, latency_seconds=6, backlog_sizes=(20_000, 200_000),
         footprint_records=50_000, footprint_idle_s=3, wire_records=20_000,
+        fleet_sizes=(200,), fleet_drain_records=100_000, fleet_drain_edges=2_000,
+        fleet_drain_batch=10, fleet_rate=5_000, fleet_load_s=8, fleet_idle_s=10,
+        fleet_commands=20,
     ),
     "smoke": Profile(
         name="smoke", ingest_records=6_000, ceiling_group=2_000, naive_records=300,
@@ -53,5 +72,8 @@ PROFILES: dict[str, Profile] = {
         publish_wait_records=200, publish_async_records=2_000, latency_rate=2_000,
         latency_warmup_s=0.5, latency_seconds=1.0, backlog_sizes=(2_000, 6_000),
         footprint_records=3_000, footprint_idle_s=0.5, wire_records=4_000,
+        fleet_sizes=(20,), fleet_drain_records=3_000, fleet_drain_edges=50,
+        fleet_drain_batch=10, fleet_rate=1_000, fleet_load_s=2, fleet_idle_s=2,
+        fleet_commands=3,
     ),
 }

@@ -131,7 +131,8 @@ def markdown(results: list[ScenarioResult], meta: dict[str, Any]) -> str:
         f"{machine.get('postgres', 'postgres ?')}.",
         "",
         f"Code: {machine.get('code', '?')}. "
-        f"Service settings beyond the defaults: {meta.get('service_env') or 'none'}.",
+        f"Service settings beyond the defaults: {meta.get('service_env') or 'none'}. "
+        f"PostgreSQL fsync: {'on' if meta.get('postgres_fsync') else 'off (embedded default)'}.",
         "",
         "| scenario | measurement | value | note |",
         "| --- | --- | --- | --- |",

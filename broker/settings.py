@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.protocol.tokens import TOKEN_PATTERN, validate_token
+from broker.protocol.topology import RECORDS_MAX_AGE_S, RECORDS_MAX_BYTES
 from broker.protocol.wire import MAX_BATCH_BYTES, MAX_BATCH_RECORDS
 
 __all__ = [
@@ -46,6 +47,17 @@ class NatsSettings(BaseModel):
         5.0, gt=0, description="Seconds to wait for a JetStream publish ack before retrying."
     )
     replicas: int = Field(1, ge=1, le=5, description="Replicas of the streams we create.")
+    records_max_bytes: int = Field(
+        RECORDS_MAX_BYTES, ge=1024,
+        description="Byte cap of the records stream (ES_RECORDS; 10 GiB); the oldest batches "
+        "are discarded past it and the edges retransmit what was not yet committed. Size it "
+        "as records/s x bytes/record x the ingest outage to ride out (docs/scaling.md).",
+    )
+    records_max_age_s: float = Field(
+        RECORDS_MAX_AGE_S, gt=0,
+        description="Seconds the records stream keeps a batch (1 day); the edge keeps every "
+        "record until PostgreSQL commits it, so this only bounds the disk.",
+    )
 
 
 class StreamPolicy(BaseModel):
@@ -225,14 +237,35 @@ class IngestSettings(BaseModel):
         8,
         ge=1,
         le=10_000,
-        description="Most messages (batches) per fetch = per transaction; small groups let "
-        "the workers overlap (measured: 8 beats 64 by ~1.5x).",
+        description="Messages (batches) the first fetch of a group asks for; a group then "
+        "grows by further fetches while a backlog is waiting, up to the group_max_* "
+        "budgets (8 shipper-sized batches already fill group_max_records).",
+    )
+    group_max_records: int = Field(
+        16_000,
+        ge=1,
+        description="Records per group = per transaction; groups are sized by work, so "
+        "a fleet's 10-record batches commit as much per transaction as one edge's "
+        "2,000-record batches (16,000 = the 8 shipper batches per transaction measured best).",
+    )
+    group_max_bytes: int = Field(
+        8 * 1024**2,
+        ge=1024,
+        description="Message bytes per group (as received, compressed or not); bounds "
+        "the memory a group holds.",
+    )
+    group_max_messages: int = Field(
+        1_000,
+        ge=1,
+        le=20_000,
+        description="Messages (batches) per group; bounds the acks per transaction, "
+        "below the consumer's max_ack_pending (20,000) shared by all workers.",
     )
     fetch_timeout_s: float = Field(
         0.02,
         gt=0,
-        description="Seconds a fetch waits to fill a group when fewer messages are ready; "
-        "bounds the latency a trickle of records sees.",
+        description="Seconds a group waits to fill when fewer messages are ready; bounds "
+        "the latency a trickle of records sees.",
     )
     ack_wait_s: float = Field(
         30.0, gt=0, description="Seconds before JetStream redelivers an unacked batch."

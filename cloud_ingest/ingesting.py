@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -85,6 +87,9 @@ class RecordsConsumer:
         fetch_batch: int,
         fetch_timeout_s: float,
         ack_wait_s: float,
+        group_max_records: int = 16_000,
+        group_max_bytes: int = 8 * 1024**2,
+        group_max_messages: int = 1_000,
         workers: int,
         db_retry_max_s: float,
         metrics: IngestMetrics,
@@ -100,6 +105,7 @@ class RecordsConsumer:
         self._consumer = consumer
         self._fetch_batch = fetch_batch
         self._fetch_timeout = fetch_timeout_s
+        self._budget = _GroupBudget(group_max_messages, group_max_records, group_max_bytes)
         self._ack_wait = ack_wait_s
         self._workers = workers
         self._db_retry_max = db_retry_max_s
@@ -141,13 +147,7 @@ class RecordsConsumer:
         failures = 0
         while not self._stopping:
             try:
-                # nats-py first takes what is available at once (no_wait), else waits up
-                # to the timeout for a group: a short timeout bounds a trickle's latency.
-                # (Do not chain fetches with tiny timeouts: a timeout that races a
-                # delivery can drop that message until JetStream redelivers it.)
-                msgs = await sub.fetch(self._fetch_batch, timeout=self._fetch_timeout)
-            except (FetchTimeoutError, nats.errors.TimeoutError, TimeoutError):
-                continue  # an idle consumer: nothing to fetch is not a failure
+                msgs = await self._fetch_group(sub)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # NATS down or reconnecting: nats-py heals the link
@@ -167,6 +167,45 @@ class RecordsConsumer:
                 log.exception("group_abandoned", messages=len(msgs),
                               error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(1.0)
+
+    async def _fetch_group(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
+        """One group, sized by work: records and bytes, with a message cap.
+
+        The first fetch asks for ``fetch_batch`` messages: nats-py takes what is
+        available at once (no_wait), else waits up to the fill timeout. Only while a
+        backlog is evident (the last fetch came back full) does the group grow by
+        further fetches, each asking for what the budget has left at the records and
+        bytes per message seen so far, so that a fleet's 10-record batches fill a
+        transaction as one edge's 2,000-record batches do. Those fetches return at
+        once from the backlog; a trickle never chains fetches. (Chaining fetches with
+        tiny timeouts on a trickle is what once let a timeout race a delivery and
+        strand a message until JetStream redelivered it.)
+        """
+        budget = self._budget
+        started = time.monotonic()
+        msgs: list[Msg] = []
+        records = nbytes = 0
+        ask = min(self._fetch_batch, budget.messages)
+        while True:
+            try:
+                got = await sub.fetch(ask, timeout=self._fetch_timeout)
+            except (FetchTimeoutError, nats.errors.TimeoutError, TimeoutError):
+                # nats-py also raises the bare (asyncio) TimeoutError when its pull
+                # request expired with nothing delivered: an empty fetch, not a failure.
+                return msgs
+            except Exception:
+                if msgs:
+                    return msgs  # a group in hand is written now, not left to ack_wait
+                raise
+            msgs.extend(got)
+            for m in got:
+                records += _records_hint(m)
+                nbytes += len(m.data)
+            if (len(got) < ask or time.monotonic() - started > self._fetch_timeout
+                    or len(msgs) >= budget.messages or records >= budget.records
+                    or nbytes >= budget.bytes):
+                return msgs
+            ask = budget.next_ask(len(msgs), records, nbytes)
 
     async def _handle_group(self, msgs: list[Msg]) -> None:
         """Decode ``msgs`` one by one and write them in parts within the memory budget."""
@@ -259,6 +298,43 @@ class RecordsConsumer:
         metrics.dead_lettered_records.inc(result.dead_lettered_records)
         log.debug("records_committed", batches=result.batches, records=result.records,
                   inserted=result.inserted, dead_letters=result.dead_letters)
+
+
+@dataclass(frozen=True, slots=True)
+class _GroupBudget:
+    """How much work one group (one transaction) may carry."""
+
+    messages: int
+    records: int
+    bytes: int
+
+    def next_ask(self, msgs: int, records: int, nbytes: int) -> int:
+        """Messages to fetch next so that the group reaches, but does not overshoot,
+        its budget at the records and bytes per message seen so far."""
+        per_msg_records = max(1.0, records / msgs)
+        per_msg_bytes = max(1.0, nbytes / msgs)
+        return max(1, min(
+            self.messages - msgs,
+            math.ceil((self.records - records) / per_msg_records),
+            math.ceil((self.bytes - nbytes) / per_msg_bytes),
+        ))
+
+
+def _records_hint(msg: Msg) -> int:
+    """Records a batch message carries, read from its ``Nats-Msg-Id``
+    (``<edge>.<stream>.<epoch>.<first>-<last>[.r<n>]``) without decoding the body;
+    1 if it has none (the budget then counts it by its bytes and as one message)."""
+    headers = msg.headers
+    if not headers:
+        return 1
+    parts = headers.get("Nats-Msg-Id", "").split(".")
+    if len(parts) < 4:
+        return 1
+    first, _, last = parts[3].partition("-")
+    try:
+        return max(1, int(last) - int(first) + 1)
+    except ValueError:
+        return 1
 
 
 async def _quietly(aw: Any) -> None:

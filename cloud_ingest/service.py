@@ -55,7 +55,11 @@ class Ingest(Service):
         super().__init__()
         self.settings = settings
         self.nats_settings = nats_settings
-        self.topology = Topology(prefix=nats_settings.prefix, replicas=nats_settings.replicas)
+        self.topology = Topology(
+            prefix=nats_settings.prefix, replicas=nats_settings.replicas,
+            records_max_bytes=nats_settings.records_max_bytes,
+            records_max_age_s=nats_settings.records_max_age_s,
+        )
         self.metrics = IngestMetrics()
         self._nc: NATS | None = None
         self._pool: asyncpg.Pool | None = None
@@ -85,6 +89,9 @@ class Ingest(Service):
             ack_wait_s=self.settings.ack_wait_s, workers=self.settings.workers,
             db_retry_max_s=self.settings.db_retry_max_s, metrics=self.metrics,
             group_budget_bytes=self.settings.group_budget_bytes,
+            group_max_records=self.settings.group_max_records,
+            group_max_bytes=self.settings.group_max_bytes,
+            group_max_messages=self.settings.group_max_messages,
             on_committed=self.watermarks.note,
         )
         await self.consumer.ensure_consumer()

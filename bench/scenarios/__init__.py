@@ -1,4 +1,4 @@
-"""The six scenarios, in the order they run; each module's docstring says what it measures."""
+"""The seven scenarios, in the order they run; each module's docstring says what it measures."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from bench.data import Pool
 from bench.env import BenchEnv
 from bench.profiles import Profile
 from bench.results import ScenarioResult
-from bench.scenarios import backlog, edge_path, footprint, ingest, latency, wire
+from bench.scenarios import backlog, edge_path, fleet, footprint, ingest, latency, wire
 
 __all__ = ["SCENARIOS", "Scenario"]
 
@@ -25,5 +25,5 @@ class Scenario:
 
 SCENARIOS: tuple[Scenario, ...] = tuple(
     Scenario(module.KEY, module.TITLE, module.run)
-    for module in (ingest, edge_path, latency, backlog, footprint, wire)
+    for module in (ingest, edge_path, latency, backlog, footprint, wire, fleet)
 )

@@ -21,9 +21,16 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from broker.protocol.tokens import validate_token
 
-__all__ = ["Topology"]
+__all__ = ["RECORDS_MAX_AGE_S", "RECORDS_MAX_BYTES", "Topology"]
 
 log = structlog.get_logger(__name__)
+
+RECORDS_MAX_BYTES = 10 * 1024**3
+"""Default byte cap of ``ES_RECORDS``. The stream only needs what PostgreSQL has not
+committed yet (the edge keeps every record until then and retransmits what the
+stream discarded), so it is bounded: sizing rule in ``docs/scaling.md``."""
+RECORDS_MAX_AGE_S = 24 * 3600.0
+"""Default age cap of ``ES_RECORDS``: a day covers an ingest outage of a night."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,10 +38,11 @@ class Topology:
     """Subject and stream names under one prefix."""
 
     prefix: str = "es"
-    records_max_age_s: float = 7 * 24 * 3600.0
+    records_max_age_s: float = RECORDS_MAX_AGE_S
     """How long JetStream keeps record batches; the edge keeps them until committed anyway."""
-    records_max_bytes: int = -1
-    """Byte cap of ``ES_RECORDS`` (-1: unlimited, bounded by max age)."""
+    records_max_bytes: int = RECORDS_MAX_BYTES
+    """Byte cap of ``ES_RECORDS``; past it the oldest batches are discarded (the edges
+    retransmit what was discarded before PostgreSQL committed it)."""
     duplicate_window_s: float = 300.0
     """JetStream's ``Nats-Msg-Id`` de-duplication window for record batches."""
     replicas: int = 1

@@ -6,7 +6,8 @@ status, see the edges.
 | ``POST /v1/edges/{edge}/commands``     | issue a command: 202 with its id            |
 | ``GET  /v1/commands/{id}``             | one command, its lifecycle and its history  |
 | ``GET  /v1/edges/{edge}/commands``     | an edge's commands (``?status=``)           |
-| ``GET  /v1/edges``                     | edges: last seen, online, backlog, version  |
+| ``GET  /v1/edges``                     | edges, paged (``?after=&limit=``), filtered |
+|                                        | (``?state=online|offline|lagging``)         |
 | ``GET  /v1/dead-letters[/{id}]``, ``POST /v1/dead-letters/{id}/replay`` | dead letters: |
 |                                        | list, show, replay (:mod:`cloud_ingest.dead_letters`) |
 | ``GET  /healthz``, ``/readyz``, ``/metrics``, ``/docs``, ``/openapi.json`` |       |

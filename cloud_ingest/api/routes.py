@@ -8,7 +8,7 @@ Every refusal is an :class:`~broker.errors.EdgesyncError` turned into JSON
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import structlog
 from fastapi import Depends, FastAPI, Header, Query, Request
@@ -133,9 +133,24 @@ def create_app(api: Api) -> FastAPI:
 
     @app.get("/v1/edges", response_model=list[EdgeOut], dependencies=[Depends(require_read)],
              tags=["edges"])
-    async def list_edges() -> list[dict[str, Any]]:
-        """Every edge that has reported: last seen, online or not, backlog, version."""
-        return await api.list_edges()
+    async def list_edges(
+        response: Response,
+        state: Annotated[Literal["online", "offline", "lagging"] | None, Query(
+            description="Only edges in this state; lagging = online with its oldest "
+                        "unshipped record older than lagging_after_s.")] = None,
+        after: Annotated[str | None, Query(
+            description="Page after this edge id (the X-Next-After of the last page).")]
+        = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+        lagging_after_s: Annotated[float, Query(ge=0)] = 60.0,
+    ) -> list[dict[str, Any]]:
+        """Edges that have reported, in id order, a page at a time: last seen, online or
+        not, backlog, version. A full page carries ``X-Next-After``: pass it as ``after``."""
+        edges = await api.list_edges(state=state, after=after, limit=limit,
+                                     lagging_after_s=lagging_after_s)
+        if len(edges) == limit:
+            response.headers["X-Next-After"] = edges[-1]["edge"]
+        return edges
 
     app.include_router(dead_letter_routes(
         api._db, read=Depends(require_read), write=Depends(require_token)))

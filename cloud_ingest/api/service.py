@@ -224,12 +224,25 @@ class Api(Service):
             limit)
         return [_command(r) for r in rows]
 
-    async def list_edges(self) -> list[dict[str, Any]]:
+    async def list_edges(self, *, state: str | None = None, after: str | None = None,
+                         limit: int = 1000, lagging_after_s: float = 60.0
+                         ) -> list[dict[str, Any]]:
+        """One page of edges in id order, after the edge id ``after`` (keyset
+        pagination: a page costs the same at any depth), optionally only those
+        ``online``, ``offline`` or ``lagging`` (online, oldest unshipped record older
+        than ``lagging_after_s``)."""
         rows = await self._db().fetch(
             "SELECT edge_id, version, last_seen,"
             " extract(epoch FROM now() - last_seen)::float8 AS ago, buffer_records,"
             " buffer_bytes, unshipped_records, oldest_unshipped_age_s, disk_bytes, dropped"
-            " FROM edges ORDER BY edge_id")
+            " FROM edges WHERE ($1::text IS NULL OR edge_id > $1) AND CASE $2::text"
+            "  WHEN 'online' THEN last_seen > now() - make_interval(secs => $3)"
+            "  WHEN 'offline' THEN last_seen <= now() - make_interval(secs => $3)"
+            "  WHEN 'lagging' THEN last_seen > now() - make_interval(secs => $3)"
+            "   AND oldest_unshipped_age_s > $4"
+            "  ELSE true END"
+            " ORDER BY edge_id LIMIT $5",
+            after, state, self.settings.edge_offline_after_s, lagging_after_s, limit)
         return [{
             "edge": r["edge_id"], "version": r["version"], "last_seen": r["last_seen"],
             "seconds_since_seen": max(0.0, r["ago"]),

@@ -270,7 +270,8 @@ async def test_a_high_priority_stream_overtakes_a_low_priority_backlog(
         await publish(bridge.url, "alarms", 500)
         await nats_server.restart()
         # One worker, one batch per transaction: commit order is stream order.
-        async with running_ingest(pg_dsn, nats_server.url, workers=1, fetch_batch=1):
+        async with running_ingest(pg_dsn, nats_server.url, workers=1, fetch_batch=1,
+                                  group_max_messages=1):
             await wait_for_records(pg_dsn, 40_500, timeout=90)
     conn = await asyncpg.connect(pg_dsn)
     try:
