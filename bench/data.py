@@ -34,6 +34,7 @@ from edge_bridge.buffering import RECORD_OVERHEAD_BYTES
 __all__ = [
     "EDGE",
     "EPOCH",
+    "POOL_SIZE",
     "SEED",
     "STREAM",
     "JsonRecord",

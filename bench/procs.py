@@ -30,7 +30,9 @@ from broker.runtime.children import (
 )
 
 __all__ = [
+    "OTHER",
     "CpuMeter",
+    "MachineCpu",
     "MeasuredService",
     "PostgresCpu",
     "ProcessCpu",

@@ -68,7 +68,23 @@ from cloud_ingest.command_status import expire_overdue
 from cloud_ingest.pooling import close_pool, connect_pool
 from cloud_ingest.schema import migrate
 
-__all__ = ["Api", "create_app", "run"]
+__all__ = [
+    "Api",
+    "ApiMetrics",
+    "BridgeConfigureRequest",
+    "CommandAccepted",
+    "CommandEventOut",
+    "CommandOut",
+    "CommandRequest",
+    "ConfigMapPatchRequest",
+    "EdgeOut",
+    "RestartRequest",
+    "ScaleRequest",
+    "SetEnvRequest",
+    "SetImageRequest",
+    "create_app",
+    "run",
+]
 
 log = structlog.get_logger(__name__)
 

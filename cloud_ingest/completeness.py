@@ -18,7 +18,7 @@ from broker.protocol.events import DropMarker
 from cloud_ingest.edge_tracking import AfterCommit
 from cloud_ingest.ranges import merge_ranges
 
-__all__ = ["drop_marker_writer"]
+__all__ = ["Connection", "drop_marker_writer"]
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 

@@ -29,7 +29,7 @@ from broker.protocol.events import Heartbeat, decode_event
 from broker.protocol.topology import Topology
 from cloud_ingest.metrics import IngestMetrics
 
-__all__ = ["AfterCommit", "EdgeTracker", "EventWriter"]
+__all__ = ["AfterCommit", "Connection", "EdgeTracker", "EventWriter"]
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 AfterCommit = Callable[[], None]

@@ -45,7 +45,7 @@ from broker.protocol.wire import CT_JSON, Batch, decode_batch
 from cloud_ingest.metrics import IngestMetrics
 from cloud_ingest.ranges import merge_ranges
 
-__all__ = ["GroupWriter", "RecordsConsumer", "init_connection"]
+__all__ = ["Connection", "GroupResult", "GroupWriter", "RecordsConsumer", "Row", "init_connection"]
 
 log = structlog.get_logger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 import asyncpg
 
-__all__ = ["Span", "Watermark", "merge_ranges"]
+__all__ = ["Connection", "Span", "Watermark", "merge_ranges"]
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 Span = tuple[str, str, int, int, int]

@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel
 
 from broker.backoff import backoff_s
-from broker.errors import EdgesyncError, InvalidInput, TemporaryError
+from broker.errors import CommandRejected, EdgesyncError, InvalidInput, TemporaryError
 from broker.protocol.command_specs import (
     KINDS,
     BridgeConfigure,
@@ -56,7 +56,7 @@ from broker.protocol.command_specs import (
     KubernetesTarget,
     parse_spec,
 )
-from broker.protocol.commands import CommandEnvelope, CommandRejected, OpenedCommand, open_command
+from broker.protocol.commands import CommandEnvelope, OpenedCommand, open_command
 from broker.settings import ControlSettings
 
 __all__ = [

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from broker.protocol.command_specs import BridgeConfigure
     from edge_bridge.commanding import ControlChannel
 
-__all__ = ["Bridge", "run"]
+__all__ = ["SHUTDOWN_DEADLINE_S", "Bridge", "run"]
 
 log = structlog.get_logger(__name__)
 

@@ -50,6 +50,10 @@ from broker.settings import StreamPolicy
 from edge_bridge.salvaging import Salvage, salvage
 
 __all__ = [
+    "CHUNK_MAX_BYTES",
+    "CHUNK_MAX_RECORDS",
+    "DEDUP_WINDOW_S",
+    "RECORD_OVERHEAD_BYTES",
     "AppendResult",
     "Buffer",
     "BufferStats",

@@ -51,15 +51,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel
 
 from broker.backoff import backoff_s
-from broker.errors import ClosedError
+from broker.errors import ClosedError, CommandRejected
 from broker.protocol.command_specs import BridgeConfigure
-from broker.protocol.commands import CommandRejected, OpenedCommand, load_public_keys
+from broker.protocol.commands import OpenedCommand, load_public_keys
 from broker.protocol.events import CommandStatus, encode_event
 from broker.protocol.topology import Topology
 from broker.settings import ControlSettings
 from edge_bridge.applying import Appliers, ApplyFailed, CommandGate, KubernetesApplier
 
-__all__ = ["CONTROL_DB", "ControlChannel", "ControlStore", "Remembered"]
+__all__ = ["CONTROL_DB", "FINAL", "ControlChannel", "ControlMetrics", "ControlStore", "Remembered"]
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")

@@ -30,7 +30,7 @@ from broker.protocol.wire import CT_JSON, CT_RAW, Record
 if TYPE_CHECKING:
     from edge_bridge.bridge import Bridge
 
-__all__ = ["create_app"]
+__all__ = ["MSGPACK_TYPES", "create_app"]
 
 log = structlog.get_logger(__name__)
 

@@ -21,7 +21,7 @@ from bench.env import BenchEnv
 from bench.profiles import Profile
 from bench.results import ScenarioResult
 
-__all__ = ["run"]
+__all__ = ["KEY", "TITLE", "run"]
 
 KEY: Final = "footprint"
 TITLE: Final = "5. footprint"

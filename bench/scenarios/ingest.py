@@ -43,7 +43,17 @@ from broker.protocol.topology import Topology
 from broker.protocol.wire import encode_batch, msg_id
 from cloud_ingest.ingesting import GroupWriter, init_connection
 
-__all__ = ["run"]
+__all__ = [
+    "COLUMNS",
+    "FRAMEWORK_BATCH",
+    "INSERT_ONE",
+    "JSON_STREAM",
+    "JSON_SUBJECT",
+    "KEY",
+    "TITLE",
+    "framework_available",
+    "run",
+]
 
 KEY: Final = "ingest"
 TITLE: Final = "1. ingest JetStream→PostgreSQL"

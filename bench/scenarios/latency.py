@@ -34,7 +34,7 @@ from bench.env import BenchEnv
 from bench.profiles import Profile
 from bench.results import ScenarioResult
 
-__all__ = ["quantiles", "run"]
+__all__ = ["KEY", "POLL_S", "TITLE", "quantiles", "run"]
 
 KEY: Final = "latency"
 TITLE: Final = "3. end-to-end latency"

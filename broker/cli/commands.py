@@ -27,7 +27,29 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["cmd_app", "keys_app"]
+__all__ = [
+    "FINAL",
+    "AsJson",
+    "Key",
+    "Timeout",
+    "Ttl",
+    "Wait",
+    "cmd_app",
+    "configure",
+    "console",
+    "edges",
+    "err_console",
+    "generate",
+    "keys_app",
+    "list_",
+    "patch_configmap",
+    "restart",
+    "scale",
+    "send",
+    "set_env",
+    "set_image",
+    "status",
+]
 
 console = Console()
 err_console = Console(stderr=True)

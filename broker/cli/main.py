@@ -26,7 +26,18 @@ from broker.errors import EdgesyncError
 from broker.logs import configure_logging
 from broker.settings import Settings
 
-__all__ = ["app", "main"]
+__all__ = [
+    "api",
+    "app",
+    "bench",
+    "bridge",
+    "console",
+    "ingest",
+    "main",
+    "settings_cmd",
+    "status",
+    "up",
+]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="edgesync: durable edge-to-cloud sync over NATS JetStream into PostgreSQL.")

@@ -49,7 +49,6 @@ from broker.protocol.tokens import validate_token
 __all__ = [
     "ENVELOPE_VERSION",
     "CommandEnvelope",
-    "CommandRejected",
     "CommandSigner",
     "OpenedCommand",
     "SignedCommand",

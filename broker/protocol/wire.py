@@ -23,6 +23,8 @@ __all__ = [
     "CT_JSON",
     "CT_RAW",
     "ENCODING_HEADER",
+    "MAX_DECOMPRESSED_BYTES",
+    "MAX_KEY_CHARS",
     "MAX_SEQ",
     "WIRE_VERSION",
     "Batch",

@@ -50,7 +50,14 @@ import structlog
 from broker.errors import ClosedError, RuntimeUnavailable
 from broker.runtime.processes import die_with_parent
 
-__all__ = ["EmbeddedPostgres", "find_postgres_bindir", "template_dir_for"]
+__all__ = [
+    "DEFAULT_DATABASE",
+    "DISTRO_ROOT",
+    "INSTALL_HINT",
+    "EmbeddedPostgres",
+    "find_postgres_bindir",
+    "template_dir_for",
+]
 
 log = structlog.get_logger(__name__)
 

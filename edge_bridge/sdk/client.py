@@ -50,7 +50,16 @@ from broker.protocol.ingress import (
 from broker.protocol.tokens import validate_token
 from broker.protocol.wire import CT_RAW, Record
 
-__all__ = ["ClientStats", "EdgeClient", "RecordAck"]
+__all__ = [
+    "BACKOFF_INITIAL_S",
+    "BACKOFF_MAX_S",
+    "MAX_RETRY_TIMEOUT_S",
+    "RECORD_OVERHEAD_BYTES",
+    "RETRY_AFTER_MIN_S",
+    "ClientStats",
+    "EdgeClient",
+    "RecordAck",
+]
 
 log = structlog.get_logger(__name__)
 
