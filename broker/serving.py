@@ -5,11 +5,18 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 import uvicorn
 
-__all__ = ["EmbeddedServer", "embedded_server", "listen_tcp"]
+__all__ = ["HTTP_DRAIN_S", "HTTP_GRACEFUL_S", "EmbeddedServer", "embedded_server", "listen_tcp"]
+
+HTTP_GRACEFUL_S: Final = 5
+"""Seconds uvicorn gives in-flight requests to finish once told to exit."""
+
+HTTP_DRAIN_S: Final = 8.0
+"""Seconds a service waits at shutdown for its HTTP server to stop: the graceful
+period plus time to close connections, well inside the 20 s shutdown deadline."""
 
 
 class EmbeddedServer(uvicorn.Server):
@@ -24,7 +31,7 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
-def embedded_server(app: Any, *, graceful_s: int = 5) -> EmbeddedServer:
+def embedded_server(app: Any, *, graceful_s: int = HTTP_GRACEFUL_S) -> EmbeddedServer:
     """An :class:`EmbeddedServer` for ``app``; call ``serve(sockets=[sock])`` on it."""
     config = uvicorn.Config(
         app, log_config=None, access_log=False, lifespan="off",

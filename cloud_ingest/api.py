@@ -62,7 +62,7 @@ from broker.protocol.command_specs import (
 from broker.protocol.commands import CommandSigner, new_envelope
 from broker.protocol.tokens import is_valid_token
 from broker.protocol.topology import Topology
-from broker.serving import embedded_server
+from broker.serving import HTTP_DRAIN_S, embedded_server
 from broker.settings import ApiSettings, NatsSettings
 from cloud_ingest.command_status import expire_overdue
 from cloud_ingest.pooling import close_pool, connect_pool
@@ -481,7 +481,7 @@ class Api:
             stopper.cancel()
             server.should_exit = True
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(roots[0]), timeout=8)
+                await asyncio.wait_for(asyncio.shield(roots[0]), timeout=HTTP_DRAIN_S)
             for task in roots[1:]:
                 task.cancel()
             await asyncio.gather(*roots, return_exceptions=True)

@@ -41,6 +41,10 @@ __all__ = ["Ingest", "run"]
 
 log = structlog.get_logger(__name__)
 
+_STAGE_DEADLINE_S = 10.0
+"""Seconds each shutdown stage may take (finish in-flight groups, then publish their
+watermarks) before what is left is cancelled; two stages stay inside 20 s."""
+
 
 class Ingest:
     """One ingest process."""
@@ -154,9 +158,11 @@ class Ingest:
         assert self.consumer is not None and self.tracker is not None and self._sock
         assert self.watermarks is not None
         server = embedded_server(self.health_app())
+        consume = asyncio.create_task(self.consumer.consume_forever(), name="consume")
+        track = asyncio.create_task(self.tracker.track_forever(), name="track-edges")
         roots = [
-            asyncio.create_task(self.consumer.consume_forever(), name="consume"),
-            asyncio.create_task(self.tracker.track_forever(), name="track-edges"),
+            consume,
+            track,
             asyncio.create_task(self.watermarks.publish_forever(), name="watermarks"),
             asyncio.create_task(server.serve(sockets=[self._sock]), name="health"),
         ]
@@ -175,9 +181,9 @@ class Ingest:
             self.consumer.begin_shutdown()
             self.tracker.begin_shutdown()
             server.should_exit = True
-            _, pending = await asyncio.wait(roots[:2], timeout=10)
+            _, pending = await asyncio.wait([consume, track], timeout=_STAGE_DEADLINE_S)
             self.watermarks.begin_shutdown()  # after the last commit: publish its watermarks
-            _, pending = await asyncio.wait(roots, timeout=10)
+            _, pending = await asyncio.wait(roots, timeout=_STAGE_DEADLINE_S)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*roots, return_exceptions=True)

@@ -29,7 +29,7 @@ from broker.connecting import close_nats, connect_with_retry
 from broker.errors import ClosedError
 from broker.protocol.events import Heartbeat, StreamHealth, encode_event
 from broker.protocol.topology import Topology
-from broker.serving import EmbeddedServer, embedded_server, listen_tcp
+from broker.serving import HTTP_DRAIN_S, EmbeddedServer, embedded_server, listen_tcp
 from broker.settings import BridgeSettings, NatsSettings
 from edge_bridge.acknowledging import DropReporter, WatermarkFollower
 from edge_bridge.buffering import Buffer
@@ -183,17 +183,19 @@ class Bridge:
                     break  # one root down: stop them all rather than limp along
         finally:
             stopper.cancel()
-            await asyncio.wait_for(self._shutdown(http, roots), timeout=SHUTDOWN_DEADLINE_S)
+            await asyncio.wait_for(self._shutdown(http, shipper, roots),
+                                   timeout=SHUTDOWN_DEADLINE_S)
 
-    async def _shutdown(self, http: asyncio.Task[None], roots: list[asyncio.Task[None]]) -> None:
+    async def _shutdown(self, http: asyncio.Task[None], shipper: asyncio.Task[None],
+                        roots: list[asyncio.Task[None]]) -> None:
         self.accepting = False
         if self._server is not None:
             self._server.should_exit = True
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(http), timeout=8)
-        self.shipper.begin_shutdown()
+            await asyncio.wait_for(asyncio.shield(http), timeout=HTTP_DRAIN_S)
+        self.shipper.begin_shutdown()  # the shipper finishes its in-flight batches itself
         for task in roots:
-            if task is not http and task.get_name() != "shipper":
+            if task is not http and task is not shipper:
                 task.cancel()
         results = await asyncio.gather(*roots, return_exceptions=True)
         for task, result in zip(roots, results, strict=True):

@@ -66,6 +66,9 @@ _KILL_WAIT_S: Final = 10.0
 _POLL_S: Final = 0.05
 """Seconds between looks at a starting child's log and ``/readyz``."""
 
+_PROBE_TIMEOUT_S: Final = 2.0
+"""Seconds one ``/readyz`` request may take; a busy child is asked again."""
+
 _STARTED: Final[Mapping[ServiceName, tuple[str, str]]] = {
     "bridge": ("bridge_started", "url"),
     "ingest": ("ingest_started", "health_port"),
@@ -203,7 +206,7 @@ class ServiceProcess:
                 if port is not None:
                     self.port = port
                     with contextlib.suppress(httpx.TransportError, ValueError):
-                        answer = await client.get(f"{self.url}/readyz", timeout=2)
+                        answer = await client.get(f"{self.url}/readyz", timeout=_PROBE_TIMEOUT_S)
                         if answer.status_code == 200 and (ready is None or ready(answer.json())):
                             return
                 await asyncio.sleep(_POLL_S)
@@ -229,7 +232,8 @@ class ServiceProcess:
         async with httpx.AsyncClient(trust_env=False) as client:
             while time.monotonic() < deadline:
                 with contextlib.suppress(httpx.TransportError, ValueError):
-                    if predicate((await client.get(f"{self.url}/readyz", timeout=2)).json()):
+                    answer = await client.get(f"{self.url}/readyz", timeout=_PROBE_TIMEOUT_S)
+                    if predicate(answer.json()):
                         return
                 await asyncio.sleep(_POLL_S)
         raise RuntimeError(f"{self.name}: {what} not seen within {timeout} s")
