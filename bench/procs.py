@@ -28,6 +28,7 @@ from broker.runtime.children import (
     ServiceName,
     ServiceProcess,
 )
+from broker.runtime.processes import child_pids
 
 __all__ = [
     "OTHER",
@@ -85,17 +86,6 @@ def cpu_seconds(pid: int, *, with_reaped_children: bool = False) -> float:
     if with_reaped_children:
         ticks += int(fields[13]) + int(fields[14])
     return ticks / _CLK_TCK
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                fields = _stat_fields(int(entry.name))
-                if fields is not None and int(fields[1]) == pid:
-                    found.append(int(entry.name))
-    return found
 
 
 class CpuMeter:
@@ -213,12 +203,12 @@ class PostgresCpu(_CpuSource):
 
     def read(self) -> float:
         total = cpu_seconds(self.postmaster, with_reaped_children=True)
-        for child in _children(self.postmaster):
+        for child in child_pids(self.postmaster):
             total += cpu_seconds(child)
         return total
 
     def pids(self) -> set[int]:
-        return {self.postmaster, *_children(self.postmaster)}
+        return {self.postmaster, *child_pids(self.postmaster)}
 
 
 class MeasuredService(ServiceProcess):

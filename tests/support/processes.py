@@ -62,15 +62,13 @@ class BridgeProcess(ServiceProcess):
 
 
 def alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs (a zombie waiting to be reaped does not)."""
+    """Whether process ``pid`` still runs (a zombie holds nothing and counts as gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie waiting for init to reap it is gone for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
+    # The state follows the parenthesised command name, which may hold spaces.
+    return stat_line.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 class UpProcess:
