@@ -29,7 +29,7 @@ from bench.scenarios import SCENARIOS
 from broker.logs import configure_logging
 from broker.runtime.embedded_postgres import EmbeddedPostgres
 
-__all__ = ["build_parser", "main"]
+__all__ = ["BENCH_DIR", "README", "RESULTS_END", "RESULTS_START", "build_parser", "main"]
 
 BENCH_DIR: Final = Path(__file__).resolve().parent
 README: Final = BENCH_DIR / "README.md"

@@ -29,11 +29,12 @@ import msgspec
 from broker.cli.local_run import synthetic_telemetry
 from broker.protocol.wire import CT_JSON, WIRE_VERSION, Batch, Record
 from broker.settings import ShipperSettings
-from edge_bridge.buffer import STORED_RECORD_OVERHEAD_BYTES
+from edge_bridge.buffer.chunks import STORED_RECORD_OVERHEAD_BYTES
 
 __all__ = [
     "EDGE",
     "EPOCH",
+    "POOL_SIZE",
     "SEED",
     "STREAM",
     "JsonRecord",

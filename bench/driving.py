@@ -26,6 +26,7 @@ __all__ = [
     "committed_records",
     "produce",
     "produce_paced",
+    "wait_committed",
     "wait_for",
     "wait_shipped",
 ]
@@ -143,3 +144,17 @@ async def committed_records(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval(
         "SELECT coalesce(sum(es_count(ranges)), 0) FROM committed_ranges"
     ))
+
+
+async def wait_committed(dsn: str, records: int, *, timeout: float,
+                         interval: float = 0.05) -> float:
+    """Wait until ``committed_ranges`` counts ``records``; returns the wall time it was seen."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async def all_committed() -> bool:
+            return await committed_records(conn) >= records
+
+        return await wait_for(all_committed, timeout=timeout, interval=interval,
+                              what=f"{records} records committed")
+    finally:
+        await conn.close()

@@ -13,7 +13,6 @@ import contextlib
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -25,19 +24,18 @@ import httpx
 import nats
 from nats.aio.client import Client as NATS
 
-from bench.procs import CpuMeter, PostgresCpu, ProcessCpu, ServiceProcess
+from bench.procs import CpuMeter, MeasuredService, PostgresCpu, ProcessCpu
+from broker.runtime.children import settings_env
 from broker.runtime.embedded_nats import EmbeddedNats, find_nats_server
 from broker.runtime.embedded_postgres import EmbeddedPostgres, find_postgres_bindir
+from broker.settings import BridgeSettings, IngestSettings, LogSettings, NatsSettings
 from cloud_ingest.schema import migrate
 
-__all__ = ["BenchEnv", "connect_nats", "free_port", "machine_info", "metric_total"]
+__all__ = ["BenchEnv", "connect_nats", "machine_info", "metric_total"]
 
-
-def free_port() -> int:
-    """A TCP port that was free on loopback a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+_LOG = LogSettings(level="info", format="json")
+"""Services log at info: the start-up line reports the port they bound (and the
+ingest's start time); nothing on the measured paths logs at info."""
 
 
 @dataclass
@@ -87,48 +85,40 @@ class BenchEnv:
     def bridge(
         self, name: str, nats_url: str, *, buffer_max_bytes: int = 1024**3,
         extra: dict[str, str] | None = None,
-    ) -> ServiceProcess:
-        """A bridge process (not started) with its own buffer directory and port."""
-        port = free_port()
-        buffer_dir = self.workdir / f"buffer-{name}-{uuid.uuid4().hex[:6]}"
+    ) -> MeasuredService:
+        """A bridge process (not started) with its own buffer directory, on a port it picks."""
+        settings = BridgeSettings(
+            edge_id="edge-1",
+            buffer_dir=self.workdir / f"buffer-{name}-{uuid.uuid4().hex[:6]}",
+            buffer_max_bytes=buffer_max_bytes,
+        )
         env = {
-            "EDGESYNC_BRIDGE__EDGE_ID": "edge-1",
-            "EDGESYNC_BRIDGE__PORT": str(port),
-            "EDGESYNC_BRIDGE__BUFFER_DIR": str(buffer_dir),
-            "EDGESYNC_BRIDGE__BUFFER_MAX_BYTES": str(buffer_max_bytes),
-            "EDGESYNC_NATS__URL": nats_url,
-            "EDGESYNC_LOG__LEVEL": "warning",
-            "EDGESYNC_LOG__FORMAT": "json",
+            **settings_env(bridge=settings, nats=NatsSettings(url=nats_url), log=_LOG),
             **(extra or {}),
             **self.service_env,
         }
-        return ServiceProcess(
-            "bridge", env, http_port=port, log_file=self.workdir / f"bridge-{name}.log",
+        return MeasuredService(
+            "bridge", env, log_file=self.workdir / f"bridge-{name}.log",
             profile_to=self.profile_file(f"bridge-{name}"),
         )
 
     def ingest(
         self, name: str, nats_url: str, dsn: str, *, consumer: str = "ingest",
         extra: dict[str, str] | None = None,
-    ) -> ServiceProcess:
-        """An ingest process (not started); logs at info so its start time can be read."""
-        port = free_port()
+    ) -> MeasuredService:
+        """An ingest process (not started), on a port it picks."""
+        settings = IngestSettings(postgres_dsn=dsn, consumer=consumer)
         env = {
-            "EDGESYNC_INGEST__POSTGRES_DSN": dsn,
-            "EDGESYNC_INGEST__PORT": str(port),
-            "EDGESYNC_INGEST__CONSUMER": consumer,
-            "EDGESYNC_NATS__URL": nats_url,
-            "EDGESYNC_LOG__LEVEL": "info",
-            "EDGESYNC_LOG__FORMAT": "json",
+            **settings_env(ingest=settings, nats=NatsSettings(url=nats_url), log=_LOG),
             **(extra or {}),
             **self.service_env,
         }
-        return ServiceProcess(
-            "ingest", env, http_port=port, log_file=self.workdir / f"ingest-{name}.log",
+        return MeasuredService(
+            "ingest", env, log_file=self.workdir / f"ingest-{name}.log",
             profile_to=self.profile_file(f"ingest-{name}"),
         )
 
-    def cpu_meter(self, nats_server: EmbeddedNats | None, **services: ServiceProcess) -> CpuMeter:
+    def cpu_meter(self, nats_server: EmbeddedNats | None, **services: MeasuredService) -> CpuMeter:
         """A meter over the driver, nats-server, PostgreSQL and the given services."""
         meter = CpuMeter()
         meter.add("bench driver", ProcessCpu(os.getpid()))

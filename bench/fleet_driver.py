@@ -47,7 +47,13 @@ from broker.protocol.events import Heartbeat, StreamHealth, encode_event
 from broker.protocol.topology import Topology
 from broker.protocol.wire import WIRE_VERSION, Batch, encode_batch, msg_id
 
-__all__ = ["Fleet", "FleetBatch", "edge_names", "fanin_batches"]
+__all__ = [
+    "STREAMS",
+    "Fleet",
+    "FleetBatch",
+    "edge_names",
+    "fanin_batches",
+]
 
 STREAMS: Final = ("telemetry", "status")
 _INBOX: Final = "_INBOX.fleet"

@@ -1,10 +1,10 @@
 """Processes the benchmarks start and watch: services as OS processes, and /proc readings.
 
-The bridge and the ingest run as ``python -m broker bridge|ingest`` children,
-configured through ``EDGESYNC_*`` variables exactly as ``deploy/`` runs them,
-so that their memory (``VmHWM``/``VmRSS`` from ``/proc/<pid>/status``) and CPU
-time (``/proc/<pid>/stat``) are theirs alone. Processes are signalled by pid
-only.
+The bridge and the ingest run as ``python -m broker bridge|ingest`` children
+(:mod:`broker.runtime.children`, the same wrapper the tests use), configured
+through ``EDGESYNC_*`` variables exactly as ``deploy/`` runs them, so that their
+memory (``VmHWM``/``VmRSS`` from ``/proc/<pid>/status``) and CPU time
+(``/proc/<pid>/stat``) are theirs alone. Processes are signalled by pid only.
 """
 
 from __future__ import annotations
@@ -17,20 +17,26 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
-import httpx
-import msgspec
+from broker.runtime.children import (
+    START_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    ServiceName,
+    ServiceProcess,
+)
+from broker.runtime.processes import child_pids
 
 __all__ = [
+    "OTHER",
     "CpuMeter",
+    "MachineCpu",
+    "MeasuredService",
     "PostgresCpu",
     "ProcessCpu",
-    "ServiceProcess",
     "cpu_seconds",
     "memory_mib",
     "reset_peak",
@@ -39,7 +45,6 @@ __all__ = [
 ]
 
 _CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
-_STOP_TIMEOUT_S: Final = 25.0  # the services' own shutdown deadline is 20 s
 
 
 def memory_mib(pid: int) -> dict[str, float]:
@@ -81,17 +86,6 @@ def cpu_seconds(pid: int, *, with_reaped_children: bool = False) -> float:
     if with_reaped_children:
         ticks += int(fields[13]) + int(fields[14])
     return ticks / _CLK_TCK
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                fields = _stat_fields(int(entry.name))
-                if fields is not None and int(fields[1]) == pid:
-                    found.append(int(entry.name))
-    return found
 
 
 class CpuMeter:
@@ -209,134 +203,57 @@ class PostgresCpu(_CpuSource):
 
     def read(self) -> float:
         total = cpu_seconds(self.postmaster, with_reaped_children=True)
-        for child in _children(self.postmaster):
+        for child in child_pids(self.postmaster):
             total += cpu_seconds(child)
         return total
 
     def pids(self) -> set[int]:
-        return {self.postmaster, *_children(self.postmaster)}
+        return {self.postmaster, *child_pids(self.postmaster)}
 
 
-class ServiceProcess:
-    """``python -m broker <kind>`` as a child process, with its settings in the environment.
+class MeasuredService(ServiceProcess):
+    """A service child (:class:`~broker.runtime.children.ServiceProcess`) whose memory the
+    bench reads and which ``py-spy`` may sample.
 
     Args:
-        kind: ``bridge`` or ``ingest``.
+        service: ``bridge`` or ``ingest``.
         env: ``EDGESYNC_*`` settings (added to this process's environment).
-        http_port: the service's HTTP port (ingress or health), to see it ready.
         log_file: where its output goes.
         profile_to: if set, ``py-spy record`` samples the process into this file.
     """
 
-    def __init__(
-        self,
-        kind: str,
-        env: Mapping[str, str],
-        *,
-        http_port: int,
-        log_file: Path,
-        profile_to: Path | None = None,
-    ) -> None:
-        self.kind = kind
-        self.env = dict(env)
-        self.http_port = http_port
-        self.log_file = log_file
+    def __init__(self, service: ServiceName, env: Mapping[str, str], *, log_file: Path,
+                 profile_to: Path | None = None) -> None:
+        super().__init__(service, env, log_file=log_file)
         self.profile_to = profile_to
-        self.proc: subprocess.Popen[bytes] | None = None
         self._spy: subprocess.Popen[bytes] | None = None
         self.peak_mib = 0.0
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None, "not started"
-        return self.proc.pid
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
 
     def memory(self) -> dict[str, float]:
         mem = memory_mib(self.pid)
         self.peak_mib = max(self.peak_mib, mem.get("peak", 0.0))
         return mem
 
-    async def start(self, *, timeout: float = 60.0, need_nats: bool = False) -> None:
-        """Start and wait until ``/readyz`` answers 200 (and, if asked, NATS is connected)."""
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_file.open("ab") as log:
-            self.proc = subprocess.Popen(  # noqa: ASYNC220 - polled, like EmbeddedNats
-                [sys.executable, "-m", "broker", self.kind],
-                env={**os.environ, **self.env},
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient(trust_env=False) as client:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"{self.kind} exited with {self.proc.returncode}:\n{self.log_tail()}"
-                    )
-                if time.monotonic() > deadline:
-                    await self.stop()
-                    raise RuntimeError(f"{self.kind} not ready in {timeout}s:\n{self.log_tail()}")
-                with contextlib.suppress(httpx.TransportError):
-                    answer = await client.get(f"{self.url}/readyz", timeout=2)
-                    if answer.status_code == 200 and (
-                        not need_nats or answer.json().get("nats_connected", True)
-                    ):
-                        break
-                await asyncio.sleep(0.05)
+    async def start(self, *, timeout: float = START_TIMEOUT_S,
+                    ready: Callable[[Any], bool] | None = None, need_nats: bool = False) -> None:
+        """Start and wait until ready (and, if asked, connected to NATS); then profile it."""
+        if need_nats:
+            ready = _nats_connected
+        await super().start(timeout=timeout, ready=ready)
         if self.profile_to is not None:
             self._spy = _start_py_spy(self.pid, self.profile_to)
 
     async def wait_nats_connected(self, connected: bool, *, timeout: float = 30.0) -> None:
         """Wait until the bridge reports NATS (dis)connected."""
-        deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient(trust_env=False) as client:
-            while time.monotonic() < deadline:
-                with contextlib.suppress(httpx.TransportError, ValueError):
-                    answer = await client.get(f"{self.url}/readyz", timeout=2)
-                    if answer.json().get("nats_connected") is connected:
-                        return
-                await asyncio.sleep(0.05)
-        raise RuntimeError(f"{self.kind} did not see NATS connected={connected} in {timeout}s")
+        await self.wait_ready(lambda body: body.get("nats_connected") is connected,
+                              what=f"NATS connected={connected}", timeout=timeout)
 
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def started_at(self, event: str) -> float | None:
-        """Wall time (Unix seconds) of the first JSON log line whose event is ``event``."""
-        decoder = msgspec.json.Decoder()
-        with contextlib.suppress(OSError):
-            for line in self.log_file.read_bytes().splitlines():
-                if event.encode() not in line:
-                    continue
-                with contextlib.suppress(msgspec.DecodeError, KeyError, TypeError, ValueError):
-                    entry = decoder.decode(line)
-                    if entry.get("event") == event:
-                        return datetime.fromisoformat(entry["timestamp"]).timestamp()
-        return None
-
-    async def stop(self) -> int | None:
-        """SIGTERM, wait (bounded), then SIGKILL; returns the exit code. Idempotent."""
-        proc = self.proc
-        if proc is None:
-            return None
-        with contextlib.suppress(ProcessLookupError):
-            self.memory()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(proc.wait, _STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                await asyncio.to_thread(proc.wait, 5)
+    async def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """Stop (see the base class), after a last memory reading; then let py-spy finish."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.memory()
+        code = await super().stop(timeout)
         if self._spy is not None:
             # py-spy ends by itself when its target exits; give it time to write.
             try:
@@ -346,7 +263,11 @@ class ServiceProcess:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     await asyncio.to_thread(self._spy.wait, 10)
             self._spy = None
-        return proc.returncode
+        return code
+
+
+def _nats_connected(readyz: Any) -> bool:
+    return bool(readyz.get("nats_connected", True))
 
 
 def _start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes] | None:

@@ -13,7 +13,18 @@ from typing import Any
 
 from rich.table import Table
 
-__all__ = ["Check", "Figure", "ScenarioResult", "format_value", "markdown", "rich_tables"]
+__all__ = [
+    "TARGETS_TITLE",
+    "Check",
+    "Figure",
+    "ScenarioResult",
+    "format_value",
+    "markdown",
+    "rich_tables",
+]
+
+TARGETS_TITLE = "targets: speed and memory (bench/README.md)"
+"""Title of the table that checks each figure against its target."""
 
 
 @dataclass
@@ -28,7 +39,8 @@ class Figure:
 
 @dataclass
 class Check:
-    """One target from issue 5 and whether this run met it (None: not measured)."""
+    """One speed or memory target edgesync is held to (bench/README.md, "Targets") and
+    whether this run met it (None: not measured)."""
 
     figure: str
     target: str
@@ -107,7 +119,7 @@ def rich_tables(results: list[ScenarioResult]) -> list[Table]:
                             format_value(fig.value, fig.unit), fig.note)
             first = False
         figures.add_section()
-    targets = Table(title="targets (issue 5)")
+    targets = Table(title=TARGETS_TITLE)
     for col in ("figure", "target", "measured", "result"):
         targets.add_column(col, overflow="fold")
     for res in results:

@@ -34,7 +34,12 @@ import structlog
 from broker.errors import ClosedError, RootTaskEnded
 from broker.serving import listen_tcp
 
-__all__ = ["Lifecycle", "Service", "Supervisor"]
+__all__ = [
+    "SHUTDOWN_DEADLINE_S",
+    "Lifecycle",
+    "Service",
+    "Supervisor",
+]
 
 log = structlog.get_logger(__name__)
 

@@ -8,14 +8,29 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Final
 
 import uvicorn
 from starlette.responses import JSONResponse
 
 from broker.errors import EdgesyncError, http_status, retry_after_s
 
-__all__ = ["EmbeddedServer", "embedded_server", "error_response", "listen_tcp", "wait_started"]
+__all__ = [
+    "HTTP_DRAIN_S",
+    "HTTP_GRACEFUL_S",
+    "EmbeddedServer",
+    "embedded_server",
+    "error_response",
+    "listen_tcp",
+    "wait_started",
+]
+
+HTTP_GRACEFUL_S: Final = 5
+"""Seconds uvicorn gives in-flight requests to finish once told to exit."""
+
+HTTP_DRAIN_S: Final = 8.0
+"""Seconds a service waits at shutdown for its HTTP server to stop: the graceful
+period plus time to close connections, well inside the 20 s shutdown deadline."""
 
 
 class EmbeddedServer(uvicorn.Server):
@@ -30,7 +45,7 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
-def embedded_server(app: Any, *, graceful_s: int = 5) -> EmbeddedServer:
+def embedded_server(app: Any, *, graceful_s: int = HTTP_GRACEFUL_S) -> EmbeddedServer:
     """An :class:`EmbeddedServer` for ``app``; call ``serve(sockets=[sock])`` on it."""
     config = uvicorn.Config(
         app, log_config=None, access_log=False, lifespan="off",

@@ -17,7 +17,9 @@ from cloud_ingest.db_errors import Connection
 from cloud_ingest.events_consuming import AfterCommit
 from cloud_ingest.ranges import merge_ranges
 
-__all__ = ["drop_marker_writer"]
+__all__ = [
+    "drop_marker_writer",
+]
 
 
 

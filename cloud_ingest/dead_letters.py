@@ -45,6 +45,7 @@ from cloud_ingest.ranges import Span, Watermark, merge_ranges, spans_of
 
 __all__ = [
     "DeadLetter",
+    "Kind",
     "NotReplayable",
     "ReplayResult",
     "dead_letter_routes",

@@ -46,7 +46,11 @@ from cloud_ingest.db_errors import as_temporary
 from cloud_ingest.metrics import IngestMetrics
 from cloud_ingest.writing import Decoded, GroupResult, GroupWriter
 
-__all__ = ["GroupWriter", "RecordsConsumer", "init_connection"]
+__all__ = [
+    "GROUP_FAILURES_BEFORE_SPLIT",
+    "RecordsConsumer",
+    "init_connection",
+]
 
 log = structlog.get_logger(__name__)
 

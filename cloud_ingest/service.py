@@ -36,12 +36,14 @@ from cloud_ingest.pooling import close_pool, connect_pool
 from cloud_ingest.schema import migrate
 from cloud_ingest.watermarks import WatermarkPublisher, ensure_watermark_bucket
 
-__all__ = ["Ingest", "run"]
+__all__ = [
+    "DRAIN_S",
+    "Ingest",
+    "run",
+]
 
 log = structlog.get_logger(__name__)
 
-SHUTDOWN_DEADLINE_S = 20.0
-"""Hard bound on a clean shutdown; below Kubernetes' default 30 s grace period."""
 DRAIN_S = 8.0
 """Each shutdown step (finish in-flight groups; publish the last watermarks) gets this long."""
 
@@ -152,7 +154,7 @@ class Ingest(Service):
         assert self.watermarks is not None
         consumer, events, watermarks = self.consumer, self.events, self.watermarks
         server = embedded_server(self.health_app())
-        async with Supervisor("ingest", deadline_s=SHUTDOWN_DEADLINE_S) as roots:
+        async with Supervisor("ingest") as roots:
             consume = roots.start(consumer.consume_forever(), name="consume")
             consume_events = roots.start(events.consume_forever(), name="events")
             roots.start(watermarks.publish_forever(), name="watermarks")

@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel
 
-from broker.errors import InvalidInput
+from broker.errors import CommandRejected, InvalidInput
 from broker.protocol.command_specs import KINDS, ConfigMapPatch, KubernetesTarget, parse_spec
-from broker.protocol.commands import CommandRejected, OpenedCommand, iso_time, open_command
+from broker.protocol.commands import OpenedCommand, iso_time, open_command
 from broker.settings import ControlSettings
 
 __all__ = ["CommandGate"]

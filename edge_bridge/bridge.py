@@ -31,7 +31,7 @@ from broker.errors import ClosedError
 from broker.protocol.events import Heartbeat, StreamHealth, encode_event
 from broker.protocol.topology import Topology
 from broker.service import Service, Supervisor
-from broker.serving import EmbeddedServer, embedded_server, wait_started
+from broker.serving import HTTP_DRAIN_S, EmbeddedServer, embedded_server, wait_started
 from broker.settings import BridgeSettings, NatsSettings
 from edge_bridge.acknowledging import DropReporter, WatermarkFollower
 from edge_bridge.buffer import Buffer
@@ -48,10 +48,6 @@ __all__ = ["Bridge", "run"]
 
 log = structlog.get_logger(__name__)
 
-SHUTDOWN_DEADLINE_S = 20.0
-"""Hard bound on a clean shutdown; below Kubernetes' default 30 s grace period."""
-HTTP_DRAIN_S = 8.0
-"""How long in-flight requests get to finish (and their appends to commit) at shutdown."""
 
 
 class Bridge(Service):
@@ -144,7 +140,7 @@ class Bridge(Service):
         sock = self.listener
         self._server = server = embedded_server(create_app(self))
         with self.bound_log_context():
-            async with Supervisor("bridge", deadline_s=SHUTDOWN_DEADLINE_S) as roots:
+            async with Supervisor("bridge") as roots:
                 http = roots.start(server.serve(sockets=[sock]), name="ingress")
                 roots.start(self._connect_and_follow(), name="nats")
                 shipper = roots.start(self.shipper.run_forever(), name="shipper")

@@ -46,10 +46,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel
 
 from broker.backoff import backoff_s
-from broker.errors import ApplyFailed, ClosedError
+from broker.errors import ApplyFailed, ClosedError, CommandRejected
 from broker.protocol.command_specs import BridgeConfigure
 from broker.protocol.command_status import FINAL_STATUSES
-from broker.protocol.commands import CommandRejected, OpenedCommand, load_public_keys
+from broker.protocol.commands import OpenedCommand, load_public_keys
 from broker.protocol.events import CommandStatusReport
 from broker.protocol.topology import Topology
 from broker.settings import ControlSettings

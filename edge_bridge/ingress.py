@@ -52,7 +52,7 @@ from edge_bridge.ingress_openapi import RESPONSES, request_body
 if TYPE_CHECKING:
     from edge_bridge.bridge import Bridge
 
-__all__ = ["create_app"]
+__all__ = ["MSGPACK_TYPES", "create_app"]
 
 log = structlog.get_logger(__name__)
 

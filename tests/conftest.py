@@ -20,7 +20,7 @@ import pytest
 
 from broker.runtime.embedded_nats import EmbeddedNats
 from broker.runtime.embedded_postgres import EmbeddedPostgres
-from tests.helpers import PgCluster, dsn_from_env
+from tests.support import PgCluster, dsn_from_env
 
 
 @pytest.fixture

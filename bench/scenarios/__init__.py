@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from bench.data import Pool
 from bench.env import BenchEnv
@@ -11,9 +11,24 @@ from bench.profiles import Profile
 from bench.results import ScenarioResult
 from bench.scenarios import backlog, edge_path, fleet, footprint, ingest, latency, wire
 
-__all__ = ["SCENARIOS", "Scenario"]
+if TYPE_CHECKING:  # types only: this package exports its scenarios, not its helpers' names
+    from collections.abc import Awaitable, Callable
 
-Runner = Callable[[BenchEnv, Profile, Pool, Callable[[str], None]], Awaitable[ScenarioResult]]
+    from bench.data import Pool
+    from bench.env import BenchEnv
+    from bench.profiles import Profile
+    from bench.results import ScenarioResult
+
+    Runner = Callable[[BenchEnv, Profile, Pool, Callable[[str], None]], Awaitable[ScenarioResult]]
+
+__all__ = [
+    "SCENARIOS",
+    "BenchEnv",
+    "Pool",
+    "Profile",
+    "Scenario",
+    "ScenarioResult",
+]
 
 
 @dataclass(frozen=True, slots=True)

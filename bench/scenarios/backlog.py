@@ -27,7 +27,7 @@ from bench.profiles import Profile
 from bench.results import ScenarioResult
 from bench.scenarios.edge_path import NO_RETRANSMIT
 
-__all__ = ["run"]
+__all__ = ["KEY", "TITLE", "run"]
 
 KEY: Final = "backlog"
 TITLE: Final = "4. backlog drain and memory"

@@ -30,7 +30,7 @@ from bench.env import BenchEnv, connect_nats
 from bench.profiles import Profile
 from bench.results import ScenarioResult
 
-__all__ = ["run"]
+__all__ = ["BASELINE_STREAM", "BASELINE_SUBJECT", "KEY", "NO_RETRANSMIT", "TITLE", "run"]
 
 KEY: Final = "edge_path"
 TITLE: Final = "2. edge path SDK→bridge→JetStream"

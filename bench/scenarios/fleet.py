@@ -43,16 +43,22 @@ from nats.js import JetStreamContext
 
 from bench.data import Pool, batches
 from bench.driving import committed_records, wait_for
-from bench.env import BenchEnv, connect_nats, free_port
+from bench.env import BenchEnv, connect_nats
 from bench.fleet_driver import Fleet, fanin_batches
-from bench.procs import CpuMeter, ProcessCpu, ServiceProcess, memory_mib
+from bench.procs import CpuMeter, MeasuredService, ProcessCpu, memory_mib
 from bench.profiles import Profile
 from bench.results import ScenarioResult
 from broker.protocol.commands import generate_key_pair
 from broker.protocol.topology import Topology
 from broker.protocol.wire import Batch, encode_batch, msg_id
 
-__all__ = ["run"]
+__all__ = [
+    "CLOUD",
+    "KEY",
+    "TITLE",
+    "TOKEN",
+    "run",
+]
 
 KEY: Final = "fleet"
 TITLE: Final = "7. fleet"
@@ -153,20 +159,21 @@ async def _drain(env: BenchEnv, name: str, wire: Sequence[Batch], processes: int
 # -- live fleet --------------------------------------------------------------------------------
 
 
-def _api(env: BenchEnv, name: str, nats_url: str, dsn: str) -> ServiceProcess:
-    port = free_port()
+def _api(env: BenchEnv, name: str, nats_url: str, dsn: str) -> MeasuredService:
+    """An API process (not started) on a port it picks and reports."""
     keys = env.workdir / f"keys-{name}-{uuid.uuid4().hex[:6]}"
     private, _ = generate_key_pair(keys)
-    return ServiceProcess("api", {
+    return MeasuredService("api", {
         "EDGESYNC_API__POSTGRES_DSN": dsn,
-        "EDGESYNC_API__PORT": str(port),
+        "EDGESYNC_API__PORT": "0",
         "EDGESYNC_API__PRIVATE_KEY_FILE": str(private),
         "EDGESYNC_API__OPERATOR_TOKEN": TOKEN,
         "EDGESYNC_NATS__URL": nats_url,
-        "EDGESYNC_LOG__LEVEL": "warning",
+        # info: the start-up line that reports the port it bound is an info event.
+        "EDGESYNC_LOG__LEVEL": "info",
         "EDGESYNC_LOG__FORMAT": "json",
         **env.service_env,
-    }, http_port=port, log_file=env.workdir / f"api-{name}.log",
+    }, log_file=env.workdir / f"api-{name}.log",
         profile_to=env.profile_file(f"api-{name}"))
 
 
@@ -283,8 +290,8 @@ async def _live(env: BenchEnv, profile: Profile, pool: Pool, *, n: int,
             await ingest.stop()
 
 
-def _meter(env: BenchEnv, nats_server: Any, ingest: ServiceProcess,
-           api: ServiceProcess) -> CpuMeter:
+def _meter(env: BenchEnv, nats_server: Any, ingest: MeasuredService,
+           api: MeasuredService) -> CpuMeter:
     meter = env.cpu_meter(nats_server, ingest=ingest)
     meter.add("api", ProcessCpu(api.pid))
     return meter
@@ -303,7 +310,7 @@ async def _watermark_latency(conn: asyncpg.Connection, fleet: Fleet) -> list[flo
     return [max(0.0, (seen[r["i"] - 1].seen or 0.0) - r["at"]) for r in rows]
 
 
-async def _api_latency(api: ServiceProcess, n: int, dsn: str, label: str,
+async def _api_latency(api: MeasuredService, n: int, dsn: str, label: str,
                        res: ScenarioResult, *, check: bool) -> None:
     async with httpx.AsyncClient(base_url=api.url, trust_env=False, timeout=60) as client:
         async def timed(path: str, reps: int) -> tuple[float, int]:
@@ -348,7 +355,7 @@ async def _api_latency(api: ServiceProcess, n: int, dsn: str, label: str,
             "import start-up; prints every edge")
 
 
-async def _command_latency(api: ServiceProcess, fleet: Fleet, count: int, label: str,
+async def _command_latency(api: MeasuredService, fleet: Fleet, count: int, label: str,
                            res: ScenarioResult, *, check: bool) -> None:
     latencies: list[float] = []
     headers = {"Authorization": f"Bearer {TOKEN}"}

@@ -13,15 +13,13 @@ import asyncio
 from collections.abc import Callable
 from typing import Final
 
-import asyncpg
-
 from bench.data import Pool
-from bench.driving import committed_records, produce, wait_for
+from bench.driving import produce, wait_committed
 from bench.env import BenchEnv
 from bench.profiles import Profile
 from bench.results import ScenarioResult
 
-__all__ = ["run"]
+__all__ = ["KEY", "TITLE", "run"]
 
 KEY: Final = "footprint"
 TITLE: Final = "5. footprint"
@@ -44,15 +42,7 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
             meter = env.cpu_meter(nats_server, bridge=bridge, ingest=ingest)
             meter.start()
             produced = await produce(bridge.url, pool, n, profile.producers)
-            conn = await asyncpg.connect(dsn)
-            try:
-                async def all_committed() -> bool:
-                    return await committed_records(conn) >= n
-
-                await wait_for(all_committed, timeout=600, interval=0.05,
-                               what=f"{n} records committed")
-            finally:
-                await conn.close()
+            await wait_committed(dsn, n, timeout=600)
             res.cpu_seconds["load"] = {**meter.stop(), "wall": round(meter.wall_s, 2)}
             loaded, ingest_mem = bridge.memory(), ingest.memory()
         finally:

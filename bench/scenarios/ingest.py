@@ -42,9 +42,21 @@ from bench.profiles import Profile
 from bench.results import ScenarioResult
 from broker.protocol.topology import Topology
 from broker.protocol.wire import encode_batch, msg_id
-from cloud_ingest.ingesting import GroupWriter, init_connection
+from cloud_ingest.ingesting import init_connection
+from cloud_ingest.writing import GroupWriter
 
-__all__ = ["run"]
+__all__ = [
+    "CEILING_CONNECTIONS",
+    "COLUMNS",
+    "FRAMEWORK_BATCH",
+    "INSERT_ONE",
+    "JSON_STREAM",
+    "JSON_SUBJECT",
+    "KEY",
+    "TITLE",
+    "framework_available",
+    "run",
+]
 
 KEY: Final = "ingest"
 TITLE: Final = "1. ingest JetStream→PostgreSQL"

@@ -29,12 +29,12 @@ from typing import Final
 import asyncpg
 
 from bench.data import Pool
-from bench.driving import committed_records, produce_paced, wait_for
+from bench.driving import produce_paced, wait_committed
 from bench.env import BenchEnv
 from bench.profiles import Profile
 from bench.results import ScenarioResult
 
-__all__ = ["quantiles", "run"]
+__all__ = ["KEY", "POLL_S", "TITLE", "quantiles", "run"]
 
 KEY: Final = "latency"
 TITLE: Final = "3. end-to-end latency"
@@ -70,15 +70,7 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
             meter = env.cpu_meter(nats_server, bridge=bridge, ingest=ingest)
             meter.start()
             offered = await produce_paced(bridge.url, pool, rate, total_s)
-            done_conn = await asyncpg.connect(dsn)
-            try:
-                async def all_committed() -> bool:
-                    return await committed_records(done_conn) >= total
-
-                await wait_for(all_committed, timeout=120, interval=0.05,
-                               what=f"{total} records committed")
-            finally:
-                await done_conn.close()
+            await wait_committed(dsn, total, timeout=120)
             res.cpu_seconds["steady load"] = {**meter.stop(), "wall": round(meter.wall_s, 2)}
             await _cancel(watcher)
             bridge_mem, ingest_mem = bridge.memory(), ingest.memory()

@@ -27,7 +27,7 @@ from broker.protocol.topology import Topology
 from broker.protocol.wire import encode_batch, msg_id
 from broker.settings import ShipperSettings
 
-__all__ = ["hpub_bytes", "run"]
+__all__ = ["KEY", "REPLY_LEN", "TITLE", "hpub_bytes", "run"]
 
 KEY: Final = "wire"
 TITLE: Final = "6. bytes on the wire per record"

@@ -29,7 +29,28 @@ from rich.table import Table
 
 from broker.protocol.command_status import FINAL_STATUSES, CommandStatus
 
-__all__ = ["cmd_app", "keys_app"]
+__all__ = [
+    "AsJson",
+    "Key",
+    "Timeout",
+    "Ttl",
+    "Wait",
+    "cmd_app",
+    "configure",
+    "console",
+    "edges",
+    "err_console",
+    "generate",
+    "keys_app",
+    "list_",
+    "patch_configmap",
+    "restart",
+    "scale",
+    "send",
+    "set_env",
+    "set_image",
+    "status",
+]
 
 console = Console()
 err_console = Console(stderr=True)

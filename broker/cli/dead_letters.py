@@ -21,7 +21,16 @@ from rich.table import Table
 
 from broker.cli.database import resolve_dsn
 
-__all__ = ["dead_letters_app"]
+__all__ = [
+    "AsJson",
+    "Dsn",
+    "StateDir",
+    "console",
+    "dead_letters_app",
+    "list_",
+    "replay",
+    "show",
+]
 
 console = Console()
 dead_letters_app = typer.Typer(

@@ -27,7 +27,20 @@ from broker.errors import EdgesyncError
 from broker.logs import configure_logging
 from broker.settings import Settings
 
-__all__ = ["app", "main"]
+__all__ = [
+    "EXIT_CRASHED",
+    "EXIT_ERROR",
+    "api",
+    "app",
+    "bench",
+    "bridge",
+    "console",
+    "ingest",
+    "main",
+    "settings_cmd",
+    "status",
+    "up",
+]
 
 log = structlog.get_logger(__name__)
 

@@ -16,7 +16,7 @@ from pydantic_core import PydanticUndefined
 
 from broker.settings import Settings
 
-__all__ = ["settings_reference"]
+__all__ = ["BEGIN", "END", "settings_reference"]
 
 BEGIN = "<!-- settings-reference:begin -->"
 END = "<!-- settings-reference:end -->"

@@ -50,7 +50,6 @@ __all__ = [
     "COMMAND_ID",
     "ENVELOPE_VERSION",
     "CommandEnvelope",
-    "CommandRejected",
     "CommandSigner",
     "OpenedCommand",
     "SignedCommand",

@@ -50,6 +50,8 @@ __all__ = [
     "ErrorResponse",
     "IngressRequest",
     "IngressResponse",
+    "ProducerId",
+    "RequestSeq",
     "check_headers",
     "check_key",
     "encode_payload",

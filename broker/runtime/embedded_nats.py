@@ -38,7 +38,7 @@ import structlog
 from broker.errors import RuntimeUnavailable
 from broker.runtime.processes import die_with_parent
 
-__all__ = ["EmbeddedNats", "find_nats_server"]
+__all__ = ["INSTALL_HINT", "EmbeddedNats", "find_nats_server"]
 
 log = structlog.get_logger(__name__)
 

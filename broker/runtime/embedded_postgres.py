@@ -48,9 +48,16 @@ import asyncpg
 import structlog
 
 from broker.errors import ClosedError, RuntimeUnavailable
-from broker.runtime.processes import die_with_parent
+from broker.runtime.processes import child_pids, die_with_parent
 
-__all__ = ["EmbeddedPostgres", "find_postgres_bindir", "template_dir_for"]
+__all__ = [
+    "DEFAULT_DATABASE",
+    "DISTRO_ROOT",
+    "INSTALL_HINT",
+    "EmbeddedPostgres",
+    "find_postgres_bindir",
+    "template_dir_for",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -192,21 +199,6 @@ def _free_port() -> int:
 
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-def _child_pids(pid: int) -> list[int]:
-    """Pids whose parent is ``pid`` (Linux /proc; empty elsewhere)."""
-    children: list[int] = []
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                # Fields after the parenthesised command name: state, ppid, ...
-                stat_line = Path(entry.path, "stat").read_text()
-                if int(stat_line.rsplit(")", 1)[1].split()[1]) == pid:
-                    children.append(int(entry.name))
-    return children
 
 
 def _set_child_subreaper(enabled: bool) -> bool:
@@ -753,7 +745,7 @@ class EmbeddedPostgres:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGSTOP)
-        children = _child_pids(proc.pid)
+        children = child_pids(proc.pid)
         for child in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)

@@ -24,7 +24,7 @@ from broker.protocol.command_status import CommandStatus
 from broker.protocol.commands import CommandSigner, new_envelope
 from broker.protocol.topology import Topology
 from broker.service import Service, Supervisor
-from broker.serving import embedded_server, wait_started
+from broker.serving import HTTP_DRAIN_S, embedded_server, wait_started
 from broker.settings import ApiSettings, NatsSettings
 from cloud_ingest.api.routes import create_app
 from cloud_ingest.command_status import expire_overdue
@@ -38,10 +38,6 @@ log = structlog.get_logger(__name__)
 
 _PUBLISH_TIMEOUT_S = 2.0
 """A request waits this long for JetStream; after that the command is published later."""
-SHUTDOWN_DEADLINE_S = 20.0
-"""Hard bound on a clean shutdown; below Kubernetes' default 30 s grace period."""
-HTTP_DRAIN_S = 8.0
-"""How long in-flight requests get to finish at shutdown."""
 
 
 # -- the service ------------------------------------------------------------------------------
@@ -304,7 +300,7 @@ class Api(Service):
                 (:class:`~broker.errors.RootTaskEnded` if it just returned).
         """
         server = embedded_server(create_app(self))
-        async with Supervisor("api", deadline_s=SHUTDOWN_DEADLINE_S) as roots:
+        async with Supervisor("api") as roots:
             http = roots.start(server.serve(sockets=[self.listener]), name="http")
             roots.start(self._every(self.settings.expiry_interval_s, self.expire_overdue,
                                     "expiry"), name="expiry")

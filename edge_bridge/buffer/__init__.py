@@ -14,7 +14,6 @@ Public surface: :class:`Buffer` and what its methods return. The rooms:
 """
 
 from edge_bridge.buffer.chunks import (
-    STORED_RECORD_OVERHEAD_BYTES,
     encode_chunks,
     record_size,
     split_chunk,
@@ -22,12 +21,10 @@ from edge_bridge.buffer.chunks import (
 from edge_bridge.buffer.reads import StoredRun
 from edge_bridge.buffer.schema import DropRun
 from edge_bridge.buffer.stats import BufferStats
-from edge_bridge.buffer.store import DEDUP_WINDOW_S, AppendResult, Buffer
+from edge_bridge.buffer.store import AppendResult, Buffer
 from edge_bridge.buffer.streams import StreamState
 
 __all__ = [
-    "DEDUP_WINDOW_S",
-    "STORED_RECORD_OVERHEAD_BYTES",
     "AppendResult",
     "Buffer",
     "BufferStats",

@@ -26,7 +26,11 @@ import structlog
 
 from edge_bridge.buffer.schema import STREAM_COLUMNS, StreamRow
 
-__all__ = ["StreamState", "StreamTable"]
+__all__ = [
+    "Snapshot",
+    "StreamState",
+    "StreamTable",
+]
 
 log = structlog.get_logger(__name__)
 

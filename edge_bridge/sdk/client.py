@@ -65,7 +65,9 @@ from edge_bridge.sdk._defaults import (
 )
 from edge_bridge.sdk.results import ClientStats, RecordAck
 
-__all__ = ["ClientStats", "EdgeClient", "RecordAck"]
+__all__ = [
+    "EdgeClient",
+]
 
 log = structlog.get_logger(__name__)
 

@@ -3,8 +3,9 @@
 :class:`ChaosSystem` runs PostgreSQL (its own cluster, ``synchronous_commit``
 on, so an acknowledged commit survives a kill), one nats-server, two ingest
 processes on one durable consumer and two edge bridges, each one
-``python -m broker ...`` child configured by ``EDGESYNC_*`` variables. Every
-process is started, signalled and stopped by pid.
+``python -m broker ...`` child (:class:`~broker.runtime.children.ServiceProcess`)
+configured by ``EDGESYNC_*`` variables built from settings objects, on the port
+it bound. Every process is started, signalled and stopped by pid.
 
 :class:`Load` drives the bridges with SDK producers
 (:class:`edge_bridge.sdk.EdgeClient`) and writes down every acknowledged
@@ -28,9 +29,6 @@ import contextlib
 import itertools
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -38,13 +36,19 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 
+from broker.runtime.children import ServiceProcess, settings_env
 from broker.runtime.embedded_nats import EmbeddedNats
 from broker.runtime.embedded_postgres import EmbeddedPostgres
+from broker.settings import (
+    BridgeSettings,
+    IngestSettings,
+    LogSettings,
+    NatsSettings,
+    ShipperSettings,
+)
 from edge_bridge.sdk import EdgeClient, RecordAck
-from tests.helpers import until
-from tests.integration.harness import free_port
+from tests.support import until
 
 __all__ = [
     "RESULTS_FILE",
@@ -52,7 +56,6 @@ __all__ = [
     "Identity",
     "Load",
     "Outcome",
-    "ServiceProcess",
     "chaos_system",
 ]
 
@@ -70,74 +73,6 @@ _UIDS = itertools.count()
 
 Identity = tuple[str, str, int, int]
 """``(edge, stream, epoch, seq)``: a record's identity as the SDK was told it."""
-
-
-class ServiceProcess:
-    """``python -m broker <service>`` as a child process, signalled by pid only."""
-
-    def __init__(self, name: str, service: str, env: Mapping[str, str], port: int,
-                 log_file: Path) -> None:
-        self.name = name
-        self.service = service
-        self.env = dict(env)
-        self.port = port
-        self.log_file = log_file
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    async def start(self, *, timeout: float = 30.0) -> None:
-        """Start and wait until ``/readyz`` answers 200 (or fail with the log's tail)."""
-        assert not self.running, f"{self.name} is already running"
-        with self.log_file.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "broker", self.service],
-                env={**os.environ, **self.env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a terminal's Ctrl-C goes to pytest only
-            )
-        self.starts += 1
-
-        async def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"{self.name} exited with {self.proc.returncode}: "
-                    f"{self.log_file.read_text(errors='replace')[-3000:]}"
-                )
-            try:
-                async with httpx.AsyncClient(trust_env=False) as client:
-                    return (await client.get(f"{self.url}/readyz", timeout=2)).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await until(ready, timeout=timeout, interval=0.05, message=f"{self.name} not ready")
-
-    def kill(self) -> None:
-        """SIGKILL now, as a crash or the OOM killer would."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    async def stop(self, timeout: float = 25.0) -> int | None:
-        """SIGTERM, wait with a deadline, then SIGKILL; returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(self.proc.wait, timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
 
 
 @dataclass
@@ -240,23 +175,21 @@ class Load:
         return done
 
 
-def _bridge_env(edge: str, port: int, buffer_dir: Path, nats_url: str,
-                extra: Mapping[str, str]) -> dict[str, str]:
-    return {
-        "EDGESYNC_BRIDGE__EDGE_ID": edge,
-        "EDGESYNC_BRIDGE__PORT": str(port),
-        "EDGESYNC_BRIDGE__BUFFER_DIR": str(buffer_dir),
-        "EDGESYNC_BRIDGE__HEARTBEAT_INTERVAL_S": "0.5",
-        "EDGESYNC_BRIDGE__SHIPPER__LINGER_MS": "5",
-        # Short, so a loss between JetStream and Postgres is repaired within a test.
-        "EDGESYNC_BRIDGE__SHIPPER__RETRANSMIT_TIMEOUT_S": "5",
-        "EDGESYNC_BRIDGE__SHIPPER__RETRANSMIT_BACKOFF_MAX_S": "10",
-        "EDGESYNC_BRIDGE__SHIPPER__RETRY_BACKOFF_MAX_S": "1",
-        "EDGESYNC_NATS__URL": nats_url,
-        "EDGESYNC_NATS__PUBLISH_TIMEOUT_S": "2",
-        "EDGESYNC_LOG__LEVEL": "info",
-        **extra,
-    }
+def _bridge_env(edge: str, buffer_dir: Path, nats_url: str) -> dict[str, str]:
+    settings = BridgeSettings(
+        edge_id=edge,
+        buffer_dir=buffer_dir,
+        heartbeat_interval_s=0.5,
+        shipper=ShipperSettings(
+            linger_ms=5,
+            # Short, so a loss between JetStream and Postgres is repaired within a test.
+            retransmit_timeout_s=5,
+            retransmit_backoff_max_s=10,
+            retry_backoff_max_s=1,
+        ),
+    )
+    nats = NatsSettings(url=nats_url, publish_timeout_s=2)
+    return settings_env(bridge=settings, nats=nats, log=LogSettings(level="info"))
 
 
 class ChaosSystem:
@@ -282,29 +215,22 @@ class ChaosSystem:
         await self.pg.start()
         self.dsn = await self.pg.create_database("chaos")
         await self.nats.start()
+        # Redelivery after a killed ingest comes after ack_wait_s.
+        ingest = IngestSettings(postgres_dsn=self.dsn, db_retry_max_s=0.5, ack_wait_s=5)
+        env = settings_env(ingest=ingest, nats=NatsSettings(url=self.nats.url),
+                           log=LogSettings(level="info"))
         for i in range(2):
-            env = {
-                "EDGESYNC_INGEST__POSTGRES_DSN": self.dsn,
-                "EDGESYNC_INGEST__PORT": str(free_port()),
-                "EDGESYNC_INGEST__DB_RETRY_MAX_S": "0.5",
-                # Redelivery after a killed ingest comes this soon.
-                "EDGESYNC_INGEST__ACK_WAIT_S": "5",
-                "EDGESYNC_NATS__URL": self.nats.url,
-                "EDGESYNC_LOG__LEVEL": "info",
-            }
             self.ingests.append(ServiceProcess(
-                f"ingest-{i}", "ingest", env, int(env["EDGESYNC_INGEST__PORT"]),
-                self.tmp / f"ingest-{i}.log",
+                "ingest", env, log_file=self.tmp / f"ingest-{i}.log", name=f"ingest-{i}"
             ))
         # One after the other: the first creates the schema, streams and consumer.
         for ingest in self.ingests:
             await ingest.start()
         for edge in self.edges:
-            port = free_port()
-            env = _bridge_env(edge, port, self.tmp / f"buffer-{edge}", self.nats.url,
-                              self._bridge_env.get(edge, {}))
+            env = {**_bridge_env(edge, self.tmp / f"buffer-{edge}", self.nats.url),
+                   **self._bridge_env.get(edge, {})}
             self.bridges[edge] = ServiceProcess(
-                f"bridge-{edge}", "bridge", env, port, self.tmp / f"bridge-{edge}.log"
+                "bridge", env, log_file=self.tmp / f"bridge-{edge}.log", name=f"bridge-{edge}"
             )
         await asyncio.gather(*(b.start() for b in self.bridges.values()))
 

@@ -12,15 +12,16 @@ import pytest
 from broker.runtime.embedded_nats import EmbeddedNats
 from tests.chaos.harness import ChaosSystem, Load
 from tests.helpers import until
-from tests.integration.harness import free_port
+from tests.support import port_for_config
 
 
 class NatsCluster:
     """Three nats-server processes on loopback, routed into one JetStream cluster."""
 
     def __init__(self, tmp: Path, size: int = 3) -> None:
-        client_ports = [free_port() for _ in range(size)]
-        route_ports = [free_port() for _ in range(size)]
+        # Each node's command line names every node's route port: chosen in advance.
+        client_ports = [port_for_config() for _ in range(size)]
+        route_ports = [port_for_config() for _ in range(size)]
         routes = ",".join(f"nats://127.0.0.1:{p}" for p in route_ports)
         self.nodes = [
             EmbeddedNats(

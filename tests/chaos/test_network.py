@@ -11,7 +11,6 @@ import pytest
 from tests.chaos.harness import ChaosSystem, Load, chaos_system
 from tests.chaos.proxy import ChaosProxy
 from tests.helpers import until
-from tests.integration.harness import free_port
 
 
 @pytest.fixture
@@ -19,7 +18,7 @@ async def proxied(tmp_path: Path) -> AsyncIterator[tuple[ChaosSystem, ChaosProxy
     """The default system, with edge-a reaching NATS only through a ChaosProxy."""
     holder: list[ChaosSystem] = []
     proxy = ChaosProxy(lambda: holder[0].nats.port)
-    await proxy.start(free_port())
+    await proxy.start()  # port 0: the bridge is told proxy.url
     try:
         env = {"edge-a": {"EDGESYNC_NATS__URL": proxy.url}}
         async with chaos_system(tmp_path, bridge_env=env) as system:

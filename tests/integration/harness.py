@@ -1,31 +1,25 @@
-"""Running the real services inside a test: in-process, or as OS processes to kill."""
+"""Running the real services inside a test: in-process (:func:`serving`), or as OS
+processes to kill (:class:`~tests.support.BridgeProcess`, re-exported here)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
-import httpx
 
 from broker.settings import BridgeSettings, IngestSettings, NatsSettings, ShipperSettings
 from cloud_ingest.service import Ingest
 from edge_bridge.bridge import Bridge
-from tests.helpers import until
+from tests.support import BridgeProcess, until
 
 __all__ = [
     "BridgeProcess",
     "bridge_settings",
     "count_records",
-    "free_port",
     "running_bridge",
     "running_ingest",
     "serving",
@@ -90,80 +84,6 @@ async def count_records(dsn: str, where: str = "true") -> int:
         return int(await conn.fetchval(f"SELECT count(*) FROM records WHERE {where}"))
     finally:
         await conn.close()
-
-
-class BridgeProcess:
-    """``python -m broker bridge`` as a child process, for kill -9 tests."""
-
-    def __init__(self, settings: BridgeSettings, nats_url: str, log_file: Path) -> None:
-        self.settings = settings
-        self.nats_url = nats_url
-        self.log_file = log_file
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def env(self) -> Mapping[str, str]:
-        s = self.settings
-        return {
-            **os.environ,
-            "EDGESYNC_BRIDGE__EDGE_ID": s.edge_id,
-            "EDGESYNC_BRIDGE__PORT": str(s.port),
-            "EDGESYNC_BRIDGE__BUFFER_DIR": str(s.buffer_dir),
-            "EDGESYNC_BRIDGE__HEARTBEAT_INTERVAL_S": str(s.heartbeat_interval_s),
-            "EDGESYNC_BRIDGE__SHIPPER__LINGER_MS": str(s.shipper.linger_ms),
-            "EDGESYNC_NATS__URL": self.nats_url,
-            "EDGESYNC_NATS__PUBLISH_TIMEOUT_S": "2",
-            "EDGESYNC_LOG__LEVEL": "info",
-        }
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.port}"
-
-    async def start(self) -> None:
-        assert self.settings.port, "a bridge process needs a fixed port to be found again"
-        with self.log_file.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "broker", "bridge"],
-                env=dict(self.env()),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-        async def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"bridge exited: {self.log_file.read_text()[-2000:]}")
-            try:
-                async with httpx.AsyncClient() as client:
-                    return (await client.get(f"{self.url}/readyz")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await until(ready, timeout=20, interval=0.05, message="bridge process not ready")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    async def stop(self) -> int:
-        """SIGTERM and wait (bounded); returns the exit code."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.to_thread(self.proc.wait, 25)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-            raise
-
-
-def free_port() -> int:
-    """A TCP port that was free on loopback a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_for_records(

@@ -10,14 +10,14 @@ import asyncpg
 from broker.runtime.embedded_nats import EmbeddedNats
 from edge_bridge.sdk import EdgeClient, RecordAck
 from tests.helpers import until
-from tests.integration.harness import BridgeProcess, bridge_settings, free_port, running_ingest
+from tests.integration.harness import BridgeProcess, bridge_settings, running_ingest
 
 
 async def test_acknowledged_records_survive_a_bridge_sigkill_exactly_once(
     tmp_path: Path, nats_server: EmbeddedNats, pg_dsn: str
 ) -> None:
     """Kill -9 the bridge mid-publish and restart it: each acked record is one row."""
-    settings = bridge_settings(tmp_path, port=free_port())
+    settings = bridge_settings(tmp_path)
     bridge = BridgeProcess(settings, nats_server.url, tmp_path / "bridge.log")
     acked: list[int] = []
     total = 30_000

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sqlite3
-from collections.abc import Mapping
 from pathlib import Path
 
 import attrs
@@ -17,7 +15,7 @@ from broker.runtime.embedded_nats import EmbeddedNats
 from edge_bridge.control_store import CONTROL_DB
 from tests.helpers import until
 from tests.integration.control_harness import DEPLOYMENTS, control_plane, kube_emulator
-from tests.integration.harness import BridgeProcess, free_port
+from tests.support import BridgeProcess
 
 
 @attrs.define(kw_only=True)
@@ -34,21 +32,6 @@ class HoldingEmulator(kmock.KubernetesEmulator):
             self.patched.set()
             await self.release.wait()
         return response
-
-
-class ControlBridgeProcess(BridgeProcess):
-    """A bridge process that also takes commands (its control settings as environment)."""
-
-    def env(self) -> Mapping[str, str]:
-        control = self.settings.control
-        return {
-            **super().env(),
-            "EDGESYNC_BRIDGE__CONTROL__PUBLIC_KEY_FILE": str(control.public_key_file),
-            "EDGESYNC_BRIDGE__CONTROL__KUBECONFIG": str(control.kubeconfig),
-            "EDGESYNC_BRIDGE__CONTROL__ALLOWED_NAMESPACES": json.dumps(
-                control.allowed_namespaces),
-            "EDGESYNC_BRIDGE__CONTROL__ACK_WAIT_S": str(control.ack_wait_s),
-        }
 
 
 def edge_state(buffer_dir: Path, command_id: str) -> str | None:
@@ -72,8 +55,8 @@ async def test_a_bridge_killed_between_apply_and_report_does_not_apply_twice(
         kube_emulator(tmp_path, emulator) as kube,
         control_plane(tmp_path, nats_server.url, pg_dsn, kubeconfig=kube.kubeconfig) as plane,
     ):
-        settings = plane.bridge_settings(port=free_port())
-        bridge = ControlBridgeProcess(settings, nats_server.url, tmp_path / "bridge.log")
+        settings = plane.bridge_settings()
+        bridge = BridgeProcess(settings, nats_server.url, tmp_path / "bridge.log")
         await bridge.start()
         try:
             await plane.wait_edge("edge-1")

@@ -19,7 +19,7 @@ from broker.protocol.commands import CommandEnvelope, new_envelope
 from broker.settings import ControlSettings
 from edge_bridge.applying import KubernetesApplier
 from tests.integration.control_harness import DEPLOYMENTS, kube_emulator
-from tests.integration.harness import free_port
+from tests.support import refused_port
 
 CONFLICT = KubernetesError(
     status=409, reason="Conflict",
@@ -133,15 +133,16 @@ async def test_a_missing_container_fails_without_writing(tmp_path: Path) -> None
 
 async def test_an_unreachable_api_fails_by_the_deadline(tmp_path: Path) -> None:
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        '{"apiVersion": "v1", "kind": "Config", "current-context": "c",'
-        f' "clusters": [{{"name": "c", "cluster": {{"server": "http://127.0.0.1:{free_port()}"}}}}],'
-        ' "users": [{"name": "u", "user": {}}],'
-        ' "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}')
-    started = time.monotonic()
-    with pytest.raises(ApplyFailed, match="Kubernetes API unavailable"):
-        await apply(kubeconfig, "deployment.scale",
-                    {"namespace": "prod", "name": "web", "replicas": 1}, deadline_s=1.0)
+    with refused_port() as port:
+        kubeconfig.write_text(
+            '{"apiVersion": "v1", "kind": "Config", "current-context": "c",'
+            f' "clusters": [{{"name": "c", "cluster": {{"server": "http://127.0.0.1:{port}"}}}}],'
+            ' "users": [{"name": "u", "user": {}}],'
+            ' "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}')
+        started = time.monotonic()
+        with pytest.raises(ApplyFailed, match="Kubernetes API unavailable"):
+            await apply(kubeconfig, "deployment.scale",
+                        {"namespace": "prod", "name": "web", "replicas": 1}, deadline_s=1.0)
     assert time.monotonic() - started < 5
 
 

@@ -3,38 +3,21 @@ through runtime.json with no other settings."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.helpers import until
 from tests.integration.control_harness import run_cli
+from tests.support import edgesync_up, until
 
 
 async def test_up_serves_the_api_and_the_cli_uses_runtime_json(tmp_path: Path) -> None:
     """runtime.json carries api_url and a generated operator_token (mode 0600);
     `edgesync cmd --state-dir` configures the simulated edge and waits for `applied`."""
-    state = tmp_path / "state"
-    log = (tmp_path / "up.log").open("wb")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESYNC_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "broker", "up", "--state-dir", str(state), "--bridge-port", "0",
-         "--api-port", "0"],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
-    try:
-        runtime_file = state / "runtime.json"
-        await until(runtime_file.exists, timeout=30, interval=0.1,
-                    message="runtime.json never appeared")
-        await until(lambda: runtime_file.read_text().strip().endswith("}"), timeout=5)
-        runtime = json.loads(runtime_file.read_text())
+    async with edgesync_up(tmp_path, "--bridge-port", "0", "--api-port", "0") as up:
+        state, runtime = up.state, up.runtime
         assert runtime["api_url"].startswith("http://127.0.0.1:")
         assert len(runtime["operator_token"]) >= 24
-        assert stat.S_IMODE(runtime_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(up.runtime_file.stat().st_mode) == 0o600
 
         async def edge_known() -> bool:
             listed = await run_cli("cmd", "--state-dir", str(state), "edges", "--json")
@@ -49,11 +32,5 @@ async def test_up_serves_the_api_and_the_cli_uses_runtime_json(tmp_path: Path) -
         refused = await run_cli("cmd", "--state-dir", str(state), "restart", "edge-1",
                                 "prod/web", "--wait", "--timeout", "20")
         assert refused.exit_code == 1 and "not allowed" in refused.output
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 0, (tmp_path / "up.log").read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        log.close()
+        assert up.interrupt() == 0, up.log_tail()
     assert (state / "keys" / "edgesync.key").exists()

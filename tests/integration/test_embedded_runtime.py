@@ -19,29 +19,8 @@ import pytest
 from broker.errors import RuntimeUnavailable
 from broker.runtime.embedded_nats import EmbeddedNats, find_nats_server
 from broker.runtime.embedded_postgres import EmbeddedPostgres, find_postgres_bindir
-from tests.helpers import PgCluster, until
-
-
-def _alive(pid: int) -> bool:
-    """True if ``pid`` is a live process (a zombie holds nothing and counts as gone)."""
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat_line.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat_line = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat_line.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
+from broker.runtime.processes import child_pids
+from tests.support import PgCluster, alive, until
 
 
 @pytest.fixture
@@ -69,7 +48,7 @@ def _processes_mentioning(text: str) -> list[int]:
                 cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-            if text in cmdline and _alive(int(entry.name)):
+            if text in cmdline and alive(int(entry.name)):
                 found.append(int(entry.name))
     return found
 
@@ -137,7 +116,7 @@ async def test_nats_stop_is_idempotent_and_leaves_no_process(tmp_path: Path) -> 
     await server.stop()
 
     assert server.pid is None
-    assert not _alive(pid)
+    assert not alive(pid)
 
 
 async def test_nats_kill_is_immediate_and_restart_recovers(tmp_path: Path) -> None:
@@ -146,7 +125,7 @@ async def test_nats_kill_is_immediate_and_restart_recovers(tmp_path: Path) -> No
         pid, port = server.pid, server.port
         assert pid is not None
         await server.kill()
-        assert not _alive(pid)
+        assert not alive(pid)
         assert server.pid is None
 
         await server.restart()
@@ -264,13 +243,13 @@ async def test_postgres_kill_ends_every_process_and_restart_recovers(tmp_path: P
             await conn.execute("INSERT INTO acked VALUES ($1)", i)
         postmaster = pg.pid
         assert postmaster is not None
-        children = _children(postmaster)
+        children = child_pids(postmaster)
         assert children  # checkpointer, walwriter, our backend, ...
 
         await pg.kill()
 
         assert pg.pid is None
-        assert [pid for pid in [postmaster, *children] if _alive(pid)] == []
+        assert [pid for pid in [postmaster, *children] if alive(pid)] == []
         await pg.restart()
         conn2 = await asyncpg.connect(pg.dsn)
         try:
@@ -295,7 +274,7 @@ async def test_postgres_stop_is_idempotent_and_ephemeral_cluster_is_removed(
 
     await pg.stop(mode="immediate")
     await pg.stop()
-    assert not _alive(pid)
+    assert not alive(pid)
 
     await pg.close()
     assert not data_dir.exists()

@@ -16,9 +16,9 @@ from broker.protocol.topology import Topology
 from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch, msg_id
 from broker.runtime.embedded_nats import EmbeddedNats
 from broker.settings import ShipperSettings, StreamPolicy
-from cloud_ingest.ingesting import GroupWriter
 from cloud_ingest.ranges import merge_ranges
 from cloud_ingest.schema import migrate
+from cloud_ingest.writing import GroupWriter
 from edge_bridge.bridge import Bridge
 from edge_bridge.sdk import EdgeClient
 from tests.helpers import until
@@ -111,6 +111,11 @@ async def buffered_is(bridge: Bridge, n: int) -> bool:
     return await buffered(bridge) == n
 
 
+async def _blocking_pids(conn: asyncpg.Connection, pid: int) -> list[int]:
+    """The backends whose locks backend ``pid`` is waiting for (empty: not waiting)."""
+    return list(await conn.fetchval("SELECT pg_blocking_pids($1)", pid))
+
+
 def _batch(first: int, n: int) -> Batch:
     return Batch(1, "e1", "s", 5, first, [Record(i, CT_JSON, b"{}") for i in range(n)])
 
@@ -124,6 +129,7 @@ async def test_out_of_order_commits_give_the_contiguous_watermark(pg_dsn: str) -
     writer = GroupWriter(Topology())
     a = await asyncpg.connect(pg_dsn)
     b = await asyncpg.connect(pg_dsn)
+    watcher = await asyncpg.connect(pg_dsn)
     try:
         from cloud_ingest.ingesting import init_connection
 
@@ -140,13 +146,18 @@ async def test_out_of_order_commits_give_the_contiguous_watermark(pg_dsn: str) -
                 return await merge_ranges(b, "ranges", [("e1", "s", 5, 1, 100)])
 
         task_b = asyncio.create_task(write_b())
-        await asyncio.sleep(0.2)
-        assert not task_b.done()  # serialised on the committed_ranges row
+        # Serialised on the committed_ranges row: B's backend waits for a lock A holds.
+        a_pid, b_pid = a.get_server_pid(), b.get_server_pid()
+        blockers = await until(lambda: _blocking_pids(watcher, b_pid), timeout=10,
+                               message="B never waited on a lock")
+        assert blockers == [a_pid]
+        assert not task_b.done()
         await tx_a.commit()
         marks_b = await asyncio.wait_for(task_b, 10)
     finally:
         await a.close()
         await b.close()
+        await watcher.close()
     assert marks_a == [("e1", "s", 5, 0)]
     assert marks_b == [("e1", "s", 5, 200)]
 

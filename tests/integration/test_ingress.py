@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -12,6 +14,7 @@ import pytest
 from broker.protocol.ingress import IngressRequest
 from broker.protocol.wire import CT_JSON, Record
 from broker.runtime.embedded_nats import EmbeddedNats
+from edge_bridge.bridge import Bridge
 from tests.integration.harness import (
     bridge_settings,
     count_records,
@@ -32,15 +35,22 @@ def body(n: int, *, producer: str = "p-1", request_seq: int = 0, size: int = 20)
 MSGPACK = {"content-type": "application/msgpack"}
 
 
+@contextlib.asynccontextmanager
+async def ingress(tmp: Path, nats_url: str, dsn: str | None = None
+                  ) -> AsyncIterator[tuple[Bridge, httpx.AsyncClient]]:
+    """A running bridge and an HTTP client on its ingress; with ``dsn``, an ingest too."""
+    async with contextlib.AsyncExitStack() as stack:
+        if dsn is not None:
+            await stack.enter_async_context(running_ingest(dsn, nats_url))
+        bridge = await stack.enter_async_context(running_bridge(bridge_settings(tmp), nats_url))
+        yield bridge, await stack.enter_async_context(httpx.AsyncClient(base_url=bridge.url))
+
+
 async def test_a_retried_request_after_a_lost_response_is_stored_once(
     tmp_path: Path, nats_server: EmbeddedNats, pg_dsn: str
 ) -> None:
     """The same (producer, request_seq) sent twice: one set of rows in Postgres."""
-    async with (
-        running_ingest(pg_dsn, nats_server.url),
-        running_bridge(bridge_settings(tmp_path), nats_server.url) as bridge,
-        httpx.AsyncClient(base_url=bridge.url) as http,
-    ):
+    async with ingress(tmp_path, nats_server.url, pg_dsn) as (_, http):
         payload = body(50, request_seq=1)
         first = await http.post("/v1/streams/s/records", content=payload, headers=MSGPACK)
         # The client never saw `first` (its response was lost) and sends it again.
@@ -59,11 +69,7 @@ async def test_json_requests_work_for_curl_users(
     tmp_path: Path, nats_server: EmbeddedNats, pg_dsn: str
 ) -> None:
     """JSON bodies: JSON payloads become jsonb, base64 payloads stay raw bytes."""
-    async with (
-        running_ingest(pg_dsn, nats_server.url),
-        running_bridge(bridge_settings(tmp_path), nats_server.url) as bridge,
-        httpx.AsyncClient(base_url=bridge.url) as http,
-    ):
+    async with ingress(tmp_path, nats_server.url, pg_dsn) as (_, http):
         resp = await http.post(
             "/v1/streams/s/records",
             json={
@@ -137,10 +143,7 @@ async def test_bad_requests_get_a_4xx_with_a_json_message(
     code: str,
 ) -> None:
     """Bad stream names, oversize records and malformed bodies are refused clearly."""
-    async with (
-        running_bridge(bridge_settings(tmp_path), nats_server.url) as bridge,
-        httpx.AsyncClient(base_url=bridge.url) as http,
-    ):
+    async with ingress(tmp_path, nats_server.url) as (bridge, http):
         resp = await http.post(path, content=content, headers=headers)
         assert resp.status_code == status, resp.text
         assert resp.json()["error"] == code
@@ -150,10 +153,7 @@ async def test_bad_requests_get_a_4xx_with_a_json_message(
 
 
 async def test_health_and_metrics_endpoints(tmp_path: Path, nats_server: EmbeddedNats) -> None:
-    async with (
-        running_bridge(bridge_settings(tmp_path), nats_server.url) as bridge,
-        httpx.AsyncClient(base_url=bridge.url) as http,
-    ):
+    async with ingress(tmp_path, nats_server.url) as (_, http):
         await http.post("/v1/streams/s/records", content=body(3), headers=MSGPACK)
         assert (await http.get("/healthz")).json() == {"status": "ok"}
         assert (await http.get("/readyz")).status_code == 200

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import until
+from tests.support import alive, until
 
 SCRIPT = """
 import asyncio, sys
@@ -33,17 +32,6 @@ asyncio.run(main())
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie waiting for init to reap it is gone for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv")
 async def test_servers_stop_when_their_parent_is_sigkilled(tmp_path: Path) -> None:
     """SIGKILL the process that started nats-server and PostgreSQL: both stop by
@@ -57,11 +45,11 @@ async def test_servers_stop_when_their_parent_is_sigkilled(tmp_path: Path) -> No
             line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
             assert line, "the child exited before starting its servers"
         nats_pid, pg_pid = (int(x) for x in line.split()[1:])
-        assert _alive(nats_pid) and _alive(pg_pid)
+        assert alive(nats_pid) and alive(pg_pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         for pid in (nats_pid, pg_pid):
-            await until(lambda pid=pid: not _alive(pid), timeout=20,
+            await until(lambda pid=pid: not alive(pid), timeout=20,
                         message=f"server {pid} outlived its parent")
     finally:
         if proc.poll() is None:

@@ -1,0 +1,38 @@
+"""What every test suite shares: waiting, the PostgreSQL under test, services as processes.
+
+- :func:`until`: wait on a condition with a deadline (``waiting``);
+- :class:`PgCluster`, :func:`dsn_from_env`: the PostgreSQL tests use (``postgres``);
+- :class:`ServiceProcess`, :func:`settings_env`: a service as a child process, and the
+  ``EDGESYNC_*`` variables that configure it from settings objects (shipped in
+  :mod:`broker.runtime.children`, because ``bench/`` uses them too and shipped code
+  does not import ``tests``); :class:`BridgeProcess` builds one from ``BridgeSettings``;
+  :func:`edgesync_up` runs the whole system as one child; :func:`alive` tells whether
+  a pid still runs; :func:`refused_port` and :func:`port_for_config` are for the two
+  cases port 0 does not cover (``processes``).
+"""
+
+from broker.runtime.children import ServiceProcess, settings_env
+from tests.support.postgres import PgCluster, dsn_from_env
+from tests.support.processes import (
+    BridgeProcess,
+    UpProcess,
+    alive,
+    edgesync_up,
+    port_for_config,
+    refused_port,
+)
+from tests.support.waiting import until
+
+__all__ = [
+    "BridgeProcess",
+    "PgCluster",
+    "ServiceProcess",
+    "UpProcess",
+    "alive",
+    "dsn_from_env",
+    "edgesync_up",
+    "port_for_config",
+    "refused_port",
+    "settings_env",
+    "until",
+]
