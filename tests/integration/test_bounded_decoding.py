@@ -23,10 +23,9 @@ from broker.protocol.wire import (
     decode_batch,
     encode_batch,
 )
+from broker.runtime.children import ServiceProcess
 from broker.runtime.embedded_nats import EmbeddedNats
-from tests.chaos.harness import ServiceProcess
 from tests.helpers import until
-from tests.integration.harness import free_port
 
 PEAK_RSS_BOUND = 256 * 1024**2
 """The ingest's peak RSS through the bombs: about half the 512 Mi limit in deploy/.
@@ -68,12 +67,11 @@ async def test_zstd_bombs_keep_the_ingest_under_its_memory_bound(
     edge writes: the ingest (its own process) stays under PEAK_RSS_BOUND, each bomb is
     dead-lettered exactly once, the over-cap batch's seqs are accounted, and the other
     edge's records commit."""
-    port = free_port()
-    ingest = ServiceProcess("ingest", "ingest", {
-        "EDGESYNC_INGEST__POSTGRES_DSN": pg_dsn, "EDGESYNC_INGEST__PORT": str(port),
+    ingest = ServiceProcess("ingest", {
+        "EDGESYNC_INGEST__POSTGRES_DSN": pg_dsn,
         "EDGESYNC_NATS__URL": nats_server.url, "EDGESYNC_INGEST__ACK_WAIT_S": "5",
         "EDGESYNC_LOG__LEVEL": "info",
-    }, port, tmp_path / "ingest.log")
+    }, log_file=tmp_path / "ingest.log")
     await ingest.start()
     try:
         assert ingest.proc is not None
