@@ -60,6 +60,7 @@ from broker.protocol.command_specs import (
     DeploymentSetImage,
 )
 from broker.protocol.commands import CommandSigner, new_envelope
+from broker.protocol.permissions import inbox_prefix
 from broker.protocol.tokens import is_valid_token
 from broker.protocol.topology import Topology
 from broker.serving import embedded_server
@@ -247,7 +248,8 @@ class Api:
             )
             async with self._pool.acquire() as conn:
                 await migrate(conn)
-            self._nc = await connect_with_retry(self.nats_settings, name="edgesync-api")
+            self._nc = await connect_with_retry(self.nats_settings, name="edgesync-api",
+                                                inbox_prefix=inbox_prefix(self.topology, "api"))
             self._js = self._nc.jetstream(timeout=self.nats_settings.publish_timeout_s)
             await self.topology.ensure_streams(self._js)
         except BaseException:

@@ -25,6 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from broker.connecting import close_nats, connect_with_retry
 from broker.errors import ClosedError
 from broker.protocol.events import CommandStatus, DropMarker
+from broker.protocol.permissions import inbox_prefix
 from broker.protocol.topology import Topology
 from broker.serving import embedded_server, listen_tcp
 from broker.settings import IngestSettings, NatsSettings
@@ -70,7 +71,9 @@ class Ingest:
             )
             async with self._pool.acquire() as conn:
                 await migrate(conn)
-            self._nc = await connect_with_retry(self.nats_settings, name="edgesync-ingest")
+            self._nc = await connect_with_retry(
+                self.nats_settings, name="edgesync-ingest",
+                inbox_prefix=inbox_prefix(self.topology, "ingest"))
             js = self._nc.jetstream()
             await self.topology.ensure_streams(js)
             self.watermarks = WatermarkPublisher(

@@ -28,6 +28,7 @@ from broker import __version__
 from broker.connecting import close_nats, connect_with_retry
 from broker.errors import ClosedError
 from broker.protocol.events import Heartbeat, StreamHealth, encode_event
+from broker.protocol.permissions import inbox_prefix
 from broker.protocol.topology import Topology
 from broker.serving import EmbeddedServer, embedded_server, listen_tcp
 from broker.settings import BridgeSettings, NatsSettings
@@ -215,6 +216,7 @@ class Bridge:
 
         nc = await connect_with_retry(
             self.nats_settings, name=f"edgesync-bridge-{self.edge_id}",
+            inbox_prefix=inbox_prefix(self.topology, "edge", self.edge_id),
             disconnected_cb=disconnected, reconnected_cb=reconnected,
         )
         self._nc = nc
