@@ -32,11 +32,12 @@ from pathlib import Path
 import nkeys
 
 from broker.errors import ConfigError
+from broker.private_files import write_private
 from broker.protocol.permissions import SERVICE_ROLES, Role, permissions_for
 from broker.protocol.tokens import validate_token
 from broker.protocol.topology import Topology
 
-__all__ = ["Identity", "IdentityStore", "new_user_seed", "public_key_of", "write_private"]
+__all__ = ["Identity", "IdentityStore", "new_user_seed", "public_key_of"]
 
 _REGISTRY = "identities.json"
 _AUTH_CONF = "auth.conf"
@@ -55,25 +56,6 @@ def public_key_of(seed: bytes) -> str:
         return str(kp.public_key.decode())
     finally:
         kp.wipe()
-
-
-def write_private(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` readable by its owner only (0600), atomically.
-
-    The file is created 0600 before a byte is written, so a secret never sits
-    in a world-readable file, not even for a moment.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    raw = data.encode() if isinstance(data, str) else data
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # an existing tmp file keeps its mode otherwise
-        os.write(fd, raw)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from typing import Any
 
 import structlog
 
-from broker.identities import write_private
+from broker.private_files import write_private
 from broker.protocol.commands import generate_key_pair
 from broker.runtime.embedded_postgres import EmbeddedPostgres, redact_dsn
 from broker.runtime.secured_nats import SecuredNats, create_control_consumer
@@ -121,6 +121,7 @@ async def run_local(
     private_key, public_key = state / "keys" / "edgesync.key", state / "keys" / "edgesync.pub"
     if not private_key.exists():
         generate_key_pair(private_key.parent, "edgesync", force=True)
+    private_key.parent.chmod(0o700)
     operator_token = secrets.token_urlsafe(24)
     async with contextlib.AsyncExitStack() as stack:
         secured = SecuredNats(state, log_file=state / "nats.log")

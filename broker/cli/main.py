@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from broker.cli.commands import cmd_app, keys_app
+from broker.cli.edges import edges_app
 from broker.errors import EdgesyncError
 from broker.logs import configure_logging
 from broker.settings import Settings
@@ -33,6 +34,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 app.add_typer(cmd_app, name="cmd")
 app.add_typer(keys_app, name="keys")
+app.add_typer(edges_app, name="edges")
 
 
 def _run_service(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:

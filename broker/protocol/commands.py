@@ -27,9 +27,7 @@ decoding. Expiry, edge, replay and allow-list checks are the bridge's
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import re
 import time
 import uuid
@@ -44,6 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from broker.errors import CommandRejected, ConfigError
+from broker.private_files import write_private
 from broker.protocol.tokens import validate_token
 
 __all__ = [
@@ -249,7 +248,7 @@ def generate_key_pair(directory: Path, name: str = "edgesync", *, force: bool = 
     Raises:
         ConfigError: a file exists and ``force`` is false.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     private_path, public_path = directory / f"{name}.key", directory / f"{name}.pub"
     if not force:
         for path in (private_path, public_path):
@@ -263,24 +262,11 @@ def generate_key_pair(directory: Path, name: str = "edgesync", *, force: bool = 
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _write_private(private_path, private_pem)
+    write_private(private_path, private_pem)
     tmp = public_path.with_suffix(".pub.tmp")
     tmp.write_bytes(public_pem)
     tmp.replace(public_path)
     return private_path, public_path
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".key.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()  # left over by a crash mid-write
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:

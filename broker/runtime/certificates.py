@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from broker.identities import write_private
+from broker.private_files import write_private
 
 __all__ = ["CertificateAuthority", "TlsFiles"]
 

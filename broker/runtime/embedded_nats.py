@@ -221,7 +221,7 @@ class EmbeddedNats:
         if self.running:
             raise RuntimeError(f"{self!r} is already running")
         binary = find_nats_server()
-        self._store_dir.mkdir(parents=True, exist_ok=True)
+        self._store_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # the data: ours only
         args = [
             # If we die without stopping it, it stops too (see broker.runtime.processes).
             *die_with_parent(signal.SIGTERM),

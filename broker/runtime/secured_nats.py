@@ -25,7 +25,8 @@ import structlog
 from nats.js.errors import NotFoundError
 
 from broker.connecting import close_nats, connect_options
-from broker.identities import IdentityStore, write_private
+from broker.identities import IdentityStore
+from broker.private_files import write_private
 from broker.protocol.permissions import Role, inbox_prefix
 from broker.protocol.topology import Topology
 from broker.runtime.certificates import CertificateAuthority

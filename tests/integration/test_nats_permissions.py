@@ -28,7 +28,8 @@ from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig
 
 from broker.connecting import connect_options
-from broker.identities import new_user_seed, write_private
+from broker.identities import new_user_seed
+from broker.private_files import write_private
 from broker.protocol.permissions import Role, inbox_prefix
 from broker.protocol.topology import Topology
 from broker.runtime.secured_nats import SecuredNats, create_control_consumer
