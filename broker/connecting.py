@@ -3,43 +3,108 @@
 nats-py reconnects by itself once connected, but the *first* connect fails
 fast when the server is down. A bridge must start (and accept records) while
 NATS is unreachable, so the first connect is retried here with backoff.
+
+Identity and transport security come from :class:`NatsSettings`: the
+credentials file (an nkey seed, or a user JWT ``.creds`` file), TLS with the
+given CA and optional client certificate, and the reply-subject prefix the
+caller's permissions allow (see :func:`broker.protocol.permissions.inbox_prefix`).
+A server refusing the credentials is retried like an unreachable one: a
+revoked edge keeps buffering, and resumes once it is provisioned again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import nats
 import structlog
 from nats.aio.client import Client as NATS
 
 from broker.backoff import backoff_s
+from broker.errors import ConfigError
 from broker.settings import NatsSettings
 
-__all__ = ["close_nats", "connect_with_retry"]
+__all__ = ["close_nats", "connect_options", "connect_with_retry", "tls_context"]
+
+_JWT_MARK = b"-----BEGIN NATS USER JWT-----"
 
 log = structlog.get_logger(__name__)
+
+
+def tls_context(settings: NatsSettings) -> ssl.SSLContext | None:
+    """The client TLS context of ``settings``, or None when TLS is off.
+
+    Raises:
+        ConfigError: a CA or certificate file cannot be read.
+    """
+    if not settings.tls:
+        return None
+    try:
+        context = ssl.create_default_context(
+            cafile=str(settings.ca_file) if settings.ca_file else None)
+        if settings.cert_file is not None and settings.key_file is not None:
+            context.load_cert_chain(str(settings.cert_file), str(settings.key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"nats TLS files unusable: {exc}") from exc
+    return context
+
+
+def connect_options(settings: NatsSettings, *, inbox_prefix: str | None = None
+                    ) -> dict[str, Any]:
+    """The identity and TLS keyword arguments of ``nats.connect`` for ``settings``.
+
+    Raises:
+        ConfigError: the credentials file cannot be read.
+    """
+    options: dict[str, Any] = {}
+    if inbox_prefix is not None:
+        options["inbox_prefix"] = inbox_prefix
+    if (context := tls_context(settings)) is not None:
+        options["tls"] = context
+    if settings.credentials_file is not None:
+        try:
+            head = settings.credentials_file.read_bytes()[:4096]
+        except OSError as exc:
+            raise ConfigError(f"nats.credentials_file unreadable: {exc}") from exc
+        key = "user_credentials" if _JWT_MARK in head else "nkeys_seed"
+        options[key] = str(settings.credentials_file)
+    return options
 
 
 async def connect_with_retry(
     settings: NatsSettings,
     *,
     name: str,
+    inbox_prefix: str | None = None,
     disconnected_cb: Callable[[], Awaitable[None]] | None = None,
     reconnected_cb: Callable[[], Awaitable[None]] | None = None,
     max_backoff_s: float = 5.0,
 ) -> NATS:
     """Connect, retrying with capped exponential backoff until it succeeds.
 
+    Args:
+        inbox_prefix: reply subjects below this prefix (what the identity may
+            subscribe to); default nats-py's ``_INBOX``.
+
     Cancel the calling task to give up.
+
+    Raises:
+        ConfigError: TLS or credentials files are unusable (retrying cannot help).
     """
     attempt = 0
+    options = connect_options(settings, inbox_prefix=inbox_prefix)
     servers = [s.strip() for s in settings.url.split(",") if s.strip()]
 
     async def on_error(exc: Exception) -> None:
-        log.debug("nats_client_error", client=name, error=f"{type(exc).__name__}: {exc}")
+        text = str(exc)
+        if "Violation" in text:  # the server's words for a refused identity or subject
+            log.warning("nats_permission_denied", client=name, error=text)
+            return
+        log.debug("nats_client_error", client=name, error=f"{type(exc).__name__}: {text}")
 
     async def on_disconnected() -> None:
         log.warning("nats_disconnected", client=name)
@@ -65,6 +130,7 @@ async def connect_with_retry(
                 reconnected_cb=on_reconnected,
                 ping_interval=5,
                 max_outstanding_pings=3,
+                **options,
             )
         except asyncio.CancelledError:
             raise

@@ -3,7 +3,8 @@
 The one recipe (write a temporary sibling, fsync it, rename it over the target,
 fsync the directory) used by whatever must survive a power loss whole: the
 bridge's runtime overrides, key files. Both sides may use it; it imports
-nothing of ours.
+nothing of ours. :func:`write_private` is the same recipe for secrets (keys,
+seeds, tokens, ``runtime.json``): 0600 from the first byte, in a 0700 directory.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextlib
 import os
 from pathlib import Path
 
-__all__ = ["write_atomically"]
+__all__ = ["write_atomically", "write_private"]
 
 
 def write_atomically(path: Path, data: bytes, *, mode: int = 0o644) -> None:
@@ -41,3 +42,14 @@ def write_atomically(path: Path, data: bytes, *, mode: int = 0o644) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def write_private(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` readable by its owner only (0600), atomically.
+
+    The file is created 0600 before a byte is written, so a secret never sits
+    in a world-readable file, not even for a moment. The parent directory is
+    created 0700 if missing.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_atomically(path, data.encode() if isinstance(data, str) else data, mode=0o600)

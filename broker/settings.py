@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.protocol.tokens import TOKEN_PATTERN, validate_token
@@ -58,6 +58,34 @@ class NatsSettings(BaseModel):
         description="Seconds the records stream keeps a batch (1 day); the edge keeps every "
         "record until PostgreSQL commits it, so this only bounds the disk.",
     )
+    credentials_file: Path | None = Field(
+        None, description="This identity's NATS credentials: the nkey seed file `edgesync "
+        "edges add` writes (`.nk`), or a user JWT `.creds` file; unset: no identity (only "
+        "a server without authorization accepts that).",
+    )
+    ca_file: Path | None = Field(
+        None, description="PEM CA bundle that verifies the server certificate; setting it "
+        "turns TLS on (a `tls://` URL without it uses the system trust store).",
+    )
+    cert_file: Path | None = Field(
+        None, description="PEM client certificate, for a server that requires mutual TLS "
+        "(`verify: true`); needs `key_file`.",
+    )
+    key_file: Path | None = Field(
+        None, description="PEM private key of `cert_file` (keep it 0600).",
+    )
+
+    @model_validator(mode="after")
+    def _client_cert_has_key(self) -> NatsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("nats.cert_file and nats.key_file go together: set both or neither")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """True when the connection must use TLS (a CA, a client certificate or tls://)."""
+        return (self.ca_file is not None or self.cert_file is not None
+                or any(u.strip().startswith("tls://") for u in self.url.split(",")))
 
 
 class StreamPolicy(BaseModel):

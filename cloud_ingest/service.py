@@ -23,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from broker.connecting import close_nats, connect_with_retry
 from broker.protocol.events import CommandStatusReport, DropMarker
+from broker.protocol.permissions import inbox_prefix
 from broker.protocol.topology import Topology
 from broker.service import Service, Supervisor
 from broker.serving import embedded_server
@@ -77,7 +78,9 @@ class Ingest(Service):
         )
         async with self._pool.acquire() as conn:
             await migrate(conn)
-        self._nc = await connect_with_retry(self.nats_settings, name="edgesync-ingest")
+        self._nc = await connect_with_retry(
+            self.nats_settings, name="edgesync-ingest",
+            inbox_prefix=inbox_prefix(self.topology, "ingest"))
         js = self._nc.jetstream()
         await self.topology.ensure_streams(js)
         self.watermarks = WatermarkPublisher(

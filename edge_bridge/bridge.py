@@ -29,6 +29,7 @@ from broker.backoff import backoff_s
 from broker.connecting import close_nats, connect_with_retry
 from broker.errors import ClosedError
 from broker.protocol.events import Heartbeat, StreamHealth, encode_event
+from broker.protocol.permissions import inbox_prefix
 from broker.protocol.topology import Topology
 from broker.service import Service, Supervisor
 from broker.serving import HTTP_DRAIN_S, EmbeddedServer, embedded_server, wait_started
@@ -184,6 +185,7 @@ class Bridge(Service):
 
         nc = await connect_with_retry(
             self.nats_settings, name=f"edgesync-bridge-{self.edge_id}",
+            inbox_prefix=inbox_prefix(self.topology, "edge", self.edge_id),
             disconnected_cb=disconnected, reconnected_cb=reconnected,
         )
         self._nc = nc

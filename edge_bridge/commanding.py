@@ -40,8 +40,7 @@ import nats.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import FetchTimeoutError
+from nats.js.errors import FetchTimeoutError, NotFoundError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel
 
@@ -177,23 +176,23 @@ class ControlChannel:
     # -- consuming ------------------------------------------------------------------------
 
     async def _subscribe(self) -> JetStreamContext.PullSubscription:
-        subject = self._topology.control_subject(self.edge_id)
-        config = ConsumerConfig(
-            durable_name=self.durable,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=self.settings.ack_wait_s,
-            max_ack_pending=1,  # one at a time: commands apply in the order issued
-            max_deliver=-1,
-            filter_subject=subject,
-        )
+        config = self._topology.control_consumer_config(
+            self.edge_id, durable=self.durable, ack_wait_s=self.settings.ack_wait_s)
         attempt = 0
         while True:
             await self._attached.wait()
             assert self._js is not None
             try:
-                # Create, or update the settings that may change (ack_wait).
-                await self._js.add_consumer(self._topology.control_stream, config)
+                # The cloud creates ctl-<edge> (`edgesync edges add`); an edge confined to
+                # its own subjects may only read it. Against an open server, create it
+                # or update the settings that may change (ack_wait).
+                try:
+                    info = await self._js.consumer_info(
+                        self._topology.control_stream, self.durable)
+                except NotFoundError:
+                    info = None
+                if info is None or info.config.ack_wait != config.ack_wait:
+                    await self._js.add_consumer(self._topology.control_stream, config)
                 return await self._js.pull_subscribe_bind(
                     self.durable, stream=self._topology.control_stream)
             except asyncio.CancelledError:

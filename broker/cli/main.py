@@ -23,6 +23,7 @@ from rich.console import Console
 from broker.cli.commands import cmd_app, keys_app
 from broker.cli.database import resolve_dsn
 from broker.cli.dead_letters import dead_letters_app
+from broker.cli.edges import edges_app
 from broker.errors import EdgesyncError
 from broker.logs import configure_logging
 from broker.settings import Settings
@@ -56,6 +57,7 @@ EXIT_CRASHED = 1
 """A service's root task crashed: Kubernetes must see a failed container, not a clean exit."""
 EXIT_ERROR = 2
 """An error of ours (bad settings, a root task that ended unasked, ...)."""
+app.add_typer(edges_app, name="edges")
 
 
 def _run_service(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:

@@ -259,7 +259,7 @@ def generate_key_pair(directory: Path, name: str = "edgesync", *, force: bool = 
     Raises:
         ConfigError: a file exists and ``force`` is false.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     private_path, public_path = directory / f"{name}.key", directory / f"{name}.pub"
     if not force:
         for path in (private_path, public_path):

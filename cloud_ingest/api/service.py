@@ -22,6 +22,7 @@ from broker.connecting import close_nats, connect_with_retry
 from broker.errors import ClosedError, ConfigError, Conflict
 from broker.protocol.command_status import CommandStatus
 from broker.protocol.commands import CommandSigner, new_envelope
+from broker.protocol.permissions import inbox_prefix
 from broker.protocol.topology import Topology
 from broker.service import Service, Supervisor
 from broker.serving import HTTP_DRAIN_S, embedded_server, wait_started
@@ -93,7 +94,8 @@ class Api(Service):
         )
         async with self._pool.acquire() as conn:
             await migrate(conn)
-        self._nc = await connect_with_retry(self.nats_settings, name="edgesync-api")
+        self._nc = await connect_with_retry(self.nats_settings, name="edgesync-api",
+                                            inbox_prefix=inbox_prefix(self.topology, "api"))
         self._js = self._nc.jetstream(timeout=self.nats_settings.publish_timeout_s)
         await self.topology.ensure_streams(self._js)
         log.info("api_ready", key_id=self.signer.key_id, issuer=self.signer.issuer)

@@ -1,0 +1,182 @@
+"""``edgesync edges``: provision, list and revoke the NATS identities of edges.
+
+``add`` mints an edge's nkey (or registers a public key made on the edge),
+writes its credentials file (0600), re-renders the server's ``auth.conf``,
+reloads the server, and creates the edge's control consumer as the admin
+identity. ``revoke`` removes the identity and reloads: the server closes the
+edge's connection and refuses it from then on.
+
+Where things are: the auth directory is ``--auth-dir`` or ``<state-dir>/nats-auth``.
+Next to a running ``edgesync up`` (its ``runtime.json``) the embedded server is
+reloaded by its pid and reached with the CA from ``runtime.json``; against a
+deployed server, pass ``--reload-pid`` or reload it yourself
+(``nats-server --signal reload=<pid>``), and NATS connection settings come
+from ``EDGESYNC_NATS__*`` with the admin's credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from broker.errors import EdgesyncError
+from broker.identities import IdentityStore
+from broker.protocol.topology import Topology
+from broker.settings import NatsSettings, Settings
+
+__all__ = [
+    "AuthDir",
+    "ReloadPid",
+    "StateDir",
+    "add",
+    "console",
+    "edges_app",
+    "list_",
+    "revoke",
+]
+
+edges_app = typer.Typer(no_args_is_help=True,
+                        help="Provision and revoke edges' NATS identities.")
+console = Console()
+
+StateDir = Annotated[Path, typer.Option(help="Where `edgesync up` keeps its state.")]
+AuthDir = Annotated[Path | None, typer.Option(
+    help="The auth directory (identities, seeds, auth.conf); default <state-dir>/nats-auth.")]
+ReloadPid = Annotated[int | None, typer.Option(
+    help="Pid of the nats-server to reload (default: the one in runtime.json, if any).")]
+
+
+def _runtime(state_dir: Path) -> dict[str, Any]:
+    path = state_dir / "runtime.json"
+    if not path.exists():
+        return {}
+    loaded: dict[str, Any] = json.loads(path.read_text())
+    return loaded
+
+
+def _store(state_dir: Path, auth_dir: Path | None) -> IdentityStore:
+    prefix = Settings().nats.prefix
+    store = IdentityStore(auth_dir or state_dir / "nats-auth", Topology(prefix=prefix))
+    store.ensure_services()
+    return store
+
+
+def _reload(pid: int | None) -> bool:
+    """SIGHUP nats-server ``pid`` (checked to be one); False when there is none to reload."""
+    if pid is None:
+        return False
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        comm = ""
+    if comm != "nats-server":
+        console.print(f"[yellow]pid {pid} is not a running nats-server; not reloaded[/yellow]")
+        return False
+    os.kill(pid, signal.SIGHUP)  # by pid: the server re-reads its configuration
+    return True
+
+
+def _admin_settings(store: IdentityStore, runtime: dict[str, Any]) -> NatsSettings:
+    admin_creds = store.credentials_file("admin")
+    if runtime:
+        return NatsSettings(url=runtime["nats_url"], ca_file=runtime.get("nats_ca_file"),
+                            credentials_file=admin_creds, prefix=store.topology.prefix)
+    settings = Settings().nats
+    if settings.credentials_file is None:
+        settings = settings.model_copy(update={"credentials_file": admin_creds})
+    return settings
+
+
+def _reload_or_explain(store: IdentityStore, pid: int | None) -> None:
+    if _reload(pid):
+        console.print(f"nats-server (pid {pid}) reloaded")
+    else:
+        console.print(f"Reload nats-server to apply {store.auth_conf} "
+                      "(`nats-server --signal reload=<pid>`, or SIGHUP).")
+
+
+@edges_app.command("add")
+def add(
+    edge: Annotated[str, typer.Argument(help="The edge id ([A-Za-z0-9_-]{1,64}).")],
+    *,
+    state_dir: StateDir = Path(".edgesync"),
+    auth_dir: AuthDir = None,
+    public_key: Annotated[str | None, typer.Option(
+        help="Register this public nkey (U...) made on the edge instead of minting a seed.")]
+    = None,
+    reload_pid: ReloadPid = None,
+    control_consumer: Annotated[bool, typer.Option(
+        help="Create the edge's control consumer now (needs NATS as the admin).")] = True,
+) -> None:
+    """Give EDGE its own NATS identity, confined to its own subjects."""
+    from broker.runtime.secured_nats import create_control_consumer
+
+    runtime = _runtime(state_dir)
+    try:
+        store = _store(state_dir, auth_dir)
+        store.add_edge(edge, public_key=public_key)
+    except (EdgesyncError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if public_key is None:
+        console.print(f"edge {edge}: credentials in {store.edge_credentials(edge)} (0600); "
+                      "give the edge this file as EDGESYNC_NATS__CREDENTIALS_FILE")
+    else:
+        console.print(f"edge {edge}: public key {public_key} registered")
+    _reload_or_explain(store, reload_pid or runtime.get("nats_pid"))
+    if not control_consumer:
+        return
+    try:
+        asyncio.run(create_control_consumer(_admin_settings(store, runtime), store.topology,
+                                            edge))
+    except Exception as exc:
+        console.print(f"[red]control consumer not created:[/red] {type(exc).__name__}: {exc}; "
+                      "run `edgesync edges add` again once NATS is reachable")
+        raise typer.Exit(1) from exc
+    console.print(f"control consumer {store.topology.control_durable(edge)} ready")
+
+
+@edges_app.command("revoke")
+def revoke(
+    edge: Annotated[str, typer.Argument(help="The edge id.")],
+    *,
+    state_dir: StateDir = Path(".edgesync"),
+    auth_dir: AuthDir = None,
+    reload_pid: ReloadPid = None,
+) -> None:
+    """Remove EDGE's identity: after the reload NATS closes its connection and refuses it."""
+    try:
+        store = _store(state_dir, auth_dir)
+        removed = store.revoke_edge(edge)
+    except (EdgesyncError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if not removed:
+        console.print(f"[yellow]edge {edge} has no identity; nothing to revoke[/yellow]")
+        raise typer.Exit(1)
+    console.print(f"edge {edge}: identity removed")
+    _reload_or_explain(store, reload_pid or _runtime(state_dir).get("nats_pid"))
+
+
+@edges_app.command("list")
+def list_(
+    *,
+    state_dir: StateDir = Path(".edgesync"),
+    auth_dir: AuthDir = None,
+) -> None:
+    """List the NATS identities: services and edges, with their public keys."""
+    store = _store(state_dir, auth_dir)
+    table = Table(title=f"NATS identities ({store.directory})")
+    for col in ("name", "role", "edge", "public key"):
+        table.add_column(col)
+    for identity in store.identities().values():
+        table.add_row(identity.name, identity.role, identity.edge or "-", identity.public_key)
+    console.print(table)
