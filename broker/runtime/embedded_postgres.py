@@ -326,6 +326,9 @@ class EmbeddedPostgres:
         self._real_dir: Path | None = None  # data_dir, or where it points when relocated
         self._relocated = False
         self._created = False  # this instance ran initdb / copied the template
+        self.source: str | None = None
+        """Where the running cluster came from: ``initdb``, ``template`` (a copy of the
+        cached initdb template) or ``existing`` (the data directory already held it)."""
         self._closed = False
         self._os_user: _OsUser | None = None
         self._bindir: Path | None = None
@@ -409,7 +412,7 @@ class EmbeddedPostgres:
         if self._bindir is None:
             self._bindir = await asyncio.to_thread(find_postgres_bindir)
             self._os_user = await asyncio.to_thread(_server_os_user)
-        source = await asyncio.to_thread(self._prepare_cluster, self._bindir)
+        source = self.source = await asyncio.to_thread(self._prepare_cluster, self._bindir)
         prepared = time.monotonic()
         auto_port = self._port == 0
         for attempt in range(1, _PORT_ATTEMPTS + 1):

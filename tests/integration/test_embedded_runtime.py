@@ -163,16 +163,19 @@ def test_nats_missing_binary_names_what_to_install(
 # -- PostgreSQL ---------------------------------------------------------------------------
 
 
-async def test_postgres_starts_fast_from_cold_and_warm_template(
+async def test_postgres_starts_from_initdb_cold_and_from_the_template_warm(
     tmp_path: Path, template_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A cold start runs initdb and saves the template; a warm start copies it and is
-    well under 2 s. Both serve ``SELECT 1`` on the edgesync database."""
+    """A cold start runs initdb and saves the template; a warm start copies the template
+    instead of running initdb. Both serve ``SELECT 1`` on the edgesync database. (The
+    timings are printed for a reader; a test does not assert on wall-clock speed.)"""
     timings = {}
+    sources = {}
     for kind in ("cold", "warm"):
         started = time.perf_counter()
         async with EmbeddedPostgres(tmp_path / f"pg-{kind}") as pg:
             timings[kind] = time.perf_counter() - started
+            sources[kind] = pg.source
             conn = await asyncpg.connect(pg.dsn)
             try:
                 assert await conn.fetchval("SELECT 1") == 1
@@ -187,7 +190,7 @@ async def test_postgres_starts_fast_from_cold_and_warm_template(
             f"\npostgres start-up: cold (initdb + template save) {timings['cold']:.3f}s, "
             f"warm (template copy) {timings['warm']:.3f}s"
         )
-    assert timings["warm"] < 2.0
+    assert sources == {"cold": "initdb", "warm": "template"}
 
 
 async def test_postgres_create_database_returns_working_dsn(
