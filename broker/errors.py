@@ -16,6 +16,7 @@ retry-ability is decided once, where the error enters our code.
     ├── ClosedError              a component used after close()
     ├── RuntimeUnavailable       an embedded server cannot be found or started
     └── TemporaryError(delay)    NATS timeout, DB unavailable: retry after delay
+        └── TopologyMissing      streams not created yet by their owner (the ingest)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "RecordTooLarge",
     "RuntimeUnavailable",
     "TemporaryError",
+    "TopologyMissing",
 ]
 
 
@@ -97,3 +99,12 @@ class TemporaryError(EdgesyncError):
     def __init__(self, message: str, *, delay: float = 1.0) -> None:
         super().__init__(message)
         self.delay = delay
+
+
+class TopologyMissing(TemporaryError):
+    """JetStream streams a client needs do not exist (yet): only the cloud's owner of
+    the topology creates them. ``missing`` names them."""
+
+    def __init__(self, message: str, *, missing: list[str], delay: float = 1.0) -> None:
+        super().__init__(message, delay=delay)
+        self.missing = missing

@@ -249,7 +249,8 @@ class Api:
                 await migrate(conn)
             self._nc = await connect_with_retry(self.nats_settings, name="edgesync-api")
             self._js = self._nc.jetstream(timeout=self.nats_settings.publish_timeout_s)
-            await self.topology.ensure_streams(self._js)
+            # The ingest owns the streams; the API only checks the one it publishes to.
+            await self.topology.require_streams(self._js, [self.topology.control_stream])
         except BaseException:
             await self.close()
             raise

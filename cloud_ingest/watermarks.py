@@ -20,7 +20,6 @@ import contextlib
 
 import structlog
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from broker.protocol.topology import Topology
@@ -32,13 +31,7 @@ log = structlog.get_logger(__name__)
 
 async def ensure_watermark_bucket(js: JetStreamContext, topology: Topology) -> KeyValue:
     """Create (idempotently) and return the watermark bucket."""
-    return await js.create_key_value(KeyValueConfig(
-        bucket=topology.watermarks_bucket,
-        history=1,
-        storage=StorageType.FILE,
-        replicas=topology.replicas,
-        description="edgesync committed watermarks, key <edge>.<stream>.<epoch>",
-    ))
+    return await topology.ensure_watermark_bucket(js)
 
 
 class WatermarkPublisher:

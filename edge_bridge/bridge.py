@@ -25,6 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from broker import __version__
+from broker.backoff import backoff_s
 from broker.connecting import close_nats, connect_with_retry
 from broker.errors import ClosedError
 from broker.protocol.events import Heartbeat, StreamHealth, encode_event
@@ -220,22 +221,14 @@ class Bridge:
         self._nc = nc
         self.metrics.nats_connected.set(1)
         js = nc.jetstream(timeout=self.nats_settings.publish_timeout_s)
-        while True:
-            try:
-                await self.topology.ensure_streams(js)
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("streams_not_ready", error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(1.0)
+        await self._wait_for_streams(js)
         self.shipper.attach(js)
         if self.control is not None:
             self.control.attach(js)
         self._heartbeat_wake.set()  # tell the cloud we are here now, not an interval later
         self.watermarks = WatermarkFollower(
             nc=nc, js=js, topology=self.topology, edge_id=self.edge_id, buffer=self.buffer,
-            shipper=self.shipper,
+            shipper=self.shipper, metrics=self.metrics,
         )
         self.drops = DropReporter(
             js=js, topology=self.topology, edge_id=self.edge_id, buffer=self.buffer,
@@ -244,6 +237,26 @@ class Bridge:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.watermarks.follow_forever(), name="watermarks")
             tasks.create_task(self.drops.report_forever(), name="drop-reports")
+
+    async def _wait_for_streams(self, js: JetStreamContext) -> None:
+        """Wait until the streams this bridge uses exist. The cloud owns them: a bridge
+        only checks, never creates or updates (see :mod:`broker.protocol.topology`)."""
+        needed = [self.topology.records_stream, self.topology.events_stream]
+        if self.control is not None:
+            needed.append(self.topology.control_stream)
+        attempt = 0
+        while True:
+            try:
+                await self.topology.require_streams(js, needed)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                attempt += 1
+                delay = backoff_s(attempt, base_s=0.5, cap_s=5.0)
+                log.warning("streams_not_ready", error=f"{type(exc).__name__}: {exc}",
+                            retry_in_s=round(delay, 2))
+                await asyncio.sleep(delay)
 
     async def _heartbeat_forever(self) -> None:
         while True:

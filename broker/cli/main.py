@@ -4,7 +4,8 @@
 service against external NATS/PostgreSQL from ``EDGESYNC_*`` settings;
 ``status`` reads edges, backlog and committed counts from PostgreSQL; ``cmd``
 sends control commands through the API and ``keys`` makes their signing keys
-(:mod:`broker.cli.commands`).
+(:mod:`broker.cli.commands`); ``streams init|check`` creates or checks the JetStream
+topology the cloud owns (:mod:`broker.cli.streams`).
 Service imports are lazy so ``edgesync --help`` stays fast.
 """
 
@@ -22,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from broker.cli.commands import cmd_app, keys_app
+from broker.cli.streams import streams_app
 from broker.errors import EdgesyncError
 from broker.logs import configure_logging
 from broker.settings import Settings
@@ -33,6 +35,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 app.add_typer(cmd_app, name="cmd")
 app.add_typer(keys_app, name="keys")
+app.add_typer(streams_app, name="streams")
 
 
 def _run_service(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:

@@ -6,8 +6,15 @@
 | ``<p>.ctl.<edge>``          | ``ES_CONTROL`` | signed commands                |
 | ``<p>.evt.<edge>``          | ``ES_EVENTS``  | command status and heartbeats  |
 
-``<p>`` is the configurable prefix (default ``es``). Streams are created or
-updated idempotently by whichever side starts first.
+``<p>`` is the configurable prefix (default ``es``).
+
+The cloud owns the topology: only the ingest (or the admin step
+``edgesync streams init``) calls :meth:`Topology.ensure_streams` and
+:meth:`Topology.ensure_watermark_bucket`, which create the streams and the KV
+bucket or update them to the owner's configuration (replicas included). Bridges
+and the API call :meth:`Topology.missing_streams` and wait or fail while
+anything they need is absent: a client that updated a stream to *its* settings
+would, on a 3-node cluster, cut the replicas of every stream to its own value.
 """
 
 from __future__ import annotations
@@ -16,12 +23,23 @@ from dataclasses import dataclass
 
 import structlog
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
 
+from broker.errors import TopologyMissing
 from broker.protocol.tokens import validate_token
 
-__all__ = ["Topology"]
+__all__ = ["INIT_HINT", "Topology"]
+
+INIT_HINT = "start the ingest or run `edgesync streams init` (the cloud owns the streams)"
+"""What to do about a missing stream; every client's message says it."""
 
 log = structlog.get_logger(__name__)
 
@@ -119,8 +137,46 @@ class Topology:
             ),
         ]
 
+    def watermarks_config(self) -> KeyValueConfig:
+        return KeyValueConfig(
+            bucket=self.watermarks_bucket,
+            history=1,
+            storage=StorageType.FILE,
+            replicas=self.replicas,
+            description="edgesync committed watermarks, key <edge>.<stream>.<epoch>",
+        )
+
+    async def ensure_watermark_bucket(self, js: JetStreamContext) -> KeyValue:
+        """Create (idempotently) and return the watermark bucket. Owner only."""
+        return await js.create_key_value(self.watermarks_config())
+
+    async def missing_streams(self, js: JetStreamContext, names: list[str]) -> list[str]:
+        """Which of the streams ``names`` do not exist; reads, never changes anything.
+
+        Raises:
+            Exception: NATS errors other than "not found" (timeouts, no JetStream)
+                reach the caller, which retries.
+        """
+        missing = []
+        for name in names:
+            try:
+                await js.stream_info(name)
+            except NotFoundError:
+                missing.append(name)
+        return missing
+
+    async def require_streams(self, js: JetStreamContext, names: list[str]) -> None:
+        """Raises :class:`TopologyMissing` naming each absent stream of ``names``."""
+        if missing := await self.missing_streams(js, names):
+            raise TopologyMissing(
+                f"JetStream stream(s) {', '.join(missing)} missing: {INIT_HINT}", missing=missing
+            )
+
     async def ensure_streams(self, js: JetStreamContext) -> None:
-        """Create the streams, or update them to this configuration; idempotent."""
+        """Create the streams, or update them to this configuration; idempotent.
+
+        Owner only (the ingest, ``edgesync streams init``): see the module docstring.
+        """
         for config in self.stream_configs():
             try:
                 await js.stream_info(config.name or "")

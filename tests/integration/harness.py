@@ -15,7 +15,9 @@ from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import httpx
+import nats
 
+from broker.protocol.topology import Topology
 from broker.settings import BridgeSettings, IngestSettings, NatsSettings, ShipperSettings
 from cloud_ingest.service import Ingest
 from edge_bridge.bridge import Bridge
@@ -26,6 +28,7 @@ __all__ = [
     "bridge_settings",
     "count_records",
     "free_port",
+    "init_topology",
     "running_bridge",
     "running_ingest",
     "serving",
@@ -69,8 +72,28 @@ async def serving(service: S) -> AsyncIterator[S]:
             await asyncio.wait_for(task, 30)
 
 
+async def init_topology(nats_url: str, **topology: Any) -> None:
+    """Create the streams and the watermark bucket, as ``edgesync streams init`` does.
+
+    The cloud owns the topology and a bridge only waits for it, so a test that runs a
+    bridge before (or without) an ingest plays the admin step first. NATS down (a test
+    of an outage): nothing to do, the ingest started later creates them."""
+    try:
+        nc = await nats.connect(nats_url.split(","), connect_timeout=1,
+                                allow_reconnect=False)
+    except Exception:
+        return
+    try:
+        js = nc.jetstream()
+        await Topology(**topology).ensure_streams(js)
+        await Topology(**topology).ensure_watermark_bucket(js)
+    finally:
+        await nc.close()
+
+
 @contextlib.asynccontextmanager
 async def running_bridge(settings: BridgeSettings, nats_url: str) -> AsyncIterator[Bridge]:
+    await init_topology(nats_url)
     async with serving(Bridge(settings, NatsSettings(url=nats_url, publish_timeout_s=2))) as b:
         yield b
 
@@ -121,6 +144,7 @@ class BridgeProcess:
 
     async def start(self) -> None:
         assert self.settings.port, "a bridge process needs a fixed port to be found again"
+        await init_topology(self.nats_url)
         with self.log_file.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "broker", "bridge"],
