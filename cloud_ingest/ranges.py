@@ -1,6 +1,7 @@
 """Merging seq ranges into ``committed_ranges``: what is committed, what was dropped.
 
-The one place that writes that table. Both writers run inside the transaction
+The one place that writes that table (besides :mod:`cloud_ingest.reconciling`,
+which adds what the cloud lost after commit). Both writers run inside the transaction
 that stores what the ranges describe, and get back the contiguous watermark of
 every key they touched as seen inside that transaction (so it includes every
 earlier commit, whatever order parallel workers commit in).
@@ -13,13 +14,20 @@ from typing import Literal
 
 import asyncpg
 
-__all__ = ["Span", "Watermark", "merge_ranges"]
+__all__ = ["Span", "Watermark", "accounted", "merge_ranges"]
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 Span = tuple[str, str, int, int, int]
 """``(edge, stream, epoch, first_seq, last_seq)``, closed."""
 Watermark = tuple[str, str, int, int]
 """``(edge, stream, epoch, watermark)``."""
+
+def accounted(alias: str = "") -> str:
+    """SQL for the seqs of a ``committed_ranges`` row that move the watermark: committed,
+    dropped by the edge's policy, or lost after commit. The one home of that rule."""
+    t = f"{alias}." if alias else ""
+    return f"({t}ranges + {t}dropped + {t}lost_after_commit)"
+
 
 _AGG = "range_agg(int8range(lo, hi))"
 _EMPTY = "'{}'::int8multirange"
@@ -42,7 +50,7 @@ async def merge_ranges(
         "GROUP BY edge_id, stream, epoch ORDER BY edge_id, stream, epoch "
         "ON CONFLICT (edge_id, stream, epoch) DO UPDATE "
         f"SET {column} = c.{column} + EXCLUDED.{column}, updated_at = now() "
-        "RETURNING edge_id, stream, epoch, es_watermark(ranges + dropped) AS watermark",
+        f"RETURNING edge_id, stream, epoch, es_watermark({accounted()}) AS watermark",
         [s[0] for s in ordered], [s[1] for s in ordered], [s[2] for s in ordered],
         [s[3] for s in ordered], [s[4] + 1 for s in ordered],
     )

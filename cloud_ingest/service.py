@@ -34,6 +34,7 @@ from cloud_ingest.edge_tracking import EdgeTracker
 from cloud_ingest.ingesting import RecordsConsumer, init_connection
 from cloud_ingest.metrics import IngestMetrics
 from cloud_ingest.pooling import close_pool, connect_pool
+from cloud_ingest.reconciling import lost_after_commit_writer
 from cloud_ingest.schema import migrate
 from cloud_ingest.watermarks import WatermarkPublisher, ensure_watermark_bucket
 
@@ -93,6 +94,7 @@ class Ingest:
                     DropMarker: drop_marker_writer(self.watermarks.note),
                     CommandStatus: CommandStatusWriter(self.metrics.registry),
                 },
+                on_heartbeats=lost_after_commit_writer(self.watermarks.note, self.metrics),
             )
             await self.tracker.ensure_consumer()
         except BaseException:

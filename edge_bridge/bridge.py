@@ -301,6 +301,7 @@ class Bridge:
                 committed_seq=s.committed_seq, records=s.records, bytes=s.bytes,
                 dropped_overflow=s.dropped_overflow, dropped_ttl=s.dropped_ttl,
                 oldest_uncommitted_age_s=0.0 if oldest is None else max(0.0, now - oldest),
+                trim_floor=s.committed_seq,  # persisted: the buffer trimmed up to it
             )
         return Heartbeat(
             edge=self.edge_id, version=self.version, sent_at=time.time(),

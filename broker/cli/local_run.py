@@ -9,6 +9,14 @@ Writes ``runtime.json`` in the state directory with the URLs of everything it
 started (and the operator token: mode 0600), prints a live summary, and stops
 everything, in order, when ``stop`` is set.
 
+Everything it keeps lives in the state directory and survives a restart
+together: the PostgreSQL cluster, the NATS store (streams, consumers, committed
+watermarks), every bridge's buffer and the signing keys. Keeping only part of it
+is what must never happen: a new empty database beside old buffers would leave
+every seq those buffers once trimmed missing. A second run therefore continues
+where the first stopped; ``fresh=True`` (``edgesync up --fresh``) wipes the whole
+directory first.
+
 This module is the one place in ``broker`` that imports both sides (lazily,
 inside functions): it is the composition root, not a library.
 """
@@ -21,6 +29,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +38,7 @@ from typing import Any
 
 import structlog
 
+from broker.errors import ConfigError
 from broker.protocol.commands import generate_key_pair
 from broker.runtime.embedded_nats import EmbeddedNats
 from broker.runtime.embedded_postgres import EmbeddedPostgres
@@ -59,6 +69,8 @@ class LocalRunOptions:
     api_port: int = 0
     """Operator API port; 0 picks a free one."""
     extra: dict[str, Any] = field(default_factory=dict)
+    fresh: bool = False
+    """Wipe the state directory (database, NATS store, buffers, keys) before starting."""
 
 
 def synthetic_telemetry(rng: random.Random, seq: int) -> dict[str, Any]:
@@ -111,8 +123,11 @@ async def run_local(
     from edge_bridge.bridge import Bridge
 
     state = options.state_dir.absolute()
-    state.mkdir(parents=True, exist_ok=True)
     runtime_file = state / "runtime.json"
+    _refuse_if_running(runtime_file)
+    if options.fresh and state.exists():
+        wipe_state(state)
+    state.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     private_key, public_key = state / "keys" / "edgesync.key", state / "keys" / "edgesync.pub"
     if not private_key.exists():
@@ -122,10 +137,11 @@ async def run_local(
         nats_server = await stack.enter_async_context(
             EmbeddedNats(state / "nats", log_file=state / "nats.log")
         )
-        # Throwaway by design (removed on exit). synchronous_commit on: the edge lets
-        # go of records once they are committed, so a commit must survive a crash.
+        # Kept across runs, with the buffers that trust it (ephemeral=False). synchronous
+        # commit on: the edge lets go of records once they are committed, so a commit
+        # must survive a crash of the server.
         postgres = await stack.enter_async_context(
-            EmbeddedPostgres(state / "postgres", ephemeral=True, synchronous_commit=True)
+            EmbeddedPostgres(state / "postgres", ephemeral=False, synchronous_commit=True)
         )
         nats_settings = NatsSettings(url=nats_server.url)
         ingest = await stack.enter_async_context(Ingest(
@@ -206,6 +222,44 @@ async def run_local(
             await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(FileNotFoundError):
                 runtime_file.unlink()
+
+
+def _refuse_if_running(runtime_file: Path) -> None:
+    """Two runs on one state directory would share buffers and a database: refuse."""
+    try:
+        pid = int(json.loads(runtime_file.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # none, or left behind by a run that was killed
+    if pid == os.getpid():
+        return
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        pass  # alive, someone else's
+    raise ConfigError(f"edgesync up is already running on {runtime_file.parent} (pid {pid}); "
+                      "stop it first, or use another --state-dir")
+
+
+def wipe_state(state: Path) -> None:
+    """Remove the whole state directory: database, NATS store, buffers, keys, together.
+
+    Only what ``edgesync up`` made is expected there; a directory that does not look
+    like one (no ``postgres``, ``nats`` or ``bridge-*`` inside) is refused, so a
+    mistyped ``--state-dir`` cannot delete something else.
+    """
+    made_by_us = any((state / name).exists() for name in ("postgres", "nats", "keys")) or any(
+        state.glob("bridge-*"))
+    if any(state.iterdir()) and not made_by_us:
+        raise ConfigError(f"{state} does not look like an edgesync state directory; "
+                          "not wiping it")
+    # A cluster relocated behind a symlink (see EmbeddedPostgres) goes with it.
+    pg = state / "postgres"
+    if pg.is_symlink():
+        shutil.rmtree(pg.resolve(), ignore_errors=True)
+    shutil.rmtree(state)
+    log.info("state_wiped", state_dir=str(state))
 
 
 def _counter(registry: Any, name: str) -> float:

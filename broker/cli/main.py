@@ -67,13 +67,20 @@ def up(
     bridge_port: Annotated[int, typer.Option(help="First bridge port (0: free ports).")] = 8787,
     api_port: Annotated[int, typer.Option(help="Operator API port (0: a free port).")] = 8789,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "warning",
+    fresh: Annotated[bool, typer.Option(
+        "--fresh", help="Wipe the state dir first: database, NATS store, buffers, keys.")]
+    = False,
 ) -> None:
-    """Run the whole system on this machine: NATS, PostgreSQL, ingest, bridges."""
+    """Run the whole system on this machine: NATS, PostgreSQL, ingest, bridges.
+
+    State (database, NATS store, buffers, keys) lives in --state-dir and survives
+    restarts: a second run continues where the first stopped. --fresh starts over."""
     from broker.cli.local_run import LocalRunOptions, run_local
 
     configure_logging(log_level, "console")
     options = LocalRunOptions(state_dir=state_dir, edges=edges, simulate_rate=simulate,
-                              bridge_port=_free_or(bridge_port), api_port=_free_or(api_port))
+                              bridge_port=_free_or(bridge_port), api_port=_free_or(api_port),
+                              fresh=fresh)
     _run_service(lambda stop: run_local(options, stop=stop, print_line=console.print))
 
 
@@ -136,7 +143,8 @@ def status(
     state_dir: Annotated[Path, typer.Option(help="Where `edgesync up` wrote runtime.json.")]
     = Path(".edgesync"),
     gaps: Annotated[bool, typer.Option(
-        "--gaps", help="Completeness per edge/stream/epoch: committed, dropped, missing.")]
+        "--gaps", help="Completeness per edge/stream/epoch: committed, dropped, "
+                  "lost after commit, missing.")]
     = False,
 ) -> None:
     """Print edges, their backlog, and committed counts per stream."""
@@ -170,7 +178,8 @@ def status(
         table = Table(title="completeness" if gaps else "committed")
         columns = ["edge", "stream", "epoch", "committed", "watermark", "highest seq"]
         if gaps:
-            columns += ["dropped (overflow/ttl)", "missing", "missing ranges", "lag"]
+            columns += ["dropped (overflow/ttl)", "lost after commit", "missing",
+                        "missing ranges", "lag"]
         for col in columns:
             table.add_column(col)
         for p in progress:
@@ -181,6 +190,7 @@ def status(
                 lag = p["lag_seconds"]
                 row += [
                     f"{p['dropped_records']:,} ({p['dropped_overflow']:,}/{p['dropped_ttl']:,})",
+                    _lost(p),
                     f"{p['missing_records']:,}",
                     _ranges(p["missing_ranges"]),
                     "-" if lag is None else f"{lag:.1f}s",
@@ -201,6 +211,12 @@ def _drop_counts(dropped: Any) -> str:
     overflow = sum(int(v.get("overflow", 0)) for v in per_stream.values())
     ttl = sum(int(v.get("ttl", 0)) for v in per_stream.values())
     return f"{overflow:,}/{ttl:,}"
+
+
+def _lost(row: Any) -> str:
+    """``count [ranges]`` of seqs lost after commit (the cloud had them, then not)."""
+    count = row["lost_after_commit_records"]
+    return f"{count:,} [{_ranges(row['lost_after_commit_ranges'], 3)}]" if count else "0"
 
 
 def _ranges(ranges: Any, limit: int = 5) -> str:
