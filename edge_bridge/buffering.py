@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import queue
 import secrets
@@ -244,6 +245,24 @@ class _Op(Generic[T]):
         self.future = future
 
 
+DISK_FULL_RETRY_AFTER_S = 5.0
+"""What a producer is told to wait when the buffer's filesystem is full: space comes
+back when something else frees it, or when the cloud's watermark lets us trim."""
+
+
+def _disk_full_as_buffer_full(exc: Exception) -> Exception:
+    """The filesystem is full (SQLITE_FULL, ENOSPC): back-pressure, not a crash. The
+    transaction was rolled back, so nothing of the request is stored and the producer
+    may retry it; the writer goes on and succeeds as soon as space returns."""
+    full = (isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == 13
+            ) or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
+    if not full:
+        return exc
+    error = BufferFull(f"the buffer's disk is full: {exc}", retry_after=DISK_FULL_RETRY_AFTER_S)
+    error.__cause__ = exc
+    return error
+
+
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if future.done():
         return
@@ -408,7 +427,7 @@ class Buffer:
                 except Exception as exc:
                     conn.execute("ROLLBACK TO op")
                     self._restore(op_snapshot)
-                    results.append((op, None, exc))
+                    results.append((op, None, _disk_full_as_buffer_full(exc)))
                 else:
                     results.append((op, result, None))
                 conn.execute("RELEASE op")
@@ -419,7 +438,8 @@ class Buffer:
                 conn.execute("ROLLBACK")
             self._restore(snapshot)
             log.error("buffer_commit_failed", error=str(exc), ops=len(group))
-            results = [(op, None, exc) for op in group]
+            failure = _disk_full_as_buffer_full(exc)
+            results = [(op, None, failure) for op in group]
         for op, result, error in results:
             op.loop.call_soon_threadsafe(_resolve, op.future, result, error)
 
