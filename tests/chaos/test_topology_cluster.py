@@ -54,6 +54,12 @@ async def test_replicas_stay_at_3_across_api_and_bridge_restarts(
                                        NatsSettings(url=system.nats.url, replicas=1))):
                     await load.wait_acked(2_000 * (round_ + 1), timeout=60)
                 assert await replicas(system.nats.url) == dict.fromkeys(NAMES, 3)
-        await system.quiesce(load, timeout=120)
+        recover = await system.quiesce(load, timeout=120)
+        outcome = await system.reconcile(
+            "3-node JetStream cluster: bridges and API restarted with replicas=1", load,
+            recover_s=recover, notes="streams and watermark bucket stayed at 3 replicas",
+        )
+        assert outcome.lost == 0, outcome
+        assert outcome.duplicated == 0, outcome
     finally:
         await system.close()
