@@ -30,7 +30,8 @@ from broker.runtime.embedded_nats import EmbeddedNats, find_nats_server
 from broker.runtime.embedded_postgres import EmbeddedPostgres, find_postgres_bindir
 from cloud_ingest.schema import migrate
 
-__all__ = ["BenchEnv", "connect_nats", "free_port", "machine_info", "metric_total"]
+__all__ = ["BenchEnv", "connect_nats", "free_port", "init_topology", "machine_info",
+           "metric_total"]
 
 
 def free_port() -> int:
@@ -143,6 +144,20 @@ class BenchEnv:
 
 async def connect_nats(url: str) -> NATS:
     return await nats.connect(url, name="edgesync-bench", max_reconnect_attempts=3)
+
+
+async def init_topology(url: str) -> None:
+    """What ``edgesync streams init`` does, for scenarios that run a bridge without an
+    ingest: the cloud owns the streams, and a bridge only waits for them."""
+    from broker.protocol.topology import Topology
+
+    nc = await connect_nats(url)
+    try:
+        js = nc.jetstream(timeout=10)
+        await Topology().ensure_streams(js)
+        await Topology().ensure_watermark_bucket(js)
+    finally:
+        await nc.close()
 
 
 async def metric_total(client: httpx.AsyncClient, url: str, name: str) -> float:

@@ -33,7 +33,7 @@ async def restore(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():
-            await conn.execute("LOCK TABLE records, committed_ranges IN ACCESS EXCLUSIVE MODE")
+            await conn.execute("LOCK TABLE committed_ranges, records IN ACCESS EXCLUSIVE MODE")
             await conn.execute("TRUNCATE records, committed_ranges")
             await conn.execute("INSERT INTO records SELECT * FROM backup_records")
             await conn.execute("INSERT INTO committed_ranges SELECT * FROM backup_ranges")

@@ -15,10 +15,12 @@ from tests.helpers import until
 from tests.integration.control_harness import run_cli
 
 
-async def test_up_serves_the_api_and_the_cli_uses_runtime_json(tmp_path: Path) -> None:
+async def test_up_serves_the_api_and_the_cli_uses_runtime_json(
+    tmp_path: Path, reachable_dir: Path
+) -> None:
     """runtime.json carries api_url and a generated operator_token (mode 0600);
     `edgesync cmd --state-dir` configures the simulated edge and waits for `applied`."""
-    state = tmp_path / "state"
+    state = reachable_dir / "state"  # edgesync up keeps a persistent PostgreSQL there
     log = (tmp_path / "up.log").open("wb")
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESYNC_")}
     proc = subprocess.Popen(

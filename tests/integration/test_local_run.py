@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import asyncpg
@@ -28,10 +26,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
-async def test_up_with_simulation_commits_growing_rows_and_stops_cleanly(tmp_path: Path) -> None:
+async def test_up_with_simulation_commits_growing_rows_and_stops_cleanly(
+    tmp_path: Path, reachable_dir: Path
+) -> None:
     """`edgesync up --simulate 1000`: committed rows grow within 10 s; Ctrl-C stops
     every process it started."""
-    state = tmp_path / "state"
+    state = reachable_dir / "state"  # edgesync up keeps a persistent PostgreSQL there
     log = (tmp_path / "up.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "broker", "up", "--simulate", "1000", "--state-dir", str(state),
@@ -122,47 +122,35 @@ async def _completeness(dsn: str) -> list[asyncpg.Record]:
 
 
 async def test_a_second_up_continues_where_the_first_stopped_and_fresh_starts_over(
-    tmp_path: Path,
+    tmp_path: Path, reachable_dir: Path
 ) -> None:
     """State survives `edgesync up` restarts together: the second run finds the first
     run's rows, its buffers continue the same epoch with 0 missing and nothing lost;
     `--fresh` wipes database, NATS store and buffers at once."""
-    # The embedded PostgreSQL runs as an unprivileged user when we are root: the state
-    # dir must be reachable for it, which pytest's 0700 tmp_path is not.
-    state_root = _reachable_dir()
-    state = state_root / "state"
+    state = reachable_dir / "state"
     log_path = tmp_path / "up.log"
-    try:
-        async with _Up(state, log_path, "--simulate", "500") as runtime:
-            dsn = str(runtime["postgres_dsn"])
-            await until(lambda: count_committed(dsn, 1_000), timeout=30, interval=0.25,
-                        message="the first run committed too little")
-        async with _Up(state, log_path, "--simulate", "200") as runtime:
-            dsn = str(runtime["postgres_dsn"])
-            first = (await _completeness(dsn))[0]
-            assert first["committed_records"] >= 1_000  # the first run's rows are there
+    async with _Up(state, log_path, "--simulate", "500") as runtime:
+        dsn = str(runtime["postgres_dsn"])
+        await until(lambda: count_committed(dsn, 1_000), timeout=30, interval=0.25,
+                    message="the first run committed too little")
+    async with _Up(state, log_path, "--simulate", "200") as runtime:
+        dsn = str(runtime["postgres_dsn"])
+        first = (await _completeness(dsn))[0]
+        assert first["committed_records"] >= 1_000  # the first run's rows are there
 
-            async def continued() -> asyncpg.Record | None:
-                rows = await _completeness(dsn)
-                row = rows[0] if len(rows) == 1 else None
-                ok = (row is not None and row["epoch"] == first["epoch"]
-                      and row["watermark"] > first["highest_seq"] + 200
-                      and row["missing_records"] == 0)
-                return row if ok else None
+        async def continued() -> asyncpg.Record | None:
+            rows = await _completeness(dsn)
+            row = rows[0] if len(rows) == 1 else None
+            ok = (row is not None and row["epoch"] == first["epoch"]
+                  and row["watermark"] > first["highest_seq"] + 200
+                  and row["missing_records"] == 0)
+            return row if ok else None
 
-            second = await until(continued, timeout=60, interval=0.25,
-                                                message="the second run did not continue")
-        assert second["lost_after_commit_records"] == 0
-        async with _Up(state, log_path, "--fresh") as runtime:
-            assert await _completeness(str(runtime["postgres_dsn"])) == []
-    finally:
-        shutil.rmtree(state_root, ignore_errors=True)
-
-
-def _reachable_dir() -> Path:
-    path = Path(tempfile.mkdtemp(prefix="edgesync-up-"))
-    path.chmod(0o755)
-    return path
+        second = await until(continued, timeout=60, interval=0.25,
+                             message="the second run did not continue")
+    assert second["lost_after_commit_records"] == 0
+    async with _Up(state, log_path, "--fresh") as runtime:
+        assert await _completeness(str(runtime["postgres_dsn"])) == []
 
 
 async def count_committed(dsn: str, at_least: int) -> bool:
