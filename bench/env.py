@@ -31,7 +31,7 @@ from broker.runtime.embedded_postgres import EmbeddedPostgres, find_postgres_bin
 from broker.settings import BridgeSettings, IngestSettings, LogSettings, NatsSettings
 from cloud_ingest.schema import migrate
 
-__all__ = ["BenchEnv", "connect_nats", "machine_info", "metric_total"]
+__all__ = ["BenchEnv", "connect_nats", "init_topology", "machine_info", "metric_total"]
 
 _LOG = LogSettings(level="info", format="json")
 """Services log at info: the start-up line reports the port they bound (and the
@@ -133,6 +133,20 @@ class BenchEnv:
 
 async def connect_nats(url: str) -> NATS:
     return await nats.connect(url, name="edgesync-bench", max_reconnect_attempts=3)
+
+
+async def init_topology(url: str) -> None:
+    """What ``edgesync streams init`` does, for scenarios that run a bridge without an
+    ingest: the cloud owns the streams, and a bridge only waits for them."""
+    from broker.protocol.topology import Topology
+
+    nc = await connect_nats(url)
+    try:
+        js = nc.jetstream(timeout=10)
+        await Topology().ensure_streams(js)
+        await Topology().ensure_watermark_bucket(js)
+    finally:
+        await nc.close()
 
 
 async def metric_total(client: httpx.AsyncClient, url: str, name: str) -> float:

@@ -30,6 +30,7 @@ used by the bridge's ingress and the operator API alike::
     ├── RootTaskEnded            a service's root task ended without being asked
     ├── RuntimeUnavailable       an embedded server cannot be found or started
     └── TemporaryError(delay)    NATS timeout, DB unavailable: retry after delay  503
+        └── TopologyMissing      streams not created yet by their owner (the ingest) 503
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ __all__ = [
     "RootTaskEnded",
     "RuntimeUnavailable",
     "TemporaryError",
+    "TopologyMissing",
     "Unauthorized",
     "UnsupportedMediaType",
     "http_status",
@@ -246,6 +248,17 @@ class TemporaryError(EdgesyncError):
     def __init__(self, message: str, *, delay: float = 1.0, code: str | None = None) -> None:
         super().__init__(message, code=code)
         self.delay = delay
+
+
+class TopologyMissing(TemporaryError):
+    """JetStream streams a client needs do not exist (yet): only the cloud's owner of
+    the topology creates them. ``missing`` names them."""
+
+    def __init__(self, message: str, *, missing: list[str], delay: float = 1.0) -> None:
+        super().__init__(message, delay=delay)
+        self.missing = missing
+
+    default_code = "topology_missing"
 
 
 HTTP_STATUS: dict[type[EdgesyncError], int] = {

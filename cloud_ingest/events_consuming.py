@@ -72,9 +72,13 @@ class EventsConsumer:
         consumer: str,
         metrics: IngestMetrics,
         writers: Mapping[type, EventWriter] | None = None,
+        on_heartbeats: EventWriter | None = None,
     ) -> None:
         """``writers`` maps further event types to the coroutine that stores a list of
-        them inside the consumer's transaction (heartbeats are handled here)."""
+        them inside the consumer's transaction (heartbeats are handled here);
+        ``on_heartbeats`` also sees the heartbeats, after the upsert, in the same
+        transaction (the trim floor reconciliation, :mod:`cloud_ingest.reconciling`)."""
+        self._on_heartbeats = on_heartbeats
         self._writers: dict[type, EventWriter] = {Heartbeat: self._write_heartbeats}
         self._writers.update(writers or {})
         self._js = js
@@ -124,7 +128,7 @@ class EventsConsumer:
             with contextlib.suppress(Exception):  # the connection may already be gone
                 await sub.unsubscribe()
 
-    async def _write_heartbeats(self, conn: Connection, beats: list[Any]) -> None:
+    async def _write_heartbeats(self, conn: Connection, beats: list[Any]) -> AfterCommit | None:
         """Upsert each edge's latest heartbeat into ``edges``."""
         latest: dict[str, Heartbeat] = {}
         for beat in beats:
@@ -138,6 +142,9 @@ class EventsConsumer:
             for b in latest.values()
         ])
         self._metrics.heartbeats.inc(len(latest))
+        if self._on_heartbeats is not None:
+            return await self._on_heartbeats(conn, list(latest.values()))
+        return None
 
     async def _handle(self, msgs: list[Msg]) -> None:
         by_type: dict[type, list[tuple[Msg, Any]]] = {}

@@ -40,6 +40,11 @@ class IngestMetrics:
             buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
         )
+        self.records_lost_after_commit = Counter(
+            "edgesync_records_lost_after_commit",
+            "Seqs the cloud had committed (the edge trimmed them) and no longer holds, "
+            "e.g. after a database restore; alert on any increase.", registry=r,
+        )
         self.heartbeats = Counter(
             "edgesync_heartbeats", "Edge heartbeats recorded.", registry=r
         )

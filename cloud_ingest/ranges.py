@@ -1,7 +1,9 @@
 """Merging seq ranges into ``committed_ranges``: what is committed, what was dropped,
-what was dead-lettered.
+what was dead-lettered (and, with :mod:`cloud_ingest.reconciling`, what was lost
+after commit).
 
-The one place that writes that table. Both writers run inside the transaction
+The one place that writes that table (besides :mod:`cloud_ingest.reconciling`,
+which adds what the cloud lost after commit). Both writers run inside the transaction
 that stores what the ranges describe, and get back the contiguous watermark of
 every key they touched as seen inside that transaction (so it includes every
 earlier commit, whatever order parallel workers commit in).
@@ -14,7 +16,7 @@ from typing import Literal
 
 from cloud_ingest.db_errors import Connection
 
-__all__ = ["ACCOUNTED", "Column", "Span", "Watermark", "merge_ranges", "spans_of"]
+__all__ = ["ACCOUNTED", "Column", "Span", "Watermark", "accounted", "merge_ranges", "spans_of"]
 
 Span = tuple[str, str, int, int, int]
 """``(edge, stream, epoch, first_seq, last_seq)``, closed."""
@@ -23,9 +25,19 @@ Watermark = tuple[str, str, int, int]
 
 Column = Literal["ranges", "dropped", "dead_lettered"]
 _COLUMNS: tuple[Column, ...] = ("ranges", "dropped", "dead_lettered")
+
+
+def accounted(alias: str = "") -> str:
+    """SQL for the seqs of a ``committed_ranges`` row that move the watermark: committed,
+    dropped by the edge's policy, dead-lettered, or lost after commit. The one home of
+    that rule."""
+    t = f"{alias}." if alias else ""
+    return f"({t}ranges + {t}dropped + {t}dead_lettered + {t}lost_after_commit)"
+
+
 _AGG = "range_agg(int8range(lo, hi))"
 _EMPTY = "'{}'::int8multirange"
-ACCOUNTED = "ranges + dropped + dead_lettered"
+ACCOUNTED = accounted()
 """Every seq whose fate is known; the watermark is its contiguous prefix."""
 
 

@@ -34,6 +34,7 @@ from cloud_ingest.events_consuming import EventsConsumer
 from cloud_ingest.ingesting import RecordsConsumer, init_connection
 from cloud_ingest.metrics import IngestMetrics
 from cloud_ingest.pooling import close_pool, connect_pool
+from cloud_ingest.reconciling import lost_after_commit_writer
 from cloud_ingest.schema import migrate
 from cloud_ingest.watermarks import WatermarkPublisher, ensure_watermark_bucket
 
@@ -107,6 +108,7 @@ class Ingest(Service):
                 DropMarker: drop_marker_writer(self.watermarks.note),
                 CommandStatusReport: CommandStatusWriter(self.metrics.registry),
             },
+            on_heartbeats=lost_after_commit_writer(self.watermarks.note, self.metrics),
         )
         await self.events.ensure_consumer()
 

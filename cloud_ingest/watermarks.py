@@ -20,8 +20,6 @@ import contextlib
 
 import structlog
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 
 from broker.protocol.topology import Topology
@@ -35,29 +33,8 @@ _PUTS_IN_FLIGHT = 256
 
 
 async def ensure_watermark_bucket(js: JetStreamContext, topology: Topology) -> KeyValue:
-    """Create (idempotently) and return the watermark bucket.
-
-    ``direct``: an edge reads its keys with direct gets, whose subject names the
-    key, so NATS permissions can confine it to its own keys (see
-    :mod:`broker.protocol.permissions`). A bucket made before that is switched over.
-    """
-    try:
-        return await js.create_key_value(KeyValueConfig(
-            bucket=topology.watermarks_bucket,
-            history=1,
-            storage=StorageType.FILE,
-            replicas=topology.replicas,
-            direct=True,
-            description="edgesync committed watermarks, key <edge>.<stream>.<epoch>",
-        ))
-    except BadRequestError:
-        # Exists with another configuration (no allow_direct): update that one field.
-        info = await js.stream_info(f"KV_{topology.watermarks_bucket}")
-        if not info.config.allow_direct:
-            info.config.allow_direct = True
-            await js.update_stream(info.config)
-            log.info("watermark_bucket_direct_enabled")
-        return await js.key_value(topology.watermarks_bucket)
+    """Create (idempotently) and return the watermark bucket."""
+    return await topology.ensure_watermark_bucket(js)
 
 
 class WatermarkPublisher:

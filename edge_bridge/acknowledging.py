@@ -6,6 +6,14 @@ dropped) and lets the buffer delete those records. Updates arrive live on the
 watermark bucket's subject; a periodic read of the bucket catches up after an
 outage, so an edge that was offline learns the current values when it returns.
 
+A watermark is a claim, not a proof: the bridge never trims above what it shipped
+itself (or dropped by policy) for that ``(stream, epoch)``. A higher value, from a
+bug or a forged KV write, would delete records the cloud never received; it is
+ignored, logged (``watermark_ignored``) and counted
+(``edgesync_watermarks_ignored_total``). ``above_shipped`` also happens legitimately
+for a moment after a bridge restart, until the backlog is shipped again;
+``beyond_assigned`` (a seq this bridge never gave out) never does.
+
 :class:`DropReporter` tells the cloud about every run of records the buffer
 dropped by policy, and repeats itself until the watermark passes the run, so a
 marker lost on the way is sent again.
@@ -28,6 +36,7 @@ from broker.errors import ClosedError
 from broker.protocol.events import DropMarker, encode_event
 from broker.protocol.topology import Topology
 from edge_bridge.buffer import Buffer
+from edge_bridge.metrics import BridgeMetrics
 from edge_bridge.shipping import Shipper
 
 __all__ = ["DropReporter", "WatermarkFollower"]
@@ -45,6 +54,7 @@ class WatermarkFollower:
         edge_id: str,
         buffer: Buffer,
         shipper: Shipper,
+        metrics: BridgeMetrics | None = None,
         catch_up_interval_s: float = 1.0,
     ) -> None:
         self._nc = nc
@@ -56,6 +66,9 @@ class WatermarkFollower:
         self._interval = catch_up_interval_s
         self._kv: KeyValue | None = None
         self._lock = asyncio.Lock()
+        self._metrics = metrics
+        self._ignored: dict[tuple[str, int], int] = {}
+        """The last refused value per ``(stream, epoch)``: logged and counted once."""
 
     async def follow_forever(self) -> None:
         sub = await self._nc.subscribe(
@@ -109,11 +122,40 @@ class WatermarkFollower:
         state = self._buffer.stream_state(stream)
         if state is None or state.epoch != epoch or watermark <= state.committed_seq:
             return
+        if watermark > self._shipper.shipped_high(stream, epoch):
+            bound = await self._disposed_upto(stream, epoch)
+            if watermark > bound:
+                self._refuse(stream, epoch, watermark, bound, assigned=state.next_seq - 1)
+                return
         async with self._lock:
             deleted = await self._buffer.trim(stream, epoch, watermark)
         self._shipper.on_committed(stream, epoch, watermark)
         log.debug("records_committed_upstream", stream=stream, epoch=epoch,
                   watermark=watermark, deleted=deleted)
+
+
+    async def _disposed_upto(self, stream: str, epoch: int) -> int:
+        """Highest seq up to which every record was shipped or dropped by this bridge:
+        the shipped high mark, extended over the drop runs that continue it (records
+        dropped before they could be shipped need no shipping to be accounted)."""
+        bound = self._shipper.shipped_high(stream, epoch)
+        for name, drop_epoch, first, last, *_ in await self._buffer.pending_drops():
+            if name == stream and drop_epoch == epoch and first <= bound + 1:
+                bound = max(bound, last)
+        return bound
+
+    def _refuse(self, stream: str, epoch: int, watermark: int, bound: int, *,
+                assigned: int) -> None:
+        if self._ignored.get((stream, epoch)) == watermark:
+            return  # the catch-up loop reads the same value every round
+        self._ignored[(stream, epoch)] = watermark
+        reason = "beyond_assigned" if watermark > assigned else "above_shipped"
+        if self._metrics is not None:
+            self._metrics.watermarks_ignored.labels(stream, reason).inc()
+        (log.warning if reason == "beyond_assigned" else log.info)(
+            "watermark_ignored", stream=stream, epoch=epoch, watermark=watermark,
+            shipped_upto=bound, highest_assigned=assigned, reason=reason,
+        )
 
 
 class DropReporter:

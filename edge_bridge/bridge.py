@@ -191,25 +191,14 @@ class Bridge(Service):
         self._nc = nc
         self.metrics.nats_connected.set(1)
         js = nc.jetstream(timeout=self.nats_settings.publish_timeout_s)
-        attempt = 0
-        while True:
-            try:
-                await self.topology.ensure_streams(js)
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                attempt += 1
-                log.warning("streams_not_ready", attempt=attempt,
-                            error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(backoff_s(attempt, base_s=0.5, cap_s=5.0))
+        await self._wait_for_streams(js)
         self.shipper.attach(js)
         if self.control is not None:
             self.control.attach(js)
         self._heartbeat_wake.set()  # tell the cloud we are here now, not an interval later
         self.watermarks = WatermarkFollower(
             nc=nc, js=js, topology=self.topology, edge_id=self.edge_id, buffer=self.buffer,
-            shipper=self.shipper,
+            shipper=self.shipper, metrics=self.metrics,
         )
         self.drops = DropReporter(
             js=js, topology=self.topology, edge_id=self.edge_id, buffer=self.buffer,
@@ -218,6 +207,26 @@ class Bridge(Service):
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.watermarks.follow_forever(), name="watermarks")
             tasks.create_task(self.drops.report_forever(), name="drop-reports")
+
+    async def _wait_for_streams(self, js: JetStreamContext) -> None:
+        """Wait until the streams this bridge uses exist. The cloud owns them: a bridge
+        only checks, never creates or updates (see :mod:`broker.protocol.topology`)."""
+        needed = [self.topology.records_stream, self.topology.events_stream]
+        if self.control is not None:
+            needed.append(self.topology.control_stream)
+        attempt = 0
+        while True:
+            try:
+                await self.topology.require_streams(js, needed)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                attempt += 1
+                delay = backoff_s(attempt, base_s=0.5, cap_s=5.0)
+                log.warning("streams_not_ready", error=f"{type(exc).__name__}: {exc}",
+                            retry_in_s=round(delay, 2))
+                await asyncio.sleep(delay)
 
     async def _heartbeat_forever(self) -> None:
         while True:
@@ -262,6 +271,7 @@ class Bridge(Service):
                 committed_seq=s.committed_seq, records=s.records, bytes=s.bytes,
                 dropped_overflow=s.dropped_overflow, dropped_ttl=s.dropped_ttl,
                 oldest_uncommitted_age_s=0.0 if oldest is None else max(0.0, now - oldest),
+                trim_floor=s.committed_seq,  # persisted: the buffer trimmed up to it
             )
         return Heartbeat(
             edge=self.edge_id, version=self.version, sent_at=time.time(),

@@ -39,6 +39,12 @@ class BridgeMetrics:
             "edgesync_retransmissions",
             "Times a stream's uncommitted records were shipped again.", registry=r,
         )
+        self.watermarks_ignored = Counter(
+            "edgesync_watermarks_ignored",
+            "Committed watermarks refused because they claim seqs this bridge never "
+            "shipped (reason above_shipped: not shipped yet; beyond_assigned: never "
+            "existed). Counted once per value.", ["stream", "reason"], registry=r,
+        )
         self.ingress_requests = Counter(
             "edgesync_ingress_requests", "Ingress requests by HTTP status.", ["status"],
             registry=r,

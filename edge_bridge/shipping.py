@@ -50,6 +50,9 @@ class _StreamCursor:
     """Doubles with each retransmission that brought no progress; 1 after progress."""
     generation: int = 0
     """Retransmission rounds so far; part of the message id of re-sent batches."""
+    shipped_high: int = 0
+    """Highest :meth:`shipped_upto` ever reached; unlike it, a retransmission does not
+    lower it (what JetStream once acknowledged was shipped)."""
     next_expiry_check: float = 0.0
 
     def shipped_upto(self) -> int:
@@ -114,6 +117,17 @@ class Shipper:
             cursor = _StreamCursor(epoch=state.epoch, read_upto=start)
             self._cursors[stream] = cursor
         return cursor
+
+    def shipped_high(self, stream: str, epoch: int) -> int:
+        """Every seq of ``stream``/``epoch`` up to this was shipped by this bridge (or was
+        absent when read: dropped). What a committed watermark may claim at most."""
+        state = self._buffer.stream_state(stream)
+        if state is None or state.epoch != epoch:
+            return 0
+        cursor = self._cursors.get(stream)
+        high = cursor.shipped_high if cursor is not None and cursor.epoch == epoch else 0
+        # Trimmed before a restart: it was shipped (and committed) then.
+        return max(high, state.committed_seq)
 
     def on_committed(self, stream: str, epoch: int, watermark: int) -> None:
         """The cloud committed everything of ``stream``/``epoch`` up to ``watermark``."""
@@ -315,6 +329,7 @@ class Shipper:
             self._metrics.bytes_shipped.inc(len(body))
             del cursor.in_flight[run.first_seq]
             cursor.uncommitted.append((run.last_seq, time.monotonic()))
+            cursor.shipped_high = max(cursor.shipped_high, cursor.shipped_upto())
             self._buffer.mark_shipped(run.stream, cursor.shipped_upto())
         finally:
             self._slots.release()

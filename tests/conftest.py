@@ -5,12 +5,16 @@
   described by ``PG*`` variables when ``PGHOST`` is set, else an embedded
   throwaway cluster.
 - ``pg_dsn``: a fresh database per test on that cluster, dropped afterwards.
+- ``reachable_dir``: a temporary directory an unprivileged PostgreSQL server user
+  can traverse, for what keeps a persistent cluster (``edgesync up``'s state).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -65,3 +69,14 @@ async def pg_dsn(pg_cluster: PgCluster) -> AsyncIterator[str]:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+@pytest.fixture
+def reachable_dir() -> Iterator[Path]:
+    """As root, the embedded server runs as another OS user, and a persistent cluster
+    (``edgesync up`` keeps its state) must live where that user can reach it; pytest's
+    ``tmp_path`` is under a 0700 directory."""
+    path = Path(tempfile.mkdtemp(prefix="edgesync-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from bench.data import Pool
 from bench.driving import produce, wait_shipped
-from bench.env import BenchEnv
+from bench.env import BenchEnv, init_topology
 from bench.procs import reset_peak
 from bench.profiles import Profile
 from bench.results import ScenarioResult
@@ -65,6 +65,7 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
 async def _one(env: BenchEnv, profile: Profile, pool: Pool, size: int, *,
                step: Callable[[str], None], res: ScenarioResult) -> dict[str, Any]:
     async with env.nats_server(f"backlog-{size}") as nats_server:
+        await init_topology(nats_server.url)  # no ingest here to create the streams
         bridge = env.bridge(f"backlog-{size}", nats_server.url,
                             buffer_max_bytes=4 * 1024**3, extra=NO_RETRANSMIT)
         await bridge.start(need_nats=True)

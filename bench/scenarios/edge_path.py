@@ -26,7 +26,7 @@ from nats.js.api import StorageType, StreamConfig
 
 from bench.data import Pool, json_message, json_msg_id
 from bench.driving import produce, wait_shipped
-from bench.env import BenchEnv, connect_nats
+from bench.env import BenchEnv, connect_nats, init_topology
 from bench.profiles import Profile
 from bench.results import ScenarioResult
 
@@ -46,6 +46,7 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
     n = profile.edge_records
     p = profile.producers
     async with env.nats_server("edge") as nats_server:
+        await init_topology(nats_server.url)
         bridge = env.bridge("edge", nats_server.url, buffer_max_bytes=4 * 1024**3,
                             extra=NO_RETRANSMIT)
         await bridge.start(need_nats=True)

@@ -12,6 +12,14 @@ started, each edge's NATS credentials file, the CA, and the operator token
 (mode 0600; the state directory is 0700), prints a live summary, and stops
 everything, in order, when ``stop`` is set.
 
+Everything it keeps lives in the state directory and survives a restart
+together: the PostgreSQL cluster, the NATS store (streams, consumers, committed
+watermarks), every bridge's buffer and the signing keys. Keeping only part of it
+is what must never happen: a new empty database beside old buffers would leave
+every seq those buffers once trimmed missing. A second run therefore continues
+where the first stopped; ``fresh=True`` (``edgesync up --fresh``) wipes the whole
+directory first.
+
 This module is the one place in ``broker`` that imports both sides (lazily,
 inside functions): it is the composition root, not a library.
 """
@@ -24,6 +32,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,8 +42,9 @@ from typing import Any
 import structlog
 
 from broker.durable_files import write_private
+from broker.errors import ConfigError
 from broker.protocol.commands import generate_key_pair
-from broker.runtime.embedded_postgres import EmbeddedPostgres, redact_dsn
+from broker.runtime.embedded_postgres import EmbeddedPostgres, redact_dsn, server_os_group
 from broker.runtime.secured_nats import SecuredNats, create_control_consumer
 from broker.settings import (
     ApiSettings,
@@ -43,7 +53,12 @@ from broker.settings import (
     IngestSettings,
 )
 
-__all__ = ["LocalRunOptions", "run_local", "synthetic_telemetry"]
+__all__ = [
+    "LocalRunOptions",
+    "run_local",
+    "synthetic_telemetry",
+    "wipe_state",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +77,8 @@ class LocalRunOptions:
     api_port: int = 0
     """Operator API port; 0 picks a free one."""
     extra: dict[str, Any] = field(default_factory=dict)
+    fresh: bool = False
+    """Wipe the state directory (database, NATS store, buffers, keys) before starting."""
 
 
 def synthetic_telemetry(rng: random.Random, seq: int) -> dict[str, Any]:
@@ -114,9 +131,11 @@ async def run_local(
     from edge_bridge.bridge import Bridge
 
     state = options.state_dir.absolute()
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    state.chmod(0o700)  # keys, credentials, buffers, the NATS store: nobody else's business
     runtime_file = state / "runtime.json"
+    _refuse_if_running(runtime_file)
+    if options.fresh and state.exists():
+        wipe_state(state)
+    _secure_state_dir(state)
     started = time.monotonic()
     private_key, public_key = state / "keys" / "edgesync.key", state / "keys" / "edgesync.pub"
     if not private_key.exists():
@@ -129,10 +148,11 @@ async def run_local(
         for edge_id in edge_ids:
             secured.identities.add_edge(edge_id)
         nats_server = await stack.enter_async_context(secured)
-        # Throwaway by design (removed on exit). synchronous_commit on: the edge lets
-        # go of records once they are committed, so a commit must survive a crash.
+        # Kept across runs, with the buffers that trust it (ephemeral=False). synchronous
+        # commit on: the edge lets go of records once they are committed, so a commit
+        # must survive a crash of the server.
         postgres = await stack.enter_async_context(
-            EmbeddedPostgres(state / "postgres", ephemeral=True, synchronous_commit=True)
+            EmbeddedPostgres(state / "postgres", ephemeral=False, synchronous_commit=True)
         )
         ingest = await stack.enter_async_context(Ingest(
             IngestSettings(postgres_dsn=postgres.dsn, port=options.ingest_port),
@@ -227,6 +247,44 @@ async def run_local(
                 runtime_file.unlink()
 
 
+def _refuse_if_running(runtime_file: Path) -> None:
+    """Two runs on one state directory would share buffers and a database: refuse."""
+    try:
+        pid = int(json.loads(runtime_file.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # none, or left behind by a run that was killed
+    if pid == os.getpid():
+        return
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        pass  # alive, someone else's
+    raise ConfigError(f"edgesync up is already running on {runtime_file.parent} (pid {pid}); "
+                      "stop it first, or use another --state-dir")
+
+
+def wipe_state(state: Path) -> None:
+    """Remove the whole state directory: database, NATS store, buffers, keys, together.
+
+    Only what ``edgesync up`` made is expected there; a directory that does not look
+    like one (no ``postgres``, ``nats`` or ``bridge-*`` inside) is refused, so a
+    mistyped ``--state-dir`` cannot delete something else.
+    """
+    made_by_us = any((state / name).exists() for name in ("postgres", "nats", "keys")) or any(
+        state.glob("bridge-*"))
+    if any(state.iterdir()) and not made_by_us:
+        raise ConfigError(f"{state} does not look like an edgesync state directory; "
+                          "not wiping it")
+    # A cluster relocated behind a symlink (see EmbeddedPostgres) goes with it.
+    pg = state / "postgres"
+    if pg.is_symlink():
+        shutil.rmtree(pg.resolve(), ignore_errors=True)
+    shutil.rmtree(state)
+    log.info("state_wiped", state_dir=str(state))
+
+
 def _counter(registry: Any, name: str) -> float:
     total = 0.0
     for metric in registry.collect():
@@ -258,3 +316,17 @@ async def _summarise(bridges: list[Any], ingest: Any, stop: asyncio.Event, inter
                 f"shipped {shipped:>10,.0f} ({rates[1]:>8,.0f}/s)  "
                 f"committed {committed:>10,.0f} ({rates[2]:>8,.0f}/s)"
             )
+
+
+def _secure_state_dir(state: Path) -> None:
+    """Create ``state`` readable by us only (0700): keys, credentials, buffers and the
+    NATS store are nobody else's business. Run as root, PostgreSQL runs as its own OS
+    user, which must traverse ``state`` to reach its cluster: then the directory is
+    0710 and group-owned by that user's group (search, no listing), nothing wider."""
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    group = server_os_group()
+    if group is None:
+        state.chmod(0o700)
+        return
+    os.chown(state, -1, group)
+    state.chmod(0o710)

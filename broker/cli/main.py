@@ -4,7 +4,8 @@
 service against external NATS/PostgreSQL from ``EDGESYNC_*`` settings;
 ``status`` reads edges, backlog and committed counts from PostgreSQL; ``cmd``
 sends control commands through the API and ``keys`` makes their signing keys
-(:mod:`broker.cli.commands`).
+(:mod:`broker.cli.commands`); ``streams init|check`` creates or checks the JetStream
+topology the cloud owns (:mod:`broker.cli.streams`).
 Service imports are lazy so ``edgesync --help`` stays fast.
 """
 
@@ -24,6 +25,7 @@ from broker.cli.commands import cmd_app, keys_app
 from broker.cli.database import resolve_dsn
 from broker.cli.dead_letters import dead_letters_app
 from broker.cli.edges import edges_app
+from broker.cli.streams import streams_app
 from broker.errors import EdgesyncError
 from broker.logs import configure_logging
 from broker.settings import Settings
@@ -51,13 +53,14 @@ console = Console()
 app.add_typer(cmd_app, name="cmd")
 app.add_typer(keys_app, name="keys")
 app.add_typer(dead_letters_app, name="dead-letters")
+app.add_typer(edges_app, name="edges")
+app.add_typer(streams_app, name="streams")
 
 
 EXIT_CRASHED = 1
 """A service's root task crashed: Kubernetes must see a failed container, not a clean exit."""
 EXIT_ERROR = 2
 """An error of ours (bad settings, a root task that ended unasked, ...)."""
-app.add_typer(edges_app, name="edges")
 
 
 def _run_service(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
@@ -97,13 +100,20 @@ def up(
     bridge_port: Annotated[int, typer.Option(help="First bridge port (0: free ports).")] = 8787,
     api_port: Annotated[int, typer.Option(help="Operator API port (0: a free port).")] = 8789,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "warning",
+    fresh: Annotated[bool, typer.Option(
+        "--fresh", help="Wipe the state dir first: database, NATS store, buffers, keys.")]
+    = False,
 ) -> None:
-    """Run the whole system on this machine: NATS, PostgreSQL, ingest, bridges."""
+    """Run the whole system on this machine: NATS, PostgreSQL, ingest, bridges.
+
+    State (database, NATS store, buffers, keys) lives in --state-dir and survives
+    restarts: a second run continues where the first stopped. --fresh starts over."""
     from broker.cli.local_run import LocalRunOptions, run_local
 
     configure_logging(log_level, "console")
     options = LocalRunOptions(state_dir=state_dir, edges=edges, simulate_rate=simulate,
-                              bridge_port=_free_or(bridge_port), api_port=_free_or(api_port))
+                              bridge_port=_free_or(bridge_port), api_port=_free_or(api_port),
+                              fresh=fresh)
     _run_service(lambda stop: run_local(options, stop=stop, print_line=console.print))
 
 
@@ -158,7 +168,7 @@ def status(
     = Path(".edgesync"),
     gaps: Annotated[bool, typer.Option(
         "--gaps", help="Completeness per edge/stream/epoch: committed, dropped, "
-        "dead-lettered, missing.")]
+        "dead-lettered, lost after commit, missing.")]
     = False,
 ) -> None:
     """Print edges, their backlog, and committed counts per stream."""

@@ -24,8 +24,8 @@ async def show_status(dsn: str, console: Console, *, gaps: bool = False) -> None
     """Print the ``edges`` table and, per edge/stream/epoch, what is committed.
 
     Args:
-        gaps: also the completeness columns (dropped, dead-lettered, missing, missing
-            ranges, lag).
+        gaps: also the completeness columns (dropped, dead-lettered, lost after commit,
+            missing, missing ranges, lag).
 
     Raises:
         OSError, asyncpg.PostgresError: the database cannot be read.
@@ -51,8 +51,8 @@ async def show_status(dsn: str, console: Console, *, gaps: bool = False) -> None
     table = Table(title="completeness" if gaps else "committed")
     columns = ["edge", "stream", "epoch", "committed", "watermark", "highest seq"]
     if gaps:
-        columns += ["dropped (overflow/ttl)", "dead-lettered", "missing", "missing ranges",
-                    "lag"]
+        columns += ["dropped (overflow/ttl)", "dead-lettered", "lost after commit", "missing",
+                    "missing ranges", "lag"]
     for col in columns:
         table.add_column(col)
     for p in progress:
@@ -64,6 +64,7 @@ async def show_status(dsn: str, console: Console, *, gaps: bool = False) -> None
             row += [
                 f"{p['dropped_records']:,} ({p['dropped_overflow']:,}/{p['dropped_ttl']:,})",
                 _dead_lettered(p["dead_lettered_records"], p["dead_lettered_ranges"]),
+                _lost(p),
                 f"{p['missing_records']:,}",
                 _ranges(p["missing_ranges"]),
                 "-" if lag is None else f"{lag:.1f}s",
@@ -83,6 +84,12 @@ def _drop_counts(dropped: Any) -> str:
 def _dead_lettered(count: int, ranges: Any) -> str:
     """``3 [7-8, 12-12]``: see them with `edgesync dead-letters list`."""
     return "0" if not count else f"{count:,} [{_ranges(ranges, limit=3)}]"
+
+
+def _lost(row: Any) -> str:
+    """``count [ranges]`` of seqs lost after commit (the cloud had them, then not)."""
+    count = row["lost_after_commit_records"]
+    return f"{count:,} [{_ranges(row['lost_after_commit_ranges'], 3)}]" if count else "0"
 
 
 def _ranges(ranges: Any, limit: int = 5) -> str:

@@ -33,6 +33,11 @@ class StreamHealth(msgspec.Struct, frozen=True):
     dropped_ttl: int
     oldest_uncommitted_age_s: float = 0.0
     """Age of the oldest record not yet committed in PostgreSQL (the lag)."""
+    trim_floor: int = 0
+    """Every seq up to it was deleted from the buffer because the cloud had committed
+    it (or accounted for it as dropped): the highest committed watermark the edge
+    applied, kept in the buffer file. Whatever below it the cloud no longer holds
+    is *lost after commit* (:mod:`cloud_ingest.reconciling`)."""
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", tag_field="type", frozen=True):

@@ -6,8 +6,15 @@
 | ``<p>.ctl.<edge>``          | ``ES_CONTROL`` | signed commands                |
 | ``<p>.evt.<edge>``          | ``ES_EVENTS``  | command status and heartbeats  |
 
-``<p>`` is the configurable prefix (default ``es``). Streams are created or
-updated idempotently by whichever side starts first.
+``<p>`` is the configurable prefix (default ``es``).
+
+The cloud owns the topology: only the ingest (or the admin step
+``edgesync streams init``) calls :meth:`Topology.ensure_streams` and
+:meth:`Topology.ensure_watermark_bucket`, which create the streams and the KV
+bucket or update them to the owner's configuration (replicas included). Bridges
+and the API call :meth:`Topology.missing_streams` and wait or fail while
+anything they need is absent: a client that updated a stream to *its* settings
+would, on a 3-node cluster, cut the replicas of every stream to its own value.
 """
 
 from __future__ import annotations
@@ -22,15 +29,21 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
 from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
 
+from broker.errors import TopologyMissing
 from broker.protocol.tokens import validate_token
 
-__all__ = ["RECORDS_MAX_AGE_S", "RECORDS_MAX_BYTES", "Topology"]
+__all__ = ["INIT_HINT", "RECORDS_MAX_AGE_S", "RECORDS_MAX_BYTES", "Topology"]
+
+INIT_HINT = "start the ingest or run `edgesync streams init` (the cloud owns the streams)"
+"""What to do about a missing stream; every client's message says it."""
 
 log = structlog.get_logger(__name__)
 
@@ -154,12 +167,60 @@ class Topology:
             filter_subject=self.control_subject(edge),
         )
 
+    def watermarks_config(self) -> KeyValueConfig:
+        return KeyValueConfig(
+            bucket=self.watermarks_bucket,
+            history=1,
+            storage=StorageType.FILE,
+            replicas=self.replicas,
+            # An edge reads its keys with direct gets, whose subject names the key, so
+            # NATS permissions can confine it to its own keys (broker.protocol.permissions).
+            direct=True,
+            description="edgesync committed watermarks, key <edge>.<stream>.<epoch>",
+        )
+
+    async def ensure_watermark_bucket(self, js: JetStreamContext) -> KeyValue:
+        """Create (idempotently) and return the watermark bucket. Owner only.
+
+        A bucket made before direct gets were needed is switched over.
+        """
+        try:
+            return await js.create_key_value(self.watermarks_config())
+        except BadRequestError:
+            # Exists with another configuration (no allow_direct): update that one field.
+            info = await js.stream_info(f"KV_{self.watermarks_bucket}")
+            if not info.config.allow_direct:
+                info.config.allow_direct = True
+                await js.update_stream(info.config)
+                log.info("watermark_bucket_direct_enabled")
+            return await js.key_value(self.watermarks_bucket)
+
+    async def missing_streams(self, js: JetStreamContext, names: list[str]) -> list[str]:
+        """Which of the streams ``names`` do not exist; reads, never changes anything.
+
+        Raises:
+            Exception: NATS errors other than "not found" (timeouts, no JetStream)
+                reach the caller, which retries.
+        """
+        missing = []
+        for name in names:
+            try:
+                await js.stream_info(name)
+            except NotFoundError:
+                missing.append(name)
+        return missing
+
+    async def require_streams(self, js: JetStreamContext, names: list[str]) -> None:
+        """Raises :class:`TopologyMissing` naming each absent stream of ``names``."""
+        if missing := await self.missing_streams(js, names):
+            raise TopologyMissing(
+                f"JetStream stream(s) {', '.join(missing)} missing: {INIT_HINT}", missing=missing
+            )
+
     async def ensure_streams(self, js: JetStreamContext) -> None:
         """Create the streams, or update them to this configuration; idempotent.
 
-        A stream already configured as wanted is only read, never written: an
-        identity without stream-administration rights (an edge, the API) gets
-        through here on a topology the cloud has made.
+        Owner only (the ingest, ``edgesync streams init``): see the module docstring.
         """
         for config in self.stream_configs():
             try:

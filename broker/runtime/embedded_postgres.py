@@ -64,6 +64,7 @@ __all__ = [
     "EmbeddedPostgres",
     "find_postgres_bindir",
     "redact_dsn",
+    "server_os_group",
     "template_dir_for",
 ]
 
@@ -178,6 +179,13 @@ class _OsUser:
         for dirpath, dirnames, filenames in os.walk(root):
             for name in (*dirnames, *filenames):
                 os.lchown(os.path.join(dirpath, name), self.uid, self.gid)
+
+
+def server_os_group() -> int | None:
+    """The group id of the OS user the server runs as when that is not us (we are
+    root), else None: a directory that must hold a cluster gives it search rights."""
+    user = _server_os_user()
+    return None if user is None else user.gid
 
 
 def _server_os_user() -> _OsUser | None:

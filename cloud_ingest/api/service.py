@@ -97,7 +97,8 @@ class Api(Service):
         self._nc = await connect_with_retry(self.nats_settings, name="edgesync-api",
                                             inbox_prefix=inbox_prefix(self.topology, "api"))
         self._js = self._nc.jetstream(timeout=self.nats_settings.publish_timeout_s)
-        await self.topology.ensure_streams(self._js)
+        # The ingest owns the streams; the API only checks the one it publishes to.
+        await self.topology.require_streams(self._js, [self.topology.control_stream])
         log.info("api_ready", key_id=self.signer.key_id, issuer=self.signer.issuer)
 
     async def _close(self) -> None:

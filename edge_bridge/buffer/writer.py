@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import queue
 import sqlite3
 import threading
@@ -26,9 +27,14 @@ from typing import Any, Final, Generic, TypeVar
 
 import structlog
 
+from broker.errors import BufferFull
 from edge_bridge.buffer.streams import StreamTable
 
-__all__ = ["MAX_GROUP", "GroupWriter"]
+__all__ = [
+    "DISK_FULL_RETRY_AFTER_S",
+    "MAX_GROUP",
+    "GroupWriter",
+]
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -147,7 +153,7 @@ class GroupWriter:
                 except Exception as exc:
                     conn.execute("ROLLBACK TO op")
                     self._streams.restore(op_snapshot)
-                    results.append((op, None, exc))
+                    results.append((op, None, _disk_full_as_buffer_full(exc)))
                 else:
                     results.append((op, result, None))
                 conn.execute("RELEASE op")
@@ -158,6 +164,25 @@ class GroupWriter:
                 conn.execute("ROLLBACK")
             self._streams.restore(snapshot)
             log.error("buffer_commit_failed", error=str(exc), ops=len(group))
-            results = [(op, None, exc) for op in group]
+            failure = _disk_full_as_buffer_full(exc)
+            results = [(op, None, failure) for op in group]
         for op, result, error in results:
             op.loop.call_soon_threadsafe(_resolve, op.future, result, error)
+
+
+DISK_FULL_RETRY_AFTER_S: Final = 5.0
+"""What a producer is told to wait when the buffer's filesystem is full: space comes
+back when something else frees it, or when the cloud's watermark lets us trim."""
+
+
+def _disk_full_as_buffer_full(exc: Exception) -> Exception:
+    """The filesystem is full (SQLITE_FULL, ENOSPC): back-pressure, not a crash. The
+    transaction was rolled back, so nothing of the request is stored and the producer
+    may retry it; the writer goes on and succeeds as soon as space returns."""
+    full = (isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == 13
+            ) or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
+    if not full:
+        return exc
+    error = BufferFull(f"the buffer's disk is full: {exc}", retry_after=DISK_FULL_RETRY_AFTER_S)
+    error.__cause__ = exc
+    return error

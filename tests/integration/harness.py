@@ -14,12 +14,13 @@ import asyncpg
 from broker.settings import BridgeSettings, IngestSettings, NatsSettings, ShipperSettings
 from cloud_ingest.service import Ingest
 from edge_bridge.bridge import Bridge
-from tests.support import BridgeProcess, until
+from tests.support import BridgeProcess, init_topology, until
 
 __all__ = [
     "BridgeProcess",
     "bridge_settings",
     "count_records",
+    "init_topology",
     "running_bridge",
     "running_ingest",
     "serving",
@@ -65,6 +66,7 @@ async def serving(service: S) -> AsyncIterator[S]:
 
 @contextlib.asynccontextmanager
 async def running_bridge(settings: BridgeSettings, nats_url: str) -> AsyncIterator[Bridge]:
+    await init_topology(nats_url)
     async with serving(Bridge(settings, NatsSettings(url=nats_url, publish_timeout_s=2))) as b:
         yield b
 

@@ -10,10 +10,13 @@ from tests.integration.control_harness import run_cli
 from tests.support import edgesync_up, until
 
 
-async def test_up_serves_the_api_and_the_cli_uses_runtime_json(tmp_path: Path) -> None:
+async def test_up_serves_the_api_and_the_cli_uses_runtime_json(
+    tmp_path: Path, reachable_dir: Path
+) -> None:
     """runtime.json carries api_url and a generated operator_token (mode 0600);
     `edgesync cmd --state-dir` configures the simulated edge and waits for `applied`."""
-    async with edgesync_up(tmp_path, "--bridge-port", "0", "--api-port", "0") as up:
+    async with edgesync_up(tmp_path, "--bridge-port", "0", "--api-port", "0",
+                           state=reachable_dir / "state") as up:
         state, runtime = up.state, up.runtime
         assert runtime["api_url"].startswith("http://127.0.0.1:")
         assert len(runtime["operator_token"]) >= 24

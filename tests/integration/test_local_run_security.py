@@ -18,6 +18,7 @@ import pytest
 from broker.connecting import connect_options
 from broker.protocol.permissions import inbox_prefix
 from broker.protocol.topology import Topology
+from broker.runtime.embedded_postgres import server_os_group
 from broker.settings import NatsSettings
 from tests.helpers import until
 from tests.integration.control_harness import run_cli
@@ -36,12 +37,15 @@ async def connect_edge(runtime: dict[str, Any], edge: str, creds: Path) -> nats.
                                                                           edge)))
 
 
-async def test_up_runs_secured_and_edges_are_provisioned_and_revoked(tmp_path: Path) -> None:
+async def test_up_runs_secured_and_edges_are_provisioned_and_revoked(
+    tmp_path: Path, reachable_dir: Path
+) -> None:
     """runtime.json names each edge's credentials and the CA; secrets are 0600 and
-    state 0700; anonymous NATS and password-less PostgreSQL are refused; an edge
+    state 0700 (0710 for the PostgreSQL server's group alone when run as root);
+    anonymous NATS and password-less PostgreSQL are refused; an edge
     added by the CLI connects and reads its control consumer, and once revoked it
     is refused."""
-    state = tmp_path / "state"
+    state = reachable_dir / "state"  # edgesync up keeps its PostgreSQL cluster there
     log = (tmp_path / "up.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "broker", "up", "--edges", "2", "--state-dir", str(state),
@@ -58,7 +62,11 @@ async def test_up_runs_secured_and_edges_are_provisioned_and_revoked(tmp_path: P
         assert len(runtime["operator_token"]) >= 24
 
         # Private state.
-        assert mode(state) == 0o700
+        server_group = server_os_group()
+        if server_group is None:
+            assert mode(state) == 0o700
+        else:  # the server's OS user may only traverse it, to reach its cluster
+            assert mode(state) == 0o710 and state.stat().st_gid == server_group
         assert mode(runtime_file) == 0o600
         for creds in runtime["nats_credentials"].values():
             assert mode(Path(creds)) == 0o600

@@ -18,6 +18,7 @@ from tests.support.processes import (
     UpProcess,
     alive,
     edgesync_up,
+    init_topology,
     port_for_config,
     refused_port,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "alive",
     "dsn_from_env",
     "edgesync_up",
+    "init_topology",
     "port_for_config",
     "refused_port",
     "settings_env",

@@ -22,11 +22,14 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from broker.runtime.children import ServiceProcess, settings_env
+import nats
+
+from broker.protocol.topology import Topology
+from broker.runtime.children import START_TIMEOUT_S, ServiceProcess, settings_env
 from broker.settings import BridgeSettings, LogSettings, NatsSettings
 from tests.support.waiting import until
 
@@ -35,6 +38,7 @@ __all__ = [
     "UpProcess",
     "alive",
     "edgesync_up",
+    "init_topology",
     "port_for_config",
     "refused_port",
 ]
@@ -50,6 +54,25 @@ _REAP_S = 10.0
 """Seconds for the kernel to reap a SIGKILLed child."""
 
 
+async def init_topology(nats_url: str, **topology: Any) -> None:
+    """Create the streams and the watermark bucket, as ``edgesync streams init`` does.
+
+    The cloud owns the topology and a bridge only waits for it, so a test that runs a
+    bridge before (or without) an ingest plays the admin step first. NATS down (a test
+    of an outage): nothing to do, the ingest started later creates them."""
+    try:
+        nc = await nats.connect(nats_url.split(","), connect_timeout=1,
+                                allow_reconnect=False)
+    except Exception:
+        return
+    try:
+        js = nc.jetstream()
+        await Topology(**topology).ensure_streams(js)
+        await Topology(**topology).ensure_watermark_bucket(js)
+    finally:
+        await nc.close()
+
+
 class BridgeProcess(ServiceProcess):
     """``python -m broker bridge`` as a child process (for kill -9 tests), configured by
     the same settings an in-process bridge takes; ``url`` is known once started."""
@@ -59,6 +82,13 @@ class BridgeProcess(ServiceProcess):
         env = settings_env(bridge=settings, nats=nats, log=LogSettings(level="info"))
         super().__init__("bridge", env, log_file=log_file)
         self.settings = settings
+        self.nats_url = nats_url
+
+    async def start(self, *, timeout: float = START_TIMEOUT_S,
+                    ready: Callable[[Any], bool] | None = None) -> None:
+        """Start it after the admin step: a bridge only waits for the cloud's streams."""
+        await init_topology(self.nats_url)
+        await super().start(timeout=timeout, ready=ready)
 
 
 def alive(pid: int) -> bool:
@@ -104,11 +134,14 @@ def _complete_json(path: Path) -> dict[str, Any] | None:
 
 
 @contextlib.asynccontextmanager
-async def edgesync_up(tmp: Path, *args: str) -> AsyncIterator[UpProcess]:
-    """``edgesync up --state-dir TMP/state ARGS`` as a child, from a clean environment
+async def edgesync_up(tmp: Path, *args: str, state: Path | None = None
+                      ) -> AsyncIterator[UpProcess]:
+    """``edgesync up --state-dir STATE ARGS`` as a child, from a clean environment
     (no ``EDGESYNC_*`` of ours), yielded once its runtime.json is complete; killed on
-    the way out if the test has not stopped it."""
-    state = tmp / "state"
+    the way out if the test has not stopped it. ``state`` defaults to ``TMP/state``;
+    as root, pass a directory the PostgreSQL server user can reach (the
+    ``reachable_dir`` fixture): ``edgesync up`` keeps its cluster there."""
+    state = tmp / "state" if state is None else state
     log_file = tmp / "up.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESYNC_")}
     with log_file.open("wb") as log:

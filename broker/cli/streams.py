@@ -1,0 +1,155 @@
+"""``edgesync streams init|check``: the admin step that owns the JetStream topology.
+
+The cloud owns the streams and the watermark KV bucket (see
+:mod:`broker.protocol.topology`). The ingest creates them when it starts;
+``streams init`` does the same without running an ingest (e.g. a deploy job
+before the first bridge connects), and ``streams check`` reports whether
+what exists matches the configuration, changing nothing.
+
+| exit | meaning                                                  |
+| ---- | -------------------------------------------------------- |
+| 0    | ``init``: created or updated; ``check``: all as expected |
+| 1    | ``check``: something missing or configured differently   |
+| 2    | NATS unreachable, bad settings                           |
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from broker.settings import NatsSettings, Settings
+
+if TYPE_CHECKING:  # imported when used: `edgesync --help` stays fast
+    from nats.js import JetStreamContext
+
+    from broker.protocol.topology import Topology
+
+__all__ = [
+    "StreamCheck",
+    "check",
+    "check_topology",
+    "console",
+    "init",
+    "streams_app",
+]
+
+console = Console()
+streams_app = typer.Typer(no_args_is_help=True,
+                          help="Create or check the JetStream streams and KV bucket (admin).")
+EXIT_MISMATCH, EXIT_ERROR = 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class StreamCheck:
+    """How one stream (or the KV bucket's stream) compares with the configuration."""
+
+    name: str
+    exists: bool
+    replicas: int | None
+    expected_replicas: int
+    subjects: list[str]
+    expected_subjects: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return (self.exists and self.replicas == self.expected_replicas
+                and sorted(self.subjects) == sorted(self.expected_subjects))
+
+
+async def check_topology(js: JetStreamContext, topology: Topology) -> list[StreamCheck]:
+    """Compare every stream (and the KV bucket) with ``topology``; reads only."""
+    from nats.js.errors import NotFoundError
+
+    kv = topology.watermarks_config()
+    expected = [(c.name or "", list(c.subjects or [])) for c in topology.stream_configs()]
+    expected.append((f"KV_{kv.bucket}", [f"$KV.{kv.bucket}.>"]))
+    checks = []
+    for name, subjects in expected:
+        try:
+            info = await js.stream_info(name)
+        except NotFoundError:
+            checks.append(StreamCheck(name, False, None, topology.replicas, [], subjects))
+            continue
+        checks.append(StreamCheck(
+            name, True, info.config.num_replicas, topology.replicas,
+            list(info.config.subjects or []), subjects,
+        ))
+    return checks
+
+
+def _topology(settings: NatsSettings) -> Topology:
+    from broker.protocol.topology import Topology
+
+    return Topology(prefix=settings.prefix, replicas=settings.replicas)
+
+
+async def _with_js(settings: NatsSettings,
+                   body: Callable[[JetStreamContext], Awaitable[list[StreamCheck]]]
+                   ) -> list[StreamCheck]:
+    import nats
+
+    nc = await nats.connect([s.strip() for s in settings.url.split(",") if s.strip()],
+                            connect_timeout=settings.connect_timeout_s, allow_reconnect=False)
+    try:
+        return await body(nc.jetstream(timeout=settings.publish_timeout_s))
+    finally:
+        await nc.close()
+
+
+def _print(checks: list[StreamCheck]) -> None:
+    table = Table(title="JetStream topology")
+    for col in ("stream", "exists", "replicas (expected)", "subjects", "ok"):
+        table.add_column(col)
+    for c in checks:
+        table.add_row(c.name, "yes" if c.exists else "no",
+                      f"{c.replicas if c.replicas is not None else '-'} ({c.expected_replicas})",
+                      ", ".join(c.subjects) or "-", "yes" if c.ok else "[red]no[/red]")
+    console.print(table)
+
+
+def _run(body: Callable[[JetStreamContext], Awaitable[list[StreamCheck]]],
+         settings: NatsSettings) -> list[StreamCheck]:
+    try:
+        return asyncio.run(_with_js(settings, body))
+    except Exception as exc:  # the CLI boundary: any failure to talk to NATS is exit 2
+        console.print(f"[red]cannot reach NATS at {settings.url}:[/red] "
+                      f"{type(exc).__name__}: {exc}")
+        raise typer.Exit(EXIT_ERROR) from exc
+
+
+@streams_app.command("init")
+def init() -> None:
+    """Create the streams and the watermark bucket, or update them to these settings
+    (EDGESYNC_NATS__PREFIX, EDGESYNC_NATS__REPLICAS)."""
+    settings = Settings().nats
+    topology = _topology(settings)
+
+    async def body(js: JetStreamContext) -> list[StreamCheck]:
+        await topology.ensure_streams(js)
+        await topology.ensure_watermark_bucket(js)
+        return await check_topology(js, topology)
+
+    checks = _run(body, settings)
+    _print(checks)
+
+
+@streams_app.command("check")
+def check() -> None:
+    """Report whether the streams and the bucket exist as configured; change nothing."""
+    settings = Settings().nats
+    topology = _topology(settings)
+
+    async def body(js: JetStreamContext) -> list[StreamCheck]:
+        return await check_topology(js, topology)
+
+    checks = _run(body, settings)
+    _print(checks)
+    if not all(c.ok for c in checks):
+        raise typer.Exit(EXIT_MISMATCH)
