@@ -46,6 +46,7 @@ from broker.errors import ConfigError
 from broker.protocol.commands import generate_key_pair
 from broker.runtime.embedded_postgres import EmbeddedPostgres, redact_dsn, server_os_group
 from broker.runtime.secured_nats import SecuredNats, create_control_consumer
+from broker.service import SHUTDOWN_DEADLINE_S, Supervisor
 from broker.settings import (
     ApiSettings,
     BridgeSettings,
@@ -180,71 +181,90 @@ async def run_local(
                 Bridge(settings, secured.settings_for("edge", edge_id))))
 
         services_stop = asyncio.Event()
-        tasks: list[asyncio.Task[None]] = []
-        ready_events = []
-        for bridge in bridges:
-            ev = asyncio.Event()
-            ready_events.append(ev)
-            tasks.append(asyncio.create_task(bridge.serve(services_stop, ev),
-                                             name=f"bridge-{bridge.edge_id}"))
-        ingest_ready = asyncio.Event()
-        tasks.append(asyncio.create_task(ingest.serve(services_stop, ingest_ready),
-                                         name="ingest"))
-        api_ready = asyncio.Event()
-        tasks.append(asyncio.create_task(api.serve(services_stop, api_ready), name="api"))
-        for ev in [*ready_events, ingest_ready, api_ready]:
-            await ev.wait()
-        runtime = {
-            "nats_url": nats_server.url,
-            "nats_ca_file": str(secured.ca.ca_file),
-            "nats_auth_dir": str(secured.identities.directory),
-            "nats_credentials": {
-                edge_id: str(secured.identities.edge_credentials(edge_id))
-                for edge_id in edge_ids
-            },
-            "postgres_dsn": postgres.dsn,
-            "bridges": {b.edge_id: b.url for b in bridges},
-            "ingest_health_url": f"http://127.0.0.1:{ingest.port}",
-            "api_url": api.url,
-            "operator_token": operator_token,
-            "state_dir": str(state),
-            "pid": os.getpid(),
-            "nats_pid": nats_server.server.pid,
-            "postgres_pid": postgres.pid,
-        }
-        write_private(runtime_file, json.dumps(runtime, indent=2) + "\n")  # holds secrets
         sim_stop = asyncio.Event()
-        sims = [
-            asyncio.create_task(
-                _simulate(b.url, options.simulate_rate, options.streams, sim_stop, seed=i),
-                name=f"simulate-{b.edge_id}",
-            )
-            for i, b in enumerate(bridges) if options.simulate_rate > 0
-        ]
-        log.info("edgesync_up", runtime=str(runtime_file),
-                 startup_s=round(time.monotonic() - started, 2))
-        if print_line is not None:
-            print_line(f"edgesync up in {time.monotonic() - started:.1f}s: "
-                       f"{options.edges} edge(s), runtime in {runtime_file}")
-            for b in bridges:
-                print_line(f"  bridge {b.edge_id}: {b.url}")
-            print_line(f"  nats: {nats_server.url} (TLS, CA {secured.ca.ca_file})   "
-                       f"postgres: {redact_dsn(postgres.dsn)}")
-            print_line(f"  api: {api.url}/docs   (token in runtime.json; try "
-                       "`edgesync cmd edges`)")
-            print_line("Ctrl-C to stop.")
-        if ready is not None:
-            ready.set()
-        try:
-            await _summarise(bridges, ingest, stop, options.summary_interval_s, print_line)
-        finally:
+
+        async def shutdown() -> None:
+            """Producers first, then every service in its own order (each within its
+            own deadline)."""
             sim_stop.set()
-            if sims:
-                await asyncio.gather(*sims, return_exceptions=True)
             services_stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            with contextlib.suppress(FileNotFoundError):
-                runtime_file.unlink()
+            await asyncio.wait(roots.roots)
+
+        # One supervisor over the services: if any of them ends unasked (a crashed
+        # root task), everything stops and its error makes `edgesync up` exit non-zero.
+        async with Supervisor("up", shutdown=shutdown,
+                              deadline_s=SHUTDOWN_DEADLINE_S + 5) as roots:
+            ready_events = []
+            for bridge in bridges:
+                ev = asyncio.Event()
+                ready_events.append(ev)
+                roots.start(bridge.serve(services_stop, ev), name=f"bridge-{bridge.edge_id}")
+            ingest_ready = asyncio.Event()
+            roots.start(ingest.serve(services_stop, ingest_ready), name="ingest")
+            api_ready = asyncio.Event()
+            roots.start(api.serve(services_stop, api_ready), name="api")
+            all_ready = asyncio.ensure_future(asyncio.gather(
+                *(ev.wait() for ev in [*ready_events, ingest_ready, api_ready])))
+            starting: set[asyncio.Future[Any]] = {all_ready, *roots.roots}
+            await asyncio.wait(starting, return_when=asyncio.FIRST_COMPLETED)
+            if not all_ready.done():  # a service ended while starting: the supervisor says why
+                all_ready.cancel()
+                await roots.wait(stop)
+                return
+            runtime = {
+                "nats_url": nats_server.url,
+                "nats_ca_file": str(secured.ca.ca_file),
+                "nats_auth_dir": str(secured.identities.directory),
+                "nats_credentials": {
+                    edge_id: str(secured.identities.edge_credentials(edge_id))
+                    for edge_id in edge_ids
+                },
+                "postgres_dsn": postgres.dsn,
+                "bridges": {b.edge_id: b.url for b in bridges},
+                "ingest_health_url": f"http://127.0.0.1:{ingest.port}",
+                "api_url": api.url,
+                "operator_token": operator_token,
+                "state_dir": str(state),
+                "pid": os.getpid(),
+                "nats_pid": nats_server.server.pid,
+                "postgres_pid": postgres.pid,
+            }
+            write_private(runtime_file, json.dumps(runtime, indent=2) + "\n")  # holds secrets
+            sims = [
+                asyncio.create_task(
+                    _simulate(b.url, options.simulate_rate, options.streams, sim_stop, seed=i),
+                    name=f"simulate-{b.edge_id}",
+                )
+                for i, b in enumerate(bridges) if options.simulate_rate > 0
+            ]
+            log.info("edgesync_up", runtime=str(runtime_file),
+                     startup_s=round(time.monotonic() - started, 2))
+            if print_line is not None:
+                print_line(f"edgesync up in {time.monotonic() - started:.1f}s: "
+                           f"{options.edges} edge(s), runtime in {runtime_file}")
+                for b in bridges:
+                    print_line(f"  bridge {b.edge_id}: {b.url}")
+                print_line(f"  nats: {nats_server.url} (TLS, CA {secured.ca.ca_file})   "
+                           f"postgres: {redact_dsn(postgres.dsn)}")
+                print_line(f"  api: {api.url}/docs   (token in runtime.json; try "
+                           "`edgesync cmd edges`)")
+                print_line("Ctrl-C to stop.")
+            if ready is not None:
+                ready.set()
+            summary = asyncio.create_task(
+                _summarise(bridges, ingest, stop, options.summary_interval_s, print_line),
+                name="summary")
+            try:
+                await roots.wait(stop)
+            finally:
+                summary.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await summary
+                sim_stop.set()
+                if sims:
+                    await asyncio.gather(*sims, return_exceptions=True)
+                with contextlib.suppress(FileNotFoundError):
+                    runtime_file.unlink()
 
 
 def _refuse_if_running(runtime_file: Path) -> None:

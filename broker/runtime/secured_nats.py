@@ -77,8 +77,10 @@ class SecuredNats:
     def __init__(self, state_dir: Path, topology: Topology | None = None, *,
                  log_file: Path | None = None, port: int = 0) -> None:
         self.state_dir = Path(state_dir).absolute()
+        # Created private if missing; an existing directory keeps the mode its owner
+        # gave it (edgesync up lets the PostgreSQL server's group traverse it). What
+        # is secret below it (tls/, nats-auth/, the store) is 0700 on its own.
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.state_dir.chmod(0o700)
         self.topology = topology or Topology()
         self.ca = CertificateAuthority(self.state_dir / "tls")
         self.identities = IdentityStore(self.state_dir / "nats-auth", self.topology)

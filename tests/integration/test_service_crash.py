@@ -83,3 +83,41 @@ async def test_a_crashed_root_task_makes_the_service_exit_non_zero(
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+_UP_WRAPPER = _WRAPPER.replace(
+    '"""``edgesync ingest`` whose', '"""``edgesync up`` whose ingest\'s',
+).replace('sys.argv = ["edgesync", "ingest"]', 'sys.argv = ["edgesync", "up", *sys.argv[3:]]')
+
+
+async def test_edgesync_up_stops_and_exits_non_zero_when_one_of_its_services_crashes(
+    tmp_path: Path, reachable_dir: Path,
+) -> None:
+    """`edgesync up` supervises its services like each service supervises its roots:
+    the ingest's crashed root stops everything, and the exit code says so."""
+    wrapper = tmp_path / "crashing_up.py"
+    wrapper.write_text(_UP_WRAPPER)
+    trigger = tmp_path / "crash-now"
+    state = reachable_dir / "state"
+    log_path = tmp_path / "up.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESYNC_")}
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, str(wrapper), str(trigger), "crash", "--state-dir", str(state),
+             "--bridge-port", "0", "--api-port", "0"],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path,
+        )
+    try:
+        await until((state / "runtime.json").exists, timeout=60,
+                    message="edgesync up never started")
+        assert proc.poll() is None, "edgesync up exited before its ingest was made to crash"
+        trigger.touch()
+        code = await until(proc.poll, timeout=60, message="edgesync up did not exit")
+        output = log_path.read_text()
+        assert code == 1, output
+        assert "injected crash of the watermarks root" in output
+        assert not (state / "runtime.json").exists()  # it cleaned up on the way out
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
