@@ -552,14 +552,29 @@ def test_the_sync_client_raises_in_the_calling_thread_and_closes_idempotently(
         client.publish("s", b"y")
 
 
-def test_the_sync_client_close_timeout_aborts_unconfirmed_records(bridge: FakeBridge) -> None:
-    """If the bridge does not answer within close's timeout, records fail with ClosedError."""
+def test_the_sync_client_close_timeout_fails_unconfirmed_records_and_returns(
+    bridge: FakeBridge,
+) -> None:
+    """If the bridge does not answer within close's timeout, records fail with
+    ClosedError (not_acknowledged) and close returns."""
     bridge.default = FakeBridge.hang
     client = SyncEdgeClient(transport=httpx.MockTransport(bridge.handle), linger_ms=0.0)
     future = client.publish("s", b"x")
-    with pytest.raises(TimeoutError):
-        client.close(timeout=0.2)
-    assert isinstance(future.exception(timeout=WAIT_S), ClosedError)
+    client.close(timeout=0.2)
+    error = future.exception(timeout=WAIT_S)
+    assert isinstance(error, ClosedError) and error.code == "not_acknowledged"
+
+
+async def test_flush_with_a_timeout_raises_timeout_error_and_sending_goes_on(
+    bridge: FakeBridge,
+) -> None:
+    """flush(timeout) gives up waiting, not sending: the records stay pending."""
+    bridge.default = FakeBridge.hang
+    async with client_for(bridge, close_timeout_s=0.1) as client:
+        future = client.publish("s", 1)
+        with pytest.raises(TimeoutError, match="1 records not settled"):
+            await client.flush(timeout=0.1)
+        assert not future.done()
 
 
 # -- public surface ------------------------------------------------------------------------
