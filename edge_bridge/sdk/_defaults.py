@@ -8,9 +8,10 @@ arguments with these defaults and documents what each means;
 
 from __future__ import annotations
 
-from typing import Final, TypedDict
+from typing import TYPE_CHECKING, Final, TypedDict
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "BACKOFF_INITIAL_S",

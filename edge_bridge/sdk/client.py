@@ -36,9 +36,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-import httpx
 import msgspec
 import structlog
 
@@ -74,7 +73,11 @@ from edge_bridge.sdk._defaults import (
     MAX_RETRY_TIMEOUT_S,
     WIRE_RECORD_OVERHEAD_BYTES,
 )
+from edge_bridge.sdk._http import ExchangeError, HttpxPoster, Poster, StreamPoster
 from edge_bridge.sdk.results import ClientStats, RecordAck
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "EdgeClient",
@@ -181,10 +184,9 @@ class EdgeClient:
             "close_timeout_s must be >= 0 or None",
         )
         _require(max_pending_records >= 1, "max_pending_records must be >= 1")
-        base_url = httpx.URL(url)
         # Caught here: an unsupported scheme would otherwise look like a
         # transport error and be retried for retry_timeout_s.
-        _require(base_url.scheme in ("http", "https"), f"url must be http(s)://..., got {url!r}")
+        _require(url.startswith(("http://", "https://")), f"url must be http(s)://..., got {url!r}")
 
         self.stats = ClientStats()
         self._producer = producer_id
@@ -199,18 +201,15 @@ class EdgeClient:
         # Time-based start: see ``producer_id`` above. One process cannot
         # seal a batch per microsecond, so a restart starts above its past.
         self._next_request_seq = time.time_ns() // 1000
-        self._http = httpx.AsyncClient(
-            base_url=base_url,
-            transport=transport,
-            timeout=httpx.Timeout(request_timeout_s),
-            limits=httpx.Limits(
-                max_connections=max_in_flight, max_keepalive_connections=max_in_flight
-            ),
-            headers={"Content-Type": CONTENT_TYPE},
-            # The bridge is local: an HTTP(S)_PROXY meant for internet traffic
-            # must not silently route records through a proxy.
-            trust_env=False,
-        )
+        # The bridge is local: no HTTP(S)_PROXY is consulted (one meant for
+        # internet traffic must not silently route records through a proxy).
+        self._http: Poster
+        if transport is None:
+            self._http = StreamPoster(url, content_type=CONTENT_TYPE,
+                                      timeout_s=request_timeout_s, max_connections=max_in_flight)
+        else:
+            self._http = HttpxPoster(url, transport=transport, content_type=CONTENT_TYPE,
+                                     timeout_s=request_timeout_s)
 
         self._state = _State.OPEN
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -568,12 +567,12 @@ class EdgeClient:
             self.stats.requests_sent += 1
             retry_after: float | None = None
             try:
-                response = await self._http.post(path, content=batch.body)
-            except httpx.RequestError as exc:
+                response = await self._http.post(path, batch.body)
+            except ExchangeError as exc:
                 # Connection refused/reset, timeouts, a response lost mid-way:
                 # the bridge may or may not have stored the batch. Resending
                 # the same request id is safe either way.
-                problem = f"{type(exc).__name__}: {exc}"
+                problem = str(exc)
             else:
                 status = response.status_code
                 if status == 200:
@@ -633,7 +632,7 @@ class EdgeClient:
         log.warning(
             "sdk_bridge_unavailable",
             producer=self._producer,
-            url=str(self._http.base_url),
+            url=self._http.base_url,
             reason=problem,
             pending_records=self._outstanding,
             retry_timeout_s=self._retry_timeout_s,
@@ -647,7 +646,7 @@ class EdgeClient:
         log.info(
             "sdk_bridge_available",
             producer=self._producer,
-            url=str(self._http.base_url),
+            url=self._http.base_url,
             outage_s=round(self._loop.time() - self._outage_since, 3),
             requests_retried=len(self._outage_requests),
             retries=self._outage_retries,

@@ -37,6 +37,7 @@ from edge_bridge.sdk import (
 )
 from edge_bridge.sdk._answers import retry_after_s
 from edge_bridge.sdk._defaults import RETRY_AFTER_MIN_S
+from edge_bridge.sdk._http import Answer
 
 WAIT_S = 10.0
 """Upper bound on any wait for a condition; a healthy run takes milliseconds."""
@@ -372,7 +373,7 @@ def test_retry_after_is_read_as_seconds_or_an_http_date_and_floored() -> None:
     """Both Retry-After forms are understood; 0 cannot make the client spin."""
 
     def parsed(value: str) -> float | None:
-        return retry_after_s(httpx.Response(503, headers={"Retry-After": value}))
+        return retry_after_s(Answer(503, {"retry-after": value}, b""))
 
     assert parsed("2") == 2.0
     assert parsed("0") == RETRY_AFTER_MIN_S
