@@ -134,9 +134,11 @@ def encode_payload(payload: object) -> tuple[int, bytes]:
     Raises:
         InvalidInput: the payload is not bytes and cannot be encoded as JSON.
     """
-    if isinstance(payload, bytes):
+    if type(payload) is dict:  # the common case first: straight to JSON
+        pass
+    elif isinstance(payload, bytes):
         return CT_RAW, payload
-    if isinstance(payload, bytearray | memoryview):
+    elif isinstance(payload, bytearray | memoryview):
         try:
             return CT_RAW, bytes(payload)
         except (TypeError, ValueError, BufferError) as exc:  # released or odd memoryview
@@ -147,8 +149,11 @@ def encode_payload(payload: object) -> tuple[int, bytes]:
         raise InvalidInput(
             f"payload of type {type(payload).__name__} is neither bytes nor JSON-encodable: {exc}"
         ) from exc
-    # msgspec's output is valid JSON; what jsonb may still refuse is cheap to rule out.
-    if b"\\u0000" in body or body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH:
+    # msgspec's output is valid JSON; what jsonb may still refuse is cheap to rule out
+    # (a body of at most MAX_JSON_DEPTH bytes cannot nest deeper than that).
+    if b"\\u0000" in body or (
+        len(body) > MAX_JSON_DEPTH and body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH
+    ):
         problem = json_problem(body)
         if problem:
             raise InvalidInput(f"payload: {problem}")

@@ -10,12 +10,12 @@ import email.utils
 import math
 from datetime import UTC, datetime
 
-import httpx
 import msgspec
 
 from broker.errors import InvalidInput, RecordTooLarge
 from broker.protocol.ingress import IngressResponse
 from edge_bridge.sdk._defaults import RETRY_AFTER_MIN_S
+from edge_bridge.sdk._http import Answer
 
 __all__ = ["decode_ack", "rejection", "retry_after_s"]
 
@@ -32,7 +32,7 @@ def decode_ack(body: bytes, count: int) -> IngressResponse | None:
     return ack if ack.count == count else None
 
 
-def retry_after_s(response: httpx.Response) -> float | None:
+def retry_after_s(response: Answer) -> float | None:
     """The Retry-After delay in seconds (delta-seconds or HTTP-date), or None."""
     value = response.headers.get("retry-after")
     if value is None:
@@ -52,7 +52,7 @@ def retry_after_s(response: httpx.Response) -> float | None:
     return max(seconds, RETRY_AFTER_MIN_S)
 
 
-def rejection(response: httpx.Response) -> InvalidInput:
+def rejection(response: Answer) -> InvalidInput:
     """Translate a permanent 4xx answer into the error its records fail with."""
     code = "unknown"
     message = response.text[:500] or response.reason_phrase

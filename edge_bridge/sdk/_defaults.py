@@ -8,15 +8,17 @@ arguments with these defaults and documents what each means;
 
 from __future__ import annotations
 
-from typing import Final, TypedDict
+from typing import TYPE_CHECKING, Final, TypedDict
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "BACKOFF_INITIAL_S",
     "BACKOFF_MAX_S",
     "DEFAULT_BATCH_MAX_BYTES",
     "DEFAULT_BATCH_MAX_RECORDS",
+    "DEFAULT_CLOSE_TIMEOUT_S",
     "DEFAULT_LINGER_MS",
     "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_MAX_PENDING_RECORDS",
@@ -42,6 +44,10 @@ DEFAULT_MAX_RECORD_BYTES: Final = 1024 * 1024
 """The bridge's default ``max_record_bytes``."""
 DEFAULT_RETRY_TIMEOUT_S: Final = 60.0
 DEFAULT_REQUEST_TIMEOUT_S: Final = 10.0
+DEFAULT_CLOSE_TIMEOUT_S: Final = 5.0
+"""How long ``close`` (and leaving ``async with``) waits for the bridge to acknowledge
+what is pending before it fails those records and returns: long enough for a
+bridge that is merely busy, short enough that an application can always stop."""
 DEFAULT_MAX_PENDING_RECORDS: Final = 100_000
 """Bounds the memory of unconfirmed records."""
 
@@ -70,5 +76,6 @@ class ClientOptions(TypedDict, total=False):
     max_record_bytes: int
     retry_timeout_s: float
     request_timeout_s: float
+    close_timeout_s: float | None
     max_pending_records: int
     transport: httpx.AsyncBaseTransport | None

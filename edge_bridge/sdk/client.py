@@ -12,6 +12,16 @@ producer and encodes it once; every retry resends exactly those bytes, so the
 bridge's ``(producer, request_seq)`` de-duplication makes retries store nothing
 twice. A record's future resolves only when the bridge has answered 200, i.e.
 once the record is durable in the bridge's buffer.
+
+When the bridge is away (connection refused, 5xx, or full with ``Retry-After``)
+requests are retried with backoff until ``retry_timeout_s``; the client logs the
+outage once (``sdk_bridge_unavailable``, a warning) and its end once
+(``sdk_bridge_available``: how long, how many requests and retries), counts it
+in :attr:`ClientStats.outages`, and logs each retry only at debug level.
+``close`` waits at most ``close_timeout_s`` for what is pending; then it fails
+those records with :class:`~broker.errors.ClosedError` (code
+``not_acknowledged``) and returns, so an application can always shut down.
+Nothing is dropped silently: every record's future ends acknowledged or failed.
 """
 
 from __future__ import annotations
@@ -26,9 +36,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-import httpx
 import msgspec
 import structlog
 
@@ -45,7 +54,7 @@ from broker.protocol.ingress import (
     to_ts_us,
 )
 from broker.protocol.tokens import validate_token
-from broker.protocol.wire import CT_RAW, Record
+from broker.protocol.wire import CT_RAW, MAX_KEY_CHARS, Record
 from edge_bridge.sdk._answers import decode_ack, rejection, retry_after_s
 from edge_bridge.sdk._batch import OutgoingBatch, Waiter
 from edge_bridge.sdk._defaults import (
@@ -53,6 +62,7 @@ from edge_bridge.sdk._defaults import (
     BACKOFF_MAX_S,
     DEFAULT_BATCH_MAX_BYTES,
     DEFAULT_BATCH_MAX_RECORDS,
+    DEFAULT_CLOSE_TIMEOUT_S,
     DEFAULT_LINGER_MS,
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_MAX_PENDING_RECORDS,
@@ -63,7 +73,11 @@ from edge_bridge.sdk._defaults import (
     MAX_RETRY_TIMEOUT_S,
     WIRE_RECORD_OVERHEAD_BYTES,
 )
+from edge_bridge.sdk._http import ExchangeError, HttpxPoster, Poster, StreamPoster
 from edge_bridge.sdk.results import ClientStats, RecordAck
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "EdgeClient",
@@ -78,10 +92,21 @@ _INVALID_STATE: Final = (asyncio.InvalidStateError, concurrent.futures.InvalidSt
 _encoder = msgspec.msgpack.Encoder()
 
 
+class _Default(enum.Enum):
+    """Marks an argument left out (``None`` already means "wait forever")."""
+
+    TIMEOUT = "the client's close_timeout_s"
+
+
 class _State(enum.Enum):
     OPEN = "open"
     CLOSING = "closing"
     CLOSED = "closed"
+
+
+_OPEN: Final = _State.OPEN
+"""A module global: ``publish`` checks it per record, cheaper than the enum lookup."""
+_now_ns: Final = time.time_ns
 
 
 class EdgeClient:
@@ -116,6 +141,11 @@ class EdgeClient:
             attempt; at most 300 s, since the bridge remembers request ids
             for 10 minutes.
         request_timeout_s: per-attempt connect/read/write timeout.
+        close_timeout_s: how long ``close`` (and leaving ``async with``) waits
+            for the bridge to acknowledge pending records; then they fail with
+            :class:`ClosedError` (code ``not_acknowledged``: they may or may
+            not be stored) and ``close`` returns. ``None`` waits as long as the
+            retries go on (``retry_timeout_s`` per request).
         max_pending_records: records published but not yet confirmed beyond
             which ``publish`` raises :class:`BufferFull`; bounds memory.
         transport: an httpx transport to use instead of the network (tests).
@@ -136,6 +166,7 @@ class EdgeClient:
         max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
         retry_timeout_s: float = DEFAULT_RETRY_TIMEOUT_S,
         request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+        close_timeout_s: float | None = DEFAULT_CLOSE_TIMEOUT_S,
         max_pending_records: int = DEFAULT_MAX_PENDING_RECORDS,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
@@ -153,11 +184,14 @@ class EdgeClient:
             f"retry_timeout_s must be within 0..{MAX_RETRY_TIMEOUT_S:g}",
         )
         _require(request_timeout_s > 0, "request_timeout_s must be > 0")
+        _require(
+            close_timeout_s is None or (math.isfinite(close_timeout_s) and close_timeout_s >= 0),
+            "close_timeout_s must be >= 0 or None",
+        )
         _require(max_pending_records >= 1, "max_pending_records must be >= 1")
-        base_url = httpx.URL(url)
         # Caught here: an unsupported scheme would otherwise look like a
         # transport error and be retried for retry_timeout_s.
-        _require(base_url.scheme in ("http", "https"), f"url must be http(s)://..., got {url!r}")
+        _require(url.startswith(("http://", "https://")), f"url must be http(s)://..., got {url!r}")
 
         self.stats = ClientStats()
         self._producer = producer_id
@@ -167,22 +201,20 @@ class EdgeClient:
         self._max_in_flight = max_in_flight
         self._max_record_bytes = max_record_bytes
         self._retry_timeout_s = retry_timeout_s
+        self._close_timeout_s = close_timeout_s
         self._max_pending = max_pending_records
         # Time-based start: see ``producer_id`` above. One process cannot
         # seal a batch per microsecond, so a restart starts above its past.
         self._next_request_seq = time.time_ns() // 1000
-        self._http = httpx.AsyncClient(
-            base_url=base_url,
-            transport=transport,
-            timeout=httpx.Timeout(request_timeout_s),
-            limits=httpx.Limits(
-                max_connections=max_in_flight, max_keepalive_connections=max_in_flight
-            ),
-            headers={"Content-Type": CONTENT_TYPE},
-            # The bridge is local: an HTTP(S)_PROXY meant for internet traffic
-            # must not silently route records through a proxy.
-            trust_env=False,
-        )
+        # The bridge is local: no HTTP(S)_PROXY is consulted (one meant for
+        # internet traffic must not silently route records through a proxy).
+        self._http: Poster
+        if transport is None:
+            self._http = StreamPoster(url, content_type=CONTENT_TYPE,
+                                      timeout_s=request_timeout_s, max_connections=max_in_flight)
+        else:
+            self._http = HttpxPoster(url, transport=transport, content_type=CONTENT_TYPE,
+                                     timeout_s=request_timeout_s)
 
         self._state = _State.OPEN
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -194,6 +226,12 @@ class EdgeClient:
         self._senders: list[asyncio.Task[None]] = []
         self._release_task: asyncio.Task[None] | None = None
         self._backpressure_hint_s = BACKOFF_INITIAL_S
+        # The current outage, if any: since when (loop time), what went wrong
+        # first and last, and how many requests and retries it cost.
+        self._outage_since: float | None = None
+        self._outage_problem = ""
+        self._outage_requests: set[int] = set()
+        self._outage_retries = 0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -210,7 +248,7 @@ class EdgeClient:
         tb: TracebackType | None,
     ) -> None:
         # Records already accepted are delivered even when the block failed:
-        # the application was told they would be.
+        # the application was told they would be (within close_timeout_s).
         await self.close()
 
     @property
@@ -228,33 +266,79 @@ class EdgeClient:
         """True once ``close`` or ``abort`` has begun."""
         return self._state is not _State.OPEN
 
-    async def flush(self) -> None:
+    async def flush(self, timeout: float | None = None) -> None:
         """Send every pending batch now and wait until all published records are settled.
 
         Settled means confirmed or failed: failures are delivered through the
         records' futures (and counted in ``stats.records_failed``), not raised
         here. Cancelling ``flush`` cancels only the wait.
+
+        Args:
+            timeout: seconds to wait at most; ``None`` waits until every
+                request is settled (each retries for up to ``retry_timeout_s``).
+
+        Raises:
+            TimeoutError: records were still unsettled after ``timeout``
+                seconds; they stay pending and sending goes on.
         """
         for batch in list(self._pending.values()):
             self._seal(batch)
         waits = [batch.done for batch in self._unresolved if batch.done is not None]
-        if waits:
-            await asyncio.wait(waits)
+        if not waits:
+            return
+        _, unsettled = await asyncio.wait(waits, timeout=timeout)
+        if unsettled:
+            raise TimeoutError(
+                f"{self._outstanding} records not settled within {timeout:g} s; sending goes on"
+            )
 
-    async def close(self) -> None:
-        """Flush, then release the connections. Idempotent.
+    async def close(self, timeout: float | _Default | None = _Default.TIMEOUT) -> None:
+        """Flush for at most ``timeout`` seconds, then release the connections. Idempotent.
 
         ``publish`` raises :class:`ClosedError` from the moment ``close`` is
-        called. If ``close`` is cancelled, it falls back to :meth:`abort`, so
+        called. Records the bridge has not acknowledged when the timeout
+        expires (the bridge is down, or slower than the timeout) fail with
+        :class:`ClosedError` whose ``code`` is ``not_acknowledged``: the bridge
+        may or may not have stored them. They are counted in
+        ``stats.records_unacknowledged`` and logged once
+        (``sdk_records_unacknowledged``); ``close`` itself returns normally.
+        If ``close`` is cancelled, it falls back to :meth:`abort`, so
         connections are released and no future is left pending.
+
+        Args:
+            timeout: seconds to wait for acknowledgements; by default the
+                client's ``close_timeout_s``; ``None`` waits as long as the
+                retries go on.
         """
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSING
+        wait_s = self._close_timeout_s if isinstance(timeout, _Default) else timeout
         try:
-            await self.flush()
+            try:
+                await self.flush(wait_s)
+            except TimeoutError:
+                assert wait_s is not None  # flush(None) waits, it never times out
+                self._fail_unacknowledged(wait_s)
         finally:
             await self.abort()
+
+    def _fail_unacknowledged(self, waited_s: float) -> None:
+        why = self._outage_problem if self._outage_since is not None else "no answer yet"
+        message = (
+            f"the bridge did not acknowledge this record within the close timeout "
+            f"({waited_s:g} s; {why}); the client closed, and the record may or may not "
+            "be stored"
+        )
+        records = self._fail_all(lambda: ClosedError(message, code="not_acknowledged"))
+        self.stats.records_unacknowledged += records
+        log.warning(
+            "sdk_records_unacknowledged",
+            producer=self._producer,
+            records=records,
+            close_timeout_s=waited_s,
+            reason=why,
+        )
 
     async def abort(self) -> None:
         """Close without waiting: fail every unconfirmed record with :class:`ClosedError`.
@@ -265,10 +349,9 @@ class EdgeClient:
         if self._state is _State.OPEN:
             self._state = _State.CLOSING
         error = "client closed before the bridge confirmed the record (it may or may not be stored)"
-        for batch in list(self._pending.values()):
-            self._fail(batch, lambda: ClosedError(error))
-        for batch in list(self._unresolved):
-            self._fail(batch, lambda: ClosedError(error))
+        records = self._fail_all(lambda: ClosedError(error))
+        if records:
+            log.warning("sdk_records_aborted", producer=self._producer, records=records)
         if self._release_task is None:
             self._release_task = asyncio.ensure_future(self._release())
         # Shielded: a cancelled caller must not leave sockets half-closed.
@@ -322,7 +405,7 @@ class EdgeClient:
             BufferFull: ``max_pending_records`` records await confirmation.
             ClosedError: the client is closing or closed.
         """
-        if self._state is not _State.OPEN:
+        if self._state is not _OPEN:
             raise ClosedError("EdgeClient is closed; publish is no longer possible")
         record, nbytes = self._prepare(stream, payload, key, ts, headers)
         if self._outstanding >= self._max_pending:
@@ -361,19 +444,24 @@ class EdgeClient:
             ct, data = CT_RAW, payload
         else:
             ct, data = encode_payload(payload)
-        if len(data) > self._max_record_bytes:
+        nbytes = len(data)
+        if nbytes > self._max_record_bytes:
             raise RecordTooLarge(
-                f"payload of {len(data)} bytes exceeds max_record_bytes={self._max_record_bytes}"
+                f"payload of {nbytes} bytes exceeds max_record_bytes={self._max_record_bytes}"
             )
-        nbytes = len(data) + WIRE_RECORD_OVERHEAD_BYTES
-        ts_us = time.time_ns() // 1000 if ts is None else to_ts_us(ts)
-        checked_key = None if key is None else check_key(key)
-        if checked_key is not None:
-            nbytes += len(checked_key)
-        checked_headers = None if headers is None else check_headers(headers)
-        if checked_headers is not None:
-            nbytes += sum(len(name) + len(value) + 2 for name, value in checked_headers.items())
-        return Record(ts_us, ct, data, checked_key, checked_headers), nbytes
+        nbytes += WIRE_RECORD_OVERHEAD_BYTES
+        ts_us = _now_ns() // 1000 if ts is None else to_ts_us(ts)
+        if key is not None:
+            # The common key (short ASCII text without NUL) needs none of check_key's work.
+            if not (type(key) is str and len(key) <= MAX_KEY_CHARS and key.isascii()
+                    and "\x00" not in key):
+                key = check_key(key)
+            nbytes += len(key)  # type: ignore[arg-type]
+        if headers is not None:
+            headers = check_headers(headers)
+            assert headers is not None
+            nbytes += sum(len(name) + len(value) + 2 for name, value in headers.items())
+        return Record(ts_us, ct, data, key, headers), nbytes
 
     def _submit(self, items: Iterable[tuple[str, Record, int, Waiter]]) -> None:
         """Append prepared records (loop thread only; used by the synchronous wrapper).
@@ -489,17 +577,18 @@ class EdgeClient:
             self.stats.requests_sent += 1
             retry_after: float | None = None
             try:
-                response = await self._http.post(path, content=batch.body)
-            except httpx.RequestError as exc:
+                response = await self._http.post(path, batch.body)
+            except ExchangeError as exc:
                 # Connection refused/reset, timeouts, a response lost mid-way:
                 # the bridge may or may not have stored the batch. Resending
                 # the same request id is safe either way.
-                problem = f"{type(exc).__name__}: {exc}"
+                problem = str(exc)
             else:
                 status = response.status_code
                 if status == 200:
                     ack = decode_ack(response.content, len(batch.waiters))
                     if ack is not None:
+                        self._recovered()
                         self._resolve(batch, ack)
                         return
                     # Retrying is safe (the bridge answers a repeat with the
@@ -509,6 +598,7 @@ class EdgeClient:
                     problem = f"bridge buffer full (HTTP {status}), retry after {retry_after:g} s"
                     self._backpressure_hint_s = retry_after
                 elif 400 <= status < 500 and status != 408:
+                    self._recovered()  # reachable and answering, if not to our liking
                     self._fail(batch, functools.partial(rejection, response))
                     return
                 else:
@@ -526,7 +616,8 @@ class EdgeClient:
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
             delay = min(delay, remaining)
             self.stats.retries += 1
-            log.info(
+            self._trouble(batch, problem)
+            log.debug(
                 "sdk_request_retried",
                 producer=self._producer,
                 stream=batch.stream,
@@ -537,6 +628,43 @@ class EdgeClient:
                 reason=problem,
             )
             await asyncio.sleep(delay)
+
+    def _trouble(self, batch: OutgoingBatch, problem: str) -> None:
+        """A request will be retried: start (and log, once) an outage, or count into it."""
+        self._outage_problem = problem
+        self._outage_requests.add(batch.request_seq)
+        self._outage_retries += 1
+        if self._outage_since is not None:
+            return
+        assert self._loop is not None
+        self._outage_since = self._loop.time()
+        self.stats.outages += 1
+        log.warning(
+            "sdk_bridge_unavailable",
+            producer=self._producer,
+            url=self._http.base_url,
+            reason=problem,
+            pending_records=self._outstanding,
+            retry_timeout_s=self._retry_timeout_s,
+        )
+
+    def _recovered(self) -> None:
+        """The bridge answered: end (and summarise, once) the outage, if there was one."""
+        if self._outage_since is None:
+            return
+        assert self._loop is not None
+        log.info(
+            "sdk_bridge_available",
+            producer=self._producer,
+            url=self._http.base_url,
+            outage_s=round(self._loop.time() - self._outage_since, 3),
+            requests_retried=len(self._outage_requests),
+            retries=self._outage_retries,
+            last_problem=self._outage_problem,
+        )
+        self._outage_since = None
+        self._outage_requests = set()
+        self._outage_retries = 0
 
     def _give_up(
         self, batch: OutgoingBatch, attempts: int, problem: str, retry_after: float | None
@@ -568,7 +696,25 @@ class EdgeClient:
         self.stats.records_acked += len(batch.waiters)
         self._settle(batch)
 
-    def _fail(self, batch: OutgoingBatch, make_error: Callable[[], BaseException]) -> None:
+    def _fail_all(self, make_error: Callable[[], BaseException]) -> int:
+        """Fail every unsettled record (pending and sealed) quietly; returns how many.
+
+        The caller logs one line for all of them, not one per batch.
+        """
+        records = 0
+        for batch in [*self._pending.values(), *self._unresolved]:
+            if not batch.settled:
+                records += len(batch.waiters)
+                self._fail(batch, make_error, log_it=False)
+        return records
+
+    def _fail(
+        self,
+        batch: OutgoingBatch,
+        make_error: Callable[[], BaseException],
+        *,
+        log_it: bool = True,
+    ) -> None:
         """Fail every record of ``batch``, each with its own exception instance.
 
         Separate instances, because an exception raised in many places (and
@@ -584,8 +730,11 @@ class EdgeClient:
             # Mark it retrieved: a fire-and-forget publisher gets the one log
             # line below, not one "exception never retrieved" per record.
             waiter.exception()
-        error = make_error()
         self.stats.records_failed += len(batch.waiters)
+        if not log_it:
+            self._settle(batch)
+            return
+        error = make_error()
         log.error(
             "sdk_batch_failed",
             producer=self._producer,

@@ -33,3 +33,10 @@ class ClientStats:
     """HTTP requests attempted, retries included."""
     retries: int = 0
     """Attempts beyond the first of each request."""
+    outages: int = 0
+    """Times the bridge stopped accepting requests (unreachable, 5xx, or full) after
+    it had been accepting them; each is logged once (``sdk_bridge_unavailable``)
+    and its end once (``sdk_bridge_available``)."""
+    records_unacknowledged: int = 0
+    """Records failed by ``close`` after its timeout (also in ``records_failed``):
+    the bridge had not acknowledged them, so they may or may not be stored."""

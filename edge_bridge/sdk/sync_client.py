@@ -14,18 +14,15 @@ import asyncio
 import concurrent.futures
 import threading
 from types import TracebackType
-from typing import Final, Unpack
+from typing import Unpack
 
 from broker.errors import ClosedError
 from broker.protocol.wire import Record
 from edge_bridge.sdk._defaults import DEFAULT_URL, ClientOptions
-from edge_bridge.sdk.client import EdgeClient
+from edge_bridge.sdk.client import EdgeClient, _Default
 from edge_bridge.sdk.results import ClientStats, RecordAck
 
 __all__ = ["SyncEdgeClient"]
-
-_ABORT_TIMEOUT_S: Final = 10.0
-"""Bound on the forced close after ``close(timeout)`` expired; it only drops sockets."""
 
 _Item = tuple[str, Record, int, "concurrent.futures.Future[RecordAck]"]
 
@@ -37,7 +34,9 @@ class SyncEdgeClient:
     ``publish`` returns a :class:`concurrent.futures.Future`; its ``result()``
     returns once the record is durable at the bridge. Use it as a context
     manager, or call :meth:`close`: records not yet flushed when the process
-    exits are lost, since the loop runs in a daemon thread.
+    exits are lost, since the loop runs in a daemon thread. ``close`` (and
+    leaving ``with``) waits at most ``close_timeout_s`` for acknowledgements,
+    as :meth:`EdgeClient.close` does.
 
     Callbacks added to the returned futures run on the client's loop thread;
     they must not block, nor call :meth:`flush` or :meth:`close`.
@@ -146,29 +145,24 @@ class SyncEdgeClient:
             future.cancel()
             raise TimeoutError(f"flush did not complete within {timeout} s") from None
 
-    def close(self, timeout: float | None = None) -> None:
-        """Flush, close the client and stop the loop thread. Idempotent, thread-safe.
+    def close(self, timeout: float | _Default | None = _Default.TIMEOUT) -> None:
+        """Flush for at most ``timeout`` seconds, close the client and stop the loop thread.
 
-        Raises:
-            TimeoutError: the flush did not finish within ``timeout`` seconds;
-                the client was then aborted, failing unconfirmed records with
-                :class:`ClosedError`.
+        Idempotent and thread-safe; the outcome is that of :meth:`EdgeClient.close`:
+        records the bridge has not acknowledged within ``timeout`` (by default
+        the client's ``close_timeout_s``; ``None`` waits as long as the retries
+        go on) fail with :class:`ClosedError` (code ``not_acknowledged``), and
+        ``close`` returns.
         """
         self._check_not_loop_thread("close")
         with self._lock:
             self._closed = True
             if self._close_future is None:
-                self._close_future = asyncio.run_coroutine_threadsafe(self._aclose(), self._loop)
+                self._close_future = asyncio.run_coroutine_threadsafe(
+                    self._aclose(timeout), self._loop)
             close_future = self._close_future
         try:
-            close_future.result(timeout)
-        except TimeoutError:
-            abort = asyncio.run_coroutine_threadsafe(self._client.abort(), self._loop)
-            abort.result(_ABORT_TIMEOUT_S)
-            close_future.result(_ABORT_TIMEOUT_S)
-            raise TimeoutError(
-                f"close did not flush within {timeout} s; unconfirmed records failed"
-            ) from None
+            close_future.result()
         finally:
             self._stop_loop()
 
@@ -199,11 +193,11 @@ class SyncEdgeClient:
         self._drain()
         await self._client.flush()
 
-    async def _aclose(self) -> None:
+    async def _aclose(self, timeout: float | _Default | None) -> None:
         # No publish can add to the intake any more (closed is set under the
         # lock), so this drain hands over the last records before the flush.
         self._drain()
-        await self._client.close()
+        await self._client.close(timeout)
 
     def _stop_loop(self) -> None:
         with self._lock:

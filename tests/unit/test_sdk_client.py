@@ -37,6 +37,7 @@ from edge_bridge.sdk import (
 )
 from edge_bridge.sdk._answers import retry_after_s
 from edge_bridge.sdk._defaults import RETRY_AFTER_MIN_S
+from edge_bridge.sdk._http import Answer
 
 WAIT_S = 10.0
 """Upper bound on any wait for a condition; a healthy run takes milliseconds."""
@@ -372,7 +373,7 @@ def test_retry_after_is_read_as_seconds_or_an_http_date_and_floored() -> None:
     """Both Retry-After forms are understood; 0 cannot make the client spin."""
 
     def parsed(value: str) -> float | None:
-        return retry_after_s(httpx.Response(503, headers={"Retry-After": value}))
+        return retry_after_s(Answer(503, {"retry-after": value}, b""))
 
     assert parsed("2") == 2.0
     assert parsed("0") == RETRY_AFTER_MIN_S
@@ -552,14 +553,29 @@ def test_the_sync_client_raises_in_the_calling_thread_and_closes_idempotently(
         client.publish("s", b"y")
 
 
-def test_the_sync_client_close_timeout_aborts_unconfirmed_records(bridge: FakeBridge) -> None:
-    """If the bridge does not answer within close's timeout, records fail with ClosedError."""
+def test_the_sync_client_close_timeout_fails_unconfirmed_records_and_returns(
+    bridge: FakeBridge,
+) -> None:
+    """If the bridge does not answer within close's timeout, records fail with
+    ClosedError (not_acknowledged) and close returns."""
     bridge.default = FakeBridge.hang
     client = SyncEdgeClient(transport=httpx.MockTransport(bridge.handle), linger_ms=0.0)
     future = client.publish("s", b"x")
-    with pytest.raises(TimeoutError):
-        client.close(timeout=0.2)
-    assert isinstance(future.exception(timeout=WAIT_S), ClosedError)
+    client.close(timeout=0.2)
+    error = future.exception(timeout=WAIT_S)
+    assert isinstance(error, ClosedError) and error.code == "not_acknowledged"
+
+
+async def test_flush_with_a_timeout_raises_timeout_error_and_sending_goes_on(
+    bridge: FakeBridge,
+) -> None:
+    """flush(timeout) gives up waiting, not sending: the records stay pending."""
+    bridge.default = FakeBridge.hang
+    async with client_for(bridge, close_timeout_s=0.1) as client:
+        future = client.publish("s", 1)
+        with pytest.raises(TimeoutError, match="1 records not settled"):
+            await client.flush(timeout=0.1)
+        assert not future.done()
 
 
 # -- public surface ------------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""The SDK when its bridge is away: shutdown stays bounded, outages are logged once.
+
+Against the real bridge (in-process, real nats-server) and a loopback port that
+refuses connections; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import structlog
+
+from broker.runtime.embedded_nats import EmbeddedNats
+from edge_bridge.sdk import ClosedError, EdgeClient, RecordAck, SyncEdgeClient
+from tests.integration.harness import bridge_settings, running_bridge
+from tests.support import port_for_config, refused_port
+
+CLOSE_TIMEOUT_S = 0.5
+SLACK_S = 3.0
+"""Allowance above the close timeout for a loaded test machine; the bug was 'never'."""
+
+
+async def test_an_edge_client_exits_within_its_close_timeout_when_the_bridge_is_down() -> None:
+    """Leaving ``async with`` with the bridge down returns after close_timeout_s and fails
+    every pending future with ClosedError(not_acknowledged); none is left pending."""
+    with refused_port() as port:
+        client = EdgeClient(f"http://127.0.0.1:{port}", close_timeout_s=CLOSE_TIMEOUT_S,
+                            linger_ms=1)
+        async with client:
+            futures = [client.publish("telemetry", {"i": i}) for i in range(250)]
+            await asyncio.sleep(0.05)  # the first attempts fail: the outage has begun
+            started = time.monotonic()
+        elapsed = time.monotonic() - started
+    assert CLOSE_TIMEOUT_S <= elapsed < CLOSE_TIMEOUT_S + SLACK_S
+    assert all(f.done() for f in futures)
+    errors = [f.exception() for f in futures]
+    assert all(isinstance(e, ClosedError) and e.code == "not_acknowledged" for e in errors)
+    assert "did not acknowledge" in str(errors[0]) and "may or may not" in str(errors[0])
+    assert client.stats.records_unacknowledged == 250
+    assert client.stats.records_failed == 250
+    assert client.stats.records_acked == 0
+
+
+def test_a_sync_client_closes_within_its_close_timeout_when_the_bridge_is_down() -> None:
+    """SyncEdgeClient.close behaves the same: bounded, futures failed, no exception."""
+    with refused_port() as port:
+        client = SyncEdgeClient(f"http://127.0.0.1:{port}", close_timeout_s=CLOSE_TIMEOUT_S)
+        futures = [client.publish("telemetry", b"x") for _ in range(10)]
+        started = time.monotonic()
+        client.close()
+        elapsed = time.monotonic() - started
+    assert elapsed < CLOSE_TIMEOUT_S + SLACK_S
+    for future in futures:
+        error = future.exception(timeout=0)
+        assert isinstance(error, ClosedError) and error.code == "not_acknowledged"
+    assert client.stats.records_unacknowledged == 10
+
+
+async def test_an_outage_is_logged_once_when_it_begins_and_once_when_it_ends(
+    tmp_path: Path, nats_server: EmbeddedNats,
+) -> None:
+    """A bridge that goes away and comes back costs one warning and one summary line
+    (duration, requests retried, retries), not a line per retry; records published
+    during the outage are delivered once it ends."""
+    settings = bridge_settings(tmp_path, port=port_for_config())
+    with structlog.testing.capture_logs() as logs:
+        async with EdgeClient(f"http://127.0.0.1:{settings.port}", linger_ms=1,
+                              retry_timeout_s=60) as client:
+            async with running_bridge(settings, nats_server.url):
+                await client.publish_wait("telemetry", {"before": True})
+            during = [client.publish("telemetry", {"during": i}) for i in range(20)]
+            deadline = time.monotonic() + 10
+            while client.stats.retries < 5:  # several retries, still only one warning
+                assert time.monotonic() < deadline, "the client never retried"
+                await asyncio.sleep(0.05)
+            async with running_bridge(settings, nats_server.url):
+                async with asyncio.timeout(15):
+                    acks = await asyncio.gather(*during)
+    assert all(isinstance(ack, RecordAck) for ack in acks)
+    assert client.stats.outages == 1
+    events = [entry for entry in logs if entry["event"].startswith("sdk_")]
+    down = [e for e in events if e["event"] == "sdk_bridge_unavailable"]
+    up = [e for e in events if e["event"] == "sdk_bridge_available"]
+    assert len(down) == 1 and down[0]["log_level"] == "warning"
+    assert len(up) == 1 and up[0]["log_level"] == "info"
+    assert up[0]["requests_retried"] >= 1
+    assert up[0]["retries"] >= 5
+    assert up[0]["outage_s"] > 0
+    retried = [e for e in events if e["event"] == "sdk_request_retried"]
+    assert all(e["log_level"] == "debug" for e in retried)
