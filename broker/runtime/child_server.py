@@ -71,11 +71,12 @@ async def stop_process(
 class ChildServer(abc.ABC, Generic[RunT]):
     """A server run as a child process; an async context manager (start, then close).
 
-    Subclasses set ``_port`` (0 until the first start picked one) and ``_run``
-    (the running incarnation, or None), and implement :meth:`start` and
-    :meth:`stop`.
+    Subclasses set ``_port`` (0 until the first start picked one), ``_run``
+    (the running incarnation, or None) and ``_host`` when it is not loopback,
+    and implement :meth:`start`, :meth:`stop` and ``_data``.
     """
 
+    _host = "127.0.0.1"
     _port: int
     _run: RunT | None
 
@@ -97,6 +98,14 @@ class ChildServer(abc.ABC, Generic[RunT]):
     def running(self) -> bool:
         """True while the server process is alive."""
         return self.pid is not None
+
+    def __repr__(self) -> str:
+        port = self._port or "?"
+        return f"<{type(self).__name__} {self._host}:{port} pid={self.pid} {self._data()}>"
+
+    @abc.abstractmethod
+    def _data(self) -> str:
+        """Where the server keeps its data, for :func:`repr`: ``name=path``."""
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -186,9 +186,8 @@ class EmbeddedNats(ChildServer[_Run]):
         host = f"[{self._host}]" if ":" in self._host else self._host
         return f"nats://{host}:{self.port}"
 
-    def __repr__(self) -> str:
-        port = self._port or "?"
-        return f"<EmbeddedNats {self._host}:{port} pid={self.pid} store_dir={self._store_dir}>"
+    def _data(self) -> str:
+        return f"store_dir={self._store_dir}"
 
     # -- lifecycle --------------------------------------------------------------------------
 

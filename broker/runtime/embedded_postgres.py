@@ -178,9 +178,8 @@ class EmbeddedPostgres(ChildServer[_Run]):
         password = quote(self.password, safe="")
         return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{db}"
 
-    def __repr__(self) -> str:
-        port = self._port or "?"
-        return f"<EmbeddedPostgres 127.0.0.1:{port} pid={self.pid} data_dir={self.data_dir}>"
+    def _data(self) -> str:
+        return f"data_dir={self.data_dir}"
 
     # -- lifecycle --------------------------------------------------------------------------
 
