@@ -28,7 +28,7 @@ from broker.runtime.children import (
     ServiceName,
     ServiceProcess,
 )
-from broker.runtime.processes import child_pids
+from broker.runtime.processes import child_pids, process_stats, read_stat
 
 __all__ = [
     "OTHER",
@@ -67,20 +67,12 @@ def reset_peak(pid: int) -> bool:
     return True
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Fields after the parenthesised command name (which may hold spaces).
-    return text.rsplit(")", 1)[1].split()
-
-
 def cpu_seconds(pid: int, *, with_reaped_children: bool = False) -> float:
     """User + system CPU seconds of ``pid`` (0 if it is gone)."""
-    fields = _stat_fields(pid)
-    if fields is None:
+    stat = read_stat(pid)
+    if stat is None:
         return 0.0
+    fields = stat.fields
     # After the name: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14)
     ticks = int(fields[11]) + int(fields[12])
     if with_reaped_children:
@@ -154,15 +146,9 @@ OTHER: Final = "other (kernel, short-lived processes)"
 def _all_processes() -> dict[int, tuple[str, float]]:
     """pid -> (command name, CPU seconds) of every process on the machine."""
     found: dict[int, tuple[str, float]] = {}
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                text = Path(entry.path, "stat").read_text()
-                comm = text[text.index("(") + 1:text.rindex(")")]
-                fields = text.rsplit(")", 1)[1].split()
-                found[int(entry.name)] = (comm, (int(fields[11]) + int(fields[12])) / _CLK_TCK)
+    for stat in process_stats():
+        with contextlib.suppress(IndexError, ValueError):  # utime, stime: fields 14, 15
+            found[stat.pid] = (stat.comm, (int(stat.fields[11]) + int(stat.fields[12])) / _CLK_TCK)
     return found
 
 

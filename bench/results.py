@@ -9,7 +9,7 @@ JSON file.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from rich.table import Table
 
@@ -72,23 +72,23 @@ class ScenarioResult:
         return asdict(self)
 
 
+_FORMATS: Final[dict[str, str]] = {
+    "rec/s": "{:,.0f} rec/s",
+    "x": "{:.2f}x",
+    "MiB": "{:.1f} MiB",
+    "ms": "{:.1f} ms",
+    "s": "{:.2f} s",
+    "B": "{:,.1f} B",
+    "%": "{:.1f} %",
+}
+"""How a figure of each unit is written; any other unit: six significant digits."""
+
+
 def format_value(value: float | None, unit: str) -> str:
     if value is None:
         return "—"
-    if unit == "rec/s":
-        return f"{value:,.0f} rec/s"
-    if unit == "x":
-        return f"{value:.2f}x"
-    if unit == "MiB":
-        return f"{value:.1f} MiB"
-    if unit == "ms":
-        return f"{value:.1f} ms"
-    if unit == "s":
-        return f"{value:.2f} s"
-    if unit == "B":
-        return f"{value:,.1f} B"
-    if unit == "%":
-        return f"{value:.1f} %"
+    if (spec := _FORMATS.get(unit)) is not None:
+        return spec.format(value)
     return f"{value:,.6g} {unit}".strip()
 
 

@@ -88,6 +88,16 @@ def _run_service(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> 
         raise typer.Exit(EXIT_CRASHED) from exc
 
 
+def _run_from_env(
+    body: Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]],
+) -> None:
+    """Run ``body(settings, stop)`` as :func:`_run_service` does, with the settings read
+    from the environment and logging configured from them, once, before it starts."""
+    settings = Settings()
+    configure_logging(settings.log.level, settings.log.format)
+    _run_service(lambda stop: body(settings, stop))
+
+
 @app.command()
 def up(
     *,
@@ -135,9 +145,7 @@ def bridge() -> None:
     """Run one edge bridge (settings from EDGESYNC_BRIDGE__*, EDGESYNC_NATS__*)."""
     from edge_bridge.bridge import run
 
-    settings = Settings()
-    configure_logging(settings.log.level, settings.log.format)
-    _run_service(lambda stop: run(settings.bridge, settings.nats, stop=stop))
+    _run_from_env(lambda settings, stop: run(settings.bridge, settings.nats, stop=stop))
 
 
 @app.command()
@@ -145,9 +153,7 @@ def ingest() -> None:
     """Run one ingest process (settings from EDGESYNC_INGEST__*, EDGESYNC_NATS__*)."""
     from cloud_ingest.service import run
 
-    settings = Settings()
-    configure_logging(settings.log.level, settings.log.format)
-    _run_service(lambda stop: run(settings.ingest, settings.nats, stop=stop))
+    _run_from_env(lambda settings, stop: run(settings.ingest, settings.nats, stop=stop))
 
 
 @app.command()
@@ -155,9 +161,7 @@ def api() -> None:
     """Run the operator API (settings from EDGESYNC_API__*, EDGESYNC_NATS__*)."""
     from cloud_ingest.api import run
 
-    settings = Settings()
-    configure_logging(settings.log.level, settings.log.format)
-    _run_service(lambda stop: run(settings.api, settings.nats, stop=stop))
+    _run_from_env(lambda settings, stop: run(settings.api, settings.nats, stop=stop))
 
 
 @app.command()

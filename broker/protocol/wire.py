@@ -130,17 +130,6 @@ def encode_batch(batch: Batch, *, zstd_level: int | None = None) -> tuple[bytes,
     return compress_body(_encoder.encode(batch), zstd_level)
 
 
-class _BatchHead(msgspec.Struct):
-    """Batch fields in wire order; ``records`` last, so the body can be spliced."""
-
-    v: int
-    edge: str
-    stream: str
-    epoch: int
-    first_seq: int
-    records: list[Record]
-
-
 def array_header(n: int) -> bytes:
     """The MessagePack header of an array of ``n`` items."""
     if n < 16:
@@ -155,8 +144,9 @@ def encode_batch_parts(
 ) -> bytes:
     """Encode a batch whose records are already MessagePack-encoded, back to back in
     ``parts`` (as the edge buffer stores them): no record is decoded or re-encoded."""
-    head = _encoder.encode(_BatchHead(WIRE_VERSION, edge, stream, epoch, first_seq, []))
-    # msgspec writes fields in definition order: the body ends with the empty array.
+    head = _encoder.encode(Batch(WIRE_VERSION, edge, stream, epoch, first_seq, []))
+    # msgspec writes fields in definition order, ``records`` last: the body ends with
+    # the empty array, which the records' own array replaces.
     assert head[-1] == 0x90
     return b"".join([head[:-1], array_header(count), *parts])
 

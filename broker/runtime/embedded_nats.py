@@ -14,7 +14,9 @@ survives. Processes are signalled by pid only, never by name.
 
 The process is driven with :class:`subprocess.Popen` and polled, not with
 asyncio subprocess transports, so one instance may be started in one event
-loop and stopped in another (session-scoped fixtures, CLI shutdown paths).
+loop and stopped in another (session-scoped fixtures, CLI shutdown paths);
+what it shares with the embedded PostgreSQL (port, pid, the stop with a
+deadline) is :class:`~broker.runtime.child_server.ChildServer`.
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
 
 import structlog
 
 from broker.errors import RuntimeUnavailable
+from broker.runtime.child_server import ChildServer, stop_process
 from broker.runtime.processes import die_with_parent
 
 __all__ = ["INSTALL_HINT", "EmbeddedNats", "find_nats_server"]
@@ -132,7 +134,7 @@ class _Run:
         return "\n".join([*self.head, *gap, *self.tail])
 
 
-class EmbeddedNats:
+class EmbeddedNats(ChildServer[_Run]):
     """A real ``nats-server -js`` child process; an async context manager.
 
     Args:
@@ -179,33 +181,13 @@ class EmbeddedNats:
         return self._store_dir
 
     @property
-    def port(self) -> int:
-        """The client port; known once the server has started at least once."""
-        if self._port == 0:
-            raise RuntimeError("EmbeddedNats has not started yet; its port is not known")
-        return self._port
-
-    @property
     def url(self) -> str:
         """Client URL, e.g. ``nats://127.0.0.1:4222``."""
         host = f"[{self._host}]" if ":" in self._host else self._host
         return f"nats://{host}:{self.port}"
 
-    @property
-    def pid(self) -> int | None:
-        """Pid of the running server, or None when it is not running."""
-        if self._run is None or self._run.proc.poll() is not None:
-            return None
-        return self._run.proc.pid
-
-    @property
-    def running(self) -> bool:
-        """True while the server process is alive."""
-        return self.pid is not None
-
-    def __repr__(self) -> str:
-        port = self._port or "?"
-        return f"<EmbeddedNats {self._host}:{port} pid={self.pid} store_dir={self._store_dir}>"
+    def _data(self) -> str:
+        return f"store_dir={self._store_dir}"
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -290,32 +272,18 @@ class EmbeddedNats:
 
         Idempotent: stopping a stopped (or never started) server does nothing.
         """
-        run = self._run
+        run = self._take_run()
         if run is None:
             return
-        self._run = None
-        proc = run.proc
         started = time.monotonic()
-        forced = False
-        try:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                deadline = started + timeout
-                while proc.poll() is None:
-                    if time.monotonic() >= deadline:
-                        forced = True
-                        _kill_now(run)
-                        break
-                    await asyncio.sleep(_POLL_INTERVAL)
-        except BaseException:
-            # Cancelled mid-wait: do not leave the server behind.
-            _kill_now(run)
-            raise
+        forced = await stop_process(
+            run.proc, signal.SIGTERM, timeout=timeout, kill=lambda: _kill_now(run)
+        )
         run.reader.join(timeout=1.0)
         log.info(
             "nats_stopped",
-            pid=proc.pid,
-            returncode=proc.returncode,
+            pid=run.proc.pid,
+            returncode=run.proc.returncode,
             forced=forced,
             seconds=round(time.monotonic() - started, 3),
         )
@@ -349,30 +317,12 @@ class EmbeddedNats:
 
     async def kill(self) -> None:
         """SIGKILL the server now, as a crash would (for chaos tests)."""
-        run = self._run
+        run = self._take_run()
         if run is None:
             return
-        self._run = None
         _kill_now(run)
         run.reader.join(timeout=1.0)
         log.info("nats_killed", pid=run.proc.pid, returncode=run.proc.returncode)
-
-    async def restart(self) -> None:
-        """Stop (if running) and start again on the same port and store dir."""
-        await self.stop()
-        await self.start()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 def _kill_now(run: _Run) -> None:

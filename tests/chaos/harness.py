@@ -25,6 +25,7 @@ into ``docs/reliability.md``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -57,6 +58,7 @@ __all__ = [
     "Load",
     "Outcome",
     "chaos_system",
+    "duplicated_rows",
 ]
 
 RESULTS_FILE = Path(
@@ -285,10 +287,6 @@ class ChaosSystem:
                         notes: str = "") -> Outcome:
         committed = await self.committed_identities()
         drops = await self.dropped_ranges()
-        uid_rows: dict[str, int] = {}
-        for uids in committed.values():
-            for uid in uids:
-                uid_rows[uid] = uid_rows.get(uid, 0) + 1
         lost = dropped = 0
         for ident, uid in load.acked.items():
             if ident in committed:
@@ -302,13 +300,19 @@ class ChaosSystem:
             acknowledged=len(load.acked),
             committed=sum(1 for i in load.acked if i in committed),
             lost=lost,
-            duplicated=sum(n - 1 for n in uid_rows.values() if n > 1),
+            duplicated=duplicated_rows(committed),
             dropped_by_policy=dropped,
             recover_s=round(recover_s, 1),
             notes=notes,
         )
         outcome.save()
         return outcome
+
+
+def duplicated_rows(committed: Mapping[Identity, list[str]]) -> int:
+    """Rows beyond the first of each payload uid: what was committed more than once."""
+    rows = collections.Counter(uid for uids in committed.values() for uid in uids)
+    return sum(n - 1 for n in rows.values() if n > 1)
 
 
 def _explained(ident: Identity, drops: list[tuple[str, str, int, int, int]]) -> bool:

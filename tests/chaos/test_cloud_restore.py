@@ -14,7 +14,7 @@ import time
 
 import asyncpg
 
-from tests.chaos.harness import ChaosSystem, Identity, Load, Outcome
+from tests.chaos.harness import ChaosSystem, Identity, Load, Outcome, duplicated_rows
 from tests.helpers import until
 
 
@@ -86,10 +86,6 @@ async def test_postgres_restored_from_an_older_backup_under_load_stalls_nothing(
     recover = time.monotonic() - restored_at
     committed = await system.committed_identities()
     lost = await lost_after_commit(system)
-    uid_rows: dict[str, int] = {}
-    for uids in committed.values():
-        for uid in uids:
-            uid_rows[uid] = uid_rows.get(uid, 0) + 1
     unaccounted = counted = 0
     for ident, uid in load.acked.items():
         if ident in committed:
@@ -104,7 +100,7 @@ async def test_postgres_restored_from_an_older_backup_under_load_stalls_nothing(
         acknowledged=len(load.acked),
         committed=sum(1 for i in load.acked if i in committed),
         lost=unaccounted,
-        duplicated=sum(n - 1 for n in uid_rows.values() if n > 1),
+        duplicated=duplicated_rows(committed),
         dropped_by_policy=0,
         recover_s=round(recover, 1),
         notes=f"{counted} counted lost after commit (edges had trimmed them); "

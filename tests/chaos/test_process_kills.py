@@ -17,6 +17,13 @@ def assert_exact(outcome: object) -> None:
     assert outcome.duplicated == 0, outcome
 
 
+async def assert_reconciles_exactly(system: ChaosSystem, load: Load, scenario: str, *,
+                                    timeout: float = 120.0, notes: str = "") -> None:
+    """Once every acknowledged record is committed (or explained), none is lost or doubled."""
+    recover = await system.quiesce(load, timeout=timeout)
+    assert_exact(await system.reconcile(scenario, load, recover_s=recover, notes=notes))
+
+
 @pytest.mark.chaos_ci
 async def test_bridges_sigkilled_repeatedly_lose_and_double_nothing(system: ChaosSystem) -> None:
     """SIGKILL each bridge several times at random moments under load (so some kills
@@ -33,10 +40,8 @@ async def test_bridges_sigkilled_repeatedly_lose_and_double_nothing(system: Chao
                 await bridge.start()
                 before = len(load.acked)
                 await load.wait_acked(before + 500)
-    recover = await system.quiesce(load)
-    outcome = await system.reconcile("bridge SIGKILL x6 under load", load, recover_s=recover,
-                                     notes=f"{kills} kills")
-    assert_exact(outcome)
+    await assert_reconciles_exactly(system, load, "bridge SIGKILL x6 under load",
+                                    notes=f"{kills} kills")
 
 
 @pytest.mark.chaos_ci
@@ -54,9 +59,7 @@ async def test_ingest_sigkilled_mid_transaction_loses_and_doubles_nothing(
             await asyncio.sleep(1.0)  # the survivor carries the load alone
             await ingest.start()
         await load.wait_acked(len(load.acked) + 2_000)
-    recover = await system.quiesce(load)
-    outcome = await system.reconcile("ingest SIGKILL mid-transaction", load, recover_s=recover)
-    assert_exact(outcome)
+    await assert_reconciles_exactly(system, load, "ingest SIGKILL mid-transaction")
 
 
 async def test_nats_sigkilled_and_restarted_on_its_store_loses_nothing(
@@ -71,10 +74,8 @@ async def test_nats_sigkilled_and_restarted_on_its_store_loses_nothing(
             await asyncio.sleep(2.0)  # an outage: the bridges keep buffering
             await system.nats.start()
             await load.wait_acked(len(load.acked) + 2_000, timeout=60)
-    recover = await system.quiesce(load, timeout=180)
-    outcome = await system.reconcile("nats-server SIGKILL + restart x2", load,
-                                     recover_s=recover)
-    assert_exact(outcome)
+    await assert_reconciles_exactly(system, load, "nats-server SIGKILL + restart x2",
+                                    timeout=180)
 
 
 async def test_postgres_immediate_shutdown_and_restart_loses_nothing(
@@ -92,7 +93,5 @@ async def test_postgres_immediate_shutdown_and_restart_loses_nothing(
         await asyncio.sleep(2.0)
         await system.pg.start()
         await load.wait_acked(len(load.acked) + 2_000, timeout=60)
-    recover = await system.quiesce(load, timeout=180)
-    outcome = await system.reconcile("PostgreSQL immediate stop + kill, restart", load,
-                                     recover_s=recover)
-    assert_exact(outcome)
+    await assert_reconciles_exactly(system, load, "PostgreSQL immediate stop + kill, restart",
+                                    timeout=180)

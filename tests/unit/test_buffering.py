@@ -34,6 +34,13 @@ def make(
     )
 
 
+def make_drop_oldest(tmp_path: Path, *, room_for: int) -> Buffer:
+    """A buffer with room for ``room_for`` of :func:`recs`' records, whose stream 'a'
+    drops its oldest records at the cap."""
+    return make(tmp_path, max_bytes=record_size(recs(1)[0]) * room_for,
+                policies={"a": StreamPolicy(overflow="drop_oldest")})
+
+
 async def test_seqs_are_dense_per_stream_and_survive_reopen(tmp_path: Path) -> None:
     """Each stream counts from 1 without gaps; a reopened buffer continues, same epoch."""
     async with make(tmp_path) as buf:
@@ -108,9 +115,7 @@ async def test_block_policy_refuses_at_the_cap(tmp_path: Path) -> None:
 
 async def test_drop_oldest_makes_room_and_counts_every_drop(tmp_path: Path) -> None:
     """With 'drop_oldest', the stream's oldest records go and are counted."""
-    per = record_size(recs(1)[0])
-    policies = {"a": StreamPolicy(overflow="drop_oldest")}
-    async with make(tmp_path, max_bytes=per * 10, policies=policies) as buf:
+    async with make_drop_oldest(tmp_path, room_for=10) as buf:
         await buf.append("a", recs(10))
         await buf.append("a", recs(3))
         stats = await buf.stats()
@@ -121,12 +126,10 @@ async def test_drop_oldest_makes_room_and_counts_every_drop(tmp_path: Path) -> N
 
 
 async def test_drop_oldest_counts_survive_restart(tmp_path: Path) -> None:
-    per = record_size(recs(1)[0])
-    policies = {"a": StreamPolicy(overflow="drop_oldest")}
-    async with make(tmp_path, max_bytes=per * 4, policies=policies) as buf:
+    async with make_drop_oldest(tmp_path, room_for=4) as buf:
         await buf.append("a", recs(4))
         await buf.append("a", recs(2))
-    async with make(tmp_path, max_bytes=per * 4, policies=policies) as buf:
+    async with make_drop_oldest(tmp_path, room_for=4) as buf:
         stats = await buf.stats()
     assert stats.dropped["a"]["overflow"] == 2 and stats.records == 4
 
