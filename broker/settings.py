@@ -334,13 +334,26 @@ class ApiSettings(BaseModel):
         description="Issuer name written into every command envelope.",
     )
     operator_token: SecretStr | None = Field(
-        None, description="Bearer token required for writes; unset: writes are refused."
+        None, description="Bootstrap admin token (operator `bootstrap`, every scope); unset: "
+        "only operators made with `edgesync operators add` get in. If set it must be strong "
+        "(>= 24 characters, ~96 bits; the API refuses to start otherwise): an empty value "
+        "never means 'anyone'. Unset it once real operators exist.",
     )
-    read_requires_token: bool = Field(
-        False, description="Also require the token for reads (open by default on loopback)."
+    metrics_token: SecretStr | None = Field(
+        None, description="A token that may read /metrics only (for a Prometheus scraper); "
+        "unset: /metrics needs an operator with the read scope. Same strength rule.",
+    )
+    max_body_bytes: int = Field(
+        1024**2, ge=1024, le=64 * 1024**2,
+        description="Largest request body (1 MiB; commands are small); refused with 413 "
+        "from Content-Length, or while reading, before it is parsed or authenticated.",
     )
     default_ttl_s: float = Field(
         3600.0, gt=0, description="Seconds a command stays valid when the request gives no TTL."
+    )
+    min_ttl_s: float = Field(
+        1.0, gt=0, description="Shortest TTL accepted: a command must live long enough to "
+        "reach an edge that is online (a shorter one could only expire).",
     )
     max_ttl_s: float = Field(
         7 * 24 * 3600.0, gt=0, le=30 * 24 * 3600.0,

@@ -24,6 +24,7 @@ from broker.cli.commands import cmd_app, keys_app
 from broker.cli.database import resolve_dsn
 from broker.cli.dead_letters import dead_letters_app
 from broker.cli.edges import edges_app
+from broker.cli.operators import operators_app
 from broker.errors import EdgesyncError
 from broker.logs import configure_logging
 from broker.settings import Settings
@@ -58,6 +59,7 @@ EXIT_CRASHED = 1
 EXIT_ERROR = 2
 """An error of ours (bad settings, a root task that ended unasked, ...)."""
 app.add_typer(edges_app, name="edges")
+app.add_typer(operators_app, name="operators")
 
 
 def _run_service(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:

@@ -61,7 +61,9 @@ ConfigKey = Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)]
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `"replicas": "3"` or `false` is refused, never coerced (an operator's typo
+    # must not become a command).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class KubernetesTarget(_Spec):
