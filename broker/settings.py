@@ -26,6 +26,7 @@ __all__ = [
     "IngestSettings",
     "LogSettings",
     "NatsSettings",
+    "ProducerToken",
     "Settings",
     "ShipperSettings",
     "StreamPolicy",
@@ -200,12 +201,37 @@ class ControlSettings(BaseModel):
     )
 
 
+class ProducerToken(BaseModel):
+    """One producer's bearer token at the bridge ingress, and the streams it may write."""
+
+    name: str = Field(pattern=TOKEN_PATTERN, description="Who this is (logs, refusals).")
+    token: SecretStr = Field(description="The bearer token (>= 24 characters, ~96 bits).")
+    streams: list[str] = Field(
+        default_factory=lambda: ["*"], min_length=1,
+        description="Stream names (globs) it may publish to; default: all.",
+    )
+
+
 class BridgeSettings(BaseModel):
     """The edge bridge daemon."""
 
     edge_id: str = Field("edge-1", pattern=TOKEN_PATTERN, description="This edge's id.")
-    host: str = Field("127.0.0.1", description="Ingress bind address; loopback by default.")
+    host: str = Field("127.0.0.1", description="Ingress bind address; loopback by default. "
+                      "Any other address needs producer tokens (or "
+                      "allow_anonymous_producers).")
     port: int = Field(8787, ge=0, le=65535, description="Ingress port (0 picks a free one).")
+    producer_tokens: list[ProducerToken] = Field(
+        default_factory=list, description="Producers allowed to publish, each with its token "
+        "and streams (JSON list in the environment); any given: every publish needs one.",
+    )
+    producer_tokens_file: Path | None = Field(
+        None, description="JSON file with more producer tokens (a list like "
+        "producer_tokens; keep it 0600, e.g. a mounted Kubernetes Secret). Read at start.",
+    )
+    allow_anonymous_producers: bool = Field(
+        False, description="Let a non-loopback ingress take records without a token (a "
+        "trusted network only); loopback needs no token unless tokens are configured.",
+    )
     buffer_dir: Path = Field(
         Path(".edgesync/bridge"), description="Directory of the durable on-disk buffer."
     )

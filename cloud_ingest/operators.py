@@ -6,9 +6,8 @@ the CLI (``edgesync operators``) both go through here.
 Tokens are ``eso_`` plus 43 URL-safe characters (256 random bits). Only their
 SHA-256 is stored: a token is shown once, when it is made. A token an operator
 brings (``--token-stdin``) or the bootstrap token of the settings must pass
-:func:`check_token_strength`: at least :data:`MIN_TOKEN_CHARS` characters and an
-estimated :data:`MIN_TOKEN_BITS` bits, so ``changeme``, ``aaaa...`` and empty
-strings never guard anything.
+:func:`broker.token_strength.check_token_strength` , so
+``changeme``, ``aaaa...`` and empty strings never guard anything.
 
 Scopes (:data:`SCOPES`): ``read`` (every GET), ``operate`` (every command kind,
 replays), ``operate:<kind>`` (that command kind only), ``admin`` (everything:
@@ -19,10 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import secrets
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,20 +27,17 @@ from typing import Any, Final
 
 from broker.errors import Conflict, InvalidInput, NotFound
 from broker.protocol.command_specs import KINDS
+from broker.token_strength import check_token_strength
 from cloud_ingest.db_errors import Connection
 
 __all__ = [
     "BOOTSTRAP",
-    "MIN_TOKEN_BITS",
-    "MIN_TOKEN_CHARS",
     "SCOPES",
     "TOKEN_PREFIX",
     "Operator",
     "add_operator",
     "audit",
-    "check_token_strength",
     "command_scope",
-    "estimated_bits",
     "find_operator",
     "list_audit",
     "list_operators",
@@ -55,12 +49,6 @@ __all__ = [
 
 TOKEN_PREFIX: Final = "eso_"
 """Every minted token starts with this, so secret scanners can find leaked ones."""
-
-MIN_TOKEN_CHARS: Final = 24
-"""Shortest token accepted (a minted one has 47)."""
-
-MIN_TOKEN_BITS: Final = 96.0
-"""Least estimated entropy accepted (:func:`estimated_bits`); a minted token has ~256."""
 
 BOOTSTRAP: Final = "bootstrap"
 """The operator name of ``api.operator_token`` (an admin that is not in the table)."""
@@ -113,34 +101,6 @@ def mint_token() -> str:
 
 def token_sha256(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def estimated_bits(token: str) -> float:
-    """A conservative entropy estimate: length times the observed Shannon entropy per
-    character. It never overrates a token (a random one scores a little under its true
-    entropy); repeated or patterned ones (``aaaa``, ``abababab``) score low."""
-    if not token:
-        return 0.0
-    counts = Counter(token)
-    n = len(token)
-    per_char = -sum(c / n * math.log2(c / n) for c in counts.values())
-    return n * per_char
-
-
-def check_token_strength(token: str, *, what: str = "token") -> str:
-    """``token`` if it is strong enough to guard the API.
-
-    Raises:
-        InvalidInput: too short or too predictable, with what to do instead.
-    """
-    bits = estimated_bits(token)
-    if len(token) < MIN_TOKEN_CHARS or bits < MIN_TOKEN_BITS:
-        raise InvalidInput(
-            f"{what} is too weak ({len(token)} characters, ~{bits:.0f} bits estimated; need "
-            f"at least {MIN_TOKEN_CHARS} characters and ~{MIN_TOKEN_BITS:.0f} bits): use a "
-            "random one, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`",
-            code="weak_token")
-    return token
 
 
 def _check_name(name: str) -> str:

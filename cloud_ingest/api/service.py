@@ -27,10 +27,10 @@ from broker.protocol.topology import Topology
 from broker.service import Service, Supervisor
 from broker.serving import HTTP_DRAIN_S, embedded_server, wait_started
 from broker.settings import ApiSettings, NatsSettings
+from broker.token_strength import check_token_strength
 from cloud_ingest.api.routes import create_app
 from cloud_ingest.command_status import expire_overdue
 from cloud_ingest.db_errors import DATABASE_ERRORS, as_temporary
-from cloud_ingest.operators import check_token_strength
 from cloud_ingest.pooling import close_pool, connect_pool
 from cloud_ingest.schema import migrate
 

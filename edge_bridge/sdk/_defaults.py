@@ -72,3 +72,4 @@ class ClientOptions(TypedDict, total=False):
     request_timeout_s: float
     max_pending_records: int
     transport: httpx.AsyncBaseTransport | None
+    token: str | None

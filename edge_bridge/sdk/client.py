@@ -119,6 +119,8 @@ class EdgeClient:
         max_pending_records: records published but not yet confirmed beyond
             which ``publish`` raises :class:`BufferFull`; bounds memory.
         transport: an httpx transport to use instead of the network (tests).
+        token: this producer's token, when the bridge requires one
+            (``bridge.producer_tokens``; docs/ingress-http.md).
 
     Raises:
         ValueError: an argument is out of range.
@@ -138,6 +140,7 @@ class EdgeClient:
         request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
         max_pending_records: int = DEFAULT_MAX_PENDING_RECORDS,
         transport: httpx.AsyncBaseTransport | None = None,
+        token: str | None = None,
     ) -> None:
         if producer_id is None:
             producer_id = uuid.uuid4().hex
@@ -178,7 +181,8 @@ class EdgeClient:
             limits=httpx.Limits(
                 max_connections=max_in_flight, max_keepalive_connections=max_in_flight
             ),
-            headers={"Content-Type": CONTENT_TYPE},
+            headers={"Content-Type": CONTENT_TYPE,
+                     **({"Authorization": f"Bearer {token}"} if token else {})},
             # The bridge is local: an HTTP(S)_PROXY meant for internet traffic
             # must not silently route records through a proxy.
             trust_env=False,
