@@ -176,6 +176,17 @@ class ControlSettings(BaseModel):
         default_factory=lambda: ["*"],
         description="ConfigMaps as 'namespace/name' globs, within allowed namespaces.",
     )
+    allowed_registries: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Where set_image may pull from: globs over the image's registry/path "
+        "as Docker normalises it ('ghcr.io/acme/*', 'docker.io/library/*'); a bare host "
+        "('registry.corp') allows everything under it. Default: any; narrow it.",
+    )
+    max_ttl_s: float = Field(
+        7 * 24 * 3600.0, gt=0,
+        description="Longest command lifetime (expires_at - issued_at) this edge accepts, "
+        "whatever the cloud allowed (7 days, the API's default maximum); longer: rejected.",
+    )
     kubeconfig: Path | None = Field(
         None, description="Kubeconfig file; unset: the in-cluster service account."
     )

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from broker.connecting import close_nats, connect_with_retry
 from broker.errors import ClosedError, ConfigError, Conflict, InvalidInput
+from broker.protocol.command_specs import masked_spec
 from broker.protocol.command_status import CommandStatus
 from broker.protocol.commands import CommandSigner, new_envelope
 from broker.protocol.permissions import inbox_prefix
@@ -341,6 +342,7 @@ def _command(row: asyncpg.Record) -> dict[str, Any]:
     out = {k: row[k] for k in (
         "kind", "spec", "issuer", "status", "code", "reason", "result", "idempotency_key",
         "issued_at", "expires_at", "published_at", "delivered_at", "finished_at", "finished_by")}
+    out["spec"] = masked_spec(row["kind"], row["spec"])  # plain env values never leave
     out["id"] = str(row["id"])
     out["edge"] = row["edge_id"]
     return out
