@@ -105,7 +105,7 @@ def _from_json(req: _JsonRequest) -> list[Record]:
                 raise InvalidInput(f"record {i}: give either payload or payload_b64, not both")
             try:
                 body = base64.b64decode(rec.payload_b64, validate=True)
-            except binascii.Error as exc:
+            except (binascii.Error, ValueError) as exc:  # ValueError: not even ASCII
                 raise InvalidInput(f"record {i}: payload_b64 is not base64: {exc}") from exc
             ct = CT_RAW
         elif isinstance(rec.payload, msgspec.Raw):

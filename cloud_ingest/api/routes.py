@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+import asyncpg
 import structlog
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.encoders import jsonable_encoder
@@ -65,6 +66,14 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: _error("No such edge or command.")}
 
 
+def _bad_value(exc: Exception) -> bool:
+    """A database error caused by a request's value: PostgreSQL's data exceptions
+    (SQLSTATE class 22: out of range, NUL in text, ...) or asyncpg refusing to encode an
+    argument (its client-side DataError, the InterfaceError that is also a ValueError)."""
+    return isinstance(exc, asyncpg.DataError) or (
+        isinstance(exc, asyncpg.InterfaceError) and isinstance(exc, ValueError))
+
+
 def create_app(api: Api) -> FastAPI:
     """The FastAPI application of ``api`` (OpenAPI docs at ``/docs``)."""
     app = FastAPI(
@@ -101,6 +110,9 @@ def create_app(api: Api) -> FastAPI:
                             headers=exc.headers)
 
     async def database_error(request: Request, exc: Exception) -> Response:
+        if _bad_value(exc):  # the request's value, not the database: the client's to fix
+            return error_response(InvalidInput(
+                f"a value of the request is out of range: {exc}", code="invalid_request"))
         log.warning("api_database_error", error=f"{type(exc).__name__}: {exc}")
         temporary = as_temporary(exc)
         if temporary is None:
@@ -199,7 +211,7 @@ def create_app(api: Api) -> FastAPI:
             description="Page after this edge id (the X-Next-After of the last page).")]
         = None,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-        lagging_after_s: Annotated[float, Query(ge=0)] = 60.0,
+        lagging_after_s: Annotated[float, Query(ge=0, le=10 * 365 * 86400)] = 60.0,
     ) -> list[dict[str, Any]]:
         """Edges that have reported, in id order, a page at a time: last seen, online or
         not, backlog, version. A full page carries ``X-Next-After``: pass it as ``after``."""
@@ -218,8 +230,8 @@ def create_app(api: Api) -> FastAPI:
     async def get_audit(
         response: Response,
         before: Annotated[int | None, Query(
-            ge=1, description="Page: rows with ids below this (the X-Next-Before of the "
-            "last page).")] = None,
+            ge=1, le=2**63 - 1, description="Page: rows with ids below this (the "
+            "X-Next-Before of the last page).")] = None,
         operator: Annotated[str | None, Query(max_length=64)] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[dict[str, Any]]:
