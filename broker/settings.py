@@ -216,7 +216,7 @@ class ProducerToken(BaseModel):
     """One producer's bearer token at the bridge ingress, and the streams it may write."""
 
     name: str = Field(pattern=TOKEN_PATTERN, description="Who this is (logs, refusals).")
-    token: SecretStr = Field(description="The bearer token (>= 24 characters, ~96 bits).")
+    token: SecretStr = Field(description="The bearer token (>= 24 characters, ~80 bits).")
     streams: list[str] = Field(
         default_factory=lambda: ["*"], min_length=1,
         description="Stream names (globs) it may publish to; default: all.",
@@ -373,7 +373,7 @@ class ApiSettings(BaseModel):
     operator_token: SecretStr | None = Field(
         None, description="Bootstrap admin token (operator `bootstrap`, every scope); unset: "
         "only operators made with `edgesync operators add` get in. If set it must be strong "
-        "(>= 24 characters, ~96 bits; the API refuses to start otherwise): an empty value "
+        "(>= 24 characters, ~80 bits; the API refuses to start otherwise): an empty value "
         "never means 'anyone'. Unset it once real operators exist.",
     )
     metrics_token: SecretStr | None = Field(

@@ -72,7 +72,7 @@ def add(
         "--scope", "-s", help="read, operate, operate:<kind> or admin; repeatable.")],
     token_stdin: Annotated[bool, typer.Option(
         "--token-stdin", help="Read the token from stdin instead of minting one (it must "
-        "be strong: >= 24 characters, ~96 bits).")] = False,
+        "be strong: >= 24 characters, ~80 bits).")] = False,
     dsn: Dsn = None,
     state_dir: StateDir = Path(".edgesync"),
 ) -> None:
