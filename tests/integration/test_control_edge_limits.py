@@ -99,7 +99,7 @@ async def test_env_from_a_secret_reference_and_plain_values_masked_in_answers(
         command_id = await plane.issue("edge-1", "deployment.set_env", {
             **WEB, "container": "app", "env": {"DB_PASSWORD": ref, "MODE": "s3cr3t-ish",
                                                "DEBUG": None}})
-        applied = await plane.wait_status(command_id)
+        applied = await plane.wait_status(command_id, timeout=45)  # kmock is slow under load
         assert applied["spec"]["env"] == {"DB_PASSWORD": ref, "MODE": "***", "DEBUG": None}
         listed = (await plane.http.get("/v1/edges/edge-1/commands")).json()
         assert listed[0]["spec"]["env"]["MODE"] == "***"
@@ -107,6 +107,12 @@ async def test_env_from_a_secret_reference_and_plain_values_masked_in_answers(
         assert env["DB_PASSWORD"] == {"name": "DB_PASSWORD", **ref}
         assert env["MODE"] == {"name": "MODE", "value": "s3cr3t-ish"}
         assert "DEBUG" not in env
+        # The CLI's spelling: KEY=@secret/key.
+        result = await plane.cli("set-env", "edge-1", "prod/web", "API_KEY=@api/key",
+                                 "--container", "app", "--wait")
+        assert result.exit_code == 0, result.output + result.stderr
+        env = {e["name"]: e for e in env_of(kube)}
+        assert env["API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "api", "key": "key"}}
         # A reference must name both a Secret and a key; anything else is 422.
         bad = await plane.http.post("/v1/edges/edge-1/commands", json={
             "kind": "deployment.set_env",
