@@ -20,6 +20,7 @@ used by the bridge's ingress and the operator API alike::
     │   ├── InvalidEncoding      a body whose Content-Encoding does not decode    400
     │   └── UnsupportedMediaType a request body in a format we do not read        415
     ├── Unauthorized             missing or wrong operator token                  401
+    ├── Forbidden                a known caller without the scope it needs        403
     ├── NotFound                 no such edge, no such command                    404
     ├── Conflict                 an idempotency key reused for something else     409
     │   └── RequestConflict      (producer, request_seq) reused for another body  409
@@ -45,6 +46,7 @@ __all__ = [
     "Conflict",
     "DecodeError",
     "EdgesyncError",
+    "Forbidden",
     "InvalidEncoding",
     "InvalidInput",
     "InvalidName",
@@ -168,6 +170,12 @@ class Unauthorized(EdgesyncError):
     default_code = "unauthorized"
 
 
+class Forbidden(EdgesyncError):
+    """A caller who is who they say, asking for something their token does not allow."""
+
+    default_code = "forbidden"
+
+
 class NotFound(EdgesyncError):
     """The thing a request names does not exist (an edge, a command)."""
 
@@ -265,6 +273,7 @@ HTTP_STATUS: dict[type[EdgesyncError], int] = {
     InvalidName: 400,
     InvalidEncoding: 400,
     Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
     RecordTooLarge: 413,

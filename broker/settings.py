@@ -26,6 +26,7 @@ __all__ = [
     "IngestSettings",
     "LogSettings",
     "NatsSettings",
+    "ProducerToken",
     "Settings",
     "ShipperSettings",
     "StreamPolicy",
@@ -175,6 +176,17 @@ class ControlSettings(BaseModel):
         default_factory=lambda: ["*"],
         description="ConfigMaps as 'namespace/name' globs, within allowed namespaces.",
     )
+    allowed_registries: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Where set_image may pull from: globs over the image's registry/path "
+        "as Docker normalises it ('ghcr.io/acme/*', 'docker.io/library/*'); a bare host "
+        "('registry.corp') allows everything under it. Default: any; narrow it.",
+    )
+    max_ttl_s: float = Field(
+        7 * 24 * 3600.0, gt=0,
+        description="Longest command lifetime (expires_at - issued_at) this edge accepts, "
+        "whatever the cloud allowed (7 days, the API's default maximum); longer: rejected.",
+    )
     kubeconfig: Path | None = Field(
         None, description="Kubeconfig file; unset: the in-cluster service account."
     )
@@ -200,12 +212,37 @@ class ControlSettings(BaseModel):
     )
 
 
+class ProducerToken(BaseModel):
+    """One producer's bearer token at the bridge ingress, and the streams it may write."""
+
+    name: str = Field(pattern=TOKEN_PATTERN, description="Who this is (logs, refusals).")
+    token: SecretStr = Field(description="The bearer token (>= 24 characters, ~80 bits).")
+    streams: list[str] = Field(
+        default_factory=lambda: ["*"], min_length=1,
+        description="Stream names (globs) it may publish to; default: all.",
+    )
+
+
 class BridgeSettings(BaseModel):
     """The edge bridge daemon."""
 
     edge_id: str = Field("edge-1", pattern=TOKEN_PATTERN, description="This edge's id.")
-    host: str = Field("127.0.0.1", description="Ingress bind address; loopback by default.")
+    host: str = Field("127.0.0.1", description="Ingress bind address; loopback by default. "
+                      "Any other address needs producer tokens (or "
+                      "allow_anonymous_producers).")
     port: int = Field(8787, ge=0, le=65535, description="Ingress port (0 picks a free one).")
+    producer_tokens: list[ProducerToken] = Field(
+        default_factory=list, description="Producers allowed to publish, each with its token "
+        "and streams (JSON list in the environment); any given: every publish needs one.",
+    )
+    producer_tokens_file: Path | None = Field(
+        None, description="JSON file with more producer tokens (a list like "
+        "producer_tokens; keep it 0600, e.g. a mounted Kubernetes Secret). Read at start.",
+    )
+    allow_anonymous_producers: bool = Field(
+        False, description="Let a non-loopback ingress take records without a token (a "
+        "trusted network only); loopback needs no token unless tokens are configured.",
+    )
     buffer_dir: Path = Field(
         Path(".edgesync/bridge"), description="Directory of the durable on-disk buffer."
     )
@@ -334,13 +371,26 @@ class ApiSettings(BaseModel):
         description="Issuer name written into every command envelope.",
     )
     operator_token: SecretStr | None = Field(
-        None, description="Bearer token required for writes; unset: writes are refused."
+        None, description="Bootstrap admin token (operator `bootstrap`, every scope); unset: "
+        "only operators made with `edgesync operators add` get in. If set it must be strong "
+        "(>= 24 characters, ~80 bits; the API refuses to start otherwise): an empty value "
+        "never means 'anyone'. Unset it once real operators exist.",
     )
-    read_requires_token: bool = Field(
-        False, description="Also require the token for reads (open by default on loopback)."
+    metrics_token: SecretStr | None = Field(
+        None, description="A token that may read /metrics only (for a Prometheus scraper); "
+        "unset: /metrics needs an operator with the read scope. Same strength rule.",
+    )
+    max_body_bytes: int = Field(
+        1024**2, ge=1024, le=64 * 1024**2,
+        description="Largest request body (1 MiB; commands are small); refused with 413 "
+        "from Content-Length, or while reading, before it is parsed or authenticated.",
     )
     default_ttl_s: float = Field(
         3600.0, gt=0, description="Seconds a command stays valid when the request gives no TTL."
+    )
+    min_ttl_s: float = Field(
+        1.0, gt=0, description="Shortest TTL accepted: a command must live long enough to "
+        "reach an edge that is online (a shorter one could only expire).",
     )
     max_ttl_s: float = Field(
         7 * 24 * 3600.0, gt=0, le=30 * 24 * 3600.0,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import structlog
@@ -40,6 +40,7 @@ from broker.protocol.command_specs import (
     DeploymentScale,
     DeploymentSetEnv,
     DeploymentSetImage,
+    EnvFromSecret,
 )
 from broker.protocol.commands import CommandEnvelope, iso_time
 from broker.settings import ControlSettings
@@ -90,7 +91,8 @@ def _pin(deployment: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def set_env_patch(deployment: dict[str, Any], container: str | None,
-                  env: dict[str, str | None]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                  env: Mapping[str, str | EnvFromSecret | None]
+                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """JSON Patch ops that set/remove ``env`` in one or every container, touching
     nothing else; and a summary. No ops when nothing would change.
 
@@ -119,7 +121,9 @@ def set_env_patch(deployment: dict[str, Any], container: str | None,
             if value is None:
                 removes.extend(found)
                 continue
-            wanted = {"name": name, "value": value}
+            wanted: dict[str, Any] = (
+                {"name": name, "value": value} if isinstance(value, str)
+                else {"name": name, **value.as_kubernetes()})  # from the edge's Secret
             if not found:
                 adds.append(wanted)
                 continue

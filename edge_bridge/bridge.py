@@ -39,6 +39,7 @@ from edge_bridge.buffer import Buffer
 from edge_bridge.configuring import RuntimeConfig
 from edge_bridge.ingress import create_app
 from edge_bridge.metrics import BridgeMetrics
+from edge_bridge.producers import ProducerGate
 from edge_bridge.shipping import Shipper
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ class Bridge(Service):
             publish_timeout_s=nats_settings.publish_timeout_s,
         )
         self.runtime_config = RuntimeConfig(settings.buffer_dir, self.metrics.registry)
+        self.producers = ProducerGate([])  # the settings' own, checked at start (_open)
         self.control: ControlChannel | None = None
         if settings.control.public_key_file is not None:
             from edge_bridge.commanding import ControlChannel  # only bridges that take commands
@@ -104,6 +106,7 @@ class Bridge(Service):
         return {"edge": self.edge_id}
 
     async def _open(self) -> None:
+        self.producers = ProducerGate.from_settings(self.settings)
         # Before anything is opened: an unusable overrides file fails start-up cleanly.
         self.runtime_config.restore(self.settings, self.shipper)
         await self.buffer.open()

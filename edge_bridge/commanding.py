@@ -145,8 +145,9 @@ class ControlChannel:
         self._state = "open"
         assert self.settings.public_key_file is not None, "control needs a public key"
         keys = load_public_keys(self.settings.public_key_file)
-        self.gate = CommandGate(edge_id=self.edge_id, trusted_keys=keys, settings=self.settings)
         await self.store.open()
+        self.gate = CommandGate(edge_id=self.edge_id, trusted_keys=keys, settings=self.settings,
+                                memory_since=self.store.created_at)
         self.metrics.outbox.set(await self.store.outbox_size())
         log.info("control_ready", edge=self.edge_id, trusted_keys=len(keys),
                  allowed_kinds=self.settings.allowed_kinds,

@@ -97,6 +97,8 @@ class ControlStore:
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self.epoch = ""
+        self.created_at = 0.0
+        """When this store (the memory of command ids) was created, Unix seconds."""
         """Random id of this store file, part of every outbox message id."""
         self._state = "new"
 
@@ -114,18 +116,25 @@ class ControlStore:
         self._state = "open"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="control-store")
-        self.epoch = await self._run(self._init)
+        self.epoch, self.created_at = await self._run(self._init)
 
-    def _init(self) -> str:
+    def _init(self) -> tuple[str, float]:
         conn = connect_wal(self.path, sync_mode=self._sync_mode)
         conn.executescript(_SCHEMA)
         self._conn = conn
-        row = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
-        if row is not None:
-            return str(row[0])
-        epoch = secrets.token_hex(4)
-        conn.execute("INSERT INTO meta(key, value) VALUES ('epoch', ?)", (epoch,))
-        return epoch
+        with _transaction(conn):
+            row = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+            if row is None:
+                epoch = secrets.token_hex(4)
+                conn.execute("INSERT INTO meta(key, value) VALUES ('epoch', ?)", (epoch,))
+            else:
+                epoch = str(row[0])
+            # A store made before this key existed gets "now": commands from before
+            # its upgrade are refused once, like after a lost volume (safe side).
+            conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('created_at', ?)",
+                         (repr(time.time()),))
+            created = conn.execute("SELECT value FROM meta WHERE key = 'created_at'").fetchone()
+        return epoch, float(created[0])
 
     async def close(self) -> None:
         """Close the database; idempotent."""

@@ -40,6 +40,7 @@ from broker.errors import (
     InvalidRecords,
     RecordTooLarge,
     RequestTooLarge,
+    Unauthorized,
     UnsupportedMediaType,
 )
 from broker.protocol.ingress import IngressRequest, RequestSeq, to_ts_us
@@ -104,7 +105,7 @@ def _from_json(req: _JsonRequest) -> list[Record]:
                 raise InvalidInput(f"record {i}: give either payload or payload_b64, not both")
             try:
                 body = base64.b64decode(rec.payload_b64, validate=True)
-            except binascii.Error as exc:
+            except (binascii.Error, ValueError) as exc:  # ValueError: not even ASCII
                 raise InvalidInput(f"record {i}: payload_b64 is not base64: {exc}") from exc
             ct = CT_RAW
         elif isinstance(rec.payload, msgspec.Raw):
@@ -174,10 +175,9 @@ def create_app(bridge: Bridge) -> FastAPI:
         ):
             raise RequestTooLarge(
                 f"body of {declared} bytes exceeds {settings.max_request_bytes}")
-        body = await request.body()
-        if len(body) > settings.max_request_bytes:
-            raise RequestTooLarge(
-                f"body of {len(body)} bytes exceeds {settings.max_request_bytes}")
+        # From the headers alone: an unknown producer never gets its body read.
+        bridge.producers.check(stream, request.headers.get("authorization"))
+        body = await _bounded_body(request, settings.max_request_bytes)
         encoding = request.headers.get("content-encoding", "").strip().lower()
         body = _decoded_body(body, encoding, settings.max_request_bytes)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -214,7 +214,9 @@ def create_app(bridge: Bridge) -> FastAPI:
             except InvalidInput as exc:  # the buffer refuses a request it cannot hold
                 raise RequestTooLarge(str(exc)) from exc
         except EdgesyncError as exc:
-            return error_response(exc)
+            challenge = {"WWW-Authenticate": 'Bearer realm="edgesync-ingress"'}
+            return error_response(exc, headers=challenge if isinstance(exc, Unauthorized)
+                                  else None)
         if result.duplicate:
             metrics.duplicate_requests.inc()
         else:
@@ -247,6 +249,19 @@ def create_app(bridge: Bridge) -> FastAPI:
                                  media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _bounded_body(request: Request, max_bytes: int) -> bytes:
+    """The body, read as it streams in and refused once past ``max_bytes`` (a chunked
+    body has no Content-Length to refuse it by)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise RequestTooLarge(f"body exceeds {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _validate(

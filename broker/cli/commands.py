@@ -139,12 +139,16 @@ def _target(value: str) -> tuple[str, str]:
     return namespace, name
 
 
-def _assignments(items: list[str]) -> dict[str, str | None]:
-    """``KEY=VALUE`` sets, ``KEY-`` removes (as ``kubectl set env``)."""
-    out: dict[str, str | None] = {}
+def _assignments(items: list[str], *, secrets: bool = False) -> dict[str, Any]:
+    """``KEY=VALUE`` sets, ``KEY-`` removes (as ``kubectl set env``); with ``secrets``,
+    ``KEY=@secret/key`` takes the value from that key of a Secret on the edge."""
+    out: dict[str, Any] = {}
     for item in items:
-        if "=" in item:
-            key, _, value = item.partition("=")
+        key, _, value = item.partition("=")
+        if secrets and value.startswith("@") and "/" in value:
+            secret, _, secret_key = value[1:].partition("/")
+            out[key] = {"valueFrom": {"secretKeyRef": {"name": secret, "key": secret_key}}}
+        elif "=" in item:
             out[key] = value
         elif item.endswith("-") and len(item) > 1:
             out[item[:-1]] = None
@@ -216,14 +220,17 @@ def scale(ctx: typer.Context, edge: str, target: Annotated[str, typer.Argument(
 
 @cmd_app.command("set-env")
 def set_env(ctx: typer.Context, edge: str, target: str,
-            assignments: Annotated[list[str], typer.Argument(help="KEY=VALUE sets, KEY- removes.")],
+            assignments: Annotated[list[str], typer.Argument(
+                help="KEY=VALUE sets, KEY=@secret/key takes it from a Secret on the edge "
+                "(the value never leaves the edge), KEY- removes.")],
             *, container: Annotated[str | None, typer.Option(
                 help="Only this container (default: all).")] = None,
             wait: Wait = False, timeout: Timeout = 60, ttl: Ttl = None,
             idempotency_key: Key = None, as_json: AsJson = False) -> None:
     """Set or remove a Deployment's env vars; the others and the image are kept."""
     namespace, name = _target(target)
-    spec: dict[str, Any] = {"namespace": namespace, "name": name, "env": _assignments(assignments)}
+    spec: dict[str, Any] = {"namespace": namespace, "name": name,
+                            "env": _assignments(assignments, secrets=True)}
     if container:
         spec["container"] = container
     _send(ctx, edge, "deployment.set_env", spec, ttl=ttl, key=idempotency_key, wait=wait,

@@ -25,6 +25,7 @@ from broker.cli.commands import cmd_app, keys_app
 from broker.cli.database import resolve_dsn
 from broker.cli.dead_letters import dead_letters_app
 from broker.cli.edges import edges_app
+from broker.cli.operators import operators_app
 from broker.cli.streams import streams_app
 from broker.errors import EdgesyncError
 from broker.logs import configure_logging
@@ -61,6 +62,7 @@ EXIT_CRASHED = 1
 """A service's root task crashed: Kubernetes must see a failed container, not a clean exit."""
 EXIT_ERROR = 2
 """An error of ours (bad settings, a root task that ended unasked, ...)."""
+app.add_typer(operators_app, name="operators")
 
 
 def _run_service(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:

@@ -29,6 +29,7 @@ from broker.settings import StreamPolicy
 __all__ = [
     "KINDS",
     "KUBERNETES_KINDS",
+    "MASK",
     "SPEC_MODELS",
     "BridgeConfigure",
     "ConfigKey",
@@ -38,12 +39,17 @@ __all__ = [
     "DeploymentScale",
     "DeploymentSetEnv",
     "DeploymentSetImage",
+    "EnvFromSecret",
     "EnvName",
+    "EnvValueFrom",
     "KubernetesTarget",
     "Namespace",
     "ObjectName",
+    "SecretKeyRef",
     "StreamPolicyChange",
     "describe_validation_error",
+    "image_repository",
+    "masked_spec",
     "parse_spec",
 ]
 
@@ -61,7 +67,9 @@ ConfigKey = Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)]
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `"replicas": "3"` or `false` is refused, never coerced (an operator's typo
+    # must not become a command).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class KubernetesTarget(_Spec):
@@ -82,19 +90,71 @@ class DeploymentScale(KubernetesTarget):
     replicas: int = Field(ge=0, le=10_000, description="Desired replicas.")
 
 
+class SecretKeyRef(_Spec):
+    """One key of a Secret in the Deployment's namespace."""
+
+    name: ObjectName
+    key: ConfigKey
+
+
+class EnvValueFrom(_Spec):
+    secretKeyRef: SecretKeyRef
+
+
+class EnvFromSecret(_Spec):
+    """``{"valueFrom": {"secretKeyRef": {"name": ..., "key": ...}}}``: the value stays in
+    the edge cluster's Secret; the command (and everything that stores it) carries only
+    its name."""
+
+    valueFrom: EnvValueFrom
+
+    def as_kubernetes(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+MASK: Final = "***"
+"""What a plain-text env value is shown as in API answers and logs."""
+
+
 class DeploymentSetEnv(KubernetesTarget):
-    """Set or remove environment variables; every other variable and field is kept."""
+    """Set or remove environment variables; every other variable and field is kept.
+    Prefer a Secret reference for anything sensitive: plain values travel in the
+    command and are stored by the cloud (masked in its answers)."""
 
     container: ContainerName | None = Field(
         None, description="Only this container; omitted: every container (as `kubectl set env`)."
     )
-    env: dict[EnvName, str | None] = Field(
-        min_length=1, max_length=256, description="Variable -> value; null removes the variable."
+    env: dict[EnvName, str | EnvFromSecret | None] = Field(
+        min_length=1, max_length=256, description="Variable -> plain value, a Secret "
+        "reference ({valueFrom: {secretKeyRef: {name, key}}}), or null to remove it.",
     )
 
 
+def image_repository(image: str) -> str:
+    """The ``registry/path`` an image reference pulls from, normalised as Docker does
+    (``nginx:1.25`` is ``docker.io/library/nginx``): what a registry allow-list matches."""
+    name = image.split("@", 1)[0]
+    if name.rfind(":") > name.rfind("/"):
+        name = name[: name.rfind(":")]
+    first, _, rest = name.partition("/")
+    if not rest:
+        return f"docker.io/library/{first}"
+    if "." in first or ":" in first or first == "localhost":
+        return name
+    return f"docker.io/{name}"
+
+
+def masked_spec(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` as it may be shown: plain-text env values of ``deployment.set_env``
+    replaced by :data:`MASK` (Secret references and removals stay readable)."""
+    env = spec.get("env")
+    if kind != "deployment.set_env" or not isinstance(env, dict):
+        return spec
+    return {**spec, "env": {k: MASK if isinstance(v, str) else v for k, v in env.items()}}
+
+
 class DeploymentSetImage(KubernetesTarget):
-    """Roll a container to a new image."""
+    """Roll a container to a new image (from a registry the edge allows)."""
 
     container: ContainerName
     image: str = Field(pattern=r"^\S+$", min_length=1, max_length=1024,

@@ -10,6 +10,7 @@ status, see the edges.
 |                                        | (``?state=online|offline|lagging``)         |
 | ``GET  /v1/dead-letters[/{id}]``, ``POST /v1/dead-letters/{id}/replay`` | dead letters: |
 |                                        | list, show, replay (:mod:`cloud_ingest.dead_letters`) |
+| ``GET  /v1/audit``, ``/v1/operators``  | the audit log, the operators (admin scope)  |
 | ``GET  /healthz``, ``/readyz``, ``/metrics``, ``/docs``, ``/openapi.json`` |       |
 
 Issuing a command: validate the spec (422 with a message), check the edge is
@@ -21,12 +22,14 @@ acknowledged. Another loop marks commands ``expired`` that are still pending
 at their expiry. Status reports from the edges reach the rows through the
 ingest (:mod:`cloud_ingest.command_status`).
 
-Writes need ``Authorization: Bearer <operator token>`` (401 otherwise); reads
-are open unless ``read_requires_token``. Refusals are JSON
+Every request but the probes and the API's description needs
+``Authorization: Bearer <operator token>`` (401 otherwise) with the route's scope
+(403 otherwise): ``read``, ``operate`` / ``operate:<kind>``, ``admin``
+(:mod:`cloud_ingest.operators`). Writes and 403s are audited. Refusals are JSON
 ``{"error": code, "message": text}``.
 
 Rooms: :mod:`~cloud_ingest.api.models` (request and response bodies),
-:mod:`~cloud_ingest.api.auth` (the operator token), :mod:`~cloud_ingest.api.routes`
+:mod:`~cloud_ingest.api.auth` (tokens, scopes, body limit, audit), :mod:`~cloud_ingest.api.routes`
 (the HTTP surface), :mod:`~cloud_ingest.api.service` (resources, operations,
 root tasks).
 """

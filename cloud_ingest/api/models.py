@@ -18,6 +18,7 @@ from broker.protocol.command_specs import (
 from broker.protocol.command_status import CommandStatus
 
 __all__ = [
+    "AuditOut",
     "BridgeConfigureRequest",
     "CommandAccepted",
     "CommandEventOut",
@@ -25,6 +26,8 @@ __all__ = [
     "CommandRequest",
     "ConfigMapPatchRequest",
     "EdgeOut",
+    "ErrorOut",
+    "OperatorOut",
     "RestartRequest",
     "ScaleRequest",
     "SetEnvRequest",
@@ -33,7 +36,7 @@ __all__ = [
 
 
 class _CommandRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     ttl_seconds: float | None = Field(
         None, gt=0, description="Seconds the command stays valid (default from settings)."
@@ -134,3 +137,31 @@ class EdgeOut(BaseModel):
     oldest_unshipped_age_s: float
     disk_bytes: int
     dropped: dict[str, Any]
+
+
+class ErrorOut(BaseModel):
+    """Every refusal: a stable code and a sentence (some carry more fields)."""
+
+    error: str = Field(description="Stable machine-readable code, e.g. unknown_edge.")
+    message: str = Field(description="What was wrong, for people.")
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: datetime
+    operator: str = Field(description="Operator name; 'cli:<user>@<host>' for the CLI.")
+    action: str = Field(description="command.issue, operator.add, or 'METHOD /path'.")
+    target: str
+    client: str = Field(description="Peer address (host:port) the request came from.")
+    status: int | None = Field(description="HTTP status answered; null from the CLI.")
+    detail: dict[str, Any]
+
+
+class OperatorOut(BaseModel):
+    name: str
+    scopes: list[str]
+    token_prefix: str
+    created_at: datetime
+    created_by: str
+    revoked_at: datetime | None
+    last_used_at: datetime | None

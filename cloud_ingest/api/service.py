@@ -19,7 +19,8 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from broker.connecting import close_nats, connect_with_retry
-from broker.errors import ClosedError, ConfigError, Conflict
+from broker.errors import ClosedError, ConfigError, Conflict, InvalidInput
+from broker.protocol.command_specs import masked_spec
 from broker.protocol.command_status import CommandStatus
 from broker.protocol.commands import CommandSigner, new_envelope
 from broker.protocol.permissions import inbox_prefix
@@ -27,6 +28,7 @@ from broker.protocol.topology import Topology
 from broker.service import Service, Supervisor
 from broker.serving import HTTP_DRAIN_S, embedded_server, wait_started
 from broker.settings import ApiSettings, NatsSettings
+from broker.token_strength import check_token_strength
 from cloud_ingest.api.routes import create_app
 from cloud_ingest.command_status import expire_overdue
 from cloud_ingest.db_errors import DATABASE_ERRORS, as_temporary
@@ -82,6 +84,15 @@ class Api(Service):
         self._js: JetStreamContext | None = None
 
     async def _open(self) -> None:
+        for field in ("operator_token", "metrics_token"):
+            secret = getattr(self.settings, field)
+            if secret is None:
+                continue
+            try:
+                check_token_strength(secret.get_secret_value(), what=f"api.{field}")
+            except InvalidInput as exc:
+                raise ConfigError(f"{exc} (EDGESYNC_API__{field.upper()}; unset it to "
+                                  "rely on `edgesync operators` alone)") from exc
         if self.settings.private_key_file is None:
             raise ConfigError("api.private_key_file is required: commands must be signed "
                               "(create one with `edgesync keys generate`)")
@@ -138,11 +149,14 @@ class Api(Service):
         ttl_s: float | None = None,
         idempotency_key: str | None = None,
         signer: CommandSigner | None = None,
+        operator: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Store, sign and publish one command (the spec must already be valid).
 
         Args:
             signer: another key than the configured one (key rotation, tests).
+            operator: who asked; the envelope's (signed) issuer becomes
+                ``<operator>@<api issuer>``.
 
         Returns:
             The command row and whether it was created now (False: the
@@ -154,7 +168,9 @@ class Api(Service):
         signer = signer or self.signer
         assert signer is not None
         envelope = new_envelope(edge=edge, kind=kind, spec=spec,
-                                ttl_s=ttl_s or self.settings.default_ttl_s, issuer=signer.issuer)
+                                ttl_s=ttl_s or self.settings.default_ttl_s,
+                                issuer=f"{operator}@{signer.issuer}" if operator
+                                else signer.issuer)
         signed, digest = signer.sign(envelope)
         row = await self._db().fetchrow(
             "INSERT INTO commands (id, edge_id, kind, spec, issuer, idempotency_key, digest,"
@@ -327,6 +343,7 @@ def _command(row: asyncpg.Record) -> dict[str, Any]:
     out = {k: row[k] for k in (
         "kind", "spec", "issuer", "status", "code", "reason", "result", "idempotency_key",
         "issued_at", "expires_at", "published_at", "delivered_at", "finished_at", "finished_by")}
+    out["spec"] = masked_spec(row["kind"], row["spec"])  # plain env values never leave
     out["id"] = str(row["id"])
     out["edge"] = row["edge_id"]
     return out

@@ -79,3 +79,4 @@ class ClientOptions(TypedDict, total=False):
     close_timeout_s: float | None
     max_pending_records: int
     transport: httpx.AsyncBaseTransport | None
+    token: str | None

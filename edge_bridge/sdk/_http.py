@@ -88,7 +88,8 @@ class StreamPoster:
     """POSTs over asyncio streams with keep-alive; at most ``max_connections`` idle kept."""
 
     def __init__(
-        self, url: str, *, content_type: str, timeout_s: float, max_connections: int
+        self, url: str, *, content_type: str, timeout_s: float, max_connections: int,
+        token: str | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -100,8 +101,9 @@ class StreamPoster:
         self._base_url = f"{parts.scheme}://{parts.netloc}"
         self._prefix = (parts.path or "").rstrip("/")
         host_header = parts.netloc.rpartition("@")[2]
+        auth = "" if token is None else _authorization_line(token)
         self._head_tail = (
-            f"Host: {host_header}\r\nContent-Type: {content_type}\r\n"
+            f"Host: {host_header}\r\nContent-Type: {content_type}\r\n{auth}"
             "User-Agent: edgesync-sdk\r\nContent-Length: "
         )
         self._timeout_s = timeout_s
@@ -199,14 +201,16 @@ class HttpxPoster:
 
     def __init__(
         self, url: str, *, transport: httpx.AsyncBaseTransport, content_type: str,
-        timeout_s: float,
+        timeout_s: float, token: str | None = None,
     ) -> None:
         import httpx  # only when a transport is given
 
         self._request_error = httpx.RequestError
         self._client = httpx.AsyncClient(
             base_url=url, transport=transport, timeout=httpx.Timeout(timeout_s),
-            headers={"Content-Type": content_type}, trust_env=False,
+            headers={"Content-Type": content_type,
+                     **({"Authorization": f"Bearer {token}"} if token else {})},
+            trust_env=False,
         )
 
     @property
@@ -223,3 +227,11 @@ class HttpxPoster:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _authorization_line(token: str) -> str:
+    """The ``Authorization`` header line for a producer token (refused if it could
+    break the request head: a token is printable ASCII without spaces)."""
+    if not token or not all(33 <= ord(c) < 127 for c in token):
+        raise ValueError("a producer token is printable ASCII without spaces")
+    return f"Authorization: Bearer {token}\r\n"

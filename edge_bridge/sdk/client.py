@@ -149,6 +149,8 @@ class EdgeClient:
         max_pending_records: records published but not yet confirmed beyond
             which ``publish`` raises :class:`BufferFull`; bounds memory.
         transport: an httpx transport to use instead of the network (tests).
+        token: this producer's token, when the bridge requires one
+            (``bridge.producer_tokens``; docs/ingress-http.md).
 
     Raises:
         ValueError: an argument is out of range.
@@ -169,6 +171,7 @@ class EdgeClient:
         close_timeout_s: float | None = DEFAULT_CLOSE_TIMEOUT_S,
         max_pending_records: int = DEFAULT_MAX_PENDING_RECORDS,
         transport: httpx.AsyncBaseTransport | None = None,
+        token: str | None = None,
     ) -> None:
         if producer_id is None:
             producer_id = uuid.uuid4().hex
@@ -211,10 +214,11 @@ class EdgeClient:
         self._http: Poster
         if transport is None:
             self._http = StreamPoster(url, content_type=CONTENT_TYPE,
-                                      timeout_s=request_timeout_s, max_connections=max_in_flight)
+                                      timeout_s=request_timeout_s, max_connections=max_in_flight,
+                                      token=token)
         else:
             self._http = HttpxPoster(url, transport=transport, content_type=CONTENT_TYPE,
-                                     timeout_s=request_timeout_s)
+                                     timeout_s=request_timeout_s, token=token)
 
         self._state = _State.OPEN
         self._loop: asyncio.AbstractEventLoop | None = None

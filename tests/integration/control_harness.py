@@ -45,7 +45,7 @@ __all__ = [
 
 DEPLOYMENTS = "apps/v1/deployments"
 CONFIGMAPS = "v1/configmaps"
-TOKEN = "operator-secret"
+TOKEN = "test-operator-NAOUf9GMaFl9nU3zRxqzfSSmuKK4QMG4"  # strong enough to start
 
 
 def web_deployment(namespace: str = "prod", name: str = "web") -> dict[str, Any]:

@@ -29,7 +29,7 @@ async def test_commands_sent_while_the_bridge_is_down_apply_on_return_unless_exp
         first = await plane.issue("edge-1", "deployment.scale", {**WEB, "replicas": 3})
         doomed = await plane.issue("edge-1", "deployment.set_image",
                                    {**WEB, "container": "app", "image": "never:applied"},
-                                   ttl_seconds=0.5)
+                                   ttl_seconds=1)  # the API's minimum
         second = await plane.issue("edge-1", "deployment.scale", {**WEB, "replicas": 4})
         expired = await plane.wait_status(doomed, ("expired",), timeout=10)
         assert expired["finished_by"] == "cloud"

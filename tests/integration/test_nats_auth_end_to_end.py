@@ -28,7 +28,7 @@ from tests.helpers import until
 from tests.integration.harness import bridge_settings, serving, wait_for_records
 from tests.integration.test_end_to_end_ack import publish
 
-TOKEN = "t" * 32
+TOKEN = "e2e-operator-Qm7vX2pLr9TzK4wN8bYc3HdF6jS1"  # a bootstrap token must be strong
 
 
 async def test_services_work_end_to_end_under_their_own_identities(
