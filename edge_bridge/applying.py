@@ -194,7 +194,7 @@ class KubernetesApplier:
             import urllib3
         except ImportError as exc:  # pragma: no cover - the extra is installed in tests
             raise ApplyFailed(
-                "the kubernetes client is not installed (pip install 'edgesync[kubernetes]')"
+                "kubernetes client not installed (in the source tree: pip install '.[kubernetes]')"
             ) from exc
         try:
             if self._settings.kubeconfig is not None:

@@ -4,7 +4,9 @@ The cloud owns the streams and the watermark KV bucket (see
 :mod:`broker.protocol.topology`). The ingest creates them when it starts;
 ``streams init`` does the same without running an ingest (e.g. a deploy job
 before the first bridge connects), and ``streams check`` reports whether
-what exists matches the configuration, changing nothing.
+what exists matches the configuration, changing nothing. Both connect with
+the ``EDGESYNC_NATS__*`` settings as the admin identity (its credentials file,
+the CA).
 
 | exit | meaning                                                  |
 | ---- | -------------------------------------------------------- |
@@ -95,8 +97,16 @@ async def _with_js(settings: NatsSettings,
                    ) -> list[StreamCheck]:
     import nats
 
+    from broker.connecting import connect_options
+    from broker.protocol.permissions import inbox_prefix
+
+    # As the admin identity (EDGESYNC_NATS__CREDENTIALS_FILE, CA_FILE): on a secured
+    # server only the admin (or the ingest) may create streams, and replies come on
+    # the admin's own inbox prefix, the only one it may subscribe to.
     nc = await nats.connect([s.strip() for s in settings.url.split(",") if s.strip()],
-                            connect_timeout=settings.connect_timeout_s, allow_reconnect=False)
+                            connect_timeout=settings.connect_timeout_s, allow_reconnect=False,
+                            **connect_options(settings, inbox_prefix=inbox_prefix(
+                                _topology(settings), "admin")))
     try:
         return await body(nc.jetstream(timeout=settings.publish_timeout_s))
     finally:

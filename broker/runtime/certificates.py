@@ -6,7 +6,8 @@ trust it keep trusting it), and issues the server certificate for the loopback
 names from it (and client certificates where mutual TLS is wanted). Keys are
 EC P-256; every key and certificate file is 0600 and the directory 0700.
 
-Production brings its own PKI; nothing here is meant for it.
+Production may bring its own PKI; ``deploy/secrets/generate.py`` uses this CA
+for a cluster that has none (the NATS server and route certificate).
 """
 
 from __future__ import annotations
@@ -85,13 +86,15 @@ class CertificateAuthority:
         write_private(self.ca_file, cert.public_bytes(serialization.Encoding.PEM))
 
     def issue(self, name: str, *, hosts: tuple[str, ...] = LOOPBACK_NAMES,
-              client: bool = False) -> TlsFiles:
+              client: bool = False, route: bool = False) -> TlsFiles:
         """Issue (or re-issue) ``<name>.pem`` / ``<name>.key`` signed by this CA.
 
         Args:
             name: file stem and common name.
             hosts: DNS names and IP addresses for a server certificate.
             client: a client certificate (for mutual TLS) instead of a server one.
+            route: a server certificate that is a client one too: a nats-server
+                cluster node dials its peers' routes (``verify: true``) with it.
         """
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
@@ -104,8 +107,9 @@ class CertificateAuthority:
             .not_valid_after(now + dt.timedelta(days=_LEAF_DAYS))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]),
-                critical=False)
+                [ExtendedKeyUsageOID.CLIENT_AUTH] if client
+                else [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH] if route
+                else [ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         )
         if not client:
             alt: list[x509.GeneralName] = []

@@ -2,52 +2,63 @@
 
     python deploy/secrets/generate.py --nats-host nats.example.com site-001 site-002
 
-writes, under --out (default .edgesync/deploy-secrets, git-ignored):
+writes, under --out (default .edgesync/deploy-secrets, git-ignored, owner-only):
 
     cloud/            namespace edgesync
       edgesync-command-signing   command-signing.key   the API signs commands with it
       edgesync-operator          operator-token        the API's operator bearer token
       edgesync-metrics-token     token                 Prometheus' token for the API's /metrics
       edgesync-nats-tls          tls.crt tls.key ca.crt   NATS server + route certificate
-      edgesync-nats-auth         auth.conf             NATS users (cloud services, every edge)
-      edgesync-ingest-nats       url ca.crt            the ingest's NATS identity
-      edgesync-api-nats          url ca.crt            the API's NATS identity
-    edges/<edge-id>/  namespace edgesync-edge, one per site
+      edgesync-nats-auth         auth.conf             nkey users and their permissions
+      edgesync-ingest-nats       nats.nk ca.crt        the ingest's nkey seed, the CA
+      edgesync-api-nats          nats.nk ca.crt        the API's nkey seed, the CA
+    edges/<edge-id>/  namespace edgesync-edge, one per registered edge
       edgesync-command-public-key  command-signing.pub the bridge verifies commands with it
-      edgesync-edge-nats           url ca.crt          the edge's own NATS identity
+      edgesync-edge-nats           nats.nk ca.crt url  that edge's seed (no other), the CA,
+                                                       tls://<nats-host>:4222
 
-Run it again with more edge ids to add sites: what exists (CA, keys, passwords,
-in state/) is kept, so running sites are not disturbed; apply cloud/ again so
-NATS learns the new users (the reloader picks the Secret up without a restart).
+Nothing here is re-implemented: the identities are edgesync's own
+(:class:`broker.identities.IdentityStore`, what `edgesync edges add` uses, in
+``state/nats-auth``), ``auth.conf`` is the one it renders from
+``broker/protocol/permissions.py``, and the certificates come from
+:class:`broker.runtime.certificates.CertificateAuthority` (``state/tls``).
+The admin identity's seed stays in ``state/nats-auth/creds/admin.nk``: it is
+for operators (control consumers, `edgesync streams`), never in a Secret.
 
-PROVISIONAL (until issue 11 lands `edgesync edges add`): identities are NATS
-users with random passwords carried in the `url`, and auth.conf grants no
-per-subject permissions yet; issue 11's generator replaces auth.conf and the
-client credentials with per-edge least-privilege ones (deploy/components/nats-client).
+Edges: the ids given on the command line are added (`IdentityStore.add_edge`,
+as `edgesync edges add --no-control-consumer` does); every edge registered in
+``state/nats-auth`` gets its directory, and the directory of an edge revoked
+since (`edgesync edges revoke <id> --state-dir <out>/state`) is removed. What
+exists (CA, keys, seeds, tokens) is kept, so running sites are not disturbed;
+apply cloud/ again after a change and NATS reloads its users (the reloader
+sidecar), no restart.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import ipaddress
-import json
 import os
 import secrets
+import shutil
 import sys
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
+from broker.identities import IdentityStore
 from broker.protocol.commands import generate_key_pair
 from broker.protocol.tokens import validate_token
+from broker.protocol.topology import Topology
+from broker.runtime.certificates import CertificateAuthority
 
 CLOUD_NS, EDGE_NS = "edgesync", "edgesync-edge"
-_TEN_YEARS = datetime.timedelta(days=3650)
-_TWO_YEARS = datetime.timedelta(days=730)
+NATS_SERVICE = f"edgesync-nats.{CLOUD_NS}.svc"
+# Names the server certificate carries besides --nats-host: the in-cluster
+# Service (the ingest and the API), the route names of the StatefulSet's pods,
+# and loopback (`kubectl port-forward` for the admin steps in docs/deploy.md).
+INTERNAL_NAMES = (NATS_SERVICE, f"{NATS_SERVICE}.cluster.local", "edgesync-nats",
+                  f"edgesync-nats.{CLOUD_NS}", f"*.edgesync-nats-headless.{CLOUD_NS}.svc",
+                  f"*.edgesync-nats-headless.{CLOUD_NS}.svc.cluster.local",
+                  "localhost", "127.0.0.1")
+SEED_KEY, CA_KEY = "nats.nk", "ca.crt"
 
 
 def _write(path: Path, data: str | bytes) -> None:
@@ -58,68 +69,11 @@ def _write(path: Path, data: str | bytes) -> None:
         f.write(raw)
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _ca(state: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key_path, cert_path = state / "ca.key", state / "ca.crt"
-    if key_path.exists():
-        key = serialization.load_pem_private_key(key_path.read_bytes(), None)
-        assert isinstance(key, ec.EllipticCurvePrivateKey)
-        return key, x509.load_pem_x509_certificate(cert_path.read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgesync NATS CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + _TEN_YEARS)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
-                                         crl_sign=True, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .sign(key, hashes.SHA256()))
-    _write(key_path, _pem_key(key))
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    return key, cert
-
-
-def _server_cert(state: Path, ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate,
-                 hosts: list[str]) -> tuple[bytes, bytes]:
-    """The NATS certificate: clients (server auth) and routes (mutual, client auth)."""
-    key_path, cert_path = state / "nats.key", state / "nats.crt"
-    if key_path.exists():
-        return cert_path.read_bytes(), key_path.read_bytes()
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-            .issuer_name(ca.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + _TWO_YEARS)
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    _write(key_path, _pem_key(key))
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path.read_bytes(), key_path.read_bytes()
-
-
 def _kustomization(directory: Path, namespace: str, secrets_: dict[str, dict[str, str]]
                    ) -> None:
     """A kustomization of Secrets from files in ``directory`` (fixed names: the
     workloads reference them by name; restart them after a rotation)."""
+    shutil.rmtree(directory, ignore_errors=True)  # no key left over from an earlier run
     lines = ["# Generated by deploy/secrets/generate.py: do not commit.",
              "apiVersion: kustomize.config.k8s.io/v1beta1", "kind: Kustomization",
              f"namespace: {namespace}", "generatorOptions:", "  disableNameSuffixHash: true",
@@ -128,77 +82,87 @@ def _kustomization(directory: Path, namespace: str, secrets_: dict[str, dict[str
         lines.append(f"  - name: {name}")
         lines.append("    files:")
         for key, value in files.items():
-            path = directory / name / key
-            _write(path, value)
+            _write(directory / name / key, value)
             lines.append(f"      - {key}={name}/{key}")
     _write(directory / "kustomization.yaml", "\n".join(lines) + "\n")
 
 
-def generate(out: Path, *, nats_host: str, edges: list[str]) -> None:
+def _token(state: Path, name: str) -> str:
+    path = state / "tokens" / name
+    if not path.exists():
+        _write(path, secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def generate(out: Path, *, nats_host: str, edges: list[str], prefix: str = "es") -> list[str]:
+    """Write cloud/ and edges/<id>/ under ``out``; returns the edges written."""
     state = out / "state"
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     out.chmod(0o700)
-    users_path = state / "nats-users.json"
-    users: dict[str, str] = json.loads(users_path.read_text()) if users_path.exists() else {}
-    for user in ["ingest", "api", *(f"edge-{e}" for e in edges)]:
-        users.setdefault(user, secrets.token_urlsafe(32))
-    _write(users_path, json.dumps(users, indent=2, sort_keys=True))
-    tokens_path = state / "tokens.json"
-    tokens = json.loads(tokens_path.read_text()) if tokens_path.exists() else {}
-    tokens.setdefault("operator", secrets.token_urlsafe(32))
-    tokens.setdefault("metrics", secrets.token_urlsafe(32))
-    _write(tokens_path, json.dumps(tokens, indent=2))
+    store = IdentityStore(state / "nats-auth", Topology(prefix=prefix))
+    store.ensure_services()
+    for edge in edges:
+        store.add_edge(edge)
     if not (state / "command-signing.key").exists():
         generate_key_pair(state, "command-signing")
 
-    ca_key, ca = _ca(state)
-    ca_pem = ca.public_bytes(serialization.Encoding.PEM).decode()
-    internal = [f"edgesync-nats.{CLOUD_NS}.svc", "edgesync-nats", f"edgesync-nats.{CLOUD_NS}",
-                f"*.edgesync-nats-headless.{CLOUD_NS}.svc",
-                f"*.edgesync-nats-headless.{CLOUD_NS}.svc.cluster.local"]
-    cert, key = _server_cert(state, ca_key, ca, [nats_host, *internal])
-    auth = ["# PROVISIONAL: users without subject permissions until issue 11's",
-            "# `edgesync edges add` writes per-edge least-privilege authorisation.",
-            "authorization {", "  users = ["]
-    auth += [f'    {{user: "{u}", password: "{p}"}}' for u, p in sorted(users.items())]
-    auth += ["  ]", "}"]
-    internal_url = f"edgesync-nats.{CLOUD_NS}.svc:4222"
+    ca = CertificateAuthority(state / "tls")
+    server_cert, server_key = ca.directory / "nats-server.pem", ca.directory / "nats-server.key"
+    if not (server_cert.exists() and server_key.exists()):  # kept: clients keep trusting it
+        ca.issue("nats-server", hosts=(nats_host, *INTERNAL_NAMES), route=True)
+    ca_pem = ca.ca_file.read_text()
+
+    def service(name: str) -> dict[str, str]:
+        return {SEED_KEY: store.credentials_file(name).read_text(), CA_KEY: ca_pem}
+
     _kustomization(out / "cloud", CLOUD_NS, {
         "edgesync-command-signing": {
             "command-signing.key": (state / "command-signing.key").read_text()},
-        "edgesync-operator": {"operator-token": tokens["operator"]},
-        "edgesync-metrics-token": {"token": tokens["metrics"]},
-        "edgesync-nats-tls": {"tls.crt": cert.decode(), "tls.key": key.decode(),
-                              "ca.crt": ca_pem},
-        "edgesync-nats-auth": {"auth.conf": "\n".join(auth) + "\n"},
-        "edgesync-ingest-nats": {"url": f"tls://ingest:{users['ingest']}@{internal_url}",
-                                 "ca.crt": ca_pem},
-        "edgesync-api-nats": {"url": f"tls://api:{users['api']}@{internal_url}",
-                              "ca.crt": ca_pem},
+        "edgesync-operator": {"operator-token": _token(state, "operator")},
+        "edgesync-metrics-token": {"token": _token(state, "metrics")},
+        "edgesync-nats-tls": {"tls.crt": server_cert.read_text(),
+                              "tls.key": server_key.read_text(), CA_KEY: ca_pem},
+        "edgesync-nats-auth": {"auth.conf": store.auth_conf.read_text()},
+        "edgesync-ingest-nats": service("ingest"),
+        "edgesync-api-nats": service("api"),
     })
-    for edge in edges:
-        user = f"edge-{edge}"
+    registered = store.edges()
+    for edge in registered:
+        seed = store.edge_credentials(edge)
+        if not seed.exists():  # registered with --public-key: the edge holds its own seed
+            print(f"edge {edge}: its seed was made on the edge (--public-key); add "
+                  f"{SEED_KEY} to edges/{edge}/edgesync-edge-nats yourself", file=sys.stderr)
         _kustomization(out / "edges" / edge, EDGE_NS, {
             "edgesync-command-public-key": {
                 "command-signing.pub": (state / "command-signing.pub").read_text()},
-            "edgesync-edge-nats": {"url": f"tls://{user}:{users[user]}@{nats_host}:4222",
-                                   "ca.crt": ca_pem},
+            "edgesync-edge-nats": {
+                **({SEED_KEY: seed.read_text()} if seed.exists() else {}),
+                CA_KEY: ca_pem, "url": f"tls://{nats_host}:4222"},
         })
+    edges_dir = out / "edges"
+    if edges_dir.exists():
+        for stale in sorted(p for p in edges_dir.iterdir() if p.name not in registered):
+            shutil.rmtree(stale)  # revoked: its seed no longer opens anything
+    return registered
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("edges", nargs="*", help="edge ids of the sites")
+    parser.add_argument("edges", nargs="*", help="edge ids to add (registered ones are kept)")
     parser.add_argument("--nats-host", required=True,
                         help="the name edges reach the cloud's NATS by (its certificate's name)")
     parser.add_argument("--out", type=Path, default=Path(".edgesync/deploy-secrets"))
+    parser.add_argument("--prefix", default="es",
+                        help="subject prefix (EDGESYNC_NATS__PREFIX) the permissions name")
     args = parser.parse_args(argv)
     for edge in args.edges:
         validate_token("edge id", edge)
     os.umask(0o077)  # every directory and file written is the owner's only
-    generate(args.out, nats_host=args.nats_host, edges=args.edges)
-    print(f"wrote {args.out}/cloud and {len(args.edges)} edge(s) under {args.out}/edges; "
-          f"keep {args.out}/state private (CA key, signing key, passwords)")
+    written = generate(args.out, nats_host=args.nats_host, edges=args.edges,
+                       prefix=args.prefix)
+    print(f"wrote {args.out}/cloud and {len(written)} edge(s) under {args.out}/edges "
+          f"({', '.join(written) or 'none'}); keep {args.out}/state private (CA key, "
+          "signing key, nkey seeds including the admin's, tokens)")
     return 0
 
 

@@ -140,9 +140,15 @@ def test_every_dashboard_panel_reads_metrics_the_code_exports() -> None:
 
 def test_the_alerts_cover_what_an_operator_needs() -> None:
     """Edge offline, buffer near its cap, oldest unshipped age, missing records,
-    dead letters, ingest lag and stuck commands each have an alert."""
+    dead letters (messages and records), lost after commit, ingest group failures,
+    forged or wrong watermarks, ingest lag and stuck commands each have an alert."""
+    alerts = alert_expressions()
     assert {
         "EdgesyncEdgeOffline", "EdgesyncBufferNearCap", "EdgesyncOldestUnshippedAge",
         "EdgesyncRecordsMissingPersist", "EdgesyncDeadLetters", "EdgesyncIngestLag",
         "EdgesyncCommandsUnpublished", "EdgesyncCommandStatusStuck",
-    } <= set(alert_expressions())
+        "EdgesyncDeadLetteredRecords", "EdgesyncRecordsLostAfterCommit",
+        "EdgesyncIngestGroupFailures", "EdgesyncWatermarkBeyondAssigned",
+    } <= set(alerts)
+    # Only the never-legitimate reason pages; above_shipped happens after a restart.
+    assert 'reason="beyond_assigned"' in alerts["EdgesyncWatermarkBeyondAssigned"]
