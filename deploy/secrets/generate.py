@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import json
 import secrets
 import shutil
 import sys
@@ -132,7 +133,12 @@ def generate(out: Path, *, nats_host: str, edges: list[str], prefix: str = "es")
         if not seed.exists():  # registered with --public-key: the edge holds its own seed
             print(f"edge {edge}: its seed was made on the edge (--public-key); add "
                   f"{SEED_KEY} to edges/{edge}/edgesync-edge-nats yourself", file=sys.stderr)
+        producers = json.dumps([{"name": "site-apps", "token": _token(state, f"producer-{edge}"),
+                                 "streams": ["*"]}], indent=2) + "\n"
         _kustomization(out / "edges" / edge, EDGE_NS, {
+            # The ingress listens beyond loopback in a pod: producers present a token.
+            # One for the site's apps; add more (each with its streams) to tokens.json.
+            "edgesync-producers": {"tokens.json": producers},
             "edgesync-command-public-key": {
                 "command-signing.pub": (state / "command-signing.pub").read_text()},
             "edgesync-edge-nats": {
