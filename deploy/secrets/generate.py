@@ -37,8 +37,8 @@ sidecar), no restart.
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import secrets
 import shutil
 import sys
