@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -62,7 +63,8 @@ __all__ = [
 
 KEY: Final = "fleet"
 TITLE: Final = "7. fleet"
-TOKEN: Final = "fleet-bench-token"
+TOKEN: Final = secrets.token_hex(32)
+"""The API's operator token for this run: random, as the API refuses weak ones."""
 CLOUD: Final = ("nats-server", "postgres", "ingest", "api")
 """The processes that make up the cloud's cost."""
 
@@ -312,7 +314,8 @@ async def _watermark_latency(conn: asyncpg.Connection, fleet: Fleet) -> list[flo
 
 async def _api_latency(api: MeasuredService, n: int, dsn: str, label: str,
                        res: ScenarioResult, *, check: bool) -> None:
-    async with httpx.AsyncClient(base_url=api.url, trust_env=False, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=api.url, trust_env=False, timeout=60,
+                                 headers={"Authorization": f"Bearer {TOKEN}"}) as client:
         async def timed(path: str, reps: int) -> tuple[float, int]:
             times = []
             count = 0
