@@ -11,6 +11,7 @@ Constants and type aliases live in their modules (:mod:`broker.feed.positions`,
 """
 
 from broker.feed.blocking import SyncSubscription
+from broker.feed.following import follow
 from broker.feed.positions import decode_cursor, encode_cursor
 from broker.feed.reading import (
     FeedRecord,
@@ -18,6 +19,7 @@ from broker.feed.reading import (
     Page,
     completeness_at,
     head_cursor,
+    parse_start_at,
     read_page,
     resolve_start,
 )
@@ -33,7 +35,9 @@ __all__ = [
     "completeness_at",
     "decode_cursor",
     "encode_cursor",
+    "follow",
     "head_cursor",
+    "parse_start_at",
     "read_page",
     "resolve_start",
 ]

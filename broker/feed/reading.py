@@ -14,9 +14,10 @@ watermark of each key among the commits behind it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import asyncpg
@@ -44,6 +45,7 @@ __all__ = [
     "StreamKey",
     "completeness_at",
     "head_cursor",
+    "parse_start_at",
     "read_page",
     "resolve_start",
 ]
@@ -291,3 +293,29 @@ async def resolve_start(conn: Connection, start_at: StartAt) -> int:
     if start_at == "latest":
         return await head_cursor(conn)
     return decode_cursor(start_at)
+
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_start_at(text: str) -> StartAt:
+    """``earliest``, ``latest``, a cursor (digits), a duration ago (``90s``, ``15m``,
+    ``2h``, ``7d``) or an ISO 8601 time (UTC when it names no zone).
+
+    Raises:
+        InvalidInput: none of those (``invalid_start``).
+    """
+    text = text.strip()
+    if text in ("earliest", "latest"):
+        return text
+    if text.isdigit():
+        return decode_cursor(text)
+    if m := _DURATION.match(text):
+        return datetime.now(UTC) - timedelta(seconds=int(m[1]) * _UNIT_S[m[2]])
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise InvalidInput(f"{text!r} is not earliest, latest, a cursor, a duration (15m) "
+                           "or an ISO 8601 time", code="invalid_start") from exc
+    return when if when.tzinfo else when.replace(tzinfo=UTC)

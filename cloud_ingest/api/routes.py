@@ -26,6 +26,7 @@ from broker.protocol.tokens import TOKEN_PATTERN, is_valid_token
 from broker.serving import error_response
 from cloud_ingest.api.auth import CHALLENGE, read_guard, write_guard
 from cloud_ingest.api.models import CommandAccepted, CommandOut, CommandRequest, EdgeOut
+from cloud_ingest.api.records import record_routes
 from cloud_ingest.db_errors import DATABASE_ERRORS, as_temporary
 from cloud_ingest.dead_letters import dead_letter_routes
 
@@ -154,6 +155,8 @@ def create_app(api: Api) -> FastAPI:
 
     app.include_router(dead_letter_routes(
         api._db, read=Depends(require_read), write=Depends(require_token)))
+    app.include_router(record_routes(  # committed records, tail, checkpoints (issue 13)
+        api._db, settings.postgres_dsn, read=Depends(require_read)))
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
