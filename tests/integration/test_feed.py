@@ -84,6 +84,8 @@ async def test_the_ingest_feeds_every_row_once_even_with_overlapping_redeliverie
         try:
             got, _ = await _read_all(conn)
             only_t, _ = await _read_all(conn, filters=Filters.of(streams=["t"]))
+            view = [(r[0], (r[1], r[2], r[3], r[4])) for r in await conn.fetch(
+                "SELECT position, edge_id, stream, epoch, seq FROM v_feed ORDER BY position")]
         finally:
             await conn.close()
     positions = [p for p, _ in got]
@@ -92,6 +94,7 @@ async def test_the_ingest_feeds_every_row_once_even_with_overlapping_redeliverie
     assert sorted(ids) == sorted({*[("e1", "s", EPOCH, s) for s in range(1, 121)],
                                   *[("e2", "t", EPOCH, s) for s in range(1, 11)]})
     assert [i for _, i in only_t] == [("e2", "t", EPOCH, s) for s in range(1, 11)]
+    assert view == got  # the SQL view is the same feed
 
 
 # -- the race, property-tested ---------------------------------------------------------
