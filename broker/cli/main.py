@@ -24,6 +24,7 @@ from broker.cli.commands import cmd_app, keys_app
 from broker.cli.database import resolve_dsn
 from broker.cli.dead_letters import dead_letters_app
 from broker.cli.edges import edges_app
+from broker.cli.tail import tail_cmd
 from broker.errors import EdgesyncError
 from broker.logs import configure_logging
 from broker.settings import Settings
@@ -40,7 +41,6 @@ __all__ = [
     "main",
     "settings_cmd",
     "status",
-    "tail_cmd",
     "up",
 ]
 
@@ -59,6 +59,7 @@ EXIT_CRASHED = 1
 EXIT_ERROR = 2
 """An error of ours (bad settings, a root task that ended unasked, ...)."""
 app.add_typer(edges_app, name="edges")
+app.command("tail")(tail_cmd)
 
 
 def _run_service(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
@@ -171,45 +172,6 @@ def status(
         asyncio.run(show_status(resolve_dsn(dsn, state_dir), console, gaps=gaps))
     except (OSError, asyncpg.PostgresError) as exc:
         console.print(f"[red]cannot read status:[/red] {exc}")
-        raise typer.Exit(2) from exc
-
-
-@app.command("tail")
-def tail_cmd(
-    *,
-    stream: Annotated[list[str] | None, typer.Option(help="Only this stream (repeatable).")]
-    = None,
-    edge: Annotated[list[str] | None, typer.Option(help="Only this edge (repeatable).")]
-    = None,
-    from_: Annotated[str, typer.Option("--from", help="Where to start: latest, earliest, "
-                                       "a cursor, a duration ago (15m) or an ISO time.")]
-    = "latest",
-    follow: Annotated[bool, typer.Option(help="Keep printing as records commit.")] = True,
-    limit: Annotated[int | None, typer.Option(min=1, help="Stop after N records.")] = None,
-    output: Annotated[str, typer.Option(help="ndjson, table, or auto (a table on a TTY).")]
-    = "auto",
-    dsn: Annotated[str | None, typer.Option(help="PostgreSQL DSN (default: runtime.json, "
-                                                   "then EDGESYNC_INGEST__POSTGRES_DSN).")] = None,
-    state_dir: Annotated[Path, typer.Option(help="Where `edgesync up` wrote runtime.json.")]
-    = Path(".edgesync"),
-) -> None:
-    """Print records as they commit (NDJSON, or a table on a terminal)."""
-    import asyncpg
-
-    from broker.cli.tail import tail
-
-    table = output == "table" or (output == "auto" and console.is_terminal)
-    try:
-        asyncio.run(tail(resolve_dsn(dsn, state_dir), console, streams=stream or [],
-                         edges=edge or [], start=from_, table=table, follow_feed=follow,
-                         limit=limit))
-    except KeyboardInterrupt:
-        return
-    except EdgesyncError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    except (OSError, asyncpg.PostgresError) as exc:
-        console.print(f"[red]cannot read records:[/red] {exc}")
         raise typer.Exit(2) from exc
 
 

@@ -9,17 +9,25 @@ batch is a table. Stateless: it stores no checkpoint (use a named
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
-import asyncpg
+import typer
 from rich.console import Console
 from rich.table import Table
 
-from broker.feed import FeedRecord, Filters, follow, parse_start_at, resolve_start
+from broker.cli.database import resolve_dsn
+from broker.errors import EdgesyncError
 
-__all__ = ["tail"]
+if TYPE_CHECKING:
+    from broker.feed import FeedRecord
+
+__all__ = ["tail", "tail_cmd"]
+
 
 
 async def tail(dsn: str, console: Console, *, streams: Sequence[str], edges: Sequence[str],
@@ -38,6 +46,10 @@ async def tail(dsn: str, console: Console, *, streams: Sequence[str], edges: Seq
     Raises:
         InvalidInput: a bad ``start``; OSError, asyncpg.PostgresError: no database.
     """
+    import asyncpg  # lazy, like the feed: `edgesync --help` stays fast
+
+    from broker.feed import Filters, follow, parse_start_at, resolve_start
+
     start_at = parse_start_at(start)
     conn = await asyncpg.connect(dsn)
     printed = 0
@@ -60,6 +72,43 @@ async def tail(dsn: str, console: Console, *, streams: Sequence[str], edges: Seq
     finally:
         await conn.close()
     return printed
+
+
+def tail_cmd(
+    *,
+    stream: Annotated[list[str] | None, typer.Option(help="Only this stream (repeatable).")]
+    = None,
+    edge: Annotated[list[str] | None, typer.Option(help="Only this edge (repeatable).")]
+    = None,
+    from_: Annotated[str, typer.Option("--from", help="Where to start: latest, earliest, "
+                                       "a cursor, a duration ago (15m) or an ISO time.")]
+    = "latest",
+    follow: Annotated[bool, typer.Option(help="Keep printing as records commit.")] = True,
+    limit: Annotated[int | None, typer.Option(min=1, help="Stop after N records.")] = None,
+    output: Annotated[str, typer.Option(help="ndjson, table, or auto (a table on a TTY).")]
+    = "auto",
+    dsn: Annotated[str | None, typer.Option(help="PostgreSQL DSN (default: runtime.json, "
+                                                   "then EDGESYNC_INGEST__POSTGRES_DSN).")] = None,
+    state_dir: Annotated[Path, typer.Option(help="Where `edgesync up` wrote runtime.json.")]
+    = Path(".edgesync"),
+) -> None:
+    """Print records as they commit (NDJSON, or a table on a terminal)."""
+    import asyncpg
+
+    console = Console()
+    table = output == "table" or (output == "auto" and console.is_terminal)
+    try:
+        asyncio.run(tail(resolve_dsn(dsn, state_dir), console, streams=stream or [],
+                         edges=edge or [], start=from_, table=table, follow_feed=follow,
+                         limit=limit))
+    except KeyboardInterrupt:
+        return
+    except EdgesyncError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    except (OSError, asyncpg.PostgresError) as exc:
+        console.print(f"[red]cannot read records:[/red] {exc}")
+        raise typer.Exit(2) from exc
 
 
 def _table(records: Sequence[FeedRecord]) -> Table:
