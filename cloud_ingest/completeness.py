@@ -15,6 +15,7 @@ from typing import Any
 from broker.protocol.events import DropMarker
 from cloud_ingest.db_errors import Connection
 from cloud_ingest.events_consuming import AfterCommit
+from cloud_ingest.feeding import record_commit
 from cloud_ingest.ranges import merge_ranges
 
 __all__ = [
@@ -40,6 +41,7 @@ def drop_marker_writer(
         watermarks = await merge_ranges(conn, "dropped", [
             (m.edge, m.stream, m.epoch, m.first_seq, m.last_seq) for m in markers
         ])
+        await record_commit(conn, [], watermarks)  # consumers learn the new completeness
         return lambda: on_watermarks(watermarks)
 
     return write

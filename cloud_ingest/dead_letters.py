@@ -41,6 +41,7 @@ from broker.errors import DecodeError
 from broker.protocol.validation import record_problem
 from broker.protocol.wire import CT_JSON, Record, decode_records
 from cloud_ingest.db_errors import Connection
+from cloud_ingest.feeding import record_commit
 from cloud_ingest.ranges import Span, Watermark, merge_ranges, spans_of
 
 __all__ = [
@@ -192,7 +193,7 @@ async def replay_dead_letter(conn: Connection, letter_id: int) -> ReplayResult:
             raise NotReplayable("still_invalid", f"seq {seq}: {problem}")
         try:
             async with conn.transaction():
-                status = await conn.execute(
+                done = await conn.fetch(
                     "INSERT INTO records (edge_id, stream, epoch, seq, event_time, received_at, "
                     "key, headers, payload, payload_raw) "
                     "SELECT $1, $2, $3, u.seq, "
@@ -203,7 +204,7 @@ async def replay_dead_letter(conn: Connection, letter_id: int) -> ReplayResult:
                     "  CASE WHEN u.ct = 1 THEN NULL ELSE u.payload END "
                     "FROM unnest($4::int8[], $5::int8[], $6::int2[], $7::bytea[], $8::text[], "
                     "  $9::text[]) AS u(seq, ts, ct, payload, key, headers) "
-                    "ON CONFLICT DO NOTHING",
+                    "ON CONFLICT DO NOTHING RETURNING seq",
                     edge, stream, epoch,
                     [s for s, _ in records], [r.ts for _, r in records],
                     [r.ct for _, r in records], [r.payload for _, r in records],
@@ -227,7 +228,9 @@ async def replay_dead_letter(conn: Connection, letter_id: int) -> ReplayResult:
         await conn.execute(
             "UPDATE dead_letters SET replayed_at = now() WHERE id = $1", letter_id
         )
-    inserted = int(status.split()[-1])
+        await record_commit(conn, spans_of(edge, stream, epoch, sorted(r[0] for r in done)),
+                            watermarks)
+    inserted = len(done)
     log.info("dead_letter_replayed", id=letter_id, kind=row["kind"], edge=edge, stream=stream,
              epoch=epoch, seq=row["seq"], inserted=inserted)
     return ReplayResult(letter_id, inserted, False, watermarks)

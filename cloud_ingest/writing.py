@@ -15,7 +15,9 @@ envelope, each record decoded on its own and checked by the shared validator
 4. writes a dead letter per bad record with its identity, reason and bytes
    (and per undecodable message), merges committed seqs into ``ranges`` and
    dead-lettered ones into ``dead_lettered``;
-5. returns the new watermarks; the caller commits, then acks.
+5. adds the group's entry to the commit-ordered feed (:mod:`cloud_ingest.feeding`):
+   the spans of the rows it inserted and the new watermarks;
+6. returns the new watermarks; the caller commits, then acks.
 """
 
 from __future__ import annotations
@@ -35,14 +37,17 @@ from broker.protocol.validation import record_problem
 from broker.protocol.wire import CT_JSON, Batch, DecodedBatch, Record, decode_records
 from cloud_ingest.db_errors import Connection
 from cloud_ingest.dead_letters import DeadLetter, insert_dead_letters
+from cloud_ingest.feeding import record_commit
 from cloud_ingest.isolating import REJECTED, refusal
 from cloud_ingest.ranges import Span, Watermark, merge_ranges, spans_of
 
-__all__ = ["ROW_OVERHEAD_BYTES", "Decoded", "GroupResult", "GroupWriter", "Row"]
+__all__ = ["ROW_OVERHEAD_BYTES", "Decoded", "GroupResult", "GroupWriter", "Key", "Row"]
 
 log = structlog.get_logger(__name__)
 
 Row = tuple[str, str, int, int, int, int, str | None, bytes | None, bytes | None, bytes | None]
+Key = tuple[str, str, int, int]
+"""A record's identity: ``(edge, stream, epoch, seq)``."""
 _COLUMNS = (
     "edge_id", "stream", "epoch", "seq", "event_time", "received_at", "key", "headers",
     "payload", "payload_raw",
@@ -150,7 +155,7 @@ class GroupWriter:
                         rows.append(_row((b.edge, b.stream, b.epoch), b.first_seq + i, rec,
                                          received_us))
                         owners.append((d, i))
-            inserted, rejected = await self._insert_isolating(conn, rows)
+            inserted, rejected, partial = await self._insert_isolating(conn, rows)
             del rows
             for index, reason in rejected:
                 d, i = owners[index]
@@ -175,6 +180,10 @@ class GroupWriter:
                 wm[w[:3]] = w[3]
             for w in await merge_ranges(conn, "ranges", committed):
                 wm[w[:3]] = w[3]
+            # The feed gets the rows inserted now: all committed seqs, unless some were
+            # duplicates (then exactly those the fallback reported inserting).
+            await record_commit(conn, committed if partial is None else _spans(partial),
+                                [(*k, v) for k, v in wm.items()])
         dead_records = sum(d.span[4] - d.span[3] + 1 for d in letters if d.span)
         return GroupResult(batches, records, inserted, len(letters), dead_records,
                            [(*k, v) for k, v in wm.items()])
@@ -198,34 +207,54 @@ class GroupWriter:
 
     async def _insert_isolating(
         self, conn: Connection, rows: list[Row]
-    ) -> tuple[int, list[tuple[int, str]]]:
+    ) -> tuple[int, list[tuple[int, str]], list[Key] | None]:
         """Insert ``rows``; rows PostgreSQL refuses are found by bisection and left out.
 
         Returns:
-            Rows inserted, and ``(row index, reason)`` of each refused row.
+            Rows inserted, ``(row index, reason)`` of each refused row, and None when
+            every row not refused was inserted, else the identities inserted.
         """
         rejected: list[tuple[int, str]] = []
+        whole: list[tuple[int, int]] = []
+        some: list[Key] = []
+        partial = False
 
         async def attempt(lo: int, hi: int) -> int:
+            nonlocal partial
             try:
                 async with conn.transaction():  # savepoint: a refusal undoes only this part
-                    return await self._insert(conn, rows[lo:hi])
+                    n, keys = await self._insert(conn, rows[lo:hi])
             except REJECTED as exc:
                 if hi - lo == 1:
                     rejected.append((lo, refusal(exc)))
                     return 0
                 mid = (lo + hi) // 2
                 return await attempt(lo, mid) + await attempt(mid, hi)
+            if keys is None:
+                whole.append((lo, hi))
+            else:
+                partial = True
+                some.extend(keys)
+            return n
 
         inserted = await attempt(0, len(rows)) if rows else 0
-        return inserted, rejected
+        if not partial:
+            return inserted, rejected, None
+        for lo, hi in whole:
+            some.extend((r[0], r[1], r[2], r[3]) for r in rows[lo:hi])
+        return inserted, rejected, some
 
-    async def _insert(self, conn: Connection, rows: list[Row]) -> int:
-        """Insert rows, skipping identities already present; returns rows inserted."""
+    async def _insert(self, conn: Connection, rows: list[Row]) -> tuple[int, list[Key] | None]:
+        """Insert rows, skipping identities already present.
+
+        Returns:
+            Rows inserted, and None when that is all of them (the COPY path), else
+            the identities inserted.
+        """
         try:
             async with conn.transaction():  # savepoint: a conflict must not doom the group
                 await conn.copy_records_to_table("records", records=rows, columns=_COLUMNS)
-            return len(rows)
+            return len(rows), None
         except asyncpg.UniqueViolationError:
             pass
         await conn.execute(
@@ -233,11 +262,21 @@ class GroupWriter:
             "(LIKE records INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
         await conn.copy_records_to_table("records_stage", records=rows, columns=_COLUMNS)
-        status = await conn.execute(
+        done = await conn.fetch(
             "INSERT INTO records SELECT * FROM records_stage ON CONFLICT DO NOTHING"
+            " RETURNING edge_id, stream, epoch, seq"
         )
         await conn.execute("TRUNCATE records_stage")
-        return int(status.split()[-1])
+        return len(done), [(r[0], r[1], r[2], r[3]) for r in done]
+
+
+def _spans(keys: list[Key]) -> list[Span]:
+    """Closed spans covering ``keys``, per (edge, stream, epoch) in seq order."""
+    by_key: dict[tuple[str, str, int], list[int]] = {}
+    for edge, stream, epoch, seq in keys:
+        by_key.setdefault((edge, stream, epoch), []).append(seq)
+    return [span for k, seqs in sorted(by_key.items())
+            for span in spans_of(*k, sorted(set(seqs)))]
 
 
 def _row(key: tuple[str, str, int], seq: int, rec: Record, received_us: int) -> Row:

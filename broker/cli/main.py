@@ -27,6 +27,7 @@ from broker.cli.dead_letters import dead_letters_app
 from broker.cli.edges import edges_app
 from broker.cli.operators import operators_app
 from broker.cli.streams import streams_app
+from broker.cli.tail import tail_cmd
 from broker.errors import EdgesyncError
 from broker.logs import configure_logging
 from broker.settings import Settings
@@ -63,6 +64,7 @@ EXIT_CRASHED = 1
 EXIT_ERROR = 2
 """An error of ours (bad settings, a root task that ended unasked, ...)."""
 app.add_typer(operators_app, name="operators")
+app.command("tail")(tail_cmd)
 
 
 def _run_service(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:

@@ -1,0 +1,257 @@
+"""Committed records over HTTP, for consumers in any language (issue 13).
+
+| method & path                              | what                                          |
+| ------------------------------------------ | --------------------------------------------- |
+| ``GET /v1/records``                        | a page after a cursor (JSON), or every record |
+|                                            | up to now as NDJSON (``format=ndjson``)       |
+| ``GET /v1/records/tail``                   | live tail, Server-Sent Events; resumes from   |
+|                                            | ``Last-Event-ID`` (each event's id is a cursor) |
+| ``GET /v1/completeness``                   | per (edge, stream, epoch), the watermark at a |
+|                                            | cursor                                        |
+| ``GET/PUT /v1/subscriptions/{name}``       | a named subscription's checkpoint             |
+
+Reads follow the commit-ordered feed (:mod:`broker.feed`): a cursor never skips
+a row that commits later, and rows of open transactions are never returned.
+Every route is a read (the read guard of :mod:`cloud_ingest.api.auth`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import asyncpg
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from broker.errors import Conflict, InvalidInput, NotFound
+from broker.feed import (
+    Filters,
+    completeness_at,
+    decode_cursor,
+    encode_cursor,
+    follow,
+    parse_start_at,
+    read_page,
+    resolve_start,
+)
+from broker.feed.reading import StreamKey
+
+__all__ = ["CheckpointIn", "SubscriptionOut", "record_routes"]
+
+_NDJSON = "application/x-ndjson"
+_SSE_HEARTBEAT_S = 15.0
+"""Seconds between SSE comments while nothing commits: keeps proxies from closing
+an idle stream."""
+
+
+class SubscriptionOut(BaseModel):
+    name: str
+    cursor: str = Field(description="The checkpoint: everything at or before it is done.")
+    filters: dict[str, Any]
+    holder: str | None = Field(description="The SDK process holding the lease, if any.")
+    lease_until: datetime | None
+    updated_at: datetime
+
+
+class CheckpointIn(BaseModel):
+    cursor: str = Field(description="A cursor the feed returned (or `earliest`/`latest`).")
+
+
+def _watermarks(marks: dict[StreamKey, int]) -> list[dict[str, Any]]:
+    return [{"edge": e, "stream": s, "epoch": ep, "watermark": w}
+            for (e, s, ep), w in sorted(marks.items())]
+
+
+def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any) -> APIRouter:
+    """The records routes (mounted by :mod:`cloud_ingest.api.routes`).
+
+    Args:
+        pool: returns the API's pool (pages, checkpoints).
+        dsn: where a live tail opens its own connection (it LISTENs for its life, so
+            it does not hold one of the pool's).
+        read: the dependency guarding reads.
+    """
+    router = APIRouter(tags=["records"], dependencies=[read])
+
+    def filters_of(edge: list[str] | None, stream: list[str] | None,
+                   since: datetime | None, until: datetime | None) -> Filters:
+        return Filters.of(edges=edge, streams=stream, since=since, until=until)
+
+    async def start_of(conn: asyncpg.Connection | Any, after: str | None,
+                       from_: str | None, subscription: str | None) -> int:
+        if after is not None:
+            return decode_cursor(after)
+        if subscription is not None:
+            pos = await conn.fetchval(
+                "SELECT position FROM feed_subscriptions WHERE name = $1", subscription)
+            if pos is None:
+                raise NotFound(f"no subscription {subscription!r}",
+                               code="unknown_subscription")
+            return int(pos)
+        return await resolve_start(conn, parse_start_at(from_ or "earliest"))
+
+    @router.get("/v1/records", responses={200: {"content": {_NDJSON: {}}}})
+    async def records(
+        *,
+        after: Annotated[str | None, Query(description="Cursor: records after it.")] = None,
+        from_: Annotated[str | None, Query(
+            alias="from", description="Without `after`: earliest (default), latest, a "
+            "duration ago (15m) or an ISO time.")] = None,
+        subscription: Annotated[str | None, Query(
+            description="Without `after`: start at this subscription's checkpoint.")] = None,
+        edge: Annotated[list[str] | None, Query()] = None,
+        stream: Annotated[list[str] | None, Query()] = None,
+        since: Annotated[datetime | None, Query(description="Event time at or after.")]
+        = None,
+        until: Annotated[datetime | None, Query(description="Event time before.")] = None,
+        limit: Annotated[int, Query(ge=1, le=1_000_000, description=(
+            "Records at most (JSON pages: up to 10,000)."))] = 1000,
+        format: Annotated[Literal["json", "ndjson"], Query(description=(
+            "json: one page with next_cursor; ndjson: records streamed up to the end "
+            "of the feed (or limit), then a last line with next_cursor."))] = "json",
+    ) -> Any:
+        """Committed records after a cursor, in commit order. Pass ``next_cursor`` back
+        as ``after`` for the next page; it moves even when the filters match nothing."""
+        filters = filters_of(edge, stream, since, until)
+        if format == "json":
+            if limit > 10_000:
+                raise InvalidInput("limit: at most 10,000 per JSON page (use format=ndjson)",
+                                   code="invalid_request")
+            async with pool().acquire() as conn:
+                page = await read_page(conn, await start_of(conn, after, from_, subscription),
+                                       filters, limit=limit)
+            return {"records": [r.to_json() for r in page.records],
+                    "next_cursor": encode_cursor(page.cursor), "caught_up": page.caught_up,
+                    "completeness": _watermarks(page.watermarks)}
+        async with pool().acquire() as conn:  # fail before the 200 on a bad start
+            start = await start_of(conn, after, from_, subscription)
+
+        async def lines() -> AsyncIterator[bytes]:
+            cursor, left = start, limit
+            async with pool().acquire() as conn:
+                while left > 0:
+                    page = await read_page(conn, cursor, filters, limit=min(left, 5000))
+                    cursor = page.cursor
+                    left -= len(page.records)
+                    if page.records:
+                        yield b"".join(_line(r.to_json()) for r in page.records)
+                    if page.caught_up:
+                        break
+            yield _line({"next_cursor": encode_cursor(cursor)})
+
+        return StreamingResponse(lines(), media_type=_NDJSON)
+
+    @router.get("/v1/records/tail", responses={200: {"content": {"text/event-stream": {}}}})
+    async def tail(
+        *,
+        last_event_id: Annotated[str | None, Header(description=(
+            "Resume after this cursor (browsers send it when they reconnect)."))] = None,
+        from_: Annotated[str | None, Query(alias="from", description=(
+            "Without Last-Event-ID: latest (default), earliest, a cursor, a duration "
+            "ago or an ISO time."))] = None,
+        edge: Annotated[list[str] | None, Query()] = None,
+        stream: Annotated[list[str] | None, Query()] = None,
+    ) -> StreamingResponse:
+        """Records as they commit, as Server-Sent Events: ``event: record`` with the
+        record as JSON, ``event: completeness`` when a stream's watermark moves; every
+        event's ``id`` is the cursor after it, so a reconnect resumes exactly."""
+        filters = filters_of(edge, stream, None, None)
+        conn = await asyncpg.connect(dsn)
+        try:
+            start = (decode_cursor(last_event_id) if last_event_id
+                     else await resolve_start(conn, parse_start_at(from_ or "latest")))
+        except BaseException:
+            await conn.close()
+            raise
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                yield b"retry: 1000\n\n"
+                async for page in follow(conn, start, filters, poll_s=_SSE_HEARTBEAT_S,
+                                         idle=True):
+                    if not page.records and not page.watermarks:
+                        yield b": idle\n\n"
+                        continue
+                    yield b"".join(_event("record", r.cursor, r.to_json())
+                                   for r in page.records)
+                    if page.watermarks:
+                        yield _event("completeness", encode_cursor(page.cursor),
+                                     _watermarks(page.watermarks))
+            finally:
+                await conn.close()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
+
+    @router.get("/v1/completeness")
+    async def completeness(
+        *,
+        cursor: Annotated[str | None, Query(description="Default: the end of the feed.")]
+        = None,
+        edge: Annotated[list[str] | None, Query()] = None,
+        stream: Annotated[list[str] | None, Query()] = None,
+    ) -> dict[str, Any]:
+        """Per (edge, stream, epoch), the seq up to which everything is committed (and at
+        or before ``cursor``), dropped on purpose or dead-lettered."""
+        async with pool().acquire() as conn:
+            at = (decode_cursor(cursor) if cursor is not None
+                  else await resolve_start(conn, "latest"))
+            marks = await completeness_at(conn, at, filters_of(edge, stream, None, None))
+        return {"cursor": encode_cursor(at), "completeness": _watermarks(marks)}
+
+    @router.get("/v1/subscriptions/{name}", response_model=SubscriptionOut,
+                tags=["subscriptions"])
+    async def get_subscription(name: str) -> dict[str, Any]:
+        """A named subscription: its checkpoint and who holds it."""
+        async with pool().acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT name, position, filters::text AS filters, holder, lease_until,"
+                " updated_at FROM feed_subscriptions WHERE name = $1", name)
+        if row is None:
+            raise NotFound(f"no subscription {name!r}", code="unknown_subscription")
+        return _subscription(row)
+
+    @router.put("/v1/subscriptions/{name}", response_model=SubscriptionOut,
+                tags=["subscriptions"], responses={409: {}})
+    async def put_subscription(name: str, body: CheckpointIn) -> dict[str, Any]:
+        """Create a subscription or move its checkpoint (HTTP consumers commit here
+        after handling a page). Refused (409) while an SDK process holds its lease."""
+        if not name or len(name) > 200:
+            raise InvalidInput("a subscription name is 1 to 200 characters",
+                               code="invalid_subscription")
+        async with pool().acquire() as conn:
+            position = await resolve_start(conn, parse_start_at(body.cursor))
+            row = await conn.fetchrow(
+                "INSERT INTO feed_subscriptions AS s (name, position) VALUES ($1, $2)"
+                " ON CONFLICT (name) DO UPDATE SET position = $2, updated_at = now()"
+                "  WHERE s.holder IS NULL OR s.lease_until < now()"
+                " RETURNING name, position, filters::text AS filters, holder, lease_until,"
+                "  updated_at", name, position)
+        if row is None:
+            raise Conflict(f"subscription {name!r} is held by a consumer process",
+                           code="subscription_busy")
+        return _subscription(row)
+
+    return router
+
+
+def _subscription(row: asyncpg.Record) -> dict[str, Any]:
+    return {"name": row["name"], "cursor": encode_cursor(row["position"]),
+            "filters": json.loads(row["filters"]), "holder": row["holder"],
+            "lease_until": row["lease_until"], "updated_at": row["updated_at"]}
+
+
+def _line(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def _event(kind: str, event_id: str, data: Any) -> bytes:
+    body = json.dumps(data, separators=(",", ":"))
+    return f"id: {event_id}\nevent: {kind}\ndata: {body}\n\n".encode()
+
+

@@ -1,0 +1,42 @@
+"""The write side of the commit-ordered feed: one ``feed_commits`` row per transaction
+that changes what analytics can see.
+
+A writer calls :func:`record_commit` last in its transaction with the spans of the
+rows it inserted (exactly those: a duplicate skipped by ``ON CONFLICT`` belongs to
+the commit that first wrote it) and the watermarks of the keys it touched. The
+row's ``commit_id`` is assigned inside COMMIT by the trigger of migration 006,
+under a lock held until the commit is visible, so commit ids follow commit order
+(the reasoning is in ``migrations/006_feed.sql``). Readers live in
+:mod:`broker.feed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cloud_ingest.db_errors import Connection
+from cloud_ingest.ranges import Span, Watermark
+
+__all__ = ["record_commit"]
+
+
+async def record_commit(conn: Connection, spans: Sequence[Span],
+                        watermarks: Sequence[Watermark]) -> None:
+    """Add this transaction's entry to the feed (nothing when it changed nothing).
+
+    Args:
+        spans: the rows inserted, in the order readers get them.
+        watermarks: ``(edge, stream, epoch, watermark)`` after this transaction.
+    """
+    if not spans and not watermarks:
+        return
+    await conn.execute(
+        "INSERT INTO feed_commits (rows, edge_ids, streams, epochs, first_seqs, last_seqs,"
+        " wm_edge_ids, wm_streams, wm_epochs, watermarks)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        sum(s[4] - s[3] + 1 for s in spans),
+        [s[0] for s in spans], [s[1] for s in spans], [s[2] for s in spans],
+        [s[3] for s in spans], [s[4] for s in spans],
+        [w[0] for w in watermarks], [w[1] for w in watermarks], [w[2] for w in watermarks],
+        [w[3] for w in watermarks],
+    )
