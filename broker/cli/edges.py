@@ -37,6 +37,7 @@ __all__ = [
     "ReloadPid",
     "StateDir",
     "add",
+    "admin_settings_for",
     "console",
     "edges_app",
     "list_",
@@ -93,6 +94,15 @@ def _admin_settings(store: IdentityStore, runtime: dict[str, Any]) -> NatsSettin
     if settings.credentials_file is None:
         settings = settings.model_copy(update={"credentials_file": admin_creds})
     return settings
+
+
+def admin_settings_for(state_dir: Path) -> NatsSettings:
+    """The admin identity's NATS settings: a running `edgesync up`'s in ``state_dir``
+    (URL, CA, admin credentials), else the environment's."""
+    runtime = _runtime(state_dir)
+    if runtime:
+        return _admin_settings(_store(state_dir, None), runtime)
+    return Settings().nats
 
 
 def _reload_or_explain(store: IdentityStore, pid: int | None) -> None:

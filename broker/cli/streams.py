@@ -4,9 +4,11 @@ The cloud owns the streams and the watermark KV bucket (see
 :mod:`broker.protocol.topology`). The ingest creates them when it starts;
 ``streams init`` does the same without running an ingest (e.g. a deploy job
 before the first bridge connects), and ``streams check`` reports whether
-what exists matches the configuration, changing nothing. Both connect with
-the ``EDGESYNC_NATS__*`` settings as the admin identity (its credentials file,
-the CA).
+what exists matches the configuration, changing nothing. Both connect as the
+admin identity: next to a running ``edgesync up`` (``--state-dir``, default
+``.edgesync``) with the URL and CA of its ``runtime.json`` and its admin
+credentials, else with the ``EDGESYNC_NATS__*`` settings (its credentials
+file, the CA).
 
 | exit | meaning                                                  |
 | ---- | -------------------------------------------------------- |
@@ -20,13 +22,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from broker.settings import NatsSettings, Settings
+from broker.settings import NatsSettings
 
 if TYPE_CHECKING:  # imported when used: `edgesync --help` stays fast
     from nats.js import JetStreamContext
@@ -34,6 +37,7 @@ if TYPE_CHECKING:  # imported when used: `edgesync --help` stays fast
     from broker.protocol.topology import Topology
 
 __all__ = [
+    "StateDir",
     "StreamCheck",
     "check",
     "check_topology",
@@ -134,11 +138,24 @@ def _run(body: Callable[[JetStreamContext], Awaitable[list[StreamCheck]]],
         raise typer.Exit(EXIT_ERROR) from exc
 
 
+StateDir = Annotated[Path, typer.Option(
+    help="Where `edgesync up` keeps its state (its runtime.json and admin credentials are "
+    "used when present).")]
+
+
+def _settings(state_dir: Path) -> NatsSettings:
+    """The admin's NATS settings: those of a running `edgesync up` in ``state_dir``, else
+    the environment's."""
+    from broker.cli.edges import admin_settings_for
+
+    return admin_settings_for(state_dir)
+
+
 @streams_app.command("init")
-def init() -> None:
+def init(state_dir: StateDir = Path(".edgesync")) -> None:
     """Create the streams and the watermark bucket, or update them to these settings
     (EDGESYNC_NATS__PREFIX, EDGESYNC_NATS__REPLICAS)."""
-    settings = Settings().nats
+    settings = _settings(state_dir)
     topology = _topology(settings)
 
     async def body(js: JetStreamContext) -> list[StreamCheck]:
@@ -151,9 +168,9 @@ def init() -> None:
 
 
 @streams_app.command("check")
-def check() -> None:
+def check(state_dir: StateDir = Path(".edgesync")) -> None:
     """Report whether the streams and the bucket exist as configured; change nothing."""
-    settings = Settings().nats
+    settings = _settings(state_dir)
     topology = _topology(settings)
 
     async def body(js: JetStreamContext) -> list[StreamCheck]:

@@ -7,6 +7,7 @@ must leave them at 3: they only check that the streams exist.
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import nats
@@ -44,7 +45,8 @@ async def test_replicas_stay_at_3_across_api_and_bridge_restarts(
             bridge.env = {**bridge.env, "EDGESYNC_NATS__REPLICAS": "1"}
         private_key, _ = generate_key_pair(tmp_path / "keys")
         api_settings = ApiSettings(postgres_dsn=system.dsn, port=0,
-                                   private_key_file=private_key, operator_token="t" * 24)
+                                   private_key_file=private_key,
+                                   operator_token=secrets.token_urlsafe(32))
         async with Load(system) as load:
             for round_ in range(2):
                 for bridge in system.bridges.values():

@@ -114,6 +114,9 @@ async def test_up_runs_secured_and_edges_are_provisioned_and_revoked(
         await until(connects, timeout=15, message="the added edge cannot connect")
         listed = await run_cli("edges", "list", "--state-dir", str(state))
         assert "edge-9" in listed.output
+        # The admin step finds the running system the same way (TLS, admin identity).
+        checked = await run_cli("streams", "check", "--state-dir", str(state))
+        assert checked.exit_code == 0 and "ES_RECORDS" in checked.output, checked.output
 
         saved = creds.read_bytes()
         revoked = await run_cli("edges", "revoke", "edge-9", "--state-dir", str(state))

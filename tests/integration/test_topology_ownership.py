@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -107,7 +108,8 @@ async def test_the_api_refuses_to_start_without_streams_and_names_the_fix(
     and what to run."""
     private_key, _ = generate_key_pair(tmp_path / "keys")
     api = Api(ApiSettings(postgres_dsn=pg_dsn, port=0, private_key_file=private_key,
-                          operator_token="t" * 24), NatsSettings(url=nats_server.url))
+                          operator_token=secrets.token_urlsafe(32)),
+              NatsSettings(url=nats_server.url))
     with pytest.raises(TopologyMissing) as raised:
         async with api:
             pass
