@@ -52,6 +52,19 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     root.setLevel(max(numeric, logging.INFO) if numeric > logging.DEBUG else numeric)
     for noisy in ("uvicorn.access", "nats", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _SslEofNote) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_SslEofNote())
+
+
+class _SslEofNote(logging.Filter):
+    """Drops asyncio's "returning true from eof_received() has no effect when using
+    ssl": nats-py's protocol returns True on every TLS connection (to half-close), and
+    asyncio warns each time. It is not a fault; left in, every TLS connect of
+    ``edgesync up`` would print a warning an operator cannot act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
 
 
 def set_level(level: str) -> None:
