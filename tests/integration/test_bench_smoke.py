@@ -52,3 +52,13 @@ def test_bench_smoke_run_reports_every_scenario_in_the_table_and_the_json(
     assert len(checked) == 18, sorted(checked)
     labels = {f["label"] for f in document["scenarios"]["ingest"]["figures"]}
     assert "framework (c): FastStream + executemany" in labels  # measured or skipped, with a note
+
+
+async def test_the_tls_cost_script_runs_both_configurations() -> None:
+    """`python -m bench.tls_cost` measures the open and the secured server in one run
+    (a few records: this proves it runs, speed is not asserted)."""
+    from bench.tls_cost import OPEN, SECURED, measure
+
+    results = await measure(300, rounds=1)
+    assert set(results) == {OPEN, SECURED}
+    assert all(edge > 0 and ingest > 0 for edge, ingest in results.values())
