@@ -19,12 +19,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from broker.cli.database import resolve_dsn
+from broker.cli.database import Dsn, StateDir, resolve_dsn
 
 __all__ = [
     "AsJson",
-    "Dsn",
-    "StateDir",
     "console",
     "dead_letters_app",
     "list_",
@@ -37,9 +35,6 @@ dead_letters_app = typer.Typer(
     no_args_is_help=True, help="Inspect and replay dead letters (records the cloud refused).")
 T = TypeVar("T")
 
-Dsn = Annotated[str | None, typer.Option(help="PostgreSQL DSN (default: runtime.json, then "
-                                               "EDGESYNC_INGEST__POSTGRES_DSN).")]
-StateDir = Annotated[Path, typer.Option(help="Where `edgesync up` wrote runtime.json.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 

@@ -23,19 +23,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from broker.cli.database import resolve_dsn
+from broker.cli.database import Dsn, StateDir, resolve_dsn
 from broker.errors import EdgesyncError
 
-__all__ = ["Dsn", "StateDir", "add", "console", "list_", "operators_app", "revoke"]
+__all__ = ["add", "console", "list_", "operators_app", "revoke"]
 
 console = Console()
 operators_app = typer.Typer(
     no_args_is_help=True, help="Operator tokens and scopes for the operator API.")
 T = TypeVar("T")
 
-Dsn = Annotated[str | None, typer.Option(help="PostgreSQL DSN (default: runtime.json, then "
-                                               "EDGESYNC_INGEST__POSTGRES_DSN).")]
-StateDir = Annotated[Path, typer.Option(help="Where `edgesync up` wrote runtime.json.")]
 
 
 def _who() -> str:
