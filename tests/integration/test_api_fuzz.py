@@ -33,34 +33,56 @@ def _fuzz(document: dict[str, Any], base_url: str, headers: dict[str, str], exam
           ) -> Counter[int]:
     """Every operation of ``document``, ``examples`` cases each; returns status counts.
 
+    A live stream (``text/event-stream``: the records tail never ends by design) is
+    requested as a stream: its status is checked, and a refusal's body read, but a
+    stream that was accepted is closed unread.
+
     Raises:
         AssertionError: a 5xx, or a 4xx without the JSON refusal shape (with the case).
     """
     schema = schemathesis.openapi.from_dict(document)
+    live = {
+        (method.upper(), path)
+        for path, operations in document.get("paths", {}).items()
+        for method, spec in operations.items()
+        if "text/event-stream" in spec.get("responses", {}).get("200", {}).get("content", {})
+    }
     statuses: Counter[int] = Counter()
     with httpx.Client(base_url=base_url, headers=headers, timeout=30) as client:
         for result in schema.get_all_operations():
             operation = result.ok()
-
-            @settings(max_examples=examples, deadline=None, database=None,
-                      suppress_health_check=list(HealthCheck))
-            @given(case=operation.as_strategy())
-            def check(case: Any) -> None:
-                kwargs = case.as_transport_kwargs(base_url=base_url)
-                response = client.request(
-                    kwargs["method"], kwargs["url"], params=kwargs.get("params"),
-                    content=_body(kwargs), headers={**(kwargs.get("headers") or {}),
-                                                    **headers})
-                statuses[response.status_code] += 1
-                where = f"{case.method} {case.formatted_path} -> {response.status_code}"
-                assert response.status_code < 500, f"{where}: {response.text[:500]}"
-                if response.status_code >= 400:
-                    body = response.json()
-                    assert isinstance(body.get("error"), str), f"{where}: {body}"
-                    assert isinstance(body.get("message"), str), f"{where}: {body}"
-
-            check()
+            streaming = (operation.method.upper(), operation.path) in live
+            _fuzz_operation(client, operation, base_url, headers, examples, streaming,
+                            statuses)
     return statuses
+
+
+def _fuzz_operation(client: httpx.Client, operation: Any, base_url: str,
+                    headers: dict[str, str], examples: int, streaming: bool,
+                    statuses: Counter[int]) -> None:
+    """``examples`` cases of one operation (see :func:`_fuzz`)."""
+
+    @settings(max_examples=examples, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy())
+    def check(case: Any) -> None:
+        kwargs = case.as_transport_kwargs(base_url=base_url)
+        with client.stream(
+            kwargs["method"], kwargs["url"], params=kwargs.get("params"),
+            content=_body(kwargs), headers={**(kwargs.get("headers") or {}), **headers},
+        ) as response:
+            status = response.status_code
+            text = "" if streaming and status < 400 else response.read().decode(
+                "utf-8", "replace")
+        statuses[status] += 1
+        where = f"{case.method} {case.formatted_path} -> {status}"
+        assert status < 500, f"{where}: {text[:500]}"
+        if status >= 400:
+            body = json.loads(text)
+            assert isinstance(body.get("error"), str), f"{where}: {body}"
+            assert isinstance(body.get("message"), str), f"{where}: {body}"
+
+    check()
 
 
 def _body(kwargs: dict[str, Any]) -> bytes | None:
