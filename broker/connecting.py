@@ -28,7 +28,7 @@ from broker.backoff import backoff_s
 from broker.errors import ConfigError
 from broker.settings import NatsSettings
 
-__all__ = ["close_nats", "connect_options", "connect_with_retry", "tls_context"]
+__all__ = ["close_nats", "connect_once", "connect_options", "connect_with_retry", "tls_context"]
 
 _JWT_MARK = b"-----BEGIN NATS USER JWT-----"
 
@@ -146,6 +146,21 @@ async def connect_with_retry(
         log.info("nats_connected", client=name, url=nc.connected_url.netloc if nc.connected_url
                  else None)
         return nc
+
+
+async def connect_once(servers: list[str], *, timeout_s: float, **options: Any) -> NATS:
+    """One connection attempt, for a command or a test step that must not wait long.
+
+    nats-py keeps retrying an initial connect that is refused (60 rounds, 2 s
+    apart) even with ``allow_reconnect=False``; this bounds the whole attempt.
+
+    Raises:
+        TimeoutError: not connected within ``timeout_s``.
+        Exception: what nats-py raised first (refused, authorization, TLS).
+    """
+    return await asyncio.wait_for(
+        nats.connect(servers, allow_reconnect=False, max_reconnect_attempts=0, **options),
+        timeout=timeout_s)
 
 
 async def close_nats(nc: NATS, timeout_s: float = 5.0) -> None:

@@ -99,16 +99,16 @@ def _topology(settings: NatsSettings) -> Topology:
 async def _with_js(settings: NatsSettings,
                    body: Callable[[JetStreamContext], Awaitable[list[StreamCheck]]]
                    ) -> list[StreamCheck]:
-    import nats
 
-    from broker.connecting import connect_options
+    from broker.connecting import connect_once, connect_options
     from broker.protocol.permissions import inbox_prefix
 
     # As the admin identity (EDGESYNC_NATS__CREDENTIALS_FILE, CA_FILE): on a secured
     # server only the admin (or the ingest) may create streams, and replies come on
     # the admin's own inbox prefix, the only one it may subscribe to.
-    nc = await nats.connect([s.strip() for s in settings.url.split(",") if s.strip()],
-                            connect_timeout=settings.connect_timeout_s, allow_reconnect=False,
+    nc = await connect_once([s.strip() for s in settings.url.split(",") if s.strip()],
+                            timeout_s=3 * settings.connect_timeout_s,
+                            connect_timeout=settings.connect_timeout_s,
                             **connect_options(settings, inbox_prefix=inbox_prefix(
                                 _topology(settings), "admin")))
     try:

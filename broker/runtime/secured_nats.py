@@ -20,11 +20,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import nats
 import structlog
 from nats.js.errors import NotFoundError
 
-from broker.connecting import close_nats, connect_options
+from broker.connecting import close_nats, connect_once, connect_options
 from broker.durable_files import write_private
 from broker.identities import IdentityStore
 from broker.protocol.permissions import Role, inbox_prefix
@@ -45,9 +44,9 @@ async def create_control_consumer(admin: NatsSettings, topology: Topology, edge:
     The edge may only pull from it; the cloud makes it. Creates the streams first
     if they are missing (a fresh server before any ingest ran).
     """
-    nc = await nats.connect(
+    nc = await connect_once(
         [u.strip() for u in admin.url.split(",")], name="edgesync-admin",
-        connect_timeout=admin.connect_timeout_s, allow_reconnect=False,
+        timeout_s=3 * admin.connect_timeout_s, connect_timeout=admin.connect_timeout_s,
         **connect_options(admin, inbox_prefix=inbox_prefix(topology, "admin")),
     )
     try:

@@ -26,8 +26,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import nats
-
+from broker.connecting import connect_once
 from broker.protocol.topology import Topology
 from broker.runtime.children import START_TIMEOUT_S, ServiceProcess, settings_env
 from broker.settings import BridgeSettings, LogSettings, NatsSettings
@@ -61,8 +60,7 @@ async def init_topology(nats_url: str, **topology: Any) -> None:
     bridge before (or without) an ingest plays the admin step first. NATS down (a test
     of an outage): nothing to do, the ingest started later creates them."""
     try:
-        nc = await nats.connect(nats_url.split(","), connect_timeout=1,
-                                allow_reconnect=False)
+        nc = await connect_once(nats_url.split(","), timeout_s=3, connect_timeout=1)
     except Exception:
         return
     try:
