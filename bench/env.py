@@ -143,8 +143,7 @@ async def init_topology(url: str) -> None:
     nc = await connect_nats(url)
     try:
         js = nc.jetstream(timeout=10)
-        await Topology().ensure_streams(js)
-        await Topology().ensure_watermark_bucket(js)
+        await Topology().ensure_all(js)
     finally:
         await nc.close()
 

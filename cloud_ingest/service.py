@@ -36,7 +36,7 @@ from cloud_ingest.metrics import IngestMetrics
 from cloud_ingest.pooling import close_pool, connect_pool
 from cloud_ingest.reconciling import lost_after_commit_writer
 from cloud_ingest.schema import migrate
-from cloud_ingest.watermarks import WatermarkPublisher, ensure_watermark_bucket
+from cloud_ingest.watermarks import WatermarkPublisher
 
 __all__ = [
     "DRAIN_S",
@@ -83,9 +83,8 @@ class Ingest(Service):
             self.nats_settings, name="edgesync-ingest",
             inbox_prefix=inbox_prefix(self.topology, "ingest"))
         js = self._nc.jetstream()
-        await self.topology.ensure_streams(js)
         self.watermarks = WatermarkPublisher(
-            await ensure_watermark_bucket(js, self.topology),
+            await self.topology.ensure_all(js),  # the ingest owns the topology
             interval_s=self.settings.watermark_interval_s,
         )
         self.consumer = RecordsConsumer(

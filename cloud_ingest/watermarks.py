@@ -19,22 +19,14 @@ import asyncio
 import contextlib
 
 import structlog
-from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from broker.protocol.topology import Topology
-
-__all__ = ["WatermarkPublisher", "ensure_watermark_bucket"]
+__all__ = ["WatermarkPublisher"]
 
 log = structlog.get_logger(__name__)
 
 _PUTS_IN_FLIGHT = 256
 """Watermark puts awaiting their JetStream ack at once (bounded like a shipper window)."""
-
-
-async def ensure_watermark_bucket(js: JetStreamContext, topology: Topology) -> KeyValue:
-    """Create (idempotently) and return the watermark bucket."""
-    return await topology.ensure_watermark_bucket(js)
 
 
 class WatermarkPublisher:

@@ -159,8 +159,7 @@ def init(state_dir: StateDir = Path(".edgesync")) -> None:
     topology = _topology(settings)
 
     async def body(js: JetStreamContext) -> list[StreamCheck]:
-        await topology.ensure_streams(js)
-        await topology.ensure_watermark_bucket(js)
+        await topology.ensure_all(js)
         return await check_topology(js, topology)
 
     checks = _run(body, settings)

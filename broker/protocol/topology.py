@@ -217,6 +217,13 @@ class Topology:
                 f"JetStream stream(s) {', '.join(missing)} missing: {INIT_HINT}", missing=missing
             )
 
+    async def ensure_all(self, js: JetStreamContext) -> KeyValue:
+        """The owner's step: the streams and the watermark bucket, created or updated to
+        this configuration (idempotent); returns the bucket. What the ingest does at
+        start and ``edgesync streams init`` does alone."""
+        await self.ensure_streams(js)
+        return await self.ensure_watermark_bucket(js)
+
     async def ensure_streams(self, js: JetStreamContext) -> None:
         """Create the streams, or update them to this configuration; idempotent.
 

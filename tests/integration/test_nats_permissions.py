@@ -34,7 +34,6 @@ from broker.protocol.permissions import Role, inbox_prefix
 from broker.protocol.topology import Topology
 from broker.runtime.secured_nats import SecuredNats, create_control_consumer
 from broker.settings import NatsSettings
-from cloud_ingest.watermarks import ensure_watermark_bucket
 from tests.helpers import until
 
 T = Topology()
@@ -88,7 +87,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredNats]:
         try:
             js = ingest.nc.jetstream(timeout=5)
             await T.ensure_streams(js)
-            kv = await ensure_watermark_bucket(js, T)
+            kv = await T.ensure_watermark_bucket(js)
             for edge in (EDGE, OTHER):
                 await create_control_consumer(secured.settings_for("admin"), T, edge)
                 await kv.put(f"{edge}.s.1", b"7")
@@ -293,7 +292,7 @@ async def ingest_manages_topology(c: Callable[..., Awaitable[Client]]) -> None:
     js = (await c("ingest")).nc.jetstream(timeout=5)
     config = (await js.stream_info(T.events_stream)).config
     await js.update_stream(config)
-    await ensure_watermark_bucket(js, T)
+    await T.ensure_watermark_bucket(js)
 
 
 async def api_publishes_commands(c: Callable[..., Awaitable[Client]]) -> None:

@@ -65,8 +65,7 @@ async def init_topology(nats_url: str, **topology: Any) -> None:
         return
     try:
         js = nc.jetstream()
-        await Topology(**topology).ensure_streams(js)
-        await Topology(**topology).ensure_watermark_bucket(js)
+        await Topology(**topology).ensure_all(js)
     finally:
         await nc.close()
 
