@@ -131,6 +131,7 @@ class Subscription:
         self._committed = EARLIEST
         self._completeness: dict[StreamKey, int] = {}
         self._woken = asyncio.Event()
+        self._waiting = False
         self._renewed = 0.0
         self._closed = False
 
@@ -257,10 +258,20 @@ class Subscription:
             self._delivered = page.cursor  # only commits the filters skip: nothing to do
             if self._stop_when_caught_up:
                 raise StopAsyncIteration
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._woken.wait(), timeout=self._poll)
+            self._waiting = True
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._woken.wait(), timeout=self._poll)
+            finally:
+                self._waiting = False
 
     # -- checkpoints -----------------------------------------------------------------
+
+    @property
+    def waiting(self) -> bool:
+        """True while caught up and waiting for a commit (woken by NOTIFY, or after
+        ``poll_s``)."""
+        return self._waiting
 
     @property
     def cursor(self) -> str:

@@ -303,7 +303,7 @@ async def test_a_waiting_subscription_is_woken_by_the_commit(migrated: str) -> N
     try:
         async with Subscription(migrated, "live", start_at="latest", poll_s=60) as sub:
             nxt = asyncio.create_task(anext(aiter(sub)))
-            await asyncio.sleep(0.2)
+            await until(lambda: sub.waiting, timeout=5, message="never caught up")
             assert not nxt.done()
             async with conn.transaction():
                 span = ("e", "s", EPOCH, 1, 3)

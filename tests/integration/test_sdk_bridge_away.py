@@ -15,7 +15,7 @@ import structlog
 from broker.runtime.embedded_nats import EmbeddedNats
 from edge_bridge.sdk import ClosedError, EdgeClient, RecordAck, SyncEdgeClient
 from tests.integration.harness import bridge_settings, running_bridge
-from tests.support import port_for_config, refused_port
+from tests.support import port_for_config, refused_port, until
 
 CLOSE_TIMEOUT_S = 0.5
 SLACK_S = 3.0
@@ -30,7 +30,9 @@ async def test_an_edge_client_exits_within_its_close_timeout_when_the_bridge_is_
                             linger_ms=1)
         async with client:
             futures = [client.publish("telemetry", {"i": i}) for i in range(250)]
-            await asyncio.sleep(0.05)  # the first attempts fail: the outage has begun
+            # The first attempts fail: the outage has begun.
+            await until(lambda: client.stats.outages >= 1, timeout=5,
+                        message="the client never saw the bridge was down")
             started = time.monotonic()
         elapsed = time.monotonic() - started
     assert CLOSE_TIMEOUT_S <= elapsed < CLOSE_TIMEOUT_S + SLACK_S
@@ -71,10 +73,9 @@ async def test_an_outage_is_logged_once_when_it_begins_and_once_when_it_ends(
             async with running_bridge(settings, nats_server.url):
                 await client.publish_wait("telemetry", {"before": True})
             during = [client.publish("telemetry", {"during": i}) for i in range(20)]
-            deadline = time.monotonic() + 10
-            while client.stats.retries < 5:  # several retries, still only one warning
-                assert time.monotonic() < deadline, "the client never retried"
-                await asyncio.sleep(0.05)
+            # Several retries, still only one warning.
+            await until(lambda: client.stats.retries >= 5, timeout=10,
+                        message="the client never retried")
             async with running_bridge(settings, nats_server.url):
                 async with asyncio.timeout(15):
                     acks = await asyncio.gather(*during)

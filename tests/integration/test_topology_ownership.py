@@ -12,13 +12,15 @@ import secrets
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
+import structlog
 
 from broker.errors import TopologyMissing
 from broker.protocol.commands import generate_key_pair
-from broker.protocol.topology import Topology
+from broker.protocol.topology import INIT_HINT, Topology
 from broker.runtime.embedded_nats import EmbeddedNats
 from broker.settings import ApiSettings, NatsSettings
 from cloud_ingest.api import Api
@@ -76,29 +78,38 @@ async def test_a_bridge_start_leaves_the_owners_stream_config_alone(
 
 
 async def test_a_bridge_waits_for_missing_streams_and_never_creates_them(
-    tmp_path: Path, nats_server: EmbeddedNats, pg_dsn: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, nats_server: EmbeddedNats, pg_dsn: str
 ) -> None:
     """With no streams, a bridge accepts records but creates nothing and says why it
     waits; once the ingest has created the topology the records flow."""
     bridge = Bridge(bridge_settings(tmp_path), NatsSettings(url=nats_server.url,
                                                             publish_timeout_s=2))
-    async with serving(bridge):
-        async with EdgeClient(bridge.url) as client:
-            futures = [client.publish("s", {"n": i}) for i in range(10)]
-            await client.flush()
-            assert all(f.result().seq for f in futures)
-        await until(lambda: bridge.nats_connected, timeout=15)
-        await asyncio.sleep(1.5)  # several rounds of the bridge's check (it must not create)
-        nc = await nats.connect(nats_server.url)
-        try:
-            js = nc.jetstream()
-            assert await Topology().missing_streams(
-                js, ["ES_RECORDS", "ES_CONTROL", "ES_EVENTS"]) == [
-                "ES_RECORDS", "ES_CONTROL", "ES_EVENTS"]
-        finally:
-            await nc.close()
-        async with running_ingest(pg_dsn, nats_server.url):
-            await wait_for_records(pg_dsn, 10, timeout=30)
+
+    with structlog.testing.capture_logs() as logs:
+
+        def waits() -> list[dict[str, Any]]:
+            return [e for e in logs if e["event"] == "streams_not_ready"]
+
+        async with serving(bridge):
+            async with EdgeClient(bridge.url) as client:
+                futures = [client.publish("s", {"n": i}) for i in range(10)]
+                await client.flush()
+                assert all(f.result().seq for f in futures)
+            await until(lambda: bridge.nats_connected, timeout=15)
+            # Several rounds of the bridge's check, each saying what to run; none creates.
+            await until(lambda: len(waits()) >= 2, timeout=15,
+                        message="the bridge never said it waits for the streams")
+            assert all(INIT_HINT in e["error"] for e in waits()), waits()
+            nc = await nats.connect(nats_server.url)
+            try:
+                js = nc.jetstream()
+                assert await Topology().missing_streams(
+                    js, ["ES_RECORDS", "ES_CONTROL", "ES_EVENTS"]) == [
+                    "ES_RECORDS", "ES_CONTROL", "ES_EVENTS"]
+            finally:
+                await nc.close()
+            async with running_ingest(pg_dsn, nats_server.url):
+                await wait_for_records(pg_dsn, 10, timeout=30)
 
 
 async def test_the_api_refuses_to_start_without_streams_and_names_the_fix(
