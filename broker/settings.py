@@ -332,6 +332,15 @@ class IngestSettings(BaseModel):
         description="Seconds a group waits to fill when fewer messages are ready; bounds "
         "the latency a trickle of records sees.",
     )
+    idle_poll_s: float = Field(
+        1.0,
+        gt=0,
+        le=30,
+        description="Seconds an idle worker's pull request waits for the first message "
+        "(one message, then the group fills within fetch_timeout_s): an idle ingest asks "
+        "JetStream once per this interval per worker instead of every fetch_timeout_s. "
+        "Shutdown waits for it at most this long.",
+    )
     ack_wait_s: float = Field(
         30.0, gt=0, description="Seconds before JetStream redelivers an unacked batch."
     )

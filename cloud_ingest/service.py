@@ -83,14 +83,15 @@ class Ingest(Service):
             self.nats_settings, name="edgesync-ingest",
             inbox_prefix=inbox_prefix(self.topology, "ingest"))
         js = self._nc.jetstream()
+        await self.topology.ensure_all(js)  # the ingest owns the topology
         self.watermarks = WatermarkPublisher(
-            await self.topology.ensure_all(js),  # the ingest owns the topology
+            self._nc, self.topology.watermarks_bucket,
             interval_s=self.settings.watermark_interval_s,
         )
         self.consumer = RecordsConsumer(
             nc=self._nc, js=js, pool=self._pool, topology=self.topology,
             consumer=self.settings.consumer, fetch_batch=self.settings.fetch_batch,
-            fetch_timeout_s=self.settings.fetch_timeout_s,
+            fetch_timeout_s=self.settings.fetch_timeout_s, idle_poll_s=self.settings.idle_poll_s,
             ack_wait_s=self.settings.ack_wait_s, workers=self.settings.workers,
             db_retry_max_s=self.settings.db_retry_max_s, metrics=self.metrics,
             group_budget_bytes=self.settings.group_budget_bytes,
