@@ -178,14 +178,20 @@ def status(
         "--gaps", help="Completeness per edge/stream/epoch: committed, dropped, "
         "dead-lettered, lost after commit, missing.")]
     = False,
+    limit: Annotated[int, typer.Option(
+        min=0, help="Rows per table, those that need attention first (offline edges, "
+        "largest backlogs, missing records); 0 lists every row.")] = 50,
 ) -> None:
-    """Print edges, their backlog, and committed counts per stream."""
+    """Print a fleet summary, then edges, their backlog, and committed counts per stream."""
     import asyncpg
 
     from broker.cli.status import show_status
+    from broker.settings import ApiSettings
 
+    offline_after_s = ApiSettings.model_fields["edge_offline_after_s"].default
     try:
-        asyncio.run(show_status(resolve_dsn(dsn, state_dir), console, gaps=gaps))
+        asyncio.run(show_status(resolve_dsn(dsn, state_dir), console, gaps=gaps, limit=limit,
+                                offline_after_s=offline_after_s))
     except (OSError, asyncpg.PostgresError) as exc:
         console.print(f"[red]cannot read status:[/red] {exc}")
         raise typer.Exit(2) from exc
