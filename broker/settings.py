@@ -338,8 +338,8 @@ class IngestSettings(BaseModel):
         le=30,
         description="Seconds an idle worker's pull request waits for the first message "
         "(one message, then the group fills within fetch_timeout_s): an idle ingest asks "
-        "JetStream once per this interval per worker instead of every fetch_timeout_s. "
-        "Shutdown waits for it at most this long.",
+        "JetStream once per this interval per worker instead of every fetch_timeout_s "
+        "(shutdown ends the wait at once).",
     )
     ack_wait_s: float = Field(
         30.0, gt=0, description="Seconds before JetStream redelivers an unacked batch."
