@@ -15,8 +15,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from broker.protocol.stream_limits import RECORDS_MAX_AGE_S, RECORDS_MAX_BYTES
 from broker.protocol.tokens import TOKEN_PATTERN, validate_token
-from broker.protocol.topology import RECORDS_MAX_AGE_S, RECORDS_MAX_BYTES
 from broker.protocol.wire import MAX_BATCH_BYTES, MAX_BATCH_RECORDS
 
 __all__ = [

@@ -38,22 +38,15 @@ from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from broker.errors import TopologyMissing
+from broker.protocol.stream_limits import RECORDS_MAX_AGE_S, RECORDS_MAX_BYTES
 from broker.protocol.tokens import validate_token
 
-__all__ = ["INIT_HINT", "RECORDS_MAX_AGE_S", "RECORDS_MAX_BYTES", "Topology"]
+__all__ = ["INIT_HINT", "Topology"]
 
 INIT_HINT = "start the ingest or run `edgesync streams init` (the cloud owns the streams)"
 """What to do about a missing stream; every client's message says it."""
 
 log = structlog.get_logger(__name__)
-
-RECORDS_MAX_BYTES = 10 * 1024**3
-"""Default byte cap of ``ES_RECORDS``. The stream only needs what PostgreSQL has not
-committed yet (the edge keeps every record until then and retransmits what the
-stream discarded), so it is bounded: sizing rule in ``docs/scaling.md``."""
-RECORDS_MAX_AGE_S = 24 * 3600.0
-"""Default age cap of ``ES_RECORDS``: a day covers an ingest outage of a night."""
-
 
 @dataclass(frozen=True, slots=True)
 class Topology:
