@@ -56,6 +56,8 @@ from edge_bridge.sdk._defaults import (
     DEFAULT_URL,
     MAX_RETRY_TIMEOUT_S,
     WIRE_RECORD_OVERHEAD_BYTES,
+    Default,
+    require,
 )
 from edge_bridge.sdk._delivery import Delivery
 from edge_bridge.sdk._http import HttpxPoster, Poster, StreamPoster
@@ -82,12 +84,6 @@ _Future: Final = asyncio.Future
 """Built directly: ``loop.create_future()`` adds a Python call per record."""
 _json_encode: Final = msgspec.json.Encoder().encode
 _now_ns: Final = time.time_ns
-
-
-class _Default(enum.Enum):
-    """Marks an argument left out (``None`` already means "wait forever")."""
-
-    TIMEOUT = "the client's close_timeout_s"
 
 
 class _State(enum.Enum):
@@ -168,24 +164,24 @@ class EdgeClient:
             producer_id = uuid.uuid4().hex
         if not isinstance(producer_id, str) or not 1 <= len(producer_id) <= MAX_PRODUCER_CHARS:
             raise ValueError(f"producer_id must be a string of 1..{MAX_PRODUCER_CHARS} characters")
-        _require(batch_max_records >= 1, "batch_max_records must be >= 1")
-        _require(batch_max_bytes >= 1, "batch_max_bytes must be >= 1")
-        _require(math.isfinite(linger_ms) and linger_ms >= 0, "linger_ms must be >= 0")
-        _require(max_in_flight >= 1, "max_in_flight must be >= 1")
-        _require(max_record_bytes >= 1, "max_record_bytes must be >= 1")
-        _require(
+        require(batch_max_records >= 1, "batch_max_records must be >= 1")
+        require(batch_max_bytes >= 1, "batch_max_bytes must be >= 1")
+        require(math.isfinite(linger_ms) and linger_ms >= 0, "linger_ms must be >= 0")
+        require(max_in_flight >= 1, "max_in_flight must be >= 1")
+        require(max_record_bytes >= 1, "max_record_bytes must be >= 1")
+        require(
             0 <= retry_timeout_s <= MAX_RETRY_TIMEOUT_S,
             f"retry_timeout_s must be within 0..{MAX_RETRY_TIMEOUT_S:g}",
         )
-        _require(request_timeout_s > 0, "request_timeout_s must be > 0")
-        _require(
+        require(request_timeout_s > 0, "request_timeout_s must be > 0")
+        require(
             close_timeout_s is None or (math.isfinite(close_timeout_s) and close_timeout_s >= 0),
             "close_timeout_s must be >= 0 or None",
         )
-        _require(max_pending_records >= 1, "max_pending_records must be >= 1")
+        require(max_pending_records >= 1, "max_pending_records must be >= 1")
         # Caught here: an unsupported scheme would otherwise look like a
         # transport error and be retried for retry_timeout_s.
-        _require(url.startswith(("http://", "https://")), f"url must be http(s)://..., got {url!r}")
+        require(url.startswith(("http://", "https://")), f"url must be http(s)://..., got {url!r}")
 
         self.stats = ClientStats()
         self._producer = producer_id
@@ -284,7 +280,7 @@ class EdgeClient:
                 f"{self._outstanding} records not settled within {timeout:g} s; sending goes on"
             )
 
-    async def close(self, timeout: float | _Default | None = _Default.TIMEOUT) -> None:
+    async def close(self, timeout: float | Default | None = Default.TIMEOUT) -> None:
         """Flush for at most ``timeout`` seconds, then release the connections. Idempotent.
 
         ``publish`` raises :class:`ClosedError` from the moment ``close`` is
@@ -305,7 +301,7 @@ class EdgeClient:
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSING
-        wait_s = self._close_timeout_s if isinstance(timeout, _Default) else timeout
+        wait_s = self._close_timeout_s if isinstance(timeout, Default) else timeout
         try:
             try:
                 await self.flush(wait_s)
@@ -597,8 +593,3 @@ class EdgeClient:
         self._unresolved.discard(batch)
         if batch.done is not None and not batch.done.done():
             batch.done.set_result(None)
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)

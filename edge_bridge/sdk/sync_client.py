@@ -27,9 +27,9 @@ from types import TracebackType
 from typing import Unpack
 
 from broker.errors import ClosedError
-from edge_bridge.sdk._defaults import DEFAULT_URL, ClientOptions
+from edge_bridge.sdk._defaults import DEFAULT_URL, ClientOptions, Default
 from edge_bridge.sdk._records import OutRecord
-from edge_bridge.sdk.client import EdgeClient, _Default
+from edge_bridge.sdk.client import EdgeClient
 from edge_bridge.sdk.results import ClientStats, RecordAck
 
 __all__ = ["SyncEdgeClient"]
@@ -187,7 +187,7 @@ class SyncEdgeClient:
             future.cancel()
             raise TimeoutError(f"flush did not complete within {timeout} s") from None
 
-    def close(self, timeout: float | _Default | None = _Default.TIMEOUT) -> None:
+    def close(self, timeout: float | Default | None = Default.TIMEOUT) -> None:
         """Flush for at most ``timeout`` seconds, close the client and stop the loop thread.
 
         Idempotent and thread-safe; the outcome is that of :meth:`EdgeClient.close`:
@@ -235,7 +235,7 @@ class SyncEdgeClient:
         self._drain()
         await self._client.flush()
 
-    async def _aclose(self, timeout: float | _Default | None) -> None:
+    async def _aclose(self, timeout: float | Default | None) -> None:
         # No publish can add to the intake any more (closed is set under the
         # lock), so this drain hands over the last records before the flush.
         self._drain()
