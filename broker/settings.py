@@ -348,6 +348,19 @@ class IngestSettings(BaseModel):
     watermark_interval_s: float = Field(
         0.25, gt=0, description="Coalescing window of committed-watermark updates per key."
     )
+    partitions_ahead_days: int = Field(
+        3,
+        ge=1,
+        le=60,
+        description="Days of records partitions kept created ahead of today (UTC), so a "
+        "write never waits for one and a missed round or two of upkeep is harmless.",
+    )
+    maintenance_interval_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds between rounds of partition upkeep and retention (a day "
+        "partition is dropped at the first round after every stream in it expired).",
+    )
     host: str = Field("127.0.0.1", description="Health/metrics HTTP bind address.")
     port: int = Field(8788, ge=0, le=65535, description="Health/metrics port (0 = free port).")
 
