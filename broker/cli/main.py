@@ -26,6 +26,7 @@ from broker.cli.database import resolve_dsn
 from broker.cli.dead_letters import dead_letters_app
 from broker.cli.edges import edges_app
 from broker.cli.operators import operators_app
+from broker.cli.retention import retention_app
 from broker.cli.streams import streams_app
 from broker.cli.tail import tail_cmd
 from broker.errors import EdgesyncError
@@ -65,6 +66,7 @@ EXIT_ERROR = 2
 """An error of ours (bad settings, a root task that ended unasked, ...)."""
 app.add_typer(operators_app, name="operators")
 app.command("tail")(tail_cmd)
+app.add_typer(retention_app, name="retention")
 
 
 def _run_service(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:

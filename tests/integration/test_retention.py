@@ -5,6 +5,9 @@ completeness accounting exact (a retired record is never "missing")."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -26,6 +29,7 @@ from cloud_ingest.partitioning import ensure_partitions, list_partitions
 from cloud_ingest.retention import enforce_retention, parse_keep, set_retention
 from cloud_ingest.schema import migrate
 from cloud_ingest.writing import GroupWriter
+from tests.helpers import until
 
 EPOCH = 3
 
@@ -215,3 +219,66 @@ def test_a_retention_is_hours_days_or_weeks_of_at_least_an_hour(bad: str) -> Non
 async def test_a_stream_name_that_is_not_a_token_is_refused(conn: asyncpg.Connection) -> None:
     with pytest.raises(InvalidInput, match="stream"):
         await set_retention(conn, "a.b", parse_keep("1d"))
+
+
+async def test_a_redelivery_racing_its_first_delivery_is_stored_once(pg_dsn: str) -> None:
+    """``records`` has no unique index (partitions cannot share one): a batch written by
+    a second worker while the first still holds it uncommitted is noticed when the
+    second takes the keys' lock, undone and not stored again."""
+    a, b = await asyncpg.connect(pg_dsn), await asyncpg.connect(pg_dsn)
+    await migrate(a)
+    try:
+        for c in (a, b):
+            await init_connection(c)
+        gw = GroupWriter(Topology())
+        tx = a.transaction()
+        await tx.start()
+        await gw.write(a, [gw.decode(_msg("e", "s", 1, 30))])  # holds the key's lock
+        second = asyncio.create_task(gw.write(b, [gw.decode(_msg("e", "s", 1, 30))]))
+        b_pid = b.get_server_pid()
+
+        async def b_waits_for_a() -> bool:
+            blockers = await a.fetchval("SELECT pg_blocking_pids($1)", b_pid)
+            return a.get_server_pid() in blockers
+
+        await until(b_waits_for_a, timeout=10, message="the second write never waited")
+        assert not second.done()
+        await tx.commit()
+        result = await asyncio.wait_for(second, 10)
+        assert result.inserted == 0
+        assert await a.fetchval("SELECT count(*) FROM records") == 30
+        assert await a.fetchval("SELECT sum(rows) FROM feed_commits") == 30
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def _cli(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "broker", "retention", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "200"})
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_the_retention_commands_set_list_and_apply(
+    conn: asyncpg.Connection, pg_dsn: str
+) -> None:
+    """`edgesync retention set` stores a setting, `list --json` shows it with the
+    partitions, `apply` runs a round, and a malformed duration is refused (exit 1)."""
+    assert (await _cli("set", "temps", "30d", "--dsn", pg_dsn))[0] == 0
+    assert (await _cli("set", "*", "2w", "--dsn", pg_dsn))[0] == 0
+    code, out = await _cli("list", "--json", "--dsn", pg_dsn)
+    assert code == 0
+    listed = json.loads(out)
+    assert listed["retention"] == {"temps": "30d", "*": "2w"}
+    assert len(listed["partitions"]) >= 4
+    code, out = await _cli("set", "temps", "30 days", "--dsn", pg_dsn)
+    assert code == 1 and "hours, days or weeks" in out
+    code, out = await _cli("set", "a.b", "1d", "--dsn", pg_dsn)
+    assert code == 1 and "invalid stream" in out
+    assert (await _cli("unset", "temps", "--dsn", pg_dsn))[0] == 0
+    assert (await _cli("apply", "--dsn", pg_dsn))[0] == 0
+    assert await conn.fetchval("SELECT count(*) FROM stream_retention") == 1
