@@ -21,7 +21,7 @@ from rich.table import Table
 from broker.cli.database import Dsn, StateDir, resolve_dsn
 from broker.errors import InvalidInput
 
-__all__ = ["apply", "console", "list_", "retention_app", "set_", "unset"]
+__all__ = ["StreamArg", "apply", "console", "list_", "retention_app", "set_", "unset"]
 
 console = Console()
 retention_app = typer.Typer(
@@ -29,7 +29,7 @@ retention_app = typer.Typer(
     help="How long each stream's records are kept (whole day partitions are dropped).")
 T = TypeVar("T")
 
-Stream = Annotated[str, typer.Argument(help="A stream name, or '*' for the default of "
+StreamArg = Annotated[str, typer.Argument(help="A stream name, or '*' for the default of "
                                             "streams without a setting of their own.")]
 
 
@@ -58,7 +58,7 @@ def _run(dsn: str | None, state_dir: Path, job: Callable[[Any], Awaitable[T]]) -
 
 
 @retention_app.command("set")
-def set_(stream: Stream, keep: Annotated[str, typer.Argument(help="12h, 30d, 2w ...")], *,
+def set_(stream: StreamArg, keep: Annotated[str, typer.Argument(help="12h, 30d, 2w ...")], *,
          dsn: Dsn = None, state_dir: StateDir = Path(".edgesync")) -> None:
     """Keep STREAM's records for KEEP (at least 1h); they go with their day partition
     once every stream in it is past its retention."""
@@ -74,7 +74,7 @@ def set_(stream: Stream, keep: Annotated[str, typer.Argument(help="12h, 30d, 2w 
 
 
 @retention_app.command()
-def unset(stream: Stream, *, dsn: Dsn = None,
+def unset(stream: StreamArg, *, dsn: Dsn = None,
           state_dir: StateDir = Path(".edgesync")) -> None:
     """Remove STREAM's setting (it falls back to '*', or is kept forever)."""
     from cloud_ingest.retention import set_retention
