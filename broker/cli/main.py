@@ -25,6 +25,7 @@ from broker.cli.commands import cmd_app, keys_app
 from broker.cli.database import resolve_dsn
 from broker.cli.dead_letters import dead_letters_app
 from broker.cli.edges import edges_app
+from broker.cli.export import export_cmd
 from broker.cli.operators import operators_app
 from broker.cli.retention import retention_app
 from broker.cli.streams import streams_app
@@ -67,6 +68,7 @@ EXIT_ERROR = 2
 app.add_typer(operators_app, name="operators")
 app.command("tail")(tail_cmd)
 app.add_typer(retention_app, name="retention")
+app.command("export")(export_cmd)
 
 
 def _run_service(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:

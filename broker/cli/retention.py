@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from broker.cli.database import Dsn, StateDir, resolve_dsn
@@ -46,7 +47,7 @@ def _run(dsn: str | None, state_dir: Path, job: Callable[[Any], Awaitable[T]]) -
     try:
         return asyncio.run(main())
     except InvalidInput as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1) from exc
     except asyncpg.UndefinedTableError as exc:
         console.print(f"[red]the database has no retention tables yet:[/red] {exc} "
@@ -67,7 +68,7 @@ def set_(stream: StreamArg, keep: Annotated[str, typer.Argument(help="12h, 30d, 
     try:
         duration = parse_keep(keep)
     except InvalidInput as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1) from exc
     _run(dsn, state_dir, lambda conn: set_retention(conn, stream, duration))
     console.print(f"{stream}: kept {format_keep(duration)}")
