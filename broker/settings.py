@@ -420,6 +420,13 @@ class ApiSettings(BaseModel):
     )
     pool_size: int = Field(4, ge=1, description="Postgres connections.")
     db_retry_max_s: float = Field(5.0, gt=0, description="Backoff cap while Postgres is down.")
+    max_live_tails: int = Field(
+        100,
+        ge=0,
+        description="Live tails (SSE, GET /v1/records/tail) open at once; each holds a "
+        "PostgreSQL connection of its own for its life, so this bounds them under the "
+        "server's max_connections. One more is refused with 503 and Retry-After.",
+    )
 
 
 class LogSettings(BaseModel):
