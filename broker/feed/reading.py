@@ -14,6 +14,7 @@ watermark of each key among the commits behind it.
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -241,17 +242,26 @@ async def _rows(conn: Connection, spans: Sequence[tuple[str, str, int, int, int]
         _ROWS, [s[0] for s in spans], [s[1] for s in spans], [s[2] for s in spans],
         [s[3] for s in spans], [s[4] for s in spans], filters.since, filters.until, received)
     out: list[FeedRecord] = []
-    for r in rows:
-        i = r[0] - 1
-        edge, stream, epoch, _, _ = spans[i]
-        cid, ord_lo, lo = places[i]
-        seq = r[1]
-        raw = r[7]
-        out.append(FeedRecord(
-            position(cid, ord_lo + seq - lo), edge, stream, epoch, seq, r[2], r[3], r[4],
-            _headers.decode(r[5]) if r[5] is not None else None,
-            bytes(raw) if raw is not None else _json.decode(r[6]),
-        ))
+    # Decoding a page allocates tens of objects per record, all kept: the cyclic GC
+    # would rescan them again and again (it cost 80 % of the decoding, measured). None
+    # of them can form a cycle, so it is paused for this loop (no await inside).
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        for r in rows:
+            i = r[0] - 1
+            edge, stream, epoch, _, _ = spans[i]
+            cid, ord_lo, lo = places[i]
+            seq = r[1]
+            raw = r[7]
+            out.append(FeedRecord(
+                position(cid, ord_lo + seq - lo), edge, stream, epoch, seq, r[2], r[3], r[4],
+                _headers.decode(r[5]) if r[5] is not None else None,
+                bytes(raw) if raw is not None else _json.decode(r[6]),
+            ))
+    finally:
+        if paused:
+            gc.enable()
     return out
 
 
