@@ -2,8 +2,8 @@
 that changes what analytics can see.
 
 A writer calls :func:`record_commit` last in its transaction with the spans of the
-rows it inserted (exactly those: a duplicate skipped by ``ON CONFLICT`` belongs to
-the commit that first wrote it) and the watermarks of the keys it touched. The
+rows it inserted (exactly those: a duplicate it left out belongs to the commit that
+first wrote it) and the watermarks of the keys it touched. The
 row's ``commit_id`` is assigned inside COMMIT by the trigger of migration 006,
 under a lock held until the commit is visible, so commit ids follow commit order
 (the reasoning is in ``migrations/006_feed.sql``). Readers live in

@@ -6,10 +6,15 @@ envelope, each record decoded on its own and checked by the shared validator
 
 :meth:`GroupWriter.write` then, in one transaction:
 
-1. skips batches whose whole range is already accounted (a redelivery);
-2. binary COPYs the valid records' rows into ``records`` (a duplicate switches
-   to ``INSERT ... ON CONFLICT DO NOTHING`` through a staging table);
-3. if PostgreSQL still rejects the data (rules drift, a check the validator
+1. leaves out every record whose seq ``committed_ranges`` already accounts for
+   (a redelivery), or an earlier batch of the group holds (overlapping
+   retransmits);
+2. binary COPYs the valid records' rows into ``records``, then locks the keys'
+   ``committed_ranges`` rows and checks that no concurrent transaction committed
+   any of those seqs meanwhile; if one did, undoes the COPY and redoes it under
+   the lock. ``records`` has no unique index (it is partitioned by
+   ``received_at``, migration 008): these locks are what keep rows exactly once;
+3. if PostgreSQL rejects the data (rules drift, a check the validator
    does not know), bisects the rows down to the records it rejects, so every
    good record commits and each bad one is isolated;
 4. writes a dead letter per bad record with its identity, reason and bytes
