@@ -45,6 +45,10 @@ class Profile:
     fleet_load_s: float
     fleet_idle_s: float
     fleet_commands: int
+    consume_records: int
+    """Records committed, then consumed by the SDK and the COPY ceiling (scenario 8)."""
+    consume_naive_records: int
+    """Records the naive polling loop reads (it slows down as the table grows)."""
 
 
 PROFILES: dict[str, Profile] = {
@@ -56,7 +60,7 @@ PROFILES: dict[str, Profile] = {
         footprint_records=300_000, footprint_idle_s=20, wire_records=50_000,
         fleet_sizes=(1_000, 10_000), fleet_drain_records=400_000, fleet_drain_edges=2_000,
         fleet_drain_batch=10, fleet_rate=10_000, fleet_load_s=20, fleet_idle_s=30,
-        fleet_commands=50,
+        fleet_commands=50, consume_records=500_000, consume_naive_records=50_000,
     ),
     "quick": Profile(
         name="quick", ingest_records=100_000, ceiling_group=10_000, naive_records=4_000,
@@ -66,7 +70,7 @@ PROFILES: dict[str, Profile] = {
         footprint_records=50_000, footprint_idle_s=10, wire_records=20_000,
         fleet_sizes=(200,), fleet_drain_records=100_000, fleet_drain_edges=2_000,
         fleet_drain_batch=10, fleet_rate=5_000, fleet_load_s=8, fleet_idle_s=10,
-        fleet_commands=20,
+        fleet_commands=20, consume_records=100_000, consume_naive_records=20_000,
     ),
     "smoke": Profile(
         name="smoke", ingest_records=6_000, ceiling_group=2_000, naive_records=300,
@@ -76,6 +80,6 @@ PROFILES: dict[str, Profile] = {
         footprint_records=3_000, footprint_idle_s=0.5, wire_records=4_000,
         fleet_sizes=(20,), fleet_drain_records=3_000, fleet_drain_edges=50,
         fleet_drain_batch=10, fleet_rate=1_000, fleet_load_s=2, fleet_idle_s=2,
-        fleet_commands=3,
+        fleet_commands=3, consume_records=3_000, consume_naive_records=1_000,
     ),
 }

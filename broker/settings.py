@@ -357,6 +357,19 @@ class IngestSettings(BaseModel):
     watermark_interval_s: float = Field(
         0.25, gt=0, description="Coalescing window of committed-watermark updates per key."
     )
+    partitions_ahead_days: int = Field(
+        3,
+        ge=1,
+        le=60,
+        description="Days of records partitions kept created ahead of today (UTC), so a "
+        "write never waits for one and a missed round or two of upkeep is harmless.",
+    )
+    maintenance_interval_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds between rounds of partition upkeep and retention (a day "
+        "partition is dropped at the first round after every stream in it expired).",
+    )
     host: str = Field("127.0.0.1", description="Health/metrics HTTP bind address.")
     port: int = Field(8788, ge=0, le=65535, description="Health/metrics port (0 = free port).")
 
@@ -416,6 +429,13 @@ class ApiSettings(BaseModel):
     )
     pool_size: int = Field(4, ge=1, description="Postgres connections.")
     db_retry_max_s: float = Field(5.0, gt=0, description="Backoff cap while Postgres is down.")
+    max_live_tails: int = Field(
+        100,
+        ge=0,
+        description="Live tails (SSE, GET /v1/records/tail) open at once; each holds a "
+        "PostgreSQL connection of its own for its life, so this bounds them under the "
+        "server's max_connections. One more is refused with 503 and Retry-After.",
+    )
 
 
 class LogSettings(BaseModel):

@@ -25,6 +25,7 @@ a record exactly once, and a second replay finds it already there.
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -191,6 +192,18 @@ async def replay_dead_letter(conn: Connection, letter_id: int) -> ReplayResult:
         if problems:
             seq, problem = problems[0]
             raise NotReplayable("still_invalid", f"seq {seq}: {problem}")
+        # The key's committed_ranges row, locked: what is committed already is skipped
+        # (records has no unique index; cloud_ingest.writing explains why).
+        await conn.execute(
+            "INSERT INTO committed_ranges (edge_id, stream, epoch, ranges) "
+            "VALUES ($1, $2, $3, '{}') ON CONFLICT (edge_id, stream, epoch) DO NOTHING",
+            edge, stream, epoch)
+        committed = await conn.fetchval(
+            "SELECT ranges FROM committed_ranges WHERE (edge_id, stream, epoch) = ($1, $2, $3) "
+            "FOR UPDATE", edge, stream, epoch)
+        fresh = [(s, r) for s, r in records
+                 if not any(x.lower <= s < x.upper for x in committed)]
+        received_us = time.time_ns() // 1000
         try:
             async with conn.transaction():
                 done = await conn.fetch(
@@ -198,19 +211,20 @@ async def replay_dead_letter(conn: Connection, letter_id: int) -> ReplayResult:
                     "key, headers, payload, payload_raw) "
                     "SELECT $1, $2, $3, u.seq, "
                     "  to_timestamp(0) + make_interval(days => (u.ts / 86400000000)::int, "
-                    "    secs => ((u.ts % 86400000000) / 1e6)::float8), now(), u.key, "
+                    "    secs => ((u.ts % 86400000000) / 1e6)::float8), "
+                    "  'epoch'::timestamptz + $10::int8 * interval '1 microsecond', u.key, "
                     "  u.headers::jsonb, "
                     "  CASE WHEN u.ct = 1 THEN convert_from(u.payload, 'UTF8')::jsonb END, "
                     "  CASE WHEN u.ct = 1 THEN NULL ELSE u.payload END "
                     "FROM unnest($4::int8[], $5::int8[], $6::int2[], $7::bytea[], $8::text[], "
                     "  $9::text[]) AS u(seq, ts, ct, payload, key, headers) "
-                    "ON CONFLICT DO NOTHING RETURNING seq",
+                    "RETURNING seq",
                     edge, stream, epoch,
-                    [s for s, _ in records], [r.ts for _, r in records],
-                    [r.ct for _, r in records], [r.payload for _, r in records],
-                    [r.key for _, r in records],
+                    [s for s, _ in fresh], [r.ts for _, r in fresh],
+                    [r.ct for _, r in fresh], [r.payload for _, r in fresh],
+                    [r.key for _, r in fresh],
                     [_json.encode(r.headers).decode() if r.headers else None
-                     for _, r in records],
+                     for _, r in fresh], received_us,
                 )
         except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
             raise NotReplayable(
@@ -229,7 +243,7 @@ async def replay_dead_letter(conn: Connection, letter_id: int) -> ReplayResult:
             "UPDATE dead_letters SET replayed_at = now() WHERE id = $1", letter_id
         )
         await record_commit(conn, spans_of(edge, stream, epoch, sorted(r[0] for r in done)),
-                            watermarks)
+                            watermarks, received_us=received_us if done else None)
     inserted = len(done)
     log.info("dead_letter_replayed", id=letter_id, kind=row["kind"], edge=edge, stream=stream,
              epoch=epoch, seq=row["seq"], inserted=inserted)

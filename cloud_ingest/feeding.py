@@ -2,8 +2,8 @@
 that changes what analytics can see.
 
 A writer calls :func:`record_commit` last in its transaction with the spans of the
-rows it inserted (exactly those: a duplicate skipped by ``ON CONFLICT`` belongs to
-the commit that first wrote it) and the watermarks of the keys it touched. The
+rows it inserted (exactly those: a duplicate it left out belongs to the commit that
+first wrote it) and the watermarks of the keys it touched. The
 row's ``commit_id`` is assigned inside COMMIT by the trigger of migration 006,
 under a lock held until the commit is visible, so commit ids follow commit order
 (the reasoning is in ``migrations/006_feed.sql``). Readers live in
@@ -21,22 +21,27 @@ __all__ = ["record_commit"]
 
 
 async def record_commit(conn: Connection, spans: Sequence[Span],
-                        watermarks: Sequence[Watermark]) -> None:
+                        watermarks: Sequence[Watermark], *,
+                        received_us: int | None = None) -> None:
     """Add this transaction's entry to the feed (nothing when it changed nothing).
 
     Args:
         spans: the rows inserted, in the order readers get them.
         watermarks: ``(edge, stream, epoch, watermark)`` after this transaction.
+        received_us: the ``received_at`` of every row inserted (microseconds since the
+            Unix epoch; one per transaction), which lets readers go straight to its
+            partition. None when no rows were inserted.
     """
     if not spans and not watermarks:
         return
     await conn.execute(
         "INSERT INTO feed_commits (rows, edge_ids, streams, epochs, first_seqs, last_seqs,"
-        " wm_edge_ids, wm_streams, wm_epochs, watermarks)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        " wm_edge_ids, wm_streams, wm_epochs, watermarks, received_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,"
+        " 'epoch'::timestamptz + $11::int8 * interval '1 microsecond')",
         sum(s[4] - s[3] + 1 for s in spans),
         [s[0] for s in spans], [s[1] for s in spans], [s[2] for s in spans],
         [s[3] for s in spans], [s[4] for s in spans],
         [w[0] for w in watermarks], [w[1] for w in watermarks], [w[2] for w in watermarks],
-        [w[3] for w in watermarks],
+        [w[3] for w in watermarks], received_us,
     )

@@ -48,6 +48,24 @@ class IngestMetrics:
         self.heartbeats = Counter(
             "edgesync_heartbeats", "Edge heartbeats recorded.", registry=r
         )
+        self.partitions_created = Counter(
+            "edgesync_records_partitions_created",
+            "Day partitions of records created (ahead of time, or late by a writer).",
+            registry=r,
+        )
+        self.partitions_dropped = Counter(
+            "edgesync_records_partitions_dropped",
+            "Day partitions of records dropped by retention.", registry=r,
+        )
+        self.records_retired = Counter(
+            "edgesync_records_retired",
+            "Rows removed by retention (accounted in committed_ranges.retired).", registry=r,
+        )
+        self.maintenance_failures = Counter(
+            "edgesync_records_maintenance_failures",
+            "Rounds of partition upkeep / retention that failed (retried next round).",
+            registry=r,
+        )
         self.db_up = Gauge("edgesync_ingest_db_up", "1 while PostgreSQL accepts writes.",
                            registry=r)
         self.db_up.set(1)

@@ -30,8 +30,9 @@ def _migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-async def migrate(conn: Connection) -> list[int]:
-    """Apply pending migrations; returns the versions applied now."""
+async def migrate(conn: Connection, *, upto: int | None = None) -> list[int]:
+    """Apply pending migrations (those up to version ``upto``, when given); returns the
+    versions applied now."""
     applied_now: list[int] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
     try:
@@ -42,7 +43,7 @@ async def migrate(conn: Connection) -> list[int]:
         )
         done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
         for version, name, sql in _migrations():
-            if version in done:
+            if version in done or (upto is not None and version > upto):
                 continue
             async with conn.transaction():
                 await conn.execute(sql)

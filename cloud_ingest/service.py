@@ -32,7 +32,9 @@ from cloud_ingest.command_status import CommandStatusWriter
 from cloud_ingest.completeness import drop_marker_writer
 from cloud_ingest.events_consuming import EventsConsumer
 from cloud_ingest.ingesting import RecordsConsumer, init_connection
+from cloud_ingest.maintenance import Maintenance
 from cloud_ingest.metrics import IngestMetrics
+from cloud_ingest.partitioning import ensure_partitions
 from cloud_ingest.pooling import close_pool, connect_pool
 from cloud_ingest.reconciling import lost_after_commit_writer
 from cloud_ingest.schema import migrate
@@ -70,6 +72,7 @@ class Ingest(Service):
         self.consumer: RecordsConsumer | None = None
         self.events: EventsConsumer | None = None
         self.watermarks: WatermarkPublisher | None = None
+        self.maintenance: Maintenance | None = None
 
     async def _open(self) -> None:
         self._listen(self.settings.host, self.settings.port)
@@ -79,6 +82,12 @@ class Ingest(Service):
         )
         async with self._pool.acquire() as conn:
             await migrate(conn)
+            # Today's partition and the next days' exist before the first write.
+            self.metrics.partitions_created.inc(
+                len(await ensure_partitions(conn, self.settings.partitions_ahead_days)))
+        self.maintenance = Maintenance(
+            self._pool, ahead_days=self.settings.partitions_ahead_days,
+            interval_s=self.settings.maintenance_interval_s, metrics=self.metrics)
         self._nc = await connect_with_retry(
             self.nats_settings, name="edgesync-ingest",
             inbox_prefix=inbox_prefix(self.topology, "ingest"))
@@ -156,18 +165,21 @@ class Ingest(Service):
                 (:class:`~broker.errors.RootTaskEnded` if it just returned).
         """
         assert self.consumer is not None and self.events is not None
-        assert self.watermarks is not None
+        assert self.watermarks is not None and self.maintenance is not None
         consumer, events, watermarks = self.consumer, self.events, self.watermarks
+        maintenance = self.maintenance
         server = embedded_server(self.health_app())
         async with Supervisor("ingest") as roots:
             consume = roots.start(consumer.consume_forever(), name="consume")
             consume_events = roots.start(events.consume_forever(), name="events")
             roots.start(watermarks.publish_forever(), name="watermarks")
+            roots.start(maintenance.run_forever(), name="maintenance")
             roots.start(server.serve(sockets=[self.listener]), name="health")
 
             async def shutdown() -> None:
                 consumer.begin_shutdown()
                 events.begin_shutdown()
+                maintenance.begin_shutdown()
                 server.should_exit = True
                 await asyncio.wait([consume, consume_events], timeout=DRAIN_S)
                 watermarks.begin_shutdown()  # after the last commit: publish its watermarks

@@ -6,10 +6,15 @@ envelope, each record decoded on its own and checked by the shared validator
 
 :meth:`GroupWriter.write` then, in one transaction:
 
-1. skips batches whose whole range is already accounted (a redelivery);
-2. binary COPYs the valid records' rows into ``records`` (a duplicate switches
-   to ``INSERT ... ON CONFLICT DO NOTHING`` through a staging table);
-3. if PostgreSQL still rejects the data (rules drift, a check the validator
+1. leaves out every record whose seq ``committed_ranges`` already accounts for
+   (a redelivery), or an earlier batch of the group holds (overlapping
+   retransmits);
+2. binary COPYs the valid records' rows into ``records``, then locks the keys'
+   ``committed_ranges`` rows and checks that no concurrent transaction committed
+   any of those seqs meanwhile; if one did, undoes the COPY and redoes it under
+   the lock. ``records`` has no unique index (it is partitioned by
+   ``received_at``, migration 008): these locks are what keep rows exactly once;
+3. if PostgreSQL rejects the data (rules drift, a check the validator
    does not know), bisects the rows down to the records it rejects, so every
    good record commits and each bad one is isolated;
 4. writes a dead letter per bad record with its identity, reason and bytes
@@ -22,9 +27,11 @@ envelope, each record decoded on its own and checked by the shared validator
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 
 import asyncpg
 import msgspec
@@ -91,6 +98,8 @@ class GroupWriter:
 
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
+        self._days: set[date] = set()
+        """Days whose ``records`` partition this writer has seen exist."""
 
     def decode(self, msg: Msg) -> Decoded:
         """Decode and validate ``msg``; never raises."""
@@ -132,6 +141,13 @@ class GroupWriter:
     async def write(self, conn: Connection, group: Sequence[Decoded]) -> GroupResult:
         """Write a decoded group in one transaction; raises on database failure."""
         received_us = time.time_ns() // 1000
+        day = datetime.fromtimestamp(received_us // 1_000_000, UTC).date()
+        if day not in self._days:
+            # The ingest creates partitions days ahead; this only checks (and, if the
+            # ingest is late, creates) once a day, in a short transaction of its own.
+            if created := await conn.fetchval("SELECT es_records_partition($1)", day):
+                log.warning("records_partition_created_late", partition=created)
+            self._days = {day}
         letters: list[DeadLetter] = []
         committed: list[Span] = []
         batches = records = inserted = 0
@@ -143,19 +159,42 @@ class GroupWriter:
                         "batch" if d.span else "message", d.msg.subject, d.msg.data,
                         d.reason or "invalid", d.msg.headers, d.span))
             good = [d for d in group if d.batch is not None]
-            seen = await self._accounted(conn, [d.batch for d in good if d.batch])
-            fresh = [d for i, d in enumerate(good) if i not in seen]
-            rows: list[Row] = []
-            owners: list[tuple[Decoded, int]] = []
-            for d in fresh:
-                b = d.batch
-                assert b is not None
-                for i, rec in enumerate(b.records):
-                    if rec is not None and i not in d.bad:
-                        rows.append(_row((b.edge, b.stream, b.epoch), b.first_seq + i, rec,
-                                         received_us))
-                        owners.append((d, i))
-            inserted, rejected, partial = await self._insert_isolating(conn, rows)
+            keys = sorted({(b.edge, b.stream, b.epoch) for d in good if (b := d.batch)}
+                          | {s[:3] for x in letters if (s := x.span)})
+            # Optimistic: read what is accounted without locking, COPY the rest, then lock
+            # the keys and check no concurrent commit took some of those seqs meanwhile
+            # (a redelivery racing the first delivery). If one did, undo and redo under
+            # the lock. Concurrent groups of one key thus COPY in parallel.
+            seen = await _accounted_seqs(conn, keys, lock=False)
+            for locked in (False, True):
+                if locked:
+                    seen = await _accounted_seqs(conn, keys, lock=True)
+                skip = _skips(good, seen)
+                rows: list[Row] = []
+                owners: list[tuple[Decoded, int]] = []
+                spans: list[Span] = []
+                for j, d in enumerate(good):
+                    b = d.batch
+                    assert b is not None
+                    ok: list[int] = []
+                    for i, rec in enumerate(b.records):
+                        if rec is not None and i not in d.bad and i not in skip[j]:
+                            rows.append(_row((b.edge, b.stream, b.epoch), b.first_seq + i,
+                                             rec, received_us))
+                            owners.append((d, i))
+                            ok.append(b.first_seq + i)
+                    spans.extend(spans_of(b.edge, b.stream, b.epoch, ok))
+                try:
+                    async with conn.transaction():  # savepoint: undone if raced
+                        inserted, rejected = await self._insert_isolating(conn, rows)
+                        if not locked:
+                            after = await _accounted_seqs(conn, keys, lock=True)
+                            if _raced(spans, seen, after):
+                                raise _Raced
+                except _Raced:
+                    log.info("group_raced_redelivery", keys=len(keys))
+                    continue
+                break
             del rows
             for index, reason in rejected:
                 d, i = owners[index]
@@ -164,12 +203,15 @@ class GroupWriter:
                 assert d.batch is not None
                 batches += 1
                 records += len(d.batch.records)
-            for d in fresh:
+            for j, d in enumerate(good):
                 b = d.batch
                 assert b is not None
-                ok = [b.first_seq + i for i in range(len(b.records)) if i not in d.bad]
+                ok = [b.first_seq + i for i in range(len(b.records))
+                      if i not in d.bad and i not in skip[j]]
                 committed.extend(spans_of(b.edge, b.stream, b.epoch, ok))
                 for i, reason in sorted(d.bad.items()):
+                    if i in skip[j]:
+                        continue  # accounted already (a redelivery): its letter exists
                     seq = b.first_seq + i
                     letters.append(DeadLetter(
                         "record", d.msg.subject, _record_bytes(b, i), reason, None,
@@ -180,103 +222,159 @@ class GroupWriter:
                 wm[w[:3]] = w[3]
             for w in await merge_ranges(conn, "ranges", committed):
                 wm[w[:3]] = w[3]
-            # The feed gets the rows inserted now: all committed seqs, unless some were
-            # duplicates (then exactly those the fallback reported inserting).
-            await record_commit(conn, committed if partial is None else _spans(partial),
-                                [(*k, v) for k, v in wm.items()])
+            # The feed gets exactly the rows inserted now (never a seq accounted before).
+            await record_commit(conn, committed, [(*k, v) for k, v in wm.items()],
+                                received_us=received_us if committed else None)
         dead_records = sum(d.span[4] - d.span[3] + 1 for d in letters if d.span)
         return GroupResult(batches, records, inserted, len(letters), dead_records,
                            [(*k, v) for k, v in wm.items()])
 
-    @staticmethod
-    async def _accounted(conn: Connection, batches: Sequence[DecodedBatch]) -> set[int]:
-        """Indexes of the batches whose whole seq range is already committed or
-        dead-lettered (a redelivery: nothing to write)."""
-        if not batches:
-            return set()
-        rows = await conn.fetch(
-            "SELECT u.i - 1 AS i FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], "
-            "$5::int8[]) WITH ORDINALITY AS u(edge_id, stream, epoch, lo, hi, i) "
-            "JOIN committed_ranges c USING (edge_id, stream, epoch) "
-            "WHERE (c.ranges + c.dead_lettered) @> int8range(u.lo, u.hi)",
-            [b.edge for b in batches], [b.stream for b in batches],
-            [b.epoch for b in batches], [b.first_seq for b in batches],
-            [b.last_seq + 1 for b in batches],
-        )
-        return {r["i"] for r in rows}
-
     async def _insert_isolating(
         self, conn: Connection, rows: list[Row]
-    ) -> tuple[int, list[tuple[int, str]], list[Key] | None]:
+    ) -> tuple[int, list[tuple[int, str]]]:
         """Insert ``rows``; rows PostgreSQL refuses are found by bisection and left out.
 
         Returns:
-            Rows inserted, ``(row index, reason)`` of each refused row, and None when
-            every row not refused was inserted, else the identities inserted.
+            Rows inserted, and ``(row index, reason)`` of each refused row.
         """
         rejected: list[tuple[int, str]] = []
-        whole: list[tuple[int, int]] = []
-        some: list[Key] = []
-        partial = False
 
         async def attempt(lo: int, hi: int) -> int:
-            nonlocal partial
             try:
                 async with conn.transaction():  # savepoint: a refusal undoes only this part
-                    n, keys = await self._insert(conn, rows[lo:hi])
+                    await _copy(conn, rows[lo:hi])
             except REJECTED as exc:
                 if hi - lo == 1:
                     rejected.append((lo, refusal(exc)))
                     return 0
                 mid = (lo + hi) // 2
                 return await attempt(lo, mid) + await attempt(mid, hi)
-            if keys is None:
-                whole.append((lo, hi))
-            else:
-                partial = True
-                some.extend(keys)
-            return n
+            return hi - lo
 
         inserted = await attempt(0, len(rows)) if rows else 0
-        if not partial:
-            return inserted, rejected, None
-        for lo, hi in whole:
-            some.extend((r[0], r[1], r[2], r[3]) for r in rows[lo:hi])
-        return inserted, rejected, some
+        return inserted, rejected
 
-    async def _insert(self, conn: Connection, rows: list[Row]) -> tuple[int, list[Key] | None]:
-        """Insert rows, skipping identities already present.
 
-        Returns:
-            Rows inserted, and None when that is all of them (the COPY path), else
-            the identities inserted.
-        """
-        try:
-            async with conn.transaction():  # savepoint: a conflict must not doom the group
-                await conn.copy_records_to_table("records", records=rows, columns=_COLUMNS)
-            return len(rows), None
-        except asyncpg.UniqueViolationError:
-            pass
+    async def _insert(self, conn: Connection, rows: list[Row]) -> tuple[int, None]:
+        """Insert ``rows`` (no de-duplication: the caller holds the keys' locks)."""
+        await _copy(conn, rows)
+        return len(rows), None
+
+
+class _Raced(Exception):
+    """A concurrent commit accounted some of the seqs a group just inserted."""
+
+
+def _key(batch: DecodedBatch) -> tuple[str, str, int]:
+    return (batch.edge, batch.stream, batch.epoch)
+
+
+_SeqRuns = list[tuple[int, int]]
+"""Half-open ``[lo, hi)`` runs of seqs, sorted."""
+
+
+async def _accounted_seqs(conn: Connection, keys: Sequence[tuple[str, str, int]], *,
+                          lock: bool) -> dict[tuple[str, str, int], _SeqRuns]:
+    """Per key, the seqs already committed or dead-lettered (a redelivery skips them).
+
+    With ``lock``, the keys' ``committed_ranges`` rows are created if missing and
+    locked in key order (as :func:`merge_ranges` locks them, so never a deadlock)
+    until the transaction ends: no other writer can commit seqs of those keys
+    meanwhile. That lock is what keeps rows exactly once: ``records`` has no unique
+    index (a partitioned table's must hold ``received_at``; migration 008).
+    """
+    if not keys:
+        return {}
+    args = ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
+    if lock:
         await conn.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS records_stage "
-            "(LIKE records INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-        )
-        await conn.copy_records_to_table("records_stage", records=rows, columns=_COLUMNS)
-        done = await conn.fetch(
-            "INSERT INTO records SELECT * FROM records_stage ON CONFLICT DO NOTHING"
-            " RETURNING edge_id, stream, epoch, seq"
-        )
-        await conn.execute("TRUNCATE records_stage")
-        return len(done), [(r[0], r[1], r[2], r[3]) for r in done]
+            "INSERT INTO committed_ranges (edge_id, stream, epoch, ranges) "
+            "SELECT edge_id, stream, epoch, '{}' FROM unnest($1::text[], $2::text[], "
+            "$3::int8[]) AS u(edge_id, stream, epoch) ORDER BY 1, 2, 3 "
+            "ON CONFLICT (edge_id, stream, epoch) DO NOTHING", *args)
+    rows = await conn.fetch(
+        "SELECT c.edge_id, c.stream, c.epoch, c.ranges + c.dead_lettered AS seen "
+        "FROM committed_ranges c JOIN unnest($1::text[], $2::text[], $3::int8[]) "
+        "  AS u(edge_id, stream, epoch) USING (edge_id, stream, epoch) "
+        "ORDER BY c.edge_id, c.stream, c.epoch" + (" FOR UPDATE OF c" if lock else ""), *args)
+    return {(r[0], r[1], r[2]): [(x.lower, x.upper) for x in r[3]] for r in rows}
 
 
-def _spans(keys: list[Key]) -> list[Span]:
-    """Closed spans covering ``keys``, per (edge, stream, epoch) in seq order."""
-    by_key: dict[tuple[str, str, int], list[int]] = {}
-    for edge, stream, epoch, seq in keys:
-        by_key.setdefault((edge, stream, epoch), []).append(seq)
-    return [span for k, seqs in sorted(by_key.items())
-            for span in spans_of(*k, sorted(set(seqs)))]
+def _skips(good: Sequence[Decoded], seen: dict[tuple[str, str, int], _SeqRuns]
+           ) -> dict[int, frozenset[int]]:
+    """Per batch of ``good`` (by index), the records to leave out: their seq is accounted
+    already, or an earlier batch of the group holds it (overlapping retransmits)."""
+    planned: dict[tuple[str, str, int], _SeqRuns] = {}
+    out: dict[int, frozenset[int]] = {}
+    for j, d in enumerate(good):
+        b = d.batch
+        assert b is not None
+        key = _key(b)
+        out[j] = _accounted_indexes(b, seen.get(key, []))
+        mine = planned.setdefault(key, [])
+        if mine:
+            out[j] = out[j] | _accounted_indexes(b, mine)
+        planned[key] = _merged([*mine, (b.first_seq, b.first_seq + len(b.records))])
+    return out
+
+
+def _merged(runs: _SeqRuns) -> _SeqRuns:
+    out: _SeqRuns = []
+    for a, b in sorted(runs):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _accounted_indexes(batch: DecodedBatch | None, runs: _SeqRuns) -> frozenset[int]:
+    """Indexes of ``batch``'s records whose seq is in ``runs`` (sorted, disjoint)."""
+    if batch is None or not runs:
+        return frozenset()
+    lo, hi = batch.first_seq, batch.first_seq + len(batch.records)
+    out: set[int] = set()
+    for a, b in runs[max(0, bisect.bisect_right(runs, (lo, lo)) - 1):]:
+        if a >= hi:
+            break
+        out.update(range(max(a, lo) - lo, min(b, hi) - lo))
+    return frozenset(out)
+
+
+def _raced(spans: Sequence[Span], before: dict[tuple[str, str, int], _SeqRuns],
+           after: dict[tuple[str, str, int], _SeqRuns]) -> bool:
+    """Whether a seq of ``spans`` (not accounted ``before``) is accounted ``after``."""
+    for edge, stream, epoch, lo, hi in spans:
+        key = (edge, stream, epoch)
+        runs = after.get(key, [])
+        if runs == before.get(key, []):
+            continue
+        for a, b in runs[max(0, bisect.bisect_right(runs, (lo, lo)) - 1):]:
+            if a > hi:
+                break
+            if b > lo:
+                return True
+    return False
+
+
+_NO_PARTITION = "no partition of relation"
+
+
+async def _copy(conn: Connection, rows: list[Row]) -> None:
+    """Binary COPY ``rows`` into ``records``; a day without a partition yet (the
+    ingest creates them ahead, so only when that is late) gets one and is retried."""
+    try:
+        async with conn.transaction():
+            await conn.copy_records_to_table("records", records=rows, columns=_COLUMNS)
+        return
+    except asyncpg.CheckViolationError as exc:
+        if _NO_PARTITION not in str(exc):
+            raise
+    for day in sorted({datetime.fromtimestamp(r[5] // 1_000_000, UTC).date() for r in rows}):
+        created = await conn.fetchval("SELECT es_records_partition($1)", day)
+        if created:
+            log.warning("records_partition_created_late", partition=created)
+    await conn.copy_records_to_table("records", records=rows, columns=_COLUMNS)
 
 
 def _row(key: tuple[str, str, int], seq: int, rec: Record, received_us: int) -> Row:

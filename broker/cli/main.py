@@ -24,7 +24,9 @@ from broker.cli.commands import cmd_app, keys_app
 from broker.cli.database import resolve_dsn
 from broker.cli.dead_letters import dead_letters_app
 from broker.cli.edges import edges_app
+from broker.cli.export import export_cmd
 from broker.cli.operators import operators_app
+from broker.cli.retention import retention_app
 from broker.cli.services import EXIT_ERROR, run_from_env, run_service
 from broker.cli.streams import streams_app
 from broker.cli.tail import tail_cmd
@@ -58,6 +60,8 @@ app.add_typer(streams_app, name="streams")
 
 app.add_typer(operators_app, name="operators")
 app.command("tail")(tail_cmd)
+app.add_typer(retention_app, name="retention")
+app.command("export")(export_cmd)
 
 
 def _run_from_env(

@@ -14,6 +14,7 @@ watermark of each key among the commits behind it.
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -62,7 +63,7 @@ _headers = msgspec.json.Decoder(dict[str, str])
 
 _COMMITS = """
 SELECT commit_id, committed_at, edge_ids, streams, epochs, first_seqs, last_seqs,
-       wm_edge_ids, wm_streams, wm_epochs, watermarks
+       wm_edge_ids, wm_streams, wm_epochs, watermarks, received_at
 FROM (SELECT *, sum(rows) OVER (ORDER BY commit_id) AS upto
       FROM (SELECT * FROM feed_commits WHERE commit_id >= $1
             ORDER BY commit_id LIMIT $2) AS next) AS c
@@ -72,12 +73,14 @@ ORDER BY commit_id
 _ROWS = """
 SELECT u.i, r.seq, r.event_time, r.received_at, r.key, r.headers::text AS headers,
        r.payload::text AS payload, r.payload_raw
-FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[])
-     WITH ORDINALITY AS u(edge_id, stream, epoch, lo, hi, i)
+FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $8::timestamptz[])
+     WITH ORDINALITY AS u(edge_id, stream, epoch, lo, hi, rx, i)
 CROSS JOIN LATERAL (
     SELECT * FROM records r
     WHERE r.edge_id = u.edge_id AND r.stream = u.stream AND r.epoch = u.epoch
       AND r.seq BETWEEN u.lo AND u.hi
+      -- one partition, one index range, when the commit's received_at is known
+      AND r.received_at BETWEEN coalesce(u.rx, '-infinity') AND coalesce(u.rx, 'infinity')
       AND ($6::timestamptz IS NULL OR r.event_time >= $6)
       AND ($7::timestamptz IS NULL OR r.event_time < $7)
 ) r
@@ -189,6 +192,7 @@ async def read_page(conn: Connection, after: int, filters: Filters = Filters(), 
     commits = await conn.fetch(_COMMITS, first, max_commits, limit)
     spans: list[tuple[str, str, int, int, int]] = []
     places: list[tuple[int, int, int]] = []  # (commit_id, ord of the span's first seq, seq)
+    received: list[Any] = []  # each span's commit's received_at (None: unknown)
     cursor = after
     watermarks: dict[StreamKey, int] = {}
     planned = listed = 0
@@ -212,6 +216,7 @@ async def read_page(conn: Connection, after: int, filters: Filters = Filters(), 
             start = lo + first_ord - span_base
             spans.append((edge, stream, epoch, start, start + take - 1))
             places.append((cid, first_ord, start))
+            received.append(c["received_at"])
             planned += take
             if first_ord + take < base:  # the page is full inside this span
                 cursor = position(cid, first_ord + take - 1)
@@ -225,28 +230,38 @@ async def read_page(conn: Connection, after: int, filters: Filters = Filters(), 
                                c["watermarks"], strict=True):
             if filters.wants(e, s):
                 watermarks[(e, s, ep)] = w
-    records = await _rows(conn, spans, places, filters) if spans else []
+    records = await _rows(conn, spans, places, received, filters) if spans else []
     caught_up = not stopped and listed < limit and len(commits) < max_commits
     return Page(records, cursor, watermarks, caught_up)
 
 
 async def _rows(conn: Connection, spans: Sequence[tuple[str, str, int, int, int]],
-                places: Sequence[tuple[int, int, int]], filters: Filters) -> list[FeedRecord]:
+                places: Sequence[tuple[int, int, int]], received: list[Any],
+                filters: Filters) -> list[FeedRecord]:
     rows = await conn.fetch(
         _ROWS, [s[0] for s in spans], [s[1] for s in spans], [s[2] for s in spans],
-        [s[3] for s in spans], [s[4] for s in spans], filters.since, filters.until)
+        [s[3] for s in spans], [s[4] for s in spans], filters.since, filters.until, received)
     out: list[FeedRecord] = []
-    for r in rows:
-        i = r[0] - 1
-        edge, stream, epoch, _, _ = spans[i]
-        cid, ord_lo, lo = places[i]
-        seq = r[1]
-        raw = r[7]
-        out.append(FeedRecord(
-            position(cid, ord_lo + seq - lo), edge, stream, epoch, seq, r[2], r[3], r[4],
-            _headers.decode(r[5]) if r[5] is not None else None,
-            bytes(raw) if raw is not None else _json.decode(r[6]),
-        ))
+    # Decoding a page allocates tens of objects per record, all kept: the cyclic GC
+    # would rescan them again and again (it cost 80 % of the decoding, measured). None
+    # of them can form a cycle, so it is paused for this loop (no await inside).
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        for r in rows:
+            i = r[0] - 1
+            edge, stream, epoch, _, _ = spans[i]
+            cid, ord_lo, lo = places[i]
+            seq = r[1]
+            raw = r[7]
+            out.append(FeedRecord(
+                position(cid, ord_lo + seq - lo), edge, stream, epoch, seq, r[2], r[3], r[4],
+                _headers.decode(r[5]) if r[5] is not None else None,
+                bytes(raw) if raw is not None else _json.decode(r[6]),
+            ))
+    finally:
+        if paused:
+            gc.enable()
     return out
 
 
@@ -261,13 +276,18 @@ async def completeness_at(conn: Connection, cursor: int,
     """Per key the filters pass, the watermark as of ``cursor`` (keys with none omitted).
 
     Reads every commit behind the cursor (watermarks only grow, so the largest is the
-    last): a cost paid once when a reader resumes, not per page.
+    last): a cost paid once when a reader resumes, not per page. Commits retention
+    trimmed count through ``feed_baseline``; a cursor behind them reads on from the
+    oldest commit kept (what lay behind is gone).
     """
     rows = await conn.fetch(
         "SELECT w.edge_id, w.stream, w.epoch, max(w.watermark) AS watermark "
-        "FROM feed_commits c, unnest(c.wm_edge_ids, c.wm_streams, c.wm_epochs, c.watermarks)"
-        "  AS w(edge_id, stream, epoch, watermark) "
-        "WHERE c.commit_id <= $1 AND (cardinality($2::text[]) = 0 OR w.edge_id = ANY($2))"
+        "FROM (SELECT w.* FROM feed_commits c, unnest(c.wm_edge_ids, c.wm_streams,"
+        "        c.wm_epochs, c.watermarks) AS w(edge_id, stream, epoch, watermark)"
+        "      WHERE c.commit_id <= $1"
+        # what retention trimmed from the feed (migration 008): its last watermarks
+        "      UNION ALL SELECT edge_id, stream, epoch, watermark FROM feed_baseline) w "
+        "WHERE (cardinality($2::text[]) = 0 OR w.edge_id = ANY($2))"
         "  AND (cardinality($3::text[]) = 0 OR w.stream = ANY($3)) "
         "GROUP BY 1, 2, 3",
         last_whole_commit(cursor), list(filters.edges), list(filters.streams))

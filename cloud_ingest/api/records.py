@@ -27,7 +27,7 @@ from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from broker.errors import Conflict, InvalidInput, NotFound
+from broker.errors import Conflict, InvalidInput, NotFound, TemporaryError
 from broker.feed import (
     Filters,
     completeness_at,
@@ -40,12 +40,49 @@ from broker.feed import (
 )
 from broker.feed.reading import StreamKey
 
-__all__ = ["CheckpointIn", "SubscriptionOut", "record_routes"]
+__all__ = ["CheckpointIn", "SubscriptionOut", "TailLimit", "record_routes"]
 
 _NDJSON = "application/x-ndjson"
 _SSE_HEARTBEAT_S = 15.0
 """Seconds between SSE comments while nothing commits: keeps proxies from closing
 an idle stream."""
+
+
+_TAIL_RETRY_S = 5.0
+"""Retry-After of a tail refused at the cap."""
+
+
+class TailLimit:
+    """How many live tails may be open at once (each holds a PostgreSQL connection)."""
+
+    def __init__(self, limit: int, gauge: Any = None, refused: Any = None) -> None:
+        self.limit = limit
+        self.open = 0
+        self._gauge = gauge
+        self._refused = refused
+
+    def acquire(self) -> None:
+        """Count one more tail.
+
+        Raises:
+            TemporaryError: ``limit`` are open (503 with Retry-After).
+        """
+        if self.open >= self.limit:
+            if self._refused is not None:
+                self._refused.inc()
+            raise TemporaryError(
+                f"too many live tails open ({self.limit}, api.max_live_tails); retry later "
+                "or page with GET /v1/records", delay=_TAIL_RETRY_S, code="too_many_tails")
+        self.open += 1
+        self._set()
+
+    def release(self) -> None:
+        self.open -= 1
+        self._set()
+
+    def _set(self) -> None:
+        if self._gauge is not None:
+            self._gauge.set(self.open)
 
 
 class SubscriptionOut(BaseModel):
@@ -66,7 +103,8 @@ def _watermarks(marks: dict[StreamKey, int]) -> list[dict[str, Any]]:
             for (e, s, ep), w in sorted(marks.items())]
 
 
-def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any) -> APIRouter:
+def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
+                  tails: TailLimit | None = None) -> APIRouter:
     """The records routes (mounted by :mod:`cloud_ingest.api.routes`).
 
     Args:
@@ -74,7 +112,9 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any) -> A
         dsn: where a live tail opens its own connection (it LISTENs for its life, so
             it does not hold one of the pool's).
         read: the dependency guarding reads.
+        tails: the cap on live tails open at once (default 100).
     """
+    tails = tails or TailLimit(100)
     router = APIRouter(tags=["records"], dependencies=[read])
 
     def filters_of(edge: list[str] | None, stream: list[str] | None,
@@ -160,11 +200,17 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any) -> A
         record as JSON, ``event: completeness`` when a stream's watermark moves; every
         event's ``id`` is the cursor after it, so a reconnect resumes exactly."""
         filters = filters_of(edge, stream, None, None)
-        conn = await asyncpg.connect(dsn)
+        tails.acquire()
+        try:
+            conn = await asyncpg.connect(dsn)
+        except BaseException:
+            tails.release()
+            raise
         try:
             start = (decode_cursor(last_event_id) if last_event_id
                      else await resolve_start(conn, parse_start_at(from_ or "latest")))
         except BaseException:
+            tails.release()
             await conn.close()
             raise
 
@@ -182,6 +228,7 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any) -> A
                         yield _event("completeness", encode_cursor(page.cursor),
                                      _watermarks(page.watermarks))
             finally:
+                tails.release()
                 await conn.close()
 
         return StreamingResponse(events(), media_type="text/event-stream",

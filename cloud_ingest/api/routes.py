@@ -39,7 +39,7 @@ from cloud_ingest.api.models import (
     ErrorOut,
     OperatorOut,
 )
-from cloud_ingest.api.records import record_routes
+from cloud_ingest.api.records import TailLimit, record_routes
 from cloud_ingest.db_errors import DATABASE_ERRORS, as_temporary
 from cloud_ingest.dead_letters import dead_letter_routes
 from cloud_ingest.operators import Operator, command_scope, list_audit, list_operators
@@ -226,7 +226,10 @@ def create_app(api: Api) -> FastAPI:
         api._db, read=require_read, write=Depends(require_scope("operate"))),
         responses=ERROR_RESPONSES)
     app.include_router(record_routes(  # committed records, tail, checkpoints
-        api._db, settings.postgres_dsn, read=require_read), responses=ERROR_RESPONSES)
+        api._db, settings.postgres_dsn, read=require_read,
+        tails=TailLimit(settings.max_live_tails, api.metrics.live_tails,
+                        api.metrics.tails_refused)),
+        responses=ERROR_RESPONSES)
 
     @app.get("/v1/audit", response_model=list[AuditOut], dependencies=[require_admin],
              tags=["operators"], responses=ERROR_RESPONSES)

@@ -58,6 +58,12 @@ class ApiMetrics:
             registry=r)
         self.unpublished = Gauge(
             "edgesync_commands_unpublished", "Pending commands not yet in JetStream.", registry=r)
+        self.live_tails = Gauge(
+            "edgesync_api_live_tails", "Open live tails (SSE); capped by api.max_live_tails.",
+            registry=r)
+        self.tails_refused = Counter(
+            "edgesync_api_live_tails_refused",
+            "Live tails refused with 503 because api.max_live_tails were open.", registry=r)
         self.requests = Counter("edgesync_api_requests", "API requests by method, route, status.",
                                 ["method", "route", "status"], registry=r)
 

@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import asyncpg
@@ -29,6 +30,9 @@ from tests.integration.harness import (
     running_ingest,
     wait_for_records,
 )
+
+_NOW_US = time.time_ns() // 1000
+"""``received_at`` of the rows these tests write (today: its partition exists)."""
 
 
 async def publish(url: str, stream: str, n: int, *, start: int = 0, pad: str = "",
@@ -137,12 +141,12 @@ async def test_out_of_order_commits_give_the_contiguous_watermark(pg_dsn: str) -
         await init_connection(b)
         tx_a = a.transaction()
         await tx_a.start()
-        await writer._insert(a, GroupWriter.rows(_batch(101, 100), 0))
+        await writer._insert(a, GroupWriter.rows(_batch(101, 100), _NOW_US))
         marks_a = await merge_ranges(a, "ranges", [("e1", "s", 5, 101, 200)])
         # B starts while A holds its row lock, and must wait for A's commit.
         async def write_b() -> list[tuple[str, str, int, int]]:
             async with b.transaction():
-                await writer._insert(b, GroupWriter.rows(_batch(1, 100), 0))
+                await writer._insert(b, GroupWriter.rows(_batch(1, 100), _NOW_US))
                 return await merge_ranges(b, "ranges", [("e1", "s", 5, 1, 100)])
 
         task_b = asyncio.create_task(write_b())

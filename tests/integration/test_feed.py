@@ -4,6 +4,7 @@ uncommitted one, whatever order concurrent writers commit in (issue 13)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -27,6 +28,9 @@ from tests.helpers import until
 from tests.integration.harness import running_ingest, wait_for_records
 
 EPOCH = 7
+
+_NOW_US = time.time_ns() // 1000
+"""``received_at`` of the rows these tests write (today: its partition exists)."""
 
 
 def _records(first: int, n: int) -> list[Record]:
@@ -132,7 +136,7 @@ class _Writer:
         self.tx = self.conn.transaction()
         await self.tx.start()
         first, self.next_seq = self.next_seq, self.next_seq + n
-        await writer._insert(self.conn, GroupWriter.rows(_batch(self.edge, "s", first, n), 0))
+        await writer._insert(self.conn, GroupWriter.rows(_batch(self.edge, "s", first, n), _NOW_US))
         span = (self.edge, "s", EPOCH, first, first + n - 1)
         marks = await merge_ranges(self.conn, "ranges", [span])
         await record_commit(self.conn, [span], marks)
@@ -220,7 +224,7 @@ async def test_a_reader_racing_many_concurrent_commits_skips_nothing(migrated: s
         while not done.is_set():
             async with conn.transaction():
                 span = (f"w{k}", "s", EPOCH, seq, seq + 2)
-                await gw._insert(conn, GroupWriter.rows(_batch(f"w{k}", "s", seq, 3), 0))
+                await gw._insert(conn, GroupWriter.rows(_batch(f"w{k}", "s", seq, 3), _NOW_US))
                 await record_commit(conn, [span],
                                     await merge_ranges(conn, "ranges", [span]))
             seq += 3
@@ -263,7 +267,7 @@ async def test_a_subscription_resumes_from_its_checkpoint_and_knows_completeness
     async def commit_group(first: int, n: int) -> None:
         async with conn.transaction():
             span = ("e", "s", EPOCH, first, first + n - 1)
-            await gw._insert(conn, GroupWriter.rows(_batch("e", "s", first, n), 0))
+            await gw._insert(conn, GroupWriter.rows(_batch("e", "s", first, n), _NOW_US))
             await record_commit(conn, [span], await merge_ranges(conn, "ranges", [span]))
 
     try:
@@ -308,7 +312,7 @@ async def test_a_waiting_subscription_is_woken_by_the_commit(migrated: str) -> N
             async with conn.transaction():
                 span = ("e", "s", EPOCH, 1, 3)
                 await GroupWriter(Topology())._insert(
-                    conn, GroupWriter.rows(_batch("e", "s", 1, 3), 0))
+                    conn, GroupWriter.rows(_batch("e", "s", 1, 3), _NOW_US))
                 await record_commit(conn, [span], await merge_ranges(conn, "ranges", [span]))
             batch = await asyncio.wait_for(nxt, 5)
         assert [r.seq for r in batch] == [1, 2, 3]

@@ -7,6 +7,7 @@ import asyncio
 import signal
 import sys
 import textwrap
+import time
 
 import asyncpg
 
@@ -40,6 +41,9 @@ CONSUMER = textwrap.dedent("""
     asyncio.run(main(sys.argv[1]))
 """)
 
+_NOW_US = time.time_ns() // 1000
+"""``received_at`` of the rows these tests write (today: its partition exists)."""
+
 
 async def _write_groups(dsn: str, groups: int, size: int) -> int:
     conn = await asyncpg.connect(dsn)
@@ -50,7 +54,7 @@ async def _write_groups(dsn: str, groups: int, size: int) -> int:
             first = g * size + 1
             async with conn.transaction():
                 span = ("e", "s", EPOCH, first, first + size - 1)
-                await gw._insert(conn, GroupWriter.rows(_batch("e", "s", first, size), 0))
+                await gw._insert(conn, GroupWriter.rows(_batch("e", "s", first, size), _NOW_US))
                 await record_commit(conn, [span], await merge_ranges(conn, "ranges", [span]))
     finally:
         await conn.close()

@@ -3,6 +3,7 @@ tail that resumes from Last-Event-ID, completeness, checkpoints, ``edgesync tail
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from broker.protocol.topology import Topology
 from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch
 from broker.runtime.embedded_nats import EmbeddedNats
+from tests.helpers import until
 from tests.integration.control_harness import ControlPlane, control_plane, run_cli
 from tests.integration.harness import wait_for_records
 
@@ -168,3 +170,32 @@ async def test_edgesync_tail_prints_ndjson(plane: ControlPlane) -> None:
     limited = await run_cli("tail", "--dsn", plane.pg_dsn, "--from", "earliest",
                             "--limit", "3")
     assert len(limited.output.splitlines()) == 3
+
+
+async def test_live_tails_over_the_cap_are_refused_with_retry_after(
+    tmp_path: Path, nats_server: EmbeddedNats, pg_dsn: str
+) -> None:
+    """With api.max_live_tails = 2, a third tail gets 503, a JSON reason and
+    Retry-After, while the two go on; once one closes, a new tail is accepted."""
+    async with control_plane(tmp_path, nats_server.url, pg_dsn, max_live_tails=2) as plane:
+        async with contextlib.AsyncExitStack() as stack:
+            readers = []  # kept: a dropped iterator closes its response
+            for _ in range(2):
+                resp = await stack.enter_async_context(
+                    plane.http.stream("GET", "/v1/records/tail", timeout=15))
+                assert resp.status_code == 200
+                readers.append(resp.aiter_bytes())
+                assert (await anext(readers[-1])).startswith(b"retry:")
+            assert plane.api.metrics.live_tails._value.get() == 2
+            refused = await plane.http.get("/v1/records/tail", timeout=15)
+            assert refused.status_code == 503
+            assert refused.json()["error"] == "too_many_tails"
+            assert "max_live_tails" in refused.json()["message"]
+            assert refused.headers["retry-after"] == "5"
+
+        async def accepted() -> bool:
+            async with plane.http.stream("GET", "/v1/records/tail", timeout=15) as resp:
+                return resp.status_code == 200
+
+        await until(accepted, timeout=10, message="a closed tail never freed its slot")
+        assert plane.api.metrics.tails_refused._value.get() == 1
