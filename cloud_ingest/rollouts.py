@@ -145,7 +145,8 @@ async def rollout_status(conn: Connection, rollout_id: int) -> dict[str, Any]:
                              " settled_at FROM rollout_edges WHERE rollout_id = $1"
                              " ORDER BY wave, edge_id", rollout_id)
     out = dict(row)
-    out["waves_progress"] = [{k: w[k] for k in w if k != "rollout_id"} for w in waves]
+    out["waves_progress"] = [
+        {k: v for k, v in dict(w).items() if k != "rollout_id"} for w in waves]
     out["edges"] = [{**dict(e), "edge": e["edge_id"]} for e in edges]
     return out
 

@@ -19,10 +19,9 @@ See :mod:`cloud_ingest.desired` and :mod:`cloud_ingest.rollouts` for the rules;
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from broker.errors import NotFound
@@ -94,7 +93,6 @@ def desired_routes(api: Api, *, read: Any, write: Any) -> APIRouter:
     """The routes, on ``api``'s pool and rollout driver; ``read`` / ``write`` are the scope
     dependencies."""
     router = APIRouter(tags=["desired state"])
-    operate: Callable[..., Any] = write.dependency
 
     @router.get("/v1/edges/{edge}/labels", dependencies=[read])
     async def get_edge_labels(edge: _Name) -> dict[str, Any]:
@@ -104,7 +102,7 @@ def desired_routes(api: Api, *, read: Any, write: Any) -> APIRouter:
 
     @router.put("/v1/edges/{edge}/labels")
     async def put_edge_labels(edge: _Name, body: LabelsRequest, request: Request,
-                              operator: Annotated[Operator, Depends(operate)]
+                              operator: Operator = write
                               ) -> dict[str, Any]:
         """Set labels (null removes one); returns all of the edge's labels."""
         request.state.audit = {"action": "edge.label", "target": edge, "labels": body.labels}
@@ -113,7 +111,7 @@ def desired_routes(api: Api, *, read: Any, write: Any) -> APIRouter:
 
     @router.post("/v1/desired/edges/{edge}", status_code=201)
     async def post_edge_version(edge: _Name, body: EdgeVersionRequest, request: Request,
-                                operator: Annotated[Operator, Depends(operate)]
+                                operator: Operator = write
                                 ) -> dict[str, Any]:
         """A new desired version for one edge, sent to it now (it applies it when online)."""
         request.state.audit = {"action": "desired.set", "target": edge}
@@ -133,7 +131,7 @@ def desired_routes(api: Api, *, read: Any, write: Any) -> APIRouter:
 
     @router.post("/v1/desired/groups/{group}", status_code=201)
     async def post_group_version(group: _Name, body: GroupVersionRequest, request: Request,
-                                 operator: Annotated[Operator, Depends(operate)]
+                                 operator: Operator = write
                                  ) -> dict[str, Any]:
         """A new desired version for a group; `POST /v1/rollouts` sends it."""
         request.state.audit = {"action": "desired.set", "target": f"group:{group}"}
@@ -189,7 +187,7 @@ def desired_routes(api: Api, *, read: Any, write: Any) -> APIRouter:
 
     @router.post("/v1/rollouts", status_code=201)
     async def post_rollout(body: RolloutRequest, request: Request,
-                           operator: Annotated[Operator, Depends(operate)]) -> dict[str, Any]:
+                           operator: Operator = write) -> dict[str, Any]:
         """Start a rollout; the driver sends wave 1 within a tick."""
         request.state.audit = {"action": "rollout.start", "target": str(body.version_id)}
         async with api._db().acquire() as conn:
@@ -219,7 +217,7 @@ def desired_routes(api: Api, *, read: Any, write: Any) -> APIRouter:
     async def post_rollout_action(
         rollout_id: Annotated[int, Path(ge=1, le=2**63 - 1)],
         action: Literal["pause", "resume", "abort"], request: Request,
-        operator: Annotated[Operator, Depends(operate)],
+        operator: Operator = write,
     ) -> dict[str, Any]:
         """Pause, resume or abort (409 when the rollout's state does not allow it)."""
         request.state.audit = {"action": f"rollout.{action}", "target": str(rollout_id)}
