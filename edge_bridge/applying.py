@@ -258,6 +258,16 @@ class KubernetesApplier:
                             retry_in_s=round(delay, 2), error=str(exc))
                 await asyncio.sleep(delay)
 
+    async def connect(self) -> None:
+        """Import and configure the client now rather than on the first command (the
+        import alone takes seconds on a small edge); idempotent.
+
+        Raises:
+            ApplyFailed: the client is missing or the configuration unusable.
+        """
+        if self._client is None:
+            await asyncio.to_thread(self._connect)
+
     async def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The current object (``kind`` is ``deployment`` or ``configmap``), or None when
         it does not exist. What the desired-state reconciler observes.

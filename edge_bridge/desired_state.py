@@ -180,6 +180,8 @@ class Reconciler:
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._attached = asyncio.Event()
+        self.ready = asyncio.Event()
+        """Set once following the bucket (and the Kubernetes client is loaded)."""
         self._wake = asyncio.Event()
         self._pushed: bytes | None = None
         self._last_report: tuple[Any, ...] | None = None
@@ -222,6 +224,12 @@ class Reconciler:
         assert self._nc is not None
         sub = await self._nc.subscribe(self._topology.desired_subject(self.edge_id),
                                        cb=self._on_update)
+        if self._appliers.kubernetes is not None:
+            try:  # a rollout's deadline should not pay for importing the client
+                await self._appliers.kubernetes.connect()
+            except ApplyFailed as exc:
+                log.warning("kubernetes_unusable", error=str(exc))
+        self.ready.set()
         try:
             while True:
                 with contextlib.suppress(TimeoutError):

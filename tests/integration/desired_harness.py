@@ -106,6 +106,10 @@ class Fleet:
         bridge = await self.stack.enter_async_context(
             running_bridge(self.settings(edge), self.plane.nats_url))
         self.bridges[edge] = bridge
+        assert bridge.control is not None
+        reconciler = bridge.control.desired
+        await until(reconciler.ready.is_set, timeout=30, message=f"{edge} never followed "
+                    "its desired state")
         return bridge
 
     async def label(self, edge: str, **labels: str) -> None:
