@@ -227,8 +227,8 @@ class Reconciler:
         if self._appliers.kubernetes is not None:
             try:  # a rollout's deadline should not pay for importing the client
                 await self._appliers.kubernetes.connect()
-            except ApplyFailed as exc:
-                log.warning("kubernetes_unusable", error=str(exc))
+            except ApplyFailed as exc:  # normal for a bridge-only edge; said once
+                log.info("kubernetes_not_configured", error=str(exc))
         self.ready.set()
         try:
             while True:
@@ -300,8 +300,14 @@ class Reconciler:
             if new:
                 self._remember(revision=spec.revision, status="rejected")
             return await self._send(opened, spec, "rejected", {}, [], reason=str(exc))
-        observed, _ = await observe(document, self._appliers.kubernetes,
-                                    self._bridge_config())
+        try:
+            observed, _ = await observe(document, self._appliers.kubernetes,
+                                        self._bridge_config())
+        except ApplyFailed as exc:  # refused or not configured: no retry will help
+            if new:
+                self._remember(revision=spec.revision, status="failed")
+            return await self._send(opened, spec, "failed", {}, [],
+                                    reason=f"cannot observe: {exc}")
         drift = compare(document, observed)
         if new or (drift and self._settings.desired_correct_drift):
             return await self._apply(opened, spec, document, drift, gate)
