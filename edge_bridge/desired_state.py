@@ -44,6 +44,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import ValidationError
 
@@ -184,6 +185,7 @@ class Reconciler:
         """Set once following the bucket (and the Kubernetes client is loaded)."""
         self._wake = asyncio.Event()
         self._pushed: bytes | None = None
+        self._kv: KeyValue | None = None
         self._last_report: tuple[Any, ...] | None = None
         self.memory: dict[str, Any] = self._load_memory()
         self.metrics.revision.set(int(self.memory.get("revision", 0)))
@@ -259,9 +261,13 @@ class Reconciler:
             return pushed
         assert self._js is not None
         try:
-            kv = await self._js.key_value(self._topology.desired_bucket)
-            entry = await kv.get(self.edge_id)
-        except (KeyNotFoundError, BucketNotFoundError):
+            if self._kv is None:
+                self._kv = await self._js.key_value(self._topology.desired_bucket)
+            entry = await self._kv.get(self.edge_id)
+        except KeyNotFoundError:
+            return None
+        except BucketNotFoundError:
+            self._kv = None  # no ingest has created it yet
             return None
         except Exception as exc:
             raise TemporaryError(f"cannot read the desired state: {type(exc).__name__}: "
