@@ -50,7 +50,7 @@ rollout_app = typer.Typer(no_args_is_help=True,
 desired_app.callback()(_options)
 rollout_app.callback()(_options)
 
-Group = Annotated[bool, typer.Option("--group", help="TARGET is a group, not an edge.")]
+_Group = Annotated[bool, typer.Option("--group", help="TARGET is a group, not an edge.")]
 
 
 def _labels(items: list[str], *, removable: bool = False) -> dict[str, str | None]:
@@ -100,7 +100,7 @@ def set_(
     target: Annotated[str, typer.Argument(help="An edge id, or a group name with --group.")],
     *,
     file: Annotated[Path, typer.Option("--file", "-f", help="The document (JSON).")],
-    group: Group = False,
+    group: _Group = False,
     selector: Annotated[list[str] | None, typer.Option(
         "--selector", "-l", help="The group's labels, KEY=VALUE (repeat).")] = None,
     overrides: Annotated[Path | None, typer.Option(
@@ -129,7 +129,7 @@ def set_(
 
 
 @desired_app.command()
-def get(ctx: typer.Context, target: Annotated[str, typer.Argument()], *, group: Group = False,
+def get(ctx: typer.Context, target: Annotated[str, typer.Argument()], *, group: _Group = False,
         version: Annotated[int | None, typer.Option(help="A group's version number.")] = None,
         as_json: AsJson = False) -> None:
     """Show the desired state: an edge's (sent, reported, drift) or a group's version."""
@@ -168,7 +168,7 @@ def _print_drift(drift: list[dict[str, Any]]) -> None:
 
 @desired_app.command()
 def diff(ctx: typer.Context, target: Annotated[str, typer.Argument()], *,
-         group: Group = False,
+         group: _Group = False,
          as_json: AsJson = False) -> None:
     """Per-field drift of an edge, or of each edge of a group (exit 1 if any)."""
     found = _client(ctx).request("GET", f"/v1/desired/{'groups' if group else 'edges'}/"
