@@ -16,7 +16,7 @@ WEB_2 = {"deployments": {"prod/web": {"replicas": 3, "containers": {"app": {
     "image": "registry.local/web:2.0", "env": {"MODE": "fast"}}}}}}
 WEB_1 = {"deployments": {"prod/web": {"replicas": 2, "containers": {"app": {
     "image": "registry.local/web:1.0", "env": {"MODE": "normal"}}}}}}
-PLANE = {"rollout_interval_s": 0.05, "edge_offline_after_s": 3.0}
+PLANE: dict[str, Any] = {"rollout_interval_s": 0.05, "edge_offline_after_s": 3.0}
 
 
 async def test_a_rollout_reaches_ten_edges_in_three_health_gated_waves(
@@ -33,6 +33,20 @@ async def test_a_rollout_reaches_ten_edges_in_three_health_gated_waves(
                                             "replicas": 1}}}})
         rollout = await fleet.rollout(version, waves=["1", "50%", "100%"], max_failures="0",
                                       wave_deadline_s=20)
+        paused = await plane.http.post(f"/v1/rollouts/{rollout}/pause")
+        assert paused.status_code == 200 and paused.json()["state"] == "paused"
+
+        async def first_wave_quiet() -> dict[str, Any] | None:
+            found = await fleet.status(rollout)
+            first = [e for e in found["edges"] if e["wave"] == 1]
+            return found if all(e["status"] in ("waiting", "healthy") for e in first) else None
+
+        await until(first_wave_quiet, timeout=30)
+        assert await plane.api.drive_rollouts() == 0  # a paused rollout is not advanced
+        held = await fleet.status(rollout)
+        assert {e["status"] for e in held["edges"] if e["wave"] > 1} == {"waiting"}
+        resumed = await plane.http.post(f"/v1/rollouts/{rollout}/resume")
+        assert resumed.status_code == 200 and resumed.json()["state"] == "running"
         done = await fleet.wait_rollout(rollout, "completed", timeout=45)
 
         assert done["reason"] == "every edge healthy"
