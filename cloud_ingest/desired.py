@@ -10,11 +10,13 @@ and the signed message each edge gets.
   again (:func:`resolve`).
 - **Sending** (:class:`DesiredPublisher`): the resolved document becomes a
   :class:`~broker.protocol.desired.DesiredStateSpec` with a fresh revision from
-  ``desired_revision_seq``, signed like a command and put as the edge's key in the
-  desired-state bucket; ``edge_desired`` records what each edge was sent. The put
-  happens inside the caller's transaction: if JetStream refuses, nothing is
-  recorded; if the commit fails after the put, the edge applies a revision the
-  cloud does not know, its reports are not counted, and the next send supersedes it.
+  ``desired_revision_seq``, signed like a command, and recorded in
+  ``edge_desired`` (one row per edge: what it must run) inside the caller's
+  transaction. Only after that commits is the row put as the edge's key in the
+  desired-state bucket - an edge can apply and report a revision only once the
+  cloud's rows know it - and marked published; a put JetStream did not
+  acknowledge is retried by :meth:`DesiredPublisher.republish` (the rollout
+  driver's every tick). The database is the source of truth, the bucket its copy.
 
 The API's connections decode jsonb to Python values (its codec); every function
 here takes such a connection.
@@ -29,7 +31,7 @@ import asyncpg
 import structlog
 from nats.js import JetStreamContext
 
-from broker.errors import InvalidInput, NotFound, TemporaryError
+from broker.errors import InvalidInput, NotFound
 from broker.protocol.commands import CommandSigner, new_envelope
 from broker.protocol.desired import (
     DESIRED_KIND,
@@ -221,7 +223,9 @@ async def find_version(conn: Connection, *, version_id: int | None = None,
 
 
 class DesiredPublisher:
-    """Signs and sends an edge's desired state, recording it in ``edge_desired``."""
+    """Signs an edge's desired state into ``edge_desired`` (inside the caller's
+    transaction), and puts the current row of an edge in the bucket once that
+    transaction has committed (see the module docstring)."""
 
     def __init__(self, *, signer: CommandSigner, topology: Topology,
                  js: JetStreamContext | None) -> None:
@@ -232,11 +236,12 @@ class DesiredPublisher:
     async def assign(self, conn: Connection, edge: str,
                      version: asyncpg.Record | dict[str, Any] | None, *,
                      rollout_id: int | None, by: str) -> int:
-        """Send ``version`` (None: nothing desired) to ``edge``, inside the caller's
-        transaction; returns the revision.
+        """Record ``version`` (None: nothing desired) as what ``edge`` must run, signed
+        with a fresh revision, unpublished; returns the revision. Call :meth:`publish`
+        for the edge after the transaction commits.
 
         Raises:
-            TemporaryError: JetStream did not acknowledge the put (roll back, retry).
+            InvalidInput: the edge's resolved document does not validate.
         """
         document = resolve(version, edge)
         revision = int(await conn.fetchval("SELECT nextval('desired_revision_seq')"))
@@ -257,16 +262,43 @@ class DesiredPublisher:
             " assigned_at = now(), published_at = NULL",
             edge, None if version is None else version_id, revision, document, digest, signed,
             rollout_id, by)
-        if self.js is None:
-            raise TemporaryError("not connected to NATS", delay=1.0)
-        try:
-            await self.js.publish(self._topology.desired_subject(edge), signed,
-                                  timeout=_PUBLISH_TIMEOUT_S)
-        except Exception as exc:
-            raise TemporaryError(f"desired state for {edge} not published: "
-                                 f"{type(exc).__name__}: {exc}", delay=1.0) from exc
-        await conn.execute("UPDATE edge_desired SET published_at = now() WHERE edge_id = $1",
-                           edge)
-        log.info("desired_state_sent", edge=edge, revision=revision, version=version_id,
+        log.info("desired_state_assigned", edge=edge, revision=revision, version=version_id,
                  rollout=rollout_id)
         return revision
+
+    async def publish(self, pool: asyncpg.Pool, edge: str) -> bool:
+        """Put the edge's *current* signed desired state in the bucket, holding its row
+        so that concurrent publishers of one edge go one after the other and the last
+        put is always the newest revision. Returns whether JetStream acknowledged it
+        (if not, :meth:`republish` tries again)."""
+        async with pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT revision, signed, published_at FROM edge_desired WHERE edge_id = $1"
+                " FOR UPDATE", edge)
+            if row is None or row["published_at"] is not None:
+                return row is not None
+            if self.js is None:
+                return False
+            try:
+                await self.js.publish(self._topology.desired_subject(edge),
+                                      bytes(row["signed"]), timeout=_PUBLISH_TIMEOUT_S)
+            except Exception as exc:
+                log.warning("desired_state_publish_failed", edge=edge,
+                            revision=row["revision"], error=f"{type(exc).__name__}: {exc}")
+                return False
+            await conn.execute("UPDATE edge_desired SET published_at = now()"
+                               " WHERE edge_id = $1", edge)
+        log.info("desired_state_sent", edge=edge, revision=row["revision"])
+        return True
+
+    async def republish(self, pool: asyncpg.Pool, *, limit: int = 500) -> int:
+        """Publish the edges whose current desired state JetStream has not acknowledged
+        (a failed or interrupted publish); returns how many were sent now."""
+        edges = await pool.fetch("SELECT edge_id FROM edge_desired WHERE published_at IS NULL"
+                                 " ORDER BY assigned_at LIMIT $1", limit)
+        sent = 0
+        for row in edges:
+            if not await self.publish(pool, row["edge_id"]):
+                break
+            sent += 1
+        return sent

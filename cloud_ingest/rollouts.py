@@ -16,7 +16,9 @@ after abort ``rolling_back`` -> ``rolled_back`` ; ``skipped`` (never sent).
 The driver (:class:`RolloutDriver`, a loop of the API process) advances every
 ``running`` or ``aborting`` rollout each tick, in one transaction that takes
 the rollout rows ``FOR UPDATE SKIP LOCKED``: several API processes can run it,
-and each rollout is advanced by one of them at a time. A tick:
+and each rollout is advanced by one of them at a time. What a tick assigns is
+put in the desired-state bucket after it commits (so an edge never reports a
+revision the rows do not know yet). A tick:
 
 1. fails edges still ``dispatched`` past the wave deadline *if they are online*
    (heartbeat within ``api.edge_offline_after_s``); an offline edge is pending,
@@ -183,9 +185,12 @@ class RolloutDriver:
         self.publisher = publisher
         self._offline_after_s = offline_after_s
         self.metrics = metrics
+        self._sent: list[str] = []
 
     async def tick(self, pool: asyncpg.Pool) -> int:
-        """Advance every rollout no other process holds; returns how many."""
+        """Advance every rollout no other process holds, then put what it assigned (and
+        anything left unpublished) in the bucket; returns how many rollouts it advanced."""
+        self._sent = []
         async with pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 "SELECT * FROM rollouts WHERE state IN ('running', 'aborting') ORDER BY id"
@@ -197,6 +202,10 @@ class RolloutDriver:
                     await self._advance(conn, row)
             self.metrics.active.set(await conn.fetchval(
                 "SELECT count(*) FROM rollouts WHERE state IN ('running', 'paused')"))
+        # Committed: the edges may now apply and report what was assigned.
+        for edge in self._sent:
+            await self.publisher.publish(pool, edge)
+        await self.publisher.republish(pool)
         return len(rows)
 
     async def _finish(self, conn: Connection, row: asyncpg.Record, state: str,
@@ -261,6 +270,7 @@ class RolloutDriver:
                 edge, rid, rid)
             revision = await self.publisher.assign(conn, edge, version, rollout_id=rid,
                                                    by=row["created_by"])
+            self._sent.append(edge)
             await conn.execute(
                 "UPDATE rollout_edges SET status = 'dispatched', revision = $3,"
                 " dispatched_at = now(), updated_at = now() WHERE rollout_id = $1"
@@ -287,6 +297,7 @@ class RolloutDriver:
                         else await find_version(conn, version_id=e["previous_version_id"]))
             revision = await self.publisher.assign(conn, e["edge_id"], previous,
                                                    rollout_id=None, by=f"abort of rollout {rid}")
+            self._sent.append(e["edge_id"])
             await conn.execute(
                 "UPDATE rollout_edges SET status = 'rolling_back', rollback_revision = $3,"
                 " updated_at = now() WHERE rollout_id = $1 AND edge_id = $2",

@@ -126,8 +126,10 @@ def desired_routes(api: Api, *, read: Any, write: Any) -> APIRouter:
                 " WHERE edge_id = $1 AND status IN ('dispatched', 'waiting')", edge)
             revision = await api.rollouts.publisher.assign(conn, edge, version, rollout_id=None,
                                                            by=operator.name)
+        # Committed; if NATS does not acknowledge now, the driver's next tick republishes.
+        published = await api.rollouts.publisher.publish(api._db(), edge)
         request.state.audit.update(version=version["id"], revision=revision)
-        return {**_version(version), "revision": revision}
+        return {**_version(version), "revision": revision, "published": published}
 
     @router.post("/v1/desired/groups/{group}", status_code=201)
     async def post_group_version(group: _Name, body: GroupVersionRequest, request: Request,

@@ -20,7 +20,7 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from broker.connecting import close_nats, connect_with_retry
-from broker.errors import ClosedError, ConfigError, Conflict, InvalidInput, TemporaryError
+from broker.errors import ClosedError, ConfigError, Conflict, EdgesyncError, InvalidInput
 from broker.protocol.command_specs import masked_spec
 from broker.protocol.command_status import CommandStatus
 from broker.protocol.commands import CommandSigner, new_envelope
@@ -300,12 +300,12 @@ class Api(Service):
 
     async def drive_rollouts(self) -> int:
         """One pass of the rollout driver (:mod:`cloud_ingest.rollouts`); returns how many
-        rollouts it advanced. NATS refusing a put defers the pass to the next tick."""
+        rollouts it advanced."""
         assert self.rollouts is not None
         try:
             return await self.rollouts.tick(self._db())
-        except TemporaryError as exc:
-            log.warning("rollouts_deferred", error=str(exc))
+        except EdgesyncError as exc:  # a bug or bad row: logged, the loop goes on
+            log.error("rollouts_tick_failed", error=f"{type(exc).__name__}: {exc}")
             return 0
 
     # -- the service -----------------------------------------------------------------
