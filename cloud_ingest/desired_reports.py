@@ -9,6 +9,8 @@ group changes nothing):
 - ``edge_reported_state`` keeps each edge's latest report by the edge's clock
   (an older report arriving late does not overwrite a newer one); ``current``
   says whether it is about what the cloud last sent (same revision and digest);
+  ``applied`` keeps what the last apply of that revision used (a re-check
+  report applies nothing);
 - ``edge_drift`` is replaced by the report's drift (a path still drifting keeps
   the time it was first reported);
 - a rollout row ``dispatched`` with that revision becomes ``healthy`` or ``failed``
@@ -42,7 +44,10 @@ VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8::text::jsonb, to_timestamp($
 ON CONFLICT (edge_id) DO UPDATE SET revision = EXCLUDED.revision,
     version_id = EXCLUDED.version_id, digest = EXCLUDED.digest, status = EXCLUDED.status,
     observed = CASE WHEN EXCLUDED.status = 'applying' THEN s.observed ELSE EXCLUDED.observed END,
-    reason = EXCLUDED.reason, applied = EXCLUDED.applied, reported_at = EXCLUDED.reported_at,
+    reason = EXCLUDED.reason,
+    applied = CASE WHEN EXCLUDED.revision = s.revision AND EXCLUDED.applied = '[]'::jsonb
+                   THEN s.applied ELSE EXCLUDED.applied END,
+    reported_at = EXCLUDED.reported_at,
     received_at = now(), current = EXCLUDED.current
 WHERE s.reported_at <= EXCLUDED.reported_at
 RETURNING edge_id

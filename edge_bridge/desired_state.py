@@ -25,8 +25,8 @@ Each pass:
 
 Reports (:class:`~broker.protocol.events.DesiredStateReport`) go through the
 control store's outbox, in order, so those produced offline reach the cloud on
-reconnect; a pass that finds the same status and drift as the last report sends
-nothing.
+reconnect. Every pass reports, changed or not, so a report lost or not counted
+is repaired at the next re-check.
 """
 
 from __future__ import annotations
@@ -332,7 +332,7 @@ class Reconciler:
         applied: list[str] = []
         reason = "; ".join(problems)
         if drift:
-            await self._send(opened, spec, "applying", {}, drift, force=True)
+            await self._send(opened, spec, "applying", {}, drift)
         if not problems:
             try:
                 for kind, raw in commands:
@@ -353,7 +353,7 @@ class Reconciler:
         log.info("desired_state_applied", revision=spec.revision, status=status,
                  applied=applied, reason=reason or None)
         return await self._send(opened, spec, status, observed, after, reason=reason,
-                                applied=applied, force=True)
+                                applied=applied)
 
     async def _apply_one(self, envelope: CommandEnvelope, kind: str, raw: dict[str, Any],
                          gate: CommandGate) -> None:
@@ -395,18 +395,18 @@ class Reconciler:
 
     async def _send(self, opened: OpenedCommand, spec: DesiredStateSpec, status: str,
                     observed: dict[str, Any], drift: list[Drift], *, reason: str = "",
-                    applied: list[str] | None = None, force: bool = False) -> str:
+                    applied: list[str] | None = None) -> str:
         drift_rows = [d.model_dump(mode="json") for d in drift]
         key = (spec.revision, status, reason, json.dumps(drift_rows, sort_keys=True))
         self.metrics.passes.labels(status).inc()
         if status != "applying":
             self.metrics.drift.set(len(drift))
-        if not force and key == self._last_report:
-            return status
-        self._last_report = key
-        if status == "drifted":
+        if key != self._last_report and status == "drifted":  # said once per change
             log.warning("desired_state_drifted", revision=spec.revision,
                         fields=[d.path for d in drift])
+        self._last_report = key
+        # Every pass reports, changed or not: a report lost on the way (or not counted)
+        # is repaired by the next re-check, level-triggered like the rest.
         await self._report(DesiredStateReport(
             edge=self.edge_id, revision=spec.revision, version_id=spec.version_id,
             digest=opened.digest, status=status, reported_at=time.time(),
