@@ -210,6 +210,21 @@ class ControlSettings(BaseModel):
     durable: str | None = Field(
         None, pattern=TOKEN_PATTERN, description="Durable consumer name (default ctl-<edge>)."
     )
+    desired_recheck_interval_s: float = Field(
+        60.0, gt=0, description="Seconds between re-checks of the desired state: drift made "
+        "behind the bridge's back (kubectl) is reported within one interval, and a missed "
+        "update of the desired-state bucket is read.",
+    )
+    desired_health_timeout_s: float = Field(
+        300.0, gt=0, description="Seconds a new desired revision waits for every Deployment "
+        "it names to complete its rollout (updated and available replicas) before it is "
+        "reported failed; a rollout counts that edge failed.",
+    )
+    desired_correct_drift: bool = Field(
+        False, description="Re-apply the desired state when a re-check finds drift "
+        "(self-heal). Off: drift is reported and left (an operator's quick `edgesync cmd "
+        "scale` stands) until the next desired version.",
+    )
 
 
 class ProducerToken(BaseModel):
@@ -426,6 +441,11 @@ class ApiSettings(BaseModel):
     )
     edge_offline_after_s: float = Field(
         30.0, gt=0, description="An edge silent for this long is shown offline."
+    )
+    rollout_interval_s: float = Field(
+        1.0, gt=0, description="Seconds between passes of the rollout driver (advances "
+        "waves, halts, rolls back); every API process runs it, each rollout is advanced by "
+        "one at a time.",
     )
     pool_size: int = Field(4, ge=1, description="Postgres connections.")
     db_retry_max_s: float = Field(5.0, gt=0, description="Backoff cap while Postgres is down.")

@@ -23,6 +23,7 @@ from rich.console import Console
 from broker.cli.commands import cmd_app, keys_app
 from broker.cli.database import resolve_dsn
 from broker.cli.dead_letters import dead_letters_app
+from broker.cli.desired import desired_app, label_edge, rollout_app
 from broker.cli.edges import edges_app
 from broker.cli.export import export_cmd
 from broker.cli.operators import operators_app
@@ -55,6 +56,9 @@ app.add_typer(cmd_app, name="cmd")
 app.add_typer(keys_app, name="keys")
 app.add_typer(dead_letters_app, name="dead-letters")
 app.add_typer(edges_app, name="edges")
+edges_app.command("label")(label_edge)
+app.add_typer(desired_app, name="desired")
+app.add_typer(rollout_app, name="rollout")
 app.add_typer(streams_app, name="streams")
 
 

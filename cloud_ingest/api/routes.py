@@ -30,6 +30,7 @@ from broker.protocol.command_status import CommandStatus
 from broker.protocol.tokens import TOKEN_PATTERN, is_valid_token
 from broker.serving import error_response
 from cloud_ingest.api.auth import CHALLENGE, ApiGuard, Authenticator, require_scope
+from cloud_ingest.api.desired_routes import desired_routes
 from cloud_ingest.api.models import (
     AuditOut,
     CommandAccepted,
@@ -225,6 +226,11 @@ def create_app(api: Api) -> FastAPI:
     app.include_router(dead_letter_routes(
         api._db, read=require_read, write=Depends(require_scope("operate"))),
         responses=ERROR_RESPONSES)
+    app.include_router(desired_routes(  # desired state, labels, rollouts
+        api, read=require_read, write=Depends(require_scope("operate"))),
+        responses={**ERROR_RESPONSES, **_NOT_FOUND,
+                   409: _error("The rollout's state does not allow that action."),
+                   503: _error("NATS did not acknowledge the desired state; retry.")})
     app.include_router(record_routes(  # committed records, tail, checkpoints
         api._db, settings.postgres_dsn, read=require_read,
         tails=TailLimit(settings.max_live_tails, api.metrics.live_tails,
