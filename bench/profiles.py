@@ -43,6 +43,12 @@ class Profile:
     fleet_load_s: float
     fleet_idle_s: float
     fleet_commands: int
+    console_edges: int = 10_000
+    """Edges in the console scenario's fleet (scenario 8)."""
+    console_requests: int = 30
+    """Timed requests per fleet view in the console scenario."""
+    console_paints: int = 5
+    """Cold page loads in Chromium for the console's first paint."""
 
 
 PROFILES: dict[str, Profile] = {
@@ -74,6 +80,6 @@ PROFILES: dict[str, Profile] = {
         footprint_records=3_000, footprint_idle_s=0.5, wire_records=4_000,
         fleet_sizes=(20,), fleet_drain_records=3_000, fleet_drain_edges=50,
         fleet_drain_batch=10, fleet_rate=1_000, fleet_load_s=2, fleet_idle_s=2,
-        fleet_commands=3,
+        fleet_commands=3, console_edges=200, console_requests=3, console_paints=1,
     ),
 }

@@ -1,4 +1,4 @@
-"""The seven scenarios, in the order they run; each module's docstring says what it measures."""
+"""The eight scenarios, in the order they run; each module's docstring says what it measures."""
 
 from __future__ import annotations
 
@@ -9,7 +9,16 @@ from bench.data import Pool
 from bench.env import BenchEnv
 from bench.profiles import Profile
 from bench.results import ScenarioResult
-from bench.scenarios import backlog, edge_path, fleet, footprint, ingest, latency, wire
+from bench.scenarios import (
+    backlog,
+    console,
+    edge_path,
+    fleet,
+    footprint,
+    ingest,
+    latency,
+    wire,
+)
 
 if TYPE_CHECKING:  # types only: this package exports its scenarios, not its helpers' names
     from collections.abc import Awaitable, Callable
@@ -40,5 +49,5 @@ class Scenario:
 
 SCENARIOS: tuple[Scenario, ...] = tuple(
     Scenario(module.KEY, module.TITLE, module.run)
-    for module in (ingest, edge_path, latency, backlog, footprint, wire, fleet)
+    for module in (ingest, edge_path, latency, backlog, footprint, wire, fleet, console)
 )

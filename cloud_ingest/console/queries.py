@@ -30,9 +30,13 @@ __all__ = [
     "watermark_history",
 ]
 
-_DROPPED_TOTAL: Final = ("(SELECT coalesce(sum(r.value::bigint), 0) FROM jsonb_each(e.dropped) s,"
-                         " jsonb_each_text(CASE jsonb_typeof(s.value) WHEN 'object' THEN s.value"
-                         " ELSE '{}' END) r WHERE r.value ~ '^[0-9]{1,18}$')")
+# Records an edge dropped by policy, all streams and reasons ({stream: {reason: n}}). Most
+# edges drop nothing: the cheap jsonpath test spares them the sum (nested jsonb_each
+# over 10,000 rows cost ~1 s on 2 busy cores; this ~40 ms).
+_DROPPED_TOTAL: Final = (
+    "CASE WHEN jsonb_path_exists(e.dropped, '$.*.* ? (@ > 0)') THEN (SELECT"
+    " coalesce(sum(x::numeric), 0)::int8 FROM jsonb_array_elements_text(jsonb_path_query_array("
+    "e.dropped, '$.*.* ? (@.type() == \"number\")')) x) ELSE 0 END")
 
 FLEET_SORTS: Final[dict[str, str]] = {
     "edge": "e.edge_id",

@@ -25,7 +25,7 @@ def test_bench_smoke_run_reports_every_scenario_in_the_table_and_the_json(
         [sys.executable, "-m", "bench", "--profile", "smoke", "--results-dir", str(results)],
         capture_output=True,
         text=True,
-        timeout=600,  # seven scenarios, each starting its own servers and services
+        timeout=600,  # eight scenarios, each starting its own servers and services
         check=False,
         env={**os.environ, "COLUMNS": "240"},
     )
@@ -48,8 +48,8 @@ def test_bench_smoke_run_reports_every_scenario_in_the_table_and_the_json(
         assert scenario["figures"], f"{key} reported no figures"
     checked = {(t["figure"], t["target"]) for t in document["targets"]}
     # Every threshold of bench/README.md's "Targets" table, each once (the fleet scenario
-    # adds five to the thirteen of the single-edge scenarios).
-    assert len(checked) == 18, sorted(checked)
+    # adds five to the thirteen of the single-edge scenarios, the console two).
+    assert len(checked) == 20, sorted(checked)
     labels = {f["label"] for f in document["scenarios"]["ingest"]["figures"]}
     assert "framework (c): FastStream + executemany" in labels  # measured or skipped, with a note
 
