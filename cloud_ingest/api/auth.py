@@ -220,7 +220,9 @@ class ApiGuard:
         async def send_after_audit(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                if method not in _READS or status == 403:
+                # A 401 is anonymous noise (a console login with a wrong token): counted
+                # in the request metrics, not audited, as the guard's own 401s.
+                if (method not in _READS or status == 403) and status != 401:
                     await self._audit(scope, status)
             await send(message)
 

@@ -182,6 +182,9 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
             request.state.operator = operator
         request.state.audit = {"action": "console.login"}
         if error is not None:
+            client = request.client
+            log.warning("console_login_refused", reason=error,
+                        client=f"{client.host}:{client.port}" if client else "")
             return renderer.page("login.html", {"next": target, "error": error}, status=401)
         response = RedirectResponse(target, status_code=303, headers=SECURITY_HEADERS)
         response.set_cookie(
