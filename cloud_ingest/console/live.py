@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from broker.feed import Filters, follow, parse_start_at, resolve_start
 from broker.protocol.tokens import is_valid_token
-from cloud_ingest.console.pages import PREFIX, LoginRequired, Viewer
+from cloud_ingest.console.pages import PREFIX, Viewer
 from cloud_ingest.console.queries import (
     FleetQuery,
     edge_detail,
@@ -105,10 +105,9 @@ def console_live(api: Api, renderer: Renderer, viewer: Callable[..., Awaitable[V
         return _stream(_changes(request, read))
 
     @router.get("/edges/{edge}/events")
-    async def edge_events(edge: str, request: Request, v: Viewer = current
-                          ) -> StreamingResponse:
+    async def edge_events(edge: str, request: Request, v: Viewer = current) -> Response:
         if not is_valid_token(edge):
-            raise LoginRequired  # never reached by a page of ours; no stream for it
+            return Response(status_code=404, headers=SECURITY_HEADERS)
 
         async def read() -> dict[str, str]:
             async with api._db().acquire() as conn:

@@ -21,7 +21,7 @@ import structlog
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from broker.errors import Unauthorized
+from broker.errors import Conflict, Unauthorized
 from broker.protocol.command_specs import KINDS, SPEC_MODELS
 from broker.protocol.tokens import is_valid_token
 from cloud_ingest.console.forms import destructive_reason, form_fields, parse_form
@@ -284,9 +284,13 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
         if reason is not None and form.get("confirm") != "yes":
             ctx["confirm"] = reason  # shown with a button that sends confirm=yes
             return renderer.page("_command_form.html", v.context(form=ctx), status=200)
-        row, _ = await api.issue(edge, kind, parsed.spec, ttl_s=ttl,
-                                 idempotency_key=form.get("idempotency_key") or None,
-                                 operator=v.operator.name)
+        try:
+            row, _ = await api.issue(edge, kind, parsed.spec, ttl_s=ttl,
+                                     idempotency_key=form.get("idempotency_key") or None,
+                                     operator=v.operator.name)
+        except Conflict as exc:  # an idempotency key used for another command
+            ctx["errors"][""] = str(exc)
+            return renderer.page("_command_form.html", v.context(form=ctx), status=409)
         request.state.audit.update(command=str(row["id"]))
         fresh = _form_context(edge, kind)
         fresh["issued"] = {"id": str(row["id"]), "kind": kind, "status": row["status"]}

@@ -244,6 +244,24 @@ async def test_a_read_only_operator_sees_no_command_form_and_cannot_post(
     await page.context.close()
 
 
+async def test_the_data_page_shows_completeness_and_a_live_tail(
+    up: UpProcess, browser: Any
+) -> None:
+    """The data page lists edge-2's telemetry with its watermark, and its live tail
+    fills with records as they commit (filtered to that edge)."""
+    page = await _logged_in(browser, up)
+    await page.goto(f"{up.runtime['api_url']}/ui/data?edge=edge-2&stream=telemetry")
+    await expect(page.locator("table.completeness tbody tr")).to_have_count(1)
+    await expect(page.locator("table.completeness tbody tr")).to_contain_text("edge-2")
+    tail = page.locator("#tail-rows tr")
+    await expect(tail.first).to_be_visible()
+    assert set(await page.locator("#tail-rows tr td:nth-child(2)").all_inner_texts()) == {
+        "edge-2"}
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(SHOTS / "data.png"))
+    await page.context.close()
+
+
 async def _publish_poison(runtime: dict[str, Any]) -> None:
     """A batch from edge-1 whose JSON payload PostgreSQL refuses (``\\u0000``), on the
     subject edge-1 may publish to, with edge-1's own credentials."""
