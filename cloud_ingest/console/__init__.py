@@ -13,6 +13,7 @@ Server-rendered HTML (Jinja2) with htmx and its SSE extension vendored under
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -42,12 +43,15 @@ def mount_console(app: FastAPI, api: Api, *, keys: _sessions.SessionKeys | None 
 
     Args:
         keys: the session keys; by default derived from the API's command-signing
-            key, so every replica of the API opens every replica's sessions.
+            key, so every replica of the API opens every replica's sessions (without
+            one configured: a random key, valid for this process only).
     """
     if keys is None:
-        if api.settings.private_key_file is None:  # Api refuses to start without one
-            raise ValueError("the console's sessions need api.private_key_file")
-        keys = _sessions.SessionKeys.from_key_file(api.settings.private_key_file)
+        key_file = api.settings.private_key_file
+        # A serving Api always has its key file (it refuses to start without one); an app
+        # built without it (route listings, tests) gets a key of its own for its life.
+        keys = (_sessions.SessionKeys.from_key_file(key_file) if key_file is not None
+                else _sessions.SessionKeys(os.urandom(32)))
     renderer = _rendering.Renderer()
     app.include_router(_pages.console_pages(api, keys, renderer))
     app.include_router(_live.console_live(api, renderer, _pages.session_viewer(keys)))
