@@ -49,6 +49,12 @@ class Profile:
     """Records committed, then consumed by the SDK and the COPY ceiling (scenario 8)."""
     consume_naive_records: int
     """Records the naive polling loop reads (it slows down as the table grows)."""
+    console_edges: int = 10_000
+    """Edges in the console scenario's fleet (scenario 9)."""
+    console_requests: int = 30
+    """Timed requests per fleet view in the console scenario."""
+    console_paints: int = 5
+    """Cold page loads in Chromium for the console's first paint."""
 
 
 PROFILES: dict[str, Profile] = {
@@ -81,5 +87,6 @@ PROFILES: dict[str, Profile] = {
         fleet_sizes=(20,), fleet_drain_records=3_000, fleet_drain_edges=50,
         fleet_drain_batch=10, fleet_rate=1_000, fleet_load_s=2, fleet_idle_s=2,
         fleet_commands=3, consume_records=3_000, consume_naive_records=1_000,
+        console_edges=200, console_requests=3, console_paints=1,
     ),
 }
