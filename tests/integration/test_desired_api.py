@@ -4,7 +4,7 @@ scopes, and its CLI labels edges and sets an edge's desired state."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import pytest
 from broker.runtime.embedded_nats import EmbeddedNats
 from cloud_ingest.operators import add_operator
 from tests.integration.control_harness import ControlPlane, control_plane, run_cli
+from tests.support import until
 
 
 @pytest.fixture
@@ -105,3 +106,35 @@ async def test_the_cli_labels_an_edge_and_sets_its_desired_state(
     document.write_text("{not json")
     refused = await run_cli("desired", *api, "set", "site-1", "-f", str(document))
     assert refused.exit_code == 2 and "cannot read" in refused.stderr
+
+
+async def test_an_offline_edge_fails_only_at_the_rollouts_offline_deadline(
+        plane: ControlPlane) -> None:
+    """An edge that never reports is pending past the wave deadline (it is offline), and
+    counts failed once the rollout's offline deadline passes - which halts it."""
+    await plane.http.put("/v1/edges/site-gone/labels", json={"labels": {"tier": "gone"}})
+    created = await plane.http.post("/v1/desired/groups/gone", json={
+        "document": {"bridge": {"compression": "zstd"}}, "selector": {"tier": "gone"}})
+    rollout = (await plane.http.post("/v1/rollouts", json={
+        "version_id": created.json()["id"], "waves": ["100%"], "wave_deadline_s": 0.1,
+        "offline_deadline_s": 2.0})).json()
+
+    async def state() -> dict[str, Any]:
+        found: dict[str, Any] = (await plane.http.get(f"/v1/rollouts/{rollout['id']}")).json()
+        return found
+
+    pending = await until(lambda: _dispatched(state()), timeout=10)
+    assert pending["state"] == "running"  # past the wave deadline, but offline: pending
+    halted = await until(lambda: _in_state(state(), "halted"), timeout=15)
+    assert halted["edges"][0]["status"] == "failed"
+    assert halted["edges"][0]["reason"] == "offline past the rollout's offline deadline"
+
+
+async def _dispatched(found: Awaitable[dict[str, Any]]) -> dict[str, Any] | None:
+    got = await found
+    return got if got["edges"][0]["status"] == "dispatched" else None
+
+
+async def _in_state(found: Awaitable[dict[str, Any]], state: str) -> dict[str, Any] | None:
+    got = await found
+    return got if got["state"] == state else None
