@@ -297,10 +297,11 @@ async def rollouts(conn: Connection, *, limit: int = 50
                    ) -> tuple[bool, list[str], list[list[Any]]]:
     """Rollouts, where this cloud has them (the desired-state schema is not part of
     every deployment yet): whether the ``rollouts`` table exists, its columns, its
-    newest rows."""
+    newest rows (by its first column, the id). A placeholder until the console shows
+    rollouts per wave."""
     exists = await conn.fetchval("SELECT to_regclass('rollouts') IS NOT NULL")
     if not exists:
         return False, [], []
-    rows = await conn.fetch("SELECT * FROM rollouts LIMIT $1", limit)
+    rows = await conn.fetch("SELECT * FROM rollouts ORDER BY 1 DESC LIMIT $1", limit)
     columns = list(rows[0].keys()) if rows else []
     return True, columns, [list(r.values()) for r in rows]

@@ -145,6 +145,9 @@ async def test_fleet_search_sort_and_a_narrow_screen(up: UpProcess, browser: Any
     await page.goto(f"{up.runtime['api_url']}/ui/edges/edge-1")
     await expect(page.get_by_role("heading", name="Edge edge-1")).to_be_visible()
     assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    await page.get_by_role("link", name="Rollouts").click()  # the nav wraps, still there
+    await expect(page.get_by_role("heading", name="Rollouts")).to_be_visible()
+    await expect(page.locator("main")).to_contain_text("rollouts")
     await page.context.close()
 
 
