@@ -31,6 +31,7 @@ from cloud_ingest.console.queries import (
     PAGE_SIZES,
     FleetQuery,
     completeness_rows,
+    desired_state,
     edge_detail,
     fleet_page,
     rollouts,
@@ -237,9 +238,10 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
                 return None
             history = await watermark_history(conn, edge)
             letters = await list_dead_letters(conn, edge=edge, limit=10)
+            desired = await desired_state(conn, edge)
         commands = await api.list_commands(edge, status=None, limit=10)
         return {"edge": detail, "history": history, "dead_letters": letters,
-                "commands": commands}
+                "commands": commands, "desired": desired}
 
     @router.get("/edges/{edge}")
     async def edge_page(edge: str, v: Viewer = current,
@@ -323,9 +325,8 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
     @router.get("/rollouts")
     async def rollouts_page(v: Viewer = current) -> HTMLResponse:
         async with api._db().acquire() as conn:
-            exists, columns, rows = await rollouts(conn)
-        return renderer.page("rollouts.html", v.context(
-            nav="rollouts", exists=exists, columns=columns, rows=rows))
+            rows = await rollouts(conn)
+        return renderer.page("rollouts.html", v.context(nav="rollouts", rollouts=rows))
 
     return router
 

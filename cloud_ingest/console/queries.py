@@ -23,6 +23,7 @@ __all__ = [
     "FleetPage",
     "FleetQuery",
     "completeness_rows",
+    "desired_state",
     "edge_detail",
     "fleet_page",
     "parse_multirange",
@@ -293,15 +294,39 @@ async def watermark_history(conn: Connection, edge: str, *, window_s: float = 90
     return out
 
 
-async def rollouts(conn: Connection, *, limit: int = 50
-                   ) -> tuple[bool, list[str], list[list[Any]]]:
-    """Rollouts, where this cloud has them (the desired-state schema is not part of
-    every deployment yet): whether the ``rollouts`` table exists, its columns, its
-    newest rows (by its first column, the id). A placeholder until the console shows
-    rollouts per wave."""
-    exists = await conn.fetchval("SELECT to_regclass('rollouts') IS NOT NULL")
-    if not exists:
-        return False, [], []
-    rows = await conn.fetch("SELECT * FROM rollouts ORDER BY 1 DESC LIMIT $1", limit)
-    columns = list(rows[0].keys()) if rows else []
-    return True, columns, [list(r.values()) for r in rows]
+async def rollouts(conn: Connection, *, limit: int = 50) -> list[dict[str, Any]]:
+    """The newest rollouts, each with its desired version and its progress per wave
+    (``v_rollout_progress``): edges waiting, pending, healthy, failed, superseded and
+    rolled back."""
+    rows = await conn.fetch(
+        "SELECT r.id, r.state, r.current_wave, r.waves, r.max_failures, r.failure_budget,"
+        " r.reason, r.created_by, r.created_at, r.finished_at, v.target_kind, v.target,"
+        " v.version FROM rollouts r JOIN desired_versions v ON v.id = r.version_id"
+        " ORDER BY r.id DESC LIMIT $1", limit)
+    waves = await conn.fetch(
+        "SELECT * FROM v_rollout_progress WHERE rollout_id = ANY($1::bigint[])"
+        " ORDER BY rollout_id, wave", [r["id"] for r in rows])
+    by_rollout: dict[int, list[dict[str, Any]]] = {}
+    for w in waves:
+        by_rollout.setdefault(w["rollout_id"], []).append(dict(w))
+    out = []
+    for r in rows:
+        item = dict(r)
+        item["waves"] = by_rollout.get(r["id"], [])
+        item["planned_waves"] = len(r["waves"]) if isinstance(r["waves"], list) else 0
+        item["failed"] = sum(w["failed"] for w in item["waves"])
+        out.append(item)
+    return out
+
+
+async def desired_state(conn: Connection, edge: str) -> dict[str, Any] | None:
+    """What the edge should run against what it reports (``v_edge_desired_state``) and
+    each drifted field (``v_edge_drift``, with the imperative command that caused it
+    where one did); None when nothing is desired for the edge."""
+    row = await conn.fetchrow("SELECT * FROM v_edge_desired_state WHERE edge_id = $1", edge)
+    if row is None or row["version_id"] is None:
+        return None
+    drift = await conn.fetch(
+        "SELECT path, desired, observed, since, command_id, command_kind, command_issuer"
+        " FROM v_edge_drift WHERE edge_id = $1 ORDER BY path", edge)
+    return {**dict(row), "drift": [dict(d) for d in drift]}

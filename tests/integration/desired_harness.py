@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import httpx
 import kmock
 
 from broker.settings import BridgeSettings
@@ -27,7 +28,9 @@ from tests.integration.control_harness import DEPLOYMENTS, ControlPlane, Kube, k
 from tests.integration.harness import running_bridge
 from tests.support import until
 
-__all__ = ["BROKEN", "Fleet", "FleetController", "GenerationalEmulator", "fleet_edges"]
+__all__ = [
+    "BROKEN", "Fleet", "FleetController", "GenerationalEmulator", "console_page", "fleet_edges",
+]
 
 BROKEN = "registry.local/web:broken"
 
@@ -180,3 +183,11 @@ async def fleet_edges(plane: ControlPlane, tmp_path: Path, edges: list[str], *,
         if start:
             await asyncio.gather(*(fleet.start(edge) for edge in edges))
         yield fleet
+
+
+async def console_page(plane: ControlPlane, path: str) -> str:
+    """``path`` of the operator console, as an operator who logged in through its form."""
+    async with httpx.AsyncClient(base_url=plane.api.url, follow_redirects=True) as browser:
+        login = await browser.post("/ui/login", data={"token": plane.token, "next": path})
+        assert login.status_code == 200, login.text
+        return login.text

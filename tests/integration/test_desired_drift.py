@@ -11,7 +11,7 @@ from typing import Any
 
 from broker.runtime.embedded_nats import EmbeddedNats
 from tests.integration.control_harness import DEPLOYMENTS, control_plane, run_cli
-from tests.integration.desired_harness import Fleet, fleet_edges
+from tests.integration.desired_harness import Fleet, console_page, fleet_edges
 from tests.support import until
 
 RECHECK_S = 1.0
@@ -65,6 +65,9 @@ async def test_drift_behind_the_back_is_reported_within_one_recheck_and_left(
         assert found["view"]["reported_status"] == "drifted"
         assert not found["view"]["in_sync"]
         assert fleet.replicas("site-a") == 5  # reported, not undone
+        page = await console_page(plane, "/ui/edges/site-a")  # the console's edge view
+        assert "<code>deployments.prod/web.replicas</code>" in page
+        assert "a change outside edgesync" in page
 
         # An operator's one-off command diverges too, and the drift names it.
         command = await plane.issue("site-a", "deployment.set_image", {
@@ -77,6 +80,10 @@ async def test_drift_behind_the_back_is_reported_within_one_recheck_and_left(
                                                          "registry.local/web:hotfix")
         assert (image["command_id"], image["command_kind"]) == (command,
                                                                 "deployment.set_image")
+
+        page = await console_page(plane, "/ui/edges/site-a")  # the console's edge view
+        assert "<code>deployments.prod/web.containers.app.image</code>" in page
+        assert f'<a href="/ui/commands/{command}">deployment.set_image</a>' in page
 
         cli = await run_cli("desired", "--api-url", plane.api.url, "--token", plane.token,
                             "diff", "site-a")

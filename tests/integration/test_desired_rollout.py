@@ -9,7 +9,7 @@ from typing import Any
 
 from broker.runtime.embedded_nats import EmbeddedNats
 from tests.integration.control_harness import control_plane, run_cli
-from tests.integration.desired_harness import BROKEN, fleet_edges
+from tests.integration.desired_harness import BROKEN, console_page, fleet_edges
 from tests.support import until
 
 WEB_2 = {"deployments": {"prod/web": {"replicas": 3, "containers": {"app": {
@@ -75,6 +75,12 @@ async def test_a_rollout_reaches_ten_edges_in_three_health_gated_waves(
                             "status", str(rollout))
         assert cli.exit_code == 0, cli.stderr
         assert "completed" in cli.output and "wave" in cli.output
+
+        # The console shows the same progress per wave.
+        page = await console_page(plane, "/ui/rollouts")
+        assert f"Rollout {rollout}: group stores version 1" in page
+        for wave, edges_in_wave in ((1, 1), (2, 4), (3, 5)):
+            assert f'aria-label="wave {wave}: {edges_in_wave} of {edges_in_wave} healthy"' in page
 
 
 async def test_a_failing_edge_halts_the_rollout_and_abort_rolls_back(
