@@ -18,6 +18,8 @@
   time from its group's COMMIT returning to the subscription yielding it; p50/p99.
 - *unpartitioned*: the same load into the pre-008 layout (one plain table, the
   primary key on the identity), same writer: ingest throughput and bytes per row.
+  The two layouts live in two databases and are loaded in alternating rounds,
+  each emptied first; as the SDK and the ceiling, medians of ``ROUNDS``.
 - *bytes per record*: ``pg_total_relation_size`` of every partition of ``records``
   (heap, TOAST, indexes) / rows, beside the payload's JSON size.
 """
@@ -109,6 +111,14 @@ async def _unpartition(dsn: str) -> None:
                 CHECK ((payload IS NULL) <> (payload_raw IS NULL)));
             CREATE INDEX ON records USING brin (received_at);
         """)
+    finally:
+        await conn.close()
+
+
+async def _truncate(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("TRUNCATE records, committed_ranges, feed_commits")
     finally:
         await conn.close()
 
@@ -248,7 +258,7 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
     plains: list[float] = []
     async with env.database("consume") as dsn:
         step(f"load: {n:,} records through the ingest's writer (partitioned)")
-        parts.append(await _load(dsn, msgs))
+        await _load(dsn, msgs)
         per_row, payload = await _bytes_per_row(dsn)
         for r in range(ROUNDS):
             step(f"round {r + 1}/{ROUNDS}: COPY (SELECT ...) TO STDOUT, then the SDK consumer")
@@ -260,16 +270,14 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
         step(f"latency: commits at {profile.latency_rate:,.0f} records/s, a live subscription")
         p50, p99, samples = await _latency(dsn, pool, profile.latency_rate,
                                            profile.latency_seconds, profile.latency_warmup_s)
-    for r in range(ROUNDS):
-        step(f"round {r + 1}/{ROUNDS}: load into the pre-008 table, then the partitioned one")
-        async with env.database("consume_plain") as dsn:
-            await _unpartition(dsn)
-            plains.append(await _load(dsn, msgs, plain=True))
-            if r == 0:
-                plain_row, _ = await _bytes_per_row(dsn)
-        if r < ROUNDS - 1:  # the first partitioned load is above
-            async with env.database("consume_part") as dsn:
-                parts.append(await _load(dsn, msgs))
+    async with env.database("consume_part") as part, env.database("consume_plain") as plain:
+        await _unpartition(plain)
+        for r in range(ROUNDS):
+            step(f"round {r + 1}/{ROUNDS}: load into the partitioned table, then the pre-008 one")
+            for dsn, into in ((part, parts), (plain, plains)):
+                await _truncate(dsn)
+                into.append(await _load(dsn, msgs, plain=dsn == plain))
+        plain_row, _ = await _bytes_per_row(plain)
     sdk, ceiling = statistics.median(sdks), statistics.median(ceilings)
     ingest_part, ingest_plain = statistics.median(parts), statistics.median(plains)
     res.data.update(sdk_rounds=sdks, ceiling_rounds=ceilings, partitioned_rounds=parts,
