@@ -80,6 +80,8 @@ _FORMATS: Final[dict[str, str]] = {
     "s": "{:.2f} s",
     "B": "{:,.1f} B",
     "%": "{:.1f} %",
+    "µs": "{:.2f} µs",
+    "% of a core": "{:.2f} % of a core",
 }
 """How a figure of each unit is written; any other unit: six significant digits."""
 

@@ -15,8 +15,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from broker.protocol.stream_limits import RECORDS_MAX_AGE_S, RECORDS_MAX_BYTES
 from broker.protocol.tokens import TOKEN_PATTERN, validate_token
-from broker.protocol.topology import RECORDS_MAX_AGE_S, RECORDS_MAX_BYTES
 from broker.protocol.wire import MAX_BATCH_BYTES, MAX_BATCH_RECORDS
 
 __all__ = [
@@ -210,6 +210,21 @@ class ControlSettings(BaseModel):
     durable: str | None = Field(
         None, pattern=TOKEN_PATTERN, description="Durable consumer name (default ctl-<edge>)."
     )
+    desired_recheck_interval_s: float = Field(
+        60.0, gt=0, description="Seconds between re-checks of the desired state: drift made "
+        "behind the bridge's back (kubectl) is reported within one interval, and a missed "
+        "update of the desired-state bucket is read.",
+    )
+    desired_health_timeout_s: float = Field(
+        300.0, gt=0, description="Seconds a new desired revision waits for every Deployment "
+        "it names to complete its rollout (updated and available replicas) before it is "
+        "reported failed; a rollout counts that edge failed.",
+    )
+    desired_correct_drift: bool = Field(
+        False, description="Re-apply the desired state when a re-check finds drift "
+        "(self-heal). Off: drift is reported and left (an operator's quick `edgesync cmd "
+        "scale` stands) until the next desired version.",
+    )
 
 
 class ProducerToken(BaseModel):
@@ -332,6 +347,15 @@ class IngestSettings(BaseModel):
         description="Seconds a group waits to fill when fewer messages are ready; bounds "
         "the latency a trickle of records sees.",
     )
+    idle_poll_s: float = Field(
+        1.0,
+        gt=0,
+        le=30,
+        description="Seconds an idle worker's pull request waits for the first message "
+        "(one message, then the group fills within fetch_timeout_s): an idle ingest asks "
+        "JetStream once per this interval per worker instead of every fetch_timeout_s "
+        "(shutdown ends the wait at once).",
+    )
     ack_wait_s: float = Field(
         30.0, gt=0, description="Seconds before JetStream redelivers an unacked batch."
     )
@@ -417,6 +441,11 @@ class ApiSettings(BaseModel):
     )
     edge_offline_after_s: float = Field(
         30.0, gt=0, description="An edge silent for this long is shown offline."
+    )
+    rollout_interval_s: float = Field(
+        1.0, gt=0, description="Seconds between passes of the rollout driver (advances "
+        "waves, halts, rolls back); every API process runs it, each rollout is advanced by "
+        "one at a time.",
     )
     pool_size: int = Field(4, ge=1, description="Postgres connections.")
     db_retry_max_s: float = Field(5.0, gt=0, description="Backoff cap while Postgres is down.")

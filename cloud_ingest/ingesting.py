@@ -90,6 +90,7 @@ class RecordsConsumer:
         consumer: str,
         fetch_batch: int,
         fetch_timeout_s: float,
+        idle_poll_s: float = 1.0,
         ack_wait_s: float,
         group_max_records: int = 16_000,
         group_max_bytes: int = 8 * 1024**2,
@@ -109,6 +110,7 @@ class RecordsConsumer:
         self._consumer = consumer
         self._fetch_batch = fetch_batch
         self._fetch_timeout = fetch_timeout_s
+        self._idle_poll = idle_poll_s
         self._budget = _GroupBudget(group_max_messages, group_max_records, group_max_bytes)
         self._ack_wait = ack_wait_s
         self._workers = workers
@@ -117,11 +119,13 @@ class RecordsConsumer:
         self._group_budget = group_budget_bytes
         self._writer = GroupWriter(topology)
         self._stopping = False
+        self._stop = asyncio.Event()
         self.db_ok = True
 
     def begin_shutdown(self) -> None:
         """Stop fetching; groups in hand are finished (committed and acked)."""
         self._stopping = True
+        self._stop.set()  # ends the idle workers' long polls now
 
     async def ensure_consumer(self) -> None:
         config = ConsumerConfig(
@@ -149,9 +153,10 @@ class RecordsConsumer:
 
     async def _worker(self, sub: JetStreamContext.PullSubscription) -> None:
         failures = 0
+        idle = False
         while not self._stopping:
             try:
-                msgs = await self._fetch_group(sub)
+                msgs = await self._fetch_group(sub, idle=idle)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # NATS down or reconnecting: nats-py heals the link
@@ -160,7 +165,8 @@ class RecordsConsumer:
                 await asyncio.sleep(backoff_s(failures, base_s=0.25, cap_s=2.0))
                 continue
             failures = 0
-            if not msgs:
+            idle = not msgs
+            if idle:
                 continue
             try:
                 await self._handle_group(msgs)
@@ -172,10 +178,19 @@ class RecordsConsumer:
                               error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(1.0)
 
-    async def _fetch_group(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
+    async def _fetch_group(
+        self, sub: JetStreamContext.PullSubscription, *, idle: bool
+    ) -> list[Msg]:
         """One group, sized by work: records and bytes, with a message cap.
 
-        The first fetch asks for ``fetch_batch`` messages: nats-py takes what is
+        An ``idle`` worker (its last fetch found nothing) first waits up to
+        ``idle_poll_s`` for one message, with one pull request of one message (a
+        request for more would linger until it filled), so an idle ingest costs
+        JetStream and itself one request per worker per interval, not one per fill
+        timeout. A message that arrives as that request expires is not lost: it
+        waits in the subscription's queue, where the next fetch takes it first.
+
+        Then the first fetch asks for ``fetch_batch`` messages: nats-py takes what is
         available at once (no_wait), else waits up to the fill timeout. Only while a
         backlog is evident (the last fetch came back full) does the group grow by
         further fetches, each asking for what the budget has left at the records and
@@ -186,11 +201,16 @@ class RecordsConsumer:
         strand a message until JetStream redelivered it.)
         """
         budget = self._budget
-        started = time.monotonic()
         msgs: list[Msg] = []
         records = nbytes = 0
-        ask = min(self._fetch_batch, budget.messages)
-        while True:
+        if idle:
+            msgs = await self._wait_for_one(sub)
+            if not msgs:
+                return msgs
+            records, nbytes = _records_hint(msgs[0]), len(msgs[0].data)
+        started = time.monotonic()
+        ask = min(self._fetch_batch, budget.messages - len(msgs))
+        while ask > 0:
             try:
                 got = await sub.fetch(ask, timeout=self._fetch_timeout)
             except (FetchTimeoutError, nats.errors.TimeoutError, TimeoutError):
@@ -210,6 +230,29 @@ class RecordsConsumer:
                     or nbytes >= budget.bytes):
                 return msgs
             ask = budget.next_ask(len(msgs), records, nbytes)
+        return msgs
+
+    async def _wait_for_one(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
+        """The idle wait: one message, or nothing after ``idle_poll_s`` or at shutdown.
+
+        At shutdown the pull request is abandoned; a message JetStream delivers to it
+        anyway is redelivered after ``ack_wait_s``, as after a crash."""
+        fetch = asyncio.ensure_future(sub.fetch(1, timeout=self._idle_poll))
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait((fetch, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not fetch.done():
+                fetch.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await fetch
+        if fetch.cancelled():
+            return []
+        exc = fetch.exception()
+        if isinstance(exc, FetchTimeoutError | nats.errors.TimeoutError | TimeoutError):
+            return []
+        return fetch.result()  # raises any other failure, as a fetch does
 
     async def _handle_group(self, msgs: list[Msg]) -> None:
         """Decode ``msgs`` one by one and write them in parts within the memory budget."""

@@ -22,7 +22,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from broker.connecting import close_nats, connect_with_retry
-from broker.protocol.events import CommandStatusReport, DropMarker
+from broker.protocol.events import CommandStatusReport, DesiredStateReport, DropMarker
 from broker.protocol.permissions import inbox_prefix
 from broker.protocol.topology import Topology
 from broker.service import Service, Supervisor
@@ -30,6 +30,7 @@ from broker.serving import embedded_server
 from broker.settings import IngestSettings, NatsSettings
 from cloud_ingest.command_status import CommandStatusWriter
 from cloud_ingest.completeness import drop_marker_writer
+from cloud_ingest.desired_reports import DesiredReportWriter
 from cloud_ingest.events_consuming import EventsConsumer
 from cloud_ingest.ingesting import RecordsConsumer, init_connection
 from cloud_ingest.maintenance import Maintenance
@@ -92,14 +93,15 @@ class Ingest(Service):
             self.nats_settings, name="edgesync-ingest",
             inbox_prefix=inbox_prefix(self.topology, "ingest"))
         js = self._nc.jetstream()
+        await self.topology.ensure_all(js)  # the ingest owns the topology
         self.watermarks = WatermarkPublisher(
-            await self.topology.ensure_all(js),  # the ingest owns the topology
+            self._nc, self.topology.watermarks_bucket,
             interval_s=self.settings.watermark_interval_s,
         )
         self.consumer = RecordsConsumer(
             nc=self._nc, js=js, pool=self._pool, topology=self.topology,
             consumer=self.settings.consumer, fetch_batch=self.settings.fetch_batch,
-            fetch_timeout_s=self.settings.fetch_timeout_s,
+            fetch_timeout_s=self.settings.fetch_timeout_s, idle_poll_s=self.settings.idle_poll_s,
             ack_wait_s=self.settings.ack_wait_s, workers=self.settings.workers,
             db_retry_max_s=self.settings.db_retry_max_s, metrics=self.metrics,
             group_budget_bytes=self.settings.group_budget_bytes,
@@ -115,6 +117,7 @@ class Ingest(Service):
             writers={
                 DropMarker: drop_marker_writer(self.watermarks.note),
                 CommandStatusReport: CommandStatusWriter(self.metrics.registry),
+                DesiredStateReport: DesiredReportWriter(self.metrics.registry),
             },
             on_heartbeats=lost_after_commit_writer(self.watermarks.note, self.metrics),
         )

@@ -9,6 +9,14 @@ them, keeping only the highest per key, and writes them at most every
 offline learn the current value when it returns: it reads the key; an online
 edge sees each update live on the bucket's subject.
 
+A fleet touches thousands of keys per window, so a window's writes are KV puts
+done by hand: each a publish to ``$KV.<bucket>.<key>`` whose JetStream ack comes
+back on one reply subscription shared by all of them, a bounded number in
+flight. (nats-py's ``kv.put`` is a request each: a task, a timer, an inbox
+future and a parsed ``PubAck`` per key, which was a fifth of the ingest's CPU
+under fan-in.) A write that is refused or not acked in time is kept for the
+next window, unless a newer value for its key came in meanwhile.
+
 Several ingest processes may write the same key; an edge only ever moves its
 watermark forward, so a stale write is harmless.
 """
@@ -17,29 +25,49 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 
 import structlog
-from nats.js.kv import KeyValue
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 __all__ = ["WatermarkPublisher"]
 
 log = structlog.get_logger(__name__)
 
-_PUTS_IN_FLIGHT = 256
-"""Watermark puts awaiting their JetStream ack at once (bounded like a shipper window)."""
+_Key = tuple[str, str, int]
+
+_PUTS_IN_FLIGHT = 1_024
+"""Watermark writes awaiting their JetStream ack at once (bounded like a shipper window)."""
+_ACK_TIMEOUT_S = 5.0
+"""How long a window's writes may wait for their acks before they count as failed."""
+_PUBLISHED_MEMORY = 100_000
+"""Keys whose last published value is remembered (to skip re-publishing it)."""
 
 
 class WatermarkPublisher:
     """Coalesces watermarks and publishes the latest of each key periodically."""
 
-    def __init__(self, kv: KeyValue, *, interval_s: float = 0.25) -> None:
-        self._kv = kv
+    def __init__(self, nc: NATS, bucket: str, *, interval_s: float = 0.25) -> None:
+        self._nc = nc
+        self._subject = f"$KV.{bucket}."
         self._interval = interval_s
-        self._pending: dict[tuple[str, str, int], int] = {}
-        self._published: dict[tuple[str, str, int], int] = {}
+        self._pending: dict[_Key, int] = {}
+        self._published: dict[_Key, int] = {}
         self._wake = asyncio.Event()
         self._stopping = False
+        self._replies: Subscription | None = None
+        self._reply_prefix = ""
+        self._tokens = itertools.count()
+        self._in_flight: dict[str, tuple[_Key, int]] = {}
+        self._acked = asyncio.Event()
+        self._publishing = False
+        self._refused: list[tuple[_Key, int, str]] = []
         self.published = 0
+        """Writes JetStream acknowledged."""
+        self.failures = 0
+        """Writes refused or unanswered (each kept for the next window)."""
 
     def note(self, watermarks: list[tuple[str, str, int, int]]) -> None:
         """Record watermarks seen after a commit; cheap, never blocks."""
@@ -55,41 +83,90 @@ class WatermarkPublisher:
         self._wake.set()
 
     async def publish_forever(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await self._flush()
-            if self._stopping:
-                return
-            await asyncio.sleep(self._interval)  # the coalescing window
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                await self._flush()
+                if self._stopping:
+                    return
+                await asyncio.sleep(self._interval)  # the coalescing window
+        finally:
+            if self._replies is not None:
+                with contextlib.suppress(Exception):  # the connection may already be gone
+                    await self._replies.unsubscribe()
+                self._replies = None
 
     async def _flush(self) -> None:
         pending, self._pending = self._pending, {}
         items = list(pending.items())
-        # A fleet touches thousands of keys per window: one put after another would be
-        # one JetStream round trip each (4,000 keys x ~0.2 ms = most of a second), so
-        # the puts of a window go out together, a bounded number in flight at a time.
         for i in range(0, len(items), _PUTS_IN_FLIGHT):
-            chunk = items[i:i + _PUTS_IN_FLIGHT]
-            results = await asyncio.gather(
-                *(self._kv.put(f"{e}.{s}.{ep}", str(w).encode()) for (e, s, ep), w in chunk),
-                return_exceptions=True,
-            )
-            for (key, watermark), result in zip(chunk, results, strict=True):
-                if isinstance(result, asyncio.CancelledError):
-                    raise result
-                if isinstance(result, BaseException):
-                    # NATS unavailable: keep the value for the next round (if still newest).
-                    log.warning("watermark_publish_failed", edge=key[0], stream=key[1],
-                                error=f"{type(result).__name__}: {result}")
-                    if watermark > self._pending.get(key, 0):
-                        self._pending[key] = watermark
-                    self._wake.set()
-                    continue
-                self._published[key] = watermark
-                self.published += 1
-        if len(self._published) > 100_000:
+            await self._put_window(items[i:i + _PUTS_IN_FLIGHT])
+        if len(self._published) > _PUBLISHED_MEMORY:
             # Bounded memory: forgetting only costs a redundant publish later.
-            with contextlib.suppress(KeyError):
-                for key in list(self._published)[:50_000]:
-                    del self._published[key]
+            for key in list(self._published)[:_PUBLISHED_MEMORY // 2]:
+                del self._published[key]
+
+    async def _put_window(self, window: list[tuple[_Key, int]]) -> None:
+        """Publish ``window``'s writes and wait for their acks (or the timeout)."""
+        failed: list[tuple[_Key, int, str]] = []
+        try:
+            prefix = await self._reply_subscription()
+            self._acked.clear()
+            self._publishing = True
+            for key, watermark in window:
+                token = f"{prefix}{next(self._tokens)}"
+                self._in_flight[token] = (key, watermark)
+                edge, stream, epoch = key
+                await self._nc.publish(f"{self._subject}{edge}.{stream}.{epoch}",
+                                       str(watermark).encode(), reply=token)
+            self._publishing = False
+            if not self._in_flight:
+                self._acked.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._acked.wait(), _ACK_TIMEOUT_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # NATS unavailable: what was not acked is kept (below)
+            failed.extend((key, w, f"{type(exc).__name__}: {exc}")
+                          for key, w in self._in_flight.values())
+            self._in_flight.clear()
+        self._publishing = False
+        failed.extend((key, w, "no ack in time") for key, w in self._in_flight.values())
+        self._in_flight.clear()
+        failed.extend(self._refused)
+        self._refused.clear()
+        if failed:
+            self.failures += len(failed)
+            key, _, error = failed[0]
+            log.warning("watermark_publish_failed", writes=len(failed), edge=key[0],
+                        stream=key[1], error=error)
+            for key, watermark, _ in failed:
+                if watermark > max(self._pending.get(key, 0), self._published.get(key, 0)):
+                    self._pending[key] = watermark
+            self._wake.set()
+
+    async def _reply_subscription(self) -> str:
+        if self._replies is None:
+            inbox = self._nc.new_inbox()
+            self._replies = await self._nc.subscribe(f"{inbox}.*", cb=self._on_ack)
+            self._reply_prefix = f"{inbox}."
+        return self._reply_prefix
+
+    async def _on_ack(self, msg: Msg) -> None:
+        put = self._in_flight.pop(msg.subject, None)
+        if put is None:
+            return  # late: its window already counted it as failed
+        key, watermark = put
+        # A JetStream ack is {"stream":…,"seq":…}; a refusal {"error":{…}}; no stream
+        # at all is an empty 503 status message (no responders).
+        if msg.data and b'"error"' not in msg.data:
+            if watermark > self._published.get(key, 0):
+                self._published[key] = watermark
+            self.published += 1
+        else:
+            reason = msg.data.decode(errors="replace") or (msg.headers or {}).get(
+                "Status", "no reply")
+            self._refused.append((key, watermark, reason))
+        if not self._in_flight and not self._publishing:
+            self._acked.set()

@@ -21,7 +21,8 @@ nothing here acts. Acting is :mod:`edge_bridge.applying`.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel
@@ -78,7 +79,8 @@ class CommandGate:
             CommandRejected: ``expired``, ``not_yet_valid``, ``not_allowed``,
                 ``unknown_kind`` or ``invalid_spec``.
         """
-        env, s = opened.envelope, self._settings
+        env = opened.envelope
+        s = self._settings
 
         def reject(code: str, message: str) -> CommandRejected:
             return CommandRejected(code, message, command_id=env.id, digest=opened.digest)
@@ -97,13 +99,27 @@ class CommandGate:
                          f"edge's command memory was created ({iso_time(self._memory_since)}, "
                          f"less {s.max_clock_skew_s:g}s of clock skew): it may have been "
                          "applied already; send it again if it is wanted")
-        if env.kind not in s.allowed_kinds:
-            raise reject("not_allowed", f"kind {env.kind!r} is not allowed on this edge "
+        return self.allow(env.kind, env.spec, reject)
+
+    def allow(self, kind: str, raw_spec: Any,
+              reject: Callable[[str, str], CommandRejected] | None = None) -> BaseModel:
+        """The local-policy half of :meth:`admit`: a kind this edge allows, a valid spec, a
+        target inside the allow-lists and an allowed registry; returns the parsed spec.
+        The desired-state reconciler checks each change it would make here too.
+
+        Raises:
+            CommandRejected: ``not_allowed``, ``unknown_kind`` or ``invalid_spec``.
+        """
+        s = self._settings
+        reject = reject or CommandRejected
+        env_kind = kind
+        if env_kind not in s.allowed_kinds:
+            raise reject("not_allowed", f"kind {env_kind!r} is not allowed on this edge "
                          f"(allowed: {', '.join(s.allowed_kinds) or 'none'})")
         try:
-            spec = parse_spec(env.kind, env.spec)
+            spec = parse_spec(env_kind, raw_spec)
         except InvalidInput as exc:
-            code = "unknown_kind" if env.kind not in KINDS else "invalid_spec"
+            code = "unknown_kind" if env_kind not in KINDS else "invalid_spec"
             raise reject(code, str(exc)) from exc
         if isinstance(spec, KubernetesTarget):
             if not _matches(spec.namespace, s.allowed_namespaces):

@@ -65,6 +65,10 @@ class _Conflict(Exception):
     """A 409 from the API server: re-read and try again."""
 
 
+class _Missing(ApplyFailed):
+    """A 404: fails a command; to an observer, the object is simply absent."""
+
+
 # -- precise patches (pure, unit-tested) ------------------------------------------------
 
 
@@ -254,6 +258,35 @@ class KubernetesApplier:
                             retry_in_s=round(delay, 2), error=str(exc))
                 await asyncio.sleep(delay)
 
+    async def connect(self) -> None:
+        """Import and configure the client now rather than on the first command (the
+        import alone takes seconds on a small edge); idempotent.
+
+        Raises:
+            ApplyFailed: the client is missing or the configuration unusable.
+        """
+        if self._client is None:
+            await asyncio.to_thread(self._connect)
+
+    async def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The current object (``kind`` is ``deployment`` or ``configmap``), or None when
+        it does not exist. What the desired-state reconciler observes.
+
+        Raises:
+            ApplyFailed: the API refused the read (403, ...).
+            TemporaryError: the API is unreachable or overloaded.
+        """
+        if self._client is None:
+            await asyncio.to_thread(self._connect)
+        method = (self._apps.read_namespaced_deployment if kind == "deployment"
+                  else self._core.read_namespaced_config_map)
+        try:
+            return await self._call(method, name, namespace)
+        except _Missing:
+            return None
+        except _Conflict as exc:  # not on a read; keep the type ours
+            raise TemporaryError(str(exc)) from exc
+
     async def _apply_once(self, spec: BaseModel, env: CommandEnvelope) -> dict[str, Any]:
         if isinstance(spec, DeploymentScale):
             current = await self._call(self._apps.read_namespaced_deployment,
@@ -314,6 +347,8 @@ class KubernetesApplier:
                 return _Conflict(message)
             if status == 429 or status >= 500:
                 return TemporaryError(f"HTTP {status}: {message}")
+            if status == 404:
+                return _Missing(f"HTTP {status}: {message}")
             return ApplyFailed(f"HTTP {status}: {message}")
         if isinstance(exc, self._transport_errors):
             return TemporaryError(f"{type(exc).__name__}: {exc}")

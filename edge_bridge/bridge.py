@@ -90,7 +90,9 @@ class Bridge(Service):
             self.control = ControlChannel(
                 edge_id=settings.edge_id, topology=self.topology, settings=settings.control,
                 directory=settings.buffer_dir, registry=self.metrics.registry,
-                configure=self.configure, publish_timeout_s=nats_settings.publish_timeout_s,
+                configure=self.configure,
+                bridge_config=lambda: self.runtime_config.effective(self.settings),
+                publish_timeout_s=nats_settings.publish_timeout_s,
                 sync_mode=settings.sync_mode,
             )
         self._heartbeat_wake = asyncio.Event()
@@ -197,7 +199,7 @@ class Bridge(Service):
         await self._wait_for_streams(js)
         self.shipper.attach(js)
         if self.control is not None:
-            self.control.attach(js)
+            self.control.attach(js, nc)
         self._heartbeat_wake.set()  # tell the cloud we are here now, not an interval later
         self.watermarks = WatermarkFollower(
             nc=nc, js=js, topology=self.topology, edge_id=self.edge_id, buffer=self.buffer,

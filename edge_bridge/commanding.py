@@ -20,6 +20,11 @@ it took: id, digest, the stream sequence that carried it, and its state
 Messages that fail verification are reported but not remembered, so a forger
 cannot burn the id of a real command.
 
+Desired state. The channel also runs the edge's desired-state reconciler
+(:mod:`edge_bridge.desired_state`) with the same gate, appliers and outbox, and
+wakes it after every applied command, so an imperative change that diverges from
+the desired state shows as drift at once.
+
 Status outbox. Each status report (``delivered``, then ``applied`` /
 ``failed`` / ``rejected`` / ``expired``) is written to the store's outbox in the
 same transaction as the state it reports, and a publisher sends the outbox in order
@@ -38,6 +43,7 @@ from typing import Any
 
 import nats.errors
 import structlog
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import FetchTimeoutError, NotFoundError
@@ -49,12 +55,13 @@ from broker.errors import ApplyFailed, ClosedError, CommandRejected
 from broker.protocol.command_specs import BridgeConfigure
 from broker.protocol.command_status import FINAL_STATUSES
 from broker.protocol.commands import OpenedCommand, load_public_keys
-from broker.protocol.events import CommandStatusReport
+from broker.protocol.events import CommandStatusReport, Event
 from broker.protocol.topology import Topology
 from broker.settings import ControlSettings
 from edge_bridge.admission import CommandGate
 from edge_bridge.applying import Appliers, KubernetesApplier
 from edge_bridge.control_store import CONTROL_DB, ControlStore
+from edge_bridge.desired_state import Reconciler
 
 __all__ = ["ControlChannel", "ControlMetrics"]
 
@@ -104,9 +111,15 @@ class ControlChannel:
         directory: Path,
         registry: CollectorRegistry,
         configure: Callable[[BridgeConfigure], Awaitable[dict[str, Any]]],
+        bridge_config: Callable[[], dict[str, Any]] | None = None,
         publish_timeout_s: float = 5.0,
         sync_mode: str = "full",
     ) -> None:
+        """
+        Args:
+            bridge_config: the bridge's effective configuration (what the desired-state
+                reconciler observes of the bridge); default: nothing observed.
+        """
         self.edge_id = edge_id
         self.settings = settings
         self._topology = topology
@@ -118,6 +131,10 @@ class ControlChannel:
             kubernetes=KubernetesApplier(settings, on_conflict=self.metrics.kube_conflicts.inc),
         )
         self.gate: CommandGate | None = None
+        self.desired = Reconciler(
+            edge_id=edge_id, topology=topology, settings=settings, gate=lambda: self.gate,
+            appliers=self.appliers, bridge_config=bridge_config or dict,
+            report=self._queue_report, directory=Path(directory), registry=registry)
         self._js: JetStreamContext | None = None
         self._attached = asyncio.Event()
         self._outbox_wake = asyncio.Event()
@@ -161,10 +178,17 @@ class ControlChannel:
         self.appliers.close()
         await self.store.close()
 
-    def attach(self, js: JetStreamContext) -> None:
-        """Give the channel a JetStream context once NATS is connected."""
+    def attach(self, js: JetStreamContext, nc: NATS | None = None) -> None:
+        """Give the channel a JetStream context once NATS is connected (and the
+        connection, for the desired state's live updates)."""
         self._js = js
         self._attached.set()
+        self._outbox_wake.set()
+        if nc is not None:
+            self.desired.attach(js, nc)
+
+    async def _queue_report(self, event: Event) -> None:
+        await self.store.enqueue(event)
         self._outbox_wake.set()
 
     async def run_forever(self) -> None:
@@ -173,6 +197,7 @@ class ControlChannel:
             tasks.create_task(self._consume_forever(), name="control-consume")
             tasks.create_task(self._publish_forever(), name="control-report")
             tasks.create_task(self._forget_forever(), name="control-forget")
+            tasks.create_task(self.desired.run_forever(), name="desired-state")
 
     # -- consuming ------------------------------------------------------------------------
 
@@ -337,6 +362,7 @@ class ControlChannel:
         else:
             event = self._status(env.id, opened.digest, "applied", result=result)
             log.info("command_applied", command=env.id, kind=env.kind, result=result)
+            self.desired.wake()  # an imperative change may diverge from the desired state
         self.metrics.apply_seconds.labels(env.kind).observe(time.perf_counter() - started)
         await self.store.finish(env.id, event)
         self.metrics.finished.labels(env.kind, event.status).inc()

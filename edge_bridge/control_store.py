@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 from broker.errors import ClosedError
 from broker.protocol.command_status import FINAL_STATUSES
 from broker.protocol.commands import OpenedCommand
-from broker.protocol.events import CommandStatusReport, encode_event
+from broker.protocol.events import CommandStatusReport, Event, encode_event
 from edge_bridge.sqlite_files import connect_wal
 
 __all__ = ["CONTROL_DB", "ControlStore", "Remembered"]
@@ -208,8 +208,9 @@ class ControlStore:
                 _queue_status(c, event)
         await self._run(update_command_and_status)
 
-    async def enqueue(self, event: CommandStatusReport) -> None:
-        """Queue a status report about something not remembered (or reported again)."""
+    async def enqueue(self, event: Event) -> None:
+        """Queue a status report about something not remembered (or reported again), or
+        another event that must reach the cloud in order (a desired-state report)."""
         def insert_status() -> None:
             _queue_status(self._connection(), event)
         await self._run(insert_status)
@@ -242,7 +243,7 @@ class ControlStore:
         return await self._run(delete_expired)
 
 
-def _queue_status(conn: sqlite3.Connection, event: CommandStatusReport) -> None:
+def _queue_status(conn: sqlite3.Connection, event: Event) -> None:
     conn.execute("INSERT INTO outbox(event, created_at) VALUES (?, ?)",
                  (encode_event(event), time.time()))
 

@@ -1,4 +1,4 @@
-"""The eight scenarios, in the order they run; each module's docstring says what it measures."""
+"""The nine scenarios, in the order they run; each module's docstring says what it measures."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from bench.profiles import Profile
 from bench.results import ScenarioResult
 from bench.scenarios import (
     backlog,
+    console,
     consume,
     edge_path,
     fleet,
@@ -49,5 +50,6 @@ class Scenario:
 
 SCENARIOS: tuple[Scenario, ...] = tuple(
     Scenario(module.KEY, module.TITLE, module.run)
-    for module in (ingest, edge_path, latency, backlog, footprint, wire, fleet, consume)
+    for module in (ingest, edge_path, latency, backlog, footprint, wire, fleet, consume,
+                   console)
 )

@@ -5,7 +5,13 @@
   settings: SQLite ``synchronous=FULL``, batches of 2,000). Timed from the
   first publish to the moment the bridge's ``edgesync_records_shipped_total``
   reaches N (every record JetStream-acked); the time until every SDK future
-  resolved (durable at the bridge) is shown too.
+  resolved (durable at the bridge) is shown too. The CPU the driver (the SDK
+  producers) and the bridge used in that phase, per record, are figures of
+  their own; so is the synchronous SDK: one application thread publishing
+  through a ``SyncEdgeClient`` to the same bridge, until ``flush`` returns.
+- *ceiling*: the durable append alone, the same records in the same chunks
+  straight into a buffer file with the bridge's settings
+  (:mod:`bench.scenarios._durable_append`); the edge path is shown as a ratio to it.
 - *baselines*: an app publishing one JSON record per message straight to
   JetStream with ``Nats-Msg-Id`` (the equivalent guarantee): awaiting
   ``js.publish`` per record (one loop, the target's reference; and, for
@@ -17,6 +23,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from typing import Final
@@ -24,11 +31,13 @@ from typing import Final
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
-from bench.data import Pool, json_message, json_msg_id
+from bench.data import STREAM, Pool, json_message, json_msg_id
 from bench.driving import produce, wait_shipped
 from bench.env import BenchEnv, connect_nats, init_topology
 from bench.profiles import Profile
 from bench.results import ScenarioResult
+from bench.scenarios._durable_append import REQUEST_RECORDS, durable_append_rps
+from edge_bridge.sdk import SyncEdgeClient
 
 __all__ = ["BASELINE_STREAM", "BASELINE_SUBJECT", "KEY", "NO_RETRANSMIT", "TITLE", "run"]
 
@@ -63,11 +72,24 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
             shipped_at = await wait_shipped(bridge.url, warm + n, timeout=900)
             res.cpu_seconds["edgesync"] = {**meter.stop(), "wall": round(meter.wall_s, 2)}
             memory = bridge.memory()
+            step(f"synchronous SDK: one thread, {profile.sync_records:,} records")
+            meter = env.cpu_meter(nats_server, bridge=bridge)
+            meter.start()
+            sync_seconds, sync_failed = await asyncio.to_thread(
+                _sync_produce, bridge.url, pool, profile.sync_records)
+            res.cpu_seconds["sync SDK"] = {**meter.stop(), "wall": round(meter.wall_s, 2)}
         finally:
             await bridge.stop()
         assert result.failed == 0, f"{result.failed} records failed at the SDK"
+        assert sync_failed == 0, f"{sync_failed} records failed at the synchronous SDK"
         durable_rps = n / result.seconds
         shipped_rps = n / (shipped_at - started)
+        sync_rps = profile.sync_records / sync_seconds
+        cpu = res.cpu_seconds["edgesync"]
+        sdk_us = cpu.get("bench driver", 0.0) / n * 1e6
+        bridge_us = cpu.get("bridge", 0.0) / n * 1e6
+        step(f"ceiling: durable append of the same chunks, {n:,} records")
+        ceiling_rps = await durable_append_rps(env.workdir / "append-ceiling", pool, n)
 
         nc = await connect_nats(nats_server.url)
         try:
@@ -97,6 +119,16 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
             f"{n:,} records, {p} producers, bridge as its own process")
     res.add("edgesync, durable at the bridge", durable_rps, "rec/s",
             "until every SDK future resolved")
+    res.add("ceiling: durable append alone", ceiling_rps, "rec/s",
+            f"the same records as {REQUEST_RECORDS:,}-record chunks into SQLite with the "
+            "bridge's settings (WAL, synchronous=FULL), one fsynced commit each")
+    res.add("edgesync / durable-append ceiling", shipped_rps / ceiling_rps, "x")
+    res.add("SDK CPU per record", sdk_us, "µs",
+            f"the driver's CPU ({p} producers) in the edgesync phase / records")
+    res.add("bridge CPU per record", bridge_us, "µs",
+            "the bridge process's CPU in the edgesync phase / records")
+    res.add("synchronous SDK, one thread", sync_rps, "rec/s",
+            f"{profile.sync_records:,} records fire-and-forget, then flush; same bridge")
     res.add("baseline: awaited js.publish per record", wait_rps, "rec/s",
             f"{profile.publish_wait_records:,} JSON records, one loop")
     res.add(f"baseline: {p} tasks each awaiting js.publish", wait_p_rps, "rec/s",
@@ -108,14 +140,20 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
     res.add(f"edgesync / {p} awaiting tasks", shipped_rps / wait_p_rps, "x")
     res.add("edgesync / publish_async", shipped_rps / async_rps, "x")
     res.add("bridge peak RSS under this load", memory.get("peak"), "MiB", "VmHWM")
-    res.check("edge path, durable", "≥ 150,000 records/s", f"{shipped_rps:,.0f} rec/s",
-              shipped_rps >= 150_000)
+    res.check("edge path, durable", "≥ 300,000 records/s", f"{shipped_rps:,.0f} rec/s",
+              shipped_rps >= 300_000, f"{shipped_rps / ceiling_rps:.2f}x the durable-append "
+              f"ceiling ({ceiling_rps:,.0f} rec/s)")
+    res.check("SDK CPU per record", "≤ 2.5 µs", f"{sdk_us:.2f} µs", sdk_us <= 2.5)
+    res.check("bridge CPU per record", "≤ 2.5 µs", f"{bridge_us:.2f} µs", bridge_us <= 2.5)
+    res.check("synchronous SDK", "≥ 150,000 records/s", f"{sync_rps:,.0f} rec/s",
+              sync_rps >= 150_000)
     res.check("edge path, durable", "≥ 20 x per-record awaited publish", f"{ratio:.1f}x",
               ratio >= 20)
     res.data.update(records=n, producers=p, shipped_rps=shipped_rps, durable_rps=durable_rps,
                     awaited_publish_rps=wait_rps, awaited_publish_tasks_rps=wait_p_rps,
-                    publish_async_rps=async_rps,
-                    bridge_memory_mib=memory)
+                    publish_async_rps=async_rps, ceiling_rps=ceiling_rps,
+                    sdk_cpu_us_per_record=sdk_us, bridge_cpu_us_per_record=bridge_us,
+                    sync_rps=sync_rps, bridge_memory_mib=memory)
     return res
 
 
@@ -151,3 +189,17 @@ async def _publish_async(js: JetStreamContext, pool: Pool, n: int, tasks: int,
     started = time.perf_counter()
     await asyncio.gather(*(one(t) for t in range(tasks)))
     return n / (time.perf_counter() - started)
+
+
+def _sync_produce(url: str, pool: Pool, n: int) -> tuple[float, int]:
+    """One application thread publishing ``n`` records through a ``SyncEdgeClient``;
+    returns the seconds until ``flush`` returned, and the records that failed."""
+    assert threading.current_thread() is not threading.main_thread()
+    size = len(pool)
+    with SyncEdgeClient(url) as client:
+        started = time.perf_counter()
+        for i in range(n):
+            j = i % size
+            client.publish(STREAM, pool.dicts[j], key=pool.keys[j])
+        client.flush()
+        return time.perf_counter() - started, client.stats.records_failed

@@ -12,7 +12,6 @@ Service imports are lazy so ``edgesync --help`` stays fast.
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,19 +23,18 @@ from rich.console import Console
 from broker.cli.commands import cmd_app, keys_app
 from broker.cli.database import resolve_dsn
 from broker.cli.dead_letters import dead_letters_app
+from broker.cli.desired import desired_app, label_edge, rollout_app
 from broker.cli.edges import edges_app
 from broker.cli.export import export_cmd
 from broker.cli.operators import operators_app
 from broker.cli.retention import retention_app
+from broker.cli.services import EXIT_ERROR, run_from_env, run_service
 from broker.cli.streams import streams_app
 from broker.cli.tail import tail_cmd
-from broker.errors import EdgesyncError
 from broker.logs import configure_logging
 from broker.settings import Settings
 
 __all__ = [
-    "EXIT_CRASHED",
-    "EXIT_ERROR",
     "api",
     "app",
     "bench",
@@ -58,52 +56,31 @@ app.add_typer(cmd_app, name="cmd")
 app.add_typer(keys_app, name="keys")
 app.add_typer(dead_letters_app, name="dead-letters")
 app.add_typer(edges_app, name="edges")
+edges_app.command("label")(label_edge)
+app.add_typer(desired_app, name="desired")
+app.add_typer(rollout_app, name="rollout")
 app.add_typer(streams_app, name="streams")
 
 
-EXIT_CRASHED = 1
-"""A service's root task crashed: Kubernetes must see a failed container, not a clean exit."""
-EXIT_ERROR = 2
-"""An error of ours (bad settings, a root task that ended unasked, ...)."""
 app.add_typer(operators_app, name="operators")
 app.command("tail")(tail_cmd)
 app.add_typer(retention_app, name="retention")
 app.command("export")(export_cmd)
 
 
-def _run_service(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
-    """Run ``body(stop)`` with SIGINT/SIGTERM setting ``stop``.
-
-    A clean stop exits 0; an error of ours exits :data:`EXIT_ERROR`; anything
-    else a root task raised (the supervisor re-raises it) exits :data:`EXIT_CRASHED`.
-    """
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await body(stop)
-
-    try:
-        asyncio.run(main())
-    except EdgesyncError as exc:
-        log.error("service_failed", error=f"{type(exc).__name__}: {exc}")
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(EXIT_ERROR) from exc
-    except Exception as exc:
-        log.critical("service_crashed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
-        raise typer.Exit(EXIT_CRASHED) from exc
-
-
 def _run_from_env(
     body: Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]],
 ) -> None:
-    """Run ``body(settings, stop)`` as :func:`_run_service` does, with the settings read
-    from the environment and logging configured from them, once, before it starts."""
-    settings = Settings()
-    configure_logging(settings.log.level, settings.log.format)
-    _run_service(lambda stop: body(settings, stop))
+    """Run a service as :func:`broker.cli.services.run_from_env` does; a non-zero
+    outcome becomes the command's exit status (an error of ours is printed too)."""
+    _exit_with(*run_from_env(body))
+
+
+def _exit_with(code: int, error: BaseException | None) -> None:
+    if code == EXIT_ERROR and error is not None:
+        console.print(f"[red]error:[/red] {error}")
+    if code:
+        raise typer.Exit(code) from error
 
 
 @app.command()
@@ -132,7 +109,8 @@ def up(
     options = LocalRunOptions(state_dir=state_dir, edges=edges, simulate_rate=simulate,
                               bridge_port=_free_or(bridge_port), api_port=_free_or(api_port),
                               fresh=fresh)
-    _run_service(lambda stop: run_local(options, stop=stop, print_line=console.print))
+    _exit_with(*run_service(lambda stop: run_local(options, stop=stop,
+                                                   print_line=console.print)))
 
 
 def _free_or(port: int) -> int:
@@ -182,14 +160,20 @@ def status(
         "--gaps", help="Completeness per edge/stream/epoch: committed, dropped, "
         "dead-lettered, lost after commit, missing.")]
     = False,
+    limit: Annotated[int, typer.Option(
+        min=0, help="Rows per table, those that need attention first (offline edges, "
+        "largest backlogs, missing records); 0 lists every row.")] = 50,
 ) -> None:
-    """Print edges, their backlog, and committed counts per stream."""
+    """Print a fleet summary, then edges, their backlog, and committed counts per stream."""
     import asyncpg
 
     from broker.cli.status import show_status
+    from broker.settings import ApiSettings
 
+    offline_after_s = ApiSettings.model_fields["edge_offline_after_s"].default
     try:
-        asyncio.run(show_status(resolve_dsn(dsn, state_dir), console, gaps=gaps))
+        asyncio.run(show_status(resolve_dsn(dsn, state_dir), console, gaps=gaps, limit=limit,
+                                offline_after_s=offline_after_s))
     except (OSError, asyncpg.PostgresError) as exc:
         console.print(f"[red]cannot read status:[/red] {exc}")
         raise typer.Exit(2) from exc

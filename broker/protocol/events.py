@@ -1,6 +1,6 @@
-"""Messages the edge sends on ``<prefix>.evt.<edge>``: heartbeats, drop markers and
-command status reports. MessagePack maps tagged by ``type`` so new kinds can be
-added without breaking old readers."""
+"""Messages the edge sends on ``<prefix>.evt.<edge>``: heartbeats, drop markers,
+command status reports and desired-state reports. MessagePack maps tagged by ``type``
+so new kinds can be added without breaking old readers."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from broker.errors import DecodeError
 
 __all__ = [
     "CommandStatusReport",
+    "DesiredStateReport",
     "DropMarker",
     "Event",
     "Heartbeat",
@@ -95,7 +96,32 @@ class CommandStatusReport(msgspec.Struct, tag="command_status", tag_field="type"
     """What an applied command achieved, e.g. ``{"replicas": 3}``."""
 
 
-Event = Heartbeat | DropMarker | CommandStatusReport
+class DesiredStateReport(msgspec.Struct, tag="desired_state", tag_field="type", frozen=True):
+    """Where an edge stands against its desired state (:mod:`edge_bridge.desired_state`):
+    sent after each change of status or drift, and after every apply."""
+
+    edge: str
+    revision: int
+    """The revision of the signed desired state this is about (0: none received)."""
+    version_id: int
+    digest: str
+    """SHA-256 hex of that message's signed payload; the cloud only counts reports that
+    carry the digest it issued."""
+    status: str
+    """One of :data:`broker.protocol.desired.DESIRED_STATUSES` (a plain string, as for
+    command status)."""
+    reported_at: float
+    """Unix seconds, the edge's clock."""
+    observed: dict[str, Any] = {}
+    """The managed fields as the edge sees them (the reported state)."""
+    drift: list[dict[str, Any]] = []
+    """``{"path", "desired", "observed"}`` per field that differs."""
+    reason: str = ""
+    applied: list[str] = []
+    """The command kinds the last apply used (empty when nothing differed)."""
+
+
+Event = Heartbeat | DropMarker | CommandStatusReport | DesiredStateReport
 
 _decoder: msgspec.msgpack.Decoder[Event] = msgspec.msgpack.Decoder(Event)
 _encoder = msgspec.msgpack.Encoder()

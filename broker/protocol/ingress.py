@@ -52,6 +52,7 @@ __all__ = [
     "IngressResponse",
     "ProducerId",
     "RequestSeq",
+    "check_encoded_json",
     "check_headers",
     "check_key",
     "encode_payload",
@@ -149,15 +150,26 @@ def encode_payload(payload: object) -> tuple[int, bytes]:
         raise InvalidInput(
             f"payload of type {type(payload).__name__} is neither bytes nor JSON-encodable: {exc}"
         ) from exc
-    # msgspec's output is valid JSON; what jsonb may still refuse is cheap to rule out
-    # (a body of at most MAX_JSON_DEPTH bytes cannot nest deeper than that).
+    check_encoded_json(body)
+    return CT_JSON, body
+
+
+def check_encoded_json(body: bytes) -> None:
+    """Check JSON text msgspec encoded for what PostgreSQL ``jsonb`` may still refuse.
+
+    msgspec's output is valid JSON; a NUL character or nesting beyond
+    ``MAX_JSON_DEPTH`` are what is left, and both are cheap to rule out (a body
+    of at most ``MAX_JSON_DEPTH`` bytes cannot nest deeper than that).
+
+    Raises:
+        InvalidInput: ``jsonb`` would refuse the text.
+    """
     if b"\\u0000" in body or (
         len(body) > MAX_JSON_DEPTH and body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH
     ):
         problem = json_problem(body)
         if problem:
             raise InvalidInput(f"payload: {problem}")
-    return CT_JSON, body
 
 
 def to_ts_us(ts: object) -> int:

@@ -11,13 +11,15 @@ Roles:
   batches (``<p>.rec.<own>.*``) and events (``<p>.evt.<own>``), pulls from its
   own control consumer ``ctl-<own>`` (next, ack, info), reads its own watermark
   keys (live updates on ``$KV.<bucket>.<own>.>`` and direct gets of them) and
-  reads stream info to verify the topology. No KV write, no stream or consumer
+  reads stream info to verify the topology; reads its own desired-state key
+  (``$KV.<P>_DESIRED.<own>``: live updates and direct gets). No KV write, no stream or consumer
   administration, no subject of another edge, and replies only on its own
   inbox prefix so it cannot read anybody else's responses.
 - ``ingest``: manages the topology (creates and updates the streams and the
   watermark bucket, its own consumers), pulls and acks records and events,
   writes watermarks.
-- ``api``: publishes commands, reads stream info.
+- ``api``: publishes commands and each edge's desired state (KV puts), reads stream
+  info.
 - ``admin``: the JetStream API as a whole (``edgesync edges add`` creates each
   edge's control consumer with it); held by operators, never by a service.
 
@@ -80,6 +82,7 @@ def permissions_for(topology: Topology, role: Role, edge: str | None = None) -> 
     """The permissions of ``role`` (of edge ``edge`` for the edge role)."""
     t = topology
     kv_stream = f"KV_{t.watermarks_bucket}"
+    desired_stream = f"KV_{t.desired_bucket}"
     inbox = f"{inbox_prefix(t, role, edge)}.>"
     if role == "edge":
         assert edge is not None  # inbox_prefix checked it
@@ -94,8 +97,10 @@ def permissions_for(topology: Topology, role: Role, edge: str | None = None) -> 
                 f"{_JS}.CONSUMER.MSG.NEXT.{t.control_stream}.{durable}",
                 f"$JS.ACK.{t.control_stream}.{durable}.>",
                 f"{_JS}.DIRECT.GET.{kv_stream}.$KV.{t.watermarks_bucket}.{edge}.>",
+                f"{_JS}.STREAM.INFO.{desired_stream}",
+                f"{_JS}.DIRECT.GET.{desired_stream}.{t.desired_subject(edge)}",
             ),
-            subscribe=(f"$KV.{t.watermarks_bucket}.{edge}.>", inbox),
+            subscribe=(f"$KV.{t.watermarks_bucket}.{edge}.>", t.desired_subject(edge), inbox),
         )
     if edge is not None:
         raise ValueError(f"role {role!r} takes no edge id")
@@ -105,7 +110,8 @@ def permissions_for(topology: Topology, role: Role, edge: str | None = None) -> 
             publish=(
                 *(f"{_JS}.STREAM.{op}.{s}"
                   for op in ("INFO", "CREATE", "UPDATE")
-                  for s in (t.records_stream, t.control_stream, t.events_stream, kv_stream)),
+                  for s in (t.records_stream, t.control_stream, t.events_stream, kv_stream,
+                            desired_stream)),
                 *(f"{_JS}.CONSUMER.CREATE.{s}.>" for s in consumed),
                 *(f"{_JS}.CONSUMER.DURABLE.CREATE.{s}.*" for s in consumed),
                 *(f"{_JS}.CONSUMER.INFO.{s}.*" for s in consumed),
@@ -119,8 +125,10 @@ def permissions_for(topology: Topology, role: Role, edge: str | None = None) -> 
         return Permissions(
             publish=(
                 f"{t.prefix}.ctl.*",
+                f"$KV.{t.desired_bucket}.*",  # each edge's signed desired state
                 *(f"{_JS}.STREAM.INFO.{s}"
-                  for s in (t.records_stream, t.control_stream, t.events_stream)),
+                  for s in (t.records_stream, t.control_stream, t.events_stream,
+                            desired_stream)),
             ),
             subscribe=(inbox,),
         )

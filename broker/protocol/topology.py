@@ -8,6 +8,11 @@
 
 ``<p>`` is the configurable prefix (default ``es``).
 
+Two KV buckets: ``<P>_WATERMARKS`` (committed watermarks, key
+``<edge>.<stream>.<epoch>``) and ``<P>_DESIRED`` (each edge's newest signed desired
+state, key ``<edge>``, history 1: a newer version replaces one still unread, see
+:mod:`broker.protocol.desired`).
+
 The cloud owns the topology: only the ingest (or the admin step
 ``edgesync streams init``) calls :meth:`Topology.ensure_streams` and
 :meth:`Topology.ensure_watermark_bucket`, which create the streams and the KV
@@ -38,22 +43,15 @@ from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from broker.errors import TopologyMissing
+from broker.protocol.stream_limits import RECORDS_MAX_AGE_S, RECORDS_MAX_BYTES
 from broker.protocol.tokens import validate_token
 
-__all__ = ["INIT_HINT", "RECORDS_MAX_AGE_S", "RECORDS_MAX_BYTES", "Topology"]
+__all__ = ["INIT_HINT", "Topology"]
 
 INIT_HINT = "start the ingest or run `edgesync streams init` (the cloud owns the streams)"
 """What to do about a missing stream; every client's message says it."""
 
 log = structlog.get_logger(__name__)
-
-RECORDS_MAX_BYTES = 10 * 1024**3
-"""Default byte cap of ``ES_RECORDS``. The stream only needs what PostgreSQL has not
-committed yet (the edge keeps every record until then and retransmits what the
-stream discarded), so it is bounded: sizing rule in ``docs/scaling.md``."""
-RECORDS_MAX_AGE_S = 24 * 3600.0
-"""Default age cap of ``ES_RECORDS``: a day covers an ingest outage of a night."""
-
 
 @dataclass(frozen=True, slots=True)
 class Topology:
@@ -85,6 +83,16 @@ class Topology:
     def watermarks_bucket(self) -> str:
         """KV bucket of committed watermarks, key ``<edge>.<stream>.<epoch>``."""
         return f"{self.prefix.upper()}_WATERMARKS"
+
+    @property
+    def desired_bucket(self) -> str:
+        """KV bucket of each edge's newest signed desired state, key ``<edge>``."""
+        return f"{self.prefix.upper()}_DESIRED"
+
+    def desired_subject(self, edge: str) -> str:
+        """The subject of an edge's desired-state key (a put publishes to it; an edge
+        subscribes to it for live updates)."""
+        return f"$KV.{self.desired_bucket}.{validate_token('edge id', edge)}"
 
     def watermark_updates_subject(self, edge: str) -> str:
         """Where the KV bucket publishes updates of one edge's keys."""
@@ -179,6 +187,23 @@ class Topology:
             description="edgesync committed watermarks, key <edge>.<stream>.<epoch>",
         )
 
+    def desired_config(self) -> KeyValueConfig:
+        return KeyValueConfig(
+            bucket=self.desired_bucket,
+            history=1,  # the newest version supersedes any older one still unread
+            storage=StorageType.FILE,
+            replicas=self.replicas,
+            direct=True,  # an edge reads its own key by a direct get (permissions)
+            description="edgesync desired state, key <edge>: the newest signed version",
+        )
+
+    async def ensure_desired_bucket(self, js: JetStreamContext) -> KeyValue:
+        """Create (idempotently) and return the desired-state bucket. Owner only."""
+        try:
+            return await js.create_key_value(self.desired_config())
+        except BadRequestError:
+            return await js.key_value(self.desired_bucket)
+
     async def ensure_watermark_bucket(self, js: JetStreamContext) -> KeyValue:
         """Create (idempotently) and return the watermark bucket. Owner only.
 
@@ -218,10 +243,11 @@ class Topology:
             )
 
     async def ensure_all(self, js: JetStreamContext) -> KeyValue:
-        """The owner's step: the streams and the watermark bucket, created or updated to
-        this configuration (idempotent); returns the bucket. What the ingest does at
-        start and ``edgesync streams init`` does alone."""
+        """The owner's step: the streams and the buckets (watermarks, desired state),
+        created or updated to this configuration (idempotent); returns the watermark
+        bucket. What the ingest does at start and ``edgesync streams init`` does alone."""
         await self.ensure_streams(js)
+        await self.ensure_desired_bucket(js)
         return await self.ensure_watermark_bucket(js)
 
     async def ensure_streams(self, js: JetStreamContext) -> None:

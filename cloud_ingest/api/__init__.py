@@ -10,6 +10,8 @@ status, see the edges.
 |                                        | (``?state=online|offline|lagging``)         |
 | ``GET  /v1/dead-letters[/{id}]``, ``POST /v1/dead-letters/{id}/replay`` | dead letters: |
 |                                        | list, show, replay (:mod:`cloud_ingest.dead_letters`) |
+| ``/v1/edges/{edge}/labels``,           | labels, desired state, drift, rollouts      |
+| ``/v1/desired/...``, ``/v1/rollouts...`` | (:mod:`~cloud_ingest.api.desired_routes`) |
 | ``GET  /v1/audit``, ``/v1/operators``  | the audit log, the operators (admin scope)  |
 | ``GET  /healthz``, ``/readyz``, ``/metrics``, ``/docs``, ``/openapi.json`` |       |
 

@@ -146,14 +146,19 @@ class ApiGuard:
 
     Args:
         max_body_bytes: the largest request body read (1 MiB by default in settings).
+        session_prefixes: paths under these prefixes authenticate themselves (the
+            console's session cookie, :mod:`cloud_ingest.console`): no bearer token is
+            asked here, the body limit and the audit log still apply.
     """
 
     def __init__(self, app: ASGIApp, *, authenticator: Authenticator,
-                 pool: Callable[[], asyncpg.Pool], max_body_bytes: int) -> None:
+                 pool: Callable[[], asyncpg.Pool], max_body_bytes: int,
+                 session_prefixes: tuple[str, ...] = ()) -> None:
         self.app = app
         self.authenticator = authenticator
         self.pool = pool
         self.max_body_bytes = max_body_bytes
+        self.session_prefixes = session_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -166,7 +171,7 @@ class ApiGuard:
                                       f"{self.max_body_bytes}-byte limit")
             path: str = scope["path"]
             state: dict[str, Any] = scope.setdefault("state", {})
-            if path not in OPEN_PATHS:
+            if path not in OPEN_PATHS and not _under(path, self.session_prefixes):
                 authorization = _header(scope, b"authorization")
                 if not (path == "/metrics"
                         and self.authenticator.is_metrics_token(authorization)):
@@ -215,7 +220,9 @@ class ApiGuard:
         async def send_after_audit(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                if method not in _READS or status == 403:
+                # A 401 is anonymous noise (a console login with a wrong token): counted
+                # in the request metrics, not audited, as the guard's own 401s.
+                if (method not in _READS or status == 403) and status != 401:
                     await self._audit(scope, status)
             await send(message)
 
@@ -236,6 +243,10 @@ class ApiGuard:
         except Exception as exc:  # the action happened: say loudly that its trace did not
             log.error("audit_write_failed", error=f"{type(exc).__name__}: {exc}",
                       path=scope["path"], status=status)
+
+
+def _under(path: str, prefixes: tuple[str, ...]) -> bool:
+    return any(path == p or path.startswith(f"{p}/") for p in prefixes)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -30,6 +30,7 @@ from broker.protocol.command_status import CommandStatus
 from broker.protocol.tokens import TOKEN_PATTERN, is_valid_token
 from broker.serving import error_response
 from cloud_ingest.api.auth import CHALLENGE, ApiGuard, Authenticator, require_scope
+from cloud_ingest.api.desired_routes import desired_routes
 from cloud_ingest.api.models import (
     AuditOut,
     CommandAccepted,
@@ -40,6 +41,8 @@ from cloud_ingest.api.models import (
     OperatorOut,
 )
 from cloud_ingest.api.records import TailLimit, record_routes
+from cloud_ingest.console import PREFIX as CONSOLE_PREFIX
+from cloud_ingest.console import mount_console
 from cloud_ingest.db_errors import DATABASE_ERRORS, as_temporary
 from cloud_ingest.dead_letters import dead_letter_routes
 from cloud_ingest.operators import Operator, command_scope, list_audit, list_operators
@@ -125,7 +128,7 @@ def create_app(api: Api) -> FastAPI:
         app.add_exception_handler(foreign, database_error)
 
     app.add_middleware(ApiGuard, authenticator=authenticator, pool=api._db,
-                       max_body_bytes=settings.max_body_bytes)
+                       max_body_bytes=settings.max_body_bytes, session_prefixes=(CONSOLE_PREFIX,))
 
     @app.middleware("http")  # outside the guard: refusals are counted too
     async def count(request: Request, call_next: Any) -> Response:
@@ -225,6 +228,11 @@ def create_app(api: Api) -> FastAPI:
     app.include_router(dead_letter_routes(
         api._db, read=require_read, write=Depends(require_scope("operate"))),
         responses=ERROR_RESPONSES)
+    app.include_router(desired_routes(  # desired state, labels, rollouts
+        api, read=require_read, write=Depends(require_scope("operate"))),
+        responses={**ERROR_RESPONSES, **_NOT_FOUND,
+                   409: _error("The rollout's state does not allow that action."),
+                   503: _error("NATS did not acknowledge the desired state; retry.")})
     app.include_router(record_routes(  # committed records, tail, checkpoints
         api._db, settings.postgres_dsn, read=require_read,
         tails=TailLimit(settings.max_live_tails, api.metrics.live_tails,
@@ -257,6 +265,8 @@ def create_app(api: Api) -> FastAPI:
         add and revoke them with `edgesync operators`)."""
         async with api._db().acquire() as conn:
             return await list_operators(conn, include_revoked=revoked)
+
+    mount_console(app, api)  # the operator console under /ui (its own login, same scopes)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

@@ -1,6 +1,7 @@
 """The operator API's service: its resources (PostgreSQL pool, NATS, signer,
 listener), the operations behind the routes (issue, read, expire, republish),
-and its root tasks (HTTP, expiry loop, republish loop) under one supervisor."""
+and its root tasks (HTTP, expiry loop, republish loop, rollout driver) under one
+supervisor."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from broker.connecting import close_nats, connect_with_retry
-from broker.errors import ClosedError, ConfigError, Conflict, InvalidInput
+from broker.errors import ClosedError, ConfigError, Conflict, EdgesyncError, InvalidInput
 from broker.protocol.command_specs import masked_spec
 from broker.protocol.command_status import CommandStatus
 from broker.protocol.commands import CommandSigner, new_envelope
@@ -32,7 +33,9 @@ from broker.token_strength import check_token_strength
 from cloud_ingest.api.routes import create_app
 from cloud_ingest.command_status import expire_overdue
 from cloud_ingest.db_errors import DATABASE_ERRORS, as_temporary
+from cloud_ingest.desired import DesiredPublisher
 from cloud_ingest.pooling import close_pool, connect_pool
+from cloud_ingest.rollouts import RolloutDriver, RolloutMetrics
 from cloud_ingest.schema import migrate
 
 __all__ = ["Api", "ApiMetrics", "run"]
@@ -88,6 +91,7 @@ class Api(Service):
         self._pool: asyncpg.Pool | None = None
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
+        self.rollouts: RolloutDriver | None = None
 
     async def _open(self) -> None:
         for field in ("operator_token", "metrics_token"):
@@ -116,6 +120,10 @@ class Api(Service):
         self._js = self._nc.jetstream(timeout=self.nats_settings.publish_timeout_s)
         # The ingest owns the streams; the API only checks the one it publishes to.
         await self.topology.require_streams(self._js, [self.topology.control_stream])
+        self.rollouts = RolloutDriver(
+            DesiredPublisher(signer=self.signer, topology=self.topology, js=self._js),
+            offline_after_s=self.settings.edge_offline_after_s,
+            metrics=RolloutMetrics(self.metrics.registry))
         log.info("api_ready", key_id=self.signer.key_id, issuer=self.signer.issuer)
 
     async def _close(self) -> None:
@@ -296,6 +304,16 @@ class Api(Service):
         self.metrics.unpublished.set(len(rows) - done)
         return done
 
+    async def drive_rollouts(self) -> int:
+        """One pass of the rollout driver (:mod:`cloud_ingest.rollouts`); returns how many
+        rollouts it advanced."""
+        assert self.rollouts is not None
+        try:
+            return await self.rollouts.tick(self._db())
+        except EdgesyncError as exc:  # a bug or bad row: logged, the loop goes on
+            log.error("rollouts_tick_failed", error=f"{type(exc).__name__}: {exc}")
+            return 0
+
     # -- the service -----------------------------------------------------------------
 
     async def _every(self, interval: float, job: Callable[[], Awaitable[int]], name: str
@@ -331,6 +349,8 @@ class Api(Service):
                                     "expiry"), name="expiry")
             roots.start(self._every(self.settings.republish_interval_s, self.republish,
                                     "republish"), name="republish")
+            roots.start(self._every(self.settings.rollout_interval_s, self.drive_rollouts,
+                                    "rollouts"), name="rollouts")
 
             async def shutdown() -> None:
                 server.should_exit = True  # in-flight requests finish; then the loops stop

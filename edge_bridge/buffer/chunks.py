@@ -56,7 +56,29 @@ class EncodedChunk(NamedTuple):
 
 
 def encode_chunks(records: Sequence[Record]) -> list[EncodedChunk]:
-    """Split and encode records into chunks (see :class:`EncodedChunk`)."""
+    """Split and encode records into chunks (see :class:`EncodedChunk`).
+
+    A run of up to :data:`CHUNK_MAX_RECORDS` records is encoded as one array in a
+    single call and its header cut off: the same bytes as encoding each record,
+    without a Python step per record (a profile of the bridge's append showed
+    those steps). A run whose records exceed :data:`CHUNK_MAX_BYTES` together is
+    split record by record, as before.
+    """
+    chunks: list[EncodedChunk] = []
+    for start in range(0, len(records), CHUNK_MAX_RECORDS):
+        run = records[start:start + CHUNK_MAX_RECORDS]
+        encoded = _record_encoder.encode(run)
+        body = encoded[len(array_header(len(run))):]
+        if len(body) > CHUNK_MAX_BYTES:
+            chunks.extend(_encode_one_by_one(run))
+        else:
+            chunks.append(EncodedChunk(len(run), body,
+                                       len(body) + STORED_RECORD_OVERHEAD_BYTES * len(run)))
+    return chunks
+
+
+def _encode_one_by_one(records: Sequence[Record]) -> list[EncodedChunk]:
+    """Split and encode records into chunks, measuring each record."""
     chunks: list[EncodedChunk] = []
     parts: list[bytes] = []
     nbytes = 0

@@ -319,7 +319,12 @@ class Buffer:
 
     async def pending_drops(self) -> list[DropRun]:
         """Drop runs the cloud has not yet accounted for."""
-        names = {s.sid: s.name for s in self._streams.states()}
+        states = self._streams.states()
+        # A drop run is written with the drop counters, which only grow: a buffer
+        # that never dropped has none, and the reporter's poll costs no read.
+        if not any(s.dropped_overflow or s.dropped_ttl for s in states):
+            return []
+        names = {s.sid: s.name for s in states}
         return await self._in_reader(lambda: reads.pending_drops(self._reading(), names))
 
     def mark_shipped(self, stream: str, upto_seq: int) -> None:

@@ -3,18 +3,22 @@
 An :class:`OutgoingBatch` is *pending* (open to more records of its stream) until it is
 sealed; sealed, it has its request sequence and its encoded body, which every
 retry resends unchanged; it is *settled* once each record's waiter has its
-result or its error, exactly once.
+result or its error, exactly once (:func:`resolve_waiters`, :func:`fail_waiters`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+import concurrent.futures
+from collections.abc import Callable
+from typing import Final, Protocol
 
-from broker.protocol.wire import Record
+from edge_bridge.sdk._records import OutRecord
 from edge_bridge.sdk.results import RecordAck
 
-__all__ = ["OutgoingBatch", "Waiter"]
+__all__ = ["OutgoingBatch", "Waiter", "fail_waiters", "resolve_waiters"]
+
+_INVALID_STATE: Final = (asyncio.InvalidStateError, concurrent.futures.InvalidStateError)
 
 
 class Waiter(Protocol):
@@ -44,7 +48,7 @@ class OutgoingBatch:
 
     def __init__(self, stream: str) -> None:
         self.stream = stream
-        self.records: list[Record] = []
+        self.records: list[OutRecord] = []
         self.waiters: list[Waiter] = []
         self.nbytes = 0
         self.timer: asyncio.Handle | None = None
@@ -52,3 +56,30 @@ class OutgoingBatch:
         self.body = b""
         self.done: asyncio.Future[None] | None = None
         self.settled = False
+
+
+def resolve_waiters(waiters: list[Waiter], stream: str, epoch: int, first_seq: int) -> None:
+    """Give record ``i`` its identity ``(stream, epoch, first_seq + i)``."""
+    for i, waiter in enumerate(waiters):
+        # No done() check first: on a concurrent future it takes a lock, and a
+        # future is cancelled rarely; set_result refuses those.
+        try:
+            waiter.set_result(RecordAck(stream, epoch, first_seq + i))
+        except _INVALID_STATE:
+            continue
+
+
+def fail_waiters(waiters: list[Waiter], make_error: Callable[[], BaseException]) -> None:
+    """Fail every record, each with its own exception instance.
+
+    Separate instances, because an exception raised in many places (and
+    threads) at once would grow one shared traceback.
+    """
+    for waiter in waiters:
+        try:
+            waiter.set_exception(make_error())
+        except _INVALID_STATE:  # cancelled by the application
+            continue
+        # Mark it retrieved: a fire-and-forget publisher gets the one log line
+        # the client writes per batch, not one "exception never retrieved" per record.
+        waiter.exception()

@@ -8,6 +8,7 @@ arguments with these defaults and documents what each means;
 
 from __future__ import annotations
 
+import enum
 from typing import TYPE_CHECKING, Final, TypedDict
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ __all__ = [
     "RETRY_AFTER_MIN_S",
     "WIRE_RECORD_OVERHEAD_BYTES",
     "ClientOptions",
+    "Default",
+    "require",
 ]
 
 DEFAULT_URL: Final = "http://127.0.0.1:8787"
@@ -80,3 +83,19 @@ class ClientOptions(TypedDict, total=False):
     max_pending_records: int
     transport: httpx.AsyncBaseTransport | None
     token: str | None
+
+
+class Default(enum.Enum):
+    """Marks an argument left out (``None`` already means "wait forever")."""
+
+    TIMEOUT = "the client's close_timeout_s"
+
+
+def require(condition: bool, message: str) -> None:
+    """Refuse an out-of-range option.
+
+    Raises:
+        ValueError: with ``message``, naming the option.
+    """
+    if not condition:
+        raise ValueError(message)

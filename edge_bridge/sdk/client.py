@@ -27,11 +27,8 @@ Nothing is dropped silently: every record's future ends acknowledged or failed.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import enum
-import functools
 import math
-import random
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -41,25 +38,12 @@ from typing import TYPE_CHECKING, Final
 import msgspec
 import structlog
 
-from broker.errors import BufferFull, ClosedError, RecordTooLarge, TemporaryError
-from broker.protocol.ingress import (
-    CONTENT_TYPE,
-    MAX_PRODUCER_CHARS,
-    IngressRequest,
-    IngressResponse,
-    check_headers,
-    check_key,
-    encode_payload,
-    records_path,
-    to_ts_us,
-)
+from broker.errors import BufferFull, ClosedError
+from broker.protocol.ingress import CONTENT_TYPE, MAX_PRODUCER_CHARS, IngressResponse
 from broker.protocol.tokens import validate_token
-from broker.protocol.wire import CT_RAW, MAX_KEY_CHARS, Record
-from edge_bridge.sdk._answers import decode_ack, rejection, retry_after_s
-from edge_bridge.sdk._batch import OutgoingBatch, Waiter
+from broker.protocol.wire import CT_JSON, MAX_KEY_CHARS
+from edge_bridge.sdk._batch import OutgoingBatch, Waiter, fail_waiters, resolve_waiters
 from edge_bridge.sdk._defaults import (
-    BACKOFF_INITIAL_S,
-    BACKOFF_MAX_S,
     DEFAULT_BATCH_MAX_BYTES,
     DEFAULT_BATCH_MAX_RECORDS,
     DEFAULT_CLOSE_TIMEOUT_S,
@@ -72,8 +56,17 @@ from edge_bridge.sdk._defaults import (
     DEFAULT_URL,
     MAX_RETRY_TIMEOUT_S,
     WIRE_RECORD_OVERHEAD_BYTES,
+    Default,
+    require,
 )
-from edge_bridge.sdk._http import ExchangeError, HttpxPoster, Poster, StreamPoster
+from edge_bridge.sdk._delivery import Delivery
+from edge_bridge.sdk._http import HttpxPoster, Poster, StreamPoster
+from edge_bridge.sdk._records import (
+    JSON_CHECK_ABOVE,
+    OutRecord,
+    encode_request,
+    prepare_record,
+)
 from edge_bridge.sdk.results import ClientStats, RecordAck
 
 if TYPE_CHECKING:
@@ -87,15 +80,10 @@ log = structlog.get_logger(__name__)
 
 _KNOWN_STREAMS_MAX: Final = 10_000
 """Validated stream names remembered to skip the regex; bounded like all caches."""
-_INVALID_STATE: Final = (asyncio.InvalidStateError, concurrent.futures.InvalidStateError)
-
-_encoder = msgspec.msgpack.Encoder()
-
-
-class _Default(enum.Enum):
-    """Marks an argument left out (``None`` already means "wait forever")."""
-
-    TIMEOUT = "the client's close_timeout_s"
+_Future: Final = asyncio.Future
+"""Built directly: ``loop.create_future()`` adds a Python call per record."""
+_json_encode: Final = msgspec.json.Encoder().encode
+_now_ns: Final = time.time_ns
 
 
 class _State(enum.Enum):
@@ -106,7 +94,6 @@ class _State(enum.Enum):
 
 _OPEN: Final = _State.OPEN
 """A module global: ``publish`` checks it per record, cheaper than the enum lookup."""
-_now_ns: Final = time.time_ns
 
 
 class EdgeClient:
@@ -177,24 +164,24 @@ class EdgeClient:
             producer_id = uuid.uuid4().hex
         if not isinstance(producer_id, str) or not 1 <= len(producer_id) <= MAX_PRODUCER_CHARS:
             raise ValueError(f"producer_id must be a string of 1..{MAX_PRODUCER_CHARS} characters")
-        _require(batch_max_records >= 1, "batch_max_records must be >= 1")
-        _require(batch_max_bytes >= 1, "batch_max_bytes must be >= 1")
-        _require(math.isfinite(linger_ms) and linger_ms >= 0, "linger_ms must be >= 0")
-        _require(max_in_flight >= 1, "max_in_flight must be >= 1")
-        _require(max_record_bytes >= 1, "max_record_bytes must be >= 1")
-        _require(
+        require(batch_max_records >= 1, "batch_max_records must be >= 1")
+        require(batch_max_bytes >= 1, "batch_max_bytes must be >= 1")
+        require(math.isfinite(linger_ms) and linger_ms >= 0, "linger_ms must be >= 0")
+        require(max_in_flight >= 1, "max_in_flight must be >= 1")
+        require(max_record_bytes >= 1, "max_record_bytes must be >= 1")
+        require(
             0 <= retry_timeout_s <= MAX_RETRY_TIMEOUT_S,
             f"retry_timeout_s must be within 0..{MAX_RETRY_TIMEOUT_S:g}",
         )
-        _require(request_timeout_s > 0, "request_timeout_s must be > 0")
-        _require(
+        require(request_timeout_s > 0, "request_timeout_s must be > 0")
+        require(
             close_timeout_s is None or (math.isfinite(close_timeout_s) and close_timeout_s >= 0),
             "close_timeout_s must be >= 0 or None",
         )
-        _require(max_pending_records >= 1, "max_pending_records must be >= 1")
+        require(max_pending_records >= 1, "max_pending_records must be >= 1")
         # Caught here: an unsupported scheme would otherwise look like a
         # transport error and be retried for retry_timeout_s.
-        _require(url.startswith(("http://", "https://")), f"url must be http(s)://..., got {url!r}")
+        require(url.startswith(("http://", "https://")), f"url must be http(s)://..., got {url!r}")
 
         self.stats = ClientStats()
         self._producer = producer_id
@@ -203,6 +190,9 @@ class EdgeClient:
         self._linger_s = linger_ms / 1000.0
         self._max_in_flight = max_in_flight
         self._max_record_bytes = max_record_bytes
+        # Records larger than this take prepare_record's full path (the size limit,
+        # and the nesting check for longer JSON).
+        self._inline_max_bytes = min(max_record_bytes, JSON_CHECK_ABOVE)
         self._retry_timeout_s = retry_timeout_s
         self._close_timeout_s = close_timeout_s
         self._max_pending = max_pending_records
@@ -211,13 +201,13 @@ class EdgeClient:
         self._next_request_seq = time.time_ns() // 1000
         # The bridge is local: no HTTP(S)_PROXY is consulted (one meant for
         # internet traffic must not silently route records through a proxy).
-        self._http: Poster
+        http: Poster
         if transport is None:
-            self._http = StreamPoster(url, content_type=CONTENT_TYPE,
+            http = StreamPoster(url, content_type=CONTENT_TYPE,
                                       timeout_s=request_timeout_s, max_connections=max_in_flight,
                                       token=token)
         else:
-            self._http = HttpxPoster(url, transport=transport, content_type=CONTENT_TYPE,
+            http = HttpxPoster(url, transport=transport, content_type=CONTENT_TYPE,
                                      timeout_s=request_timeout_s, token=token)
 
         self._state = _State.OPEN
@@ -226,16 +216,10 @@ class EdgeClient:
         self._pending: dict[str, OutgoingBatch] = {}
         self._unresolved: set[OutgoingBatch] = set()
         self._outstanding = 0
-        self._send_queue: asyncio.Queue[OutgoingBatch] | None = None
-        self._senders: list[asyncio.Task[None]] = []
         self._release_task: asyncio.Task[None] | None = None
-        self._backpressure_hint_s = BACKOFF_INITIAL_S
-        # The current outage, if any: since when (loop time), what went wrong
-        # first and last, and how many requests and retries it cost.
-        self._outage_since: float | None = None
-        self._outage_problem = ""
-        self._outage_requests: set[int] = set()
-        self._outage_retries = 0
+        self._delivery = Delivery(http, producer=producer_id, max_in_flight=max_in_flight,
+                                  retry_timeout_s=retry_timeout_s, stats=self.stats,
+                                  settler=self)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -296,7 +280,7 @@ class EdgeClient:
                 f"{self._outstanding} records not settled within {timeout:g} s; sending goes on"
             )
 
-    async def close(self, timeout: float | _Default | None = _Default.TIMEOUT) -> None:
+    async def close(self, timeout: float | Default | None = Default.TIMEOUT) -> None:
         """Flush for at most ``timeout`` seconds, then release the connections. Idempotent.
 
         ``publish`` raises :class:`ClosedError` from the moment ``close`` is
@@ -317,7 +301,7 @@ class EdgeClient:
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSING
-        wait_s = self._close_timeout_s if isinstance(timeout, _Default) else timeout
+        wait_s = self._close_timeout_s if isinstance(timeout, Default) else timeout
         try:
             try:
                 await self.flush(wait_s)
@@ -328,7 +312,8 @@ class EdgeClient:
             await self.abort()
 
     def _fail_unacknowledged(self, waited_s: float) -> None:
-        why = self._outage_problem if self._outage_since is not None else "no answer yet"
+        outage = self._delivery.outage
+        why = outage.problem if outage.since is not None else "no answer yet"
         message = (
             f"the bridge did not acknowledge this record within the close timeout "
             f"({waited_s:g} s; {why}); the client closed, and the record may or may not "
@@ -362,11 +347,7 @@ class EdgeClient:
         await asyncio.shield(self._release_task)
 
     async def _release(self) -> None:
-        for task in self._senders:
-            task.cancel()
-        await asyncio.gather(*self._senders, return_exceptions=True)
-        self._senders.clear()
-        await self._http.aclose()
+        await self._delivery.aclose()
         self._state = _State.CLOSED
 
     # -- publishing -------------------------------------------------------------------------
@@ -409,14 +390,41 @@ class EdgeClient:
             BufferFull: ``max_pending_records`` records await confirmation.
             ClosedError: the client is closing or closed.
         """
+        # The hot path of the SDK: everything per record is inlined here (and in
+        # prepare_record); a batch's work happens once, when it is sealed.
         if self._state is not _OPEN:
             raise ClosedError("EdgeClient is closed; publish is no longer possible")
-        record, nbytes = self._prepare(stream, payload, key, ts, headers)
+        if type(stream) is not str or stream not in self._known_streams:
+            self._learn_stream(stream)
+        if type(payload) is dict and ts is None and headers is None and (key is None or (
+                type(key) is str and len(key) <= MAX_KEY_CHARS and key.isascii()
+                and "\x00" not in key)):
+            # The common record, inline: prepare_record's rules, without its dispatch.
+            try:
+                data = _json_encode(payload)
+            except Exception:  # prepare_record raises the InvalidInput that explains it
+                data = b""
+            if (len(data) > self._inline_max_bytes or b"\\u0000" in data or not data):
+                record, nbytes = prepare_record(payload, key, ts, headers,
+                                                self._max_record_bytes)
+            else:
+                record = (_now_ns() // 1000, CT_JSON, data, key, None)
+                nbytes = len(data) + WIRE_RECORD_OVERHEAD_BYTES + (0 if key is None else len(key))
+        else:
+            record, nbytes = prepare_record(payload, key, ts, headers, self._max_record_bytes)
         if self._outstanding >= self._max_pending:
             raise self._buffer_full(self._outstanding)
-        loop = self._loop if self._loop is not None else self._bind_loop()
-        future: asyncio.Future[RecordAck] = loop.create_future()
-        self._append(stream, record, nbytes, future)
+        future: asyncio.Future[RecordAck] = _Future(loop=self._loop or self._bind_loop())
+        batch = self._pending.get(stream)
+        if batch is None or batch.nbytes + nbytes > self._batch_max_bytes:
+            batch = self._next_batch(stream, batch)
+        batch.records.append(record)
+        batch.waiters.append(future)
+        batch.nbytes += nbytes
+        self._outstanding += 1
+        self.stats.records_published += 1
+        if len(batch.records) >= self._batch_max_records or batch.nbytes >= self._batch_max_bytes:
+            self._seal(batch)
         return future
 
     async def publish_wait(
@@ -431,89 +439,68 @@ class EdgeClient:
         """``await publish(...)``: publish one record and wait until it is durable."""
         return await self.publish(stream, payload, key=key, ts=ts, headers=headers)
 
+    def _learn_stream(self, stream: object) -> None:
+        """Validate a stream name not seen before (raises ``InvalidInput``) and remember it."""
+        validate_token("stream name", stream)
+        if len(self._known_streams) < _KNOWN_STREAMS_MAX:
+            self._known_streams.add(stream)  # type: ignore[arg-type]  # validated: a str
+
     def _prepare(
         self, stream: str, payload: object, key: object, ts: object, headers: object
-    ) -> tuple[Record, int]:
+    ) -> tuple[OutRecord, int]:
         """Validate and convert one record; returns it with its batch-size charge.
 
-        Pure (touches only immutable settings and a set), so the synchronous
-        wrapper calls it from application threads.
+        Pure but for the set of known stream names (a cache), so the
+        synchronous wrapper calls it from application threads.
         """
         if type(stream) is not str or stream not in self._known_streams:
-            validate_token("stream name", stream)
-            if len(self._known_streams) < _KNOWN_STREAMS_MAX:
-                self._known_streams.add(stream)
-        # Fast path for the most common payload; the helper handles the rest.
-        if type(payload) is bytes:
-            ct, data = CT_RAW, payload
-        else:
-            ct, data = encode_payload(payload)
-        nbytes = len(data)
-        if nbytes > self._max_record_bytes:
-            raise RecordTooLarge(
-                f"payload of {nbytes} bytes exceeds max_record_bytes={self._max_record_bytes}"
-            )
-        nbytes += WIRE_RECORD_OVERHEAD_BYTES
-        ts_us = _now_ns() // 1000 if ts is None else to_ts_us(ts)
-        if key is not None:
-            # The common key (short ASCII text without NUL) needs none of check_key's work.
-            if not (type(key) is str and len(key) <= MAX_KEY_CHARS and key.isascii()
-                    and "\x00" not in key):
-                key = check_key(key)
-            nbytes += len(key)  # type: ignore[arg-type]
-        if headers is not None:
-            headers = check_headers(headers)
-            assert headers is not None
-            nbytes += sum(len(name) + len(value) + 2 for name, value in headers.items())
-        return Record(ts_us, ct, data, key, headers), nbytes
+            self._learn_stream(stream)
+        return prepare_record(payload, key, ts, headers, self._max_record_bytes)
 
-    def _submit(self, items: Iterable[tuple[str, Record, int, Waiter]]) -> None:
+    def _submit(self, items: Iterable[tuple[str, OutRecord, int, Waiter]]) -> None:
         """Append prepared records (loop thread only; used by the synchronous wrapper).
 
         The caller has already checked capacity; a client closed in between
         fails the waiters instead of raising, because nobody is there to catch.
         """
-        append = self._append
         for stream, record, nbytes, waiter in items:
-            if self._state is _State.OPEN:
-                append(stream, record, nbytes, waiter)
-            else:
+            if self._state is not _OPEN:
                 waiter.set_exception(ClosedError("EdgeClient closed before the record was queued"))
-
-    def _append(self, stream: str, record: Record, nbytes: int, waiter: Waiter) -> None:
-        batch = self._pending.get(stream)
-        if batch is None:
-            batch = self._open_batch(stream)
-        elif batch.nbytes + nbytes > self._batch_max_bytes:
-            self._seal(batch)
-            batch = self._open_batch(stream)
-        batch.records.append(record)
-        batch.waiters.append(waiter)
-        batch.nbytes += nbytes
-        self._outstanding += 1
-        self.stats.records_published += 1
-        if len(batch.records) >= self._batch_max_records or batch.nbytes >= self._batch_max_bytes:
-            self._seal(batch)
+                continue
+            batch = self._pending.get(stream)
+            if batch is None or batch.nbytes + nbytes > self._batch_max_bytes:
+                batch = self._next_batch(stream, batch)
+            batch.records.append(record)
+            batch.waiters.append(waiter)
+            batch.nbytes += nbytes
+            self._outstanding += 1
+            self.stats.records_published += 1
+            if (len(batch.records) >= self._batch_max_records
+                    or batch.nbytes >= self._batch_max_bytes):
+                self._seal(batch)
 
     def _buffer_full(self, waiting: int) -> BufferFull:
         return BufferFull(
             f"{waiting} records await confirmation by the bridge "
             f"(max_pending_records={self._max_pending}); retry later",
-            retry_after=self._backpressure_hint_s,
+            retry_after=self._delivery.backpressure_hint_s,
         )
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
-            self._send_queue = asyncio.Queue()
         elif self._loop is not loop:
             raise RuntimeError("EdgeClient is bound to another event loop")
         return loop
 
     # -- batching ---------------------------------------------------------------------------
 
-    def _open_batch(self, stream: str) -> OutgoingBatch:
+    def _next_batch(self, stream: str, full: OutgoingBatch | None) -> OutgoingBatch:
+        """Seal ``full`` (the stream's pending batch, if the next record does not fit)
+        and open the stream's next batch."""
+        if full is not None:
+            self._seal(full)
         assert self._loop is not None
         batch = OutgoingBatch(stream)
         self._pending[stream] = batch
@@ -529,7 +516,7 @@ class EdgeClient:
 
     def _seal(self, batch: OutgoingBatch) -> None:
         """Give the batch its request id, encode it once, and queue it for sending."""
-        assert self._loop is not None and self._send_queue is not None
+        assert self._loop is not None
         if self._pending.get(batch.stream) is batch:
             del self._pending[batch.stream]
         if batch.timer is not None:
@@ -537,206 +524,32 @@ class EdgeClient:
             batch.timer = None
         batch.request_seq = self._next_request_seq
         self._next_request_seq += 1
-        batch.body = _encoder.encode(
-            IngressRequest(self._producer, batch.request_seq, batch.records)
-        )
-        # Only the encoded body is needed from now on; dropping the Record
-        # objects roughly halves the memory a backlog holds.
+        batch.body = encode_request(self._producer, batch.request_seq, batch.records)
+        # Only the encoded body is needed from now on; dropping the records
+        # roughly halves the memory a backlog holds.
         batch.records = []
         batch.done = self._loop.create_future()
         self._unresolved.add(batch)
-        self._send_queue.put_nowait(batch)
-        if not self._senders:
-            self._senders = [
-                self._loop.create_task(self._send_forever(), name=f"edgesync-sdk-sender-{i}")
-                for i in range(self._max_in_flight)
-            ]
+        self._delivery.send(batch, self._loop)
 
-    # -- sending ----------------------------------------------------------------------------
+    # -- settling (the Settler of edge_bridge.sdk._delivery) ---------------------------------
 
-    async def _send_forever(self) -> None:
-        """One of ``max_in_flight`` senders: the pool size is the in-flight limit."""
-        assert self._send_queue is not None
-        while True:
-            batch = await self._send_queue.get()
-            try:
-                await self._deliver(batch)
-            except asyncio.CancelledError:
-                self._fail(batch, lambda: ClosedError("client aborted while sending the record"))
-                raise
-            except Exception as exc:  # a bug here must not leave futures pending forever
-                log.exception("sdk_sender_failed", producer=self._producer, stream=batch.stream)
-                self._fail(batch, functools.partial(_same, exc))
+    @property
+    def outstanding(self) -> int:
+        """Records published but not yet settled."""
+        return self._outstanding
 
-    async def _deliver(self, batch: OutgoingBatch) -> None:
-        """Send one sealed batch until it is confirmed, rejected, or its deadline passes."""
-        assert self._loop is not None
-        loop = self._loop
-        path = records_path(batch.stream)
-        deadline = loop.time() + self._retry_timeout_s
-        backoff = BACKOFF_INITIAL_S
-        attempt = 0
-        while True:
-            attempt += 1
-            self.stats.requests_sent += 1
-            retry_after: float | None = None
-            try:
-                response = await self._http.post(path, batch.body)
-            except ExchangeError as exc:
-                # Connection refused/reset, timeouts, a response lost mid-way:
-                # the bridge may or may not have stored the batch. Resending
-                # the same request id is safe either way.
-                problem = str(exc)
-            else:
-                status = response.status_code
-                if status == 200:
-                    ack = decode_ack(response.content, len(batch.waiters))
-                    if ack is not None:
-                        self._recovered()
-                        self._resolve(batch, ack)
-                        return
-                    # Retrying is safe (the bridge answers a repeat with the
-                    # original ack) and cures a garbled response.
-                    problem = f"malformed 200 answer: {response.content[:200]!r}"
-                elif status in (429, 503) and (retry_after := retry_after_s(response)) is not None:
-                    problem = f"bridge buffer full (HTTP {status}), retry after {retry_after:g} s"
-                    self._backpressure_hint_s = retry_after
-                elif 400 <= status < 500 and status != 408:
-                    self._recovered()  # reachable and answering, if not to our liking
-                    self._fail(batch, functools.partial(rejection, response))
-                    return
-                else:
-                    problem = f"HTTP {status}: {response.content[:200]!r}"
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                self._give_up(batch, attempt, problem, retry_after)
-                return
-            if retry_after is not None:
-                # Back-pressure: wait as told, plus a little jitter so blocked
-                # producers do not all return in the same millisecond.
-                delay = retry_after * random.uniform(1.0, 1.1)
-            else:
-                delay = random.uniform(backoff / 2, backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
-            delay = min(delay, remaining)
-            self.stats.retries += 1
-            self._trouble(batch, problem)
-            log.debug(
-                "sdk_request_retried",
-                producer=self._producer,
-                stream=batch.stream,
-                request_seq=batch.request_seq,
-                records=len(batch.waiters),
-                attempt=attempt,
-                delay_s=round(delay, 3),
-                reason=problem,
-            )
-            await asyncio.sleep(delay)
-
-    def _trouble(self, batch: OutgoingBatch, problem: str) -> None:
-        """A request will be retried: start (and log, once) an outage, or count into it."""
-        self._outage_problem = problem
-        self._outage_requests.add(batch.request_seq)
-        self._outage_retries += 1
-        if self._outage_since is not None:
-            return
-        assert self._loop is not None
-        self._outage_since = self._loop.time()
-        self.stats.outages += 1
-        log.warning(
-            "sdk_bridge_unavailable",
-            producer=self._producer,
-            url=self._http.base_url,
-            reason=problem,
-            pending_records=self._outstanding,
-            retry_timeout_s=self._retry_timeout_s,
-        )
-
-    def _recovered(self) -> None:
-        """The bridge answered: end (and summarise, once) the outage, if there was one."""
-        if self._outage_since is None:
-            return
-        assert self._loop is not None
-        log.info(
-            "sdk_bridge_available",
-            producer=self._producer,
-            url=self._http.base_url,
-            outage_s=round(self._loop.time() - self._outage_since, 3),
-            requests_retried=len(self._outage_requests),
-            retries=self._outage_retries,
-            last_problem=self._outage_problem,
-        )
-        self._outage_since = None
-        self._outage_requests = set()
-        self._outage_retries = 0
-
-    def _give_up(
-        self, batch: OutgoingBatch, attempts: int, problem: str, retry_after: float | None
-    ) -> None:
-        timeout = self._retry_timeout_s
-        if retry_after is not None:
-            message = f"bridge buffer still full after {timeout:g} s ({attempts} attempts)"
-            self._fail(batch, lambda: BufferFull(message, retry_after=retry_after))
-        else:
-            message = (
-                f"bridge unreachable for {timeout:g} s ({attempts} attempts; last: {problem}); "
-                "the records may or may not be stored"
-            )
-            self._fail(batch, lambda: TemporaryError(message, delay=BACKOFF_MAX_S))
-
-    # -- settling ---------------------------------------------------------------------------
-
-    def _resolve(self, batch: OutgoingBatch, ack: IngressResponse) -> None:
+    def resolve(self, batch: OutgoingBatch, ack: IngressResponse) -> None:
+        """The bridge stored the batch: each record gets its identity."""
         if batch.settled:
             return
-        stream, epoch, first_seq = batch.stream, ack.epoch, ack.first_seq
-        for i, waiter in enumerate(batch.waiters):
-            # No done() check first: on a concurrent future it takes a lock,
-            # and a future is cancelled rarely; set_result refuses those.
-            try:
-                waiter.set_result(RecordAck(stream, epoch, first_seq + i))
-            except _INVALID_STATE:
-                continue
+        resolve_waiters(batch.waiters, batch.stream, ack.epoch, ack.first_seq)
         self.stats.records_acked += len(batch.waiters)
         self._settle(batch)
 
-    def _fail_all(self, make_error: Callable[[], BaseException]) -> int:
-        """Fail every unsettled record (pending and sealed) quietly; returns how many.
-
-        The caller logs one line for all of them, not one per batch.
-        """
-        records = 0
-        for batch in [*self._pending.values(), *self._unresolved]:
-            if not batch.settled:
-                records += len(batch.waiters)
-                self._fail(batch, make_error, log_it=False)
-        return records
-
-    def _fail(
-        self,
-        batch: OutgoingBatch,
-        make_error: Callable[[], BaseException],
-        *,
-        log_it: bool = True,
-    ) -> None:
-        """Fail every record of ``batch``, each with its own exception instance.
-
-        Separate instances, because an exception raised in many places (and
-        threads) at once would grow one shared traceback.
-        """
+    def fail(self, batch: OutgoingBatch, make_error: Callable[[], BaseException]) -> None:
+        """Fail every record of ``batch`` and log it once (``sdk_batch_failed``)."""
         if batch.settled:
-            return
-        for waiter in batch.waiters:
-            try:
-                waiter.set_exception(make_error())
-            except _INVALID_STATE:  # cancelled by the application
-                continue
-            # Mark it retrieved: a fire-and-forget publisher gets the one log
-            # line below, not one "exception never retrieved" per record.
-            waiter.exception()
-        self.stats.records_failed += len(batch.waiters)
-        if not log_it:
-            self._settle(batch)
             return
         error = make_error()
         log.error(
@@ -748,6 +561,23 @@ class EdgeClient:
             error_type=type(error).__name__,
             error=str(error),
         )
+        self._fail_quietly(batch, make_error)
+
+    def _fail_all(self, make_error: Callable[[], BaseException]) -> int:
+        """Fail every unsettled record (pending and sealed) quietly; returns how many.
+
+        The caller logs one line for all of them, not one per batch.
+        """
+        records = 0
+        for batch in [*self._pending.values(), *self._unresolved]:
+            if not batch.settled:
+                records += len(batch.waiters)
+                self._fail_quietly(batch, make_error)
+        return records
+
+    def _fail_quietly(self, batch: OutgoingBatch, make_error: Callable[[], BaseException]) -> None:
+        fail_waiters(batch.waiters, make_error)
+        self.stats.records_failed += len(batch.waiters)
         self._settle(batch)
 
     def _settle(self, batch: OutgoingBatch) -> None:
@@ -763,12 +593,3 @@ class EdgeClient:
         self._unresolved.discard(batch)
         if batch.done is not None and not batch.done.done():
             batch.done.set_result(None)
-
-
-def _same(exc: BaseException) -> BaseException:
-    return exc
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)

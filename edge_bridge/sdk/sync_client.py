@@ -6,6 +6,14 @@ hosts one :class:`EdgeClient`; any number of application threads call
 hands the prepared record over through a locked list. The loop is woken once
 per burst rather than once per record, which keeps the cross-thread cost per
 record to a lock and a list append.
+
+The futures handed back are :class:`concurrent.futures.Future` objects that
+share one condition variable per client instead of building their own: a
+plain ``Future()`` costs a ``threading.Condition`` (an ``RLock`` and a deque)
+to create and a lock round trip to resolve, which a profile showed to be half
+of the synchronous client's cost per record. Their ``result()`` and
+``exception()`` re-check their own state after every wake-up, so a wake-up
+meant for another record of the same client is harmless.
 """
 
 from __future__ import annotations
@@ -13,18 +21,51 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Unpack
 
 from broker.errors import ClosedError
-from broker.protocol.wire import Record
-from edge_bridge.sdk._defaults import DEFAULT_URL, ClientOptions
-from edge_bridge.sdk.client import EdgeClient, _Default
+from edge_bridge.sdk._defaults import DEFAULT_URL, ClientOptions, Default
+from edge_bridge.sdk._records import OutRecord
+from edge_bridge.sdk.client import EdgeClient
 from edge_bridge.sdk.results import ClientStats, RecordAck
 
 __all__ = ["SyncEdgeClient"]
 
-_Item = tuple[str, Record, int, "concurrent.futures.Future[RecordAck]"]
+_Item = tuple[str, OutRecord, int, "concurrent.futures.Future[RecordAck]"]
+
+
+class _RecordFuture(concurrent.futures.Future[RecordAck]):
+    """A ``concurrent.futures.Future`` sharing its client's condition (see the module
+    docstring); it sets the same attributes ``Future.__init__`` does, and a unit
+    test keeps the two lists equal across Python versions."""
+
+    def __init__(self, condition: threading.Condition) -> None:  # no super(): that is the point
+        self._condition = condition
+        self._state = "PENDING"
+        self._result = None
+        self._exception = None
+        self._waiters = []
+        self._done_callbacks: list[Callable[[concurrent.futures.Future[RecordAck]], object]] = []
+
+    def result(self, timeout: float | None = None) -> RecordAck:
+        self._wait_done(timeout)
+        return super().result(0)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait_done(timeout)
+        return super().exception(0)
+
+    def _wait_done(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._condition:
+            while not self.done():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError
+                self._condition.wait(remaining)
 
 
 class SyncEdgeClient:
@@ -51,6 +92,7 @@ class SyncEdgeClient:
         self._client = EdgeClient(url, **options)
         self._max_pending = self._client.max_pending_records
         self._lock = threading.Lock()
+        self._futures_condition = threading.Condition()
         self._intake: list[_Item] = []
         self._wakeup_scheduled = False
         self._closed = False
@@ -109,7 +151,7 @@ class SyncEdgeClient:
         if self._closed:
             raise ClosedError("SyncEdgeClient is closed; publish is no longer possible")
         record, nbytes = self._client._prepare(stream, payload, key, ts, headers)
-        future: concurrent.futures.Future[RecordAck] = concurrent.futures.Future()
+        future = _RecordFuture(self._futures_condition)
         with self._lock:
             if self._closed:
                 raise ClosedError("SyncEdgeClient is closed; publish is no longer possible")
@@ -145,7 +187,7 @@ class SyncEdgeClient:
             future.cancel()
             raise TimeoutError(f"flush did not complete within {timeout} s") from None
 
-    def close(self, timeout: float | _Default | None = _Default.TIMEOUT) -> None:
+    def close(self, timeout: float | Default | None = Default.TIMEOUT) -> None:
         """Flush for at most ``timeout`` seconds, close the client and stop the loop thread.
 
         Idempotent and thread-safe; the outcome is that of :meth:`EdgeClient.close`:
@@ -193,7 +235,7 @@ class SyncEdgeClient:
         self._drain()
         await self._client.flush()
 
-    async def _aclose(self, timeout: float | _Default | None) -> None:
+    async def _aclose(self, timeout: float | Default | None) -> None:
         # No publish can add to the intake any more (closed is set under the
         # lock), so this drain hands over the last records before the flush.
         self._drain()

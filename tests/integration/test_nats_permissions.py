@@ -88,12 +88,14 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredNats]:
             js = ingest.nc.jetstream(timeout=5)
             await T.ensure_streams(js)
             kv = await T.ensure_watermark_bucket(js)
+            await T.ensure_desired_bucket(js)
             for edge in (EDGE, OTHER):
                 await create_control_consumer(secured.settings_for("admin"), T, edge)
                 await kv.put(f"{edge}.s.1", b"7")
             api_js = api.nc.jetstream(timeout=5)
             for edge in (EDGE, OTHER):
                 await api_js.publish(T.control_subject(edge), b"cmd-" + edge.encode())
+                await api_js.publish(T.desired_subject(edge), b"desired-" + edge.encode())
             assert not ingest.errors and not api.errors, (ingest.errors, api.errors)
         finally:
             await ingest.nc.close()
@@ -147,6 +149,11 @@ DENIED: list[tuple[Role, str, str, str]] = [
     ("edge", "direct-get another edge's watermark key", "pub",
      f"{JS}.DIRECT.GET.{KV_STREAM}.$KV.{KV}.{OTHER}.s.1"),
     ("edge", "get any key through the message-get API", "pub", f"{JS}.STREAM.MSG.GET.{KV_STREAM}"),
+    ("edge", "direct-get another edge's desired state", "pub",
+     f"{JS}.DIRECT.GET.KV_{T.desired_bucket}.{T.desired_subject(OTHER)}"),
+    ("edge", "watch another edge's desired state", "sub", T.desired_subject(OTHER)),
+    ("edge", "get a desired state through the message-get API", "pub",
+     f"{JS}.STREAM.MSG.GET.KV_{T.desired_bucket}"),
     ("edge", "read anybody's replies", "sub", "_INBOX.>"),
     ("edge", "read another edge's replies", "sub", f"{inbox_prefix(T, 'edge', OTHER)}.>"),
     ("edge", "read everything", "sub", ">"),
@@ -154,6 +161,7 @@ DENIED: list[tuple[Role, str, str, str]] = [
     ("edge", "forge a command", "pub", T.control_subject(EDGE)),
     ("edge", "kv put its own watermark (trim unsent records)", "pub", f"$KV.{KV}.{EDGE}.s.1"),
     ("edge", "kv put another edge's watermark", "pub", f"$KV.{KV}.{OTHER}.s.1"),
+    ("edge", "write its own desired state", "pub", T.desired_subject(EDGE)),
     ("edge", "delete a stream", "pub", f"{JS}.STREAM.DELETE.{T.records_stream}"),
     ("edge", "purge a stream", "pub", f"{JS}.STREAM.PURGE.{T.records_stream}"),
     ("edge", "update a stream", "pub", f"{JS}.STREAM.UPDATE.{T.records_stream}"),
@@ -183,6 +191,7 @@ DENIED: list[tuple[Role, str, str, str]] = [
     ("ingest", "delete a stream", "pub", f"{JS}.STREAM.DELETE.{T.records_stream}"),
     ("ingest", "purge a stream", "pub", f"{JS}.STREAM.PURGE.{T.records_stream}"),
     ("ingest", "read other identities' replies", "sub", "_INBOX.>"),
+    ("ingest", "write an edge's desired state", "pub", T.desired_subject(EDGE)),
     # the API: publishes commands and reads stream info
     ("api", "publish records as an edge", "pub", T.records_subject(EDGE, "s")),
     ("api", "forge a command status", "pub", T.events_subject(EDGE)),
@@ -277,6 +286,22 @@ async def edge_follows_watermark_updates(c: Callable[..., Awaitable[Client]]) ->
     await until(lambda: b"42" in seen)
 
 
+async def edge_reads_its_desired_state(c: Callable[..., Awaitable[Client]]) -> None:
+    edge, api = await c("edge", EDGE), await c("api")
+    kv = await edge.nc.jetstream(timeout=5).key_value(T.desired_bucket)
+    assert (await kv.get(EDGE)).value == b"desired-" + EDGE.encode()  # a direct get
+    seen: list[bytes] = []
+
+    async def on_msg(msg: nats.aio.msg.Msg) -> None:
+        seen.append(msg.data)
+
+    await edge.nc.subscribe(T.desired_subject(EDGE), cb=on_msg)
+    await edge.nc.flush()
+    await api.nc.jetstream(timeout=5).publish(T.desired_subject(EDGE), b"newer")
+    await until(lambda: b"newer" in seen)
+    assert not edge.errors
+
+
 async def ingest_consumes_records_and_events(c: Callable[..., Awaitable[Client]]) -> None:
     js = (await c("ingest")).nc.jetstream(timeout=5)
     for stream, subject in ((T.records_stream, T.records_wildcard),
@@ -312,6 +337,7 @@ async def admin_creates_control_consumers(c: Callable[..., Awaitable[Client]]) -
 ALLOWED: list[Callable[[Callable[..., Awaitable[Client]]], Awaitable[None]]] = [
     edge_ships_records, edge_reports_events, edge_verifies_topology,
     edge_pulls_and_acks_its_command, edge_reads_its_watermark, edge_follows_watermark_updates,
+    edge_reads_its_desired_state,
     ingest_consumes_records_and_events, ingest_manages_topology, api_publishes_commands,
     admin_creates_control_consumers,
 ]

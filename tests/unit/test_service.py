@@ -152,3 +152,29 @@ async def test_a_service_starts_once_and_closes_once() -> None:
             pass
     with pytest.raises(ClosedError):
         _ = service.port
+
+
+async def test_the_embedded_http_server_serves_and_stops_at_once_when_told() -> None:
+    """The quieter main loop (one tick a second) still answers with a Date header and
+    ends once ``should_exit`` is set."""
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from broker.serving import TICK_S, embedded_server, listen_tcp, wait_started
+
+    async def hello(_: object) -> PlainTextResponse:
+        return PlainTextResponse("hi")
+
+    server = embedded_server(Starlette(routes=[Route("/", hello)]))
+    sock = listen_tcp("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    assert await wait_started(server, task)
+    async with httpx.AsyncClient(trust_env=False) as http:
+        response = await http.get(f"http://127.0.0.1:{port}/")
+    assert response.text == "hi" and "date" in response.headers
+    server.should_exit = True
+    await asyncio.wait_for(task, timeout=TICK_S + 10)
+    assert server.should_exit

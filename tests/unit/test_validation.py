@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,6 +20,7 @@ from broker.protocol.validation import (
     check_records,
     json_problem,
     record_problem,
+    record_problems,
 )
 from broker.protocol.wire import CT_JSON, CT_RAW, Record
 
@@ -74,6 +76,30 @@ def test_what_jsonb_stores_passes(payload: bytes) -> None:
 def test_json_checks_are_total(data: bytes) -> None:
     """Whatever the bytes: a reason or None, never an exception."""
     assert json_problem(data) is None or json_problem(data)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=5),
+    max_leaves=20,
+)
+
+
+@given(st.builds(
+    Record,
+    st.sampled_from([0, MIN_TS_US, MIN_TS_US - 1, MAX_TS_US, MAX_TS_US + 1, 1_700_000_000]),
+    st.sampled_from([CT_RAW, CT_JSON, 2]),
+    st.one_of(st.binary(max_size=50), JSON_VALUES.map(msgspec.json.encode)),
+    st.one_of(st.none(), st.text(max_size=10), st.just("a\x00"), st.just("k" * 1025)),
+    st.one_of(st.none(), st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=2)),
+))
+@settings(max_examples=400)
+def test_checking_many_records_says_what_checking_each_says(record: Record) -> None:
+    """The inline common case of ``record_problems`` agrees with ``record_problem``."""
+    problem = record_problem(record)
+    assert record_problems([record]) == ([] if problem is None else [(0, problem)])
 
 
 def test_check_records_lists_every_bad_index() -> None:

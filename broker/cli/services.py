@@ -1,0 +1,124 @@
+"""Running one service from its settings, and the lean start of a bridge.
+
+:func:`run_service` is what every service command does once its settings are
+read: SIGINT/SIGTERM set a stop flag, and the outcome becomes the exit status
+(:data:`EXIT_ERROR` for an error of ours, :data:`EXIT_CRASHED` for anything
+else a root task raised). The ``edgesync`` command line uses it for
+``bridge``, ``ingest`` and ``api``.
+
+:func:`bridge_main` is ``edgesync bridge`` (and ``python -m broker bridge``)
+without the command line: a bridge runs on small devices beside the
+applications it serves, and its idle memory is mostly imported code. It does
+not import the CLI (typer, rich and every subcommand: ~3.5 MiB), and before
+anything imports them it keeps out two optional libraries the bridge never
+uses (:func:`skip_unused_libraries`): nats-py's WebSocket transport pulls in
+aiohttp (~8.5 MiB) whenever it is installed, and structlog loads rich
+(~4 MiB) for console tracebacks. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from broker.settings import Settings
+
+__all__ = [
+    "EXIT_CRASHED",
+    "EXIT_ERROR",
+    "bridge_main",
+    "run_from_env",
+    "run_service",
+    "skip_unused_libraries",
+]
+
+EXIT_CRASHED: Final = 1
+"""A service's root task crashed: Kubernetes must see a failed container, not a clean exit."""
+EXIT_ERROR: Final = 2
+"""An error of ours (bad settings, a root task that ended unasked, ...)."""
+
+
+def skip_unused_libraries(environ: Mapping[str, str]) -> list[str]:
+    """Keep libraries a service does not use from being imported; returns their names.
+
+    A ``None`` entry in ``sys.modules`` makes ``import name`` raise ImportError,
+    which both libraries' users handle as "not installed": nats-py then offers
+    no ``ws://`` transport, structlog renders tracebacks without rich. So
+    aiohttp stays out unless a NATS setting names a WebSocket URL, and rich
+    unless logs are for a terminal (``EDGESYNC_LOG__FORMAT=console``).
+    Libraries already imported are left alone.
+    """
+    skipped: list[str] = []
+    nats_values = [value for name, value in environ.items() if name.startswith("EDGESYNC_NATS")]
+    if not any("ws://" in value or "wss://" in value for value in nats_values):
+        skipped.append("aiohttp")
+    log_format = environ.get("EDGESYNC_LOG__FORMAT", "json").strip().lower()
+    if log_format == "json" and "console" not in environ.get("EDGESYNC_LOG", ""):
+        skipped.append("rich")
+    skipped = [name for name in skipped if name not in sys.modules]
+    for name in skipped:
+        sys.modules[name] = None  # type: ignore[assignment]  # the documented import block
+    return skipped
+
+
+def run_service(
+    body: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+) -> tuple[int, BaseException | None]:
+    """Run ``body(stop)`` with SIGINT/SIGTERM setting ``stop``.
+
+    Returns:
+        The exit status (0, :data:`EXIT_ERROR` or :data:`EXIT_CRASHED`) and the
+        error that caused a non-zero one (already logged).
+    """
+    import structlog
+
+    from broker.errors import EdgesyncError
+
+    log = structlog.get_logger("broker.cli.main")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await body(stop)
+
+    try:
+        asyncio.run(main())
+    except EdgesyncError as exc:
+        log.error("service_failed", error=f"{type(exc).__name__}: {exc}")
+        return EXIT_ERROR, exc
+    except Exception as exc:
+        log.critical("service_crashed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        return EXIT_CRASHED, exc
+    return 0, None
+
+
+def run_from_env(
+    body: Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]],
+) -> tuple[int, BaseException | None]:
+    """:func:`run_service` with the settings read from the environment and logging
+    configured from them, once, before the service starts."""
+    from broker.logs import configure_logging
+    from broker.settings import Settings
+
+    settings = Settings()
+    configure_logging(settings.log.level, settings.log.format)
+    return run_service(lambda stop: body(settings, stop))
+
+
+def bridge_main() -> int:
+    """``edgesync bridge``: one edge bridge from ``EDGESYNC_*`` settings; the exit status."""
+    skip_unused_libraries(os.environ)
+    from edge_bridge.bridge import run
+
+    code, error = run_from_env(
+        lambda settings, stop: run(settings.bridge, settings.nats, stop=stop))
+    if error is not None and code == EXIT_ERROR:
+        print(f"error: {error}", file=sys.stderr)
+    return code

@@ -1,0 +1,303 @@
+"""The operator console in a real browser (headless Chromium driven by Playwright)
+against a real ``edgesync up``: two simulated edges, NATS with TLS and auth, the
+embedded PostgreSQL. One ``up`` serves the whole module; the tests run in order
+and the last one takes the screenshots ``docs/console.md`` shows.
+
+Skipped, saying why, where Debian's ``chromium`` (``/usr/bin/chromium``) or the
+``playwright`` package is missing; ``.ci/run`` installs both.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import nats
+import pytest
+import pytest_asyncio
+
+from broker.connecting import connect_options
+from broker.protocol.permissions import inbox_prefix
+from broker.protocol.topology import Topology
+from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch
+from broker.settings import NatsSettings
+from cloud_ingest.operators import add_operator
+from tests.support import UpProcess, edgesync_up, until
+
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
+TIMEOUT_MS = 30_000
+
+playwright_api = pytest.importorskip(
+    "playwright.async_api", reason="the console's browser tests need the playwright package "
+    "(pip install -e '.[test]')")
+if not CHROMIUM.exists():
+    pytest.skip(f"the console's browser tests need Chromium at {CHROMIUM} (Debian: apt-get "
+                "install chromium; .ci/run installs it)", allow_module_level=True)
+
+expect = playwright_api.expect
+expect.set_options(timeout=TIMEOUT_MS)  # conditions with a deadline, polled by Playwright
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def up() -> AsyncIterator[UpProcess]:
+    """``edgesync up --edges 2 --simulate 200``, shared by every test here."""
+    # As root the embedded PostgreSQL runs as another user: a directory it can traverse.
+    base = Path(tempfile.mkdtemp(prefix="edgesync-console-"))
+    os.chmod(base, 0o755)
+    try:
+        async with edgesync_up(base, "--edges", "2", "--simulate", "200", "--bridge-port", "0",
+                               "--api-port", "0", state=base / "state") as running:
+            yield running
+            assert running.interrupt() == 0, running.log_tail()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser() -> AsyncIterator[Any]:
+    async with playwright_api.async_playwright() as pw:
+        # --no-sandbox: the tests may run as root, where Chromium's sandbox cannot start.
+        launched = await pw.chromium.launch(executable_path=str(CHROMIUM),
+                                            args=["--no-sandbox"])
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+async def _logged_in(browser: Any, up: UpProcess, token: str | None = None,
+                     viewport: tuple[int, int] = (1280, 800)) -> Any:
+    context = await browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = await context.new_page()
+    await page.goto(f"{up.runtime['api_url']}/ui/")
+    await page.get_by_label("Operator token").fill(token or up.runtime["operator_token"])
+    await page.get_by_role("button", name="Log in").click()
+    await expect(page.get_by_role("heading", name="Fleet")).to_be_visible()
+    return page
+
+
+async def _edge_page(browser: Any, up: UpProcess) -> Any:
+    page = await _logged_in(browser, up)
+    await page.get_by_role("link", name="edge-1", exact=True).click()
+    await expect(page.get_by_role("heading", name="Edge edge-1")).to_be_visible()
+    return page
+
+
+async def test_login_refuses_a_wrong_token_then_the_fleet_shows_both_edges(
+    up: UpProcess, browser: Any
+) -> None:
+    """Without a session the console redirects to its login form (the JSON API still
+    answers 401); a wrong token is refused on the form; the right one shows the fleet
+    with edge-1 and edge-2 online."""
+    url = up.runtime["api_url"]
+    async with httpx.AsyncClient(base_url=url) as client:
+        page_answer = await client.get("/ui/fleet")
+        assert page_answer.status_code == 303
+        assert page_answer.headers["location"].startswith("/ui/login?next=")
+        assert (await client.get("/v1/edges")).status_code == 401
+    context = await browser.new_context(viewport={"width": 1280, "height": 800})
+    page = await context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    await page.goto(f"{url}/ui/fleet")
+    await page.get_by_label("Operator token").fill("eso_" + "x" * 43)
+    await page.get_by_role("button", name="Log in").click()
+    await expect(page.get_by_role("alert")).to_have_text("Unknown or revoked operator token.")
+
+    await page.get_by_label("Operator token").fill(up.runtime["operator_token"])
+    await page.get_by_role("button", name="Log in").click()
+    rows = page.locator("#fleet-rows tr[data-edge]")
+    await expect(rows).to_have_count(2)  # both bridges have sent a heartbeat
+    await expect(rows.nth(0).locator("th")).to_have_text("edge-1")
+    await expect(rows.nth(1).locator("th")).to_have_text("edge-2")
+    await expect(rows.nth(0)).to_contain_text("online")
+    cookie = next(c for c in await context.cookies() if c["name"] == "edgesync_console")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/ui"
+    assert up.runtime["operator_token"] not in cookie["value"]  # sealed, not carried in clear
+    await context.close()
+
+
+async def test_fleet_search_sort_and_a_narrow_screen(up: UpProcess, browser: Any) -> None:
+    """Searching narrows the rows without a reload; sorting by edge descending puts
+    edge-2 first; at 390 px wide the page does not scroll sideways (the table does)."""
+    page = await _logged_in(browser, up)
+    await page.evaluate("window.notReloaded = true")
+    await page.get_by_label("Search edge or version").fill("edge-2")
+    rows = page.locator("#fleet-rows tr[data-edge]")
+    await expect(rows).to_have_count(1)
+    await expect(rows.first.locator("th")).to_have_text("edge-2")
+    assert await page.evaluate("window.notReloaded === true")
+    await page.goto(f"{up.runtime['api_url']}/ui/fleet?sort=edge&order=desc")
+    await expect(page.locator("#fleet-rows tr[data-edge] th").first).to_have_text("edge-2")
+    await page.set_viewport_size({"width": 390, "height": 844})
+    await expect(page.get_by_role("heading", name="Fleet")).to_be_visible()
+    assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    await page.keyboard.press("Tab")  # the first stop is the skip link
+    assert await page.evaluate("document.activeElement.textContent") == "Skip to content"
+    await page.goto(f"{up.runtime['api_url']}/ui/edges/edge-1")
+    await expect(page.get_by_role("heading", name="Edge edge-1")).to_be_visible()
+    assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    await page.get_by_role("link", name="Rollouts").click()  # the nav wraps, still there
+    await expect(page.get_by_role("heading", name="Rollouts")).to_be_visible()
+    await expect(page.locator("main")).to_contain_text("rollouts")
+    await page.context.close()
+
+
+async def test_a_streams_committed_count_rises_live_on_the_edge_view(
+    up: UpProcess, browser: Any
+) -> None:
+    """The edge view's committed count of the simulated stream grows while the page
+    stays open (Server-Sent Events, no reload)."""
+    page = await _edge_page(browser, up)
+    await page.evaluate("window.notReloaded = true")
+    cell = page.locator('#edge-streams tr[data-stream="telemetry"] td[data-field="committed"]')
+    await expect(cell).to_be_visible()
+    first = int((await cell.inner_text()).replace(",", ""))
+
+    async def grown() -> bool:
+        return int((await cell.inner_text()).replace(",", "")) > first
+
+    await until(grown, timeout=30, interval=0.25, message="committed count never rose")
+    assert await page.evaluate("window.notReloaded === true")
+    assert await page.locator("#edge-streams svg.chart").count() >= 1
+    await page.context.close()
+
+
+async def test_bridge_configure_from_the_form_shows_errors_inline_then_is_applied(
+    up: UpProcess, browser: Any
+) -> None:
+    """An out-of-range value is refused on its field, nothing is sent; a valid
+    ``bridge.configure`` is issued and its row in "Recent commands" reaches
+    ``applied`` on its own."""
+    page = await _edge_page(browser, up)
+    form = page.locator("#command-form")
+    await form.get_by_label("batch max records").fill("0")
+    await form.get_by_role("button", name="Send bridge.configure to edge-1").click()
+    field = page.locator("#command-form").get_by_label("batch max records")
+    await expect(field).to_have_attribute("aria-invalid", "true")
+    await expect(page.locator("#command-form .field-error")).to_contain_text(
+        "greater than or equal to 1")
+    assert await page.locator("#edge-commands tr[data-command]").count() == 0
+
+    await page.locator("#command-form").get_by_label("batch max records").fill("500")
+    await page.locator("#command-form").get_by_label("log level").select_option("debug")
+    await page.locator("#command-form").get_by_role("button", name="Send").click()
+    await expect(page.locator("#command-form [role=status]")).to_contain_text("issued")
+    row = page.locator("#edge-commands tr[data-command]").first
+    await expect(row).to_have_attribute("data-status", "applied")
+    await expect(row).to_contain_text("bridge.configure")
+    await page.context.close()
+
+
+async def test_scale_to_zero_asks_for_a_confirmation_before_it_is_sent(
+    up: UpProcess, browser: Any
+) -> None:
+    """``deployment.scale`` to 0 replicas is not sent until confirmed; confirmed, it is
+    issued (and the edge, which allows no namespace, rejects it: the lifecycle says so)."""
+    page = await _edge_page(browser, up)
+    await page.locator("#command-form").get_by_label("Kind").select_option("deployment.scale")
+    form = page.locator("#command-form")
+    await expect(form.get_by_label("replicas")).to_be_visible()
+    await form.locator("[name='spec.namespace']").fill("prod")
+    await form.locator("[name='spec.name']").fill("web")
+    await form.get_by_label("replicas").fill("0")
+    before = await page.locator("#edge-commands tr[data-command]").count()
+    await form.get_by_role("button", name="Send deployment.scale to edge-1").click()
+    dialog = page.get_by_role("alertdialog")
+    await expect(dialog).to_contain_text("scales prod/web to zero replicas")
+    assert await page.locator("#edge-commands tr[data-command]").count() == before
+    await dialog.get_by_role("button", name="Confirm and send").click()
+    await expect(page.locator("#command-form [role=status]")).to_contain_text("issued")
+    row = page.locator("#edge-commands tr[data-command]").filter(has_text="deployment.scale")
+    await expect(row).to_have_attribute("data-status", "rejected")
+    await page.context.close()
+
+
+async def test_a_read_only_operator_sees_no_command_form_and_cannot_post(
+    up: UpProcess, browser: Any
+) -> None:
+    """An operator with the read scope sees the edge but no form, and a POST with a
+    valid CSRF token is still refused (403) with the reason on the form."""
+    conn = await asyncpg.connect(up.runtime["postgres_dsn"])
+    try:
+        token = await add_operator(conn, "viewer", ["read"], created_by="test")
+    finally:
+        await conn.close()
+    page = await _logged_in(browser, up, token)
+    await page.get_by_role("link", name="edge-1", exact=True).click()
+    await expect(page.get_by_text("Your token has the read scope only")).to_be_visible()
+    assert await page.locator("#command-form").count() == 0
+    csrf = await page.locator("input[name=csrf]").first.get_attribute("value")
+    answer = await page.request.post(
+        f"{up.runtime['api_url']}/ui/edges/edge-1/commands",
+        form={"csrf": csrf or "", "kind": "bridge.configure", "spec.linger_ms": "5"})
+    assert answer.status == 403
+    assert "may not send bridge.configure" in await answer.text()
+    forged = await page.request.post(f"{up.runtime['api_url']}/ui/edges/edge-1/commands",
+                                     form={"csrf": "forged", "kind": "bridge.configure"})
+    assert forged.status == 403
+    await page.context.close()
+
+
+async def test_the_data_page_shows_completeness_and_a_live_tail(
+    up: UpProcess, browser: Any
+) -> None:
+    """The data page lists edge-2's telemetry with its watermark, and its live tail
+    fills with records as they commit (filtered to that edge)."""
+    page = await _logged_in(browser, up)
+    await page.goto(f"{up.runtime['api_url']}/ui/data?edge=edge-2&stream=telemetry")
+    await expect(page.locator("table.completeness tbody tr")).to_have_count(1)
+    await expect(page.locator("table.completeness tbody tr")).to_contain_text("edge-2")
+    tail = page.locator("#tail-rows tr")
+    await expect(tail.first).to_be_visible()
+    assert set(await page.locator("#tail-rows tr td:nth-child(2)").all_inner_texts()) == {
+        "edge-2"}
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(SHOTS / "data.png"))
+    await page.context.close()
+
+
+async def _publish_poison(runtime: dict[str, Any]) -> None:
+    """A batch from edge-1 whose JSON payload PostgreSQL refuses (``\\u0000``), on the
+    subject edge-1 may publish to, with edge-1's own credentials."""
+    settings = NatsSettings(url=runtime["nats_url"], ca_file=runtime["nats_ca_file"],
+                            credentials_file=runtime["nats_credentials"]["edge-1"])
+    nc = await nats.connect(runtime["nats_url"], allow_reconnect=False, connect_timeout=5,
+                            **connect_options(settings, inbox_prefix=inbox_prefix(
+                                Topology(), "edge", "edge-1")))
+    try:
+        poison = Batch(1, "edge-1", "poison", 4242, 1,
+                       [Record(0, CT_JSON, b'{"bad": "\\u0000"}')])
+        data, headers = encode_batch(poison)
+        await nc.jetstream().publish(Topology().records_subject("edge-1", "poison"), data,
+                                     headers=headers or None)
+    finally:
+        await nc.close()
+
+
+async def test_a_poison_records_dead_letter_appears_with_its_reason_then_screenshots(
+    up: UpProcess, browser: Any
+) -> None:
+    """A record PostgreSQL refuses shows up under "Recent dead letters" of its edge,
+    with its seq and reason, while the page is open. Then the screenshots of the
+    fleet and of this edge view are written to docs/console/."""
+    page = await _edge_page(browser, up)
+    await _publish_poison(up.runtime)
+    row = page.locator("#edge-deadletters tr[data-dead-letter]").first
+    await expect(row).to_contain_text("poison")
+    await expect(row.locator("td.reason")).to_contain_text("\\u0000")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    await expect(page.locator('#edge-commands tr[data-status="applied"]').first).to_be_visible()
+    await page.screenshot(path=str(SHOTS / "edge.png"), full_page=True)
+    await page.get_by_role("link", name="Fleet", exact=True).first.click()
+    await expect(page.locator("#fleet-rows tr[data-edge]")).to_have_count(2)
+    await page.screenshot(path=str(SHOTS / "fleet.png"), full_page=True)
+    await page.context.close()

@@ -1,0 +1,59 @@
+"""``edgesync bridge`` starts without the command line and without libraries it never uses.
+
+Each check runs in a fresh interpreter: what a process imports is the point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+WAIT_S = 60.0
+
+_PROBE = textwrap.dedent('''
+    import json, os, sys
+    from broker.cli.services import skip_unused_libraries
+    skipped = skip_unused_libraries(os.environ)
+    import edge_bridge.bridge  # everything a bridge imports to run
+    loaded = sorted(n for n in ("aiohttp", "rich", "typer", "broker.cli.main")
+                    if sys.modules.get(n) is not None)
+    print(json.dumps({"skipped": skipped, "loaded": loaded}))
+''')
+
+
+def _probe(**env: str) -> dict[str, list[str]]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("EDGESYNC_")}
+    out = subprocess.run([sys.executable, "-c", _PROBE], env={**clean, **env}, check=True,
+                         capture_output=True, text=True, timeout=WAIT_S).stdout
+    result: dict[str, list[str]] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def test_a_bridge_loads_neither_the_cli_nor_aiohttp_nor_rich() -> None:
+    """With JSON logs and a nats:// URL, the bridge's imports leave all of them out."""
+    result = _probe(EDGESYNC_NATS__URL="nats://127.0.0.1:4222")
+    assert result == {"skipped": ["aiohttp", "rich"], "loaded": []}
+
+
+def test_a_websocket_url_or_console_logs_keep_what_they_need() -> None:
+    """nats-py needs aiohttp for ws://; console logs may use rich for tracebacks."""
+    result = _probe(EDGESYNC_NATS__URL="wss://nats.example:443", EDGESYNC_LOG__FORMAT="console")
+    assert result["skipped"] == []
+
+
+def test_the_lean_bridge_exits_with_the_error_status_on_bad_settings(tmp_path: Path) -> None:
+    """``python -m broker bridge`` with an invalid setting fails at start-up with status 2
+    and names the problem, as the full command line does."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("EDGESYNC_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "broker", "bridge"], check=False,
+        env={**clean, "EDGESYNC_BRIDGE__EDGE_ID": "not.valid",
+             "EDGESYNC_BRIDGE__BUFFER_DIR": str(tmp_path / "buffer")},
+        capture_output=True, text=True, timeout=WAIT_S, cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "invalid edge id 'not.valid'" in proc.stderr
