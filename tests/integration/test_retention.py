@@ -131,7 +131,7 @@ async def test_an_existing_unpartitioned_table_is_moved_with_its_rows(pg_dsn: st
                     "last_seqs, wm_edge_ids, wm_streams, wm_epochs, watermarks) VALUES "
                     "(10, '{e}', '{s}', ARRAY[$1::int8], ARRAY[$2::int8], ARRAY[$2 + 9::int8], "
                     "'{e}', '{s}', ARRAY[$1::int8], ARRAY[$2 + 9::int8])", EPOCH, first)
-        assert await migrate(c) == [8]
+        assert (await migrate(c))[0] == 8  # and whatever came after it
         partitions = {p.day for p in await list_partitions(c)}
         assert {date(2026, 3, d) for d in (1, 2, 3, 4)} <= partitions
         per_day = await c.fetch(
