@@ -28,7 +28,7 @@ import base64
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal
 
 import asyncpg
@@ -204,6 +204,10 @@ async def replay_dead_letter(conn: Connection, letter_id: int) -> ReplayResult:
         fresh = [(s, r) for s, r in records
                  if not any(x.lower <= s < x.upper for x in committed)]
         received_us = time.time_ns() // 1000
+        # The ingest keeps partitions ahead; an API replaying while no ingest ran for
+        # days must not call the record invalid for want of one.
+        await conn.fetchval("SELECT es_records_partition($1)",
+                            datetime.fromtimestamp(received_us // 1_000_000, UTC).date())
         try:
             async with conn.transaction():
                 done = await conn.fetch(

@@ -18,6 +18,8 @@
   time from its group's COMMIT returning to the subscription yielding it; p50/p99.
 - *unpartitioned*: the same load into the pre-008 layout (one plain table, the
   primary key on the identity), same writer: ingest throughput and bytes per row.
+  The two layouts live in two databases and are loaded in alternating rounds,
+  each emptied first; as the SDK and the ceiling, medians of ``ROUNDS``.
 - *bytes per record*: ``pg_total_relation_size`` of every partition of ``records``
   (heap, TOAST, indexes) / rows, beside the payload's JSON size.
 """
@@ -45,10 +47,12 @@ from broker.protocol.wire import Batch, encode_batch
 from cloud_ingest.ingesting import init_connection
 from cloud_ingest.writing import GroupWriter
 
-__all__ = ["GROUP_RECORDS", "KEY", "TITLE", "run"]
+__all__ = ["GROUP_RECORDS", "KEY", "ROUNDS", "TITLE", "run"]
 
 KEY: Final = "consume"
 TITLE: Final = "8. consume the committed records; data at rest"
+ROUNDS: Final = 3
+"""Alternating rounds of each compared pair (medians reported)."""
 GROUP_RECORDS: Final = 16_000
 """Records per transaction of the load (the ingest's group_max_records)."""
 _COLUMNS = ("edge_id, stream, epoch, seq, event_time, received_at, key, headers, payload, "
@@ -111,6 +115,14 @@ async def _unpartition(dsn: str) -> None:
         await conn.close()
 
 
+async def _truncate(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("TRUNCATE records, committed_ranges, feed_commits")
+    finally:
+        await conn.close()
+
+
 async def _bytes_per_row(dsn: str) -> tuple[float, float]:
     """(bytes on disk per row, payload JSON bytes per row)."""
     conn = await asyncpg.connect(dsn)
@@ -129,10 +141,10 @@ async def _bytes_per_row(dsn: str) -> tuple[float, float]:
         await conn.close()
 
 
-async def _sdk(dsn: str, n: int) -> float:
+async def _sdk(dsn: str, n: int, name: str) -> float:
     got = 0
     started = time.perf_counter()
-    async with Subscription(dsn, "bench", start_at="earliest", batch_size=5000) as sub:
+    async with Subscription(dsn, name, start_at="earliest", batch_size=5000) as sub:
         async for batch in sub:
             got += len(batch)
             if got >= n:
@@ -238,38 +250,53 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
     step(f"encoding {n:,} records into batches")
     msgs = _msgs(batches(pool, n))
     res.data["records"] = n
+    # A shared machine's noise swamps one run of each: every pair below alternates
+    # ROUNDS times and each side reports its median (ratios of medians).
+    sdks: list[float] = []
+    ceilings: list[float] = []
+    parts: list[float] = []
+    plains: list[float] = []
     async with env.database("consume") as dsn:
         step(f"load: {n:,} records through the ingest's writer (partitioned)")
-        ingest_part = await _load(dsn, msgs)
+        await _load(dsn, msgs)
         per_row, payload = await _bytes_per_row(dsn)
-        step("ceiling: COPY (SELECT ...) TO STDOUT")
-        ceiling = await _copy(dsn, n)
-        step("edgesync SDK consumer from earliest")
-        sdk = await _sdk(dsn, n)
+        for r in range(ROUNDS):
+            step(f"round {r + 1}/{ROUNDS}: COPY (SELECT ...) TO STDOUT, then the SDK consumer")
+            ceilings.append(await _copy(dsn, n))
+            sdks.append(await _sdk(dsn, n, f"bench-{r}"))
         step(f"naive: keyset polling loop over {m:,} records")
         naive = await _naive(dsn, m)
     async with env.database("consume_live") as dsn:
         step(f"latency: commits at {profile.latency_rate:,.0f} records/s, a live subscription")
         p50, p99, samples = await _latency(dsn, pool, profile.latency_rate,
                                            profile.latency_seconds, profile.latency_warmup_s)
-    async with env.database("consume_plain") as dsn:
-        await _unpartition(dsn)
-        step(f"load: {n:,} records into the pre-008 unpartitioned table")
-        ingest_plain = await _load(dsn, msgs, plain=True)
-        plain_row, _ = await _bytes_per_row(dsn)
+    async with env.database("consume_part") as part, env.database("consume_plain") as plain:
+        await _unpartition(plain)
+        for r in range(ROUNDS):
+            step(f"round {r + 1}/{ROUNDS}: load into the partitioned table, then the pre-008 one")
+            for dsn, into in ((part, parts), (plain, plains)):
+                await _truncate(dsn)
+                into.append(await _load(dsn, msgs, plain=dsn == plain))
+        plain_row, _ = await _bytes_per_row(plain)
+    sdk, ceiling = statistics.median(sdks), statistics.median(ceilings)
+    ingest_part, ingest_plain = statistics.median(parts), statistics.median(plains)
+    res.data.update(sdk_rounds=sdks, ceiling_rounds=ceilings, partitioned_rounds=parts,
+                    unpartitioned_rounds=plains)
 
     res.add("edgesync SDK consumer", sdk, "rec/s",
-            f"{n:,} records from earliest, batches of 5,000, decoded")
-    res.add("ceiling: COPY (SELECT …) TO STDOUT", ceiling, "rec/s", "binary, not decoded")
+            f"{n:,} records from earliest, batches of 5,000, decoded; median of {ROUNDS}")
+    res.add("ceiling: COPY (SELECT …) TO STDOUT", ceiling, "rec/s",
+            f"binary, not decoded; median of {ROUNDS}, alternating with the SDK")
     res.add("naive: keyset polling loop, LIMIT 1000", naive, "rec/s",
             f"first {m:,} records, decoded")
     res.add("commit → consumer latency p50", p50, "ms",
             f"{profile.latency_rate:,.0f} rec/s in 100-record commits, {samples:,} samples")
     res.add("commit → consumer latency p99", p99, "ms")
     res.add("ingest writer, partitioned", ingest_part, "rec/s",
-            f"in-process GroupWriter, {GROUP_RECORDS:,}-record groups")
+            f"in-process GroupWriter, {GROUP_RECORDS:,}-record groups; median of {ROUNDS}")
     res.add("ingest writer, unpartitioned (pre-008 table)", ingest_plain, "rec/s",
-            "same writer, one table with the identity primary key")
+            f"same writer, one table with the identity primary key; median of {ROUNDS}, "
+            "alternating")
     res.add("bytes on disk per record, partitioned", per_row, "B",
             "heap + TOAST + indexes of every partition / rows")
     res.add("bytes on disk per record, unpartitioned", plain_row, "B")
