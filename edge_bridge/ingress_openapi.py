@@ -13,7 +13,7 @@ from typing import Any, Final
 
 from broker.protocol.validation import MAX_JSON_DEPTH, MAX_TS_US, MIN_TS_US
 
-__all__ = ["RESPONSES", "request_body"]
+__all__ = ["RESPONSES", "STREAM_PARAMETER", "request_body"]
 
 _ERROR: Final[dict[str, Any]] = {
     "type": "object",
@@ -24,6 +24,13 @@ _ERROR: Final[dict[str, Any]] = {
     },
 }
 _INT64: Final = {"type": "integer", "format": "int64"}
+
+STREAM_PARAMETER: Final[dict[str, Any]] = {
+    "name": "stream", "in": "path", "required": True,
+    "schema": {"type": "string", "title": "Stream"},
+    "description": "The stream's name, [A-Za-z0-9_-]{1,64} (400 invalid_stream otherwise).",
+}
+"""The route's path parameter, as FastAPI would describe a ``stream: str`` argument."""
 
 
 def _error(description: str, codes: list[str], **extra: Any) -> dict[str, Any]:

@@ -59,7 +59,15 @@ class OutgoingBatch:
 
 
 def resolve_waiters(waiters: list[Waiter], stream: str, epoch: int, first_seq: int) -> None:
-    """Give record ``i`` its identity ``(stream, epoch, first_seq + i)``."""
+    """Give record ``i`` its identity ``(stream, epoch, first_seq + i)``.
+
+    Waiters of a type with a ``resolve_all`` (the synchronous client's futures) are
+    resolved by it, all at once; a batch holds waiters of one client, of one type.
+    """
+    resolve_all = getattr(type(waiters[0]), "resolve_all", None) if waiters else None
+    if resolve_all is not None:
+        resolve_all(waiters, stream, epoch, first_seq)
+        return
     for i, waiter in enumerate(waiters):
         # No done() check first: on a concurrent future it takes a lock, and a
         # future is cancelled rarely; set_result refuses those.

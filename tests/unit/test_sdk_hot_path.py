@@ -104,3 +104,23 @@ def test_sync_record_futures_sharing_a_condition_wait_only_for_their_own_result(
     assert third.cancel() is True
     with pytest.raises(concurrent.futures.CancelledError):
         third.result(timeout=WAIT_S)
+
+
+def test_resolving_a_sync_batch_at_once_is_what_set_result_per_record_does() -> None:
+    """Results, waiters of ``concurrent.futures.wait``, callbacks and a cancelled record
+    end as they would with ``set_result`` on each future."""
+    condition = threading.Condition()
+    futures = [_RecordFuture(condition) for _ in range(3)]
+    assert futures[1].cancel()
+    called: list[RecordAck] = []
+    futures[2].add_done_callback(lambda f: called.append(f.result()))
+    waiting: list[set[concurrent.futures.Future[RecordAck]]] = []
+    waiter = threading.Thread(target=lambda: waiting.append(
+        concurrent.futures.wait([futures[0]], timeout=WAIT_S).done))
+    waiter.start()
+    _RecordFuture.resolve_all(futures, "s", 7, 10)
+    waiter.join(WAIT_S)
+    assert futures[0].result(timeout=0) == RecordAck("s", 7, 10)
+    assert futures[1].cancelled()
+    assert called == [RecordAck("s", 7, 12)]
+    assert waiting == [{futures[0]}]
