@@ -72,6 +72,16 @@ class Service:
         self.state = Lifecycle.NEW
         self._sock: socket.socket | None = None
 
+    async def serve(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        """Run the service's root tasks until ``stop`` is set (sets ``ready`` once up)."""
+        raise NotImplementedError
+
+    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        """A service process's whole life: open, serve until ``stop`` is set, close; a
+        crashed root task is re-raised (``edgesync bridge|ingest|api``)."""
+        async with self:
+            await self.serve(stop, ready)
+
     async def __aenter__(self) -> Self:
         if self.state is not Lifecycle.NEW:
             raise ClosedError(f"{self.kind} is {self.state.value}; a {self.kind} starts once")

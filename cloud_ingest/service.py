@@ -1,6 +1,7 @@
 """The ingest service: NATS + PostgreSQL pool + worker loops + a health endpoint.
 
-Shape (the same ``run()`` the CLI, ``edgesync up`` and the tests embed)::
+Shape (what ``Ingest.run`` does for ``edgesync ingest``; ``edgesync up`` and the tests
+embed the same)::
 
     async with Ingest(settings, nats_settings) as ingest:
         await ingest.serve(stop)
@@ -44,7 +45,6 @@ from cloud_ingest.watermarks import WatermarkPublisher
 __all__ = [
     "DRAIN_S",
     "Ingest",
-    "run",
 ]
 
 log = structlog.get_logger(__name__)
@@ -192,15 +192,3 @@ class Ingest(Service):
             if ready is not None:
                 ready.set()
             await roots.wait(stop)
-
-
-async def run(
-    settings: IngestSettings,
-    nats_settings: NatsSettings,
-    *,
-    stop: asyncio.Event,
-    ready: asyncio.Event | None = None,
-) -> None:
-    """Run one ingest process until ``stop`` is set; a crashed root task is re-raised."""
-    async with Ingest(settings, nats_settings) as ingest:
-        await ingest.serve(stop, ready)

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from broker.protocol.command_specs import BridgeConfigure
     from edge_bridge.commanding import ControlChannel
 
-__all__ = ["Bridge", "run"]
+__all__ = ["Bridge"]
 
 log = structlog.get_logger(__name__)
 
@@ -319,15 +319,3 @@ class Bridge(Service):
         for stream, reasons in stats.dropped.items():
             for reason, count in reasons.items():
                 m.records_dropped.labels(stream, reason).set(count)
-
-
-async def run(
-    settings: BridgeSettings,
-    nats_settings: NatsSettings,
-    *,
-    stop: asyncio.Event,
-    ready: asyncio.Event | None = None,
-) -> None:
-    """Run one bridge until ``stop`` is set; a crashed root task is re-raised."""
-    async with Bridge(settings, nats_settings) as bridge:
-        await bridge.serve(stop, ready)

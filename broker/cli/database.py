@@ -1,16 +1,37 @@
-"""Where the CLI's direct-to-PostgreSQL commands (``status``, ``dead-letters``) connect."""
+"""Where the CLI's direct-to-PostgreSQL commands (``status``, ``dead-letters``,
+``operators``, ``retention``) connect, and how they run against it: one connection
+per command, and one way of turning what goes wrong into a message and an exit code."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.console import Console
+from rich.markup import escape
 
+from broker.errors import EdgesyncError
 from broker.settings import Settings
 
-__all__ = ["Dsn", "StateDir", "resolve_dsn"]
+__all__ = [
+    "EXIT_REFUSED",
+    "EXIT_UNAVAILABLE",
+    "Dsn",
+    "StateDir",
+    "resolve_dsn",
+    "run_on_database",
+]
+
+T = TypeVar("T")
+
+EXIT_REFUSED = 1
+"""The command was refused by our rules (bad input, unknown name): retrying will not help."""
+EXIT_UNAVAILABLE = 2
+"""The database could not be reached or refused the work."""
 
 Dsn = Annotated[str | None, typer.Option(help="PostgreSQL DSN (default: runtime.json, then "
                                                "EDGESYNC_INGEST__POSTGRES_DSN).")]
@@ -27,3 +48,42 @@ def resolve_dsn(dsn: str | None, state_dir: Path) -> str:
     if runtime.exists():
         return str(json.loads(runtime.read_text())["postgres_dsn"])
     return Settings().ingest.postgres_dsn
+
+
+def run_on_database(dsn: str | None, state_dir: Path, job: Callable[[Any], Awaitable[T]], *,
+                    console: Console, doing: str, migrate: bool = False) -> T:
+    """Run ``job(connection)`` on one connection to the resolved DSN and return its result.
+
+    Our own refusals (:class:`~broker.errors.EdgesyncError`) print their message and exit
+    :data:`EXIT_REFUSED`; a database that is unreachable, refuses the work or has no
+    schema yet prints ``cannot <doing>: …`` and exits :data:`EXIT_UNAVAILABLE`.
+
+    Args:
+        migrate: apply pending migrations first (for commands that may come before any
+            service has started, such as adding the first operator).
+    """
+    import asyncpg
+
+    async def main() -> T:
+        conn = await asyncpg.connect(resolve_dsn(dsn, state_dir))
+        try:
+            if migrate:
+                from cloud_ingest.schema import migrate as apply_migrations
+
+                await apply_migrations(conn)
+            return await job(conn)
+        finally:
+            await conn.close()
+
+    try:
+        return asyncio.run(main())
+    except EdgesyncError as exc:
+        console.print(f"[red]refused:[/red] {escape(str(exc))}")
+        raise typer.Exit(EXIT_REFUSED) from exc
+    except asyncpg.UndefinedTableError as exc:
+        console.print(f"[red]cannot {doing}:[/red] {escape(str(exc))} (the schema is not there "
+                      "yet: start the ingest once, it applies the migrations)")
+        raise typer.Exit(EXIT_UNAVAILABLE) from exc
+    except (OSError, asyncpg.PostgresError) as exc:
+        console.print(f"[red]cannot {doing}:[/red] {escape(str(exc))}")
+        raise typer.Exit(EXIT_UNAVAILABLE) from exc

@@ -8,7 +8,6 @@ Exit codes: 0 done, 1 not replayable (the reason is printed), 2 cannot connect.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 from collections.abc import Awaitable, Callable
@@ -19,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from broker.cli.database import Dsn, StateDir, resolve_dsn
+from broker.cli.database import Dsn, StateDir, run_on_database
 
 __all__ = [
     "AsJson",
@@ -39,20 +38,8 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a ta
 
 
 def _run(dsn: str | None, state_dir: Path, job: Callable[[Any], Awaitable[T]]) -> T:
-    import asyncpg
+    return run_on_database(dsn, state_dir, job, console=console, doing="read dead letters")
 
-    async def main() -> T:
-        conn = await asyncpg.connect(resolve_dsn(dsn, state_dir))
-        try:
-            return await job(conn)
-        finally:
-            await conn.close()
-
-    try:
-        return asyncio.run(main())
-    except (OSError, asyncpg.PostgresError) as exc:
-        console.print(f"[red]cannot read dead letters:[/red] {exc}")
-        raise typer.Exit(2) from exc
 
 
 @dead_letters_app.command("list")

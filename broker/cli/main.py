@@ -129,25 +129,25 @@ def _free_or(port: int) -> int:
 @app.command()
 def bridge() -> None:
     """Run one edge bridge (settings from EDGESYNC_BRIDGE__*, EDGESYNC_NATS__*)."""
-    from edge_bridge.bridge import run
+    from edge_bridge.bridge import Bridge
 
-    _run_from_env(lambda settings, stop: run(settings.bridge, settings.nats, stop=stop))
+    _run_from_env(lambda settings, stop: Bridge(settings.bridge, settings.nats).run(stop))
 
 
 @app.command()
 def ingest() -> None:
     """Run one ingest process (settings from EDGESYNC_INGEST__*, EDGESYNC_NATS__*)."""
-    from cloud_ingest.service import run
+    from cloud_ingest.service import Ingest
 
-    _run_from_env(lambda settings, stop: run(settings.ingest, settings.nats, stop=stop))
+    _run_from_env(lambda settings, stop: Ingest(settings.ingest, settings.nats).run(stop))
 
 
 @app.command()
 def api() -> None:
     """Run the operator API (settings from EDGESYNC_API__*, EDGESYNC_NATS__*)."""
-    from cloud_ingest.api import run
+    from cloud_ingest.api import Api
 
-    _run_from_env(lambda settings, stop: run(settings.api, settings.nats, stop=stop))
+    _run_from_env(lambda settings, stop: Api(settings.api, settings.nats).run(stop))
 
 
 @app.command()

@@ -10,7 +10,6 @@ Exit codes: 0 done, 1 refused (the reason is printed), 2 cannot connect.
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
 import socket
@@ -23,8 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from broker.cli.database import Dsn, StateDir, resolve_dsn
-from broker.errors import EdgesyncError
+from broker.cli.database import Dsn, StateDir, run_on_database
 
 __all__ = ["add", "console", "list_", "operators_app", "revoke"]
 
@@ -40,26 +38,10 @@ def _who() -> str:
 
 
 def _run(dsn: str | None, state_dir: Path, job: Callable[[Any], Awaitable[T]]) -> T:
-    import asyncpg
+    # Operators may come before the API's first start: the schema is applied first.
+    return run_on_database(dsn, state_dir, job, console=console, doing="reach the database",
+                           migrate=True)
 
-    from cloud_ingest.schema import migrate
-
-    async def main() -> T:
-        conn = await asyncpg.connect(resolve_dsn(dsn, state_dir))
-        try:
-            await migrate(conn)  # operators may come before the API's first start
-            return await job(conn)
-        finally:
-            await conn.close()
-
-    try:
-        return asyncio.run(main())
-    except EdgesyncError as exc:
-        console.print(f"[red]refused:[/red] {exc}")
-        raise typer.Exit(1) from exc
-    except (OSError, asyncpg.PostgresError) as exc:
-        console.print(f"[red]cannot reach the database:[/red] {exc}")
-        raise typer.Exit(2) from exc
 
 
 @operators_app.command()

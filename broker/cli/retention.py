@@ -8,7 +8,6 @@ input (the reason is printed), 2 cannot connect or the schema is not there yet.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from broker.cli.database import Dsn, StateDir, resolve_dsn
+from broker.cli.database import Dsn, StateDir, run_on_database
 from broker.errors import InvalidInput
 
 __all__ = ["StreamArg", "apply", "console", "list_", "retention_app", "set_", "unset"]
@@ -35,27 +34,8 @@ StreamArg = Annotated[str, typer.Argument(help="A stream name, or '*' for the de
 
 
 def _run(dsn: str | None, state_dir: Path, job: Callable[[Any], Awaitable[T]]) -> T:
-    import asyncpg
+    return run_on_database(dsn, state_dir, job, console=console, doing="reach PostgreSQL")
 
-    async def main() -> T:
-        conn = await asyncpg.connect(resolve_dsn(dsn, state_dir))
-        try:
-            return await job(conn)
-        finally:
-            await conn.close()
-
-    try:
-        return asyncio.run(main())
-    except InvalidInput as exc:
-        console.print(f"[red]{escape(str(exc))}[/red]")
-        raise typer.Exit(1) from exc
-    except asyncpg.UndefinedTableError as exc:
-        console.print(f"[red]the database has no retention tables yet:[/red] {exc} "
-                      "(start the ingest once: it applies the migrations)")
-        raise typer.Exit(2) from exc
-    except (OSError, asyncpg.PostgresError) as exc:
-        console.print(f"[red]cannot reach PostgreSQL:[/red] {exc}")
-        raise typer.Exit(2) from exc
 
 
 @retention_app.command("set")

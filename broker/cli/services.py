@@ -115,10 +115,10 @@ def run_from_env(
 def bridge_main() -> int:
     """``edgesync bridge``: one edge bridge from ``EDGESYNC_*`` settings; the exit status."""
     skip_unused_libraries(os.environ)
-    from edge_bridge.bridge import run
+    from edge_bridge.bridge import Bridge
 
     code, error = run_from_env(
-        lambda settings, stop: run(settings.bridge, settings.nats, stop=stop))
+        lambda settings, stop: Bridge(settings.bridge, settings.nats).run(stop))
     if error is not None and code == EXIT_ERROR:
         print(f"error: {error}", file=sys.stderr)
     return code

@@ -37,6 +37,6 @@ root tasks).
 """
 
 from cloud_ingest.api.routes import create_app
-from cloud_ingest.api.service import Api, run
+from cloud_ingest.api.service import Api
 
-__all__ = ["Api", "create_app", "run"]
+__all__ = ["Api", "create_app"]

@@ -38,7 +38,7 @@ from cloud_ingest.pooling import close_pool, connect_pool
 from cloud_ingest.rollouts import RolloutDriver, RolloutMetrics
 from cloud_ingest.schema import migrate
 
-__all__ = ["Api", "ApiMetrics", "run"]
+__all__ = ["Api", "ApiMetrics"]
 
 log = structlog.get_logger(__name__)
 
@@ -373,15 +373,3 @@ def _command(row: asyncpg.Record) -> dict[str, Any]:
     out["id"] = str(row["id"])
     out["edge"] = row["edge_id"]
     return out
-
-
-async def run(
-    settings: ApiSettings,
-    nats_settings: NatsSettings,
-    *,
-    stop: asyncio.Event,
-    ready: asyncio.Event | None = None,
-) -> None:
-    """Run the API until ``stop`` is set; a crashed root task is re-raised."""
-    async with Api(settings, nats_settings) as api:
-        await api.serve(stop, ready)
