@@ -66,6 +66,10 @@ class Topology:
     duplicate_window_s: float = 300.0
     """JetStream's ``Nats-Msg-Id`` de-duplication window for record batches."""
     replicas: int = 1
+    control_max_consumers: int = 1_000_000
+    """Consumers ``ES_CONTROL`` may hold: one durable per edge. Set explicitly because
+    nats-server 2.15 gives every stream that does not say otherwise a limit of 1,000
+    consumers, which would stop the 1,001st edge from being added."""
 
     @property
     def records_stream(self) -> str:
@@ -145,6 +149,7 @@ class Topology:
                 max_age=30 * 24 * 3600.0,
                 duplicate_window=self.duplicate_window_s,
                 num_replicas=self.replicas,
+                max_consumers=self.control_max_consumers,
             ),
             StreamConfig(
                 name=self.events_stream,
