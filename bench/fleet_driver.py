@@ -16,8 +16,8 @@ the wire exactly as a bridge does:
   stream with uncommitted records (the bridge's catch-up), as the JetStream
   ``STREAM.MSG.GET`` request ``kv.get`` makes;
 - **control**: one durable pull consumer ``ctl-<edge>`` per edge (the bridge's
-  configuration), polled as the bridge's ``fetch(1, timeout=1.0)`` polls: a pull
-  request that expires after ``control_poll_s`` and is sent again.
+  configuration), polled as the bridge polls: a pull request for one command that
+  expires after ``control_poll_s`` (the bridge's ``control.poll_s``) and is sent again.
 
 Replies (publish acks, pull responses, KV reads) arrive on one wildcard inbox per
 kind, so the driver's cost per message is one callback, not a task per edge.
@@ -110,7 +110,7 @@ class Fleet:
     """``n`` simulated edges on one NATS connection (see the module docstring)."""
 
     def __init__(self, nc: NATS, js: JetStreamContext, topology: Topology, pool: Pool,
-                 n: int, *, heartbeat_s: float = 5.0, control_poll_s: float = 1.0) -> None:
+                 n: int, *, heartbeat_s: float = 5.0, control_poll_s: float = 30.0) -> None:
         self.nc, self.js, self.topology, self.pool = nc, js, topology, pool
         self.edges = edge_names(n)
         self.heartbeat_s = heartbeat_s

@@ -192,6 +192,13 @@ class ControlSettings(BaseModel):
     )
     kube_context: str | None = Field(None, description="Kubeconfig context (default: current).")
     kube_timeout_s: float = Field(10.0, gt=0, description="Seconds per Kubernetes API request.")
+    poll_s: float = Field(
+        30.0, gt=0, le=300,
+        description="Seconds the bridge's pull request for its next command waits before it "
+        "is renewed. A command is delivered at once either way; a longer wait costs NATS "
+        "fewer requests (10,000 edges renewing every second are 10,000 requests/s). A "
+        "reconnect to NATS renews it at once.",
+    )
     conflict_retries: int = Field(
         5, ge=0, le=50, description="Retries of a Kubernetes write that hit 409 Conflict."
     )

@@ -187,6 +187,8 @@ class Bridge(Service):
             self.metrics.nats_connected.set(1)
             if js is not None:
                 self.shipper.attach(js)
+            if self.control is not None:
+                self.control.reconnected()
 
         nc = await connect_with_retry(
             self.nats_settings, name=f"edgesync-bridge-{self.edge_id}",

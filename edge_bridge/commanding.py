@@ -138,6 +138,8 @@ class ControlChannel:
         self._js: JetStreamContext | None = None
         self._attached = asyncio.Event()
         self._outbox_wake = asyncio.Event()
+        self._renew_poll = asyncio.Event()
+        """Set to end the wait for the next command early (attach, reconnect)."""
         self._state = "new"
 
     @property
@@ -184,8 +186,15 @@ class ControlChannel:
         self._js = js
         self._attached.set()
         self._outbox_wake.set()
+        self._renew_poll.set()
         if nc is not None:
             self.desired.attach(js, nc)
+
+    def reconnected(self) -> None:
+        """NATS is back: the pull request waiting for the next command may have been
+        lost with the old connection, so it is renewed now rather than at its expiry."""
+        self._renew_poll.set()
+        self._outbox_wake.set()
 
     async def _queue_report(self, event: Event) -> None:
         await self.store.enqueue(event)
@@ -230,14 +239,33 @@ class ControlChannel:
                             retry_in_s=round(delay, 2), error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(delay)
 
+    async def _next_command(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
+        """Wait for the next command with one pull request of ``poll_s``, renewed early
+        on a reconnect. A command delivered to an abandoned request is not lost: it waits
+        in the subscription's queue, where the next fetch takes it first."""
+        self._renew_poll.clear()
+        fetch = asyncio.ensure_future(sub.fetch(1, timeout=self.settings.poll_s))
+        renew = asyncio.ensure_future(self._renew_poll.wait())
+        try:
+            await asyncio.wait((fetch, renew), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            renew.cancel()
+            if not fetch.done():
+                fetch.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await fetch
+        if fetch.cancelled():
+            return []
+        return fetch.result()
+
     async def _consume_forever(self) -> None:
         sub = await self._subscribe()
         log.info("control_consuming", edge=self.edge_id, durable=self.durable)
         try:
             while True:
                 try:
-                    msgs = await sub.fetch(1, timeout=1.0)
-                except (FetchTimeoutError, nats.errors.TimeoutError):
+                    msgs = await self._next_command(sub)
+                except (FetchTimeoutError, nats.errors.TimeoutError, TimeoutError):
                     continue
                 except asyncio.CancelledError:
                     raise

@@ -20,6 +20,7 @@ from tests.integration.control_harness import (
     kube_emulator,
 )
 from tests.integration.harness import running_bridge
+from tests.support import until
 
 WEB = {"namespace": "prod", "name": "web"}
 
@@ -127,3 +128,24 @@ async def test_bridge_configure_and_the_cli_wait_flow(
         refused = await plane.cli("scale", "edge-1", "kube-system/coredns", "3", "--wait")
         assert refused.exit_code == 1, refused.output + refused.stderr
         assert "rejected" in refused.output and "not allowed" in refused.output
+
+
+async def test_a_command_after_a_nats_restart_arrives_without_waiting_out_the_poll(
+        tmp_path: Path, nats_server: EmbeddedNats, pg_dsn: str) -> None:
+    """The bridge waits for its next command with one long pull request (poll_s); NATS
+    restarting loses that request, and the reconnect renews it: a command issued after
+    the restart is applied long before the old request would have expired."""
+    async with (
+        control_plane(tmp_path, nats_server.url, pg_dsn) as plane,
+        running_bridge(plane.bridge_settings(poll_s=300.0), nats_server.url) as bridge,
+    ):
+        await plane.wait_edge("edge-1")
+        await nats_server.restart()
+        assert bridge._nc is not None
+        await until(lambda: bridge._nc is not None and bridge._nc.is_connected, timeout=20,
+                    message="the bridge reconnected")
+        command_id = await plane.issue("edge-1", "bridge.configure", {"batch_max_records": 55})
+        command = await plane.wait_status(command_id, ("applied", "failed", "rejected"),
+                                          timeout=30)  # far below poll_s
+        assert command["status"] == "applied", command
+        assert bridge.shipper.settings.batch_max_records == 55
