@@ -3,6 +3,7 @@ tail that resumes from Last-Event-ID, completeness, checkpoints, ``edgesync tail
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -199,3 +200,29 @@ async def test_live_tails_over_the_cap_are_refused_with_retry_after(
 
         await until(accepted, timeout=10, message="a closed tail never freed its slot")
         assert plane.api.metrics.tails_refused._value.get() == 1
+
+
+async def test_tails_whose_client_hangs_up_at_once_give_their_slot_back(
+    tmp_path: Path, nats_server: EmbeddedNats, pg_dsn: str
+) -> None:
+    """A client that sends the tail request and closes the socket before reading (what a
+    flood of cheap connections would do) must not keep a slot or its database
+    connection: the cap would otherwise fill with tails nobody reads."""
+    async with control_plane(tmp_path, nats_server.url, pg_dsn, max_live_tails=2) as plane:
+        host, port = plane.api.url.removeprefix("http://").split(":")
+        request = (f"GET /v1/records/tail HTTP/1.1\r\nHost: {host}\r\n"
+                   f"Authorization: Bearer {plane.token}\r\n\r\n").encode()
+        for _ in range(10):
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.write(request)
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+        await until(lambda: plane.api.metrics.live_tails._value.get() == 0, timeout=10,
+                    message="hung-up tails still hold their slots")
+
+        async def accepted() -> bool:
+            async with plane.http.stream("GET", "/v1/records/tail", timeout=15) as resp:
+                return resp.status_code == 200
+
+        await until(accepted, timeout=10, message="the cap stayed full")
