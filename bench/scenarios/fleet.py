@@ -355,7 +355,8 @@ async def _api_latency(api: MeasuredService, n: int, dsn: str, label: str,
     startup = time.perf_counter() - t0
     res.add(f"{label}: edgesync status", statistics.median(times) * 1000, "ms",
             f"median of 3, whole CLI run incl. {startup * 1000:.0f} ms interpreter and "
-            "import start-up; prints every edge")
+            "import start-up; the fleet summary and the 50 rows that need attention "
+            "(the default --limit)")
 
 
 async def _command_latency(api: MeasuredService, fleet: Fleet, count: int, label: str,
