@@ -41,6 +41,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import FetchTimeoutError
 
 from broker.backoff import backoff_s
+from broker.long_polling import fetch_one_unless
 from broker.protocol.topology import Topology
 from cloud_ingest.db_errors import as_temporary
 from cloud_ingest.metrics import IngestMetrics
@@ -204,7 +205,8 @@ class RecordsConsumer:
         msgs: list[Msg] = []
         records = nbytes = 0
         if idle:
-            msgs = await self._wait_for_one(sub)
+            # One long request for one message; shutdown ends it at once.
+            msgs = await fetch_one_unless(sub, timeout=self._idle_poll, interrupt=self._stop)
             if not msgs:
                 return msgs
             records, nbytes = _records_hint(msgs[0]), len(msgs[0].data)
@@ -231,28 +233,6 @@ class RecordsConsumer:
                 return msgs
             ask = budget.next_ask(len(msgs), records, nbytes)
         return msgs
-
-    async def _wait_for_one(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
-        """The idle wait: one message, or nothing after ``idle_poll_s`` or at shutdown.
-
-        At shutdown the pull request is abandoned; a message JetStream delivers to it
-        anyway is redelivered after ``ack_wait_s``, as after a crash."""
-        fetch = asyncio.ensure_future(sub.fetch(1, timeout=self._idle_poll))
-        stop = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait((fetch, stop), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not fetch.done():
-                fetch.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await fetch
-        if fetch.cancelled():
-            return []
-        exc = fetch.exception()
-        if isinstance(exc, FetchTimeoutError | nats.errors.TimeoutError | TimeoutError):
-            return []
-        return fetch.result()  # raises any other failure, as a fetch does
 
     async def _handle_group(self, msgs: list[Msg]) -> None:
         """Decode ``msgs`` one by one and write them in parts within the memory budget."""

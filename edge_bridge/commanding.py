@@ -52,6 +52,7 @@ from pydantic import BaseModel
 
 from broker.backoff import backoff_s
 from broker.errors import ApplyFailed, ClosedError, CommandRejected
+from broker.long_polling import fetch_one_unless
 from broker.protocol.command_specs import BridgeConfigure
 from broker.protocol.command_status import FINAL_STATUSES
 from broker.protocol.commands import OpenedCommand, load_public_keys
@@ -239,32 +240,17 @@ class ControlChannel:
                             retry_in_s=round(delay, 2), error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(delay)
 
-    async def _next_command(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
-        """Wait for the next command with one pull request of ``poll_s``, renewed early
-        on a reconnect. A command delivered to an abandoned request is not lost: it waits
-        in the subscription's queue, where the next fetch takes it first."""
-        self._renew_poll.clear()
-        fetch = asyncio.ensure_future(sub.fetch(1, timeout=self.settings.poll_s))
-        renew = asyncio.ensure_future(self._renew_poll.wait())
-        try:
-            await asyncio.wait((fetch, renew), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            renew.cancel()
-            if not fetch.done():
-                fetch.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await fetch
-        if fetch.cancelled():
-            return []
-        return fetch.result()
-
     async def _consume_forever(self) -> None:
         sub = await self._subscribe()
         log.info("control_consuming", edge=self.edge_id, durable=self.durable)
         try:
             while True:
                 try:
-                    msgs = await self._next_command(sub)
+                    # One long request for the next command, renewed early on a
+                    # reconnect (the request may have been lost with the connection).
+                    self._renew_poll.clear()
+                    msgs = await fetch_one_unless(sub, timeout=self.settings.poll_s,
+                                                  interrupt=self._renew_poll)
                 except (FetchTimeoutError, nats.errors.TimeoutError, TimeoutError):
                     continue
                 except asyncio.CancelledError:
