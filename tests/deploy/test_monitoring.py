@@ -116,26 +116,25 @@ def panel_expressions() -> dict[str, str]:
     return found
 
 
-def test_every_alert_reads_metrics_the_code_exports() -> None:
-    """Each alert's expression names only exported series (or listed external ones)."""
+def assert_reads_exported_series(expressions: dict[str, str], at_least: int) -> None:
+    """At least ``at_least`` queries, each naming only exported (or listed external)
+    series."""
     exported = exported_names() | set(EXTERNAL)
-    alerts = alert_expressions()
-    assert len(alerts) >= 10
-    for name, expr in alerts.items():
+    assert len(expressions) >= at_least
+    for name, expr in expressions.items():
         used = metric_names(expr)
         assert used, name
         assert used <= exported, f"{name} reads unknown series {sorted(used - exported)}"
+
+
+def test_every_alert_reads_metrics_the_code_exports() -> None:
+    """Each alert's expression names only exported series (or listed external ones)."""
+    assert_reads_exported_series(alert_expressions(), at_least=10)
 
 
 def test_every_dashboard_panel_reads_metrics_the_code_exports() -> None:
     """Each panel query and the edge variable name only exported series."""
-    exported = exported_names() | set(EXTERNAL)
-    panels = panel_expressions()
-    assert len(panels) >= 20
-    for name, expr in panels.items():
-        used = metric_names(expr)
-        assert used, name
-        assert used <= exported, f"{name} reads unknown series {sorted(used - exported)}"
+    assert_reads_exported_series(panel_expressions(), at_least=20)
 
 
 def test_the_alerts_cover_what_an_operator_needs() -> None:
