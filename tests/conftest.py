@@ -15,11 +15,9 @@ import asyncio
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from broker.runtime.embedded_nats import EmbeddedNats
@@ -56,19 +54,8 @@ def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgCluster]:
 @pytest.fixture
 async def pg_dsn(pg_cluster: PgCluster) -> AsyncIterator[str]:
     """DSN of a fresh, empty database ``t_<12 hex>`` that is dropped after the test."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(pg_cluster.admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
-    finally:
-        await conn.close()
-    yield pg_cluster.dsn_for(name)
-    conn = await asyncpg.connect(pg_cluster.admin_dsn)
-    try:
-        # FORCE: a test that leaked a connection must not leak the database too.
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    async with pg_cluster.fresh_database() as dsn:
+        yield dsn
 
 
 @pytest.fixture

@@ -54,20 +54,4 @@ CREATE TABLE edges (
     edge_clock              timestamptz NOT NULL
 );
 
--- Stable views for analytics.
-CREATE VIEW v_records AS
-    SELECT edge_id, stream, epoch, seq, event_time, received_at, key, headers,
-           coalesce(payload, to_jsonb(encode(payload_raw, 'base64'))) AS payload,
-           payload IS NULL AS payload_is_binary
-    FROM records;
-
-CREATE VIEW v_stream_progress AS
-    SELECT edge_id, stream, epoch,
-           (SELECT sum(upper(r) - lower(r)) FROM unnest(ranges) AS r)::bigint AS committed_records,
-           ranges AS committed_ranges,
-           CASE WHEN lower(ranges) = 1
-                THEN upper((SELECT r FROM unnest(ranges) AS r ORDER BY r LIMIT 1)) - 1
-                ELSE 0 END AS committed_watermark,
-           upper(ranges) - 1 AS highest_seq,
-           updated_at
-    FROM committed_ranges;
+-- The stable views for analytics (v_records, v_stream_progress) are in views.sql.

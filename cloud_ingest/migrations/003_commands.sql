@@ -51,8 +51,4 @@ CREATE TABLE command_events (
 
 CREATE INDEX command_events_command_idx ON command_events (command_id, id);
 
--- Stable view for analytics and dashboards.
-CREATE VIEW v_commands AS
-    SELECT id, edge_id, kind, spec, issuer, status, code, reason, result,
-           issued_at, expires_at, published_at, delivered_at, finished_at, finished_by
-    FROM commands;
+-- The stable view for analytics and dashboards, v_commands: views.sql.

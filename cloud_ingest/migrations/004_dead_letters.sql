@@ -31,40 +31,5 @@ CREATE INDEX dead_letters_received_idx ON dead_letters (received_at DESC);
 ALTER TABLE committed_ranges
     ADD COLUMN dead_lettered int8multirange NOT NULL DEFAULT '{}';
 
-CREATE OR REPLACE VIEW v_stream_progress AS
-    SELECT edge_id, stream, epoch,
-           es_count(ranges) AS committed_records,
-           ranges AS committed_ranges,
-           es_watermark(ranges + dropped + dead_lettered) AS committed_watermark,
-           coalesce(upper(ranges + dropped + dead_lettered) - 1, 0) AS highest_seq,
-           updated_at
-    FROM committed_ranges;
-
-DROP VIEW v_completeness;
-CREATE VIEW v_completeness AS
-    SELECT c.edge_id, c.stream, c.epoch,
-           es_count(c.ranges) AS committed_records,
-           c.ranges AS committed_ranges,
-           es_watermark(c.ranges + c.dropped + c.dead_lettered) AS watermark,
-           coalesce(upper(c.ranges + c.dropped + c.dead_lettered) - 1, 0) AS highest_seq,
-           c.dropped - c.ranges AS dropped_ranges,
-           es_count(c.dropped - c.ranges) AS dropped_records,
-           coalesce((SELECT sum(d.count) FILTER (WHERE d.reason = 'overflow')
-                     FROM drop_markers d WHERE (d.edge_id, d.stream, d.epoch)
-                     = (c.edge_id, c.stream, c.epoch)), 0)::bigint AS dropped_overflow,
-           coalesce((SELECT sum(d.count) FILTER (WHERE d.reason = 'ttl')
-                     FROM drop_markers d WHERE (d.edge_id, d.stream, d.epoch)
-                     = (c.edge_id, c.stream, c.epoch)), 0)::bigint AS dropped_ttl,
-           c.dead_lettered - c.ranges - c.dropped AS dead_lettered_ranges,
-           es_count(c.dead_lettered - c.ranges - c.dropped) AS dead_lettered_records,
-           int8multirange(int8range(1, coalesce(upper(c.ranges + c.dropped + c.dead_lettered), 1)))
-               - c.ranges - c.dropped - c.dead_lettered AS missing_ranges,
-           es_count(int8multirange(int8range(1,
-                        coalesce(upper(c.ranges + c.dropped + c.dead_lettered), 1)))
-               - c.ranges - c.dropped - c.dead_lettered) AS missing_records,
-           (e.streams -> c.stream ->> 'oldest_uncommitted_age_s')::double precision
-               AS lag_seconds,
-           c.updated_at
-    FROM committed_ranges c
-    LEFT JOIN edges e ON e.edge_id = c.edge_id
-        AND (e.streams -> c.stream ->> 'epoch')::bigint = c.epoch;
+-- dead_lettered counts toward the watermark of v_stream_progress and v_completeness
+-- (views.sql).

@@ -73,22 +73,5 @@ CREATE TABLE feed_subscriptions (
     CHECK (position >= 0)
 );
 
--- The feed as analytics read it: one row per committed row, with its position.
-CREATE VIEW v_feed AS
-    SELECT (c.commit_id << 24) | (s.base + r.seq - s.first_seq) AS position,
-           c.commit_id, c.committed_at, r.edge_id, r.stream, r.epoch, r.seq,
-           r.event_time, r.received_at, r.key, r.headers,
-           coalesce(r.payload, to_jsonb(encode(r.payload_raw, 'base64'))) AS payload,
-           r.payload IS NULL AS payload_is_binary
-    FROM feed_commits c
-    CROSS JOIN LATERAL (
-        SELECT u.edge_id, u.stream, u.epoch, u.first_seq, u.last_seq,
-               coalesce(sum(u.last_seq - u.first_seq + 1) OVER (
-                   ORDER BY u.i ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)::bigint
-                   AS base
-        FROM unnest(c.edge_ids, c.streams, c.epochs, c.first_seqs, c.last_seqs)
-             WITH ORDINALITY AS u(edge_id, stream, epoch, first_seq, last_seq, i)
-    ) s
-    JOIN records r ON (r.edge_id, r.stream, r.epoch) = (s.edge_id, s.stream, s.epoch)
-                  AND r.seq BETWEEN s.first_seq AND s.last_seq
-    WHERE c.commit_id IS NOT NULL;
+-- The feed as analytics read it, one row per committed row with its position:
+-- v_feed (views.sql).

@@ -18,8 +18,8 @@
 -- received_at (every row of a commit shares it; feed_commits.received_at
 -- below) and so reads one partition per span.
 
-DROP VIEW v_feed;
-DROP VIEW v_records;
+-- The views that read records (v_records, v_feed) are dropped before this runs and
+-- created again after it (views.sql).
 ALTER TABLE records RENAME TO records_unpartitioned;
 ALTER INDEX records_pkey RENAME TO records_unpartitioned_pkey;
 ALTER INDEX records_event_time_idx RENAME TO records_unpartitioned_received_idx;
@@ -92,12 +92,6 @@ INSERT INTO records (epoch, seq, event_time, received_at, edge_id, stream, key, 
     FROM records_unpartitioned;
 DROP TABLE records_unpartitioned;
 
-CREATE VIEW v_records AS
-    SELECT edge_id, stream, epoch, seq, event_time, received_at, key, headers,
-           coalesce(payload, to_jsonb(encode(payload_raw, 'base64'))) AS payload,
-           payload IS NULL AS payload_is_binary
-    FROM records;
-
 -- Every row of a commit has the same received_at (one per group, or the
 -- replay's); readers use it to read one partition per span. NULL for a commit
 -- that inserted no rows.
@@ -109,26 +103,7 @@ UPDATE feed_commits c SET received_at = (
         = (c.edge_ids[1], c.streams[1], c.epochs[1], c.first_seqs[1])
     LIMIT 1)
 WHERE c.rows > 0;
-
-CREATE VIEW v_feed AS
-    SELECT (c.commit_id << 24) | (s.base + r.seq - s.first_seq) AS position,
-           c.commit_id, c.committed_at, r.edge_id, r.stream, r.epoch, r.seq,
-           r.event_time, r.received_at, r.key, r.headers,
-           coalesce(r.payload, to_jsonb(encode(r.payload_raw, 'base64'))) AS payload,
-           r.payload IS NULL AS payload_is_binary
-    FROM feed_commits c
-    CROSS JOIN LATERAL (
-        SELECT u.edge_id, u.stream, u.epoch, u.first_seq, u.last_seq,
-               coalesce(sum(u.last_seq - u.first_seq + 1) OVER (
-                   ORDER BY u.i ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)::bigint
-                   AS base
-        FROM unnest(c.edge_ids, c.streams, c.epochs, c.first_seqs, c.last_seqs)
-             WITH ORDINALITY AS u(edge_id, stream, epoch, first_seq, last_seq, i)
-    ) s
-    JOIN records r ON (r.edge_id, r.stream, r.epoch) = (s.edge_id, s.stream, s.epoch)
-                  AND r.seq BETWEEN s.first_seq AND s.last_seq
-                  AND (c.received_at IS NULL OR r.received_at = c.received_at)
-    WHERE c.commit_id IS NOT NULL;
+-- v_feed reads one partition per span through it (views.sql).
 
 -- Retention: how long each stream's rows are kept ('*' = streams without a
 -- setting of their own; no row at all = kept forever). A day partition is
@@ -168,41 +143,4 @@ CREATE TABLE feed_baseline (
     PRIMARY KEY (edge_id, stream, epoch)
 );
 
-CREATE OR REPLACE VIEW v_completeness AS
-    SELECT c.edge_id, c.stream, c.epoch,
-           es_count(c.ranges) AS committed_records,
-           c.ranges AS committed_ranges,
-           es_watermark(c.ranges + c.dropped + c.dead_lettered + c.lost_after_commit)
-               AS watermark,
-           coalesce(upper(c.ranges + c.dropped + c.dead_lettered + c.lost_after_commit) - 1, 0)
-               AS highest_seq,
-           c.dropped - c.ranges AS dropped_ranges,
-           es_count(c.dropped - c.ranges) AS dropped_records,
-           coalesce((SELECT sum(d.count) FILTER (WHERE d.reason = 'overflow')
-                     FROM drop_markers d WHERE (d.edge_id, d.stream, d.epoch)
-                     = (c.edge_id, c.stream, c.epoch)), 0)::bigint AS dropped_overflow,
-           coalesce((SELECT sum(d.count) FILTER (WHERE d.reason = 'ttl')
-                     FROM drop_markers d WHERE (d.edge_id, d.stream, d.epoch)
-                     = (c.edge_id, c.stream, c.epoch)), 0)::bigint AS dropped_ttl,
-           c.dead_lettered - c.ranges - c.dropped AS dead_lettered_ranges,
-           es_count(c.dead_lettered - c.ranges - c.dropped) AS dead_lettered_records,
-           int8multirange(int8range(1, coalesce(
-               upper(c.ranges + c.dropped + c.dead_lettered + c.lost_after_commit), 1)))
-               - c.ranges - c.dropped - c.dead_lettered - c.lost_after_commit
-               AS missing_ranges,
-           es_count(int8multirange(int8range(1, coalesce(
-               upper(c.ranges + c.dropped + c.dead_lettered + c.lost_after_commit), 1)))
-               - c.ranges - c.dropped - c.dead_lettered - c.lost_after_commit)
-               AS missing_records,
-           (e.streams -> c.stream ->> 'oldest_uncommitted_age_s')::double precision
-               AS lag_seconds,
-           c.updated_at,
-           c.lost_after_commit - c.ranges - c.dropped - c.dead_lettered
-               AS lost_after_commit_ranges,
-           es_count(c.lost_after_commit - c.ranges - c.dropped - c.dead_lettered)
-               AS lost_after_commit_records,
-           c.retired AS retired_ranges,
-           es_count(c.retired) AS retired_records
-    FROM committed_ranges c
-    LEFT JOIN edges e ON e.edge_id = c.edge_id
-        AND (e.streams -> c.stream ->> 'epoch')::bigint = c.epoch;
+-- v_completeness counts retired seqs apart from missing ones (views.sql).

@@ -120,38 +120,5 @@ CREATE TABLE rollout_edges (
 
 CREATE INDEX rollout_edges_edge_idx ON rollout_edges (edge_id, revision);
 
--- Stable views for analytics and dashboards.
-CREATE VIEW v_edge_desired_state AS
-    SELECT d.edge_id, v.target_kind, v.target, v.version, d.version_id, d.revision,
-           d.rollout_id, d.assigned_at, r.status AS reported_status,
-           r.revision = d.revision AS reported_current, r.reason, r.reported_at,
-           (SELECT count(*) FROM edge_drift x WHERE x.edge_id = d.edge_id) AS drift_fields
-    FROM edge_desired d
-    LEFT JOIN desired_versions v ON v.id = d.version_id
-    LEFT JOIN edge_reported_state r ON r.edge_id = d.edge_id;
-
--- Drift with the latest applied imperative command on the same object, if any: an
--- operator's `edgesync cmd scale` that diverged from the desired state shows here.
-CREATE VIEW v_edge_drift AS
-    SELECT x.edge_id, x.path, x.desired, x.observed, x.revision, x.since,
-           c.id AS command_id, c.kind AS command_kind, c.issuer AS command_issuer,
-           c.finished_at AS command_applied_at
-    FROM edge_drift x
-    LEFT JOIN LATERAL (
-        SELECT id, kind, issuer, finished_at FROM commands
-        WHERE commands.edge_id = x.edge_id AND status = 'applied'
-          AND x.path LIKE CASE WHEN kind = 'configmap.patch' THEN 'configmaps.'
-                               ELSE 'deployments.' END
-                          || (spec->>'namespace') || '/' || (spec->>'name') || '.%'
-        ORDER BY finished_at DESC LIMIT 1
-    ) c ON true;
-
-CREATE VIEW v_rollout_progress AS
-    SELECT rollout_id, wave, count(*) AS edges,
-           count(*) FILTER (WHERE status = 'waiting') AS waiting,
-           count(*) FILTER (WHERE status = 'dispatched') AS pending,
-           count(*) FILTER (WHERE status = 'healthy') AS healthy,
-           count(*) FILTER (WHERE status = 'failed') AS failed,
-           count(*) FILTER (WHERE status = 'superseded') AS superseded,
-           count(*) FILTER (WHERE status IN ('rolling_back', 'rolled_back')) AS rolled_back
-    FROM rollout_edges GROUP BY rollout_id, wave;
+-- The stable views for analytics and dashboards (v_edge_desired_state, v_edge_drift,
+-- v_rollout_progress): views.sql.

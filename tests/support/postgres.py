@@ -6,11 +6,15 @@ external server described by ``PG*`` environment variables or an embedded one.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
-from collections.abc import Mapping
+import uuid
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
+
+import asyncpg
 
 from broker.runtime.embedded_postgres import EmbeddedPostgres
 
@@ -59,3 +63,22 @@ class PgCluster:
         """The admin DSN pointed at database ``dbname``."""
         parts = urlsplit(self.admin_dsn)
         return urlunsplit(parts._replace(path="/" + quote(dbname, safe="")))
+
+    @contextlib.asynccontextmanager
+    async def fresh_database(self) -> AsyncIterator[str]:
+        """DSN of a fresh, empty database ``t_<12 hex>``, dropped on exit."""
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        conn = await asyncpg.connect(self.admin_dsn)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        finally:
+            await conn.close()
+        try:
+            yield self.dsn_for(name)
+        finally:
+            conn = await asyncpg.connect(self.admin_dsn)
+            try:
+                # FORCE: a test that leaked a connection must not leak the database too.
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            finally:
+                await conn.close()
