@@ -53,6 +53,7 @@ from pydantic import BaseModel
 from broker.backoff import backoff_s
 from broker.errors import ApplyFailed, ClosedError, CommandRejected
 from broker.long_polling import fetch_one_unless
+from broker.opening import Opened
 from broker.protocol.command_specs import BridgeConfigure
 from broker.protocol.command_status import FINAL_STATUSES
 from broker.protocol.commands import OpenedCommand, load_public_keys
@@ -99,7 +100,7 @@ class ControlMetrics:
             registry=r)
 
 
-class ControlChannel:
+class ControlChannel(Opened):
     """Consumes, applies and reports the commands of one edge. An async context manager;
     :meth:`run_forever` is one root task of the bridge."""
 
@@ -146,13 +147,6 @@ class ControlChannel:
     @property
     def durable(self) -> str:
         return self.settings.durable or f"ctl-{self.edge_id}"
-
-    async def __aenter__(self) -> ControlChannel:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def open(self) -> None:
         """Load the trusted keys and open the store.

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from broker.errors import ClosedError
+from broker.opening import Opened
 from broker.protocol.command_status import FINAL_STATUSES
 from broker.protocol.commands import OpenedCommand
 from broker.protocol.events import CommandStatusReport, Event, encode_event
@@ -83,7 +84,7 @@ class Remembered:
     finished_at: float | None
 
 
-class ControlStore:
+class ControlStore(Opened):
     """``control.sqlite3``: remembered command ids and the status outbox.
 
     One connection, used from one worker thread, so operations are serialized
@@ -101,13 +102,6 @@ class ControlStore:
         """When this store (the memory of command ids) was created, Unix seconds."""
         """Random id of this store file, part of every outbox message id."""
         self._state = "new"
-
-    async def __aenter__(self) -> ControlStore:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def open(self) -> None:
         """Create or open the database (WAL, synchronous as configured)."""

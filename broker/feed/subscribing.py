@@ -51,6 +51,7 @@ from broker.feed.reading import (
     read_page,
     resolve_start,
 )
+from broker.opening import Opened
 
 __all__ = ["FeedBatch", "Subscription"]
 
@@ -72,7 +73,7 @@ class FeedBatch:
         return len(self.records)
 
 
-class Subscription:
+class Subscription(Opened):
     """A named, durable, filtered reader of the feed (module docstring).
 
     Args:
@@ -136,13 +137,6 @@ class Subscription:
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------
-
-    async def __aenter__(self) -> Subscription:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def open(self) -> None:
         """Connect, take the lease (waiting as a standby if asked), find the cursor.

@@ -19,7 +19,9 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from typing import Final, Generic, Protocol, Self, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
+
+from broker.opening import Opened
 
 __all__ = ["ChildServer", "stop_process"]
 
@@ -68,7 +70,7 @@ async def stop_process(
     return False
 
 
-class ChildServer(abc.ABC, Generic[RunT]):
+class ChildServer(abc.ABC, Opened, Generic[RunT]):
     """A server run as a child process; an async context manager (start, then close).
 
     Subclasses set ``_port`` (0 until the first start picked one), ``_run``
@@ -120,6 +122,10 @@ class ChildServer(abc.ABC, Generic[RunT]):
         await self.stop()
         await self.start()
 
+    async def open(self) -> None:
+        """``async with`` starts the server (:meth:`start`)."""
+        await self.start()
+
     async def close(self) -> None:
         """Stop the server and release what this instance holds."""
         await self.stop()
@@ -129,9 +135,3 @@ class ChildServer(abc.ABC, Generic[RunT]):
         run, self._run = self._run, None
         return run
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()

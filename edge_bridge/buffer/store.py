@@ -39,6 +39,7 @@ from typing import Any, Final, TypeVar
 import structlog
 
 from broker.errors import ClosedError, InvalidInput, RequestConflict
+from broker.opening import Opened
 from broker.protocol.wire import Record
 from broker.settings import StreamPolicy
 from edge_bridge.buffer import policies, reads
@@ -69,7 +70,7 @@ class AppendResult:
     """True when this answers a retried request that was already stored."""
 
 
-class Buffer:
+class Buffer(Opened):
     """The durable, bounded, group-committing record buffer of one edge bridge.
 
     Use as ``async with Buffer(...) as buffer``. All methods are coroutines that
@@ -101,13 +102,6 @@ class Buffer:
         """Set whenever records are deleted; blocked producers may retry."""
 
     # -- lifecycle -------------------------------------------------------------
-
-    async def __aenter__(self) -> Buffer:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     @property
     def path(self) -> Path:
