@@ -14,21 +14,18 @@ from __future__ import annotations
 
 import asyncio
 
-import asyncpg
 import structlog
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from nats.aio.client import Client as NATS
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from broker.connecting import close_nats, connect_with_retry
 from broker.protocol.events import CommandStatusReport, DesiredStateReport, DropMarker
-from broker.protocol.permissions import inbox_prefix
 from broker.protocol.topology import Topology
-from broker.service import Service, Supervisor
+from broker.service import Supervisor
 from broker.serving import embedded_server
 from broker.settings import IngestSettings, NatsSettings
+from cloud_ingest.cloud_service import CloudService
 from cloud_ingest.command_status import CommandStatusWriter
 from cloud_ingest.completeness import drop_marker_writer
 from cloud_ingest.desired_reports import DesiredReportWriter
@@ -37,9 +34,7 @@ from cloud_ingest.ingesting import RecordsConsumer, init_connection
 from cloud_ingest.maintenance import Maintenance
 from cloud_ingest.metrics import IngestMetrics
 from cloud_ingest.partitioning import ensure_partitions
-from cloud_ingest.pooling import close_pool, connect_pool
 from cloud_ingest.reconciling import lost_after_commit_writer
-from cloud_ingest.schema import migrate
 from cloud_ingest.watermarks import WatermarkPublisher
 
 __all__ = [
@@ -53,23 +48,19 @@ DRAIN_S = 8.0
 """Each shutdown step (finish in-flight groups; publish the last watermarks) gets this long."""
 
 
-class Ingest(Service):
+class Ingest(CloudService):
     """One ingest process."""
 
     kind = "ingest"
 
     def __init__(self, settings: IngestSettings, nats_settings: NatsSettings) -> None:
-        super().__init__()
-        self.settings = settings
-        self.nats_settings = nats_settings
-        self.topology = Topology(
+        super().__init__(nats_settings, Topology(
             prefix=nats_settings.prefix, replicas=nats_settings.replicas,
             records_max_bytes=nats_settings.records_max_bytes,
             records_max_age_s=nats_settings.records_max_age_s,
-        )
+        ))
+        self.settings = settings
         self.metrics = IngestMetrics()
-        self._nc: NATS | None = None
-        self._pool: asyncpg.Pool | None = None
         self.consumer: RecordsConsumer | None = None
         self.events: EventsConsumer | None = None
         self.watermarks: WatermarkPublisher | None = None
@@ -77,29 +68,26 @@ class Ingest(Service):
 
     async def _open(self) -> None:
         self._listen(self.settings.host, self.settings.port)
-        self._pool = await connect_pool(
+        pool = await self._open_pool(
             self.settings.postgres_dsn, size=self.settings.pool_size, init=init_connection,
             retry_max_s=self.settings.db_retry_max_s,
         )
-        async with self._pool.acquire() as conn:
-            await migrate(conn)
+        async with pool.acquire() as conn:
             # Today's partition and the next days' exist before the first write.
             self.metrics.partitions_created.inc(
                 len(await ensure_partitions(conn, self.settings.partitions_ahead_days)))
         self.maintenance = Maintenance(
-            self._pool, ahead_days=self.settings.partitions_ahead_days,
+            pool, ahead_days=self.settings.partitions_ahead_days,
             interval_s=self.settings.maintenance_interval_s, metrics=self.metrics)
-        self._nc = await connect_with_retry(
-            self.nats_settings, name="edgesync-ingest",
-            inbox_prefix=inbox_prefix(self.topology, "ingest"))
-        js = self._nc.jetstream()
+        nc = await self._connect_nats("ingest")
+        js = nc.jetstream()
         await self.topology.ensure_all(js)  # the ingest owns the topology
         self.watermarks = WatermarkPublisher(
-            self._nc, self.topology.watermarks_bucket,
+            nc, self.topology.watermarks_bucket,
             interval_s=self.settings.watermark_interval_s,
         )
         self.consumer = RecordsConsumer(
-            nc=self._nc, js=js, pool=self._pool, topology=self.topology,
+            nc=nc, js=js, pool=pool, topology=self.topology,
             consumer=self.settings.consumer, fetch_batch=self.settings.fetch_batch,
             fetch_timeout_s=self.settings.fetch_timeout_s, idle_poll_s=self.settings.idle_poll_s,
             ack_wait_s=self.settings.ack_wait_s, workers=self.settings.workers,
@@ -112,7 +100,7 @@ class Ingest(Service):
         )
         await self.consumer.ensure_consumer()
         self.events = EventsConsumer(
-            js=js, pool=self._pool, topology=self.topology,
+            js=js, pool=pool, topology=self.topology,
             consumer=self.settings.consumer, metrics=self.metrics,
             writers={
                 DropMarker: drop_marker_writer(self.watermarks.note),
@@ -123,20 +111,11 @@ class Ingest(Service):
         )
         await self.events.ensure_consumer()
 
-    async def _close(self) -> None:
-        """Release NATS and the pool (the socket is the skeleton's)."""
-        if self._nc is not None:
-            await close_nats(self._nc)
-        if self._pool is not None:
-            await close_pool(self._pool)
-        log.info("ingest_stopped")
-
     @property
     def ready(self) -> bool:
         return (
             self.is_open
-            and self._nc is not None
-            and self._nc.is_connected
+            and self.nats_connected
             and self.consumer is not None
             and self.consumer.db_ok
         )

@@ -15,28 +15,24 @@ from typing import Any
 
 import asyncpg
 import structlog
-from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from broker.connecting import close_nats, connect_with_retry
 from broker.errors import ClosedError, ConfigError, Conflict, EdgesyncError, InvalidInput
 from broker.protocol.command_specs import masked_spec
 from broker.protocol.command_status import CommandStatus
 from broker.protocol.commands import CommandSigner, new_envelope
-from broker.protocol.permissions import inbox_prefix
 from broker.protocol.topology import Topology
-from broker.service import Service, Supervisor
+from broker.service import Supervisor
 from broker.serving import HTTP_DRAIN_S, embedded_server, wait_started
 from broker.settings import ApiSettings, NatsSettings
 from broker.token_strength import check_token_strength
 from cloud_ingest.api.routes import create_app
+from cloud_ingest.cloud_service import CloudService
 from cloud_ingest.command_status import expire_overdue
 from cloud_ingest.db_errors import DATABASE_ERRORS, as_temporary
 from cloud_ingest.desired import DesiredPublisher
-from cloud_ingest.pooling import close_pool, connect_pool
 from cloud_ingest.rollouts import RolloutDriver, RolloutMetrics
-from cloud_ingest.schema import migrate
 
 __all__ = ["Api", "ApiMetrics"]
 
@@ -76,20 +72,17 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
                               decoder=json.loads)
 
 
-class Api(Service):
+class Api(CloudService):
     """One API process: PostgreSQL pool, NATS, signer, HTTP socket, background loops."""
 
     kind = "api"
 
     def __init__(self, settings: ApiSettings, nats_settings: NatsSettings) -> None:
-        super().__init__()
+        super().__init__(nats_settings,
+                         Topology(prefix=nats_settings.prefix, replicas=nats_settings.replicas))
         self.settings = settings
-        self.nats_settings = nats_settings
-        self.topology = Topology(prefix=nats_settings.prefix, replicas=nats_settings.replicas)
         self.metrics = ApiMetrics()
         self.signer: CommandSigner | None = None
-        self._pool: asyncpg.Pool | None = None
-        self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self.rollouts: RolloutDriver | None = None
 
@@ -109,15 +102,12 @@ class Api(Service):
         self.signer = CommandSigner.from_file(self.settings.private_key_file,
                                               issuer=self.settings.issuer)
         self._listen(self.settings.host, self.settings.port)
-        self._pool = await connect_pool(
+        await self._open_pool(
             self.settings.postgres_dsn, size=self.settings.pool_size, init=_init_connection,
             retry_max_s=self.settings.db_retry_max_s, command_timeout_s=30,
         )
-        async with self._pool.acquire() as conn:
-            await migrate(conn)
-        self._nc = await connect_with_retry(self.nats_settings, name="edgesync-api",
-                                            inbox_prefix=inbox_prefix(self.topology, "api"))
-        self._js = self._nc.jetstream(timeout=self.nats_settings.publish_timeout_s)
+        nc = await self._connect_nats("api")
+        self._js = nc.jetstream(timeout=self.nats_settings.publish_timeout_s)
         # The ingest owns the streams; the API only checks the one it publishes to.
         await self.topology.require_streams(self._js, [self.topology.control_stream])
         self.rollouts = RolloutDriver(
@@ -125,18 +115,6 @@ class Api(Service):
             offline_after_s=self.settings.edge_offline_after_s,
             metrics=RolloutMetrics(self.metrics.registry))
         log.info("api_ready", key_id=self.signer.key_id, issuer=self.signer.issuer)
-
-    async def _close(self) -> None:
-        """Release NATS and the pool (the socket is the skeleton's)."""
-        if self._nc is not None:
-            await close_nats(self._nc)
-        if self._pool is not None:
-            await close_pool(self._pool)
-        log.info("api_stopped")
-
-    @property
-    def nats_connected(self) -> bool:
-        return self._nc is not None and self._nc.is_connected
 
     @property
     def url(self) -> str:
