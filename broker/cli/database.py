@@ -5,8 +5,9 @@ per command, and one way of turning what goes wrong into a message and an exit c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -22,6 +23,7 @@ __all__ = [
     "EXIT_UNAVAILABLE",
     "Dsn",
     "StateDir",
+    "exit_when_unavailable",
     "resolve_dsn",
     "run_on_database",
 ]
@@ -50,6 +52,20 @@ def resolve_dsn(dsn: str | None, state_dir: Path) -> str:
     return Settings().ingest.postgres_dsn
 
 
+@contextlib.contextmanager
+def exit_when_unavailable(console: Console, doing: str) -> Iterator[None]:
+    """A database that cannot be reached or refuses the work (``OSError``,
+    ``asyncpg.PostgresError``) inside the block prints ``cannot <doing>: …`` and exits
+    :data:`EXIT_UNAVAILABLE`; the one rule of every command that reads PostgreSQL."""
+    import asyncpg
+
+    try:
+        yield
+    except (OSError, asyncpg.PostgresError) as exc:
+        console.print(f"[red]cannot {doing}:[/red] {escape(str(exc))}")
+        raise typer.Exit(EXIT_UNAVAILABLE) from exc
+
+
 def run_on_database(dsn: str | None, state_dir: Path, job: Callable[[Any], Awaitable[T]], *,
                     console: Console, doing: str, migrate: bool = False) -> T:
     """Run ``job(connection)`` on one connection to the resolved DSN and return its result.
@@ -75,15 +91,13 @@ def run_on_database(dsn: str | None, state_dir: Path, job: Callable[[Any], Await
         finally:
             await conn.close()
 
-    try:
-        return asyncio.run(main())
-    except EdgesyncError as exc:
-        console.print(f"[red]refused:[/red] {escape(str(exc))}")
-        raise typer.Exit(EXIT_REFUSED) from exc
-    except asyncpg.UndefinedTableError as exc:
-        console.print(f"[red]cannot {doing}:[/red] {escape(str(exc))} (the schema is not there "
-                      "yet: start the ingest once, it applies the migrations)")
-        raise typer.Exit(EXIT_UNAVAILABLE) from exc
-    except (OSError, asyncpg.PostgresError) as exc:
-        console.print(f"[red]cannot {doing}:[/red] {escape(str(exc))}")
-        raise typer.Exit(EXIT_UNAVAILABLE) from exc
+    with exit_when_unavailable(console, doing):
+        try:
+            return asyncio.run(main())
+        except EdgesyncError as exc:
+            console.print(f"[red]refused:[/red] {escape(str(exc))}")
+            raise typer.Exit(EXIT_REFUSED) from exc
+        except asyncpg.UndefinedTableError as exc:
+            console.print(f"[red]cannot {doing}:[/red] {escape(str(exc))} (the schema is not "
+                          "there yet: start the ingest once, it applies the migrations)")
+            raise typer.Exit(EXIT_UNAVAILABLE) from exc

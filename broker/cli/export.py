@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from broker.cli.database import Dsn, StateDir, resolve_dsn
+from broker.cli.database import Dsn, StateDir, exit_when_unavailable, resolve_dsn
 from broker.errors import InvalidInput
 from broker.protocol.tokens import validate_token
 
@@ -204,8 +204,6 @@ def export_cmd(
     state_dir: StateDir = Path(".edgesync"),
 ) -> None:
     """Export one stream's records over a time range to NDJSON, CSV or Parquet."""
-    import asyncpg
-
     err = Console(stderr=True)
     try:
         start, end = _parse_time(from_, "--from"), _parse_time(to, "--to")
@@ -219,18 +217,16 @@ def export_cmd(
     progress = Progress(TextColumn("export"), BarColumn(), MofNCompleteColumn(),
                         TimeRemainingColumn(), console=err, transient=False)
     task = progress.add_task("rows", total=None)
-    try:
-        with progress, _output(output) as out:
-            written = asyncio.run(export(
-                resolve_dsn(dsn, state_dir), out, stream=stream, start=start, end=end,
-                fmt=fmt, edges=edge, basis=by,
-                on_total=lambda n: progress.update(task, total=n),
-                on_rows=lambda n: progress.advance(task, n)))
-    except InvalidInput as exc:
-        err.print(f"[red]{escape(str(exc))}[/red]")
-        raise typer.Exit(1) from exc
-    except (OSError, asyncpg.PostgresError) as exc:
-        err.print(f"[red]cannot export:[/red] {escape(str(exc))}")
-        raise typer.Exit(2) from exc
+    with exit_when_unavailable(err, "export"):
+        try:
+            with progress, _output(output) as out:
+                written = asyncio.run(export(
+                    resolve_dsn(dsn, state_dir), out, stream=stream, start=start, end=end,
+                    fmt=fmt, edges=edge, basis=by,
+                    on_total=lambda n: progress.update(task, total=n),
+                    on_rows=lambda n: progress.advance(task, n)))
+        except InvalidInput as exc:
+            err.print(f"[red]{escape(str(exc))}[/red]")
+            raise typer.Exit(1) from exc
     err.print(f"{written} records of {stream} exported"
               + (f" to {output}" if output else ""))

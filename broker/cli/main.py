@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 
 from broker.cli.commands import cmd_app, keys_app
-from broker.cli.database import resolve_dsn
+from broker.cli.database import exit_when_unavailable, resolve_dsn
 from broker.cli.dead_letters import dead_letters_app
 from broker.cli.desired import desired_app, label_edge, rollout_app
 from broker.cli.edges import edges_app
@@ -165,18 +165,13 @@ def status(
         "largest backlogs, missing records); 0 lists every row.")] = 50,
 ) -> None:
     """Print a fleet summary, then edges, their backlog, and committed counts per stream."""
-    import asyncpg
-
     from broker.cli.status import show_status
     from broker.settings import ApiSettings
 
     offline_after_s = ApiSettings.model_fields["edge_offline_after_s"].default
-    try:
+    with exit_when_unavailable(console, "read status"):
         asyncio.run(show_status(resolve_dsn(dsn, state_dir), console, gaps=gaps, limit=limit,
                                 offline_after_s=offline_after_s))
-    except (OSError, asyncpg.PostgresError) as exc:
-        console.print(f"[red]cannot read status:[/red] {exc}")
-        raise typer.Exit(2) from exc
 
 
 @app.command(

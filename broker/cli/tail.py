@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from broker.cli.database import resolve_dsn
+from broker.cli.database import Dsn, StateDir, exit_when_unavailable, resolve_dsn
 from broker.errors import EdgesyncError
 
 if TYPE_CHECKING:
@@ -87,28 +87,22 @@ def tail_cmd(
     limit: Annotated[int | None, typer.Option(min=1, help="Stop after N records.")] = None,
     output: Annotated[str, typer.Option(help="ndjson, table, or auto (a table on a TTY).")]
     = "auto",
-    dsn: Annotated[str | None, typer.Option(help="PostgreSQL DSN (default: runtime.json, "
-                                                   "then EDGESYNC_INGEST__POSTGRES_DSN).")] = None,
-    state_dir: Annotated[Path, typer.Option(help="Where `edgesync up` wrote runtime.json.")]
-    = Path(".edgesync"),
+    dsn: Dsn = None,
+    state_dir: StateDir = Path(".edgesync"),
 ) -> None:
     """Print records as they commit (NDJSON, or a table on a terminal)."""
-    import asyncpg
-
     console = Console()
     table = output == "table" or (output == "auto" and console.is_terminal)
-    try:
-        asyncio.run(tail(resolve_dsn(dsn, state_dir), console, streams=stream or [],
-                         edges=edge or [], start=from_, table=table, follow_feed=follow,
-                         limit=limit))
-    except KeyboardInterrupt:
-        return
-    except EdgesyncError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    except (OSError, asyncpg.PostgresError) as exc:
-        console.print(f"[red]cannot read records:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    with exit_when_unavailable(console, "read records"):
+        try:
+            asyncio.run(tail(resolve_dsn(dsn, state_dir), console, streams=stream or [],
+                             edges=edge or [], start=from_, table=table, follow_feed=follow,
+                             limit=limit))
+        except KeyboardInterrupt:
+            return
+        except EdgesyncError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
 
 
 def _table(records: Sequence[FeedRecord]) -> Table:
