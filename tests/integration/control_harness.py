@@ -30,6 +30,7 @@ from cloud_ingest.api import Api
 from cloud_ingest.service import Ingest
 from tests.helpers import until
 from tests.integration.harness import bridge_settings, running_ingest, serving
+from tests.support import until_in
 
 __all__ = [
     "CONFIGMAPS",
@@ -177,17 +178,8 @@ class ControlPlane:
                           timeout: float = 15) -> dict[str, Any]:
         """Until the command is in one of ``statuses``; returns it."""
         wanted = set(statuses)
-        last: dict[str, Any] = {}
-
-        async def reached() -> dict[str, Any] | None:
-            nonlocal last
-            last = await self.command(command_id)
-            return last if last["status"] in wanted else None
-
-        try:
-            return await until(reached, timeout=timeout, interval=0.05)
-        except AssertionError:
-            raise AssertionError(f"command never reached {sorted(wanted)}: {last}") from None
+        return await until_in(lambda: self.command(command_id), "status", wanted,
+                              timeout=timeout, what=f"command never reached {sorted(wanted)}")
 
     def status_reports(self, status: str) -> float:
         """Status reports of ``status`` the ingest has processed (repeats included)."""

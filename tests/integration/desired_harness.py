@@ -26,7 +26,7 @@ from broker.settings import BridgeSettings
 from edge_bridge.bridge import Bridge
 from tests.integration.control_harness import DEPLOYMENTS, ControlPlane, Kube, kube_emulator
 from tests.integration.harness import running_bridge
-from tests.support import until
+from tests.support import until, until_in
 
 __all__ = [
     "BROKEN", "Fleet", "FleetController", "GenerationalEmulator", "console_page", "fleet_edges",
@@ -140,17 +140,8 @@ class Fleet:
 
     async def wait_rollout(self, rollout_id: int, *states: str, timeout: float = 30
                            ) -> dict[str, Any]:
-        last: dict[str, Any] = {}
-
-        async def reached() -> dict[str, Any] | None:
-            nonlocal last
-            last = await self.status(rollout_id)
-            return last if last["state"] in states else None
-
-        try:
-            return await until(reached, timeout=timeout, interval=0.05)
-        except AssertionError:
-            raise AssertionError(f"rollout never {states}: {last}") from None
+        return await until_in(lambda: self.status(rollout_id), "state", states,
+                              timeout=timeout, what=f"rollout never {states}")
 
     async def edge_view(self, edge: str) -> dict[str, Any]:
         response = await self.plane.http.get(f"/v1/desired/edges/{edge}")

@@ -1,6 +1,7 @@
 """What every test suite shares: waiting, the PostgreSQL under test, services as processes.
 
-- :func:`until`: wait on a condition with a deadline (``waiting``);
+- :func:`until`: wait on a condition with a deadline, :func:`until_in` on a resource
+  reaching one of some states (``waiting``);
 - :class:`PgCluster`, :func:`dsn_from_env`: the PostgreSQL tests use (``postgres``);
 - :class:`ServiceProcess`, :func:`settings_env`: a service as a child process, and the
   ``EDGESYNC_*`` variables that configure it from settings objects (shipped in
@@ -22,7 +23,7 @@ from tests.support.processes import (
     port_for_config,
     refused_port,
 )
-from tests.support.waiting import until
+from tests.support.waiting import until, until_in
 
 __all__ = [
     "BridgeProcess",
@@ -37,4 +38,5 @@ __all__ = [
     "refused_port",
     "settings_env",
     "until",
+    "until_in",
 ]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Container
+from typing import Any, TypeVar
 
-__all__ = ["until"]
+__all__ = ["until", "until_in"]
 
 T = TypeVar("T")
 
@@ -37,3 +37,30 @@ async def until(
         if loop.time() >= deadline:
             raise AssertionError(message or f"condition not met within {timeout}s: {predicate!r}")
         await asyncio.sleep(interval)
+
+
+async def until_in(
+    fetch: Callable[[], Awaitable[dict[str, Any]]],
+    key: str,
+    wanted: Container[Any],
+    *,
+    timeout: float,
+    what: str,
+) -> dict[str, Any]:
+    """Fetch a resource until its ``key`` is one of ``wanted``; returns that answer.
+
+    Raises:
+        AssertionError: not there after ``timeout`` seconds; says ``what`` and the
+            last answer, so a failure shows where the resource stopped.
+    """
+    last: dict[str, Any] = {}
+
+    async def reached() -> dict[str, Any] | None:
+        nonlocal last
+        last = await fetch()
+        return last if last[key] in wanted else None
+
+    try:
+        return await until(reached, timeout=timeout, interval=0.05)
+    except AssertionError:
+        raise AssertionError(f"{what}: {last}") from None
