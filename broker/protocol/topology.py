@@ -130,37 +130,29 @@ class Topology:
 
     def stream_configs(self) -> list[StreamConfig]:
         return [
-            StreamConfig(
-                name=self.records_stream,
-                subjects=[self.records_wildcard],
-                retention=RetentionPolicy.LIMITS,
-                storage=StorageType.FILE,
-                discard=DiscardPolicy.OLD,
-                max_age=self.records_max_age_s,
-                max_bytes=self.records_max_bytes,
-                duplicate_window=self.duplicate_window_s,
-                num_replicas=self.replicas,
-            ),
-            StreamConfig(
-                name=self.control_stream,
-                subjects=[f"{self.prefix}.ctl.>"],
-                retention=RetentionPolicy.LIMITS,
-                storage=StorageType.FILE,
-                max_age=30 * 24 * 3600.0,
-                duplicate_window=self.duplicate_window_s,
-                num_replicas=self.replicas,
-                max_consumers=self.control_max_consumers,
-            ),
-            StreamConfig(
-                name=self.events_stream,
-                subjects=[self.events_wildcard],
-                retention=RetentionPolicy.LIMITS,
-                storage=StorageType.FILE,
-                max_age=7 * 24 * 3600.0,
-                duplicate_window=self.duplicate_window_s,
-                num_replicas=self.replicas,
-            ),
+            self._stream(self.records_stream, self.records_wildcard,
+                         max_age_s=self.records_max_age_s, max_bytes=self.records_max_bytes),
+            self._stream(self.control_stream, f"{self.prefix}.ctl.>",
+                         max_age_s=30 * 24 * 3600.0, max_consumers=self.control_max_consumers),
+            self._stream(self.events_stream, self.events_wildcard, max_age_s=7 * 24 * 3600.0),
         ]
+
+    def _stream(self, name: str, subjects: str, *, max_age_s: float,
+                max_bytes: int | None = None, max_consumers: int | None = None) -> StreamConfig:
+        """What every edgesync stream shares: limits retention, on file, the oldest
+        discarded first, the ``Nats-Msg-Id`` window and the replicas."""
+        return StreamConfig(
+            name=name,
+            subjects=[subjects],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            max_age=max_age_s,
+            max_bytes=max_bytes,
+            duplicate_window=self.duplicate_window_s,
+            num_replicas=self.replicas,
+            max_consumers=max_consumers,
+        )
 
     def control_durable(self, edge: str) -> str:
         """The durable consumer an edge pulls its commands from (``ctl-<edge>``)."""
