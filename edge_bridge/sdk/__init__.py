@@ -18,7 +18,7 @@ Non-asyncio applications use :class:`SyncEdgeClient` the same way, with
 
 from broker.errors import BufferFull, ClosedError, InvalidInput, RecordTooLarge, TemporaryError
 from edge_bridge.sdk.client import EdgeClient
-from edge_bridge.sdk.results import ClientStats, RecordAck
+from edge_bridge.sdk.results import ClientStats, RecordAck, SendFailed
 from edge_bridge.sdk.sync_client import SyncEdgeClient
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "InvalidInput",
     "RecordAck",
     "RecordTooLarge",
+    "SendFailed",
     "SyncEdgeClient",
     "TemporaryError",
 ]
