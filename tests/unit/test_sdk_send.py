@@ -241,3 +241,41 @@ def test_the_sync_client_send_raises_in_the_calling_thread(bridge: FakeBridge) -
             client.send("s", b"z")
         client.flush(timeout=WAIT_S)
     assert stored_payloads(bridge) == [b"x", b"y"]
+
+
+async def test_any_mix_of_send_and_publish_gives_each_future_its_records_seq(
+    bridge: FakeBridge,
+) -> None:
+    """Whatever the interleaving (runs of either, across batch boundaries), future ``i``
+    resolves to the seq of the record published with it."""
+    pattern = "ppsspssspppsppspsssssp" * 7
+    async with client_for(bridge, batch_max_records=13) as client:
+        futures: list[tuple[int, asyncio.Future[RecordAck]]] = []
+        for i, kind in enumerate(pattern):
+            if kind == "p":
+                futures.append((i, client.publish("s", i)))
+            else:
+                client.send("s", i)
+        await client.flush()
+        acks = await settled(future for _, future in futures)
+    assert [ack.seq for ack in acks if isinstance(ack, RecordAck)] == [i + 1 for i, _ in futures]
+    assert stored_payloads(bridge) == [str(i).encode() for i in range(len(pattern))]
+
+
+def test_the_sync_client_send_from_its_own_loop_thread_does_not_wait_on_itself(
+    bridge: FakeBridge,
+) -> None:
+    """A future's callback (run on the loop thread) may send more than a hand-over chunk:
+    the thread that would take the chunk never waits for itself."""
+    with SyncEdgeClient(transport=httpx.MockTransport(bridge.handle), linger_ms=0.0) as client:
+        done = threading.Event()
+
+        def send_many(_: object) -> None:
+            for i in range(3_000):
+                client.send("s", i)
+            done.set()
+
+        client.publish("s", -1).add_done_callback(send_many)
+        assert done.wait(WAIT_S)
+        client.flush(timeout=WAIT_S)
+    assert len(stored_payloads(bridge)) == 3_001
