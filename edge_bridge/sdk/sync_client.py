@@ -228,7 +228,7 @@ class SyncEdgeClient:
                 raise ClosedError("SyncEdgeClient is closed; publish is no longer possible")
             # _outstanding is written by the loop thread; reading a stale value
             # only shifts the bound by a few records, it never lets it run away.
-            waiting = self._client.outstanding + len(self._intake)
+            waiting = self._client._outstanding + len(self._intake)
             if waiting >= self._max_pending:
                 raise self._client._buffer_full(waiting)
             self._intake.append((stream, record, nbytes, waiter))
