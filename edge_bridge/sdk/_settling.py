@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import structlog
 
+from broker.errors import ClosedError
 from broker.protocol.ingress import IngressResponse
 from edge_bridge.sdk._batch import OutgoingBatch, fail_waiters, resolve_waiters
 from edge_bridge.sdk.results import ClientStats, SendFailed
@@ -65,6 +66,23 @@ class BatchBook:
             error=str(error),
         )
         self._fail_quietly(batch, make_error, error)
+
+    def _fail_unacknowledged(self, waited_s: float, why: str) -> None:
+        """``close`` timed out: fail what is left as ``not_acknowledged``, log it once."""
+        message = (
+            f"the bridge did not acknowledge this record within the close timeout "
+            f"({waited_s:g} s; {why}); the client closed, and the record may or may not "
+            "be stored"
+        )
+        records = self._fail_all(lambda: ClosedError(message, code="not_acknowledged"))
+        self.stats.records_unacknowledged += records
+        log.warning(
+            "sdk_records_unacknowledged",
+            producer=self._producer,
+            records=records,
+            close_timeout_s=waited_s,
+            reason=why,
+        )
 
     def _fail_all(self, make_error: Callable[[], BaseException]) -> int:
         """Fail every unsettled record (pending and sealed) quietly; returns how many.

@@ -2,7 +2,7 @@
 
 Data path, all on one event loop and without a task per record::
 
-    publish() --validate--> per-stream pending batch --seal--> send queue
+    publish()/send() --validate--> per-stream pending batch --seal--> send queue
         --> max_in_flight sender tasks --POST, retry--> bridge --200--> futures
 
 A batch is *sealed* when it reaches ``batch_max_records`` or
@@ -21,7 +21,9 @@ in :attr:`ClientStats.outages`, and logs each retry only at debug level.
 ``close`` waits at most ``close_timeout_s`` for what is pending; then it fails
 those records with :class:`~broker.errors.ClosedError` (code
 ``not_acknowledged``) and returns, so an application can always shut down.
-Nothing is dropped silently: every record's future ends acknowledged or failed.
+Nothing is dropped silently: every record's future ends acknowledged or failed,
+and a record sent without one (``send``) that fails is counted, logged with its
+batch, and raised by the next ``flush``/``close`` (:class:`SendFailed`).
 """
 
 from __future__ import annotations
@@ -320,28 +322,12 @@ class EdgeClient(BatchBook):
                 await self._settle_pending(wait_s)
             except TimeoutError:
                 assert wait_s is not None  # None waits, it never times out
-                self._fail_unacknowledged(wait_s)
+                outage = self._delivery.outage
+                self._fail_unacknowledged(
+                    wait_s, outage.problem if outage.since is not None else "no answer yet")
         finally:
             await self.abort()
         self._raise_send_failures()
-
-    def _fail_unacknowledged(self, waited_s: float) -> None:
-        outage = self._delivery.outage
-        why = outage.problem if outage.since is not None else "no answer yet"
-        message = (
-            f"the bridge did not acknowledge this record within the close timeout "
-            f"({waited_s:g} s; {why}); the client closed, and the record may or may not "
-            "be stored"
-        )
-        records = self._fail_all(lambda: ClosedError(message, code="not_acknowledged"))
-        self.stats.records_unacknowledged += records
-        log.warning(
-            "sdk_records_unacknowledged",
-            producer=self._producer,
-            records=records,
-            close_timeout_s=waited_s,
-            reason=why,
-        )
 
     async def abort(self) -> None:
         """Close without waiting: fail every unconfirmed record with :class:`ClosedError`.

@@ -2,10 +2,11 @@
 
 For applications without asyncio. A daemon thread runs an event loop that
 hosts one :class:`EdgeClient`; any number of application threads call
-:meth:`SyncEdgeClient.publish`, which validates in the calling thread and
-hands the prepared record over through a locked list. The loop is woken once
-per burst rather than once per record, which keeps the cross-thread cost per
-record to a lock and a list append.
+:meth:`SyncEdgeClient.send` or :meth:`SyncEdgeClient.publish`, which validate
+in the calling thread and hand the prepared record over through a locked list.
+The loop is woken once per burst rather than once per record, and takes every
+record handed over since in one go, which keeps the cross-thread cost per
+record to a lock and a list append; ``send`` adds nothing else per record.
 
 The futures handed back are :class:`concurrent.futures.Future` objects that
 share one condition variable per client instead of building their own: a
@@ -111,7 +112,9 @@ class SyncEdgeClient:
     (``url`` and the keyword :class:`~edge_bridge.sdk._defaults.ClientOptions`).
 
     ``publish`` returns a :class:`concurrent.futures.Future`; its ``result()``
-    returns once the record is durable at the bridge. Use it as a context
+    returns once the record is durable at the bridge. ``send`` is the same
+    without the future (fire-and-forget; failures counted, logged and raised
+    by ``flush``/``close`` as :class:`SendFailed`), and costs less. Use it as a context
     manager, or call :meth:`close`: records not yet flushed when the process
     exits are lost, since the loop runs in a daemon thread. ``close`` (and
     leaving ``with``) waits at most ``close_timeout_s`` for acknowledgements,
