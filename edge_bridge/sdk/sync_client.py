@@ -113,9 +113,9 @@ class SyncEdgeClient:
 
     ``publish`` returns a :class:`concurrent.futures.Future`; its ``result()``
     returns once the record is durable at the bridge. ``send`` is the same
-    without the future (fire-and-forget; failures counted, logged and raised
-    by ``flush``/``close`` as :class:`SendFailed`), and costs less. Use it as a context
-    manager, or call :meth:`close`: records not yet flushed when the process
+    without the future (fire-and-forget; failures counted, logged and raised by
+    ``flush``/``close`` as :class:`SendFailed`), and costs less. Use it as a
+    context manager, or call :meth:`close`: records not yet flushed when the process
     exits are lost, since the loop runs in a daemon thread. ``close`` (and
     leaving ``with``) waits at most ``close_timeout_s`` for acknowledgements,
     as :meth:`EdgeClient.close` does.
