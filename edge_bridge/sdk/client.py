@@ -479,7 +479,10 @@ class EdgeClient(BatchBook):
                 data = _json_encode(payload)
             except Exception:  # prepare_record raises the InvalidInput that explains it
                 data = b""
-            if data and len(data) <= self._inline_max_bytes and b"\\u0000" not in data:
+            # 92 is the backslash: a one-byte search (memchr) is ~10x cheaper than
+            # looking for the six-byte escape, and JSON without one cannot hold it.
+            if data and len(data) <= self._inline_max_bytes and (
+                    92 not in data or b"\\u0000" not in data):
                 return ((_now_ns() // 1000, CT_JSON, data, key, None),
                         len(data) + WIRE_RECORD_OVERHEAD_BYTES + (0 if key is None else len(key)))
         return prepare_record(payload, key, ts, headers, self._max_record_bytes)
