@@ -41,8 +41,8 @@ _Item = tuple[str, OutRecord, int, "_RecordFuture | None"]
 _INTAKE_CHUNK: Final = 1024
 """Records an application thread hands over before it waits for the loop thread to take
 them. Without the wait, a thread that publishes flat out holds the GIL, and the loop
-thread waits up to the switch interval (5 ms) to get it back after every socket call:
-a few such waits per request capped the synchronous client near 40k records/s."""
+thread may wait up to the switch interval (5 ms) to get it back after each socket call
+(py-spy showed the socket write as the loop thread's hottest line in that case)."""
 _INTAKE_WAIT_S: Final = 0.05
 """Longest such wait (a wake-up lost to a stopping loop costs no more than this)."""
 _PENDING: Final = concurrent.futures._base.PENDING
