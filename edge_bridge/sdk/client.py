@@ -434,7 +434,7 @@ class EdgeClient(BatchBook):
              waiter: Waiter | None) -> None:
         """Validate one record and queue it, with its future or without (``send``)."""
         if self._state is not _OPEN:
-            raise ClosedError("EdgeClient is closed; publish is no longer possible")
+            raise ClosedError("EdgeClient is closed; it accepts no more records")
         record, nbytes = self._prepare(stream, payload, key, ts, headers)
         if self._outstanding >= self._max_pending:
             raise self._buffer_full(self._outstanding)

@@ -224,11 +224,11 @@ class SyncEdgeClient:
         and it takes every record handed over since in one go. A thread that has
         handed over a full chunk waits until the loop has taken it."""
         if self._closed:
-            raise ClosedError("SyncEdgeClient is closed; publish is no longer possible")
+            raise ClosedError("SyncEdgeClient is closed; it accepts no more records")
         record, nbytes = self._client._prepare(stream, payload, key, ts, headers)
         with self._lock:
             if self._closed:
-                raise ClosedError("SyncEdgeClient is closed; publish is no longer possible")
+                raise ClosedError("SyncEdgeClient is closed; it accepts no more records")
             # _outstanding is written by the loop thread; reading a stale value
             # only shifts the bound by a few records, it never lets it run away.
             waiting = self._client._outstanding + len(self._intake)
