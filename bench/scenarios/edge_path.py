@@ -1,14 +1,17 @@
 """Scenario 2: the edge path, SDK -> bridge (durable) -> JetStream (acked).
 
 - *edgesync*: ``producers`` tasks in the driver, each an SDK client publishing
-  fire-and-forget, against one bridge running as its own process (default
-  settings: SQLite ``synchronous=FULL``, batches of 2,000). Timed from the
-  first publish to the moment the bridge's ``edgesync_records_shipped_total``
-  reaches N (every record JetStream-acked); the time until every SDK future
-  resolved (durable at the bridge) is shown too. The CPU the driver (the SDK
-  producers) and the bridge used in that phase, per record, are figures of
-  their own; so is the synchronous SDK: one application thread publishing
-  through a ``SyncEdgeClient`` to the same bridge, until ``flush`` returns.
+  fire-and-forget with ``EdgeClient.send`` (no future per record), against one
+  bridge running as its own process (default settings: SQLite
+  ``synchronous=FULL``, batches of 2,000). Timed from the first record to the
+  moment the bridge's ``edgesync_records_shipped_total`` reaches N (every
+  record JetStream-acked); the time until every producer's ``flush`` returned
+  (durable at the bridge) is shown too. The CPU the driver (the SDK producers)
+  and the bridge used in that phase, per record, are figures of their own
+  (the SDK's target row); so is the synchronous SDK: one application thread
+  sending through a ``SyncEdgeClient.send`` to the same bridge, until
+  ``flush`` returns. The same two are measured with ``publish`` and its
+  future per record, beside them (not target rows).
 - *ceiling*: the durable append alone, the same records in the same chunks
   straight into a buffer file with the bridge's settings
   (:mod:`bench.scenarios._durable_append`); the edge path is shown as a ratio to it.
@@ -34,10 +37,12 @@ from nats.js.api import StorageType, StreamConfig
 from bench.data import STREAM, Pool, json_message, json_msg_id
 from bench.driving import produce, wait_shipped
 from bench.env import BenchEnv, connect_nats, init_topology
+from bench.procs import MeasuredService
 from bench.profiles import Profile
 from bench.results import ScenarioResult
 from bench.scenarios._durable_append import REQUEST_RECORDS, durable_append_rps
-from edge_bridge.sdk import SyncEdgeClient
+from broker.runtime.embedded_nats import EmbeddedNats
+from edge_bridge.sdk import SendFailed, SyncEdgeClient
 
 __all__ = ["BASELINE_STREAM", "BASELINE_SUBJECT", "KEY", "NO_RETRANSMIT", "TITLE", "run"]
 
@@ -72,22 +77,35 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
             shipped_at = await wait_shipped(bridge.url, warm + n, timeout=900)
             res.cpu_seconds["edgesync"] = {**meter.stop(), "wall": round(meter.wall_s, 2)}
             memory = bridge.memory()
-            step(f"synchronous SDK: one thread, {profile.sync_records:,} records")
+            # The target rows first (send), at the bridge state main's bench measured
+            # them in; then the same with publish and its future per record.
+            sync_runs: dict[bool, tuple[float, int]] = {}
+            sync_runs[False] = await _sync_phase(env, nats_server, bridge, res, pool=pool,
+                                                 n=profile.sync_records, futures=False, step=step)
+            step(f"edgesync with publish (a future per record): {p} producers, {n:,} records")
             meter = env.cpu_meter(nats_server, bridge=bridge)
             meter.start()
-            sync_seconds, sync_failed = await asyncio.to_thread(
-                _sync_produce, bridge.url, pool, profile.sync_records)
-            res.cpu_seconds["sync SDK"] = {**meter.stop(), "wall": round(meter.wall_s, 2)}
+            futures_result = await produce(bridge.url, pool, n, p, futures=True)
+            await wait_shipped(bridge.url, warm + 2 * n + profile.sync_records, timeout=900)
+            res.cpu_seconds["edgesync, publish"] = {**meter.stop(),
+                                                    "wall": round(meter.wall_s, 2)}
+            sync_runs[True] = await _sync_phase(env, nats_server, bridge, res, pool=pool,
+                                                n=profile.sync_records, futures=True, step=step)
         finally:
             await bridge.stop()
         assert result.failed == 0, f"{result.failed} records failed at the SDK"
-        assert sync_failed == 0, f"{sync_failed} records failed at the synchronous SDK"
+        assert futures_result.failed == 0, f"{futures_result.failed} records failed at publish"
+        (sync_seconds, sync_failed), (sync_f_seconds, sync_f_failed) = (
+            sync_runs[False], sync_runs[True])
+        assert sync_failed + sync_f_failed == 0, "records failed at the synchronous SDK"
         durable_rps = n / result.seconds
         shipped_rps = n / (shipped_at - started)
         sync_rps = profile.sync_records / sync_seconds
+        sync_f_rps = profile.sync_records / sync_f_seconds
         cpu = res.cpu_seconds["edgesync"]
         sdk_us = cpu.get("bench driver", 0.0) / n * 1e6
         bridge_us = cpu.get("bridge", 0.0) / n * 1e6
+        sdk_f_us = res.cpu_seconds["edgesync, publish"].get("bench driver", 0.0) / n * 1e6
         step(f"ceiling: durable append of the same chunks, {n:,} records")
         ceiling_rps = await durable_append_rps(env.workdir / "append-ceiling", pool, n)
 
@@ -118,17 +136,21 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
     res.add("edgesync, JetStream-acked", shipped_rps, "rec/s",
             f"{n:,} records, {p} producers, bridge as its own process")
     res.add("edgesync, durable at the bridge", durable_rps, "rec/s",
-            "until every SDK future resolved")
+            "until every producer's flush returned")
     res.add("ceiling: durable append alone", ceiling_rps, "rec/s",
             f"the same records as {REQUEST_RECORDS:,}-record chunks into SQLite with the "
             "bridge's settings (WAL, synchronous=FULL), one fsynced commit each")
     res.add("edgesync / durable-append ceiling", shipped_rps / ceiling_rps, "x")
     res.add("SDK CPU per record", sdk_us, "µs",
-            f"the driver's CPU ({p} producers) in the edgesync phase / records")
+            f"the driver's CPU ({p} producers, send) in the edgesync phase / records")
+    res.add("SDK CPU per record, publish", sdk_f_us, "µs",
+            f"the same with publish and a future per record ({p} producers)")
     res.add("bridge CPU per record", bridge_us, "µs",
             "the bridge process's CPU in the edgesync phase / records")
     res.add("synchronous SDK, one thread", sync_rps, "rec/s",
-            f"{profile.sync_records:,} records fire-and-forget, then flush; same bridge")
+            f"{profile.sync_records:,} records with send, then flush; same bridge")
+    res.add("synchronous SDK, one thread, publish", sync_f_rps, "rec/s",
+            f"{profile.sync_records:,} records with publish (a future each), then flush")
     res.add("baseline: awaited js.publish per record", wait_rps, "rec/s",
             f"{profile.publish_wait_records:,} JSON records, one loop")
     res.add(f"baseline: {p} tasks each awaiting js.publish", wait_p_rps, "rec/s",
@@ -153,6 +175,7 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
                     awaited_publish_rps=wait_rps, awaited_publish_tasks_rps=wait_p_rps,
                     publish_async_rps=async_rps, ceiling_rps=ceiling_rps,
                     sdk_cpu_us_per_record=sdk_us, bridge_cpu_us_per_record=bridge_us,
+                    sdk_publish_cpu_us_per_record=sdk_f_us, sync_publish_rps=sync_f_rps,
                     sync_rps=sync_rps, bridge_memory_mib=memory)
     return res
 
@@ -191,15 +214,37 @@ async def _publish_async(js: JetStreamContext, pool: Pool, n: int, tasks: int,
     return n / (time.perf_counter() - started)
 
 
-def _sync_produce(url: str, pool: Pool, n: int) -> tuple[float, int]:
-    """One application thread publishing ``n`` records through a ``SyncEdgeClient``;
-    returns the seconds until ``flush`` returned, and the records that failed."""
+async def _sync_phase(env: BenchEnv, nats_server: EmbeddedNats, bridge: MeasuredService,
+                      res: ScenarioResult, *, pool: Pool, n: int, futures: bool,
+                      step: Callable[[str], None]) -> tuple[float, int]:
+    """One application thread through the synchronous SDK, metered."""
+    how = "publish, a future per record" if futures else "send"
+    step(f"synchronous SDK ({how}): one thread, {n:,} records")
+    meter = env.cpu_meter(nats_server, bridge=bridge)
+    meter.start()
+    outcome = await asyncio.to_thread(_sync_produce, bridge.url, pool, n, futures=futures)
+    res.cpu_seconds["sync SDK, publish" if futures else "sync SDK"] = {
+        **meter.stop(), "wall": round(meter.wall_s, 2)}
+    return outcome
+
+
+def _sync_produce(url: str, pool: Pool, n: int, *, futures: bool) -> tuple[float, int]:
+    """One application thread sending ``n`` records through a ``SyncEdgeClient``
+    (``send``, or ``publish`` with a future each if ``futures``); returns the
+    seconds until ``flush`` returned, and the records that failed."""
     assert threading.current_thread() is not threading.main_thread()
     size = len(pool)
-    with SyncEdgeClient(url) as client:
-        started = time.perf_counter()
-        for i in range(n):
-            j = i % size
-            client.publish(STREAM, pool.dicts[j], key=pool.keys[j])
-        client.flush()
-        return time.perf_counter() - started, client.stats.records_failed
+    client = SyncEdgeClient(url)
+    publish = client.publish if futures else client.send
+    started = time.perf_counter()
+    try:
+        with client:
+            started = time.perf_counter()
+            for i in range(n):
+                j = i % size
+                publish(STREAM, pool.dicts[j], key=pool.keys[j])
+            client.flush()
+            seconds = time.perf_counter() - started
+    except SendFailed:  # counted in stats
+        seconds = time.perf_counter() - started
+    return seconds, client.stats.records_failed

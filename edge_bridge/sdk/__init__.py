@@ -9,16 +9,17 @@ from there the bridge ships it to the cloud. Example::
         ack = await client.publish_wait("telemetry", {"temp_c": 21.5}, key="sensor-7")
         print(ack.stream, ack.epoch, ack.seq)         # durable at the bridge
         for reading in readings:                      # fire-and-forget, batched
-            client.publish("telemetry", reading)
-        await client.flush()                          # wait until all are settled
+            client.send("telemetry", reading)         # no future: the cheap way
+        await client.flush()                          # all durable, or SendFailed
 
 Non-asyncio applications use :class:`SyncEdgeClient` the same way, with
-``publish(...).result()`` and ``with SyncEdgeClient(...) as client:``.
+``publish(...).result()``, ``send(...)`` from any thread, and
+``with SyncEdgeClient(...) as client:``.
 """
 
 from broker.errors import BufferFull, ClosedError, InvalidInput, RecordTooLarge, TemporaryError
 from edge_bridge.sdk.client import EdgeClient
-from edge_bridge.sdk.results import ClientStats, RecordAck
+from edge_bridge.sdk.results import ClientStats, RecordAck, SendFailed
 from edge_bridge.sdk.sync_client import SyncEdgeClient
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "InvalidInput",
     "RecordAck",
     "RecordTooLarge",
+    "SendFailed",
     "SyncEdgeClient",
     "TemporaryError",
 ]

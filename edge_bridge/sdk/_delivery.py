@@ -113,7 +113,7 @@ class Delivery:
             else:
                 status = response.status_code
                 if status == 200:
-                    ack = decode_ack(response.content, len(batch.waiters))
+                    ack = decode_ack(response.content, batch.count)
                     if ack is not None:
                         self.outage.recovered(now=loop.time())
                         self._settler.resolve(batch, ack)
@@ -148,10 +148,7 @@ class Delivery:
                                 retry_timeout_s=self._retry_timeout_s)
             log.debug(
                 "sdk_request_retried",
-                producer=self._producer,
-                stream=batch.stream,
-                request_seq=batch.request_seq,
-                records=len(batch.waiters),
+                **batch.log_fields(self._producer),
                 attempt=attempt,
                 delay_s=round(delay, 3),
                 reason=problem,

@@ -74,7 +74,7 @@ def prepare_record(
             ct, data = encode_payload(payload)
         else:
             ct = CT_JSON
-            if len(data) > JSON_CHECK_ABOVE or b"\\u0000" in data:
+            if len(data) > JSON_CHECK_ABOVE or (92 in data and b"\\u0000" in data):
                 check_encoded_json(data)
     elif kind is bytes:
         ct, data = CT_RAW, payload  # type: ignore[assignment]  # narrowed by the type check

@@ -2,7 +2,7 @@
 
 Data path, all on one event loop and without a task per record::
 
-    publish() --validate--> per-stream pending batch --seal--> send queue
+    publish()/send() --validate--> per-stream pending batch --seal--> send queue
         --> max_in_flight sender tasks --POST, retry--> bridge --200--> futures
 
 A batch is *sealed* when it reaches ``batch_max_records`` or
@@ -21,7 +21,9 @@ in :attr:`ClientStats.outages`, and logs each retry only at debug level.
 ``close`` waits at most ``close_timeout_s`` for what is pending; then it fails
 those records with :class:`~broker.errors.ClosedError` (code
 ``not_acknowledged``) and returns, so an application can always shut down.
-Nothing is dropped silently: every record's future ends acknowledged or failed.
+Nothing is dropped silently: every record's future ends acknowledged or failed,
+and a record sent without one (``send``) that fails is counted, logged with its
+batch, and raised by the next ``flush``/``close`` (:class:`SendFailed`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import enum
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Final
 
@@ -39,10 +41,10 @@ import msgspec
 import structlog
 
 from broker.errors import BufferFull, ClosedError
-from broker.protocol.ingress import CONTENT_TYPE, MAX_PRODUCER_CHARS, IngressResponse
+from broker.protocol.ingress import CONTENT_TYPE, MAX_PRODUCER_CHARS
 from broker.protocol.tokens import validate_token
 from broker.protocol.wire import CT_JSON, MAX_KEY_CHARS
-from edge_bridge.sdk._batch import OutgoingBatch, Waiter, fail_waiters, resolve_waiters
+from edge_bridge.sdk._batch import OutgoingBatch, Waiter
 from edge_bridge.sdk._defaults import (
     DEFAULT_BATCH_MAX_BYTES,
     DEFAULT_BATCH_MAX_RECORDS,
@@ -67,6 +69,7 @@ from edge_bridge.sdk._records import (
     encode_request,
     prepare_record,
 )
+from edge_bridge.sdk._settling import BatchBook
 from edge_bridge.sdk.results import ClientStats, RecordAck
 
 if TYPE_CHECKING:
@@ -96,7 +99,7 @@ _OPEN: Final = _State.OPEN
 """A module global: ``publish`` checks it per record, cheaper than the enum lookup."""
 
 
-class EdgeClient:
+class EdgeClient(BatchBook):
     """Publishes records to a local edge bridge, batching per stream.
 
     Use it as ``async with EdgeClient(...) as client:``; all methods must be
@@ -183,8 +186,7 @@ class EdgeClient:
         # transport error and be retried for retry_timeout_s.
         require(url.startswith(("http://", "https://")), f"url must be http(s)://..., got {url!r}")
 
-        self.stats = ClientStats()
-        self._producer = producer_id
+        super().__init__(producer=producer_id, stats=ClientStats())
         self._batch_max_records = batch_max_records
         self._batch_max_bytes = batch_max_bytes
         self._linger_s = linger_ms / 1000.0
@@ -213,9 +215,6 @@ class EdgeClient:
         self._state = _State.OPEN
         self._loop: asyncio.AbstractEventLoop | None = None
         self._known_streams: set[str] = set()
-        self._pending: dict[str, OutgoingBatch] = {}
-        self._unresolved: set[OutgoingBatch] = set()
-        self._outstanding = 0
         self._release_task: asyncio.Task[None] | None = None
         self._delivery = Delivery(http, producer=producer_id, max_in_flight=max_in_flight,
                                   retry_timeout_s=retry_timeout_s, stats=self.stats,
@@ -255,11 +254,14 @@ class EdgeClient:
         return self._state is not _State.OPEN
 
     async def flush(self, timeout: float | None = None) -> None:
-        """Send every pending batch now and wait until all published records are settled.
+        """Send every pending batch now and wait until all records are settled.
 
-        Settled means confirmed or failed: failures are delivered through the
-        records' futures (and counted in ``stats.records_failed``), not raised
-        here. Cancelling ``flush`` cancels only the wait.
+        Settled means confirmed or failed. A ``publish`` record's failure is
+        delivered through its future (and counted in ``stats.records_failed``),
+        not raised here; the failures of ``send`` records are: once everything
+        is settled, ``flush`` raises :class:`SendFailed` if any record sent
+        with ``send`` failed since the previous ``flush`` (each failure is
+        reported once). Cancelling ``flush`` cancels only the wait.
 
         Args:
             timeout: seconds to wait at most; ``None`` waits until every
@@ -267,8 +269,14 @@ class EdgeClient:
 
         Raises:
             TimeoutError: records were still unsettled after ``timeout``
-                seconds; they stay pending and sending goes on.
+                seconds; they stay pending and sending goes on (``send``
+                failures so far stay for the next ``flush``).
+            SendFailed: ``send`` records failed since the last ``flush``.
         """
+        await self._settle_pending(timeout)
+        self._raise_send_failures()
+
+    async def _settle_pending(self, timeout: float | None) -> None:
         for batch in list(self._pending.values()):
             self._seal(batch)
         waits = [batch.done for batch in self._unresolved if batch.done is not None]
@@ -283,57 +291,52 @@ class EdgeClient:
     async def close(self, timeout: float | Default | None = Default.TIMEOUT) -> None:
         """Flush for at most ``timeout`` seconds, then release the connections. Idempotent.
 
-        ``publish`` raises :class:`ClosedError` from the moment ``close`` is
-        called. Records the bridge has not acknowledged when the timeout
-        expires (the bridge is down, or slower than the timeout) fail with
-        :class:`ClosedError` whose ``code`` is ``not_acknowledged``: the bridge
-        may or may not have stored them. They are counted in
+        ``publish`` and ``send`` raise :class:`ClosedError` from the moment
+        ``close`` is called. Records the bridge has not acknowledged when the
+        timeout expires (the bridge is down, or slower than the timeout) fail
+        with :class:`ClosedError` whose ``code`` is ``not_acknowledged``: the
+        bridge may or may not have stored them. They are counted in
         ``stats.records_unacknowledged`` and logged once
-        (``sdk_records_unacknowledged``); ``close`` itself returns normally.
-        If ``close`` is cancelled, it falls back to :meth:`abort`, so
-        connections are released and no future is left pending.
+        (``sdk_records_unacknowledged``). If ``close`` is cancelled, it falls
+        back to :meth:`abort`, so connections are released and no future is
+        left pending.
 
         Args:
             timeout: seconds to wait for acknowledgements; by default the
                 client's ``close_timeout_s``; ``None`` waits as long as the
                 retries go on.
+
+        Raises:
+            SendFailed: once the client is closed, if records sent with
+                ``send`` failed since the last ``flush`` (including those the
+                close timeout failed); a later ``close`` does not repeat it.
+                ``publish`` records report through their futures only.
         """
         if self._state is _State.CLOSED:
+            self._raise_send_failures()
             return
         self._state = _State.CLOSING
         wait_s = self._close_timeout_s if isinstance(timeout, Default) else timeout
         try:
             try:
-                await self.flush(wait_s)
+                await self._settle_pending(wait_s)
             except TimeoutError:
-                assert wait_s is not None  # flush(None) waits, it never times out
-                self._fail_unacknowledged(wait_s)
+                assert wait_s is not None  # None waits, it never times out
+                outage = self._delivery.outage
+                self._fail_unacknowledged(
+                    wait_s, outage.problem if outage.since is not None else "no answer yet")
         finally:
             await self.abort()
-
-    def _fail_unacknowledged(self, waited_s: float) -> None:
-        outage = self._delivery.outage
-        why = outage.problem if outage.since is not None else "no answer yet"
-        message = (
-            f"the bridge did not acknowledge this record within the close timeout "
-            f"({waited_s:g} s; {why}); the client closed, and the record may or may not "
-            "be stored"
-        )
-        records = self._fail_all(lambda: ClosedError(message, code="not_acknowledged"))
-        self.stats.records_unacknowledged += records
-        log.warning(
-            "sdk_records_unacknowledged",
-            producer=self._producer,
-            records=records,
-            close_timeout_s=waited_s,
-            reason=why,
-        )
+        self._raise_send_failures()
 
     async def abort(self) -> None:
         """Close without waiting: fail every unconfirmed record with :class:`ClosedError`.
 
         Records that were in flight may nevertheless have been stored by the
         bridge; their futures say only that this client no longer knows.
+        ``abort`` does not raise for ``send`` records it fails: they are
+        counted and logged, and the next :meth:`close` raises
+        :class:`SendFailed` for them.
         """
         if self._state is _State.OPEN:
             self._state = _State.CLOSING
@@ -364,7 +367,9 @@ class EdgeClient:
         """Queue one record for ``stream``; the returned future resolves once it is durable.
 
         Validation happens here, synchronously, so a bad record fails alone
-        instead of failing the batch it would have travelled in.
+        instead of failing the batch it would have travelled in. An
+        application that needs no future per record uses :meth:`send`,
+        which costs less.
 
         Args:
             stream: stream name, ``[A-Za-z0-9_-]{1,64}``.
@@ -390,42 +395,52 @@ class EdgeClient:
             BufferFull: ``max_pending_records`` records await confirmation.
             ClosedError: the client is closing or closed.
         """
-        # The hot path of the SDK: everything per record is inlined here (and in
-        # prepare_record); a batch's work happens once, when it is sealed.
+        future: asyncio.Future[RecordAck] = _Future(loop=self._loop or self._bind_loop())
+        self._add(stream, payload, key, ts, headers, waiter=future)
+        return future
+
+    def send(
+        self,
+        stream: str,
+        payload: object,
+        *,
+        key: str | None = None,
+        ts: object = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Queue one record for ``stream``, fire-and-forget: no future, failures in bulk.
+
+        Arguments, validation, batching, ordering, retries and back-pressure
+        are those of :meth:`publish`; only the per-record future is left out,
+        which makes ``send`` the cheaper call for an application that does not
+        wait for each record. Its failures are never silent: every failed
+        record is counted (``stats.records_failed``, ``stats.sent_records_failed``,
+        ``stats.failed_by_reason``), each failed batch is logged once
+        (``sdk_batch_failed``), and the next :meth:`flush` or :meth:`close`
+        raises :class:`SendFailed` for them. Wait for durability with
+        ``flush``: when it returns without raising, every record sent before
+        it is durable at the bridge.
+
+        Raises:
+            InvalidInput: bad stream name, key, headers, ts or payload type.
+            RecordTooLarge: the payload exceeds ``max_record_bytes``.
+            BufferFull: ``max_pending_records`` records await confirmation.
+            ClosedError: the client is closing or closed.
+        """
+        self._add(stream, payload, key, ts, headers, waiter=None)
+        self.stats.records_sent += 1
+
+    def _add(self, stream: str, payload: object, key: object, ts: object, headers: object, *,
+             waiter: Waiter | None) -> None:
+        """Validate one record and queue it, with its future or without (``send``)."""
         if self._state is not _OPEN:
-            raise ClosedError("EdgeClient is closed; publish is no longer possible")
-        if type(stream) is not str or stream not in self._known_streams:
-            self._learn_stream(stream)
-        if type(payload) is dict and ts is None and headers is None and (key is None or (
-                type(key) is str and len(key) <= MAX_KEY_CHARS and key.isascii()
-                and "\x00" not in key)):
-            # The common record, inline: prepare_record's rules, without its dispatch.
-            try:
-                data = _json_encode(payload)
-            except Exception:  # prepare_record raises the InvalidInput that explains it
-                data = b""
-            if (len(data) > self._inline_max_bytes or b"\\u0000" in data or not data):
-                record, nbytes = prepare_record(payload, key, ts, headers,
-                                                self._max_record_bytes)
-            else:
-                record = (_now_ns() // 1000, CT_JSON, data, key, None)
-                nbytes = len(data) + WIRE_RECORD_OVERHEAD_BYTES + (0 if key is None else len(key))
-        else:
-            record, nbytes = prepare_record(payload, key, ts, headers, self._max_record_bytes)
+            raise ClosedError("EdgeClient is closed; it accepts no more records")
+        record, nbytes = self._prepare(stream, payload, key, ts, headers)
         if self._outstanding >= self._max_pending:
             raise self._buffer_full(self._outstanding)
-        future: asyncio.Future[RecordAck] = _Future(loop=self._loop or self._bind_loop())
-        batch = self._pending.get(stream)
-        if batch is None or batch.nbytes + nbytes > self._batch_max_bytes:
-            batch = self._next_batch(stream, batch)
-        batch.records.append(record)
-        batch.waiters.append(future)
-        batch.nbytes += nbytes
-        self._outstanding += 1
-        self.stats.records_published += 1
-        if len(batch.records) >= self._batch_max_records or batch.nbytes >= self._batch_max_bytes:
-            self._seal(batch)
-        return future
+        if self._loop is None:
+            self._bind_loop()
+        self._enqueue(stream, record, nbytes, waiter)
 
     async def publish_wait(
         self,
@@ -453,31 +468,66 @@ class EdgeClient:
         Pure but for the set of known stream names (a cache), so the
         synchronous wrapper calls it from application threads.
         """
+        # The hot path of the SDK: the common record (a dict, no ts, no headers, a
+        # plain key) is validated and encoded inline, with prepare_record's rules.
         if type(stream) is not str or stream not in self._known_streams:
             self._learn_stream(stream)
+        if type(payload) is dict and ts is None and headers is None and (key is None or (
+                type(key) is str and len(key) <= MAX_KEY_CHARS and key.isascii()
+                and "\x00" not in key)):
+            try:
+                data = _json_encode(payload)
+            except Exception:  # prepare_record raises the InvalidInput that explains it
+                data = b""
+            # 92 is the backslash: a one-byte search (memchr) is ~10x cheaper than
+            # looking for the six-byte escape, and JSON without one cannot hold it.
+            if data and len(data) <= self._inline_max_bytes and (
+                    92 not in data or b"\\u0000" not in data):
+                return ((_now_ns() // 1000, CT_JSON, data, key, None),
+                        len(data) + WIRE_RECORD_OVERHEAD_BYTES + (0 if key is None else len(key)))
         return prepare_record(payload, key, ts, headers, self._max_record_bytes)
 
-    def _submit(self, items: Iterable[tuple[str, OutRecord, int, Waiter]]) -> None:
+    def _enqueue(self, stream: str, record: OutRecord, nbytes: int,
+                 waiter: Waiter | None) -> None:
+        """Append a prepared record to its stream's batch (sealing what is full)."""
+        batch = self._pending.get(stream)
+        if batch is None or batch.nbytes + nbytes > self._batch_max_bytes:
+            batch = self._next_batch(stream, batch)
+        batch.records.append(record)
+        if waiter is None:
+            batch.unwaited += 1
+        else:
+            if batch.unwaited:
+                batch.mark_gap()
+            batch.waiters.append(waiter)
+        batch.nbytes += nbytes
+        self._outstanding += 1
+        self.stats.records_published += 1
+        if len(batch.records) >= self._batch_max_records or batch.nbytes >= self._batch_max_bytes:
+            self._seal(batch)
+
+    def _submit(self, items: Iterable[tuple[str, OutRecord, int, Waiter | None]]) -> None:
         """Append prepared records (loop thread only; used by the synchronous wrapper).
 
         The caller has already checked capacity; a client closed in between
-        fails the waiters instead of raising, because nobody is there to catch.
+        fails the records instead of raising, because nobody is there to catch:
+        a waiter gets :class:`ClosedError`, a record without one is counted as
+        failed (and reported by ``close``).
         """
+        refused = 0
         for stream, record, nbytes, waiter in items:
-            if self._state is not _OPEN:
+            if waiter is None:
+                self.stats.records_sent += 1
+            if self._state is _OPEN:
+                self._enqueue(stream, record, nbytes, waiter)
+            elif waiter is not None:
                 waiter.set_exception(ClosedError("EdgeClient closed before the record was queued"))
-                continue
-            batch = self._pending.get(stream)
-            if batch is None or batch.nbytes + nbytes > self._batch_max_bytes:
-                batch = self._next_batch(stream, batch)
-            batch.records.append(record)
-            batch.waiters.append(waiter)
-            batch.nbytes += nbytes
-            self._outstanding += 1
-            self.stats.records_published += 1
-            if (len(batch.records) >= self._batch_max_records
-                    or batch.nbytes >= self._batch_max_bytes):
-                self._seal(batch)
+            else:
+                refused += 1
+        if refused:
+            error = ClosedError("EdgeClient closed before the record was queued")
+            self._count_failed(refused, refused, error.code, error)
+            log.warning("sdk_records_aborted", producer=self._producer, records=refused)
 
     def _buffer_full(self, waiting: int) -> BufferFull:
         return BufferFull(
@@ -531,65 +581,3 @@ class EdgeClient:
         batch.done = self._loop.create_future()
         self._unresolved.add(batch)
         self._delivery.send(batch, self._loop)
-
-    # -- settling (the Settler of edge_bridge.sdk._delivery) ---------------------------------
-
-    @property
-    def outstanding(self) -> int:
-        """Records published but not yet settled."""
-        return self._outstanding
-
-    def resolve(self, batch: OutgoingBatch, ack: IngressResponse) -> None:
-        """The bridge stored the batch: each record gets its identity."""
-        if batch.settled:
-            return
-        resolve_waiters(batch.waiters, batch.stream, ack.epoch, ack.first_seq)
-        self.stats.records_acked += len(batch.waiters)
-        self._settle(batch)
-
-    def fail(self, batch: OutgoingBatch, make_error: Callable[[], BaseException]) -> None:
-        """Fail every record of ``batch`` and log it once (``sdk_batch_failed``)."""
-        if batch.settled:
-            return
-        error = make_error()
-        log.error(
-            "sdk_batch_failed",
-            producer=self._producer,
-            stream=batch.stream,
-            request_seq=batch.request_seq,
-            records=len(batch.waiters),
-            error_type=type(error).__name__,
-            error=str(error),
-        )
-        self._fail_quietly(batch, make_error)
-
-    def _fail_all(self, make_error: Callable[[], BaseException]) -> int:
-        """Fail every unsettled record (pending and sealed) quietly; returns how many.
-
-        The caller logs one line for all of them, not one per batch.
-        """
-        records = 0
-        for batch in [*self._pending.values(), *self._unresolved]:
-            if not batch.settled:
-                records += len(batch.waiters)
-                self._fail_quietly(batch, make_error)
-        return records
-
-    def _fail_quietly(self, batch: OutgoingBatch, make_error: Callable[[], BaseException]) -> None:
-        fail_waiters(batch.waiters, make_error)
-        self.stats.records_failed += len(batch.waiters)
-        self._settle(batch)
-
-    def _settle(self, batch: OutgoingBatch) -> None:
-        batch.settled = True
-        self._outstanding -= len(batch.waiters)
-        batch.waiters = []
-        batch.records = []
-        if batch.timer is not None:
-            batch.timer.cancel()
-            batch.timer = None
-        if self._pending.get(batch.stream) is batch:
-            del self._pending[batch.stream]
-        self._unresolved.discard(batch)
-        if batch.done is not None and not batch.done.done():
-            batch.done.set_result(None)

@@ -2,10 +2,11 @@
 
 For applications without asyncio. A daemon thread runs an event loop that
 hosts one :class:`EdgeClient`; any number of application threads call
-:meth:`SyncEdgeClient.publish`, which validates in the calling thread and
-hands the prepared record over through a locked list. The loop is woken once
-per burst rather than once per record, which keeps the cross-thread cost per
-record to a lock and a list append.
+:meth:`SyncEdgeClient.send` or :meth:`SyncEdgeClient.publish`, which validate
+in the calling thread and hand the prepared record over through a locked list.
+The loop is woken once per burst rather than once per record, and takes every
+record handed over since in one go, which keeps the cross-thread cost per
+record to a lock and a list append; ``send`` adds nothing else per record.
 
 The futures handed back are :class:`concurrent.futures.Future` objects that
 share one condition variable per client instead of building their own: a
@@ -28,14 +29,22 @@ from types import TracebackType
 from typing import Final, Unpack
 
 from broker.errors import ClosedError
+from edge_bridge.sdk._batch import waiter_seqs
 from edge_bridge.sdk._defaults import DEFAULT_URL, ClientOptions, Default
 from edge_bridge.sdk._records import OutRecord
 from edge_bridge.sdk.client import EdgeClient
-from edge_bridge.sdk.results import ClientStats, RecordAck
+from edge_bridge.sdk.results import ClientStats, RecordAck, SendFailed
 
 __all__ = ["SyncEdgeClient"]
 
-_Item = tuple[str, OutRecord, int, "concurrent.futures.Future[RecordAck]"]
+_Item = tuple[str, OutRecord, int, "_RecordFuture | None"]
+_INTAKE_CHUNK: Final = 1024
+"""Records an application thread hands over before it waits for the loop thread to take
+them. Without the wait, a thread that publishes flat out holds the GIL, and the loop
+thread may wait up to the switch interval (5 ms) to get it back after each socket call
+(py-spy showed the socket write as the loop thread's hottest line in that case)."""
+_INTAKE_WAIT_S: Final = 0.05
+"""Longest such wait (a wake-up lost to a stopping loop costs no more than this)."""
 _PENDING: Final = concurrent.futures._base.PENDING
 _FINISHED: Final = concurrent.futures._base.FINISHED
 """The states ``Future`` keeps in ``_state`` (the attribute-parity test covers them)."""
@@ -55,8 +64,8 @@ class _RecordFuture(concurrent.futures.Future[RecordAck]):
         self._done_callbacks: list[Callable[[concurrent.futures.Future[RecordAck]], object]] = []
 
     @staticmethod
-    def resolve_all(futures: list[_RecordFuture], stream: str, epoch: int,
-                    first_seq: int) -> None:
+    def resolve_all(futures: list[_RecordFuture], stream: str, epoch: int, first_seq: int,
+                    gaps: list[tuple[int, int]] | None = None) -> None:
         """Resolve a batch's futures under one hold of their shared condition and with
         one notification (``set_result`` per future: a lock round trip and a
         notification each), then run their callbacks, as ``set_result`` would.
@@ -65,11 +74,12 @@ class _RecordFuture(concurrent.futures.Future[RecordAck]):
             return
         called: list[_RecordFuture] = []
         condition = futures[0]._condition
+        seqs = waiter_seqs(len(futures), first_seq, gaps)
         with condition:
-            for i, future in enumerate(futures):
+            for future, seq in zip(futures, seqs, strict=True):
                 if future._state != _PENDING:
                     continue
-                future._result = RecordAck(stream, epoch, first_seq + i)
+                future._result = RecordAck(stream, epoch, seq)
                 future._state = _FINISHED
                 for waiter in future._waiters:
                     waiter.add_result(future)
@@ -102,8 +112,10 @@ class SyncEdgeClient:
     (``url`` and the keyword :class:`~edge_bridge.sdk._defaults.ClientOptions`).
 
     ``publish`` returns a :class:`concurrent.futures.Future`; its ``result()``
-    returns once the record is durable at the bridge. Use it as a context
-    manager, or call :meth:`close`: records not yet flushed when the process
+    returns once the record is durable at the bridge. ``send`` is the same
+    without the future (fire-and-forget; failures counted, logged and raised by
+    ``flush``/``close`` as :class:`SendFailed`), and costs less. Use it as a
+    context manager, or call :meth:`close`: records not yet flushed when the process
     exits are lost, since the loop runs in a daemon thread. ``close`` (and
     leaving ``with``) waits at most ``close_timeout_s`` for acknowledgements,
     as :meth:`EdgeClient.close` does.
@@ -121,11 +133,14 @@ class SyncEdgeClient:
         self._client = EdgeClient(url, **options)
         self._max_pending = self._client.max_pending_records
         self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        """Notified when the loop thread has taken the intake (see ``_hand_over``)."""
         self._futures_condition = threading.Condition()
         self._intake: list[_Item] = []
         self._wakeup_scheduled = False
         self._closed = False
-        self._close_future: concurrent.futures.Future[None] | None = None
+        self._close_future: concurrent.futures.Future[SendFailed | None] | None = None
+        self._send_failed_reported = False
         self._stopped = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -175,35 +190,75 @@ class SyncEdgeClient:
 
         Callable from any thread. Arguments, errors and the future's outcomes
         are those of :meth:`EdgeClient.publish`; validation errors, ``BufferFull``
-        and ``ClosedError`` are raised here, in the calling thread.
+        and ``ClosedError`` are raised here, in the calling thread. An
+        application that needs no future per record uses :meth:`send`.
         """
-        if self._closed:
-            raise ClosedError("SyncEdgeClient is closed; publish is no longer possible")
-        record, nbytes = self._client._prepare(stream, payload, key, ts, headers)
         future = _RecordFuture(self._futures_condition)
+        self._hand_over(stream, payload, key, ts, headers, waiter=future)
+        return future
+
+    def send(
+        self,
+        stream: str,
+        payload: object,
+        *,
+        key: str | None = None,
+        ts: object = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Queue one record fire-and-forget: :meth:`EdgeClient.send`, from any thread.
+
+        No future is made, so this is the fast way to publish from a thread
+        (nothing per record but the record itself crosses to the loop thread).
+        Validation errors, ``BufferFull`` and ``ClosedError`` are raised here,
+        in the calling thread; failures after that are counted in ``stats``,
+        logged once per batch, and raised by the next :meth:`flush` or
+        :meth:`close` as :class:`SendFailed`.
+        """
+        self._hand_over(stream, payload, key, ts, headers, waiter=None)
+
+    def _hand_over(self, stream: str, payload: object, key: object, ts: object,
+                   headers: object, *, waiter: _RecordFuture | None) -> None:
+        """Validate here, then hand the record to the loop thread with the others of
+        this burst: the loop is woken once per burst (one ``call_soon_threadsafe``),
+        and it takes every record handed over since in one go. A thread that has
+        handed over a full chunk waits until the loop has taken it."""
+        if self._closed:
+            raise ClosedError("SyncEdgeClient is closed; it accepts no more records")
+        record, nbytes = self._client._prepare(stream, payload, key, ts, headers)
         with self._lock:
             if self._closed:
-                raise ClosedError("SyncEdgeClient is closed; publish is no longer possible")
+                raise ClosedError("SyncEdgeClient is closed; it accepts no more records")
             # _outstanding is written by the loop thread; reading a stale value
             # only shifts the bound by a few records, it never lets it run away.
             waiting = self._client._outstanding + len(self._intake)
             if waiting >= self._max_pending:
                 raise self._client._buffer_full(waiting)
-            self._intake.append((stream, record, nbytes, future))
-            wake = not self._wakeup_scheduled
+            self._intake.append((stream, record, nbytes, waiter))
+            if self._wakeup_scheduled:
+                if len(self._intake) >= _INTAKE_CHUNK and not self._on_loop_thread():
+                    # A chunk awaits the loop thread: let it run (see _INTAKE_CHUNK).
+                    self._drained.wait_for(self._intake_taken, _INTAKE_WAIT_S)
+                return
             self._wakeup_scheduled = True
-        if wake:
-            self._loop.call_soon_threadsafe(self._drain)
-        return future
+        self._loop.call_soon_threadsafe(self._drain)
+
+    def _intake_taken(self) -> bool:
+        return len(self._intake) < _INTAKE_CHUNK or self._stopped
+
+    def _on_loop_thread(self) -> bool:
+        return threading.get_ident() == self._thread.ident
 
     def flush(self, timeout: float | None = None) -> None:
         """Send everything published so far and wait until all of it is settled.
 
-        Failures are delivered through the records' futures, as with
-        :meth:`EdgeClient.flush`. After ``close`` there is nothing to flush.
+        As :meth:`EdgeClient.flush`: ``publish`` failures are delivered through
+        the records' futures; ``send`` failures since the last ``flush`` are
+        raised here. After ``close`` there is nothing to flush.
 
         Raises:
             TimeoutError: not settled within ``timeout`` seconds (sending goes on).
+            SendFailed: records sent with ``send`` failed since the last ``flush``.
         """
         self._check_not_loop_thread("flush")
         with self._lock:
@@ -224,6 +279,11 @@ class SyncEdgeClient:
         the client's ``close_timeout_s``; ``None`` waits as long as the retries
         go on) fail with :class:`ClosedError` (code ``not_acknowledged``), and
         ``close`` returns.
+
+        Raises:
+            SendFailed: records sent with ``send`` failed since the last
+                ``flush``; raised once, to the first caller, after the loop
+                thread has stopped.
         """
         self._check_not_loop_thread("close")
         with self._lock:
@@ -233,9 +293,15 @@ class SyncEdgeClient:
                     self._aclose(timeout), self._loop)
             close_future = self._close_future
         try:
-            close_future.result()
+            failed = close_future.result()
         finally:
             self._stop_loop()
+        with self._lock:
+            report = failed is not None and not self._send_failed_reported
+            self._send_failed_reported |= report
+        if report:
+            assert failed is not None
+            raise failed
 
     # -- loop thread ------------------------------------------------------------------------
 
@@ -258,17 +324,22 @@ class SyncEdgeClient:
         with self._lock:
             items, self._intake = self._intake, []
             self._wakeup_scheduled = False
+            self._drained.notify_all()
         self._client._submit(items)
 
     async def _flush(self) -> None:
         self._drain()
         await self._client.flush()
 
-    async def _aclose(self, timeout: float | Default | None) -> None:
+    async def _aclose(self, timeout: float | Default | None) -> SendFailed | None:
         # No publish can add to the intake any more (closed is set under the
         # lock), so this drain hands over the last records before the flush.
         self._drain()
-        await self._client.close(timeout)
+        try:
+            await self._client.close(timeout)
+        except SendFailed as failed:  # returned: every close() caller shares this future
+            return failed
+        return None
 
     def _stop_loop(self) -> None:
         with self._lock:
