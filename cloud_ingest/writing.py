@@ -160,17 +160,18 @@ class GroupWriter:
                         "batch" if d.span else "message", d.msg.subject, d.msg.data,
                         d.reason or "invalid", d.msg.headers, d.span))
             good = [d for d in group if d.batch is not None]
-            keys = sorted({(b.edge, b.stream, b.epoch) for d in good if (b := d.batch)}
-                          | {s[:3] for x in letters if (s := x.span)})
+            windows = _windows(good, letters)
+            keys = sorted(windows)
             # Optimistic: read what is accounted without locking, COPY the rest, then lock
             # the keys and check no concurrent commit took some of those seqs meanwhile
             # (a redelivery racing the first delivery). If one did, undo and redo under
             # the lock. Concurrent groups of one key thus COPY in parallel.
-            seen = await _accounted_seqs(conn, keys, lock=False)
+            seen = await _accounted_seqs(conn, keys, windows, lock=False)
             found = frozenset(seen)
             for locked in (False, True):
                 if locked:
-                    seen = await _accounted_seqs(conn, keys, lock=True, existing=found)
+                    seen = await _accounted_seqs(conn, keys, windows, lock=True,
+                                                 existing=found)
                 skip = _skips(good, seen)
                 rows: list[Row] = []
                 placed: list[tuple[int, list[int] | None]] = []
@@ -206,7 +207,7 @@ class GroupWriter:
                     async with conn.transaction():  # savepoint: undone if raced
                         inserted, rejected = await self._insert_isolating(conn, rows)
                         if not locked:
-                            after = await _accounted_seqs(conn, keys, lock=True,
+                            after = await _accounted_seqs(conn, keys, windows, lock=True,
                                                           existing=found)
                             if _raced(spans, seen, after):
                                 raise _Raced
@@ -305,11 +306,37 @@ _SeqRuns = list[tuple[int, int]]
 """Half-open ``[lo, hi)`` runs of seqs, sorted."""
 
 
+def _windows(good: Sequence[Decoded], letters: Sequence[DeadLetter]
+             ) -> dict[tuple[str, str, int], tuple[int, int]]:
+    """Per key of the group, the half-open run of seqs its batches (and dead-lettered
+    messages) cover: the part of the key's accounted seqs the group needs to know."""
+    out: dict[tuple[str, str, int], tuple[int, int]] = {}
+    for d in good:
+        b = d.batch
+        assert b is not None
+        key, lo, hi = (b.edge, b.stream, b.epoch), b.first_seq, b.first_seq + len(b.records)
+        if (had := out.get(key)) is not None:
+            lo, hi = min(lo, had[0]), max(hi, had[1])
+        out[key] = (lo, hi)
+    for x in letters:
+        if (s := x.span) is not None:
+            key, lo, hi = s[:3], s[3], s[4] + 1
+            if (had := out.get(key)) is not None:
+                lo, hi = min(lo, had[0]), max(hi, had[1])
+            out[key] = (lo, hi)
+    return out
+
+
 async def _accounted_seqs(
-    conn: Connection, keys: Sequence[tuple[str, str, int]], *, lock: bool,
+    conn: Connection, keys: Sequence[tuple[str, str, int]],
+    windows: dict[tuple[str, str, int], tuple[int, int]], *, lock: bool,
     existing: frozenset[tuple[str, str, int]] = frozenset(),
 ) -> dict[tuple[str, str, int], _SeqRuns]:
-    """Per key, the seqs already committed or dead-lettered (a redelivery skips them).
+    """Per key, the seqs already committed or dead-lettered (a redelivery skips them),
+    within the key's window (:func:`_windows`: only those can matter to the group;
+    a fleet's group reads a thousand keys, and their whole ranges cost the ingest
+    more to decode than the group's records). A key whose row exists is in the
+    result, with no runs when nothing in its window is accounted.
 
     With ``lock``, the keys' ``committed_ranges`` rows are created if missing and
     locked in key order (as :func:`merge_ranges` locks them, so never a deadlock)
@@ -328,7 +355,6 @@ async def _accounted_seqs(
     """
     if not keys:
         return {}
-    args = ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
     if lock and (missing := [k for k in keys if k not in existing]):
         await conn.execute(
             "INSERT INTO committed_ranges (edge_id, stream, epoch, ranges) "
@@ -336,14 +362,20 @@ async def _accounted_seqs(
             "$3::int8[]) AS u(edge_id, stream, epoch) ORDER BY 1, 2, 3 "
             "ON CONFLICT (edge_id, stream, epoch) DO NOTHING",
             [k[0] for k in missing], [k[1] for k in missing], [k[2] for k in missing])
+    spans = [windows[k] for k in keys]
     rows = await conn.fetch(
-        "SELECT c.edge_id, c.stream, c.epoch, c.ranges + c.dead_lettered AS seen "
-        "FROM committed_ranges c JOIN unnest($1::text[], $2::text[], $3::int8[]) "
-        "  AS u(edge_id, stream, epoch) USING (edge_id, stream, epoch) "
-        "ORDER BY c.edge_id, c.stream, c.epoch" + (" FOR UPDATE OF c" if lock else ""), *args)
+        "SELECT u.ord, nullif((c.ranges + c.dead_lettered)"
+        "  * int8multirange(int8range(u.lo, u.hi)), '{}') AS seen "
+        "FROM committed_ranges c JOIN unnest($1::text[], $2::text[], $3::int8[], $4::int8[],"
+        "  $5::int8[]) WITH ORDINALITY AS u(edge_id, stream, epoch, lo, hi, ord) "
+        "  USING (edge_id, stream, epoch) "
+        "ORDER BY c.edge_id, c.stream, c.epoch" + (" FOR UPDATE OF c" if lock else ""),
+        [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
+        [w[0] for w in spans], [w[1] for w in spans])
     if lock and existing and len(rows) < len(keys):
-        return await _accounted_seqs(conn, keys, lock=True)
-    return {(r[0], r[1], r[2]): [(x.lower, x.upper) for x in r[3]] for r in rows}
+        return await _accounted_seqs(conn, keys, windows, lock=True)
+    return {keys[r[0] - 1]: [(x.lower, x.upper) for x in r[1]] if r[1] is not None else []
+            for r in rows}
 
 
 def _skips(good: Sequence[Decoded], seen: dict[tuple[str, str, int], _SeqRuns]
