@@ -13,7 +13,10 @@ envelope, each record decoded on its own and checked by the shared validator
    ``committed_ranges`` rows and checks that no concurrent transaction committed
    any of those seqs meanwhile; if one did, undoes the COPY and redoes it under
    the lock. ``records`` has no unique index (it is partitioned by
-   ``received_at``, migration 008): these locks are what keep rows exactly once;
+   ``received_at``, migration 008): these locks are what keep rows exactly once
+   (a key's row is created first when missing, then every key's row is locked in
+   key order; the reads return only what is accounted within the seqs the group
+   covers: ``_accounted_seqs`` says why that is the same check);
 3. if PostgreSQL rejects the data (rules drift, a check the validator
    does not know), bisects the rows down to the records it rejects, so every
    good record commits and each bad one is isolated;
