@@ -336,10 +336,13 @@ async def _accounted_seqs(
     existing: frozenset[tuple[str, str, int]] = frozenset(),
 ) -> dict[tuple[str, str, int], _SeqRuns]:
     """Per key, the seqs already committed or dead-lettered (a redelivery skips them),
-    within the key's window (:func:`_windows`: only those can matter to the group;
-    a fleet's group reads a thousand keys, and their whole ranges cost the ingest
-    more to decode than the group's records). A key whose row exists is in the
-    result, with no runs when nothing in its window is accounted.
+    within the key's window (:func:`_windows`). Only those can matter: every seq the
+    group may leave out (:func:`_skips`) and every seq the race check looks at
+    (:func:`_raced`, comparing two reads of the same windows) lies in the window,
+    so runs outside it change nothing; and a fleet's group reads a thousand keys,
+    whose whole ranges cost the ingest more to decode than the group's records. A
+    key whose row exists is in the result, with no runs when nothing in its window
+    is accounted.
 
     With ``lock``, the keys' ``committed_ranges`` rows are created if missing and
     locked in key order (as :func:`merge_ranges` locks them, so never a deadlock)
