@@ -347,11 +347,21 @@ def _check_no_unknown_fields(body: bytes) -> None:
             raise DecodeError(f"record {i} has {len(rec)} fields, at most {_RECORD_ARITY} known")
 
 
-@functools.lru_cache(maxsize=65_536)
+_TOKEN_MAX_CHARS = 64
+"""No valid token is longer (:data:`broker.protocol.tokens.TOKEN_PATTERN`)."""
+
+
 def _valid_token(value: str) -> bool:
     """:func:`is_valid_token`, remembered: an ingest sees the same few thousand edge ids
     and stream names in every group (a fleet's batch is a few records: the regex
-    match per batch showed in its profile)."""
+    match per batch showed in its profile). A string longer than any token is refused
+    before the cache, so what the cache holds stays small (16,384 short strings at
+    most) whatever a sender puts in an envelope."""
+    return len(value) <= _TOKEN_MAX_CHARS and _remembered_token(value)
+
+
+@functools.lru_cache(maxsize=16_384)
+def _remembered_token(value: str) -> bool:
     return is_valid_token(value)
 
 
