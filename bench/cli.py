@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import shlex
@@ -67,12 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                         help="sample every service process and the driver with py-spy "
                              "(collapsed stacks, one file each) into DIR")
+    parser.add_argument("--fleet-drain-only", action="store_true",
+                        help="scenario 7 (fleet) runs only its bulk and fan-in drains, "
+                             "not the live fleet: the quick loop for the ingest's fan-in rate")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     profile = PROFILES[args.profile or ("quick" if args.quick else "full")]
+    if args.fleet_drain_only:
+        profile = dataclasses.replace(profile, fleet_sizes=())
     for item in args.service_env:
         name, sep, _ = item.partition("=")
         if not sep or not name.startswith("EDGESYNC_"):

@@ -26,6 +26,7 @@ from edge_bridge.sdk import EdgeClient, SendFailed
 __all__ = [
     "ProduceResult",
     "committed_records",
+    "inserted_records",
     "produce",
     "produce_paced",
     "wait_committed",
@@ -162,6 +163,16 @@ async def committed_records(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval(
         "SELECT coalesce(sum(es_count(ranges)), 0) FROM committed_ranges"
     ))
+
+
+async def inserted_records(conn: asyncpg.Connection) -> int:
+    """Rows the ingest inserted, from the feed's one row per commit (``feed_commits.rows``).
+
+    Cheap whatever the number of streams, where :func:`committed_records` reads every
+    ``committed_ranges`` row: ~30 ms of PostgreSQL CPU per call at 4,000 keys (measured),
+    and the fleet drain polled it every 20 ms, keeping a PostgreSQL backend busy beside
+    the ingest it was timing. Counts inserted rows only (no dead letters)."""
+    return int(await conn.fetchval("SELECT coalesce(sum(rows), 0) FROM feed_commits"))
 
 
 async def wait_committed(dsn: str, records: int, *, timeout: float,

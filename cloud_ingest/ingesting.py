@@ -44,6 +44,7 @@ from broker.backoff import backoff_s
 from broker.long_polling import fetch_one_unless
 from broker.protocol.topology import Topology
 from cloud_ingest.db_errors import as_temporary
+from cloud_ingest.gc_pausing import paused_gc
 from cloud_ingest.metrics import IngestMetrics
 from cloud_ingest.writing import Decoded, GroupResult, GroupWriter
 
@@ -236,17 +237,32 @@ class RecordsConsumer:
 
     async def _handle_group(self, msgs: list[Msg]) -> None:
         """Decode ``msgs`` one by one and write them in parts within the memory budget."""
+        start = 0
+        carried: Decoded | None = None
+        while start < len(msgs):
+            part, start, carried = self._decode_part(msgs, start, carried)
+            await self._commit(part)
+
+    def _decode_part(self, msgs: list[Msg], start: int, carried: Decoded | None
+                     ) -> tuple[list[Decoded], int, Decoded | None]:
+        """Decode ``msgs[start:]`` (``carried``: ``msgs[start]`` decoded already) until
+        the memory budget is reached; returns the part, the index of the first message
+        left, and that message decoded (if it was).
+
+        With the cyclic GC paused (no await here; :mod:`cloud_ingest.gc_pausing`):
+        a fleet's group decodes a thousand small batches, and the GC rescanning their
+        objects cost more than a third of decoding them (measured)."""
         part: list[Decoded] = []
         cost = 0
-        for m in msgs:
-            decoded = self._writer.decode(m)
-            if part and cost + decoded.cost > self._group_budget:
-                await self._commit(part)
-                part, cost = [], 0
-            part.append(decoded)
-            cost += decoded.cost
-        if part:
-            await self._commit(part)
+        with paused_gc():
+            for k in range(start, len(msgs)):
+                decoded = (carried if k == start and carried is not None
+                           else self._writer.decode(msgs[k]))
+                if part and cost + decoded.cost > self._group_budget:
+                    return part, k, decoded
+                part.append(decoded)
+                cost += decoded.cost
+        return part, len(msgs), None
 
     async def _commit(self, decoded: list[Decoded]) -> None:
         """Write, commit and ack ``decoded``; contain any failure to it (module docstring)."""

@@ -13,7 +13,10 @@ envelope, each record decoded on its own and checked by the shared validator
    ``committed_ranges`` rows and checks that no concurrent transaction committed
    any of those seqs meanwhile; if one did, undoes the COPY and redoes it under
    the lock. ``records`` has no unique index (it is partitioned by
-   ``received_at``, migration 008): these locks are what keep rows exactly once;
+   ``received_at``, migration 008): these locks are what keep rows exactly once
+   (a key's row is created first when missing, then every key's row is locked in
+   key order; the reads return only what is accounted within the seqs the group
+   covers: ``_accounted_seqs`` says why that is the same check);
 3. if PostgreSQL rejects the data (rules drift, a check the validator
    does not know), bisects the rows down to the records it rejects, so every
    good record commits and each bad one is isolated;
@@ -45,6 +48,7 @@ from broker.protocol.wire import CT_JSON, Batch, DecodedBatch, Record, decode_re
 from cloud_ingest.db_errors import Connection
 from cloud_ingest.dead_letters import DeadLetter, insert_dead_letters
 from cloud_ingest.feeding import record_commit
+from cloud_ingest.gc_pausing import paused_gc
 from cloud_ingest.isolating import REJECTED, refusal
 from cloud_ingest.ranges import Span, Watermark, merge_ranges, spans_of
 
@@ -159,36 +163,55 @@ class GroupWriter:
                         "batch" if d.span else "message", d.msg.subject, d.msg.data,
                         d.reason or "invalid", d.msg.headers, d.span))
             good = [d for d in group if d.batch is not None]
-            keys = sorted({(b.edge, b.stream, b.epoch) for d in good if (b := d.batch)}
-                          | {s[:3] for x in letters if (s := x.span)})
+            windows = _windows(good, letters)
+            keys = sorted(windows)
             # Optimistic: read what is accounted without locking, COPY the rest, then lock
             # the keys and check no concurrent commit took some of those seqs meanwhile
             # (a redelivery racing the first delivery). If one did, undo and redo under
             # the lock. Concurrent groups of one key thus COPY in parallel.
-            seen = await _accounted_seqs(conn, keys, lock=False)
+            seen = await _accounted_seqs(conn, keys, windows, lock=False)
+            found = frozenset(seen)
             for locked in (False, True):
                 if locked:
-                    seen = await _accounted_seqs(conn, keys, lock=True)
+                    seen = await _accounted_seqs(conn, keys, windows, lock=True,
+                                                 existing=found)
                 skip = _skips(good, seen)
                 rows: list[Row] = []
-                owners: list[tuple[Decoded, int]] = []
+                placed: list[tuple[int, list[int] | None]] = []
+                """Per batch of ``good``: where its rows start in ``rows``, and the indexes
+                of its records they hold (None: all of them, in order)."""
                 spans: list[Span] = []
-                for j, d in enumerate(good):
-                    b = d.batch
-                    assert b is not None
-                    ok: list[int] = []
-                    for i, rec in enumerate(b.records):
-                        if rec is not None and i not in d.bad and i not in skip[j]:
-                            rows.append(_row((b.edge, b.stream, b.epoch), b.first_seq + i,
-                                             rec, received_us))
-                            owners.append((d, i))
-                            ok.append(b.first_seq + i)
-                    spans.extend(spans_of(b.edge, b.stream, b.epoch, ok))
+                # No await in this loop: the cyclic GC is paused while it allocates a
+                # group's rows (:mod:`cloud_ingest.gc_pausing`).
+                with paused_gc():
+                    for j, d in enumerate(good):
+                        b = d.batch
+                        assert b is not None
+                        key = (b.edge, b.stream, b.epoch)
+                        first = b.first_seq
+                        if not d.bad and not skip[j]:
+                            # The common case: every record of the batch goes in (an
+                            # undecodable record is always in ``bad``; checked anyway).
+                            whole = [_row(key, first + i, rec, received_us)
+                                     for i, rec in enumerate(b.records) if rec is not None]
+                            if len(whole) == len(b.records):
+                                placed.append((len(rows), None))
+                                rows.extend(whole)
+                                spans.append((*key, first, first + len(whole) - 1))
+                                continue
+                        ok: list[int] = []
+                        placed.append((len(rows), ok))
+                        for i, rec in enumerate(b.records):
+                            if rec is not None and i not in d.bad and i not in skip[j]:
+                                rows.append(_row(key, first + i, rec, received_us))
+                                ok.append(i)
+                        spans.extend(spans_of(*key, [first + i for i in ok]))
                 try:
                     async with conn.transaction():  # savepoint: undone if raced
                         inserted, rejected = await self._insert_isolating(conn, rows)
                         if not locked:
-                            after = await _accounted_seqs(conn, keys, lock=True)
+                            after = await _accounted_seqs(conn, keys, windows, lock=True,
+                                                          existing=found)
                             if _raced(spans, seen, after):
                                 raise _Raced
                 except _Raced:
@@ -196,19 +219,21 @@ class GroupWriter:
                     continue
                 break
             del rows
+            starts = [p[0] for p in placed] if rejected else []
             for index, reason in rejected:
-                d, i = owners[index]
+                d, i = _owner(good, placed, starts, index)
                 d.bad[i] = reason
-            for d in good:
-                assert d.batch is not None
-                batches += 1
-                records += len(d.batch.records)
+            if not rejected:
+                committed = spans  # the rows inserted are exactly the rows offered
             for j, d in enumerate(good):
                 b = d.batch
                 assert b is not None
-                ok = [b.first_seq + i for i in range(len(b.records))
-                      if i not in d.bad and i not in skip[j]]
-                committed.extend(spans_of(b.edge, b.stream, b.epoch, ok))
+                batches += 1
+                records += len(b.records)
+                if rejected:
+                    ok = [b.first_seq + i for i in range(len(b.records))
+                          if i not in d.bad and i not in skip[j]]
+                    committed.extend(spans_of(b.edge, b.stream, b.epoch, ok))
                 for i, reason in sorted(d.bad.items()):
                     if i in skip[j]:
                         continue  # accounted already (a redelivery): its letter exists
@@ -261,6 +286,17 @@ class GroupWriter:
         return len(rows), None
 
 
+def _owner(good: Sequence[Decoded], placed: Sequence[tuple[int, list[int] | None]],
+           starts: Sequence[int], index: int) -> tuple[Decoded, int]:
+    """The batch (of ``good``) and record index of row ``index`` of a group's rows.
+
+    ``starts`` are ``placed``'s starts: among batches with one start, only the last can
+    hold rows (the others hold none), which is the one ``bisect_right`` finds."""
+    j = bisect.bisect_right(starts, index) - 1
+    start, indexes = placed[j]
+    return good[j], index - start if indexes is None else indexes[index - start]
+
+
 class _Raced(Exception):
     """A concurrent commit accounted some of the seqs a group just inserted."""
 
@@ -273,49 +309,112 @@ _SeqRuns = list[tuple[int, int]]
 """Half-open ``[lo, hi)`` runs of seqs, sorted."""
 
 
-async def _accounted_seqs(conn: Connection, keys: Sequence[tuple[str, str, int]], *,
-                          lock: bool) -> dict[tuple[str, str, int], _SeqRuns]:
-    """Per key, the seqs already committed or dead-lettered (a redelivery skips them).
+def _windows(good: Sequence[Decoded], letters: Sequence[DeadLetter]
+             ) -> dict[tuple[str, str, int], tuple[int, int]]:
+    """Per key of the group, the half-open run of seqs its batches (and dead-lettered
+    messages) cover: the part of the key's accounted seqs the group needs to know."""
+    out: dict[tuple[str, str, int], tuple[int, int]] = {}
+    for d in good:
+        b = d.batch
+        assert b is not None
+        key, lo, hi = (b.edge, b.stream, b.epoch), b.first_seq, b.first_seq + len(b.records)
+        if (had := out.get(key)) is not None:
+            lo, hi = min(lo, had[0]), max(hi, had[1])
+        out[key] = (lo, hi)
+    for x in letters:
+        if (s := x.span) is not None:
+            key, lo, hi = s[:3], s[3], s[4] + 1
+            if (had := out.get(key)) is not None:
+                lo, hi = min(lo, had[0]), max(hi, had[1])
+            out[key] = (lo, hi)
+    return out
+
+
+async def _accounted_seqs(
+    conn: Connection, keys: Sequence[tuple[str, str, int]],
+    windows: dict[tuple[str, str, int], tuple[int, int]], *, lock: bool,
+    existing: frozenset[tuple[str, str, int]] = frozenset(),
+) -> dict[tuple[str, str, int], _SeqRuns]:
+    """Per key, the seqs already committed or dead-lettered (a redelivery skips them),
+    within the key's window (:func:`_windows`). Only those can matter: every seq the
+    group may leave out (:func:`_skips`) and every seq the race check looks at
+    (:func:`_raced`, comparing two reads of the same windows) lies in the window,
+    so runs outside it change nothing; and a fleet's group reads a thousand keys,
+    whose whole ranges cost the ingest more to decode than the group's records. A
+    key whose row exists is in the result, with no runs when nothing in its window
+    is accounted.
 
     With ``lock``, the keys' ``committed_ranges`` rows are created if missing and
     locked in key order (as :func:`merge_ranges` locks them, so never a deadlock)
     until the transaction ends: no other writer can commit seqs of those keys
     meanwhile. That lock is what keeps rows exactly once: ``records`` has no unique
     index (a partitioned table's must hold ``received_at``; migration 008).
+
+    ``existing``: keys whose row this transaction has already read. The ingest never
+    deletes a ``committed_ranges`` row, and inserting a row that exists does nothing
+    and locks nothing (``ON CONFLICT DO NOTHING``), so only the other keys are
+    inserted (in key order, as before); then every key is locked, in key order. A
+    fleet's group touches a thousand keys that almost all exist: the insert is then
+    skipped. Should a row vanish all the same since it was read (an operator's
+    restore), the lock finds fewer rows than keys, and the whole step is redone
+    with every key inserted, as it was without ``existing``.
     """
     if not keys:
         return {}
-    args = ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
-    if lock:
+    if lock and (missing := [k for k in keys if k not in existing]):
         await conn.execute(
             "INSERT INTO committed_ranges (edge_id, stream, epoch, ranges) "
             "SELECT edge_id, stream, epoch, '{}' FROM unnest($1::text[], $2::text[], "
             "$3::int8[]) AS u(edge_id, stream, epoch) ORDER BY 1, 2, 3 "
-            "ON CONFLICT (edge_id, stream, epoch) DO NOTHING", *args)
+            "ON CONFLICT (edge_id, stream, epoch) DO NOTHING",
+            [k[0] for k in missing], [k[1] for k in missing], [k[2] for k in missing])
+    spans = [windows[k] for k in keys]
     rows = await conn.fetch(
-        "SELECT c.edge_id, c.stream, c.epoch, c.ranges + c.dead_lettered AS seen "
-        "FROM committed_ranges c JOIN unnest($1::text[], $2::text[], $3::int8[]) "
-        "  AS u(edge_id, stream, epoch) USING (edge_id, stream, epoch) "
-        "ORDER BY c.edge_id, c.stream, c.epoch" + (" FOR UPDATE OF c" if lock else ""), *args)
-    return {(r[0], r[1], r[2]): [(x.lower, x.upper) for x in r[3]] for r in rows}
+        "SELECT u.ord, nullif((c.ranges + c.dead_lettered)"
+        "  * int8multirange(int8range(u.lo, u.hi)), '{}') AS seen "
+        "FROM committed_ranges c JOIN unnest($1::text[], $2::text[], $3::int8[], $4::int8[],"
+        "  $5::int8[]) WITH ORDINALITY AS u(edge_id, stream, epoch, lo, hi, ord) "
+        "  USING (edge_id, stream, epoch) "
+        "ORDER BY c.edge_id, c.stream, c.epoch" + (" FOR UPDATE OF c" if lock else ""),
+        [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
+        [w[0] for w in spans], [w[1] for w in spans])
+    if lock and existing and len(rows) < len(keys):
+        return await _accounted_seqs(conn, keys, windows, lock=True)
+    return {keys[r[0] - 1]: [(x.lower, x.upper) for x in r[1]] if r[1] is not None else []
+            for r in rows}
 
 
 def _skips(good: Sequence[Decoded], seen: dict[tuple[str, str, int], _SeqRuns]
-           ) -> dict[int, frozenset[int]]:
+           ) -> list[frozenset[int]]:
     """Per batch of ``good`` (by index), the records to leave out: their seq is accounted
     already, or an earlier batch of the group holds it (overlapping retransmits)."""
     planned: dict[tuple[str, str, int], _SeqRuns] = {}
-    out: dict[int, frozenset[int]] = {}
-    for j, d in enumerate(good):
+    out: list[frozenset[int]] = []
+    for d in good:
         b = d.batch
         assert b is not None
         key = _key(b)
-        out[j] = _accounted_indexes(b, seen.get(key, []))
-        mine = planned.setdefault(key, [])
-        if mine:
-            out[j] = out[j] | _accounted_indexes(b, mine)
-        planned[key] = _merged([*mine, (b.first_seq, b.first_seq + len(b.records))])
+        lo, hi = b.first_seq, b.first_seq + len(b.records)
+        runs = seen.get(key)
+        # Fast path (a fleet's group: a thousand keys, a batch or two each): nothing
+        # accounted reaches this batch, which only extends what the group plans.
+        skip = _accounted_indexes(b, runs) if runs and runs[-1][1] > lo else _NONE
+        mine = planned.get(key)
+        if mine is None:
+            planned[key] = [(lo, hi)]
+        elif mine[-1][1] <= lo:
+            if mine[-1][1] == lo:
+                mine[-1] = (mine[-1][0], hi)
+            else:
+                mine.append((lo, hi))
+        else:
+            skip = skip | _accounted_indexes(b, mine)
+            planned[key] = _merged([*mine, (lo, hi)])
+        out.append(skip)
     return out
+
+
+_NONE: frozenset[int] = frozenset()
 
 
 def _merged(runs: _SeqRuns) -> _SeqRuns:

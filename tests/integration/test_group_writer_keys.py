@@ -1,0 +1,112 @@
+"""The group writer with many keys per group (issue 12's fleet): each key's
+``committed_ranges`` row is read only within the seqs the group covers, inserted only
+when the group's first read did not find it, and locked before the group commits;
+redeliveries and overlapping retransmits among a thousand keys are stored once."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from nats.aio.msg import Msg
+
+from broker.protocol.topology import Topology
+from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch
+from cloud_ingest.ingesting import init_connection
+from cloud_ingest.schema import migrate
+from cloud_ingest.writing import GroupWriter, _accounted_seqs
+
+EPOCH = 7
+
+
+@pytest.fixture
+async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    c = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(c)
+        await init_connection(c)
+        yield c
+    finally:
+        await c.close()
+
+
+def _msg(edge: str, stream: str, first: int, n: int) -> Msg:
+    records = [Record(1_700_000_000_000_000 + s, CT_JSON, b'{"n": %d}' % s)
+               for s in range(first, first + n)]
+    body, headers = encode_batch(Batch(1, edge, stream, EPOCH, first, records))
+    return Msg(_client=None, subject=Topology().records_subject(edge, stream),  # type: ignore[arg-type]
+               data=body, headers=headers)
+
+
+async def test_a_fleet_group_with_redeliveries_and_overlaps_stores_every_record_once(
+    conn: asyncpg.Connection,
+) -> None:
+    gw = GroupWriter(Topology())
+    edges = [f"edge-{i:04d}" for i in range(500)]
+    # First group: seqs 1-10 of every (edge, stream): 1,000 keys, all new.
+    first = await gw.write(conn, [gw.decode(_msg(e, s, 1, 10))
+                                  for e in edges for s in ("a", "b")])
+    assert first.inserted == 10_000
+    # Second group: seqs 11-20 of every key (the keys exist now), plus for some keys a
+    # redelivery of 1-10, a retransmit overlapping 15-25 and a batch past a gap (31-35).
+    group = [_msg(e, s, 11, 10) for e in edges for s in ("a", "b")]
+    group += [_msg(e, "a", 1, 10) for e in edges[:50]]
+    group += [_msg(e, "b", 15, 11) for e in edges[50:100]]
+    group += [_msg(e, "a", 31, 5) for e in edges[100:150]]
+    second = await gw.write(conn, [gw.decode(m) for m in group])
+    assert second.inserted == 10_000 + 50 * 5 + 50 * 5
+    expected = 20_000 + 250 + 250
+    assert await conn.fetchval("SELECT count(*) FROM records") == expected
+    assert await conn.fetchval(
+        "SELECT count(*) FROM (SELECT DISTINCT edge_id, stream, epoch, seq FROM records) d"
+    ) == expected
+    wm = {(w[0], w[1]): w[3] for w in second.watermarks}
+    assert wm[(edges[0], "a")] == 20
+    assert wm[(edges[60], "b")] == 25
+    assert wm[(edges[120], "a")] == 20  # 31-35 committed, 21-30 not yet
+    assert await conn.fetchval("SELECT sum(rows) FROM feed_commits") == expected
+
+
+async def test_a_key_row_gone_since_the_first_read_is_created_again_and_locked(
+    conn: asyncpg.Connection, pg_dsn: str,
+) -> None:
+    """Only keys the first read did not find are inserted before the lock; a row that
+    vanished after that read (an operator's restore) is found missing by the lock and
+    created again, so every key of the group is still locked."""
+    gw = GroupWriter(Topology())
+    await gw.write(conn, [gw.decode(_msg("e1", "s", 1, 5)), gw.decode(_msg("e2", "s", 1, 5))])
+    keys = [("e1", "s", EPOCH), ("e2", "s", EPOCH)]
+    windows = dict.fromkeys(keys, (6, 11))
+    other = await asyncpg.connect(pg_dsn)
+    try:
+        async with conn.transaction():
+            found = await _accounted_seqs(conn, keys, windows, lock=False)
+            assert set(found) == set(keys)
+            await other.execute("DELETE FROM committed_ranges WHERE edge_id = 'e2'")
+            locked = await _accounted_seqs(conn, keys, windows, lock=True,
+                                           existing=frozenset(found))
+            assert locked == {keys[0]: [], keys[1]: []}
+            # Both keys are held by this transaction: e1's row is locked, and e2's row,
+            # created again and not yet committed, makes another writer's insert wait.
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                await other.fetchval(
+                    "SELECT 1 FROM committed_ranges WHERE edge_id = 'e1' FOR UPDATE NOWAIT")
+            await other.execute("SET lock_timeout = '200ms'")
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                await other.execute(
+                    "INSERT INTO committed_ranges (edge_id, stream, epoch, ranges) "
+                    "VALUES ('e2', 's', $1, '{}') ON CONFLICT DO NOTHING", EPOCH)
+    finally:
+        await other.close()
+
+
+async def test_the_reads_return_only_what_is_accounted_within_the_window(
+    conn: asyncpg.Connection,
+) -> None:
+    gw = GroupWriter(Topology())
+    await gw.write(conn, [gw.decode(_msg("e", "s", 1, 10)), gw.decode(_msg("e", "s", 21, 10))])
+    key = ("e", "s", EPOCH)
+    assert await _accounted_seqs(conn, [key], {key: (11, 21)}, lock=False) == {key: []}
+    assert await _accounted_seqs(conn, [key], {key: (5, 25)}, lock=False) == {
+        key: [(5, 11), (21, 25)]}
