@@ -27,7 +27,6 @@ __all__ = [
     "EncodedChunk",
     "encode_chunks",
     "parts_size",
-    "record_lengths",
     "record_size",
     "split_chunk",
 ]
@@ -97,11 +96,6 @@ def _encode_one_by_one(records: Sequence[Record]) -> list[EncodedChunk]:
 def split_chunk(body: bytes, count: int) -> list[bytes]:
     """The encoded records of a chunk, one ``bytes`` each."""
     return [bytes(raw) for raw in _raw_list.decode(array_header(count) + body)]
-
-
-def record_lengths(body: bytes, count: int) -> list[int]:
-    """The encoded length of each record of a chunk, in order (no record is copied)."""
-    return list(map(len, _raw_list.decode(array_header(count) + body)))
 
 
 def parts_size(parts: list[bytes]) -> int:

@@ -11,11 +11,9 @@ every :class:`StoredRun` is one valid batch.
 from __future__ import annotations
 
 import sqlite3
-from bisect import bisect_right
 from dataclasses import dataclass
-from itertools import accumulate
 
-from edge_bridge.buffer.chunks import STORED_RECORD_OVERHEAD_BYTES, record_lengths
+from edge_bridge.buffer.chunks import STORED_RECORD_OVERHEAD_BYTES, split_chunk
 from edge_bridge.buffer.schema import DropRun
 
 __all__ = ["StoredRun", "oldest_received", "pending_drops", "read_runs"]
@@ -30,8 +28,7 @@ class StoredRun:
     first_seq: int
     count: int
     parts: list[bytes]
-    """The records' MessagePack encodings, back to back, in seq order (a part holds one
-    or more whole records)."""
+    """The records' MessagePack encodings, back to back, in seq order."""
     nbytes: int
 
     @property
@@ -65,21 +62,22 @@ def read_runs(
         room_records = max_records - n_total
         room_bytes = max_bytes - total
         if c_first <= after_seq or c_count > room_records or size > room_bytes:
-            # Take part of the chunk: its records after the cursor, within limits, as one
-            # slice of its body (the records' lengths are all that is decoded).
-            lengths = record_lengths(body, c_count)
+            # Take part of the chunk: its records after the cursor, within limits.
+            records = split_chunk(body, c_count)
             skip = max(0, after_seq - c_first + 1)
-            costs = list(accumulate(map(STORED_RECORD_OVERHEAD_BYTES.__add__, lengths[skip:])))
-            # As many as the room holds, by count and by charged bytes; at least one.
-            n_take = min(room_records, max(1, bisect_right(costs, room_bytes)), len(costs))
-            take_bytes = costs[n_take - 1] if n_take else 0
-            if not n_take or (parts and take_bytes > room_bytes):
+            take: list[bytes] = []
+            take_bytes = 0
+            for raw in records[skip:]:
+                cost = len(raw) + STORED_RECORD_OVERHEAD_BYTES
+                if len(take) >= room_records or (take and take_bytes + cost > room_bytes):
+                    break
+                take.append(raw)
+                take_bytes += cost
+            if not take or (parts and take_bytes > room_bytes):
                 break
-            cut = n_take < len(costs)  # stopped by a limit
-            start = sum(lengths[:skip])
-            end = start + take_bytes - STORED_RECORD_OVERHEAD_BYTES * n_take
+            cut = len(take) < len(records) - skip  # stopped by a limit
             c_first, c_count, size, chunk_parts = (
-                c_first + skip, n_take, take_bytes, [body[start:end]]
+                c_first + skip, len(take), take_bytes, take
             )
         else:
             chunk_parts = [body]
