@@ -37,7 +37,7 @@ from broker.settings import BridgeSettings, NatsSettings
 from edge_bridge.acknowledging import DropReporter, WatermarkFollower
 from edge_bridge.buffer import Buffer
 from edge_bridge.configuring import RuntimeConfig
-from edge_bridge.ingress import create_app
+from edge_bridge.ingress import create_ingress
 from edge_bridge.metrics import BridgeMetrics
 from edge_bridge.producers import ProducerGate
 from edge_bridge.shipping import Shipper
@@ -144,7 +144,7 @@ class Bridge(Service):
                 (:class:`~broker.errors.RootTaskEnded` if it just returned).
         """
         sock = self.listener
-        self._server = server = embedded_server(create_app(self))
+        self._server = server = embedded_server(create_ingress(self))
         with self.bound_log_context():
             async with Supervisor("bridge") as roots:
                 http = roots.start(server.serve(sockets=[sock]), name="ingress")

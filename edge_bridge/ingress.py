@@ -1,240 +1,59 @@
 """The bridge's local HTTP ingress: where SDKs (or curl) hand over records.
 
-``POST /v1/streams/{stream}/records`` answers only once the records are durable
-in the buffer. MessagePack is the SDK's format; JSON is accepted for any
-language and for curl; either may be sent gzip-compressed
-(``Content-Encoding: gzip``). Every refusal is an
-:class:`~broker.errors.EdgesyncError` answered as a 4xx/503 with a JSON body
-``{"error": code, "message": text}`` and the status of the one table,
-:data:`broker.errors.HTTP_STATUS`; the protocol is documented in
-``docs/ingress-http.md``.
-
-A request is all or nothing: every record is checked by the cloud's own
-validator (:mod:`broker.protocol.validation`) before any is stored, and a 422
-lists each bad record's index and reason, so nothing acknowledged here can be
-refused later by the ingest or PostgreSQL.
+The application (:func:`create_app`, FastAPI) serves health, readiness, metrics,
+``/openapi.json`` and ``POST /v1/streams/{stream}/records``, whose logic is
+:class:`~edge_bridge.ingress_records.RecordsEndpoint` (the protocol:
+``docs/ingress-http.md``). What the bridge serves is :func:`create_ingress`: that
+application behind the ASGI fast path of the records route
+(:mod:`edge_bridge.ingress_fast_path`), which answers the same.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import math
-import time
-import zlib
-from datetime import datetime
 from typing import TYPE_CHECKING
 
-import msgspec
-import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp
 
-from broker.errors import (
-    EdgesyncError,
-    InvalidEncoding,
-    InvalidInput,
-    InvalidName,
-    InvalidRecords,
-    RecordTooLarge,
-    RequestTooLarge,
-    Unauthorized,
-    UnsupportedMediaType,
-)
-from broker.protocol.ingress import IngressRequest, RequestSeq, to_ts_us
-from broker.protocol.tokens import TOKEN_PATTERN, is_valid_token
-from broker.protocol.validation import record_problems
-from broker.protocol.wire import CT_JSON, CT_RAW, Record
-from broker.serving import error_response
-from edge_bridge.ingress_openapi import RESPONSES, STREAM_PARAMETER, request_body
+from edge_bridge.ingress_fast_path import RecordsFastPath
+from edge_bridge.ingress_openapi import RECORDS_PATH, RESPONSES, STREAM_PARAMETER, request_body
+from edge_bridge.ingress_records import RecordsEndpoint
 
 if TYPE_CHECKING:
     from edge_bridge.bridge import Bridge
 
-__all__ = ["MSGPACK_TYPES", "create_app"]
-
-log = structlog.get_logger(__name__)
-
-MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
+__all__ = ["create_app", "create_ingress"]
 
 
-class _JsonRecord(msgspec.Struct, forbid_unknown_fields=True):
-    payload: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
-    """Kept as the JSON text it arrived as: stored as such, never re-encoded."""
-    payload_b64: str | None = None
-    key: str | None = None
-    ts: float | str | None = None
-    headers: dict[str, str] | None = None
+def create_ingress(bridge: Bridge) -> ASGIApp:
+    """What the bridge serves: :func:`create_app` behind the records route's fast path."""
+    endpoint = RecordsEndpoint(bridge)
+    return RecordsFastPath(create_app(bridge, endpoint), endpoint)
 
 
-class _JsonRequest(msgspec.Struct, forbid_unknown_fields=True):
-    records: list[_JsonRecord]
-    producer: str | None = None
-    request_seq: RequestSeq | None = None
-
-
-_msgpack_request = msgspec.msgpack.Decoder(IngressRequest)
-_json_request = msgspec.json.Decoder(_JsonRequest)
-_json_encoder = msgspec.json.Encoder()
-
-
-def _json_ts(value: float | str | None, now_us: int) -> int:
-    if value is None:
-        return now_us
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError as exc:
-            raise InvalidInput(f"ts {value!r} is not an ISO 8601 time or epoch seconds") from exc
-        if parsed.tzinfo is None:
-            raise InvalidInput(f"ts {value!r} has no time zone; add 'Z' or an offset")
-        return to_ts_us(parsed)
-    if not math.isfinite(value):
-        raise InvalidInput(f"ts {value!r} is not a finite number of seconds")
-    return round(value * 1_000_000)  # any size: the validator checks the range
-
-
-def _from_json(req: _JsonRequest) -> list[Record]:
-    now_us = time.time_ns() // 1000
-    out: list[Record] = []
-    for i, rec in enumerate(req.records):
-        if rec.payload_b64 is not None:
-            if rec.payload is not msgspec.UNSET:
-                raise InvalidInput(f"record {i}: give either payload or payload_b64, not both")
-            try:
-                body = base64.b64decode(rec.payload_b64, validate=True)
-            except (binascii.Error, ValueError) as exc:  # ValueError: not even ASCII
-                raise InvalidInput(f"record {i}: payload_b64 is not base64: {exc}") from exc
-            ct = CT_RAW
-        elif isinstance(rec.payload, msgspec.Raw):
-            body = bytes(rec.payload)
-            ct = CT_JSON
-        else:
-            raise InvalidInput(f"record {i}: missing payload")
-        try:
-            ts = _json_ts(rec.ts, now_us)
-        except InvalidInput as exc:
-            raise InvalidInput(f"record {i}: {exc}") from exc
-        out.append(Record(ts, ct, body, rec.key, rec.headers))
-    return out
-
-
-def _decoded_body(body: bytes, encoding: str, max_bytes: int) -> bytes:
-    """The request body without its ``Content-Encoding`` (gzip, bounded), or raise."""
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "x-gzip"):
-        raise UnsupportedMediaType(
-            f"content-encoding {encoding!r}: send the body plain or gzip",
-            code="unsupported_content_encoding")
-    inflater = zlib.decompressobj(wbits=31)
-    try:
-        plain = inflater.decompress(body, max_bytes + 1)
-    except zlib.error as exc:
-        raise InvalidEncoding(f"body is not valid gzip: {exc}") from exc
-    if len(plain) > max_bytes:
-        raise RequestTooLarge(f"gzip body expands past {max_bytes} bytes")
-    if not inflater.eof:
-        raise InvalidEncoding("gzip body is truncated")
-    return plain
-
-
-def create_app(bridge: Bridge) -> FastAPI:
-    """The ingress application of one bridge."""
+def create_app(bridge: Bridge, endpoint: RecordsEndpoint | None = None) -> FastAPI:
+    """The ingress application of one bridge (``endpoint``: the records route's logic,
+    one of its own by default)."""
     app = FastAPI(
         title="edgesync edge bridge",
         version=bridge.version,
         description="Local ingress of an edgesync edge bridge. See docs/ingress-http.md.",
     )
-    settings = bridge.settings
     metrics = bridge.metrics
+    records = endpoint or RecordsEndpoint(bridge)
 
     # The path parameter is read from the request and described by hand, like the body:
     # FastAPI's first typed parameter builds pydantic's validation machinery, about
     # 1 MiB of a bridge's idle memory, to check a name is_valid_token checks anyway.
-    @app.post("/v1/streams/{stream}/records", responses=RESPONSES,
+    @app.post(RECORDS_PATH, responses=RESPONSES,
               openapi_extra={"requestBody": request_body(), "parameters": [STREAM_PARAMETER]})
     async def post_records(request: Request) -> Response:
         """Store records durably; the answer gives each its identity (see docs/ingress-http.md)."""
-        stream: str = request.path_params["stream"]
-        try:
-            response = await _handle(stream, request)
-        except RecursionError:  # a body nested beyond what any decoder here recurses into
-            response = error_response(
-                InvalidInput("body nested too deeply to decode", code="malformed_body"))
-        metrics.ingress_requests.labels(str(response.status_code)).inc()
-        return response
-
-    async def _read(stream: str, request: Request
-                    ) -> tuple[list[Record], str | None, int | None]:
-        """The request's records, validated; refusals raise (statuses: ``HTTP_STATUS``)."""
-        if not is_valid_token(stream):
-            raise InvalidName(f"stream name {stream!r} must match {TOKEN_PATTERN}",
-                              code="invalid_stream")
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > (
-            settings.max_request_bytes
-        ):
-            raise RequestTooLarge(
-                f"body of {declared} bytes exceeds {settings.max_request_bytes}")
-        # From the headers alone: an unknown producer never gets its body read.
-        bridge.producers.check(stream, request.headers.get("authorization"))
-        body = await _bounded_body(request, settings.max_request_bytes)
-        encoding = request.headers.get("content-encoding", "").strip().lower()
-        body = _decoded_body(body, encoding, settings.max_request_bytes)
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        producer: str | None
-        request_seq: int | None
-        try:
-            if ctype in MSGPACK_TYPES:
-                req = _msgpack_request.decode(body)
-                records, producer, request_seq = req.records, req.producer, req.request_seq
-            elif ctype == "application/json":
-                jreq = _json_request.decode(body)
-                records = _from_json(jreq)
-                producer, request_seq = jreq.producer, jreq.request_seq
-            else:
-                raise UnsupportedMediaType(
-                    f"content-type {ctype!r}: use application/msgpack or application/json")
-            _validate(records, producer, request_seq, settings.max_record_bytes,
-                      body_bytes=len(body))
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise InvalidInput(f"malformed body: {exc}", code="malformed_body") from exc
-        except InvalidInput as exc:
-            if type(exc) is not InvalidInput:  # the subclasses carry their own code
-                raise
-            raise InvalidInput(str(exc), code="invalid_records") from exc
-        return records, producer, request_seq
-
-    async def _handle(stream: str, request: Request) -> Response:
-        started = time.perf_counter()
-        try:
-            records, producer, request_seq = await _read(stream, request)
-            try:
-                result = await bridge.buffer.append(
-                    stream, records, producer=producer, request_seq=request_seq
-                )
-            except InvalidInput as exc:  # the buffer refuses a request it cannot hold
-                raise RequestTooLarge(str(exc)) from exc
-        except EdgesyncError as exc:
-            challenge = {"WWW-Authenticate": 'Bearer realm="edgesync-ingress"'}
-            return error_response(exc, headers=challenge if isinstance(exc, Unauthorized)
-                                  else None)
-        if result.duplicate:
-            metrics.duplicate_requests.inc()
-        else:
-            metrics.records_accepted.labels(stream).inc(result.count)
-        metrics.append_seconds.observe(time.perf_counter() - started)
-        return JSONResponse({
-            "epoch": result.epoch,
-            # JSON numbers lose integers above 2^53 in JavaScript (and other doubles).
-            "epoch_str": str(result.epoch),
-            "first_seq": result.first_seq,
-            "count": result.count,
-            "duplicate": result.duplicate,
-        })
+        return await records.respond(request.path_params["stream"], request.headers,
+                                     request.stream())
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -254,38 +73,3 @@ def create_app(bridge: Bridge) -> FastAPI:
                                  media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-async def _bounded_body(request: Request, max_bytes: int) -> bytes:
-    """The body, read as it streams in and refused once past ``max_bytes`` (a chunked
-    body has no Content-Length to refuse it by)."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise RequestTooLarge(f"body exceeds {max_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _validate(
-    records: list[Record], producer: str | None, request_seq: int | None, max_record_bytes: int,
-    *, body_bytes: int,
-) -> None:
-    if not records:
-        raise InvalidInput("records must not be empty")
-    if (producer is None) != (request_seq is None):
-        raise InvalidInput("producer and request_seq go together: give both or neither")
-    if producer is not None and not 0 < len(producer) <= 128:
-        raise InvalidInput("producer must be 1 to 128 characters")
-    # No payload is longer than the body it came in (MessagePack; JSON's base64 is longer
-    # than the bytes it encodes): the common request needs no look at each record.
-    for i, rec in enumerate(records if body_bytes > max_record_bytes else ()):
-        if len(rec.payload) > max_record_bytes:
-            raise RecordTooLarge(
-                f"record {i} payload is {len(rec.payload)} bytes; the limit is {max_record_bytes}"
-            )
-    problems = record_problems(records)
-    if problems:
-        raise InvalidRecords(problems)

@@ -13,7 +13,7 @@ from typing import Any, Final
 
 from broker.protocol.validation import MAX_JSON_DEPTH, MAX_TS_US, MIN_TS_US
 
-__all__ = ["RESPONSES", "STREAM_PARAMETER", "request_body"]
+__all__ = ["RECORDS_PATH", "RESPONSES", "STREAM_PARAMETER", "request_body"]
 
 _ERROR: Final[dict[str, Any]] = {
     "type": "object",
@@ -24,6 +24,9 @@ _ERROR: Final[dict[str, Any]] = {
     },
 }
 _INT64: Final = {"type": "integer", "format": "int64"}
+
+RECORDS_PATH: Final = "/v1/streams/{stream}/records"
+"""The write route's path template (FastAPI's route; the fast path matches the same)."""
 
 STREAM_PARAMETER: Final[dict[str, Any]] = {
     "name": "stream", "in": "path", "required": True,

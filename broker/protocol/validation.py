@@ -29,7 +29,7 @@ whatever the input (including inputs that make a JSON parser recurse).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import Any, Final
 
@@ -45,6 +45,7 @@ __all__ = [
     "MIN_TS_US",
     "check_records",
     "headers_problem",
+    "json_all_plainly_valid",
     "json_problem",
     "key_problem",
     "record_problem",
@@ -70,6 +71,14 @@ _TOKENS = re.compile(rb'"(?:[^"\\]++|\\.)*+"?|[\[\]{}]', re.DOTALL)
 _OPEN = frozenset(b"[{")
 _CLOSE = frozenset(b"]}")
 _json_plain = msgspec.json.Decoder()
+_json_spans = msgspec.json.Decoder(list[msgspec.Raw])
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789E", b"000000000e")
+_BIG_EXPONENT = b"e0000"
+"""An exponent of four digits or more, once digits read ``0``, ``E`` reads ``e`` and the
+signs are gone: what a number beyond PostgreSQL numeric needs in a payload of under
+15,000 bytes (an exponent of at most three digits moves the point at most 999 places;
+16,383 are needed)."""
+_LONG_PAYLOAD = 15_000
 _json_decimal = msgspec.json.Decoder(float_hook=Decimal)
 
 
@@ -165,14 +174,58 @@ def record_problem(rec: Record, *, max_payload_bytes: int | None = None) -> str 
     return key_problem(rec.key) or headers_problem(rec.headers)
 
 
+def json_all_plainly_valid(payloads: Sequence[bytes]) -> bool:
+    """True only when :func:`json_problem` finds nothing wrong with any of ``payloads``,
+    decided in a few passes over them all instead of a parse per payload (which built
+    every payload's Python objects: most of the bridge's validation cost, with the
+    garbage collections those allocations trigger). False says nothing: ask
+    :func:`json_problem` of each; a property test keeps the two in agreement.
+
+    The payloads are joined as one JSON array and skimmed (syntax, escapes, surrogate
+    pairs; no object built): the array has exactly as many elements as payloads and
+    each element is exactly as long as its payload only when every element *is* its
+    payload, the commas packed so tightly that no element can span two payloads.
+    Then what the skim does not check, over the joined text at once: UTF-8 (JSON is
+    ASCII outside strings), ``\\u0000`` and numbers beyond PostgreSQL numeric
+    (``_BIG_EXPONENT``, for payloads under ``_LONG_PAYLOAD`` bytes); nesting, as in
+    :func:`json_problem`, needs a look only at payloads longer than twice
+    ``MAX_JSON_DEPTH`` (shorter ones cannot nest deeper).
+    """
+    if not payloads:
+        return True
+    longest = max(map(len, payloads))
+    if longest >= _LONG_PAYLOAD or (longest > 2 * MAX_JSON_DEPTH and any(
+            len(p) > 2 * MAX_JSON_DEPTH and p.count(b"[") + p.count(b"{") > MAX_JSON_DEPTH
+            for p in payloads)):
+        return False
+    joined = b"[" + b",".join(payloads) + b"]"
+    try:
+        spans = _json_spans.decode(joined)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return False
+    if len(spans) != len(payloads) or list(map(len, spans)) != list(map(len, payloads)):
+        return False
+    if not joined.isascii():
+        try:
+            joined.decode()
+        except UnicodeDecodeError:
+            return False
+    if b"\\u0000" in joined:
+        return False
+    return _BIG_EXPONENT not in joined.translate(_DIGITS_AS_ZERO, b"+-")
+
+
 def record_problems(records: Iterable[Record]) -> list[tuple[int, str]]:
     """``(index, reason)`` of every record that cannot be stored."""
+    records = records if isinstance(records, list) else list(records)
+    json_ok = json_all_plainly_valid([r.payload for r in records if r.ct == CT_JSON])
     found = []
     for i, rec in enumerate(records):
         # The common record, inline: the bridge checks every record of every request.
         ts, ct, key = rec.ts, rec.ct, rec.key
         if (type(ts) is int and MIN_TS_US <= ts <= MAX_TS_US and rec.headers is None
-                and (ct == CT_RAW or (ct == CT_JSON and json_problem(rec.payload) is None))
+                and (ct == CT_RAW or (ct == CT_JSON and (
+                    json_ok or json_problem(rec.payload) is None)))
                 and (key is None or (type(key) is str and len(key) <= MAX_KEY_CHARS
                                      and key.isascii() and "\x00" not in key))):
             continue

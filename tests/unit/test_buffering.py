@@ -155,6 +155,35 @@ async def test_read_runs_split_at_gaps_and_respect_limits(tmp_path: Path) -> Non
     assert (first.ts, first.ct, first.payload) == (1_008, CT_JSON, b"1" * 10)
 
 
+@pytest.mark.parametrize(("max_records", "max_bytes"), [(1, 10**6), (7, 10**6), (1_500, 10**6),
+                                                       (10**4, 1), (10**4, 1_000), (333, 9_999)])
+async def test_reading_in_cut_batches_yields_every_record_once_in_order(
+        tmp_path: Path, max_records: int, max_bytes: int) -> None:
+    """The shipper's walk: each read starts after the last, so chunks are cut by the
+    limits and entered mid-way; the runs keep to the limits (at least one record each)
+    and together are every record, byte for byte, in order."""
+    sizes = [1_000, 3, 640, 1_000, 17]  # requests of different sizes: chunks of each
+    stored: list[Record] = []
+    async with make(tmp_path) as buf:
+        for i, n in enumerate(sizes):
+            batch = [Record(1_000 * i + j, CT_JSON, b"7" * (j % 50 + 1), f"k{j}")
+                     for j in range(n)]
+            await buf.append("a", batch)
+            stored += batch
+        runs: list[StoredRun] = []
+        after = 0
+        while after < len(stored):
+            got = await buf.read_runs("a", after, max_records=max_records, max_bytes=max_bytes)
+            assert got and got[0].first_seq == after + 1
+            runs += got
+            after = got[-1].last_seq
+    for run in runs:
+        assert 1 <= run.count <= max_records
+        assert run.count == 1 or run.nbytes <= max_bytes
+        assert run.nbytes == sum(record_size(r) for r in decoded(run))
+    assert [r for run in runs for r in decoded(run)] == stored
+
+
 async def test_trim_deletes_and_frees_space(tmp_path: Path) -> None:
     async with make(tmp_path) as buf:
         r = await buf.append("a", recs(10))

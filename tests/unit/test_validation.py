@@ -18,6 +18,7 @@ from broker.protocol.validation import (
     MAX_TS_US,
     MIN_TS_US,
     check_records,
+    json_all_plainly_valid,
     json_problem,
     record_problem,
     record_problems,
@@ -100,6 +101,47 @@ def test_checking_many_records_says_what_checking_each_says(record: Record) -> N
     """The inline common case of ``record_problems`` agrees with ``record_problem``."""
     problem = record_problem(record)
     assert record_problems([record]) == ([] if problem is None else [(0, problem)])
+
+
+# Pieces that are JSON only together, or JSON that jsonb refuses: what the joined check
+# must not take for a list of valid payloads.
+JSON_PIECES = st.sampled_from([
+    b"[1", b"2]", b"3,4", b'"a', b'b"', b"{", b"}", b'"k":1', b",", b" ", b" 1", b"1 ", b"",
+    b"1e200000", b"-1E-20000", b"1e+99999", b"0." + b"0" * 16_400 + b"1", b'"\\u0000"',
+    b'"\\\\u0000"', b'"\\ud800"', b'"\\udc00x"', b"\xff", '"é"'.encode(), b'"\xed\xa0\x80"',
+    b"[" * 300 + b"]" * 300, b'"' + b"[" * 300 + b'"', b"NaN", b"01", b"1.", b"tru", b"null",
+    b"1e308", b"1e400", b"123456789" * 40, b'{"a":[1,{"b":null}]}', b"[]", b"{}",
+])
+
+
+@given(st.lists(st.one_of(JSON_PIECES, JSON_VALUES.map(msgspec.json.encode),
+                          st.binary(max_size=12)), min_size=1, max_size=8))
+@settings(max_examples=1000)
+def test_the_joined_json_check_never_passes_what_json_problem_refuses(
+        payloads: list[bytes]) -> None:
+    """Where the check of all payloads at once says yes, each payload's own check says
+    nothing is wrong (where it says no, each payload is checked on its own)."""
+    if json_all_plainly_valid(payloads):
+        assert [json_problem(p) for p in payloads] == [None] * len(payloads)
+
+
+@pytest.mark.parametrize("payloads", [
+    [b"[1", b"2]", b"3,4"], [b'"a', b'b"', b"1,2"], [b"1", b"2,3", b"4"], [b" 1", b"2"],
+    [b"1e200000"], [b'"\\u0000"'], [b'"\xff"'], [b'"\xed\xa0\x80"'],
+    [b"[" * 300 + b"]" * 300], [b""], [b"{}", b"{"],
+])
+def test_the_joined_json_check_leaves_doubtful_payloads_to_json_problem(
+        payloads: list[bytes]) -> None:
+    assert not json_all_plainly_valid(payloads)
+
+
+def test_the_joined_json_check_passes_common_telemetry() -> None:
+    """What the bridge checks for every request (the bench's payloads) takes the quick way."""
+    payloads = [msgspec.json.encode({"device": f"sensor-{i:03d}", "seq": i, "t": 21.5 + i,
+                                     "tags": ["a", "é"], "loc": {"line": 6, "cell": None}})
+                for i in range(1000)]
+    assert json_all_plainly_valid(payloads)
+    assert record_problems([Record(0, CT_JSON, p) for p in payloads]) == []
 
 
 def test_check_records_lists_every_bad_index() -> None:
