@@ -7,21 +7,24 @@
 - *SDK consumer*: a :class:`broker.feed.Subscription` from ``earliest``, batches of
   5,000, every record decoded (identity, times, key, headers, payload as Python
   objects), until it has all N; checkpoint committed at the end.
-- *ceiling*: ``COPY (SELECT <the same columns> FROM records) TO STDOUT`` (binary) of
-  the same rows, bytes handed to a callback that drops them: no decoding at all.
-- *naive*: what users write instead: a polling loop of ``SELECT ... WHERE
+- *ceiling*: ``COPY (SELECT <the same columns> FROM records JOIN stream_keys) TO
+  STDOUT`` (binary) of the same rows (identity by name, the stored payload text),
+  bytes handed to a callback that drops them: no decoding at all.
+- *naive*: what users write instead: a polling loop over ``v_records`` of ``SELECT ... WHERE
   (received_at, edge_id, epoch, seq) > ($last...) ORDER BY ... LIMIT 1000`` (a
   keyset; the literal ``received_at > $last`` skips the rows of a group that share
   one), payloads decoded like the SDK's, over the first M records.
 - *latency*: a writer commits 100-record groups at the profile's rate (10,000
   records/s in ``full``) while a subscription follows ``latest``: for each record,
   time from its group's COMMIT returning to the subscription yielding it; p50/p99.
-- *unpartitioned*: the same load into the pre-008 layout (one plain table, the
-  primary key on the identity), same writer: ingest throughput and bytes per row.
+- *unpartitioned*: the same load into one plain table (the same columns, the
+  primary key on the identity, as before 008), same writer: ingest throughput and
+  bytes per row.
   The two layouts live in two databases and are loaded in alternating rounds,
   each emptied first; as the SDK and the ceiling, medians of ``ROUNDS``.
 - *bytes per record*: ``pg_total_relation_size`` of every partition of ``records``
-  (heap, TOAST, indexes) / rows, beside the payload's JSON size.
+  (heap, TOAST, indexes) / rows, beside the payload's JSON size: the bytes the
+  producer sent (compact JSON), not a re-serialisation.
 """
 
 from __future__ import annotations
@@ -55,8 +58,13 @@ ROUNDS: Final = 3
 """Alternating rounds of each compared pair (medians reported)."""
 GROUP_RECORDS: Final = 16_000
 """Records per transaction of the load (the ingest's group_max_records)."""
-_COLUMNS = "seq, event_time, received_at, stream_key, key, headers, payload, payload_raw"
-"""The stored columns of ``records`` (migration 010): what the ceiling copies out."""
+_CEILING = """
+SELECT k.edge_id, k.stream, k.epoch, r.seq, r.event_time, r.received_at, r.key, r.headers,
+       r.payload, r.payload_raw
+FROM records r JOIN stream_keys k ON k.id = r.stream_key
+"""
+"""The rows the SDK yields, as stored (migration 010): the identity by name (the key's
+id joined to ``stream_keys``), the payload's JSON text, no conversion."""
 _NAIVE = """
 SELECT edge_id, stream, epoch, seq, event_time, received_at, key, headers, payload,
        payload_is_binary
@@ -83,7 +91,7 @@ async def _load(dsn: str, msgs: list[Msg], *, plain: bool = False) -> float:
     try:
         await init_connection(conn)
         gw = GroupWriter(Topology())
-        if plain:  # the pre-008 table has no partitions to look for
+        if plain:  # the plain table has no partitions to look for
             gw._days.add(datetime.now(UTC).date())
         decoded = [gw.decode(m) for m in msgs]
         per = max(1, GROUP_RECORDS // max(1, len(decoded[0].batch.records)
@@ -162,8 +170,7 @@ async def _copy(dsn: str, n: int) -> float:
             sink[:] = chunk[:0]
 
         started = time.perf_counter()
-        await conn.copy_from_query(f"SELECT {_COLUMNS} FROM records", output=drop,
-                                   format="binary")
+        await conn.copy_from_query(_CEILING, output=drop, format="binary")
         return n / (time.perf_counter() - started)
     finally:
         await conn.close()
@@ -278,7 +285,7 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
     async with env.database("consume_part") as part, env.database("consume_plain") as plain:
         await _unpartition(plain)
         for r in range(ROUNDS):
-            step(f"round {r + 1}/{ROUNDS}: load into the partitioned table, then the pre-008 one")
+            step(f"round {r + 1}/{ROUNDS}: load into the partitioned table, then the plain one")
             for dsn, into in ((part, parts), (plain, plains)):
                 await _truncate(dsn)
                 into.append(await _load(dsn, msgs, plain=dsn == plain))

@@ -79,8 +79,10 @@ FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $8::time
      WITH ORDINALITY AS u(edge_id, stream, epoch, lo, hi, rx, i)
 JOIN stream_keys k ON (k.edge_id, k.stream, k.epoch) = (u.edge_id, u.stream, u.epoch)
 JOIN records r ON r.stream_key = k.id AND r.seq BETWEEN u.lo AND u.hi
-    -- one partition, one index range, when the commit's received_at is known
+    -- one partition, one index range, when the commit's received_at is known: the
+    -- index's seq buckets (migration 010) bound it to the span's seqs
     AND r.received_at BETWEEN coalesce(u.rx, '-infinity') AND coalesce(u.rx, 'infinity')
+    AND (r.seq >> 7) BETWEEN (u.lo >> 7) AND (u.hi >> 7)
     AND ($6::timestamptz IS NULL OR r.event_time >= $6)
     AND ($7::timestamptz IS NULL OR r.event_time < $7)
 """
