@@ -74,7 +74,10 @@ ORDER BY commit_id
 # they were written, seq order (a batch's records are COPYed in order); _rows checks
 # that and sorts only if it ever differs (a sort here cost ~15 % of the query).
 _ROWS = """
-SELECT u.i, r.seq, r.event_time, r.received_at, r.key, r.headers, r.payload, r.payload_raw
+SELECT u.i, r.seq, r.event_time,
+       -- a row's received_at is its commit's, which the reader has: sent only if unknown
+       CASE WHEN u.rx IS NULL THEN r.received_at END AS received_at,
+       r.key, r.headers, r.payload, r.payload_raw
 FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $8::timestamptz[])
      WITH ORDINALITY AS u(edge_id, stream, epoch, lo, hi, rx, i)
 CROSS JOIN LATERAL (
@@ -250,9 +253,11 @@ async def _rows(conn: Connection, spans: Sequence[tuple[str, str, int, int, int]
     rows = await conn.fetch(
         _ROWS, [s[0] for s in spans], [s[1] for s in spans], [s[2] for s in spans],
         [s[3] for s in spans], [s[4] for s in spans], filters.since, filters.until, received)
-    # per span (1-based, as unnest numbers them): position of seq s = base + s, and key
-    info = [(0, "", "", 0), *((position(cid, ord_lo) - lo, *s[:3])
-                              for (cid, ord_lo, lo), s in zip(places, spans, strict=True))]
+    # per span (1-based, as unnest numbers them): position of seq s = base + s, its key,
+    # and its commit's received_at (every row of a commit has it; the query checks)
+    info = [(0, "", "", 0, None), *((position(cid, ord_lo) - lo, *s[:3], rx)
+                                    for (cid, ord_lo, lo), s, rx
+                                    in zip(places, spans, received, strict=True))]
     out: list[FeedRecord] = []
     # Decoding a page allocates tens of objects per record, all kept: the cyclic GC
     # would rescan them again and again (it cost 80 % of the decoding, measured). None
@@ -262,9 +267,10 @@ async def _rows(conn: Connection, spans: Sequence[tuple[str, str, int, int, int]
     try:
         # The payload and headers are the stored JSON text (migration 010), as sent.
         for i, seq, event_time, received_at, key, headers, payload, raw in rows:
-            base, edge, stream, epoch = info[i]
+            base, edge, stream, epoch, rx = info[i]
             out.append(FeedRecord(
-                base + seq, edge, stream, epoch, seq, event_time, received_at, key,
+                base + seq, edge, stream, epoch, seq, event_time,
+                rx if received_at is None else received_at, key,
                 _headers.decode(headers) if headers is not None else None,
                 bytes(raw) if raw is not None else _json.decode(payload),
             ))
