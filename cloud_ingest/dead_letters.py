@@ -211,14 +211,14 @@ async def replay_dead_letter(conn: Connection, letter_id: int) -> ReplayResult:
         try:
             async with conn.transaction():
                 done = await conn.fetch(
-                    "INSERT INTO records (edge_id, stream, epoch, seq, event_time, received_at, "
+                    "INSERT INTO records (stream_key, seq, event_time, received_at, "
                     "key, headers, payload, payload_raw) "
-                    "SELECT $1, $2, $3, u.seq, "
+                    "SELECT es_stream_key($1, $2, $3), u.seq, "
                     "  to_timestamp(0) + make_interval(days => (u.ts / 86400000000)::int, "
                     "    secs => ((u.ts % 86400000000) / 1e6)::float8), "
                     "  'epoch'::timestamptz + $10::int8 * interval '1 microsecond', u.key, "
-                    "  u.headers::jsonb, "
-                    "  CASE WHEN u.ct = 1 THEN convert_from(u.payload, 'UTF8')::jsonb END, "
+                    "  u.headers::json, "
+                    "  CASE WHEN u.ct = 1 THEN convert_from(u.payload, 'UTF8')::json END, "
                     "  CASE WHEN u.ct = 1 THEN NULL ELSE u.payload END "
                     "FROM unnest($4::int8[], $5::int8[], $6::int2[], $7::bytea[], $8::text[], "
                     "  $9::text[]) AS u(seq, ts, ct, payload, key, headers) "

@@ -66,12 +66,16 @@ message by message, and then before a lone message is dead-lettered whole."""
 async def init_connection(conn: asyncpg.Connection) -> None:
     """Codecs of the ingest's connections: payloads and times pass through untouched.
 
-    jsonb is sent as the JSON text we already hold (Postgres validates it), and
+    json and jsonb are sent as the JSON text we already hold (Postgres validates it), and
     timestamps as integer microseconds: no per-record Python objects.
     """
     await conn.set_type_codec(
         "jsonb", schema="pg_catalog", format="binary",
         encoder=lambda b: b"\x01" + b, decoder=lambda b: b[1:],
+    )
+    await conn.set_type_codec(  # records.payload and headers (migration 010): the text as is
+        "json", schema="pg_catalog", format="binary",
+        encoder=lambda b: b, decoder=lambda b: b,
     )
     await conn.set_type_codec(
         "timestamptz", schema="pg_catalog", format="tuple",

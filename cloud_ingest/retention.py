@@ -140,25 +140,27 @@ class RetentionReport:
 
 
 # The distinct streams of a partition: a skip scan down its index, one probe per
-# (edge, stream) pair instead of a read of every row.
+# (edge, stream, epoch) key (migration 010) instead of a read of every row.
 _STREAMS = """
 WITH RECURSIVE k AS (
-    (SELECT edge_id, stream FROM {p} ORDER BY edge_id, stream LIMIT 1)
+    (SELECT stream_key FROM {p} ORDER BY stream_key LIMIT 1)
     UNION ALL
-    SELECT n.edge_id, n.stream FROM k, LATERAL (
-        SELECT edge_id, stream FROM {p} WHERE (edge_id, stream) > (k.edge_id, k.stream)
-        ORDER BY edge_id, stream LIMIT 1) n
+    SELECT n.stream_key FROM k, LATERAL (
+        SELECT stream_key FROM {p} WHERE stream_key > k.stream_key
+        ORDER BY stream_key LIMIT 1) n
 )
-SELECT DISTINCT stream FROM k
+SELECT DISTINCT s.stream FROM k JOIN stream_keys s ON s.id = k.stream_key
 """
 # The seqs a partition holds as runs per key (gaps and islands).
 _RUNS = """
-SELECT edge_id, stream, epoch, min(seq) AS lo, max(seq) + 1 AS hi
-FROM (SELECT edge_id, stream, epoch, seq,
-             seq - row_number() OVER (PARTITION BY edge_id, stream, epoch ORDER BY seq) AS g
-      FROM {p}) AS t
-GROUP BY edge_id, stream, epoch, g
-ORDER BY edge_id, stream, epoch, lo
+SELECT s.edge_id, s.stream, s.epoch, t.lo, t.hi
+FROM (SELECT stream_key, min(seq) AS lo, max(seq) + 1 AS hi
+      FROM (SELECT stream_key, seq,
+                   seq - row_number() OVER (PARTITION BY stream_key ORDER BY seq) AS g
+            FROM {p}) AS t
+      GROUP BY stream_key, g) AS t
+JOIN stream_keys s ON s.id = t.stream_key
+ORDER BY s.edge_id, s.stream, s.epoch, t.lo
 """
 _MERGE_RETIRED = """
 WITH u AS (

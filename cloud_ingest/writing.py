@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
@@ -52,17 +52,26 @@ from cloud_ingest.gc_pausing import paused_gc
 from cloud_ingest.isolating import REJECTED, refusal
 from cloud_ingest.ranges import Span, Watermark, merge_ranges, spans_of
 
-__all__ = ["ROW_OVERHEAD_BYTES", "Decoded", "GroupResult", "GroupWriter", "Key", "Row"]
+__all__ = [
+    "COLUMNS", "ROW_OVERHEAD_BYTES", "Decoded", "GroupResult", "GroupWriter", "Key", "Row",
+    "StoredRow",
+]
 
 log = structlog.get_logger(__name__)
 
 Row = tuple[str, str, int, int, int, int, str | None, bytes | None, bytes | None, bytes | None]
+"""A record as a row, its key spelled out: ``(edge, stream, epoch, seq, event_time,
+received_at, key, headers, payload, payload_raw)`` (:meth:`GroupWriter.rows`)."""
+StoredRow = tuple[int, int, int, int, str | None, bytes | None, bytes | None, bytes | None]
+"""A row as ``records`` stores it (:data:`COLUMNS`): the key is a ``stream_keys`` id."""
 Key = tuple[str, str, int, int]
 """A record's identity: ``(edge, stream, epoch, seq)``."""
-_COLUMNS = (
-    "edge_id", "stream", "epoch", "seq", "event_time", "received_at", "key", "headers",
-    "payload", "payload_raw",
+COLUMNS = (
+    "seq", "event_time", "received_at", "stream_key", "key", "headers", "payload",
+    "payload_raw",
 )
+"""The columns of ``records`` the writer fills (migration 010), in :data:`StoredRow`'s
+order: ``(edge, stream, epoch)`` is one ``stream_keys`` id."""
 ROW_OVERHEAD_BYTES = 400
 """Python memory one decoded record costs besides its payload (Record, row tuple,
 ints): measured ~300 B; used to budget the records a worker holds at once."""
@@ -104,6 +113,31 @@ class GroupWriter:
         self.topology = topology
         self._days: set[date] = set()
         """Days whose ``records`` partition this writer has seen exist."""
+        self._keys: dict[tuple[str, str, int], int] = {}
+        """``(edge, stream, epoch)`` -> its ``stream_keys`` id (committed ones only)."""
+
+    async def stream_keys(self, conn: Connection, keys: Iterable[tuple[str, str, int]]
+                          ) -> dict[tuple[str, str, int], int]:
+        """The ``stream_keys`` ids of ``keys``, added when new.
+
+        Ids are cached only when resolved outside a transaction (committed for good):
+        an id added by a transaction that rolls back is gone, and a row written with
+        it would be an orphan no view shows. Inside one (tests, a caller's own
+        transaction) they are looked up every time.
+        """
+        known = self._keys
+        missing = sorted({k for k in keys if k not in known})
+        if not missing:
+            return known
+        rows = await conn.fetch(
+            "SELECT u.e, u.s, u.ep, es_stream_key(u.e, u.s, u.ep) FROM unnest($1::text[], "
+            "$2::text[], $3::int8[]) AS u(e, s, ep) ORDER BY 1, 2, 3",
+            [k[0] for k in missing], [k[1] for k in missing], [k[2] for k in missing])
+        found = {(r[0], r[1], r[2]): r[3] for r in rows}
+        if conn.is_in_transaction():
+            return {**known, **found}
+        known.update(found)
+        return known
 
     def decode(self, msg: Msg) -> Decoded:
         """Decode and validate ``msg``; never raises."""
@@ -136,11 +170,11 @@ class GroupWriter:
 
     @staticmethod
     def rows(batch: Batch, received_us: int) -> list[Row]:
-        """The rows of a whole (valid) batch."""
-        return [
-            _row((batch.edge, batch.stream, batch.epoch), batch.first_seq + i, rec, received_us)
-            for i, rec in enumerate(batch.records)
-        ]
+        """The rows of a whole (valid) batch, their key spelled out (:meth:`_insert`
+        stores them)."""
+        key = (batch.edge, batch.stream, batch.epoch)
+        return [(*key, *_named(_row(0, batch.first_seq + i, rec, received_us)))
+                for i, rec in enumerate(batch.records)]
 
     async def write(self, conn: Connection, group: Sequence[Decoded]) -> GroupResult:
         """Write a decoded group in one transaction; raises on database failure."""
@@ -152,6 +186,7 @@ class GroupWriter:
             if created := await conn.fetchval("SELECT es_records_partition($1)", day):
                 log.warning("records_partition_created_late", partition=created)
             self._days = {day}
+        refs = await self.stream_keys(conn, {_key(d.batch) for d in group if d.batch})
         letters: list[DeadLetter] = []
         committed: list[Span] = []
         batches = records = inserted = 0
@@ -176,7 +211,7 @@ class GroupWriter:
                     seen = await _accounted_seqs(conn, keys, windows, lock=True,
                                                  existing=found)
                 skip = _skips(good, seen)
-                rows: list[Row] = []
+                rows: list[StoredRow] = []
                 placed: list[tuple[int, list[int] | None]] = []
                 """Per batch of ``good``: where its rows start in ``rows``, and the indexes
                 of its records they hold (None: all of them, in order)."""
@@ -188,11 +223,12 @@ class GroupWriter:
                         b = d.batch
                         assert b is not None
                         key = (b.edge, b.stream, b.epoch)
+                        ref = refs[key]
                         first = b.first_seq
                         if not d.bad and not skip[j]:
                             # The common case: every record of the batch goes in (an
                             # undecodable record is always in ``bad``; checked anyway).
-                            whole = [_row(key, first + i, rec, received_us)
+                            whole = [_row(ref, first + i, rec, received_us)
                                      for i, rec in enumerate(b.records) if rec is not None]
                             if len(whole) == len(b.records):
                                 placed.append((len(rows), None))
@@ -203,7 +239,7 @@ class GroupWriter:
                         placed.append((len(rows), ok))
                         for i, rec in enumerate(b.records):
                             if rec is not None and i not in d.bad and i not in skip[j]:
-                                rows.append(_row(key, first + i, rec, received_us))
+                                rows.append(_row(ref, first + i, rec, received_us))
                                 ok.append(i)
                         spans.extend(spans_of(*key, [first + i for i in ok]))
                 try:
@@ -255,7 +291,7 @@ class GroupWriter:
                            [(*k, v) for k, v in wm.items()])
 
     async def _insert_isolating(
-        self, conn: Connection, rows: list[Row]
+        self, conn: Connection, rows: list[StoredRow]
     ) -> tuple[int, list[tuple[int, str]]]:
         """Insert ``rows``; rows PostgreSQL refuses are found by bisection and left out.
 
@@ -282,7 +318,8 @@ class GroupWriter:
 
     async def _insert(self, conn: Connection, rows: list[Row]) -> tuple[int, None]:
         """Insert ``rows`` (no de-duplication: the caller holds the keys' locks)."""
-        await _copy(conn, rows)
+        refs = await self.stream_keys(conn, {r[:3] for r in rows})
+        await _copy(conn, [(r[3], r[4], r[5], refs[r[:3]], *r[6:]) for r in rows])
         return len(rows), None
 
 
@@ -459,30 +496,37 @@ def _raced(spans: Sequence[Span], before: dict[tuple[str, str, int], _SeqRuns],
 _NO_PARTITION = "no partition of relation"
 
 
-async def _copy(conn: Connection, rows: list[Row]) -> None:
+async def _copy(conn: Connection, rows: list[StoredRow]) -> None:
     """Binary COPY ``rows`` into ``records``; a day without a partition yet (the
     ingest creates them ahead, so only when that is late) gets one and is retried."""
     try:
         async with conn.transaction():
-            await conn.copy_records_to_table("records", records=rows, columns=_COLUMNS)
+            await conn.copy_records_to_table("records", records=rows, columns=COLUMNS)
         return
     except asyncpg.CheckViolationError as exc:
         if _NO_PARTITION not in str(exc):
             raise
-    for day in sorted({datetime.fromtimestamp(r[5] // 1_000_000, UTC).date() for r in rows}):
+    for day in sorted({datetime.fromtimestamp(r[2] // 1_000_000, UTC).date() for r in rows}):
         created = await conn.fetchval("SELECT es_records_partition($1)", day)
         if created:
             log.warning("records_partition_created_late", partition=created)
-    await conn.copy_records_to_table("records", records=rows, columns=_COLUMNS)
+    await conn.copy_records_to_table("records", records=rows, columns=COLUMNS)
 
 
-def _row(key: tuple[str, str, int], seq: int, rec: Record, received_us: int) -> Row:
+def _row(ref: int, seq: int, rec: Record, received_us: int) -> StoredRow:
+    """The stored row: the payload's JSON text as the producer sent it (``json``)."""
     return (
-        *key, seq, rec.ts, received_us, rec.key,
+        seq, rec.ts, received_us, ref, rec.key,
         _json.encode(rec.headers) if rec.headers else None,
         rec.payload if rec.ct == CT_JSON else None,
         None if rec.ct == CT_JSON else rec.payload,
     )
+
+
+def _named(row: StoredRow) -> tuple[int, int, int, str | None, bytes | None, bytes | None,
+                                    bytes | None]:
+    """``row`` without its key id: the tail of a :data:`Row`."""
+    return (row[0], row[1], row[2], *row[4:])
 
 
 def _record_bytes(batch: DecodedBatch, index: int) -> bytes:

@@ -24,8 +24,8 @@ from cloud_ingest.ingesting import init_connection
 __all__ = ["consume"]
 
 _INSERT = (
-    "INSERT INTO records (edge_id, stream, epoch, seq, event_time, received_at, key, payload) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING"
+    "INSERT INTO records (stream_key, seq, event_time, received_at, key, payload) "
+    "VALUES (es_stream_key($1, $2, $3), $4, $5, $6, $7, $8)"
 )
 _json = msgspec.json.Encoder()
 

@@ -7,21 +7,24 @@
 - *SDK consumer*: a :class:`broker.feed.Subscription` from ``earliest``, batches of
   5,000, every record decoded (identity, times, key, headers, payload as Python
   objects), until it has all N; checkpoint committed at the end.
-- *ceiling*: ``COPY (SELECT <the same columns> FROM records) TO STDOUT`` (binary) of
-  the same rows, bytes handed to a callback that drops them: no decoding at all.
-- *naive*: what users write instead: a polling loop of ``SELECT ... WHERE
+- *ceiling*: ``COPY (SELECT <the same columns> FROM records JOIN stream_keys) TO
+  STDOUT`` (binary) of the same rows (identity by name, the stored payload text),
+  bytes handed to a callback that drops them: no decoding at all.
+- *naive*: what users write instead: a polling loop over ``v_records`` of ``SELECT ... WHERE
   (received_at, edge_id, epoch, seq) > ($last...) ORDER BY ... LIMIT 1000`` (a
   keyset; the literal ``received_at > $last`` skips the rows of a group that share
   one), payloads decoded like the SDK's, over the first M records.
 - *latency*: a writer commits 100-record groups at the profile's rate (10,000
   records/s in ``full``) while a subscription follows ``latest``: for each record,
   time from its group's COMMIT returning to the subscription yielding it; p50/p99.
-- *unpartitioned*: the same load into the pre-008 layout (one plain table, the
-  primary key on the identity), same writer: ingest throughput and bytes per row.
+- *unpartitioned*: the same load into one plain table (the same columns, the
+  primary key on the identity, as before 008), same writer: ingest throughput and
+  bytes per row.
   The two layouts live in two databases and are loaded in alternating rounds,
   each emptied first; as the SDK and the ceiling, medians of ``ROUNDS``.
 - *bytes per record*: ``pg_total_relation_size`` of every partition of ``records``
-  (heap, TOAST, indexes) / rows, beside the payload's JSON size.
+  (heap, TOAST, indexes) / rows, beside the payload's JSON size: the bytes the
+  producer sent (compact JSON), not a re-serialisation.
 """
 
 from __future__ import annotations
@@ -55,10 +58,17 @@ ROUNDS: Final = 3
 """Alternating rounds of each compared pair (medians reported)."""
 GROUP_RECORDS: Final = 16_000
 """Records per transaction of the load (the ingest's group_max_records)."""
-_COLUMNS = ("edge_id, stream, epoch, seq, event_time, received_at, key, headers, payload, "
-            "payload_raw")
-_NAIVE = f"""
-SELECT {_COLUMNS} FROM records
+_CEILING = """
+SELECT k.edge_id, k.stream, k.epoch, r.seq, r.event_time, r.received_at, r.key, r.headers,
+       r.payload, r.payload_raw
+FROM records r JOIN stream_keys k ON k.id = r.stream_key
+"""
+"""The rows the SDK yields, as stored (migration 010): the identity by name (the key's
+id joined to ``stream_keys``), the payload's JSON text, no conversion."""
+_NAIVE = """
+SELECT edge_id, stream, epoch, seq, event_time, received_at, key, headers, payload,
+       payload_is_binary
+FROM v_records
 WHERE (received_at, edge_id, epoch, seq) > ($1, $2, $3, $4)
 ORDER BY received_at, edge_id, epoch, seq LIMIT 1000
 """
@@ -81,7 +91,7 @@ async def _load(dsn: str, msgs: list[Msg], *, plain: bool = False) -> float:
     try:
         await init_connection(conn)
         gw = GroupWriter(Topology())
-        if plain:  # the pre-008 table has no partitions to look for
+        if plain:  # the plain table has no partitions to look for
             gw._days.add(datetime.now(UTC).date())
         decoded = [gw.decode(m) for m in msgs]
         per = max(1, GROUP_RECORDS // max(1, len(decoded[0].batch.records)
@@ -96,18 +106,18 @@ async def _load(dsn: str, msgs: list[Msg], *, plain: bool = False) -> float:
 
 
 async def _unpartition(dsn: str) -> None:
-    """Swap ``records`` for the pre-008 layout: one plain table, primary key on the
-    identity, BRIN on received_at (same columns, so the writer is unchanged)."""
+    """Swap ``records`` for one plain table: the same columns (so the writer is
+    unchanged), the pre-008 primary key on the identity, BRIN on received_at."""
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("""
             DROP VIEW v_feed; DROP VIEW v_records;
             ALTER TABLE records RENAME TO records_partitioned;
             CREATE TABLE records (
-                edge_id text NOT NULL, stream text NOT NULL, epoch bigint NOT NULL,
                 seq bigint NOT NULL, event_time timestamptz NOT NULL,
-                received_at timestamptz NOT NULL, key text, headers jsonb, payload jsonb,
-                payload_raw bytea, PRIMARY KEY (edge_id, stream, epoch, seq),
+                received_at timestamptz NOT NULL, stream_key integer NOT NULL, key text,
+                headers json, payload json, payload_raw bytea,
+                PRIMARY KEY (stream_key, seq),
                 CHECK ((payload IS NULL) <> (payload_raw IS NULL)));
             CREATE INDEX ON records USING brin (received_at);
         """)
@@ -123,8 +133,8 @@ async def _truncate(dsn: str) -> None:
         await conn.close()
 
 
-async def _bytes_per_row(dsn: str) -> tuple[float, float]:
-    """(bytes on disk per row, payload JSON bytes per row)."""
+async def _bytes_per_row(dsn: str) -> float:
+    """Bytes on disk per row (heap, TOAST, indexes)."""
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("VACUUM ANALYZE records")
@@ -133,10 +143,8 @@ async def _bytes_per_row(dsn: str) -> tuple[float, float]:
             "WHERE inhparent = 'records'::regclass")
         if not total:
             total = await conn.fetchval("SELECT pg_total_relation_size('records')")
-        row = await conn.fetchrow(
-            "SELECT count(*), sum(octet_length(payload::text)) FROM records")
-        assert row is not None
-        return float(total) / row[0], float(row[1]) / row[0]
+        rows: int = await conn.fetchval("SELECT count(*) FROM records")
+        return float(total) / rows
     finally:
         await conn.close()
 
@@ -162,8 +170,7 @@ async def _copy(dsn: str, n: int) -> float:
             sink[:] = chunk[:0]
 
         started = time.perf_counter()
-        await conn.copy_from_query(f"SELECT {_COLUMNS} FROM records", output=drop,
-                                   format="binary")
+        await conn.copy_from_query(_CEILING, output=drop, format="binary")
         return n / (time.perf_counter() - started)
     finally:
         await conn.close()
@@ -180,7 +187,7 @@ async def _naive(dsn: str, m: int) -> float:
             if not rows:
                 break
             for r in rows:  # decode as the SDK does
-                _json.decode(r["payload"]) if r["payload"] is not None else bytes(r[9])
+                _json.decode(r["payload"])
             got += len(rows)
             last = (rows[-1]["received_at"], rows[-1]["edge_id"], rows[-1]["epoch"],
                     rows[-1]["seq"])
@@ -248,7 +255,12 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
     n = profile.consume_records
     m = min(n, profile.consume_naive_records)
     step(f"encoding {n:,} records into batches")
-    msgs = _msgs(batches(pool, n))
+    wire = batches(pool, n)
+    msgs = _msgs(wire)
+    # The denominator: the JSON bytes the producer sent (compact), not a re-serialisation
+    # (jsonb's text form adds a space after every ':' and ',': 198 B vs 179 B here).
+    payload = sum(len(r.payload) for b in wire for r in b.records) / n
+    del wire
     res.data["records"] = n
     # A shared machine's noise swamps one run of each: every pair below alternates
     # ROUNDS times and each side reports its median (ratios of medians).
@@ -259,7 +271,7 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
     async with env.database("consume") as dsn:
         step(f"load: {n:,} records through the ingest's writer (partitioned)")
         await _load(dsn, msgs)
-        per_row, payload = await _bytes_per_row(dsn)
+        per_row = await _bytes_per_row(dsn)
         for r in range(ROUNDS):
             step(f"round {r + 1}/{ROUNDS}: COPY (SELECT ...) TO STDOUT, then the SDK consumer")
             ceilings.append(await _copy(dsn, n))
@@ -273,11 +285,11 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
     async with env.database("consume_part") as part, env.database("consume_plain") as plain:
         await _unpartition(plain)
         for r in range(ROUNDS):
-            step(f"round {r + 1}/{ROUNDS}: load into the partitioned table, then the pre-008 one")
+            step(f"round {r + 1}/{ROUNDS}: load into the partitioned table, then the plain one")
             for dsn, into in ((part, parts), (plain, plains)):
                 await _truncate(dsn)
                 into.append(await _load(dsn, msgs, plain=dsn == plain))
-        plain_row, _ = await _bytes_per_row(plain)
+        plain_row = await _bytes_per_row(plain)
     sdk, ceiling = statistics.median(sdks), statistics.median(ceilings)
     ingest_part, ingest_plain = statistics.median(parts), statistics.median(plains)
     res.data.update(sdk_rounds=sdks, ceiling_rounds=ceilings, partitioned_rounds=parts,
@@ -294,13 +306,13 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
     res.add("commit → consumer latency p99", p99, "ms")
     res.add("ingest writer, partitioned", ingest_part, "rec/s",
             f"in-process GroupWriter, {GROUP_RECORDS:,}-record groups; median of {ROUNDS}")
-    res.add("ingest writer, unpartitioned (pre-008 table)", ingest_plain, "rec/s",
-            f"same writer, one table with the identity primary key; median of {ROUNDS}, "
-            "alternating")
+    res.add("ingest writer, unpartitioned (one plain table)", ingest_plain, "rec/s",
+            f"same writer and columns, one table with the identity primary key; median of "
+            f"{ROUNDS}, alternating")
     res.add("bytes on disk per record, partitioned", per_row, "B",
             "heap + TOAST + indexes of every partition / rows")
     res.add("bytes on disk per record, unpartitioned", plain_row, "B")
-    res.add("payload JSON per record", payload, "B")
+    res.add("payload JSON per record", payload, "B", "the bytes the producer sent")
     r_ceiling, r_naive = sdk / ceiling, sdk / naive
     r_ingest, r_bytes = ingest_part / ingest_plain, per_row / payload
     res.add("SDK / ceiling", r_ceiling, "x")

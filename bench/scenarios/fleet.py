@@ -308,7 +308,7 @@ async def _watermark_latency(conn: asyncpg.Connection, fleet: Fleet) -> list[flo
         "SELECT extract(epoch FROM r.received_at)::float8 AS at, u.i "
         "FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) WITH ORDINALITY "
         "  AS u(edge_id, stream, epoch, seq, i) "
-        "JOIN records r USING (edge_id, stream, epoch, seq)",
+        "JOIN v_records r USING (edge_id, stream, epoch, seq)",
         [b.edge for b in seen], [b.stream for b in seen], [b.epoch for b in seen],
         [b.last_seq for b in seen])
     return [max(0.0, (seen[r["i"] - 1].seen or 0.0) - r["at"]) for r in rows]

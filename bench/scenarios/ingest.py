@@ -43,6 +43,7 @@ from bench.results import ScenarioResult
 from broker.protocol.topology import Topology
 from broker.protocol.wire import encode_batch, msg_id
 from cloud_ingest.ingesting import init_connection
+from cloud_ingest.writing import COLUMNS as WRITER_COLUMNS
 from cloud_ingest.writing import GroupWriter
 
 __all__ = [
@@ -61,15 +62,13 @@ __all__ = [
 KEY: Final = "ingest"
 TITLE: Final = "1. ingest JetStream→PostgreSQL"
 
-COLUMNS: Final = (
-    "edge_id", "stream", "epoch", "seq", "event_time", "received_at", "key", "headers",
-    "payload", "payload_raw",
-)
-"""The columns the ingest writes (cloud_ingest.ingesting), in its order."""
+COLUMNS: Final = WRITER_COLUMNS
+"""The columns the ingest writes (cloud_ingest.writing), in its order."""
 INSERT_ONE: Final = (
-    "INSERT INTO records (edge_id, stream, epoch, seq, event_time, received_at, key, payload) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING"
+    "INSERT INTO records (stream_key, seq, event_time, received_at, key, payload) "
+    "VALUES (es_stream_key($1, $2, $3), $4, $5, $6, $7, $8)"
 )
+"""One row per statement; (edge, stream, epoch) -> its id as the ingest stores it."""
 JSON_STREAM: Final = "BENCH_JSON"
 JSON_SUBJECT: Final = f"bench.json.{EDGE}.{STREAM}"
 FRAMEWORK_BATCH: Final = 500
@@ -156,8 +155,7 @@ async def _ceiling(env: BenchEnv, wire_batches: list[Any], group: int,
                    res: ScenarioResult) -> float:
     """The best of 1, 2 and 4 connections COPYing the same rows in parallel."""
     received_us = time.time_ns() // 1000
-    rows = [row for b in wire_batches for row in GroupWriter.rows(b, received_us)]
-    chunks = [rows[i:i + group] for i in range(0, len(rows), group)]
+    named = [row for b in wire_batches for row in GroupWriter.rows(b, received_us)]
     rates: dict[int, float] = {}
     for k in CEILING_CONNECTIONS:
         async with env.database(f"ceiling{k}") as dsn:
@@ -165,6 +163,11 @@ async def _ceiling(env: BenchEnv, wire_batches: list[Any], group: int,
             try:
                 for conn in conns:
                     await init_connection(conn)
+                # the rows as stored: (edge, stream, epoch) as its stream_keys id
+                ids = await GroupWriter(Topology()).stream_keys(conns[0],
+                                                                {r[:3] for r in named})
+                rows = [(r[3], r[4], r[5], ids[r[:3]], *r[6:]) for r in named]
+                chunks = [rows[i:i + group] for i in range(0, len(rows), group)]
 
                 async def copy(conn: asyncpg.Connection, mine: list[list[Any]]) -> None:
                     for chunk in mine:

@@ -43,12 +43,13 @@ COLUMNS = ("edge", "stream", "epoch", "seq", "event_time", "received_at", "key",
 """The exported columns, in order."""
 _CHUNK = 5_000
 _QUERY = """
-SELECT edge_id, stream, epoch, seq, event_time, received_at, key, headers::text,
-       coalesce(payload::text, to_jsonb(encode(payload_raw, 'base64'))::text),
-       payload IS NULL
-FROM records
-WHERE stream = $1 AND (cardinality($2::text[]) = 0 OR edge_id = ANY($2)) AND {where}
-ORDER BY edge_id, received_at, epoch, seq
+SELECT k.edge_id, k.stream, k.epoch, r.seq, r.event_time, r.received_at, r.key, r.headers::text,
+       coalesce(r.payload::text, to_jsonb(encode(r.payload_raw, 'base64'))::text),
+       r.payload IS NULL
+FROM stream_keys k
+JOIN records r ON r.stream_key = k.id
+WHERE k.stream = $1 AND (cardinality($2::text[]) = 0 OR k.edge_id = ANY($2)) AND {where}
+ORDER BY k.edge_id, r.received_at, k.epoch, r.seq
 """
 
 
@@ -64,7 +65,7 @@ class TimeBasis(StrEnum):
 
 
 def _where(basis: TimeBasis) -> str:
-    col = "received_at" if basis is TimeBasis.received else "event_time"
+    col = "r.received_at" if basis is TimeBasis.received else "r.event_time"
     return f"{col} >= $3 AND {col} < $4"
 
 
@@ -162,8 +163,9 @@ async def export(dsn: str, out: IO[bytes], *, stream: str, start: datetime, end:
             where = _where(basis)
             if on_total is not None:
                 on_total(int(await conn.fetchval(
-                    f"SELECT count(*) FROM records WHERE stream = $1 AND "
-                    f"(cardinality($2::text[]) = 0 OR edge_id = ANY($2)) AND {where}", *args)))
+                    f"SELECT count(*) FROM stream_keys k JOIN records r ON r.stream_key = k.id "
+                    f"WHERE k.stream = $1 AND (cardinality($2::text[]) = 0 OR "
+                    f"k.edge_id = ANY($2)) AND {where}", *args)))
             cursor = await conn.cursor(_QUERY.format(where=where), *args)
             while rows := await cursor.fetch(_CHUNK):
                 writer.write(rows)

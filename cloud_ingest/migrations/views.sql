@@ -8,13 +8,16 @@
 -- @since to the new migration's number, and add that migration (even one holding only a
 -- comment): views are re-created only when a migration is applied. docs/schema.md.
 
--- @since 001
--- Every record, once; raw-bytes payloads as a base64 JSON string.
+-- @since 010
+-- Every record, once; raw-bytes payloads as a base64 JSON string. The names of
+-- (edge, stream, epoch) come from the dictionary (010); json is cast back to jsonb.
 CREATE VIEW v_records AS
-    SELECT edge_id, stream, epoch, seq, event_time, received_at, key, headers,
-           coalesce(payload, to_jsonb(encode(payload_raw, 'base64'))) AS payload,
-           payload IS NULL AS payload_is_binary
-    FROM records;
+    SELECT k.edge_id, k.stream, k.epoch, r.seq, r.event_time, r.received_at, r.key,
+           r.headers::jsonb AS headers,
+           coalesce(r.payload::jsonb, to_jsonb(encode(r.payload_raw, 'base64'))) AS payload,
+           r.payload IS NULL AS payload_is_binary
+    FROM records r
+    JOIN stream_keys k ON k.id = r.stream_key;
 
 -- @since 003
 CREATE VIEW v_commands AS
@@ -78,14 +81,15 @@ CREATE VIEW v_completeness AS
     LEFT JOIN edges e ON e.edge_id = c.edge_id
         AND (e.streams -> c.stream ->> 'epoch')::bigint = c.epoch;
 
--- @since 008
+-- @since 010
 -- The feed as analytics read it: one row per committed row, with its position
--- (docs/analytics.md); every row of a commit shares its received_at (008).
+-- (docs/analytics.md); every row of a commit shares its received_at (008), and a
+-- commit's rows of one key are found through the seq's bucket (seq >> 7, 010).
 CREATE VIEW v_feed AS
     SELECT (c.commit_id << 24) | (s.base + r.seq - s.first_seq) AS position,
-           c.commit_id, c.committed_at, r.edge_id, r.stream, r.epoch, r.seq,
-           r.event_time, r.received_at, r.key, r.headers,
-           coalesce(r.payload, to_jsonb(encode(r.payload_raw, 'base64'))) AS payload,
+           c.commit_id, c.committed_at, s.edge_id, s.stream, s.epoch, r.seq,
+           r.event_time, r.received_at, r.key, r.headers::jsonb AS headers,
+           coalesce(r.payload::jsonb, to_jsonb(encode(r.payload_raw, 'base64'))) AS payload,
            r.payload IS NULL AS payload_is_binary
     FROM feed_commits c
     CROSS JOIN LATERAL (
@@ -96,8 +100,10 @@ CREATE VIEW v_feed AS
         FROM unnest(c.edge_ids, c.streams, c.epochs, c.first_seqs, c.last_seqs)
              WITH ORDINALITY AS u(edge_id, stream, epoch, first_seq, last_seq, i)
     ) s
-    JOIN records r ON (r.edge_id, r.stream, r.epoch) = (s.edge_id, s.stream, s.epoch)
+    JOIN stream_keys k ON (k.edge_id, k.stream, k.epoch) = (s.edge_id, s.stream, s.epoch)
+    JOIN records r ON r.stream_key = k.id
                   AND r.seq BETWEEN s.first_seq AND s.last_seq
+                  AND (r.seq >> 7) BETWEEN (s.first_seq >> 7) AND (s.last_seq >> 7)
                   AND (c.received_at IS NULL OR r.received_at = c.received_at)
     WHERE c.commit_id IS NOT NULL;
 

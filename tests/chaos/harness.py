@@ -254,7 +254,7 @@ class ChaosSystem:
 
     async def committed_identities(self) -> dict[Identity, list[str]]:
         rows = await self._fetch(
-            "SELECT edge_id, stream, epoch, seq, payload->>'uid' AS uid FROM records"
+            "SELECT edge_id, stream, epoch, seq, payload->>'uid' AS uid FROM v_records"
         )
         found: dict[Identity, list[str]] = {}
         for r in rows:

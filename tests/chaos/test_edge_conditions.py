@@ -95,7 +95,7 @@ async def test_poison_batch_is_dead_lettered_while_the_rest_flows(system: ChaosS
     assert_exact(outcome)
     assert [r["seq"] for r in rows] == [1, 2, 3]
     assert all("\\u0000" in r["reason"] for r in rows), rows
-    assert await system._fetch("SELECT 1 FROM records WHERE stream='poison'") == []
+    assert await system._fetch("SELECT 1 FROM v_records WHERE stream='poison'") == []
     progress = await system._fetch(
         "SELECT watermark FROM v_completeness WHERE stream = 'poison'")
     assert progress[0]["watermark"] == 3
@@ -117,7 +117,7 @@ async def test_skewed_edge_clocks_keep_event_time_and_seq_order(system: ChaosSys
     rows = await system._fetch(
         "SELECT edge_id, stream, epoch, seq, payload->>'uid' AS uid, "
         "extract(epoch FROM event_time)::float8 AS ev, "
-        "extract(epoch FROM received_at)::float8 AS rx FROM records ORDER BY 1, 2, 3, 4"
+        "extract(epoch FROM received_at)::float8 AS rx FROM v_records ORDER BY 1, 2, 3, 4"
     )
     assert len(rows) == outcome.acknowledged
     last: dict[tuple[str, str, int], int] = {}

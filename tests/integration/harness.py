@@ -83,7 +83,7 @@ async def running_ingest(dsn: str, nats_url: str, **overrides: object) -> AsyncI
 async def count_records(dsn: str, where: str = "true") -> int:
     conn = await asyncpg.connect(dsn)
     try:
-        return int(await conn.fetchval(f"SELECT count(*) FROM records WHERE {where}"))
+        return int(await conn.fetchval(f"SELECT count(*) FROM v_records WHERE {where}"))
     finally:
         await conn.close()
 

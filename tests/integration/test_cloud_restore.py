@@ -45,8 +45,9 @@ async def backup(conn: asyncpg.Connection) -> None:
     like pg_dump's, so rows and ranges agree)."""
     await conn.execute("DROP TABLE IF EXISTS backup_records, backup_ranges")
     async with conn.transaction(isolation="repeatable_read"):
-        await conn.execute("CREATE TABLE backup_records AS SELECT * FROM records "
-                           "WHERE (edge_id, stream) = ($1, $2)", *KEY)
+        await conn.execute("CREATE TABLE backup_records AS SELECT r.* FROM records r "
+                           "JOIN stream_keys k ON k.id = r.stream_key "
+                           "WHERE (k.edge_id, k.stream) = ($1, $2)", *KEY)
         await conn.execute("CREATE TABLE backup_ranges AS SELECT * FROM committed_ranges "
                            "WHERE (edge_id, stream) = ($1, $2)", *KEY)
 
@@ -56,7 +57,8 @@ async def restore(conn: asyncpg.Connection) -> None:
     async with conn.transaction():
         # Like a restore, all at once: no ingest commit lands half before, half after.
         await conn.execute("LOCK TABLE committed_ranges, records IN ACCESS EXCLUSIVE MODE")
-        await conn.execute("DELETE FROM records WHERE (edge_id, stream) = ($1, $2)", *KEY)
+        await conn.execute("DELETE FROM records WHERE stream_key IN (SELECT id FROM "
+                           "stream_keys WHERE (edge_id, stream) = ($1, $2))", *KEY)
         await conn.execute("DELETE FROM committed_ranges WHERE (edge_id, stream) = ($1, $2)",
                            *KEY)
         await conn.execute("INSERT INTO records SELECT * FROM backup_records")
@@ -126,7 +128,7 @@ async def test_a_restored_database_counts_lost_after_commit_and_nothing_stalls(
             "WHERE (edge_id, stream) = ($1, $2)", *KEY)
         assert counted == recorded  # the metric counts what was recorded, once
         held = {r["seq"] for r in await conn.fetch(
-            "SELECT seq FROM records WHERE (edge_id, stream) = ($1, $2)", *KEY)}
+            "SELECT seq FROM v_records WHERE (edge_id, stream) = ($1, $2)", *KEY)}
         lost = [(r.lower, r.upper) for r in row["lost_after_commit_ranges"]]
     finally:
         with contextlib.suppress(Exception):

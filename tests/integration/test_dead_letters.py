@@ -191,7 +191,7 @@ async def test_a_record_postgres_refuses_is_isolated_and_replayed_exactly_once(
     assert first.watermarks == [("e1", "s", EPOCH, 200)]
     row = await pg.fetchrow(
         "SELECT key, payload::text, event_time = to_timestamp($1 / 1e6) AS same_time "
-        "FROM records WHERE seq = 118", GOOD.ts)
+        "FROM v_records WHERE seq = 118", GOOD.ts)
     assert (row["key"], row["payload"], row["same_time"]) == ("forbidden", '{"ok": true}', True)
     after = await completeness(pg, "e1", "s")
     assert (after["committed_records"], after["dead_lettered_records"]) == (200, 0)

@@ -291,9 +291,9 @@ async def test_a_high_priority_stream_overtakes_a_low_priority_backlog(
     conn = await asyncpg.connect(pg_dsn)
     try:
         alarms_done = await conn.fetchval(
-            "SELECT max(received_at) FROM records WHERE stream = 'alarms'")
+            "SELECT max(received_at) FROM v_records WHERE stream = 'alarms'")
         bulk_before = await conn.fetchval(
-            "SELECT count(*) FROM records WHERE stream = 'bulk' AND received_at <= $1",
+            "SELECT count(*) FROM v_records WHERE stream = 'bulk' AND received_at <= $1",
             alarms_done)
     finally:
         await conn.close()
@@ -329,8 +329,8 @@ async def test_zstd_batches_are_ingested_identically(
     conn = await asyncpg.connect(pg_dsn)
     try:
         diff = await conn.fetchval(
-            "SELECT count(*) FROM (SELECT seq, event_time, key, payload FROM records "
-            "WHERE edge_id = 'plain' EXCEPT SELECT seq, event_time, key, payload FROM records "
+            "SELECT count(*) FROM (SELECT seq, event_time, key, payload FROM v_records "
+            "WHERE edge_id = 'plain' EXCEPT SELECT seq, event_time, key, payload FROM v_records "
             "WHERE edge_id = 'packed') d")
     finally:
         await conn.close()

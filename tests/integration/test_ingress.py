@@ -84,8 +84,8 @@ async def test_json_requests_work_for_curl_users(
     conn = await asyncpg.connect(pg_dsn)
     try:
         rows = await conn.fetch(
-            "SELECT seq, event_time, key, headers, payload::text AS p, "
-            "payload_raw FROM records ORDER BY seq"
+            "SELECT seq, event_time, key, headers::jsonb AS headers, "
+            "payload::jsonb::text AS p, payload_raw FROM records ORDER BY seq"
         )
     finally:
         await conn.close()

@@ -62,7 +62,7 @@ async def test_100k_records_across_3_streams_and_2_edges_arrive_exactly_once(
     try:
         rows = await conn.fetch(
             "SELECT edge_id, stream, epoch, seq, payload::text, key, "
-            "(extract(epoch FROM event_time) * 1000000)::bigint AS ts_us FROM records"
+            "(extract(epoch FROM event_time) * 1000000)::bigint AS ts_us FROM v_records"
         )
         ranges = await conn.fetch(
             "SELECT edge_id, stream, committed_records, "

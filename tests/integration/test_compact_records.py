@@ -1,0 +1,213 @@
+"""Compact rows at rest (migration 010, issue 13): the payload stored as the JSON text
+the producer sent, (edge, stream, epoch) as one ``stream_keys`` id, and every view
+showing what it showed before."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from broker.feed import Filters, read_page
+from broker.feed.positions import EARLIEST
+from broker.protocol.topology import Topology
+from broker.protocol.wire import CT_JSON, CT_RAW, Batch, Record, encode_batch
+from cloud_ingest.ingesting import init_connection
+from cloud_ingest.schema import migrate
+from cloud_ingest.writing import GroupWriter
+
+EPOCH = 7_000_000_000_000_000_001
+
+# Every view that shows records, ordered so that two readings compare row for row.
+_VIEWS = {
+    "v_records": "SELECT * FROM v_records ORDER BY edge_id, stream, epoch, seq",
+    "v_feed": "SELECT * FROM v_feed ORDER BY position",
+    "v_completeness": "SELECT * FROM v_completeness ORDER BY edge_id, stream, epoch",
+    "v_stream_progress": "SELECT * FROM v_stream_progress ORDER BY edge_id, stream, epoch",
+}
+
+
+async def _views(conn: asyncpg.Connection) -> dict[str, list[dict[str, Any]]]:
+    return {name: [dict(r) for r in await conn.fetch(sql)] for name, sql in _VIEWS.items()}
+
+
+def _msg(batch: Batch) -> Any:
+    from nats.aio.msg import Msg
+
+    body, headers = encode_batch(batch)
+    return Msg(_client=None,  # type: ignore[arg-type]
+               subject=Topology().records_subject(batch.edge, batch.stream),
+               data=body, headers=headers)
+
+
+async def test_migration_010_moves_existing_rows_and_every_view_reads_the_same(
+    pg_dsn: str,
+) -> None:
+    """Rows written in 008's layout over two days (JSON and opaque payloads, headers,
+    keys, two edges, two epochs) come through 010 with every view's rows unchanged,
+    and the feed reads them all."""
+    c = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(c, upto=9)
+        days = [datetime(2026, 3, 1, 12, tzinfo=UTC), datetime(2026, 3, 2, 8, tzinfo=UTC)]
+        rows = 0
+        for d, rx in enumerate(days):
+            await c.fetchval("SELECT es_records_partition($1)", rx.date())
+            for edge, stream, epoch in (("e1", "s", EPOCH), ("e2", "s", 1), ("e1", "t", 2)):
+                first = d * 5 + 1
+                async with c.transaction():
+                    await c.execute(
+                        "INSERT INTO records (edge_id, stream, epoch, seq, event_time, "
+                        " received_at, key, headers, payload, payload_raw) "
+                        "SELECT $1, $2, $3, s, $4::timestamptz + s * interval '1 ms', $4, "
+                        "  CASE WHEN s % 2 = 0 THEN 'k' || s END, "
+                        "  CASE WHEN s % 3 = 0 THEN jsonb_build_object('h', s::text) END, "
+                        "  CASE WHEN s % 4 <> 0 THEN jsonb_build_object('n', s, 'x', "
+                        "    jsonb_build_array(1.5, 'é', null, true)) END, "
+                        "  CASE WHEN s % 4 = 0 THEN decode('00ff' || lpad(s::text, 4, '0'), "
+                        "    'hex') END "
+                        "FROM generate_series($5::int8, $5 + 4) AS s",
+                        edge, stream, epoch, rx, first)
+                    await c.execute(
+                        "INSERT INTO committed_ranges (edge_id, stream, epoch, ranges) "
+                        "VALUES ($1, $2, $3, int8multirange(int8range(1, $4))) "
+                        "ON CONFLICT (edge_id, stream, epoch) DO UPDATE "
+                        "SET ranges = EXCLUDED.ranges", edge, stream, epoch, first + 5)
+                    await c.execute(
+                        "INSERT INTO feed_commits (rows, edge_ids, streams, epochs, "
+                        "first_seqs, last_seqs, wm_edge_ids, wm_streams, wm_epochs, "
+                        "watermarks, received_at) VALUES (5, ARRAY[$1], ARRAY[$2], "
+                        "ARRAY[$3::int8], ARRAY[$4::int8], ARRAY[$4 + 4::int8], ARRAY[$1], "
+                        "ARRAY[$2], ARRAY[$3::int8], ARRAY[$4 + 4::int8], $5)",
+                        edge, stream, epoch, first, rx)
+                rows += 5
+        before = await _views(c)
+        assert len(before["v_records"]) == len(before["v_feed"]) == rows
+
+        assert await migrate(c) == [10]
+
+        assert await _views(c) == before
+        assert await c.fetchval("SELECT count(*) FROM stream_keys") == 3
+        per_day = await c.fetch(
+            "SELECT tableoid::regclass::text AS p, count(*) FROM records GROUP BY 1 ORDER BY 1")
+        assert [(r[0], r[1]) for r in per_day] == [
+            ("records_p20260301", rows // 2), ("records_p20260302", rows // 2)]
+        page = await read_page(c, EARLIEST, Filters(), limit=100)
+        assert [(r.edge, r.stream, r.epoch, r.seq) for r in page.records] == [
+            (r["edge_id"], r["stream"], r["epoch"], r["seq"]) for r in before["v_feed"]]
+        binary = [r for r in page.records if isinstance(r.payload, bytes)]
+        assert binary and all(r.payload[:2] == b"\x00\xff" for r in binary)
+        # the old table and its partitions are gone; new days get the new layout
+        assert await c.fetchval("SELECT to_regclass('records_v8')") is None
+        later = datetime.now(UTC).date() + timedelta(days=40)
+        new = await c.fetchval("SELECT es_records_partition($1)", later)
+        assert new == f"records_p{later:%Y%m%d}"
+        assert await c.fetchval(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = $1::regclass AND attname = 'payload'", new) == "json"
+    finally:
+        await c.close()
+
+
+async def test_names_round_trip_through_the_stream_keys_dictionary(pg_dsn: str) -> None:
+    """Each (edge, stream, epoch) gets one id, whichever writer meets it first; the views
+    and the feed show the names; an id added by a transaction that rolled back is never
+    used for rows."""
+    c = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(c)
+        await init_connection(c)
+        keys = [("edge-1", "temperature", EPOCH), ("edge-1", "s", 1), ("e_2", "s", 1)]
+        first, second = GroupWriter(Topology()), GroupWriter(Topology())
+        async with c.transaction():  # added inside a caller's transaction, then committed
+            await first.stream_keys(c, keys[:1])
+        assert await c.fetchval("SELECT count(*) FROM stream_keys") == 1
+        for n, (edge, stream, epoch) in enumerate(keys):
+            writer = first if n % 2 == 0 else second
+            batch = Batch(1, edge, stream, epoch, 1, [
+                Record(1_700_000_000_000_000 + s, CT_JSON, b'{"s":%d}' % s) for s in (1, 2)])
+            await writer.write(c, [writer.decode(_msg(batch))])
+        ids = {(r[0], r[1], r[2]): r[3] for r in await c.fetch(
+            "SELECT edge_id, stream, epoch, id FROM stream_keys")}
+        assert set(ids) == set(keys)
+        assert (await first.stream_keys(c, keys)) == (await second.stream_keys(c, keys)) == ids
+        shown = [(r[0], r[1], r[2]) for r in await c.fetch(
+            "SELECT DISTINCT edge_id, stream, epoch FROM v_records")]
+        assert sorted(shown) == sorted(keys)
+        page = await read_page(c, EARLIEST, Filters(streams=("temperature",)))
+        assert [(r.edge, r.stream, r.epoch, r.seq) for r in page.records] == [
+            ("edge-1", "temperature", EPOCH, 1), ("edge-1", "temperature", EPOCH, 2)]
+        orphans = await c.fetchval(
+            "SELECT count(*) FROM records r WHERE NOT EXISTS "
+            "(SELECT 1 FROM stream_keys k WHERE k.id = r.stream_key)")
+        assert orphans == 0
+    finally:
+        await c.close()
+
+
+async def test_a_new_key_looked_up_in_a_rolled_back_transaction_is_not_cached(
+    pg_dsn: str,
+) -> None:
+    """The id of a key added inside a transaction that rolls back disappears with it: the
+    writer must not keep it, or its next rows would point at nothing."""
+    c = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(c)
+        await init_connection(c)
+        writer = GroupWriter(Topology())
+        key = ("e", "s", 3)
+        tr = c.transaction()
+        await tr.start()
+        gone = (await writer.stream_keys(c, [key]))[key]
+        await tr.rollback()
+        batch = Batch(1, *key, 1, [Record(1_700_000_000_000_000, CT_JSON, b"{}")])
+        await writer.write(c, [writer.decode(_msg(batch))])
+        assert await c.fetchval("SELECT count(*) FROM v_records") == 1
+        kept = await c.fetchval("SELECT id FROM stream_keys WHERE (edge_id, stream, epoch) "
+                                "= ($1, $2, $3)", *key)
+        assert kept != gone
+    finally:
+        await c.close()
+
+
+async def test_a_json_payload_is_stored_as_the_bytes_the_producer_sent(pg_dsn: str) -> None:
+    """The stored text is the producer's, byte for byte (spacing, key order, number
+    spelling, escapes); the views give it as jsonb, the feed decodes it as a JSON
+    decoder decodes those bytes, and an opaque payload stays its bytes."""
+    sent = [
+        b'{"z":1,"a":[1.50,2e3,-0],"s":"caf\\u00e9 \\"q\\"","n":null}',
+        b'{ "spaced" : true ,\n "big": 123456789012345678901234567890 }',
+        b'[]',
+        b'"just a string"',
+    ]
+    c = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(c)
+        await init_connection(c)
+        writer = GroupWriter(Topology())
+        us = time.time_ns() // 1000
+        recs = [Record(us + i, CT_JSON, p, None, {"h": "v"} if i == 0 else None)
+                for i, p in enumerate(sent)]
+        recs.append(Record(us + 9, CT_RAW, b"\x00\x01\xff", "k"))
+        batch = Batch(1, "e", "s", 1, 1, recs)
+        await writer.write(c, [writer.decode(_msg(batch))])
+        stored = await c.fetch("SELECT payload, payload_raw FROM records ORDER BY seq")
+        assert [r[0] for r in stored[:4]] == sent  # the ingest's codec gives the bytes
+        assert stored[4][1] == b"\x00\x01\xff"
+        viewed = await c.fetch(
+            "SELECT payload::text, payload_is_binary, headers::text FROM v_records "
+            "ORDER BY seq")
+        assert [r[0] for r in viewed[:4]] == [
+            await c.fetchval("SELECT convert_from($1, 'UTF8')::jsonb::text", p) for p in sent]
+        assert [r[1] for r in viewed] == [False] * 4 + [True]
+        assert viewed[0][2] == '{"h": "v"}'
+        page = await read_page(c, EARLIEST, Filters())
+        assert [r.payload for r in page.records] == [
+            *(msgspec.json.decode(p) for p in sent), b"\x00\x01\xff"]
+        assert page.records[0].headers == {"h": "v"} and page.records[1].headers is None
+        assert page.records[4].key == "k"
+    finally:
+        await c.close()
