@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib import resources
+from importlib.abc import Traversable
 
 import structlog
 
@@ -42,13 +43,22 @@ class View:
     sql: str
 
 
-def _migrations() -> list[tuple[int, str, str]]:
+def _migrations(folder: Traversable | None = None) -> list[tuple[int, str, str]]:
+    """The numbered migrations in order; two files with one number, or a number
+    missing between 1 and the last, are refused (one of them would be skipped)."""
     found = []
-    for entry in resources.files("cloud_ingest").joinpath("migrations").iterdir():
+    if folder is None:
+        folder = resources.files("cloud_ingest").joinpath("migrations")
+    for entry in folder.iterdir():
         match = _NAME.match(entry.name)
         if match:
             found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
-    return sorted(found)
+    found.sort()
+    versions = [version for version, _, _ in found]
+    if versions != list(range(1, len(versions) + 1)):
+        raise ValueError(f"migrations must be numbered 001, 002, ... without gaps or "
+                         f"repeats; found {[name for _, name, _ in found]}")
+    return found
 
 
 def views() -> list[View]:

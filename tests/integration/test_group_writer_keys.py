@@ -59,7 +59,7 @@ async def test_a_fleet_group_with_redeliveries_and_overlaps_stores_every_record_
     expected = 20_000 + 250 + 250
     assert await conn.fetchval("SELECT count(*) FROM records") == expected
     assert await conn.fetchval(
-        "SELECT count(*) FROM (SELECT DISTINCT edge_id, stream, epoch, seq FROM records) d"
+        "SELECT count(*) FROM (SELECT DISTINCT edge_id, stream, epoch, seq FROM v_records) d"
     ) == expected
     wm = {(w[0], w[1]): w[3] for w in second.watermarks}
     assert wm[(edges[0], "a")] == 20
