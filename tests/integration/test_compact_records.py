@@ -14,10 +14,11 @@ import msgspec
 from broker.feed import Filters, read_page
 from broker.feed.positions import EARLIEST
 from broker.protocol.topology import Topology
-from broker.protocol.wire import CT_JSON, CT_RAW, Batch, Record, encode_batch
+from broker.protocol.wire import CT_JSON, CT_RAW, Batch, Record
 from cloud_ingest.ingesting import init_connection
 from cloud_ingest.schema import migrate
 from cloud_ingest.writing import GroupWriter
+from tests.support.batches import batch_msg
 
 EPOCH = 7_000_000_000_000_000_001
 
@@ -65,13 +66,6 @@ async def _views(conn: asyncpg.Connection) -> dict[str, list[dict[str, Any]]]:
     return {name: [dict(r) for r in await conn.fetch(sql)] for name, sql in _VIEWS.items()}
 
 
-def _msg(batch: Batch) -> Any:
-    from nats.aio.msg import Msg
-
-    body, headers = encode_batch(batch)
-    return Msg(_client=None,  # type: ignore[arg-type]
-               subject=Topology().records_subject(batch.edge, batch.stream),
-               data=body, headers=headers)
 
 
 async def test_migration_010_moves_existing_rows_and_every_view_reads_the_same(
@@ -163,7 +157,7 @@ async def test_names_round_trip_through_the_stream_keys_dictionary(pg_dsn: str) 
             writer = first if n % 2 == 0 else second
             batch = Batch(1, edge, stream, epoch, 1, [
                 Record(1_700_000_000_000_000 + s, CT_JSON, b'{"s":%d}' % s) for s in (1, 2)])
-            await writer.write(c, [writer.decode(_msg(batch))])
+            await writer.write(c, [writer.decode(batch_msg(batch))])
         ids = {(r[0], r[1], r[2]): r[3] for r in await c.fetch(
             "SELECT edge_id, stream, epoch, id FROM stream_keys")}
         assert set(ids) == set(keys)
@@ -198,7 +192,7 @@ async def test_a_new_key_looked_up_in_a_rolled_back_transaction_is_not_cached(
         gone = (await writer.stream_keys(c, [key]))[key]
         await tr.rollback()
         batch = Batch(1, *key, 1, [Record(1_700_000_000_000_000, CT_JSON, b"{}")])
-        await writer.write(c, [writer.decode(_msg(batch))])
+        await writer.write(c, [writer.decode(batch_msg(batch))])
         assert await c.fetchval("SELECT count(*) FROM v_records") == 1
         kept = await c.fetchval("SELECT id FROM stream_keys WHERE (edge_id, stream, epoch) "
                                 "= ($1, $2, $3)", *key)
@@ -227,7 +221,7 @@ async def test_a_json_payload_is_stored_as_the_bytes_the_producer_sent(pg_dsn: s
                 for i, p in enumerate(sent)]
         recs.append(Record(us + 9, CT_RAW, b"\x00\x01\xff", "k"))
         batch = Batch(1, "e", "s", 1, 1, recs)
-        await writer.write(c, [writer.decode(_msg(batch))])
+        await writer.write(c, [writer.decode(batch_msg(batch))])
         stored = await c.fetch("SELECT payload, payload_raw FROM records ORDER BY seq")
         assert [r[0] for r in stored[:4]] == sent  # the ingest's codec gives the bytes
         assert stored[4][1] == b"\x00\x01\xff"

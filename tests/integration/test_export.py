@@ -19,18 +19,17 @@ import pytest
 from nats.aio.msg import Msg
 
 from broker.protocol.topology import Topology
-from broker.protocol.wire import CT_JSON, CT_RAW, Batch, Record, encode_batch
+from broker.protocol.wire import CT_JSON, CT_RAW, Batch, Record
 from cloud_ingest.ingesting import init_connection
 from cloud_ingest.schema import migrate
 from cloud_ingest.writing import GroupWriter
+from tests.support.batches import batch_msg
 
 T0 = 1_764_000_000_000_000
 
 
 def _msg(edge: str, stream: str, records: list[Record]) -> Msg:
-    body, headers = encode_batch(Batch(1, edge, stream, 9, 1, records))
-    return Msg(_client=None, subject=Topology().records_subject(edge, stream),  # type: ignore[arg-type]
-               data=body, headers=headers)
+    return batch_msg(Batch(1, edge, stream, 9, 1, records))
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ import pytest
 from nats.aio.msg import Msg
 
 from broker.protocol.topology import Topology
-from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch
 from cloud_ingest.ingesting import init_connection
 from cloud_ingest.schema import migrate
 from cloud_ingest.writing import GroupWriter, _accounted_seqs
+from tests.support.batches import json_batch_msg
 
 EPOCH = 7
 
@@ -32,11 +32,7 @@ async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 def _msg(edge: str, stream: str, first: int, n: int) -> Msg:
-    records = [Record(1_700_000_000_000_000 + s, CT_JSON, b'{"n": %d}' % s)
-               for s in range(first, first + n)]
-    body, headers = encode_batch(Batch(1, edge, stream, EPOCH, first, records))
-    return Msg(_client=None, subject=Topology().records_subject(edge, stream),  # type: ignore[arg-type]
-               data=body, headers=headers)
+    return json_batch_msg(edge, stream, EPOCH, first, n)
 
 
 async def test_a_fleet_group_with_redeliveries_and_overlaps_stores_every_record_once(

@@ -21,7 +21,7 @@ from broker.feed import Filters, read_page
 from broker.feed.positions import EARLIEST
 from broker.feed.reading import completeness_at, head_cursor
 from broker.protocol.topology import Topology
-from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch
+from broker.protocol.wire import CT_JSON, Batch, Record
 from cloud_ingest.ingesting import init_connection
 from cloud_ingest.maintenance import maintain_once
 from cloud_ingest.metrics import IngestMetrics
@@ -30,6 +30,7 @@ from cloud_ingest.retention import enforce_retention, parse_keep, set_retention
 from cloud_ingest.schema import migrate
 from cloud_ingest.writing import GroupWriter
 from tests.helpers import until
+from tests.support.batches import json_batch_msg
 
 EPOCH = 3
 
@@ -45,11 +46,7 @@ async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 def _msg(edge: str, stream: str, first: int, n: int) -> Msg:
-    records = [Record(1_700_000_000_000_000 + s, CT_JSON, b'{"n": %d}' % s)
-               for s in range(first, first + n)]
-    body, headers = encode_batch(Batch(1, edge, stream, EPOCH, first, records))
-    return Msg(_client=None, subject=Topology().records_subject(edge, stream),  # type: ignore[arg-type]
-               data=body, headers=headers)
+    return json_batch_msg(edge, stream, EPOCH, first, n)
 
 
 async def _write(dsn: str, *msgs: Msg) -> None:
