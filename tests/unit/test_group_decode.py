@@ -1,0 +1,34 @@
+"""GroupWriter.decode: every record that cannot be stored is named by its own index,
+whether the wire decoder already refused it or the record checks do."""
+
+from __future__ import annotations
+
+import msgspec
+from nats.aio.msg import Msg
+
+from broker.protocol.topology import Topology
+from cloud_ingest.writing import GroupWriter
+
+GOOD = [1_700_000_000_000_000, 1, b'{"ok": true}']
+
+
+def _msg(records: list[object]) -> Msg:
+    body = msgspec.msgpack.encode({"v": 1, "edge": "e", "stream": "s", "epoch": 1,
+                                   "first_seq": 1, "records": records})
+    return Msg(_client=None, subject=Topology().records_subject("e", "s"),  # type: ignore[arg-type]
+               data=body)
+
+
+def test_record_problems_keep_their_indexes_beside_undecodable_records() -> None:
+    records = [GOOD, "not a record", GOOD, [0, 1, b"{nope"], [0, 7, b"x"], GOOD,
+               ["ts", 1, b"1"], [0, 1, b'{"a": "x\\u0000"}'], GOOD]
+    decoded = GroupWriter(Topology()).decode(_msg(records))
+    assert decoded.batch is not None and decoded.reason is None
+    assert sorted(decoded.bad) == [1, 3, 4, 6, 7]
+    assert "JSON" in decoded.bad[3] and "content type" in decoded.bad[4]
+    assert "\\u0000" in decoded.bad[7]
+
+
+def test_a_batch_of_good_records_has_nothing_bad() -> None:
+    decoded = GroupWriter(Topology()).decode(_msg([GOOD] * 5))
+    assert decoded.batch is not None and decoded.bad == {}
