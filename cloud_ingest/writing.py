@@ -53,8 +53,8 @@ from cloud_ingest.isolating import REJECTED, refusal
 from cloud_ingest.ranges import Span, Watermark, merge_ranges, spans_of
 
 __all__ = [
-    "COLUMNS", "ROW_OVERHEAD_BYTES", "Decoded", "GroupResult", "GroupWriter", "Key", "Row",
-    "StoredRow",
+    "COLUMNS", "MAX_CACHED_STREAM_KEYS", "ROW_OVERHEAD_BYTES", "Decoded", "GroupResult",
+    "GroupWriter", "Key", "Row", "StoredRow",
 ]
 
 log = structlog.get_logger(__name__)
@@ -72,6 +72,9 @@ COLUMNS = (
 )
 """The columns of ``records`` the writer fills (migration 010), in :data:`StoredRow`'s
 order: ``(edge, stream, epoch)`` is one ``stream_keys`` id."""
+MAX_CACHED_STREAM_KEYS = 100_000
+"""``(edge, stream, epoch)`` ids a writer remembers: a fleet's keys (10,000 edges with a
+few streams each) fit; past it the cache is trimmed to the keys of the call at hand."""
 ROW_OVERHEAD_BYTES = 400
 """Python memory one decoded record costs besides its payload (Record, row tuple,
 ints): measured ~300 B; used to budget the records a worker holds at once."""
@@ -114,7 +117,8 @@ class GroupWriter:
         self._days: set[date] = set()
         """Days whose ``records`` partition this writer has seen exist."""
         self._keys: dict[tuple[str, str, int], int] = {}
-        """``(edge, stream, epoch)`` -> its ``stream_keys`` id (committed ones only)."""
+        """``(edge, stream, epoch)`` -> its ``stream_keys`` id (committed ones only; at
+        most :data:`MAX_CACHED_STREAM_KEYS`)."""
 
     async def stream_keys(self, conn: Connection, keys: Iterable[tuple[str, str, int]]
                           ) -> dict[tuple[str, str, int], int]:
@@ -126,7 +130,8 @@ class GroupWriter:
         transaction) they are looked up every time.
         """
         known = self._keys
-        missing = sorted({k for k in keys if k not in known})
+        wanted = set(keys)
+        missing = sorted(k for k in wanted if k not in known)
         if not missing:
             return known
         rows = await conn.fetch(
@@ -136,6 +141,12 @@ class GroupWriter:
         found = {(r[0], r[1], r[2]): r[3] for r in rows}
         if conn.is_in_transaction():
             return {**known, **found}
+        if len(known) + len(found) > MAX_CACHED_STREAM_KEYS:
+            # Epochs come from the edges' batches: a misbehaving edge can invent many.
+            # The cache keeps what this call needs and forgets the rest (looked up again).
+            kept = {k: known[k] for k in wanted if k in known}
+            known.clear()
+            known.update(kept)
         known.update(found)
         return known
 

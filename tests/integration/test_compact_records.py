@@ -10,11 +10,13 @@ from typing import Any
 
 import asyncpg
 import msgspec
+import pytest
 
 from broker.feed import Filters, read_page
 from broker.feed.positions import EARLIEST
 from broker.protocol.topology import Topology
 from broker.protocol.wire import CT_JSON, CT_RAW, Batch, Record
+from cloud_ingest import writing
 from cloud_ingest.ingesting import init_connection
 from cloud_ingest.schema import migrate
 from cloud_ingest.writing import GroupWriter
@@ -136,6 +138,29 @@ async def test_migration_010_moves_existing_rows_and_every_view_reads_the_same(
         assert await c.fetchval(
             "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
             "WHERE attrelid = $1::regclass AND attname = 'payload'", new) == "json"
+    finally:
+        await c.close()
+
+
+async def test_the_stream_keys_cache_is_bounded_and_still_answers_every_key(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An edge that invents epochs cannot grow a writer's id cache without bound: past
+    the limit the cache keeps the keys of the call at hand, and every call still gets
+    the id of each key it asked for (the ones in the table)."""
+    monkeypatch.setattr(writing, "MAX_CACHED_STREAM_KEYS", 50)
+    c = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(c)
+        writer = GroupWriter(Topology())
+        for start in range(0, 200, 30):
+            keys = {("edge-x", "s", epoch) for epoch in range(start, start + 30)}
+            ids = await writer.stream_keys(c, keys)
+            table = {(r[0], r[1], r[2]): r[3] for r in await c.fetch(
+                "SELECT edge_id, stream, epoch, id FROM stream_keys")}
+            assert {k: ids[k] for k in keys} == {k: table[k] for k in keys}
+            assert len(writer._keys) <= 50
+        assert await c.fetchval("SELECT count(*) FROM stream_keys") == 210
     finally:
         await c.close()
 
