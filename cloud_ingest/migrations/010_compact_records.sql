@@ -96,31 +96,6 @@ CREATE TABLE records (
 CREATE INDEX records_identity_idx ON records (stream_key, received_at, (seq >> 7));
 CREATE INDEX records_received_idx ON records USING brin (received_at);
 
--- Unchanged from 008 (LIKE records picks up the new layout); replaced so that no
--- session keeps a plan made against the old table.
-CREATE OR REPLACE FUNCTION es_records_partition(day date) RETURNS text
-LANGUAGE plpgsql AS $$
-DECLARE
-    name text := 'records_p' || to_char(day, 'YYYYMMDD');
-BEGIN
-    FOR i IN 1..2 LOOP  -- look, then look again under the lock
-        IF EXISTS (SELECT 1 FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid
-                   WHERE h.inhparent = 'records'::regclass AND c.relname = name) THEN
-            RETURN NULL;
-        END IF;
-        IF i = 1 THEN
-            PERFORM pg_advisory_xact_lock(7306078180709066096);  -- 'edgepart'
-        END IF;
-    END LOOP;
-    EXECUTE format('CREATE TABLE IF NOT EXISTS %I '
-                   '(LIKE records INCLUDING DEFAULTS INCLUDING CONSTRAINTS)', name);
-    EXECUTE format('ALTER TABLE records ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)',
-                   name, day::timestamp AT TIME ZONE 'UTC',
-                   (day + 1)::timestamp AT TIME ZONE 'UTC');
-    RETURN name;
-END
-$$;
-
 -- Move the rows: the keys first (in key order, so ids follow it), then a partition
 -- for every day the rows span and the days ahead, then the rows, in the order they
 -- were written per day (a commit's rows stay together on disk).

@@ -165,6 +165,34 @@ async def test_the_stream_keys_cache_is_bounded_and_still_answers_every_key(
         await c.close()
 
 
+async def test_a_session_that_made_partitions_before_010_makes_them_in_the_new_layout(
+    pg_dsn: str,
+) -> None:
+    """An ingest connected across the upgrade (its session has run
+    es_records_partition against 008's table) creates the next day's partition as a
+    partition of 010's table, with 010's columns."""
+    before, upgrader = await asyncpg.connect(pg_dsn), await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(before, upto=9)
+        today = datetime.now(UTC).date()
+        for ahead in range(2):  # twice: plpgsql keeps the session's plans from here on
+            await before.fetchval("SELECT es_records_partition($1)", today + timedelta(ahead))
+        await migrate(upgrader)
+        later = today + timedelta(days=50)
+        name = await before.fetchval("SELECT es_records_partition($1)", later)
+        assert name == f"records_p{later:%Y%m%d}"
+        assert await before.fetchval(
+            "SELECT inhparent::regclass::text FROM pg_inherits "
+            "WHERE inhrelid = $1::regclass", name) == "records"
+        assert await before.fetchval(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = $1::regclass AND attname = 'payload'", name) == "json"
+        assert await before.fetchval("SELECT es_records_partition($1)", later) is None
+    finally:
+        await before.close()
+        await upgrader.close()
+
+
 async def test_names_round_trip_through_the_stream_keys_dictionary(pg_dsn: str) -> None:
     """Each (edge, stream, epoch) gets one id, whichever writer meets it first; the views
     and the feed show the names; an id added by a transaction that rolled back is never
