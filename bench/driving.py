@@ -21,6 +21,7 @@ import httpx
 from bench.data import STREAM, Pool
 from bench.env import metric_total
 from broker.errors import BufferFull
+from broker.pg_connecting import connected
 from edge_bridge.sdk import EdgeClient, SendFailed
 
 __all__ = [
@@ -178,12 +179,9 @@ async def inserted_records(conn: asyncpg.Connection) -> int:
 async def wait_committed(dsn: str, records: int, *, timeout: float,
                          interval: float = 0.05) -> float:
     """Wait until ``committed_ranges`` counts ``records``; returns the wall time it was seen."""
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         async def all_committed() -> bool:
             return await committed_records(conn) >= records
 
         return await wait_for(all_committed, timeout=timeout, interval=interval,
                               what=f"{records} records committed")
-    finally:
-        await conn.close()

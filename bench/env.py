@@ -19,12 +19,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import asyncpg
 import httpx
 import nats
 from nats.aio.client import Client as NATS
 
 from bench.procs import CpuMeter, MeasuredService, PostgresCpu, ProcessCpu
+from broker.pg_connecting import connected
 from broker.runtime.children import settings_env
 from broker.runtime.embedded_nats import EmbeddedNats, find_nats_server
 from broker.runtime.embedded_postgres import EmbeddedPostgres, find_postgres_bindir
@@ -65,19 +65,13 @@ class BenchEnv:
         """A fresh database with the edgesync schema applied; dropped afterwards."""
         db = f"bench_{name}_{uuid.uuid4().hex[:6]}"
         dsn = await self.postgres.create_database(db)
-        conn = await asyncpg.connect(dsn)
-        try:
+        async with connected(dsn) as conn:
             await migrate(conn)
-        finally:
-            await conn.close()
         try:
             yield dsn
         finally:
-            admin = await asyncpg.connect(self.postgres.dsn_for("postgres"))
-            try:
+            async with connected(self.postgres.dsn_for("postgres")) as admin:
                 await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-            finally:
-                await admin.close()
 
     def profile_file(self, name: str) -> Path | None:
         return None if self.profile_dir is None else self.profile_dir / f"{name}.txt"

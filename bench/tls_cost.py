@@ -25,10 +25,10 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 from rich.console import Console
 from rich.table import Table
 
+from broker.pg_connecting import connected
 from broker.runtime.embedded_nats import EmbeddedNats
 from broker.runtime.embedded_postgres import EmbeddedPostgres
 from broker.runtime.secured_nats import SecuredNats
@@ -107,16 +107,12 @@ async def _one(work: Path, pg: EmbeddedPostgres, *, secured: bool, records: int,
             await _until(shipped, "all records JetStream-acknowledged")
             edge_rate = records / (time.perf_counter() - started)
         started = time.perf_counter()
-        async with _serving(Ingest(ingest_settings, ingest_nats)):
-            conn = await asyncpg.connect(dsn)
-            try:
-                async def committed() -> bool:
-                    count = await conn.fetchval("SELECT count(*) FROM records")
-                    return int(count) >= records
+        async with _serving(Ingest(ingest_settings, ingest_nats)), connected(dsn) as conn:
+            async def committed() -> bool:
+                count = await conn.fetchval("SELECT count(*) FROM records")
+                return int(count) >= records
 
-                await _until(committed, "all records committed")
-            finally:
-                await conn.close()
+            await _until(committed, "all records committed")
         ingest_rate = records / (time.perf_counter() - started)
     return edge_rate, ingest_rate
 

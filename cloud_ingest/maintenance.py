@@ -57,8 +57,6 @@ class Maintenance:
             try:
                 async with self._pool.acquire() as conn:
                     await maintain_once(conn, self._ahead, metrics=self._metrics)
-            except asyncio.CancelledError:
-                raise
             except DATABASE_ERRORS as exc:
                 self._metrics.maintenance_failures.inc()
                 log.warning("records_maintenance_failed", error=f"{type(exc).__name__}: {exc}")

@@ -108,8 +108,6 @@ class WatermarkFollower:
                     continue
                 if entry.value:
                     await self.apply(stream, state.epoch, int(entry.value))
-        except asyncio.CancelledError:
-            raise
         except BucketNotFoundError:
             log.debug("watermark_bucket_missing")  # no ingest has started yet
         except ClosedError:
@@ -181,8 +179,6 @@ class DropReporter:
         while True:
             try:
                 await self.report_once()
-            except asyncio.CancelledError:
-                raise
             except ClosedError:
                 return
             except Exception as exc:

@@ -226,8 +226,6 @@ class Bridge(Service):
             try:
                 await self.topology.require_streams(js, needed)
                 return
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
                 attempt += 1
                 delay = backoff_s(attempt, base_s=0.5, cap_s=5.0)
@@ -239,8 +237,6 @@ class Bridge(Service):
         while True:
             try:
                 await self.send_heartbeat()
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
                 log.warning("heartbeat_failed", error=f"{type(exc).__name__}: {exc}")
             # Woken early when bridge.configure changes the interval.

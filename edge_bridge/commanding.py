@@ -225,8 +225,6 @@ class ControlChannel(Opened):
                     await self._js.add_consumer(self._topology.control_stream, config)
                 return await self._js.pull_subscribe_bind(
                     self.durable, stream=self._topology.control_stream)
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
                 attempt += 1
                 delay = backoff_s(attempt, base_s=0.2)
@@ -247,8 +245,6 @@ class ControlChannel(Opened):
                                                   interrupt=self._renew_poll)
                 except (FetchTimeoutError, nats.errors.TimeoutError, TimeoutError):
                     continue
-                except asyncio.CancelledError:
-                    raise
                 except Exception as exc:  # disconnected: nats-py reconnects by itself
                     log.debug("control_fetch_failed", error=f"{type(exc).__name__}: {exc}")
                     await asyncio.sleep(0.5)
@@ -416,8 +412,6 @@ class ControlChannel(Opened):
                 try:
                     await js.publish(subject, data, timeout=self._publish_timeout, headers={
                         "Nats-Msg-Id": f"status:{self.edge_id}:{self.store.epoch}:{seq}"})
-                except asyncio.CancelledError:
-                    raise
                 except Exception as exc:
                     failures += 1
                     delay = backoff_s(failures)

@@ -240,8 +240,6 @@ class Reconciler:
                 self._wake.clear()
                 try:
                     await self.reconcile_once()
-                except asyncio.CancelledError:
-                    raise
                 except TemporaryError as exc:
                     log.warning("desired_pass_deferred", error=str(exc))
                 except Exception as exc:  # one bad pass must not end the bridge

@@ -305,8 +305,6 @@ class Shipper:
                         subject, body, timeout=self._publish_timeout, headers=headers
                     )
                     break
-                except asyncio.CancelledError:
-                    raise
                 except Exception as exc:
                     attempt += 1
                     delay = backoff_s(

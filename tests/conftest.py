@@ -5,6 +5,7 @@
   described by ``PG*`` variables when ``PGHOST`` is set, else an embedded
   throwaway cluster.
 - ``pg_dsn``: a fresh database per test on that cluster, dropped afterwards.
+- ``migrated_conn``: a connection to ``pg_dsn`` after the ingest's migrations ran.
 - ``reachable_dir``: a temporary directory an unprivileged PostgreSQL server user
   can traverse, for what keeps a persistent cluster (``edgesync up``'s state).
 """
@@ -18,10 +19,13 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
+from broker.pg_connecting import connected
 from broker.runtime.embedded_nats import EmbeddedNats
 from broker.runtime.embedded_postgres import EmbeddedPostgres
+from cloud_ingest.schema import migrate
 from tests.support import PgCluster, dsn_from_env
 
 
@@ -56,6 +60,14 @@ async def pg_dsn(pg_cluster: PgCluster) -> AsyncIterator[str]:
     """DSN of a fresh, empty database ``t_<12 hex>`` that is dropped after the test."""
     async with pg_cluster.fresh_database() as dsn:
         yield dsn
+
+
+@pytest.fixture
+async def migrated_conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to ``pg_dsn`` with the schema migrated, closed after the test."""
+    async with connected(pg_dsn) as conn:
+        await migrate(conn)
+        yield conn
 
 
 @pytest.fixture

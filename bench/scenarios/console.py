@@ -28,13 +28,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
-import asyncpg
 import httpx
 
 from bench.data import Pool
 from bench.env import BenchEnv, init_topology
 from bench.profiles import Profile
 from bench.results import ScenarioResult
+from broker.pg_connecting import connected
 from broker.protocol.commands import generate_key_pair
 from broker.settings import ApiSettings, NatsSettings
 
@@ -96,13 +96,10 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
     private_key, _ = generate_key_pair(keys, "console")
     async with env.database("console") as dsn, env.nats_server("console") as nats_server:
         step(f"inserting {n:,} edges and {2 * n:,} stream ranges")
-        conn = await asyncpg.connect(dsn)
-        try:
+        async with connected(dsn) as conn:
             await conn.execute(_FLEET_SQL, n)
             await conn.execute(_RANGES_SQL, n)
             await conn.execute("ANALYZE edges; ANALYZE committed_ranges")
-        finally:
-            await conn.close()
         await init_topology(nats_server.url)
         settings = ApiSettings(postgres_dsn=dsn, port=0, private_key_file=private_key,
                                operator_token=TOKEN)

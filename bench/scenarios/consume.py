@@ -45,6 +45,7 @@ from bench.env import BenchEnv
 from bench.profiles import Profile
 from bench.results import ScenarioResult
 from broker.feed import Subscription
+from broker.pg_connecting import connected
 from broker.protocol.topology import Topology
 from broker.protocol.wire import Batch, encode_batch
 from cloud_ingest.ingesting import init_connection
@@ -87,8 +88,7 @@ def _msgs(wire: list[Batch]) -> list[Msg]:
 
 async def _load(dsn: str, msgs: list[Msg], *, plain: bool = False) -> float:
     """Commit ``msgs`` through the ingest's writer; returns records/s."""
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         await init_connection(conn)
         gw = GroupWriter(Topology())
         if plain:  # the plain table has no partitions to look for
@@ -101,15 +101,12 @@ async def _load(dsn: str, msgs: list[Msg], *, plain: bool = False) -> float:
         for i in range(0, len(decoded), per):
             await gw.write(conn, decoded[i:i + per])
         return n / (time.perf_counter() - started)
-    finally:
-        await conn.close()
 
 
 async def _unpartition(dsn: str) -> None:
     """Swap ``records`` for one plain table: the same columns (so the writer is
     unchanged), the pre-008 primary key on the identity, BRIN on received_at."""
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         await conn.execute("""
             DROP VIEW v_feed; DROP VIEW v_records;
             ALTER TABLE records RENAME TO records_partitioned;
@@ -121,22 +118,16 @@ async def _unpartition(dsn: str) -> None:
                 CHECK ((payload IS NULL) <> (payload_raw IS NULL)));
             CREATE INDEX ON records USING brin (received_at);
         """)
-    finally:
-        await conn.close()
 
 
 async def _truncate(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         await conn.execute("TRUNCATE records, committed_ranges, feed_commits")
-    finally:
-        await conn.close()
 
 
 async def _bytes_per_row(dsn: str) -> float:
     """Bytes on disk per row (heap, TOAST, indexes)."""
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         await conn.execute("VACUUM ANALYZE records")
         total = await conn.fetchval(
             "SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0) FROM pg_inherits "
@@ -145,8 +136,6 @@ async def _bytes_per_row(dsn: str) -> float:
             total = await conn.fetchval("SELECT pg_total_relation_size('records')")
         rows: int = await conn.fetchval("SELECT count(*) FROM records")
         return float(total) / rows
-    finally:
-        await conn.close()
 
 
 async def _sdk(dsn: str, n: int, name: str) -> float:
@@ -162,8 +151,7 @@ async def _sdk(dsn: str, n: int, name: str) -> float:
 
 
 async def _copy(dsn: str, n: int) -> float:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         sink = bytearray()
 
         async def drop(chunk: bytes) -> None:
@@ -172,13 +160,10 @@ async def _copy(dsn: str, n: int) -> float:
         started = time.perf_counter()
         await conn.copy_from_query(_CEILING, output=drop, format="binary")
         return n / (time.perf_counter() - started)
-    finally:
-        await conn.close()
 
 
 async def _naive(dsn: str, m: int) -> float:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         last: tuple[Any, ...] = (datetime(1970, 1, 1, tzinfo=UTC), "", 0, 0)
         got = 0
         started = time.perf_counter()
@@ -192,8 +177,6 @@ async def _naive(dsn: str, m: int) -> float:
             last = (rows[-1]["received_at"], rows[-1]["edge_id"], rows[-1]["epoch"],
                     rows[-1]["seq"])
         return got / (time.perf_counter() - started)
-    finally:
-        await conn.close()
 
 
 async def _latency(dsn: str, pool: Pool, rate: float, seconds: float, warmup: float

@@ -51,6 +51,7 @@ from bench.fleet_driver import Fleet, fanin_batches
 from bench.procs import CpuMeter, MeasuredService, ProcessCpu, memory_mib
 from bench.profiles import Profile
 from bench.results import ScenarioResult
+from broker.pg_connecting import connected
 from broker.protocol.commands import generate_key_pair
 from broker.protocol.topology import Topology
 from broker.protocol.wire import Batch, encode_batch, msg_id
@@ -136,8 +137,7 @@ async def _drain(env: BenchEnv, name: str, wire: Sequence[Batch], processes: int
         finally:
             await nc.close()
         ingests = [env.ingest(f"{name}-{i}", nats_server.url, dsn) for i in range(processes)]
-        conn = await asyncpg.connect(dsn)
-        try:
+        async with connected(dsn) as conn:
             await asyncio.gather(*(i.start() for i in ingests))
             meter = env.cpu_meter(nats_server, **{
                 f"ingest {i + 1}" if processes > 1 else "ingest": p
@@ -154,8 +154,6 @@ async def _drain(env: BenchEnv, name: str, wire: Sequence[Batch], processes: int
             assert None not in starts, "ingest_started not found in an ingest's log"
             rows = await conn.fetchval("SELECT count(*) FROM records")
             assert rows == n, f"exactly-once violated: {rows} rows for {n} records"
-        finally:
-            await conn.close()
             await asyncio.gather(*(i.stop() for i in ingests))
     return n / (done - min(s for s in starts if s is not None))
 

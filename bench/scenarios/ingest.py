@@ -40,6 +40,7 @@ from bench.driving import committed_records, wait_for
 from bench.env import BenchEnv, connect_nats
 from bench.profiles import Profile
 from bench.results import ScenarioResult
+from broker.pg_connecting import connected
 from broker.protocol.topology import Topology
 from broker.protocol.wire import encode_batch, msg_id
 from cloud_ingest.ingesting import init_connection
@@ -205,8 +206,7 @@ async def _preload_batches(js: JetStreamContext, topology: Topology,
 async def _ingest(env: BenchEnv, nats_server: Any, dsn: str, n: int,
                   res: ScenarioResult) -> float:
     ingest = env.ingest("drain", nats_server.url, dsn)
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         await ingest.start()
         meter = env.cpu_meter(nats_server, ingest=ingest)
         meter.start()
@@ -223,8 +223,6 @@ async def _ingest(env: BenchEnv, nats_server: Any, dsn: str, n: int,
         assert rows == n, f"exactly-once violated: {rows} rows for {n} records"
         res.data["ingest_memory_mib"] = ingest.memory()
         res.data["ingest_seconds"] = done - started
-    finally:
-        await conn.close()
         await ingest.stop()
     return n / (done - started)
 
@@ -247,11 +245,8 @@ async def _replay(env: BenchEnv, nats_server: Any, js: JetStreamContext, dsn: st
         res.cpu_seconds["edgesync replay"] = {**meter.stop(), "wall": round(meter.wall_s, 2)}
         started = ingest.started_at("ingest_started")
         assert started is not None, "ingest_started not found in the ingest's log"
-        conn = await asyncpg.connect(dsn)
-        try:
+        async with connected(dsn) as conn:
             rows = await conn.fetchval("SELECT count(*) FROM records")
-        finally:
-            await conn.close()
         assert rows == n, f"exactly-once violated on replay: {rows} rows for {n} records"
         res.data["replay_seconds"] = done - started
     finally:
@@ -274,29 +269,25 @@ async def _preload_json(js: JetStreamContext, pool: Pool, m: int) -> None:
 
 async def _naive(env: BenchEnv, nats_server: Any, js: JetStreamContext, m: int,
                  res: ScenarioResult) -> float:
-    async with env.database("naive") as dsn:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await init_connection(conn)
-            sub = await js.pull_subscribe(JSON_SUBJECT, durable="naive", stream=JSON_STREAM)
-            meter = env.cpu_meter(nats_server)
-            meter.start()
-            started = time.perf_counter()
-            done = 0
-            while done < m:
-                for msg in await sub.fetch(min(100, m - done), timeout=10):
-                    rec = json_decoder.decode(msg.data)
-                    _, _, edge, stream = msg.subject.split(".")
-                    await conn.execute(INSERT_ONE, edge, stream, rec.epoch, rec.seq, rec.ts,
-                                       time.time_ns() // 1000, rec.key, bytes(rec.payload))
-                    await msg.ack()
-                    done += 1
-            seconds = time.perf_counter() - started
-            res.cpu_seconds["naive"] = {**meter.stop(), "wall": round(seconds, 2)}
-            await sub.unsubscribe()
-            assert await conn.fetchval("SELECT count(*) FROM records") == m
-        finally:
-            await conn.close()
+    async with env.database("naive") as dsn, connected(dsn) as conn:
+        await init_connection(conn)
+        sub = await js.pull_subscribe(JSON_SUBJECT, durable="naive", stream=JSON_STREAM)
+        meter = env.cpu_meter(nats_server)
+        meter.start()
+        started = time.perf_counter()
+        done = 0
+        while done < m:
+            for msg in await sub.fetch(min(100, m - done), timeout=10):
+                rec = json_decoder.decode(msg.data)
+                _, _, edge, stream = msg.subject.split(".")
+                await conn.execute(INSERT_ONE, edge, stream, rec.epoch, rec.seq, rec.ts,
+                                   time.time_ns() // 1000, rec.key, bytes(rec.payload))
+                await msg.ack()
+                done += 1
+        seconds = time.perf_counter() - started
+        res.cpu_seconds["naive"] = {**meter.stop(), "wall": round(seconds, 2)}
+        await sub.unsubscribe()
+        assert await conn.fetchval("SELECT count(*) FROM records") == m
     return m / seconds
 
 
@@ -323,10 +314,7 @@ async def _framework(env: BenchEnv, nats_server: Any, m: int,
                                             subject=JSON_SUBJECT, records=m,
                                             batch=FRAMEWORK_BATCH)
         res.cpu_seconds["framework"] = {**meter.stop(), "wall": round(seconds, 2)}
-        conn = await asyncpg.connect(dsn)
-        try:
+        async with connected(dsn) as conn:
             assert await conn.fetchval("SELECT count(*) FROM records") == m
-        finally:
-            await conn.close()
     return m / seconds
 

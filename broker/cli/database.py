@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from broker.errors import EdgesyncError
+from broker.pg_connecting import connected
 from broker.settings import Settings
 
 __all__ = [
@@ -81,15 +82,12 @@ def run_on_database(dsn: str | None, state_dir: Path, job: Callable[[Any], Await
     import asyncpg
 
     async def main() -> T:
-        conn = await asyncpg.connect(resolve_dsn(dsn, state_dir))
-        try:
+        async with connected(resolve_dsn(dsn, state_dir)) as conn:
             if migrate:
                 from cloud_ingest.schema import migrate as apply_migrations
 
                 await apply_migrations(conn)
             return await job(conn)
-        finally:
-            await conn.close()
 
     with exit_when_unavailable(console, doing):
         try:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import asyncpg
 from rich.console import Console
 from rich.table import Table
+
+from broker.pg_connecting import connected
 
 __all__ = ["show_status"]
 
@@ -61,14 +62,11 @@ async def show_status(dsn: str, console: Console, *, gaps: bool = False, limit: 
         OSError, asyncpg.PostgresError: the database cannot be read.
     """
     rows = limit or _ALL
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         fleet = await conn.fetchrow(_SUMMARY, offline_after_s)
         edges = await conn.fetch(_EDGES, offline_after_s, rows)
         streams = await conn.fetchrow(_STREAMS_SUMMARY)
         progress = await conn.fetch(_PROGRESS, rows)
-    finally:
-        await conn.close()
     assert fleet is not None and streams is not None  # aggregates always return a row
     console.print(
         f"{fleet['edges']:,} edges: {fleet['edges'] - fleet['offline']:,} online, "

@@ -7,14 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.protocol.command_specs import (
-    BridgeConfigure,
-    ConfigMapPatch,
-    DeploymentRestart,
-    DeploymentScale,
-    DeploymentSetEnv,
-    DeploymentSetImage,
-)
+from broker.protocol import command_specs as specs
 from broker.protocol.command_status import CommandStatus
 
 __all__ = [
@@ -49,32 +42,32 @@ class _CommandRequest(BaseModel):
 
 class ScaleRequest(_CommandRequest):
     kind: Literal["deployment.scale"]
-    spec: DeploymentScale
+    spec: specs.DeploymentScale
 
 
 class SetEnvRequest(_CommandRequest):
     kind: Literal["deployment.set_env"]
-    spec: DeploymentSetEnv
+    spec: specs.DeploymentSetEnv
 
 
 class SetImageRequest(_CommandRequest):
     kind: Literal["deployment.set_image"]
-    spec: DeploymentSetImage
+    spec: specs.DeploymentSetImage
 
 
 class RestartRequest(_CommandRequest):
     kind: Literal["deployment.restart"]
-    spec: DeploymentRestart
+    spec: specs.DeploymentRestart
 
 
 class ConfigMapPatchRequest(_CommandRequest):
     kind: Literal["configmap.patch"]
-    spec: ConfigMapPatch
+    spec: specs.ConfigMapPatch
 
 
 class BridgeConfigureRequest(_CommandRequest):
     kind: Literal["bridge.configure"]
-    spec: BridgeConfigure
+    spec: specs.BridgeConfigure
 
 
 CommandRequest = Annotated[

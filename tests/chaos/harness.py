@@ -38,6 +38,7 @@ from typing import Any
 
 import asyncpg
 
+from broker.pg_connecting import connected
 from broker.runtime.children import ServiceProcess, settings_env
 from broker.runtime.embedded_nats import EmbeddedNats
 from broker.runtime.embedded_postgres import EmbeddedPostgres
@@ -246,11 +247,8 @@ class ChaosSystem:
     # -- reconciliation -------------------------------------------------------------------
 
     async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(self.dsn, timeout=5)
-        try:
+        async with connected(self.dsn, timeout=5) as conn:
             return list(await conn.fetch(query, *args))
-        finally:
-            await conn.close()
 
     async def committed_identities(self) -> dict[Identity, list[str]]:
         rows = await self._fetch(

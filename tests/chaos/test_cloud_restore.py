@@ -12,33 +12,25 @@ from __future__ import annotations
 
 import time
 
-import asyncpg
-
+from broker.pg_connecting import connected
 from tests.chaos.harness import ChaosSystem, Identity, Load, Outcome, duplicated_rows
 from tests.helpers import until
 
 
 async def backup(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         await conn.execute("DROP TABLE IF EXISTS backup_records, backup_ranges")
         async with conn.transaction(isolation="repeatable_read"):
             await conn.execute("CREATE TABLE backup_records AS SELECT * FROM records")
             await conn.execute("CREATE TABLE backup_ranges AS SELECT * FROM committed_ranges")
-    finally:
-        await conn.close()
 
 
 async def restore(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        async with conn.transaction():
-            await conn.execute("LOCK TABLE committed_ranges, records IN ACCESS EXCLUSIVE MODE")
-            await conn.execute("TRUNCATE records, committed_ranges")
-            await conn.execute("INSERT INTO records SELECT * FROM backup_records")
-            await conn.execute("INSERT INTO committed_ranges SELECT * FROM backup_ranges")
-    finally:
-        await conn.close()
+    async with connected(dsn) as conn, conn.transaction():
+        await conn.execute("LOCK TABLE committed_ranges, records IN ACCESS EXCLUSIVE MODE")
+        await conn.execute("TRUNCATE records, committed_ranges")
+        await conn.execute("INSERT INTO records SELECT * FROM backup_records")
+        await conn.execute("INSERT INTO committed_ranges SELECT * FROM backup_ranges")
 
 
 LostRanges = dict[tuple[str, str, int], list[tuple[int, int]]]

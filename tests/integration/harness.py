@@ -9,8 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-import asyncpg
-
+from broker.pg_connecting import connected
 from broker.settings import BridgeSettings, IngestSettings, NatsSettings, ShipperSettings
 from cloud_ingest.service import Ingest
 from edge_bridge.bridge import Bridge
@@ -81,11 +80,8 @@ async def running_ingest(dsn: str, nats_url: str, **overrides: object) -> AsyncI
 
 
 async def count_records(dsn: str, where: str = "true") -> int:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         return int(await conn.fetchval(f"SELECT count(*) FROM v_records WHERE {where}"))
-    finally:
-        await conn.close()
 
 
 async def wait_for_records(

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from broker.errors import ConfigError
+from broker.pg_connecting import connected
 from broker.runtime.embedded_nats import EmbeddedNats
 from broker.settings import ApiSettings, NatsSettings
 from cloud_ingest.api import Api
@@ -41,11 +42,8 @@ async def plane(tmp_path: Path, nats_server: EmbeddedNats, pg_dsn: str
 
 async def operator(plane: ControlPlane, name: str, *scopes: str) -> httpx.AsyncClient:
     """A client holding a new operator's token (made the way the CLI makes them)."""
-    conn = await asyncpg.connect(plane.pg_dsn)
-    try:
+    async with connected(plane.pg_dsn) as conn:
         token = await add_operator(conn, name, scopes, created_by="test")
-    finally:
-        await conn.close()
     return httpx.AsyncClient(base_url=plane.api.url, timeout=10,
                              headers={"Authorization": f"Bearer {token}"})
 
@@ -129,14 +127,11 @@ async def test_the_audit_log_records_who_what_when_and_from_where_and_is_append_
     assert datetime.fromisoformat(issued["at"]).timestamp() >= before - 1
     assert denied["operator"] == "rita" and denied["status"] == 403
     assert added["action"] == "operator.add" and added["target"] == "rita"
-    conn = await asyncpg.connect(plane.pg_dsn)
-    try:
+    async with connected(plane.pg_dsn) as conn:
         for statement in ("UPDATE audit_log SET operator = 'nobody'", "DELETE FROM audit_log",
                           "TRUNCATE audit_log"):
             with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
                 await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 async def test_a_revoked_operator_is_refused_from_the_next_request(plane: ControlPlane) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import asyncpg
 import msgspec
 import nats
 import pytest
 import zstandard
 
 from broker.errors import DecodeError
+from broker.pg_connecting import connected
 from broker.protocol.wire import (
     CT_JSON,
     ENCODING_HEADER,
@@ -90,8 +90,7 @@ async def test_zstd_bombs_keep_the_ingest_under_its_memory_bound(
             await js.publish("es.rec.other.s", good)
         finally:
             await nc.close()
-        conn = await asyncpg.connect(pg_dsn)
-        try:
+        async with connected(pg_dsn) as conn:
             async def settled() -> bool:
                 letters = int(await conn.fetchval("SELECT count(*) FROM dead_letters"))
                 rows = int(await conn.fetchval("SELECT count(*) FROM records"))
@@ -103,8 +102,6 @@ async def test_zstd_bombs_keep_the_ingest_under_its_memory_bound(
                 "SELECT kind, seq, last_seq, reason FROM dead_letters ORDER BY id")
             accounted = await conn.fetchval(
                 "SELECT dead_lettered_records FROM v_completeness WHERE edge_id = 'bomber'")
-        finally:
-            await conn.close()
         peak = peak_rss(ingest.proc.pid)
         assert ingest.running, "the ingest died"
     finally:

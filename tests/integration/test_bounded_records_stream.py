@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import asyncpg
 import nats
 
+from broker.pg_connecting import connected
 from broker.protocol.topology import Topology
 from broker.runtime.embedded_nats import EmbeddedNats
 from broker.settings import IngestSettings, NatsSettings, ShipperSettings
@@ -58,12 +58,9 @@ async def test_a_records_stream_smaller_than_the_backlog_still_commits_every_rec
             await until(lambda: buffered_is(bridge, 0), timeout=30,
                         message="committed records stayed in the edge buffer")
         assert await metric(bridge, "edgesync_retransmissions_total") >= 1
-    conn = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as conn:
         rows = await conn.fetchval("SELECT count(*) FROM records")
         ids = await conn.fetchval("SELECT count(DISTINCT payload->>'id') FROM records")
-    finally:
-        await conn.close()
     assert rows == ids == 3_000
 
 

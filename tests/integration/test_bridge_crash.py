@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import asyncpg
-
+from broker.pg_connecting import connected
 from broker.runtime.embedded_nats import EmbeddedNats
 from edge_bridge.sdk import EdgeClient, RecordAck
 from tests.helpers import until
@@ -49,8 +48,7 @@ async def test_acknowledged_records_survive_a_bridge_sigkill_exactly_once(
             await bridge.stop()
         restarted = await asyncio.to_thread((tmp_path / "bridge.log").read_text)
         assert restarted.count("bridge_started") == 2
-        conn = await asyncpg.connect(pg_dsn)
-        try:
+        async with connected(pg_dsn) as conn:
             async def all_committed() -> bool:
                 n = await conn.fetchval(
                     "SELECT count(DISTINCT (payload->>'id')::int) FROM records"
@@ -65,6 +63,4 @@ async def test_acknowledged_records_survive_a_bridge_sigkill_exactly_once(
                 "SELECT payload->>'id' AS id, count(*) FROM records GROUP BY 1 HAVING count(*) > 1"
             )
             assert dupes == []
-        finally:
-            await conn.close()
             await bridge.stop()

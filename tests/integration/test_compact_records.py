@@ -14,6 +14,7 @@ import pytest
 
 from broker.feed import Filters, read_page
 from broker.feed.positions import EARLIEST
+from broker.pg_connecting import connected
 from broker.protocol.topology import Topology
 from broker.protocol.wire import CT_JSON, CT_RAW, Batch, Record
 from cloud_ingest import writing
@@ -76,8 +77,7 @@ async def test_migration_010_moves_existing_rows_and_every_view_reads_the_same(
     """Rows written in 008's layout over two days (JSON and opaque payloads, headers,
     keys, two edges, two epochs) come through 010 with every view's rows unchanged,
     and the feed reads them all."""
-    c = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as c:
         await migrate(c, upto=9)
         days = [datetime(2026, 3, 1, 12, tzinfo=UTC), datetime(2026, 3, 2, 8, tzinfo=UTC)]
         rows = 0
@@ -138,8 +138,6 @@ async def test_migration_010_moves_existing_rows_and_every_view_reads_the_same(
         assert await c.fetchval(
             "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
             "WHERE attrelid = $1::regclass AND attname = 'payload'", new) == "json"
-    finally:
-        await c.close()
 
 
 async def test_the_stream_keys_cache_is_bounded_and_still_answers_every_key(
@@ -149,8 +147,7 @@ async def test_the_stream_keys_cache_is_bounded_and_still_answers_every_key(
     the limit the cache keeps the keys of the call at hand, and every call still gets
     the id of each key it asked for (the ones in the table)."""
     monkeypatch.setattr(writing, "MAX_CACHED_STREAM_KEYS", 50)
-    c = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as c:
         await migrate(c)
         writer = GroupWriter(Topology())
         for start in range(0, 200, 30):
@@ -161,8 +158,6 @@ async def test_the_stream_keys_cache_is_bounded_and_still_answers_every_key(
             assert {k: ids[k] for k in keys} == {k: table[k] for k in keys}
             assert len(writer._keys) <= 50
         assert await c.fetchval("SELECT count(*) FROM stream_keys") == 210
-    finally:
-        await c.close()
 
 
 async def test_a_session_that_made_partitions_before_010_makes_them_in_the_new_layout(
@@ -197,8 +192,7 @@ async def test_names_round_trip_through_the_stream_keys_dictionary(pg_dsn: str) 
     """Each (edge, stream, epoch) gets one id, whichever writer meets it first; the views
     and the feed show the names; an id added by a transaction that rolled back is never
     used for rows."""
-    c = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as c:
         await migrate(c)
         await init_connection(c)
         keys = [("edge-1", "temperature", EPOCH), ("edge-1", "s", 1), ("e_2", "s", 1)]
@@ -225,8 +219,6 @@ async def test_names_round_trip_through_the_stream_keys_dictionary(pg_dsn: str) 
             "SELECT count(*) FROM records r WHERE NOT EXISTS "
             "(SELECT 1 FROM stream_keys k WHERE k.id = r.stream_key)")
         assert orphans == 0
-    finally:
-        await c.close()
 
 
 async def test_a_new_key_looked_up_in_a_rolled_back_transaction_is_not_cached(
@@ -234,8 +226,7 @@ async def test_a_new_key_looked_up_in_a_rolled_back_transaction_is_not_cached(
 ) -> None:
     """The id of a key added inside a transaction that rolls back disappears with it: the
     writer must not keep it, or its next rows would point at nothing."""
-    c = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as c:
         await migrate(c)
         await init_connection(c)
         writer = GroupWriter(Topology())
@@ -250,8 +241,6 @@ async def test_a_new_key_looked_up_in_a_rolled_back_transaction_is_not_cached(
         kept = await c.fetchval("SELECT id FROM stream_keys WHERE (edge_id, stream, epoch) "
                                 "= ($1, $2, $3)", *key)
         assert kept != gone
-    finally:
-        await c.close()
 
 
 async def test_a_json_payload_is_stored_as_the_bytes_the_producer_sent(pg_dsn: str) -> None:
@@ -264,8 +253,7 @@ async def test_a_json_payload_is_stored_as_the_bytes_the_producer_sent(pg_dsn: s
         b'[]',
         b'"just a string"',
     ]
-    c = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as c:
         await migrate(c)
         await init_connection(c)
         writer = GroupWriter(Topology())
@@ -290,5 +278,3 @@ async def test_a_json_payload_is_stored_as_the_bytes_the_producer_sent(pg_dsn: s
             *(msgspec.json.decode(p) for p in sent), b"\x00\x01\xff"]
         assert page.records[0].headers == {"h": "v"} and page.records[1].headers is None
         assert page.records[4].key == "k"
-    finally:
-        await c.close()

@@ -16,13 +16,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import nats
 import pytest
 import pytest_asyncio
 
 from broker.connecting import connect_options
+from broker.pg_connecting import connected
 from broker.protocol.permissions import inbox_prefix
 from broker.protocol.topology import Topology
 from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch
@@ -226,11 +226,8 @@ async def test_a_read_only_operator_sees_no_command_form_and_cannot_post(
 ) -> None:
     """An operator with the read scope sees the edge but no form, and a POST with a
     valid CSRF token is still refused (403) with the reason on the form."""
-    conn = await asyncpg.connect(up.runtime["postgres_dsn"])
-    try:
+    async with connected(up.runtime["postgres_dsn"]) as conn:
         token = await add_operator(conn, "viewer", ["read"], created_by="test")
-    finally:
-        await conn.close()
     page = await _logged_in(browser, up, token)
     await page.get_by_role("link", name="edge-1", exact=True).click()
     await expect(page.get_by_text("Your token has the read scope only")).to_be_visible()

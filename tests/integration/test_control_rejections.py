@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import msgspec
 import nats
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from broker.pg_connecting import connected
 from broker.protocol.commands import CommandSigner, SignedCommand, load_private_key, new_envelope
 from broker.runtime.embedded_nats import EmbeddedNats
 from tests.helpers import until
@@ -34,13 +34,10 @@ WEB = {"namespace": "prod", "name": "web"}
 
 async def reports(dsn: str, command_id: str) -> list[dict[str, Any]]:
     """The status reports the cloud received about an id (whether or not it has a row)."""
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         rows = await conn.fetch("SELECT edge_id, status, code, reason, effective"
                                 " FROM command_events WHERE command_id = $1 ORDER BY id",
                                 command_id)
-    finally:
-        await conn.close()
     return [dict(r) for r in rows]
 
 
@@ -72,12 +69,9 @@ async def test_forged_misaddressed_expired_replayed_and_disallowed_commands_are_
             "coredns": kube.versions(DEPLOYMENTS, "kube-system", "coredns"),
             "settings": kube.versions(CONFIGMAPS, "prod", "settings"),
         }
-        conn = await asyncpg.connect(pg_dsn)
-        try:
+        async with connected(pg_dsn) as conn:
             signed_original = await conn.fetchval(
                 "SELECT signed FROM commands WHERE id = $1::uuid", original)
-        finally:
-            await conn.close()
         good_key = load_private_key(plane.private_key)
         nc = await nats.connect(nats_server.url)
         js = nc.jetstream()

@@ -11,6 +11,7 @@ import msgspec
 import nats
 import pytest
 
+from broker.pg_connecting import connected
 from broker.protocol.wire import CT_JSON, CT_RAW, Batch, Record, encode_batch
 from broker.runtime.embedded_nats import EmbeddedNats
 from cloud_ingest.dead_letters import NotReplayable, replay_dead_letter
@@ -65,11 +66,8 @@ def encode_mixed(edge: str, stream: str, first: int, records: list[Any]) -> byte
 
 @pytest.fixture
 async def pg(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as conn:
         yield conn
-    finally:
-        await conn.close()
 
 
 async def completeness(conn: asyncpg.Connection, edge: str, stream: str) -> asyncpg.Record:

@@ -12,10 +12,10 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 
+from broker.pg_connecting import connected
 from broker.runtime.embedded_nats import EmbeddedNats
 from tests.helpers import until
 from tests.integration.harness import (
@@ -99,9 +99,6 @@ async def test_a_full_disk_answers_503_and_the_bridge_recovers_when_space_return
         await until(accepted, timeout=15, message="the bridge did not recover by itself")
         async with running_ingest(pg_dsn, nats_server.url):
             await wait_for_records(pg_dsn, len(acked), timeout=60)
-    conn = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as conn:
         committed = [r[0] for r in await conn.fetch("SELECT (payload->>'i')::int FROM records")]
-    finally:
-        await conn.close()
     assert sorted(committed) == acked  # each acknowledged record once, nothing else

@@ -17,6 +17,7 @@ import nats
 import pytest
 
 from broker.errors import RuntimeUnavailable
+from broker.pg_connecting import connected
 from broker.runtime.embedded_nats import EmbeddedNats, find_nats_server
 from broker.runtime.embedded_postgres import EmbeddedPostgres, find_postgres_bindir
 from broker.runtime.processes import child_pids
@@ -176,13 +177,10 @@ async def test_postgres_starts_from_initdb_cold_and_from_the_template_warm(
         async with EmbeddedPostgres(tmp_path / f"pg-{kind}") as pg:
             timings[kind] = time.perf_counter() - started
             sources[kind] = pg.source
-            conn = await asyncpg.connect(pg.dsn)
-            try:
+            async with connected(pg.dsn) as conn:
                 assert await conn.fetchval("SELECT 1") == 1
                 assert await conn.fetchval("SELECT current_user") == "edgesync"
                 assert await conn.fetchval("SELECT current_database()") == "edgesync"
-            finally:
-                await conn.close()
         if kind == "cold":
             assert (template_dir / "PG_VERSION").is_file()
     with capsys.disabled():
@@ -199,21 +197,15 @@ async def test_postgres_create_database_returns_working_dsn(
     """create_database makes a database owned by the cluster user and returns its DSN."""
     dsn = await pg_cluster_embedded.create_database("made_by_test")
     try:
-        conn = await asyncpg.connect(dsn)
-        try:
+        async with connected(dsn) as conn:
             assert await conn.fetchval("SELECT current_database()") == "made_by_test"
             owner = await conn.fetchval(
                 "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()"
             )
             assert owner == pg_cluster_embedded.user
-        finally:
-            await conn.close()
     finally:
-        admin = await asyncpg.connect(pg_cluster_embedded.dsn)
-        try:
+        async with connected(pg_cluster_embedded.dsn) as admin:
             await admin.execute("DROP DATABASE made_by_test WITH (FORCE)")
-        finally:
-            await admin.close()
 
 
 async def test_postgres_restart_keeps_port_and_data(tmp_path: Path) -> None:
@@ -229,11 +221,8 @@ async def test_postgres_restart_keeps_port_and_data(tmp_path: Path) -> None:
 
         assert pg.port == port
         assert pg.pid != old_pid
-        conn = await asyncpg.connect(pg.dsn)
-        try:
+        async with connected(pg.dsn) as conn:
             assert await conn.fetchval("SELECT count(*) FROM kept") == 100
-        finally:
-            await conn.close()
 
 
 async def test_postgres_kill_ends_every_process_and_restart_recovers(tmp_path: Path) -> None:
@@ -254,11 +243,8 @@ async def test_postgres_kill_ends_every_process_and_restart_recovers(tmp_path: P
         assert pg.pid is None
         assert [pid for pid in [postmaster, *children] if alive(pid)] == []
         await pg.restart()
-        conn2 = await asyncpg.connect(pg.dsn)
-        try:
+        async with connected(pg.dsn) as conn2:
             assert await conn2.fetchval("SELECT count(*) FROM acked") == 50
-        finally:
-            await conn2.close()
         conn.terminate()  # its server is gone
 
 
@@ -295,12 +281,8 @@ async def test_postgres_persistent_cluster_is_reused_not_deleted(reachable_dir: 
     assert (data_dir / "PG_VERSION").is_file()
 
     # ephemeral=True on a cluster it did not create must not delete it either.
-    async with EmbeddedPostgres(data_dir) as again:
-        conn = await asyncpg.connect(again.dsn)
-        try:
-            assert await conn.fetchval("SELECT v FROM durable") == "hello"
-        finally:
-            await conn.close()
+    async with EmbeddedPostgres(data_dir) as again, connected(again.dsn) as conn:
+        assert await conn.fetchval("SELECT v FROM durable") == "hello"
     assert (data_dir / "PG_VERSION").is_file()
 
 
@@ -363,14 +345,11 @@ def test_postgres_finder_prefers_newest_distro_version(tmp_path: Path) -> None:
 
 async def test_pg_dsn_is_a_fresh_database_per_test(pg_dsn: str) -> None:
     """The pg_dsn fixture hands out an empty database named t_<hex>."""
-    conn = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as conn:
         name = await conn.fetchval("SELECT current_database()")
         tables = await conn.fetchval(
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"
         )
-    finally:
-        await conn.close()
     assert name.startswith("t_")
     assert len(name) == 14
     assert tables == 0

@@ -13,6 +13,7 @@ import asyncpg
 import httpx
 import nats
 
+from broker.pg_connecting import connected
 from broker.protocol.topology import Topology
 from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch, msg_id
 from broker.runtime.embedded_nats import EmbeddedNats
@@ -103,11 +104,8 @@ async def test_records_lost_after_the_jetstream_ack_are_shipped_again(
             await wait_for_records(pg_dsn, 3_000, timeout=60)
             await until(lambda: buffered_is(bridge, 0), timeout=15)
         assert await metric(bridge, "edgesync_retransmissions_total") >= 1
-    conn = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as conn:
         ids = await conn.fetchval("SELECT count(DISTINCT payload->>'id') FROM records")
-    finally:
-        await conn.close()
     assert ids == 3_000
 
 
@@ -193,20 +191,14 @@ async def test_two_ingest_processes_on_one_consumer_reach_the_full_watermark(
             await until(published_watermark, timeout=10)
     finally:
         await nc.close()
-    conn = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as conn:
         row = await conn.fetchrow("SELECT * FROM v_stream_progress")
-    finally:
-        await conn.close()
     assert row["committed_watermark"] == row["committed_records"] == n_batches * size
 
 
 async def completeness(dsn: str) -> asyncpg.Record:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         return await conn.fetchrow("SELECT * FROM v_completeness")
-    finally:
-        await conn.close()
 
 
 async def test_drop_oldest_markers_explain_every_missing_record(
@@ -288,15 +280,12 @@ async def test_a_high_priority_stream_overtakes_a_low_priority_backlog(
         async with running_ingest(pg_dsn, nats_server.url, workers=1, fetch_batch=1,
                                   group_max_messages=1):
             await wait_for_records(pg_dsn, 40_500, timeout=90)
-    conn = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as conn:
         alarms_done = await conn.fetchval(
             "SELECT max(received_at) FROM v_records WHERE stream = 'alarms'")
         bulk_before = await conn.fetchval(
             "SELECT count(*) FROM v_records WHERE stream = 'bulk' AND received_at <= $1",
             alarms_done)
-    finally:
-        await conn.close()
     # At most the batches that were in flight when the link came back go first.
     assert bulk_before <= 2 * 1000, f"{bulk_before} bulk records committed before the alarms"
 
@@ -326,14 +315,11 @@ async def test_zstd_batches_are_ingested_identically(
         await wait_for_records(pg_dsn, 2 * n)
         bytes_plain = await metric(a, "edgesync_bytes_shipped_total")
         bytes_zstd = await metric(b, "edgesync_bytes_shipped_total")
-    conn = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as conn:
         diff = await conn.fetchval(
             "SELECT count(*) FROM (SELECT seq, event_time, key, payload FROM v_records "
             "WHERE edge_id = 'plain' EXCEPT SELECT seq, event_time, key, payload FROM v_records "
             "WHERE edge_id = 'packed') d")
-    finally:
-        await conn.close()
     assert diff == 0
     assert bytes_zstd < bytes_plain
     print(f"\nbytes on the wire per record: plain {bytes_plain / n:.1f}, "

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncpg
 import nats
 
+from broker.pg_connecting import connected
 from broker.protocol.events import CommandStatusReport, Event, Heartbeat, encode_event
 from broker.runtime.embedded_nats import EmbeddedNats
 from tests.helpers import until
@@ -40,16 +41,13 @@ async def ingested_as_one_group(
             await js.publish(subject, encode_event(event))
     finally:
         await nc.close()
-    conn = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as conn:
         async def holds() -> bool:
             return await settled(conn)
 
         async with running_ingest(pg_dsn, nats_url):
             await until(holds, timeout=15)
         yield conn
-    finally:
-        await conn.close()
 
 
 async def test_a_heartbeat_postgres_refuses_is_dead_lettered_alone(

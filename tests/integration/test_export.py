@@ -14,10 +14,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from nats.aio.msg import Msg
 
+from broker.pg_connecting import connected
 from broker.protocol.topology import Topology
 from broker.protocol.wire import CT_JSON, CT_RAW, Batch, Record
 from cloud_ingest.ingesting import init_connection
@@ -34,8 +34,7 @@ def _msg(edge: str, stream: str, records: list[Record]) -> Msg:
 
 @pytest.fixture
 async def dsn(pg_dsn: str) -> AsyncIterator[str]:
-    conn = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as conn:
         await migrate(conn)
         await init_connection(conn)
         temps = [Record(T0 + i, CT_JSON, json.dumps({"t": i / 2, "s": "a,\"b\"\n"}).encode(),
@@ -46,21 +45,16 @@ async def dsn(pg_dsn: str) -> AsyncIterator[str]:
         await gw.write(conn, [gw.decode(m) for m in (
             _msg("e1", "temps", temps), _msg("e2", "temps", temps[:7]),
             _msg("e1", "other", temps[:5]))])
-    finally:
-        await conn.close()
     yield pg_dsn
 
 
 async def _expected(dsn: str, edges: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         rows = await conn.fetch(
             "SELECT edge_id AS edge, stream, epoch, seq, event_time, received_at, key, "
             "headers, payload, payload_is_binary FROM v_records WHERE stream = 'temps' "
             "AND (cardinality($1::text[]) = 0 OR edge_id = ANY($1)) "
             "ORDER BY edge_id, seq", list(edges))
-    finally:
-        await conn.close()
     return [{**dict(r), "headers": json.loads(r["headers"]) if r["headers"] else None,
              "payload": json.loads(r["payload"])} for r in rows]
 

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from broker.feed import Filters, Subscription, read_page
 from broker.feed.positions import EARLIEST
+from broker.pg_connecting import connected
 from broker.protocol.topology import Topology
 from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch
 from broker.runtime.embedded_nats import EmbeddedNats
@@ -44,11 +45,8 @@ def _batch(edge: str, stream: str, first: int, n: int) -> Batch:
 
 @pytest.fixture
 async def migrated(pg_dsn: str) -> AsyncIterator[str]:
-    conn = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as conn:
         await migrate(conn)
-    finally:
-        await conn.close()
     yield pg_dsn
 
 
@@ -84,14 +82,11 @@ async def test_the_ingest_feeds_every_row_once_even_with_overlapping_redeliverie
         finally:
             await nc.close()
         await wait_for_records(pg_dsn, 130)
-        conn = await asyncpg.connect(pg_dsn)
-        try:
+        async with connected(pg_dsn) as conn:
             got, _ = await _read_all(conn)
             only_t, _ = await _read_all(conn, filters=Filters.of(streams=["t"]))
             view = [(r[0], (r[1], r[2], r[3], r[4])) for r in await conn.fetch(
                 "SELECT position, edge_id, stream, epoch, seq FROM v_feed ORDER BY position")]
-        finally:
-            await conn.close()
     positions = [p for p, _ in got]
     assert positions == sorted(positions) and len(set(positions)) == len(positions)
     ids = [i for _, i in got]

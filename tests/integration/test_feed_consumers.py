@@ -12,6 +12,7 @@ import time
 import asyncpg
 
 from broker.feed import SyncSubscription
+from broker.pg_connecting import connected
 from broker.protocol.topology import Topology
 from cloud_ingest.feeding import record_commit
 from cloud_ingest.ingesting import init_connection
@@ -71,8 +72,7 @@ async def test_a_sigkilled_consumer_resumes_from_its_checkpoint_exactly_once(
     """A consumer process writing into the same database through ``exactly_once`` is
     SIGKILLed mid-batch; the next process of the same name takes over once the lease
     lapses and finishes: every record is in the consumer's table exactly once."""
-    conn = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as conn:
         await migrate(conn)
         await conn.execute("CREATE TABLE consumed (edge text, seq bigint, cursor text)")
         total = await _write_groups(pg_dsn, 20, 10)
@@ -90,8 +90,6 @@ async def test_a_sigkilled_consumer_resumes_from_its_checkpoint_exactly_once(
         seqs = [r[0] for r in await conn.fetch("SELECT seq FROM consumed ORDER BY seq")]
         holder = await conn.fetchval(
             "SELECT holder FROM feed_subscriptions WHERE name = 'totals'")
-    finally:
-        await conn.close()
     assert seqs == list(range(1, total + 1))
     assert holder is None  # the clean exit released the lease
 
@@ -103,11 +101,8 @@ async def _count(conn: asyncpg.Connection, n: int) -> bool:
 async def test_the_blocking_subscription_reads_and_commits(pg_dsn: str) -> None:
     """SyncSubscription, from synchronous code (here in a worker thread): batches,
     commit, and a reopened subscription continuing after the checkpoint."""
-    conn = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as conn:
         await migrate(conn)
-    finally:
-        await conn.close()
     await _write_groups(pg_dsn, 3, 5)
 
     def consume(commit_after: int) -> list[int]:

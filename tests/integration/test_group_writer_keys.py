@@ -5,15 +5,13 @@ redeliveries and overlapping retransmits among a thousand keys are stored once."
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import asyncpg
 import pytest
 from nats.aio.msg import Msg
 
+from broker.pg_connecting import connected
 from broker.protocol.topology import Topology
 from cloud_ingest.ingesting import init_connection
-from cloud_ingest.schema import migrate
 from cloud_ingest.writing import GroupWriter, _accounted_seqs
 from tests.support.batches import json_batch_msg
 
@@ -21,14 +19,10 @@ EPOCH = 7
 
 
 @pytest.fixture
-async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(pg_dsn)
-    try:
-        await migrate(c)
-        await init_connection(c)
-        yield c
-    finally:
-        await c.close()
+async def conn(migrated_conn: asyncpg.Connection) -> asyncpg.Connection:
+    """The migrated database, with the ingest's type codecs on the connection."""
+    await init_connection(migrated_conn)
+    return migrated_conn
 
 
 def _msg(edge: str, stream: str, first: int, n: int) -> Msg:
@@ -74,27 +68,23 @@ async def test_a_key_row_gone_since_the_first_read_is_created_again_and_locked(
     await gw.write(conn, [gw.decode(_msg("e1", "s", 1, 5)), gw.decode(_msg("e2", "s", 1, 5))])
     keys = [("e1", "s", EPOCH), ("e2", "s", EPOCH)]
     windows = dict.fromkeys(keys, (6, 11))
-    other = await asyncpg.connect(pg_dsn)
-    try:
-        async with conn.transaction():
-            found = await _accounted_seqs(conn, keys, windows, lock=False)
-            assert set(found) == set(keys)
-            await other.execute("DELETE FROM committed_ranges WHERE edge_id = 'e2'")
-            locked = await _accounted_seqs(conn, keys, windows, lock=True,
-                                           existing=frozenset(found))
-            assert locked == {keys[0]: [], keys[1]: []}
-            # Both keys are held by this transaction: e1's row is locked, and e2's row,
-            # created again and not yet committed, makes another writer's insert wait.
-            with pytest.raises(asyncpg.LockNotAvailableError):
-                await other.fetchval(
-                    "SELECT 1 FROM committed_ranges WHERE edge_id = 'e1' FOR UPDATE NOWAIT")
-            await other.execute("SET lock_timeout = '200ms'")
-            with pytest.raises(asyncpg.LockNotAvailableError):
-                await other.execute(
-                    "INSERT INTO committed_ranges (edge_id, stream, epoch, ranges) "
-                    "VALUES ('e2', 's', $1, '{}') ON CONFLICT DO NOTHING", EPOCH)
-    finally:
-        await other.close()
+    async with connected(pg_dsn) as other, conn.transaction():
+        found = await _accounted_seqs(conn, keys, windows, lock=False)
+        assert set(found) == set(keys)
+        await other.execute("DELETE FROM committed_ranges WHERE edge_id = 'e2'")
+        locked = await _accounted_seqs(conn, keys, windows, lock=True,
+                                       existing=frozenset(found))
+        assert locked == {keys[0]: [], keys[1]: []}
+        # Both keys are held by this transaction: e1's row is locked, and e2's row,
+        # created again and not yet committed, makes another writer's insert wait.
+        with pytest.raises(asyncpg.LockNotAvailableError):
+            await other.fetchval(
+                "SELECT 1 FROM committed_ranges WHERE edge_id = 'e1' FOR UPDATE NOWAIT")
+        await other.execute("SET lock_timeout = '200ms'")
+        with pytest.raises(asyncpg.LockNotAvailableError):
+            await other.execute(
+                "INSERT INTO committed_ranges (edge_id, stream, epoch, ranges) "
+                "VALUES ('e2', 's', $1, '{}') ON CONFLICT DO NOTHING", EPOCH)
 
 
 async def test_the_reads_return_only_what_is_accounted_within_the_window(

@@ -6,11 +6,11 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import httpx
 import msgspec
 import pytest
 
+from broker.pg_connecting import connected
 from broker.protocol.ingress import IngressRequest
 from broker.protocol.wire import CT_JSON, Record
 from broker.runtime.embedded_nats import EmbeddedNats
@@ -81,14 +81,11 @@ async def test_json_requests_work_for_curl_users(
         )
         assert resp.status_code == 200, resp.text
         await wait_for_records(pg_dsn, 2)
-    conn = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as conn:
         rows = await conn.fetch(
             "SELECT seq, event_time, key, headers::jsonb AS headers, "
             "payload::jsonb::text AS p, payload_raw FROM records ORDER BY seq"
         )
-    finally:
-        await conn.close()
     assert rows[0]["p"] == '{"t": 21.5}' and rows[0]["key"] == "a"
     assert rows[0]["event_time"].isoformat() == "2026-01-02T03:04:05.500000+00:00"
     assert rows[1]["payload_raw"] == b"\x00\x01\x02\xff"

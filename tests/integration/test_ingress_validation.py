@@ -8,11 +8,11 @@ import gzip
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import msgspec
 import pytest
 
+from broker.pg_connecting import connected
 from broker.protocol.ingress import IngressRequest
 from broker.protocol.wire import CT_JSON, Record
 from broker.runtime.embedded_nats import EmbeddedNats
@@ -181,10 +181,7 @@ async def test_poison_from_one_producer_never_blocks_the_others_on_the_same_stre
                 acked.append((resp.json()["first_seq"], resp.json()["count"]))
         total = sum(n for _, n in acked)
         await wait_for_records(pg_dsn, total)
-    conn = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as conn:
         row = await conn.fetchrow("SELECT watermark, missing_records, dead_lettered_records "
                                   "FROM v_completeness WHERE stream = 'shared'")
-    finally:
-        await conn.close()
     assert tuple(row) == (total, 0, 0)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import asyncpg
 
+from broker.pg_connecting import connected
 from tests.support import alive, edgesync_up, until
 
 
@@ -19,8 +20,7 @@ async def test_up_with_simulation_commits_growing_rows_and_stops_cleanly(
         runtime = up.runtime
         assert set(runtime) >= {"nats_url", "postgres_dsn", "bridges"}
         assert list(runtime["bridges"]) == ["edge-1"]
-        conn = await asyncpg.connect(runtime["postgres_dsn"])
-        try:
+        async with connected(runtime["postgres_dsn"]) as conn:
             counts: list[int] = []
 
             async def grown() -> bool:
@@ -30,8 +30,6 @@ async def test_up_with_simulation_commits_growing_rows_and_stops_cleanly(
                 return len(counts) > 1 and counts[-1] > counts[0]
 
             await until(grown, timeout=10, interval=0.25, message="committed rows not growing")
-        finally:
-            await conn.close()
         assert up.interrupt() == 0, up.log_tail()
     for pid in (runtime["nats_pid"], runtime["postgres_pid"]):
         await until(lambda pid=pid: not alive(pid), timeout=10,
@@ -40,21 +38,15 @@ async def test_up_with_simulation_commits_growing_rows_and_stops_cleanly(
 
 
 async def _completeness(dsn: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         return list(await conn.fetch(
             "SELECT stream, epoch, committed_records, watermark, highest_seq, missing_records, "
             "lost_after_commit_records FROM v_completeness"))
-    finally:
-        await conn.close()
 
 
 async def _count_committed(dsn: str, at_least: int) -> bool:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         return int(await conn.fetchval("SELECT count(*) FROM records")) >= at_least
-    finally:
-        await conn.close()
 
 
 async def test_a_second_up_continues_where_the_first_stopped_and_fresh_starts_over(

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import asyncpg
-
+from broker.pg_connecting import connected
 from broker.runtime.embedded_nats import EmbeddedNats
 from broker.runtime.embedded_postgres import EmbeddedPostgres
 from edge_bridge.sdk import EdgeClient
@@ -30,14 +29,11 @@ async def publish_ids(url: str, ids: range) -> None:
 
 
 async def assert_each_id_once(dsn: str, n: int) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         row = await conn.fetchrow(
             "SELECT count(*) AS rows, count(DISTINCT (payload->>'id')::int) AS ids, "
             "min((payload->>'id')::int) AS lo, max((payload->>'id')::int) AS hi FROM records"
         )
-    finally:
-        await conn.close()
     assert dict(row) == {"rows": n, "ids": n, "lo": 0, "hi": n - 1}
 
 

@@ -7,8 +7,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-import asyncpg
-
+from broker.pg_connecting import connected
 from broker.runtime.embedded_nats import EmbeddedNats
 from edge_bridge.sdk import EdgeClient, RecordAck
 from tests.integration.harness import (
@@ -58,8 +57,7 @@ async def test_100k_records_across_3_streams_and_2_edges_arrive_exactly_once(
         expected = sent_a | sent_b
         assert len(expected) == 2 * per_edge
         await wait_for_records(pg_dsn, 2 * per_edge, timeout=90)
-    conn = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as conn:
         rows = await conn.fetch(
             "SELECT edge_id, stream, epoch, seq, payload::text, key, "
             "(extract(epoch FROM event_time) * 1000000)::bigint AS ts_us FROM v_records"
@@ -68,8 +66,6 @@ async def test_100k_records_across_3_streams_and_2_edges_arrive_exactly_once(
             "SELECT edge_id, stream, committed_records, "
             "committed_watermark, highest_seq FROM v_stream_progress"
         )
-    finally:
-        await conn.close()
     got = {
         (r["edge_id"], r["stream"], r["epoch"], r["seq"]): (
             json.loads(r["payload"]),

@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -20,6 +19,7 @@ from broker.errors import InvalidInput
 from broker.feed import Filters, read_page
 from broker.feed.positions import EARLIEST
 from broker.feed.reading import completeness_at, head_cursor
+from broker.pg_connecting import connected
 from broker.protocol.topology import Topology
 from broker.protocol.wire import CT_JSON, Batch, Record
 from cloud_ingest.ingesting import init_connection
@@ -36,13 +36,8 @@ EPOCH = 3
 
 
 @pytest.fixture
-async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(pg_dsn)
-    try:
-        await migrate(c)
-        yield c
-    finally:
-        await c.close()
+def conn(migrated_conn: asyncpg.Connection) -> asyncpg.Connection:
+    return migrated_conn
 
 
 def _msg(edge: str, stream: str, first: int, n: int) -> Msg:
@@ -51,13 +46,10 @@ def _msg(edge: str, stream: str, first: int, n: int) -> Msg:
 
 async def _write(dsn: str, *msgs: Msg) -> None:
     """One group through the ingest's writer, on an ingest-codec connection."""
-    c = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as c:
         await init_connection(c)
         gw = GroupWriter(Topology())
         await gw.write(c, [gw.decode(m) for m in msgs])
-    finally:
-        await c.close()
 
 
 async def _completeness(c: asyncpg.Connection) -> dict[tuple[str, str], dict[str, Any]]:
@@ -107,8 +99,7 @@ async def test_a_write_on_a_day_without_a_partition_creates_it_rather_than_dead_
 async def test_an_existing_unpartitioned_table_is_moved_with_its_rows(pg_dsn: str) -> None:
     """Rows written before migration 008, over three days, end up in one partition per
     day, readable through the views and the feed as before."""
-    c = await asyncpg.connect(pg_dsn)
-    try:
+    async with connected(pg_dsn) as c:
         await migrate(c, upto=7)
         days = [datetime(2026, 3, d, 12, tzinfo=UTC) for d in (1, 2, 4)]
         for i, rx in enumerate(days):
@@ -143,8 +134,6 @@ async def test_an_existing_unpartitioned_table_is_moved_with_its_rows(pg_dsn: st
         assert [r.seq for r in page.records] == list(range(1, 31))
         assert page.records[0].payload == {"n": 1}
         assert await c.fetchval("SELECT count(*) FROM v_feed") == 30
-    finally:
-        await c.close()
 
 
 async def test_retention_drops_whole_partitions_and_retired_records_are_not_missing(

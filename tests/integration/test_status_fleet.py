@@ -3,8 +3,7 @@ attention first, a screenful by default."""
 
 from __future__ import annotations
 
-import asyncpg
-
+from broker.pg_connecting import connected
 from cloud_ingest.schema import migrate
 from tests.integration.control_harness import run_cli
 
@@ -13,8 +12,7 @@ OFFLINE = ("edge-007", "edge-042", "edge-111")
 
 
 async def seed_fleet(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         await migrate(conn)
         await conn.executemany(
             "INSERT INTO edges (edge_id, last_seen, version, buffer_records, buffer_bytes, "
@@ -24,8 +22,6 @@ async def seed_fleet(dsn: str) -> None:
             [(f"edge-{i:03d}", 3600.0 if f"edge-{i:03d}" in OFFLINE else 1.0, i)
              for i in range(EDGES)],
         )
-    finally:
-        await conn.close()
 
 
 def edge_rows(output: str) -> list[str]:

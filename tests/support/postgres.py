@@ -14,8 +14,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
-import asyncpg
-
+from broker.pg_connecting import connected
 from broker.runtime.embedded_postgres import EmbeddedPostgres
 
 __all__ = ["PgCluster", "dsn_from_env"]
@@ -68,17 +67,11 @@ class PgCluster:
     async def fresh_database(self) -> AsyncIterator[str]:
         """DSN of a fresh, empty database ``t_<12 hex>``, dropped on exit."""
         name = f"t_{uuid.uuid4().hex[:12]}"
-        conn = await asyncpg.connect(self.admin_dsn)
-        try:
+        async with connected(self.admin_dsn) as conn:
             await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
-        finally:
-            await conn.close()
         try:
             yield self.dsn_for(name)
         finally:
-            conn = await asyncpg.connect(self.admin_dsn)
-            try:
+            async with connected(self.admin_dsn) as conn:
                 # FORCE: a test that leaked a connection must not leak the database too.
                 await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            finally:
-                await conn.close()

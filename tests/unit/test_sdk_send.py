@@ -13,16 +13,7 @@ import httpx
 import pytest
 import structlog
 
-from edge_bridge.sdk import (
-    BufferFull,
-    ClosedError,
-    EdgeClient,
-    InvalidInput,
-    RecordAck,
-    RecordTooLarge,
-    SendFailed,
-    SyncEdgeClient,
-)
+from edge_bridge import sdk
 from tests.unit.test_sdk_client import WAIT_S, FakeBridge, client_for, settled
 
 
@@ -66,7 +57,7 @@ async def test_futures_mixed_with_sent_records_get_their_own_records_seq(
 ) -> None:
     """In a batch mixing ``send`` and ``publish``, each future resolves to its own record."""
     async with client_for(bridge) as client:
-        futures: dict[int, asyncio.Future[RecordAck]] = {}
+        futures: dict[int, asyncio.Future[sdk.RecordAck]] = {}
         for i in range(12):
             if i in (2, 3, 7, 11):
                 futures[i] = client.publish("s", i)
@@ -74,7 +65,7 @@ async def test_futures_mixed_with_sent_records_get_their_own_records_seq(
                 client.send("s", i)
         await client.flush()
         acks = await settled(futures.values())
-    assert [ack.seq for ack in acks if isinstance(ack, RecordAck)] == [3, 4, 8, 12]
+    assert [ack.seq for ack in acks if isinstance(ack, sdk.RecordAck)] == [3, 4, 8, 12]
     assert stored_payloads(bridge) == [str(i).encode() for i in range(12)]
 
 
@@ -82,19 +73,19 @@ async def test_send_failures_are_counted_logged_once_per_batch_and_raised_by_flu
     bridge: FakeBridge,
 ) -> None:
     """A rejected batch of sent records: one ``sdk_batch_failed`` line, counts by reason,
-    and ``SendFailed`` from the next ``flush`` only."""
+    and ``sdk.SendFailed`` from the next ``flush`` only."""
     bridge.default = FakeBridge.status(422, "malformed", "nope")
     with structlog.testing.capture_logs() as logs:
         async with client_for(bridge, batch_max_records=5) as client:
             for i in range(10):
                 client.send("s", i)
-            with pytest.raises(SendFailed) as raised:
+            with pytest.raises(sdk.SendFailed) as raised:
                 await client.flush()
             await client.flush()  # reported once: nothing new since
             stats = client.stats
     assert raised.value.records == 10
     assert raised.value.by_reason == {"invalid_input": 10}
-    assert isinstance(raised.value.first_error, InvalidInput)
+    assert isinstance(raised.value.first_error, sdk.InvalidInput)
     assert "nope" in str(raised.value)
     assert stats.records_failed == stats.sent_records_failed == 10
     assert stats.failed_by_reason == {"invalid_input": 10}
@@ -106,7 +97,7 @@ async def test_close_raises_send_failed_for_records_the_close_timeout_failed(
     bridge: FakeBridge,
 ) -> None:
     """With the bridge silent, ``close`` gives up after its timeout, closes, and then
-    raises ``SendFailed`` (not acknowledged); a second ``close`` returns quietly."""
+    raises ``sdk.SendFailed`` (not acknowledged); a second ``close`` returns quietly."""
     bridge.default = FakeBridge.hang
     client = client_for(bridge, linger_ms=0.0)
     async with asyncio.timeout(WAIT_S):
@@ -114,7 +105,7 @@ async def test_close_raises_send_failed_for_records_the_close_timeout_failed(
             client.send("s", 1)
             client.send("s", 2)
             await bridge.until(lambda: bridge.in_flight == 1)
-            with pytest.raises(SendFailed) as raised:
+            with pytest.raises(sdk.SendFailed) as raised:
                 await client.close(timeout=0.1)
             assert client.closed
             await client.close()
@@ -128,7 +119,7 @@ async def test_an_abort_is_reported_by_the_following_close(bridge: FakeBridge) -
     async with client:
         client.send("s", 1)
         await client.abort()
-        with pytest.raises(SendFailed, match="1 records sent with send"):
+        with pytest.raises(sdk.SendFailed, match="1 records sent with send"):
             await client.close()
 
 
@@ -142,7 +133,7 @@ async def test_send_pushes_back_with_buffer_full_beyond_max_pending_records(
     async with client_for(bridge, max_pending_records=3, linger_ms=0.0) as client:
         for i in range(3):
             client.send("s", i)
-        with pytest.raises(BufferFull, match="max_pending_records=3"):
+        with pytest.raises(sdk.BufferFull, match="max_pending_records=3"):
             client.send("s", 3)
         gate.set()
         await client.flush()
@@ -155,24 +146,24 @@ async def test_bad_input_to_send_raises_synchronously_and_nothing_is_queued(
     bridge: FakeBridge,
 ) -> None:
     async with client_for(bridge, max_record_bytes=64) as client:
-        with pytest.raises(InvalidInput, match="invalid stream name"):
+        with pytest.raises(sdk.InvalidInput, match="invalid stream name"):
             client.send("no.dots", 1)
-        with pytest.raises(InvalidInput, match="key"):
+        with pytest.raises(sdk.InvalidInput, match="key"):
             client.send("s", 1, key="x" * 2000)
-        with pytest.raises(InvalidInput, match="header"):
+        with pytest.raises(sdk.InvalidInput, match="header"):
             client.send("s", 1, headers={"h": 1})  # type: ignore[dict-item]
-        with pytest.raises(RecordTooLarge):
+        with pytest.raises(sdk.RecordTooLarge):
             client.send("s", b"x" * 100)
         assert client.outstanding == 0 and client.stats.records_published == 0
     assert bridge.requests == []
-    with pytest.raises(ClosedError):
+    with pytest.raises(sdk.ClosedError):
         client.send("s", 1)
 
 
 async def test_send_on_a_client_never_entered_binds_it_to_the_running_loop(
     bridge: FakeBridge,
 ) -> None:
-    client = EdgeClient(transport=httpx.MockTransport(bridge.handle), linger_ms=0.0)
+    client = sdk.EdgeClient(transport=httpx.MockTransport(bridge.handle), linger_ms=0.0)
     client.send("s", 1)
     await client.close()
     assert stored_payloads(bridge) == [b"1"]
@@ -187,7 +178,7 @@ def test_the_sync_client_sends_from_several_threads_and_loses_nothing(
     """Four threads send concurrently (and one publishes among them): every record is
     stored exactly once, and each thread's records keep their order."""
     per_thread, threads = 2_000, 4
-    with SyncEdgeClient(
+    with sdk.SyncEdgeClient(
         transport=httpx.MockTransport(bridge.handle), batch_max_records=128, linger_ms=1.0
     ) as client:
 
@@ -216,28 +207,28 @@ def test_the_sync_client_reports_send_failures_from_flush_and_close_once(
     bridge: FakeBridge,
 ) -> None:
     bridge.default = FakeBridge.status(422, "malformed", "nope")
-    client = SyncEdgeClient(transport=httpx.MockTransport(bridge.handle), linger_ms=0.0)
+    client = sdk.SyncEdgeClient(transport=httpx.MockTransport(bridge.handle), linger_ms=0.0)
     client.send("s", 1)
-    with pytest.raises(SendFailed) as raised:
+    with pytest.raises(sdk.SendFailed) as raised:
         client.flush(timeout=WAIT_S)
     assert raised.value.by_reason == {"invalid_input": 1}
     client.send("s", 2)
-    with pytest.raises(SendFailed, match="1 records sent with send"):
+    with pytest.raises(sdk.SendFailed, match="1 records sent with send"):
         client.close(timeout=WAIT_S)
     client.close()  # reported once
-    with pytest.raises(ClosedError):
+    with pytest.raises(sdk.ClosedError):
         client.send("s", 3)
     assert client.stats.sent_records_failed == 2
 
 
 def test_the_sync_client_send_raises_in_the_calling_thread(bridge: FakeBridge) -> None:
-    with SyncEdgeClient(transport=httpx.MockTransport(bridge.handle), linger_ms=60_000.0,
+    with sdk.SyncEdgeClient(transport=httpx.MockTransport(bridge.handle), linger_ms=60_000.0,
                         max_pending_records=2) as client:
-        with pytest.raises(InvalidInput, match="invalid stream name"):
+        with pytest.raises(sdk.InvalidInput, match="invalid stream name"):
             client.send("no.dots", b"x")
         client.send("s", b"x")
         client.send("s", b"y")
-        with pytest.raises(BufferFull):
+        with pytest.raises(sdk.BufferFull):
             client.send("s", b"z")
         client.flush(timeout=WAIT_S)
     assert stored_payloads(bridge) == [b"x", b"y"]
@@ -250,7 +241,7 @@ async def test_any_mix_of_send_and_publish_gives_each_future_its_records_seq(
     resolves to the seq of the record published with it."""
     pattern = "ppsspssspppsppspsssssp" * 7
     async with client_for(bridge, batch_max_records=13) as client:
-        futures: list[tuple[int, asyncio.Future[RecordAck]]] = []
+        futures: list[tuple[int, asyncio.Future[sdk.RecordAck]]] = []
         for i, kind in enumerate(pattern):
             if kind == "p":
                 futures.append((i, client.publish("s", i)))
@@ -258,7 +249,8 @@ async def test_any_mix_of_send_and_publish_gives_each_future_its_records_seq(
                 client.send("s", i)
         await client.flush()
         acks = await settled(future for _, future in futures)
-    assert [ack.seq for ack in acks if isinstance(ack, RecordAck)] == [i + 1 for i, _ in futures]
+    seqs = [ack.seq for ack in acks if isinstance(ack, sdk.RecordAck)]
+    assert seqs == [i + 1 for i, _ in futures]
     assert stored_payloads(bridge) == [str(i).encode() for i in range(len(pattern))]
 
 
@@ -267,7 +259,7 @@ def test_the_sync_client_send_from_its_own_loop_thread_does_not_wait_on_itself(
 ) -> None:
     """A future's callback (run on the loop thread) may send more than a hand-over chunk:
     the thread that would take the chunk never waits for itself."""
-    with SyncEdgeClient(transport=httpx.MockTransport(bridge.handle), linger_ms=0.0) as client:
+    with sdk.SyncEdgeClient(transport=httpx.MockTransport(bridge.handle), linger_ms=0.0) as client:
         done = threading.Event()
 
         def send_many(_: object) -> None:
