@@ -311,8 +311,8 @@ class Bridge(Service):
         m.buffer_disk_bytes.set(stats.disk_bytes)
         m.oldest_unshipped_age.set(stats.oldest_unshipped_age_s)
         m.buffer_commits.set(self.buffer.commits)
-        m.buffer_quarantined.set(self.buffer.quarantined)
-        m.buffer_lost_records.set(self.buffer.lost_records)
+        m.buffer_quarantined.set(self.buffer.recovery.quarantined)
+        m.buffer_lost_records.set(self.buffer.recovery.lost_records)
         m.nats_connected.set(1 if self.nats_connected else 0)
         for stream, reasons in stats.dropped.items():
             for reason, count in reasons.items():

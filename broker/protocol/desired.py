@@ -252,48 +252,57 @@ def compare(document: DesiredDocument, observed: Mapping[str, Any]) -> list[Drif
             "exists"}}, "configmaps": {target: {key: value} or None when absent}}``.
     """
     out: list[Drift] = []
-
-    def differ(path: str, want: Any, have: Any) -> None:
-        if want != have:
-            out.append(Drift(path=path, desired=want, observed=have))
-
     if document.bridge is not None:
         out.extend(_bridge_drift(document.bridge, observed.get("bridge") or {}))
     deployments = observed.get("deployments") or {}
     for target, dep in document.deployments.items():
-        seen = deployments.get(target)
-        base = f"deployments.{target}"
-        if not seen or not seen.get("exists", True):
-            out.append(Drift(path=base, desired="present", observed=None))
-            continue
-        if dep.replicas is not None:
-            differ(f"{base}.replicas", dep.replicas, seen.get("replicas"))
-        containers = seen.get("containers") or {}
-        for name, container in dep.containers.items():
-            have = containers.get(name)
-            cbase = f"{base}.containers.{name}"
-            if have is None:
-                out.append(Drift(path=cbase, desired="present", observed=None))
-                continue
-            if container.image is not None:
-                differ(f"{cbase}.image", container.image, have.get("image"))
-            env = have.get("env") or {}
-            for var, value in container.env.items():
-                want = value.as_kubernetes() if isinstance(value, EnvFromSecret) else value
-                differ(f"{cbase}.env.{var}", want, env.get(var))
-        if dep.restarted_at is not None:
-            stamp = seen.get("restarted_at")
-            if not isinstance(stamp, str) or stamp < dep.restarted_at:
-                out.append(Drift(path=f"{base}.restarted_at", desired=dep.restarted_at,
-                                 observed=stamp))
+        out.extend(_deployment_drift(f"deployments.{target}", dep, deployments.get(target)))
     configmaps = observed.get("configmaps") or {}
     for target, data in document.configmaps.items():
         have_data = configmaps.get(target)
         if have_data is None:
-            out.append(Drift(path=f"configmaps.{target}", desired="present", observed=None))
+            out.append(_absent(f"configmaps.{target}"))
+        else:
+            out.extend(_differences(f"configmaps.{target}.data", data, have_data))
+    return out
+
+
+def _absent(path: str) -> Drift:
+    return Drift(path=path, desired="present", observed=None)
+
+
+def _differences(base: str, want: Mapping[str, Any], have: Mapping[str, Any]) -> list[Drift]:
+    """A drift for every field of ``want`` whose value ``have`` does not hold."""
+    return [Drift(path=f"{base}.{field}", desired=value, observed=have.get(field))
+            for field, value in want.items() if value != have.get(field)]
+
+
+def _specified(**fields: Any) -> dict[str, Any]:
+    """The fields a document sets (None: not managed)."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def _deployment_drift(base: str, dep: DeploymentState, seen: Mapping[str, Any] | None,
+                      ) -> list[Drift]:
+    if not seen or not seen.get("exists", True):
+        return [_absent(base)]
+    out = _differences(base, _specified(replicas=dep.replicas), seen)
+    containers = seen.get("containers") or {}
+    for name, container in dep.containers.items():
+        have = containers.get(name)
+        cbase = f"{base}.containers.{name}"
+        if have is None:
+            out.append(_absent(cbase))
             continue
-        for key, value in data.items():
-            differ(f"configmaps.{target}.data.{key}", value, have_data.get(key))
+        out.extend(_differences(cbase, _specified(image=container.image), have))
+        env = {var: value.as_kubernetes() if isinstance(value, EnvFromSecret) else value
+               for var, value in container.env.items()}
+        out.extend(_differences(f"{cbase}.env", env, have.get("env") or {}))
+    if dep.restarted_at is not None:
+        stamp = seen.get("restarted_at")
+        if not isinstance(stamp, str) or stamp < dep.restarted_at:
+            out.append(Drift(path=f"{base}.restarted_at", desired=dep.restarted_at,
+                             observed=stamp))
     return out
 
 

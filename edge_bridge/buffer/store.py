@@ -108,28 +108,15 @@ class Buffer(Opened):
         return self._path
 
     @property
-    def max_bytes(self) -> int:
-        return self._max_bytes
-
-    @property
     def commits(self) -> int:
         """Transactions committed (for the group-commit metric)."""
         return self._writer.commits
 
     @property
-    def quarantined(self) -> int:
-        """Damaged buffer files moved aside at open (see :mod:`~edge_bridge.buffer.recovery`)."""
-        return self._recovery.quarantined
-
-    @property
-    def salvaged_records(self) -> int:
-        """Records read back out of a quarantined file (identities unchanged)."""
-        return self._recovery.salvaged_records
-
-    @property
-    def lost_records(self) -> int:
-        """Records of a quarantined file found but unusable (counted, reported)."""
-        return self._recovery.lost_records
+    def recovery(self) -> Recovery:
+        """What opening this buffer repaired: quarantined files, salvaged and lost records
+        (see :mod:`~edge_bridge.buffer.recovery`)."""
+        return self._recovery
 
     async def open(self) -> None:
         if self._state != "new":

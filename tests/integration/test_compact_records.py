@@ -34,35 +34,30 @@ _VIEWS = {
 }
 
 
-# v_records and v_feed as they read the 008 layout (views.sql before 010 raised their
-# @since): a database at version 9 holds neither once views.sql has their 010 form, so
-# the test creates these as temporary views to read "before".
-_VIEWS_BEFORE_010 = [
-    """CREATE TEMP VIEW v_records AS
+# v_records as it read the 008 layout (views.sql holds only its 010 form, so a database
+# at version 9 has none): the test creates it as a temporary view to read "before".
+_V_RECORDS_BEFORE_010 = """CREATE TEMP VIEW v_records AS
     SELECT edge_id, stream, epoch, seq, event_time, received_at, key, headers,
            coalesce(payload, to_jsonb(encode(payload_raw, 'base64'))) AS payload,
            payload IS NULL AS payload_is_binary
-    FROM records""",
-    """CREATE TEMP VIEW v_feed AS
-    SELECT (c.commit_id << 24) | (s.base + r.seq - s.first_seq) AS position,
-           c.commit_id, c.committed_at, r.edge_id, r.stream, r.epoch, r.seq,
-           r.event_time, r.received_at, r.key, r.headers,
-           coalesce(r.payload, to_jsonb(encode(r.payload_raw, 'base64'))) AS payload,
-           r.payload IS NULL AS payload_is_binary
-    FROM feed_commits c
-    CROSS JOIN LATERAL (
-        SELECT u.edge_id, u.stream, u.epoch, u.first_seq, u.last_seq,
-               coalesce(sum(u.last_seq - u.first_seq + 1) OVER (
-                   ORDER BY u.i ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)::bigint
-                   AS base
-        FROM unnest(c.edge_ids, c.streams, c.epochs, c.first_seqs, c.last_seqs)
-             WITH ORDINALITY AS u(edge_id, stream, epoch, first_seq, last_seq, i)
-    ) s
-    JOIN records r ON (r.edge_id, r.stream, r.epoch) = (s.edge_id, s.stream, s.epoch)
-                  AND r.seq BETWEEN s.first_seq AND s.last_seq
-                  AND (c.received_at IS NULL OR r.received_at = c.received_at)
-    WHERE c.commit_id IS NOT NULL""",
-]
+    FROM records"""
+
+
+async def _feed_before_010(conn: asyncpg.Connection, records: list[dict[str, Any]],
+                           ) -> list[dict[str, Any]]:
+    """What v_feed showed before 010, from its definition (docs/wire-format.md): every
+    commit's records in commit order, at ``commit_id << 24 | offset in the commit``.
+    The test's commits each hold one span, so the offset is ``seq - first_seq``."""
+    by_key = {(r["edge_id"], r["stream"], r["epoch"], r["seq"]): r for r in records}
+    feed = []
+    for c in await conn.fetch("SELECT * FROM feed_commits ORDER BY commit_id"):
+        (edge,), (stream,), (epoch,) = c["edge_ids"], c["streams"], c["epochs"]
+        (first,), (last,) = c["first_seqs"], c["last_seqs"]
+        for seq in range(first, last + 1):
+            feed.append({"position": c["commit_id"] << 24 | seq - first,
+                         "commit_id": c["commit_id"], "committed_at": c["committed_at"],
+                         **by_key[(edge, stream, epoch, seq)]})
+    return feed
 
 
 async def _views(conn: asyncpg.Connection) -> dict[str, list[dict[str, Any]]]:
@@ -111,10 +106,13 @@ async def test_migration_010_moves_existing_rows_and_every_view_reads_the_same(
                         "ARRAY[$2], ARRAY[$3::int8], ARRAY[$4 + 4::int8], $5)",
                         edge, stream, epoch, first, rx)
                 rows += 5
-        for sql in _VIEWS_BEFORE_010:
-            await c.execute(sql)
-        before = await _views(c)
-        await c.execute("DROP VIEW pg_temp.v_records, pg_temp.v_feed")
+        await c.execute(_V_RECORDS_BEFORE_010)
+        before_records = [dict(r) for r in await c.fetch(_VIEWS["v_records"])]
+        await c.execute("DROP VIEW pg_temp.v_records")
+        before = {"v_records": before_records,
+                  "v_feed": await _feed_before_010(c, before_records),
+                  **{name: [dict(r) for r in await c.fetch(sql)] for name, sql in _VIEWS.items()
+                     if name not in ("v_records", "v_feed")}}
         assert len(before["v_records"]) == len(before["v_feed"]) == rows
 
         assert await migrate(c, upto=10) == [10]

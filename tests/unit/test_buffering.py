@@ -302,7 +302,7 @@ async def test_a_damaged_buffer_is_quarantined_and_its_intact_records_kept(
         keep = await buf.read_runs("keep", 0, max_records=100, max_bytes=10**9)
         bulk = await buf.read_runs("bulk", 0, max_records=1_000, max_bytes=10**9)
         again = await buf.append("keep", recs(1))
-        quarantined, lost = buf.quarantined, buf.lost_records
+        quarantined, lost = buf.recovery.quarantined, buf.recovery.lost_records
     assert quarantined == 1
     assert list((tmp_path / "buf" / "quarantine").iterdir())
     assert [x for run in keep for x in decoded(run)] == recs(5)
@@ -327,7 +327,7 @@ async def test_a_truncated_buffer_opens_and_never_reuses_an_identity(tmp_path: P
     async with make(tmp_path) as buf:
         stats = await buf.stats()
         again = await buf.append("a", recs(1))
-        quarantined = buf.quarantined
+        quarantined = buf.recovery.quarantined
     assert quarantined == 1
     assert stats.records < 200
     assert again.epoch != old.epoch or again.first_seq > old.first_seq + old.count - 1
