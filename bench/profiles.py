@@ -1,21 +1,39 @@
-"""How big each scenario runs: ``full`` (≤ 20 min), ``quick`` (< 2 min), ``smoke`` (tests)."""
+"""How big each scenario runs: ``full`` (≤ 20 min), ``quick`` (< 2 min), ``smoke`` (tests).
+
+The sizes are data, in ``profiles.toml`` beside this module (one table per profile);
+:class:`Profile` says what each one means. A table with a field this class lacks, or
+without one it needs, or with a value of the wrong kind, is refused when the module
+loads, with the field's name.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import tomllib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-__all__ = ["PROFILES", "Profile"]
+__all__ = ["PROFILES", "Profile", "load_profiles"]
+
+PROFILES_FILE = Path(__file__).with_name("profiles.toml")
 
 
 @dataclass(frozen=True, slots=True)
 class Profile:
+    """The sizes of one run of every scenario; ``profiles.toml`` holds one table of them
+    per profile."""
+
     name: str
+    """``full``, ``quick`` or ``smoke``: the table's name."""
     ingest_records: int
     """Records pre-loaded into ES_RECORDS (as shipper-sized batches) and ingested."""
     ceiling_group: int
     """Rows per COPY transaction of the ceiling baseline."""
     naive_records: int
+    """Records the naive ingest baseline inserts one by one (scenario 1)."""
     framework_records: int
+    """Records the framework ingest baseline (FastStream + executemany) writes."""
     edge_records: int
     """Records through SDK -> bridge -> JetStream in the edge-path scenario."""
     producers: int
@@ -23,15 +41,23 @@ class Profile:
     sync_records: int
     """Records one thread publishes through the synchronous SDK (edge-path scenario)."""
     publish_wait_records: int
+    """Records of the awaited ``js.publish``-per-record baselines (edge-path scenario)."""
     publish_async_records: int
+    """Records of the pipelined ``publish_async`` baseline (edge-path scenario)."""
     latency_rate: float
     """Records per second offered in the latency scenario."""
     latency_warmup_s: float
+    """Seconds offered before the latency scenario starts measuring."""
     latency_seconds: float
+    """Seconds the latency scenario measures (also the consumer latency's run)."""
     backlog_sizes: tuple[int, int]
+    """The small and the big backlog of the backlog scenario (scenario 4)."""
     footprint_records: int
+    """Records pushed at full speed while the footprint scenario reads peak RSS."""
     footprint_idle_s: float
+    """Seconds the bridge idles, heartbeats only, for its idle RSS and CPU."""
     wire_records: int
+    """Records encoded per wire-format variant (scenario 6)."""
     fleet_sizes: tuple[int, ...]
     """Simulated edges of each live-fleet run (scenario 7)."""
     fleet_drain_records: int
@@ -43,8 +69,11 @@ class Profile:
     fleet_rate: float
     """Records/s the live fleet offers in all, however many edges."""
     fleet_load_s: float
+    """Seconds the live fleet ships at ``fleet_rate`` for the watermark latency."""
     fleet_idle_s: float
+    """Seconds the live fleet idles (heartbeats only) for the idle cloud cost."""
     fleet_commands: int
+    """Commands sent, one edge at a time, for the command delivery latency."""
     consume_records: int
     """Records committed, then consumed by the SDK and the COPY ceiling (scenario 8)."""
     consume_naive_records: int
@@ -57,36 +86,37 @@ class Profile:
     """Cold page loads in Chromium for the console's first paint."""
 
 
-PROFILES: dict[str, Profile] = {
-    "full": Profile(
-        name="full", ingest_records=1_000_000, ceiling_group=10_000, naive_records=20_000,
-        framework_records=200_000, edge_records=1_000_000, producers=4, sync_records=300_000,
-        publish_wait_records=20_000, publish_async_records=300_000, latency_rate=10_000,
-        latency_warmup_s=3, latency_seconds=20, backlog_sizes=(200_000, 2_000_000),
-        footprint_records=300_000, footprint_idle_s=20, wire_records=50_000,
-        fleet_sizes=(1_000, 10_000), fleet_drain_records=400_000, fleet_drain_edges=2_000,
-        fleet_drain_batch=10, fleet_rate=10_000, fleet_load_s=20, fleet_idle_s=30,
-        fleet_commands=50, consume_records=500_000, consume_naive_records=50_000,
-    ),
-    "quick": Profile(
-        name="quick", ingest_records=100_000, ceiling_group=10_000, naive_records=4_000,
-        framework_records=30_000, edge_records=100_000, producers=4, sync_records=50_000,
-        publish_wait_records=3_000, publish_async_records=50_000, latency_rate=10_000,
-        latency_warmup_s=2, latency_seconds=6, backlog_sizes=(20_000, 200_000),
-        footprint_records=50_000, footprint_idle_s=10, wire_records=20_000,
-        fleet_sizes=(200,), fleet_drain_records=100_000, fleet_drain_edges=2_000,
-        fleet_drain_batch=10, fleet_rate=5_000, fleet_load_s=8, fleet_idle_s=10,
-        fleet_commands=20, consume_records=100_000, consume_naive_records=20_000,
-    ),
-    "smoke": Profile(
-        name="smoke", ingest_records=6_000, ceiling_group=2_000, naive_records=300,
-        framework_records=1_000, edge_records=4_000, producers=2, sync_records=2_000,
-        publish_wait_records=200, publish_async_records=2_000, latency_rate=2_000,
-        latency_warmup_s=0.5, latency_seconds=1.0, backlog_sizes=(2_000, 6_000),
-        footprint_records=3_000, footprint_idle_s=0.5, wire_records=4_000,
-        fleet_sizes=(20,), fleet_drain_records=3_000, fleet_drain_edges=50,
-        fleet_drain_batch=10, fleet_rate=1_000, fleet_load_s=2, fleet_idle_s=2,
-        fleet_commands=3, consume_records=3_000, consume_naive_records=1_000,
-        console_edges=200, console_requests=3, console_paints=1,
-    ),
-}
+def load_profiles(text: str) -> dict[str, Profile]:
+    """Every profile of a ``profiles.toml`` text, by name.
+
+    Raises:
+        ValueError: an unknown or missing field, or a value of the wrong kind.
+    """
+    kinds = {f.name: f.type for f in dataclasses.fields(Profile)}
+    profiles = {}
+    for name, table in tomllib.loads(text).items():
+        values: dict[str, Any] = {}
+        for field, value in table.items():
+            kind = kinds.get(field)
+            if kind is None or field == "name":
+                raise ValueError(f"profile {name!r}: unknown field {field!r}")
+            values[field] = _checked(name, field, str(kind), value)
+        try:
+            profiles[name] = Profile(name=name, **values)
+        except TypeError as exc:
+            raise ValueError(f"profile {name!r}: {exc}") from None
+    return profiles
+
+
+def _checked(profile: str, field: str, kind: str, value: Any) -> Any:
+    if kind.startswith("tuple"):
+        ok = isinstance(value, list) and all(type(v) is int for v in value)
+        value = tuple(value) if ok else value
+    else:
+        ok = type(value) is int or (kind == "float" and type(value) is float)
+    if not ok:
+        raise ValueError(f"profile {profile!r}: {field} = {value!r} is not of type {kind}")
+    return value
+
+
+PROFILES: dict[str, Profile] = load_profiles(PROFILES_FILE.read_text(encoding="utf-8"))
