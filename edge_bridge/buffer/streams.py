@@ -18,9 +18,11 @@ only reads it (and moves ``shipped_seq``, which the writer never touches).
 
 from __future__ import annotations
 
+import operator
 import secrets
 import sqlite3
 from dataclasses import dataclass
+from typing import Final
 
 import structlog
 
@@ -55,16 +57,10 @@ class StreamState:
     dropped_ttl: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class _Counters:
-    """What a failed transaction may have changed in one stream's state."""
-
-    next_seq: int
-    committed_seq: int
-    records: int
-    bytes: int
-    dropped_overflow: int
-    dropped_ttl: int
+_TRANSACTIONAL: Final = (
+    "next_seq", "committed_seq", "records", "bytes", "dropped_overflow", "dropped_ttl")
+"""The fields of a :class:`StreamState` that a failed transaction may have changed."""
+_saved = operator.attrgetter(*_TRANSACTIONAL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +68,8 @@ class Snapshot:
     """The stream table as it was before a transaction (see :meth:`StreamTable.restore`)."""
 
     total_bytes: int
-    streams: dict[str, _Counters]
+    streams: dict[str, tuple[int, ...]]
+    """Each stream's ``_TRANSACTIONAL`` fields, in that order."""
 
 
 class StreamTable:
@@ -137,11 +134,8 @@ class StreamTable:
         return state
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(self.total_bytes, {
-            name: _Counters(s.next_seq, s.committed_seq, s.records, s.bytes,
-                            s.dropped_overflow, s.dropped_ttl)
-            for name, s in self.by_name.items()
-        })
+        return Snapshot(self.total_bytes,
+                        {name: _saved(s) for name, s in self.by_name.items()})
 
     def restore(self, snap: Snapshot) -> None:
         """Undo what a rolled-back transaction did to the table."""
@@ -151,8 +145,7 @@ class StreamTable:
                 state = self.by_name.pop(name)
                 self.by_sid.pop(state.sid, None)
                 continue
-            s, c = self.by_name[name], snap.streams[name]
-            s.next_seq, s.committed_seq = c.next_seq, c.committed_seq
-            s.records, s.bytes = c.records, c.bytes
-            s.dropped_overflow, s.dropped_ttl = c.dropped_overflow, c.dropped_ttl
+            s = self.by_name[name]
+            for field, value in zip(_TRANSACTIONAL, snap.streams[name], strict=True):
+                setattr(s, field, value)
             s.shipped_seq = max(s.shipped_seq, s.committed_seq)
