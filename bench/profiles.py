@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PROFILES", "Profile", "load_profiles"]
+__all__ = ["PROFILES", "PROFILES_FILE", "Profile", "load_profiles"]
 
 PROFILES_FILE = Path(__file__).with_name("profiles.toml")
 

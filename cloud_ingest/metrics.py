@@ -1,10 +1,11 @@
-"""Prometheus metrics of one ingest process, in a registry of its own."""
+"""Prometheus metrics of the cloud's processes (the ingest; the operator API and its
+rollouts), each in a registry of its own: every metric the cloud exports."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["IngestMetrics"]
+__all__ = ["ApiMetrics", "IngestMetrics", "RolloutMetrics"]
 
 
 class IngestMetrics:
@@ -69,3 +70,42 @@ class IngestMetrics:
         self.db_up = Gauge("edgesync_ingest_db_up", "1 while PostgreSQL accepts writes.",
                            registry=r)
         self.db_up.set(1)
+
+
+class ApiMetrics:
+    """The operator API's metrics, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.issued = Counter("edgesync_commands_issued", "Commands issued, by kind.", ["kind"],
+                              registry=r)
+        self.expired = Counter("edgesync_commands_expired",
+                               "Commands the cloud marked expired (never delivered).", registry=r)
+        self.publish_failures = Counter(
+            "edgesync_command_publish_failures", "Failed publishes of commands (retried).",
+            registry=r)
+        self.unpublished = Gauge(
+            "edgesync_commands_unpublished", "Pending commands not yet in JetStream.", registry=r)
+        self.live_tails = Gauge(
+            "edgesync_api_live_tails", "Open live tails (SSE); capped by api.max_live_tails.",
+            registry=r)
+        self.tails_refused = Counter(
+            "edgesync_api_live_tails_refused",
+            "Live tails refused with 503 because api.max_live_tails were open.", registry=r)
+        self.requests = Counter("edgesync_api_requests", "API requests by method, route, status.",
+                                ["method", "route", "status"], registry=r)
+
+
+class RolloutMetrics:
+    """Rollouts driven by the API process."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.dispatched = Counter("edgesync_rollout_edges_dispatched",
+                                  "Edges sent a rollout's desired version.", registry=registry)
+        self.rolled_back = Counter("edgesync_rollout_edges_rolled_back",
+                                   "Edges sent their previous version by an abort.",
+                                   registry=registry)
+        self.finished = Counter("edgesync_rollouts_finished", "Rollouts by final state.",
+                                ["state"], registry=registry)
+        self.active = Gauge("edgesync_rollouts_active", "Rollouts running or paused.",
+                            registry=registry)

@@ -39,17 +39,16 @@ from typing import Any, Final
 
 import asyncpg
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from broker.errors import Conflict, InvalidInput, NotFound
 from cloud_ingest.db_errors import Connection
 from cloud_ingest.desired import DesiredPublisher, edges_matching, find_version, group_selector
+from cloud_ingest.metrics import RolloutMetrics
 from cloud_ingest.rollout_waves import failure_budget, wave_sizes
 
 __all__ = [
     "ACTIONS",
     "RolloutDriver",
-    "RolloutMetrics",
     "change_state",
     "rollout_status",
     "start_rollout",
@@ -63,19 +62,6 @@ ACTIONS: Final = {
     "abort": ({"running", "paused", "halted"}, "aborting"),
 }
 """Operator actions: the states each is allowed from, and the state it leads to."""
-
-
-class RolloutMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.dispatched = Counter("edgesync_rollout_edges_dispatched",
-                                  "Edges sent a rollout's desired version.", registry=registry)
-        self.rolled_back = Counter("edgesync_rollout_edges_rolled_back",
-                                   "Edges sent their previous version by an abort.",
-                                   registry=registry)
-        self.finished = Counter("edgesync_rollouts_finished", "Rollouts by final state.",
-                                ["state"], registry=registry)
-        self.active = Gauge("edgesync_rollouts_active", "Rollouts running or paused.",
-                            registry=registry)
 
 
 async def start_rollout(

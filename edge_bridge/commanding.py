@@ -47,7 +47,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import FetchTimeoutError, NotFoundError
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from broker.backoff import backoff_s
@@ -64,40 +64,15 @@ from edge_bridge.admission import CommandGate
 from edge_bridge.applying import Appliers, KubernetesApplier
 from edge_bridge.control_store import CONTROL_DB, ControlStore
 from edge_bridge.desired_state import Reconciler
+from edge_bridge.metrics import ControlMetrics
 
-__all__ = ["ControlChannel", "ControlMetrics"]
+__all__ = ["ControlChannel"]
 
 log = structlog.get_logger(__name__)
 
 _FORGET_AFTER_S = 7 * 24 * 3600.0
 """Remembered ids are dropped this long after they expire: an expired command is refused
 anyway, so forgetting it cannot let a replay through."""
-
-
-class ControlMetrics:
-    """What an operator graphs about the control channel of one bridge."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.received = Counter(
-            "edgesync_commands_received", "Command messages taken from the control subject.",
-            registry=r)
-        self.finished = Counter(
-            "edgesync_commands_finished", "Commands by kind and final status.",
-            ["kind", "status"], registry=r)
-        self.rejected = Counter(
-            "edgesync_commands_rejected", "Commands refused, by reason code.", ["code"],
-            registry=r)
-        self.apply_seconds = Histogram(
-            "edgesync_command_apply_seconds", "Time to carry out an admitted command.",
-            ["kind"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-            registry=r)
-        self.outbox = Gauge(
-            "edgesync_command_status_outbox", "Status reports not yet acknowledged by JetStream.",
-            registry=r)
-        self.kube_conflicts = Counter(
-            "edgesync_kubernetes_conflicts", "Kubernetes writes retried after 409 Conflict.",
-            registry=r)
 
 
 class ControlChannel(Opened):

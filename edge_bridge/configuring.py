@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from broker.durable_files import write_atomically
@@ -35,6 +35,7 @@ from broker.protocol.command_specs import (
     describe_validation_error,
 )
 from broker.settings import BridgeSettings, ShipperSettings, StreamPolicy
+from edge_bridge.metrics import RuntimeConfigMetrics
 
 __all__ = ["OVERRIDES_FILE", "RuntimeConfig"]
 
@@ -57,33 +58,7 @@ class RuntimeConfig:
         self.log_level: str | None = None
         """The log level set by a command, if any (the process default otherwise)."""
         self._overrides: dict[str, Any] = {}
-        r = registry
-        self._batch_records = Gauge(
-            "edgesync_bridge_config_batch_max_records", "Effective records per batch.",
-            registry=r)
-        self._batch_bytes = Gauge(
-            "edgesync_bridge_config_batch_max_bytes", "Effective payload bytes per batch.",
-            registry=r)
-        self._linger = Gauge(
-            "edgesync_bridge_config_linger_seconds", "Effective batch linger.", registry=r)
-        self._compression = Gauge(
-            "edgesync_bridge_config_compression", "1 for the batch compression in effect.",
-            ["compression"], registry=r)
-        self._heartbeat = Gauge(
-            "edgesync_bridge_config_heartbeat_interval_seconds",
-            "Effective seconds between heartbeats.", registry=r)
-        self._priority = Gauge(
-            "edgesync_stream_policy_priority",
-            "Priority of each stream with its own policy, and of the default policy.",
-            ["stream"], registry=r)
-        self._ttl = Gauge(
-            "edgesync_stream_policy_ttl_seconds", "Record TTL by policy (0: none).",
-            ["stream"], registry=r)
-        self._overflow = Gauge(
-            "edgesync_stream_policy_overflow", "1 for the overflow policy in effect.",
-            ["stream", "overflow"], registry=r)
-        self._changes = Counter(
-            "edgesync_bridge_config_changes", "bridge.configure changes applied.", registry=r)
+        self.metrics = RuntimeConfigMetrics(registry)
 
     # -- start-up --------------------------------------------------------------------
 
@@ -128,7 +103,7 @@ class RuntimeConfig:
         self._persist(merged)
         self._overrides = merged
         self._apply(settings, shipper, change)
-        self._changes.inc()
+        self.metrics.changes.inc()
         effective = self.effective(settings)
         log.info("bridge_configured", change=change.model_dump(exclude_unset=True, mode="json"),
                  effective=effective)
@@ -172,20 +147,20 @@ class RuntimeConfig:
 
     def _export(self, settings: BridgeSettings) -> None:
         s = settings.shipper
-        self._batch_records.set(s.batch_max_records)
-        self._batch_bytes.set(s.batch_max_bytes)
-        self._linger.set(s.linger_ms / 1000)
-        self._compression.clear()
-        self._compression.labels(s.compression).set(1)
-        self._heartbeat.set(settings.heartbeat_interval_s)
-        self._priority.clear()
-        self._ttl.clear()
-        self._overflow.clear()
+        self.metrics.batch_records.set(s.batch_max_records)
+        self.metrics.batch_bytes.set(s.batch_max_bytes)
+        self.metrics.linger.set(s.linger_ms / 1000)
+        self.metrics.compression.clear()
+        self.metrics.compression.labels(s.compression).set(1)
+        self.metrics.heartbeat.set(settings.heartbeat_interval_s)
+        self.metrics.priority.clear()
+        self.metrics.ttl.clear()
+        self.metrics.overflow.clear()
         for name, policy in [(_DEFAULT_LABEL, settings.default_policy),
                              *sorted(settings.streams.items())]:
-            self._priority.labels(name).set(policy.priority)
-            self._ttl.labels(name).set(policy.ttl_s or 0)
-            self._overflow.labels(name, policy.overflow).set(1)
+            self.metrics.priority.labels(name).set(policy.priority)
+            self.metrics.ttl.labels(name).set(policy.ttl_s or 0)
+            self.metrics.overflow.labels(name, policy.overflow).set(1)
 
 
 def _effective(settings: BridgeSettings, change: BridgeConfigure

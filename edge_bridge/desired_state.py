@@ -45,7 +45,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from broker.durable_files import write_atomically
@@ -67,32 +67,16 @@ from broker.protocol.topology import Topology
 from broker.settings import ControlSettings
 from edge_bridge.admission import CommandGate
 from edge_bridge.applying import Appliers
+from edge_bridge.metrics import DesiredStateMetrics
 from edge_bridge.observing import deployment_health, observe
 
-__all__ = ["MEMORY_FILE", "DesiredStateMetrics", "Reconciler", "changes_for"]
+__all__ = ["MEMORY_FILE", "Reconciler", "changes_for"]
 
 log = structlog.get_logger(__name__)
 
 MEMORY_FILE = "desired-state.json"
 _HEALTH_POLL_S = 0.25
 """How often a Deployment's rollout is read while waiting for it to complete."""
-
-
-class DesiredStateMetrics:
-    """What an operator graphs about one edge's desired state."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.passes = Counter("edgesync_desired_passes", "Reconciliation passes by outcome.",
-                              ["status"], registry=r)
-        self.drift = Gauge("edgesync_desired_drift_fields",
-                           "Managed fields whose observed value differs from the desired one.",
-                           registry=r)
-        self.revision = Gauge("edgesync_desired_revision",
-                              "The desired-state revision this edge applied last.", registry=r)
-        self.apply_seconds = Histogram(
-            "edgesync_desired_apply_seconds", "Applying a new revision, health wait included.",
-            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=r)
 
 
 def changes_for(document: DesiredDocument, drift: list[Drift]

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one edge bridge, in a registry of its own.
+"""Prometheus metrics of one edge bridge, in a registry of its own: every metric it exports.
 
 A registry per bridge (not the global one) so that several bridges can live in
 one process, as ``edgesync up --edges N`` and the tests run them.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["BridgeMetrics"]
+__all__ = ["BridgeMetrics", "ControlMetrics", "DesiredStateMetrics", "RuntimeConfigMetrics"]
 
 
 class BridgeMetrics:
@@ -99,3 +99,79 @@ class BridgeMetrics:
         )
         self.info = Gauge("edgesync_bridge_info", "Bridge identity.", ["edge"], registry=r)
         self.info.labels(**labels).set(1)
+
+
+class ControlMetrics:
+    """What an operator graphs about the control channel of one bridge."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.received = Counter(
+            "edgesync_commands_received", "Command messages taken from the control subject.",
+            registry=r)
+        self.finished = Counter(
+            "edgesync_commands_finished", "Commands by kind and final status.",
+            ["kind", "status"], registry=r)
+        self.rejected = Counter(
+            "edgesync_commands_rejected", "Commands refused, by reason code.", ["code"],
+            registry=r)
+        self.apply_seconds = Histogram(
+            "edgesync_command_apply_seconds", "Time to carry out an admitted command.",
+            ["kind"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r)
+        self.outbox = Gauge(
+            "edgesync_command_status_outbox", "Status reports not yet acknowledged by JetStream.",
+            registry=r)
+        self.kube_conflicts = Counter(
+            "edgesync_kubernetes_conflicts", "Kubernetes writes retried after 409 Conflict.",
+            registry=r)
+
+
+class DesiredStateMetrics:
+    """What an operator graphs about one edge's desired state."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.passes = Counter("edgesync_desired_passes", "Reconciliation passes by outcome.",
+                              ["status"], registry=r)
+        self.drift = Gauge("edgesync_desired_drift_fields",
+                           "Managed fields whose observed value differs from the desired one.",
+                           registry=r)
+        self.revision = Gauge("edgesync_desired_revision",
+                              "The desired-state revision this edge applied last.", registry=r)
+        self.apply_seconds = Histogram(
+            "edgesync_desired_apply_seconds", "Applying a new revision, health wait included.",
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=r)
+
+
+class RuntimeConfigMetrics:
+    """The settings in effect on one bridge (``bridge.configure`` may change them)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.batch_records = Gauge(
+            "edgesync_bridge_config_batch_max_records", "Effective records per batch.",
+            registry=r)
+        self.batch_bytes = Gauge(
+            "edgesync_bridge_config_batch_max_bytes", "Effective payload bytes per batch.",
+            registry=r)
+        self.linger = Gauge(
+            "edgesync_bridge_config_linger_seconds", "Effective batch linger.", registry=r)
+        self.compression = Gauge(
+            "edgesync_bridge_config_compression", "1 for the batch compression in effect.",
+            ["compression"], registry=r)
+        self.heartbeat = Gauge(
+            "edgesync_bridge_config_heartbeat_interval_seconds",
+            "Effective seconds between heartbeats.", registry=r)
+        self.priority = Gauge(
+            "edgesync_stream_policy_priority",
+            "Priority of each stream with its own policy, and of the default policy.",
+            ["stream"], registry=r)
+        self.ttl = Gauge(
+            "edgesync_stream_policy_ttl_seconds", "Record TTL by policy (0: none).",
+            ["stream"], registry=r)
+        self.overflow = Gauge(
+            "edgesync_stream_policy_overflow", "1 for the overflow policy in effect.",
+            ["stream", "overflow"], registry=r)
+        self.changes = Counter(
+            "edgesync_bridge_config_changes", "bridge.configure changes applied.", registry=r)

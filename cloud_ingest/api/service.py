@@ -16,7 +16,6 @@ from typing import Any
 import asyncpg
 import structlog
 from nats.js import JetStreamContext
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from broker.errors import ClosedError, ConfigError, Conflict, EdgesyncError, InvalidInput
 from broker.protocol.command_specs import masked_spec
@@ -32,9 +31,10 @@ from cloud_ingest.cloud_service import CloudService
 from cloud_ingest.command_status import expire_overdue
 from cloud_ingest.db_errors import DATABASE_ERRORS, as_temporary
 from cloud_ingest.desired import DesiredPublisher
-from cloud_ingest.rollouts import RolloutDriver, RolloutMetrics
+from cloud_ingest.metrics import ApiMetrics, RolloutMetrics
+from cloud_ingest.rollouts import RolloutDriver
 
-__all__ = ["Api", "ApiMetrics"]
+__all__ = ["Api"]
 
 log = structlog.get_logger(__name__)
 
@@ -43,28 +43,6 @@ _PUBLISH_TIMEOUT_S = 2.0
 
 
 # -- the service ------------------------------------------------------------------------------
-
-
-class ApiMetrics:
-    def __init__(self) -> None:
-        self.registry = r = CollectorRegistry()
-        self.issued = Counter("edgesync_commands_issued", "Commands issued, by kind.", ["kind"],
-                              registry=r)
-        self.expired = Counter("edgesync_commands_expired",
-                               "Commands the cloud marked expired (never delivered).", registry=r)
-        self.publish_failures = Counter(
-            "edgesync_command_publish_failures", "Failed publishes of commands (retried).",
-            registry=r)
-        self.unpublished = Gauge(
-            "edgesync_commands_unpublished", "Pending commands not yet in JetStream.", registry=r)
-        self.live_tails = Gauge(
-            "edgesync_api_live_tails", "Open live tails (SSE); capped by api.max_live_tails.",
-            registry=r)
-        self.tails_refused = Counter(
-            "edgesync_api_live_tails_refused",
-            "Live tails refused with 503 because api.max_live_tails were open.", registry=r)
-        self.requests = Counter("edgesync_api_requests", "API requests by method, route, status.",
-                                ["method", "route", "status"], registry=r)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
