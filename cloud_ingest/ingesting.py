@@ -43,6 +43,7 @@ from nats.js.errors import FetchTimeoutError
 from broker.backoff import backoff_s
 from broker.long_polling import fetch_one_unless
 from broker.protocol.topology import Topology
+from broker.settings import IngestSettings
 from cloud_ingest.db_errors import as_temporary
 from cloud_ingest.gc_pausing import paused_gc
 from cloud_ingest.metrics import IngestMetrics
@@ -93,36 +94,21 @@ class RecordsConsumer:
         js: JetStreamContext,
         pool: asyncpg.Pool,
         topology: Topology,
-        consumer: str,
-        fetch_batch: int,
-        fetch_timeout_s: float,
-        idle_poll_s: float = 1.0,
-        ack_wait_s: float,
-        group_max_records: int = 16_000,
-        group_max_bytes: int = 8 * 1024**2,
-        group_max_messages: int = 1_000,
-        workers: int,
-        db_retry_max_s: float,
+        settings: IngestSettings,
         metrics: IngestMetrics,
-        group_budget_bytes: int = 64 * 1024 * 1024,
         on_committed: Callable[[list[tuple[str, str, int, int]]], None] | None = None,
     ) -> None:
-        """``on_committed`` receives the watermarks of each group after its commit."""
-        self._on_committed = on_committed
+        """``settings`` name the consumer and size its fetches, groups and retries;
+        ``on_committed`` receives the watermarks of each group after its commit."""
+        self._settings = settings
         self._nc = nc
         self._js = js
         self._pool = pool
         self._topology = topology
-        self._consumer = consumer
-        self._fetch_batch = fetch_batch
-        self._fetch_timeout = fetch_timeout_s
-        self._idle_poll = idle_poll_s
-        self._budget = _GroupBudget(group_max_messages, group_max_records, group_max_bytes)
-        self._ack_wait = ack_wait_s
-        self._workers = workers
-        self._db_retry_max = db_retry_max_s
+        self._budget = _GroupBudget(settings.group_max_messages, settings.group_max_records,
+                                    settings.group_max_bytes)
         self._metrics = metrics
-        self._group_budget = group_budget_bytes
+        self._on_committed = on_committed
         self._writer = GroupWriter(topology)
         self._stopping = False
         self._stop = asyncio.Event()
@@ -135,10 +121,10 @@ class RecordsConsumer:
 
     async def ensure_consumer(self) -> None:
         config = ConsumerConfig(
-            durable_name=self._consumer,
+            durable_name=self._settings.consumer,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
-            ack_wait=self._ack_wait,
+            ack_wait=self._settings.ack_wait_s,
             max_deliver=-1,
             max_ack_pending=20_000,
             filter_subject=self._topology.records_wildcard,
@@ -147,11 +133,11 @@ class RecordsConsumer:
 
     async def consume_forever(self) -> None:
         sub = await self._js.pull_subscribe_bind(
-            self._consumer, stream=self._topology.records_stream
+            self._settings.consumer, stream=self._topology.records_stream
         )
         try:
             async with asyncio.TaskGroup() as tg:
-                for i in range(self._workers):
+                for i in range(self._settings.workers):
                     tg.create_task(self._worker(sub), name=f"ingest-worker-{i}")
         finally:
             with contextlib.suppress(Exception):  # the connection may already be gone
@@ -211,15 +197,16 @@ class RecordsConsumer:
         records = nbytes = 0
         if idle:
             # One long request for one message; shutdown ends it at once.
-            msgs = await fetch_one_unless(sub, timeout=self._idle_poll, interrupt=self._stop)
+            msgs = await fetch_one_unless(sub, timeout=self._settings.idle_poll_s,
+                                          interrupt=self._stop)
             if not msgs:
                 return msgs
             records, nbytes = _records_hint(msgs[0]), len(msgs[0].data)
         started = time.monotonic()
-        ask = min(self._fetch_batch, budget.messages - len(msgs))
+        ask = min(self._settings.fetch_batch, budget.messages - len(msgs))
         while ask > 0:
             try:
-                got = await sub.fetch(ask, timeout=self._fetch_timeout)
+                got = await sub.fetch(ask, timeout=self._settings.fetch_timeout_s)
             except (FetchTimeoutError, nats.errors.TimeoutError, TimeoutError):
                 # nats-py also raises the bare (asyncio) TimeoutError when its pull
                 # request expired with nothing delivered: an empty fetch, not a failure.
@@ -232,7 +219,7 @@ class RecordsConsumer:
             for m in got:
                 records += _records_hint(m)
                 nbytes += len(m.data)
-            if (len(got) < ask or time.monotonic() - started > self._fetch_timeout
+            if (len(got) < ask or time.monotonic() - started > self._settings.fetch_timeout_s
                     or len(msgs) >= budget.messages or records >= budget.records
                     or nbytes >= budget.bytes):
                 return msgs
@@ -262,7 +249,7 @@ class RecordsConsumer:
             for k in range(start, len(msgs)):
                 decoded = (carried if k == start and carried is not None
                            else self._writer.decode(msgs[k]))
-                if part and cost + decoded.cost > self._group_budget:
+                if part and cost + decoded.cost > self._settings.group_budget_bytes:
                     return part, k, decoded
                 part.append(decoded)
                 cost += decoded.cost
@@ -282,7 +269,8 @@ class RecordsConsumer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                temporary = as_temporary(exc, attempt=attempt + 1, cap_s=self._db_retry_max)
+                temporary = as_temporary(exc, attempt=attempt + 1,
+                                         cap_s=self._settings.db_retry_max_s)
                 if temporary is not None:
                     # Database unavailable: keep the group, do not ack, retry when it returns.
                     attempt += 1
@@ -318,8 +306,8 @@ class RecordsConsumer:
                     failures = 0
                     log.error("message_dead_lettered", subject=only.msg.subject, error=error)
                     continue
-                await asyncio.sleep(backoff_s(failures, cap_s=self._db_retry_max))
-            if time.monotonic() - last_progress > self._ack_wait / 3:
+                await asyncio.sleep(backoff_s(failures, cap_s=self._settings.db_retry_max_s))
+            if time.monotonic() - last_progress > self._settings.ack_wait_s / 3:
                 # Keep JetStream from redelivering a group we still hold.
                 for d in decoded:
                     await _quietly(d.msg.in_progress())

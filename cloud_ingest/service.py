@@ -87,16 +87,8 @@ class Ingest(CloudService):
             interval_s=self.settings.watermark_interval_s,
         )
         self.consumer = RecordsConsumer(
-            nc=nc, js=js, pool=pool, topology=self.topology,
-            consumer=self.settings.consumer, fetch_batch=self.settings.fetch_batch,
-            fetch_timeout_s=self.settings.fetch_timeout_s, idle_poll_s=self.settings.idle_poll_s,
-            ack_wait_s=self.settings.ack_wait_s, workers=self.settings.workers,
-            db_retry_max_s=self.settings.db_retry_max_s, metrics=self.metrics,
-            group_budget_bytes=self.settings.group_budget_bytes,
-            group_max_records=self.settings.group_max_records,
-            group_max_bytes=self.settings.group_max_bytes,
-            group_max_messages=self.settings.group_max_messages,
-            on_committed=self.watermarks.note,
+            nc=nc, js=js, pool=pool, topology=self.topology, settings=self.settings,
+            metrics=self.metrics, on_committed=self.watermarks.note,
         )
         await self.consumer.ensure_consumer()
         self.events = EventsConsumer(
