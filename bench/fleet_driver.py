@@ -285,14 +285,12 @@ class Fleet:
             st.waiting.popleft().seen = now
 
     async def _on_watermark(self, msg: Msg) -> None:
-        # $KV.<bucket>.<edge>.<stream>.<epoch>
-        parts = msg.subject.split(".")
-        if len(parts) == 5 and msg.data:
-            self._apply(parts[2], parts[3], int(parts[4]), int(msg.data))
+        key = self.topology.parse_watermark_subject(msg.subject)
+        if key is not None and msg.data:
+            self._apply(*key, int(msg.data))
 
     async def _catch_up_forever(self) -> None:
         """Once a second, every stream with uncommitted records reads its key."""
-        prefix = f"$KV.{self.topology.watermarks_bucket}"
         api = f"$JS.API.STREAM.MSG.GET.KV_{self.topology.watermarks_bucket}"
         while True:
             await asyncio.sleep(1.0)
@@ -300,8 +298,8 @@ class Fleet:
             for (edge, stream), st in self.streams.items():
                 if st.next_seq - 1 <= st.committed:
                     continue
-                request = json.dumps(
-                    {"last_by_subj": f"{prefix}.{edge}.{stream}.{st.epoch}"}).encode()
+                subject = self.topology.watermark_subject(edge, stream, st.epoch)
+                request = json.dumps({"last_by_subj": subject}).encode()
                 await self.nc.publish(api, request, reply=f"{_INBOX}.kv.x")
                 self.kv_reads += 1
                 k += 1
@@ -315,9 +313,9 @@ class Fleet:
             return
         if found is None or not found.data:
             return  # no such key yet
-        parts = found.subject.split(".")
-        if len(parts) == 5:
-            self._apply(parts[2], parts[3], int(parts[4]), int(base64.b64decode(found.data)))
+        key = self.topology.parse_watermark_subject(found.subject)
+        if key is not None:
+            self._apply(*key, int(base64.b64decode(found.data)))
 
     # -- control -------------------------------------------------------------------------
 

@@ -83,7 +83,7 @@ class Ingest(CloudService):
         js = nc.jetstream()
         await self.topology.ensure_all(js)  # the ingest owns the topology
         self.watermarks = WatermarkPublisher(
-            nc, self.topology.watermarks_bucket,
+            nc, self.topology,
             interval_s=self.settings.watermark_interval_s,
         )
         self.consumer = RecordsConsumer(

@@ -32,6 +32,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from broker.protocol.topology import Topology
+
 __all__ = ["WatermarkPublisher"]
 
 log = structlog.get_logger(__name__)
@@ -49,9 +51,9 @@ _PUBLISHED_MEMORY = 100_000
 class WatermarkPublisher:
     """Coalesces watermarks and publishes the latest of each key periodically."""
 
-    def __init__(self, nc: NATS, bucket: str, *, interval_s: float = 0.25) -> None:
+    def __init__(self, nc: NATS, topology: Topology, *, interval_s: float = 0.25) -> None:
         self._nc = nc
-        self._subject = f"$KV.{bucket}."
+        self._subject_of = topology.watermark_subject
         self._interval = interval_s
         self._pending: dict[_Key, int] = {}
         self._published: dict[_Key, int] = {}
@@ -118,7 +120,7 @@ class WatermarkPublisher:
                 token = f"{prefix}{next(self._tokens)}"
                 self._in_flight[token] = (key, watermark)
                 edge, stream, epoch = key
-                await self._nc.publish(f"{self._subject}{edge}.{stream}.{epoch}",
+                await self._nc.publish(self._subject_of(edge, stream, epoch),
                                        str(watermark).encode(), reply=token)
             self._publishing = False
             if not self._in_flight:

@@ -83,16 +83,15 @@ class WatermarkFollower:
                 await sub.unsubscribe()
 
     async def _on_update(self, msg: Msg) -> None:
-        # $KV.<bucket>.<edge>.<stream>.<epoch>
-        parts = msg.subject.split(".")
-        if len(parts) != 5:
-            return
+        key = self._topology.parse_watermark_subject(msg.subject)
         try:
-            epoch, watermark = int(parts[4]), int(msg.data)
+            watermark = int(msg.data)
         except ValueError:
+            key = None
+        if key is None:
             log.warning("watermark_malformed", subject=msg.subject)
             return
-        await self.apply(parts[3], epoch, watermark)
+        await self.apply(key[1], key[2], watermark)
 
     async def _catch_up(self) -> None:
         try:
@@ -103,7 +102,8 @@ class WatermarkFollower:
                 if state is None or state.next_seq - 1 <= state.committed_seq:
                     continue
                 try:
-                    entry = await self._kv.get(f"{self._edge}.{stream}.{state.epoch}")
+                    entry = await self._kv.get(
+                        self._topology.watermark_key(self._edge, stream, state.epoch))
                 except KeyNotFoundError:
                     continue
                 if entry.value:

@@ -102,6 +102,24 @@ class Topology:
         """Where the KV bucket publishes updates of one edge's keys."""
         return f"$KV.{self.watermarks_bucket}.{validate_token('edge id', edge)}.>"
 
+    def watermark_key(self, edge: str, stream: str, epoch: int) -> str:
+        """The watermarks bucket's key of one ``(edge, stream, epoch)``."""
+        return f"{edge}.{stream}.{epoch}"
+
+    def watermark_subject(self, edge: str, stream: str, epoch: int) -> str:
+        """The subject a put of that key publishes to (and its watchers receive)."""
+        return f"$KV.{self.watermarks_bucket}.{edge}.{stream}.{epoch}"
+
+    def parse_watermark_subject(self, subject: str) -> tuple[str, str, int] | None:
+        """``(edge, stream, epoch)`` of a watermark key's subject, or None if it is not one."""
+        parts = subject.split(".")
+        if len(parts) != 5 or parts[:2] != ["$KV", self.watermarks_bucket]:
+            return None
+        try:
+            return parts[2], parts[3], int(parts[4])
+        except ValueError:
+            return None
+
     def records_subject(self, edge: str, stream: str) -> str:
         validate_token("edge id", edge)
         validate_token("stream name", stream)

@@ -27,7 +27,7 @@ async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NATS]:
 
 @contextlib.asynccontextmanager
 async def publishing(nc: NATS, topology: Topology) -> AsyncIterator[WatermarkPublisher]:
-    publisher = WatermarkPublisher(nc, topology.watermarks_bucket, interval_s=0.01)
+    publisher = WatermarkPublisher(nc, topology, interval_s=0.01)
     task = asyncio.create_task(publisher.publish_forever())
     try:
         yield publisher
