@@ -4,6 +4,7 @@ takes exactly the requests the general way would store, and stores what it would
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -12,7 +13,17 @@ from hypothesis import strategies as st
 
 from broker.protocol.ingress import IngressRequest
 from broker.protocol.validation import MAX_TS_US, MIN_TS_US, record_problems
-from broker.protocol.wire import CT_JSON, CT_RAW, MAX_KEY_CHARS, Record, array_header
+from broker.protocol.wire import (
+    CT_JSON,
+    CT_RAW,
+    MAX_KEY_CHARS,
+    Record,
+    array_header,
+    decode_batch,
+    encode_batch_parts,
+)
+from broker.settings import StreamPolicy
+from edge_bridge.buffer import Buffer
 from edge_bridge.buffer.chunks import (
     CHUNK_MAX_BYTES,
     CHUNK_MAX_RECORDS,
@@ -81,10 +92,7 @@ def test_requests_beyond_one_chunk_are_cut_as_the_general_way_cuts_them() -> Non
 
 def _hand_encoded(record: bytes) -> bytes:
     """A request of one record whose array the test wrote byte by byte."""
-    head = msgspec.msgpack.encode({"producer": "p", "request_seq": 1})
-    # Add a third entry to the two-entry fixmap: records = [record].
-    return bytes([head[0] + 1]) + head[1:] + msgspec.msgpack.encode("records") + (
-        array_header(1) + record)
+    return _hand_encoded_many([record])
 
 
 def test_other_valid_encodings_are_kept_and_read_back_as_the_same_records() -> None:
@@ -175,3 +183,35 @@ def test_the_bulk_check_stores_what_the_general_way_stores_or_leaves_it(
     assert stored_records([(c.records, c.body) for c in plain.chunks]) == general
     assert [r for c in plain.chunks for r in split_chunk(c.body, c.records)] == [
         msgspec.msgpack.encode(r) for r in general]
+
+
+async def test_kept_bytes_travel_as_a_batch_the_ingest_decodes_strictly(tmp_path: Path) -> None:
+    """A request in another valid encoding, stored as it came (``append_chunks``), read by
+    the shipper's read (cut mid-chunk too) and spliced into a batch, decodes strictly,
+    as the ingest decodes it, to the records the general way would have stored."""
+    record = (b"\x95" + b"\xd3" + struct.pack(">q", 1_700_000_000_000_000) + b"\xd0\x01"
+              + b"\xc5" + struct.pack(">H", 7) + b'{"a":1}' + b"\xd9\x03dev" + b"\xc0")
+    body = _hand_encoded_many([record, record, record])
+    plain = plain_request(body, max_record_bytes=MAX_RECORD)
+    assert plain is not None and [c.body for c in plain.chunks] == [record * 3]
+    async with Buffer(tmp_path / "buf", max_bytes=10**9,
+                      policy_for=lambda s: StreamPolicy()) as buf:
+        stored = await buf.append_chunks("s", plain.chunks, producer=plain.producer,
+                                         request_seq=plain.request_seq)
+        runs = (await buf.read_runs("s", 0, max_records=2, max_bytes=10**6)
+                + await buf.read_runs("s", 2, max_records=2, max_bytes=10**6))
+    batches = [decode_batch(encode_batch_parts("edge-1", "s", epoch=run.epoch,
+                                               first_seq=run.first_seq, count=run.count,
+                                               parts=run.parts), strict=True)
+               for run in runs]
+    assert [(b.first_seq, b.epoch) for b in batches] == [(1, stored.epoch), (3, stored.epoch)]
+    assert [r for b in batches for r in b.records] == general_way(body) == [
+        Record(1_700_000_000_000_000, CT_JSON, b'{"a":1}', "dev")] * 3
+
+
+def _hand_encoded_many(records: list[bytes]) -> bytes:
+    """A request of records whose arrays the test wrote byte by byte."""
+    head = msgspec.msgpack.encode({"producer": "p", "request_seq": 1})
+    # A third entry in the two-entry fixmap: records = [...].
+    return bytes([head[0] + 1]) + head[1:] + msgspec.msgpack.encode("records") + (
+        array_header(len(records)) + b"".join(records))
