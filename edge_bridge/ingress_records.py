@@ -52,6 +52,8 @@ from broker.protocol.tokens import TOKEN_PATTERN, is_valid_token
 from broker.protocol.validation import record_problems
 from broker.protocol.wire import CT_JSON, CT_RAW, Record
 from broker.serving import error_response
+from edge_bridge.buffer.chunks import EncodedChunk, encode_chunks
+from edge_bridge.ingress_bulk import plain_request
 
 if TYPE_CHECKING:
     from edge_bridge.bridge import Bridge
@@ -111,10 +113,10 @@ class RecordsEndpoint:
                       body: AsyncIterator[bytes]) -> Response:
         started = time.perf_counter()
         try:
-            records, producer, request_seq = await self._read(stream, headers, body)
+            chunks, producer, request_seq = await self._read(stream, headers, body)
             try:
-                result = await self._bridge.buffer.append(
-                    stream, records, producer=producer, request_seq=request_seq
+                result = await self._bridge.buffer.append_chunks(
+                    stream, chunks, producer=producer, request_seq=request_seq
                 )
             except InvalidInput as exc:  # the buffer refuses a request it cannot hold
                 raise RequestTooLarge(str(exc)) from exc
@@ -137,8 +139,9 @@ class RecordsEndpoint:
         })
 
     async def _read(self, stream: str, headers: Mapping[str, str], chunks: AsyncIterator[bytes]
-                    ) -> tuple[list[Record], str | None, int | None]:
-        """The request's records, validated; refusals raise (statuses: ``HTTP_STATUS``)."""
+                    ) -> tuple[list[EncodedChunk], str | None, int | None]:
+        """The request's records, validated and encoded into the buffer's chunks;
+        refusals raise (statuses: ``HTTP_STATUS``)."""
         settings = self._settings
         if not is_valid_token(stream):
             raise InvalidName(f"stream name {stream!r} must match {TOKEN_PATTERN}",
@@ -157,6 +160,11 @@ class RecordsEndpoint:
         ctype = headers.get("content-type", "").split(";")[0].strip().lower()
         producer: str | None
         request_seq: int | None
+        if ctype in MSGPACK_TYPES:
+            # The common request, checked in bulk; anything else takes the general way.
+            plain = plain_request(body, max_record_bytes=settings.max_record_bytes)
+            if plain is not None:
+                return plain.chunks, plain.producer, plain.request_seq
         try:
             if ctype in MSGPACK_TYPES:
                 req = _msgpack_request.decode(body)
@@ -176,7 +184,7 @@ class RecordsEndpoint:
             if type(exc) is not InvalidInput:  # the subclasses carry their own code
                 raise
             raise InvalidInput(str(exc), code="invalid_records") from exc
-        return records, producer, request_seq
+        return encode_chunks(records), producer, request_seq
 
 
 def _json_ts(value: float | str | None, now_us: int) -> int:

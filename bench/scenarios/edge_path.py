@@ -42,7 +42,7 @@ from bench.profiles import Profile
 from bench.results import ScenarioResult
 from bench.scenarios._durable_append import REQUEST_RECORDS, durable_append_rps
 from broker.runtime.embedded_nats import EmbeddedNats
-from edge_bridge.sdk import SendFailed, SyncEdgeClient
+from edge_bridge.sdk import BufferFull, SendFailed, SyncEdgeClient
 
 __all__ = ["BASELINE_STREAM", "BASELINE_SUBJECT", "KEY", "NO_RETRANSMIT", "TITLE", "run"]
 
@@ -231,7 +231,9 @@ async def _sync_phase(env: BenchEnv, nats_server: EmbeddedNats, bridge: Measured
 def _sync_produce(url: str, pool: Pool, n: int, *, futures: bool) -> tuple[float, int]:
     """One application thread sending ``n`` records through a ``SyncEdgeClient``
     (``send``, or ``publish`` with a future each if ``futures``); returns the
-    seconds until ``flush`` returned, and the records that failed."""
+    seconds until ``flush`` returned, and the records that failed. Back-pressure
+    (``BufferFull``: the SDK's ``max_pending_records`` are unconfirmed) is waited out
+    as the async producers wait it out (``bench.driving``)."""
     assert threading.current_thread() is not threading.main_thread()
     size = len(pool)
     client = SyncEdgeClient(url)
@@ -240,9 +242,15 @@ def _sync_produce(url: str, pool: Pool, n: int, *, futures: bool) -> tuple[float
     try:
         with client:
             started = time.perf_counter()
-            for i in range(n):
+            i = 0
+            while i < n:
                 j = i % size
-                publish(STREAM, pool.dicts[j], key=pool.keys[j])
+                try:
+                    publish(STREAM, pool.dicts[j], key=pool.keys[j])
+                except BufferFull:  # max_pending_records unconfirmed: wait, as an app must
+                    time.sleep(0.002)
+                    continue
+                i += 1
             client.flush()
             seconds = time.perf_counter() - started
     except SendFailed:  # counted in stats

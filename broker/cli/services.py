@@ -13,7 +13,10 @@ not import the CLI (typer, rich and every subcommand: ~3.5 MiB), and before
 anything imports them it keeps out two optional libraries the bridge never
 uses (:func:`skip_unused_libraries`): nats-py's WebSocket transport pulls in
 aiohttp (~8.5 MiB) whenever it is installed, and structlog loads rich
-(~4 MiB) for console tracebacks. Nothing here runs at import time.
+(~4 MiB) for console tracebacks. It also has glibc's malloc keep the
+request-sized buffers it frees for the next request (:func:`reuse_freed_memory`)
+instead of handing them back to the kernel and faulting fresh pages in again.
+Nothing here runs at import time.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ if TYPE_CHECKING:
 __all__ = [
     "EXIT_CRASHED",
     "EXIT_ERROR",
+    "MALLOC_MMAP_THRESHOLD_BYTES",
+    "MALLOC_TRIM_THRESHOLD_BYTES",
     "bridge_main",
+    "reuse_freed_memory",
     "run_from_env",
     "run_service",
     "skip_unused_libraries",
@@ -41,6 +47,14 @@ EXIT_CRASHED: Final = 1
 """A service's root task crashed: Kubernetes must see a failed container, not a clean exit."""
 EXIT_ERROR: Final = 2
 """An error of ours (bad settings, a root task that ended unasked, ...)."""
+MALLOC_MMAP_THRESHOLD_BYTES: Final = 4 * 1024**2
+"""Blocks below this come from malloc's heap, not from pages mapped for them alone: a
+records request's buffers (up to a few hundred KiB each at the SDK's batch size)."""
+MALLOC_TRIM_THRESHOLD_BYTES: Final = 16 * 1024**2
+"""Free memory at the top of a malloc heap is kept up to this much, not handed back to
+the kernel: a few requests' buffers. Memory kept never exceeds what was in use before."""
+_M_TRIM_THRESHOLD: Final = -1  # from <malloc.h>
+_M_MMAP_THRESHOLD: Final = -3
 
 
 def skip_unused_libraries(environ: Mapping[str, str]) -> list[str]:
@@ -64,6 +78,33 @@ def skip_unused_libraries(environ: Mapping[str, str]) -> list[str]:
     for name in skipped:
         sys.modules[name] = None  # type: ignore[assignment]  # the documented import block
     return skipped
+
+
+def reuse_freed_memory() -> bool:
+    """Have glibc's malloc reuse the large buffers a process frees; True if it took.
+
+    Every records request passes its body, a few hundred KiB, through several buffers
+    (HTTP parsing, the JSON check, the chunk, the batch and its NATS command). By
+    default glibc maps fresh pages for each block above 128 KiB (a threshold it raises
+    as they are freed) and hands the top of its heap back to the kernel whenever more
+    than twice that is free, so the next request's buffers are new pages again, zeroed
+    and faulted in one by one: page faults, ``brk`` and ``munmap`` were a large part of
+    the bridge's system CPU under load (bench/README.md, issue 17). With the
+    thresholds above the freed blocks are reused. Setting them also ends glibc's own
+    adjustment of the first one. Elsewhere than Linux, or without glibc's ``mallopt``,
+    nothing changes.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES))
 
 
 def run_service(
@@ -115,6 +156,7 @@ def run_from_env(
 def bridge_main() -> int:
     """``edgesync bridge``: one edge bridge from ``EDGESYNC_*`` settings; the exit status."""
     skip_unused_libraries(os.environ)
+    reuse_freed_memory()
     from edge_bridge.bridge import Bridge
 
     code, error = run_from_env(

@@ -43,7 +43,7 @@ from broker.opening import Opened
 from broker.protocol.wire import Record
 from broker.settings import StreamPolicy
 from edge_bridge.buffer import policies, reads
-from edge_bridge.buffer.chunks import encode_chunks, parts_size, split_chunk
+from edge_bridge.buffer.chunks import EncodedChunk, encode_chunks, parts_size, split_chunk
 from edge_bridge.buffer.recovery import Recovery, open_checked
 from edge_bridge.buffer.schema import ChunkRow, DropRun, connect, insert_chunks, replace_chunk
 from edge_bridge.buffer.stats import BufferStats, disk_bytes
@@ -188,9 +188,24 @@ class Buffer(Opened):
         """
         if not records:
             raise InvalidInput("an append needs at least one record")
+        return await self.append_chunks(stream, encode_chunks(records), producer=producer,
+                                        request_seq=request_seq)
+
+    async def append_chunks(
+        self,
+        stream: str,
+        chunks: Sequence[EncodedChunk],
+        *,
+        producer: str | None = None,
+        request_seq: int | None = None,
+    ) -> AppendResult:
+        """:meth:`append` for records already encoded into chunks (one request's, in
+        order; :mod:`~edge_bridge.buffer.chunks` says what a chunk holds)."""
+        count = sum(chunk.records for chunk in chunks)
+        if not count:
+            raise InvalidInput("an append needs at least one record")
         now = time.time()
         received = int(now * 1_000_000)
-        chunks = encode_chunks(records)
         total = sum(chunk.size for chunk in chunks)
         if total > self._max_bytes:
             raise InvalidInput(
@@ -207,7 +222,7 @@ class Buffer(Opened):
                     (producer, request_seq),
                 ).fetchone()
                 if hit is not None:
-                    if (hit[3], hit[2]) != (stream, len(records)):
+                    if (hit[3], hit[2]) != (stream, count):
                         # A retry repeats its request; this is another one reusing the id.
                         raise RequestConflict(
                             f"producer {producer!r} request_seq {request_seq} was already "

@@ -12,6 +12,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 WAIT_S = 60.0
 
 _PROBE = textwrap.dedent('''
@@ -57,3 +59,38 @@ def test_the_lean_bridge_exits_with_the_error_status_on_bad_settings(tmp_path: P
     )
     assert proc.returncode == 2, proc.stderr
     assert "invalid edge id 'not.valid'" in proc.stderr
+
+
+_BUFFERS = textwrap.dedent('''
+    import resource, sys
+    from broker.cli.services import reuse_freed_memory
+    took = reuse_freed_memory() if sys.argv[1] == "reuse" else None
+
+    def requests(n):  # a request's passage: its body, a joined copy, a translated one
+        for i in range(n):
+            body = bytes([i % 256]) * 220_000
+            joined = body + b"," * 180_000
+            translated = joined.replace(b",", b";")
+            del body, joined, translated
+
+    requests(50)  # the first requests may map what the process never had
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    requests(200)
+    print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+''')
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_the_bridge_reuses_the_request_sized_buffers_it_frees() -> None:
+    """Once tuned, buffers of a request's size freed by one request are reused by the
+    next: no page faults (untuned, glibc hands them back and faults in fresh pages)."""
+    def faults(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", _BUFFERS, mode], check=True,
+                             capture_output=True, text=True, timeout=WAIT_S).stdout.split()
+        return out[0], int(out[1])
+
+    took, tuned = faults("reuse")
+    _, untuned = faults("default")
+    assert took == "True"
+    assert tuned < 100, tuned  # a few pages at most, for whatever else the loop touches
+    assert untuned > 10_000, untuned  # ~100 pages per buffer, per request
