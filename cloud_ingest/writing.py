@@ -50,6 +50,7 @@ from cloud_ingest.dead_letters import DeadLetter, insert_dead_letters
 from cloud_ingest.feeding import record_commit
 from cloud_ingest.gc_pausing import paused_gc
 from cloud_ingest.isolating import REJECTED, refusal
+from cloud_ingest.packing import int8_array, text_array
 from cloud_ingest.ranges import Span, Watermark, merge_ranges, spans_of
 
 __all__ = [
@@ -476,15 +477,17 @@ async def _accounted_seqs(
             "ON CONFLICT (edge_id, stream, epoch) DO NOTHING",
             [k[0] for k in missing], [k[1] for k in missing], [k[2] for k in missing])
     spans = [windows[k] for k in keys]
+    params = (text_array([k[0] for k in keys], 1), text_array([k[1] for k in keys], 2),
+              int8_array([k[2] for k in keys], 3), int8_array([w[0] for w in spans], 4),
+              int8_array([w[1] for w in spans], 5))
     rows = await conn.fetch(
         "SELECT u.ord, nullif((c.ranges + c.dead_lettered)"
         "  * int8multirange(int8range(u.lo, u.hi)), '{}') AS seen "
-        "FROM committed_ranges c JOIN unnest($1::text[], $2::text[], $3::int8[], $4::int8[],"
-        "  $5::int8[]) WITH ORDINALITY AS u(edge_id, stream, epoch, lo, hi, ord) "
+        f"FROM committed_ranges c JOIN unnest({', '.join(p[0] for p in params)})"
+        "  WITH ORDINALITY AS u(edge_id, stream, epoch, lo, hi, ord) "
         "  USING (edge_id, stream, epoch) "
         "ORDER BY c.edge_id, c.stream, c.epoch" + (" FOR UPDATE OF c" if lock else ""),
-        [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
-        [w[0] for w in spans], [w[1] for w in spans])
+        *(p[1] for p in params))
     if lock and existing and len(rows) < len(keys):
         return await _accounted_seqs(conn, keys, windows, lock=True)
     return {keys[r[0] - 1]: [(x.lower, x.upper) for x in r[1]] if r[1] is not None else []

@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 from broker.pg_connecting import connected
 from broker.protocol.topology import Topology
 from cloud_ingest.ingesting import init_connection
+from cloud_ingest.packing import int8_array, text_array
 from cloud_ingest.writing import GroupWriter, _accounted_seqs
 from tests.support.batches import json_batch_msg
 
@@ -117,3 +118,23 @@ async def test_a_written_group_leaves_no_cycle_holding_its_rows(
         gc.enable()
     assert result.inserted == 2_000
     assert unreachable < 200, f"{unreachable} objects were left in reference cycles"
+
+
+@pytest.mark.parametrize("values", [
+    [], [""], ["", "a"], ["a", ""], ["edge-1", "edge_2"], ["a\x1fb", "c"], ["x,y", "{z}", '"q"'],
+])
+async def test_packed_text_arrays_reach_postgresql_exactly(
+    conn: asyncpg.Connection, values: list[str],
+) -> None:
+    """A text array packed into one parameter (cloud_ingest.packing) arrives as the same
+    array, whatever the strings hold: those it cannot pack go as a list."""
+    sql, value = text_array(values, 1)
+    assert await conn.fetchval(f"SELECT {sql}", value) == values
+    packable = values != [""] and not any("\x1f" in v for v in values)
+    assert isinstance(value, str) == packable
+
+
+async def test_packed_int8_arrays_reach_postgresql_exactly(conn: asyncpg.Connection) -> None:
+    for values in ([], [0], [1, -2, 2**63 - 1, -(2**63)]):
+        sql, value = int8_array(values, 1)
+        assert await conn.fetchval(f"SELECT {sql}", value) == values
