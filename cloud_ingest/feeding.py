@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cloud_ingest.db_errors import Connection
+from cloud_ingest.packing import int8_array, text_array
 from cloud_ingest.ranges import Span, Watermark
 
 __all__ = ["record_commit"]
@@ -34,14 +35,18 @@ async def record_commit(conn: Connection, spans: Sequence[Span],
     """
     if not spans and not watermarks:
         return
+    # The arrays packed into one text parameter each (cloud_ingest.packing).
+    arrays = (
+        text_array([s[0] for s in spans], 2), text_array([s[1] for s in spans], 3),
+        int8_array([s[2] for s in spans], 4), int8_array([s[3] for s in spans], 5),
+        int8_array([s[4] for s in spans], 6),
+        text_array([w[0] for w in watermarks], 7), text_array([w[1] for w in watermarks], 8),
+        int8_array([w[2] for w in watermarks], 9), int8_array([w[3] for w in watermarks], 10),
+    )
     await conn.execute(
         "INSERT INTO feed_commits (rows, edge_ids, streams, epochs, first_seqs, last_seqs,"
         " wm_edge_ids, wm_streams, wm_epochs, watermarks, received_at)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,"
+        f" VALUES ($1, {', '.join(a[0] for a in arrays)},"
         " 'epoch'::timestamptz + $11::int8 * interval '1 microsecond')",
-        sum(s[4] - s[3] + 1 for s in spans),
-        [s[0] for s in spans], [s[1] for s in spans], [s[2] for s in spans],
-        [s[3] for s in spans], [s[4] for s in spans],
-        [w[0] for w in watermarks], [w[1] for w in watermarks], [w[2] for w in watermarks],
-        [w[3] for w in watermarks], received_us,
+        sum(s[4] - s[3] + 1 for s in spans), *(a[1] for a in arrays), received_us,
     )

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from cloud_ingest.db_errors import Connection
+from cloud_ingest.packing import int8_array, text_array
 
 __all__ = ["ACCOUNTED", "Column", "Span", "Watermark", "accounted", "merge_ranges", "spans_of"]
 
@@ -48,17 +49,19 @@ async def merge_ranges(conn: Connection, column: Column, spans: Sequence[Span]) 
     # Sorted: concurrent transactions lock the rows in one order, so never deadlock.
     ordered = sorted(spans)
     values = ", ".join(_AGG if c == column else _EMPTY for c in _COLUMNS)
+    params = (text_array([s[0] for s in ordered], 1), text_array([s[1] for s in ordered], 2),
+              int8_array([s[2] for s in ordered], 3), int8_array([s[3] for s in ordered], 4),
+              int8_array([s[4] + 1 for s in ordered], 5))
     rows = await conn.fetch(
         f"INSERT INTO committed_ranges AS c (edge_id, stream, epoch, {', '.join(_COLUMNS)}) "
         f"SELECT edge_id, stream, epoch, {values} "
-        "FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) "
+        f"FROM unnest({', '.join(p[0] for p in params)}) "
         "  AS u(edge_id, stream, epoch, lo, hi) "
         "GROUP BY edge_id, stream, epoch ORDER BY edge_id, stream, epoch "
         "ON CONFLICT (edge_id, stream, epoch) DO UPDATE "
         f"SET {column} = c.{column} + EXCLUDED.{column}, updated_at = now() "
         f"RETURNING edge_id, stream, epoch, es_watermark({ACCOUNTED}) AS watermark",
-        [s[0] for s in ordered], [s[1] for s in ordered], [s[2] for s in ordered],
-        [s[3] for s in ordered], [s[4] + 1 for s in ordered],
+        *(p[1] for p in params),
     )
     return [(r["edge_id"], r["stream"], r["epoch"], r["watermark"]) for r in rows]
 

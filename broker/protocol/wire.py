@@ -71,8 +71,13 @@ MAX_BATCH_RECORDS: Final = 100_000
 _INT64_MIN: Final = -(2**63)
 
 
-class Record(msgspec.Struct, array_like=True, frozen=True):
-    """One record: ``[ts_us, ct, payload, key, headers]`` on the wire."""
+class Record(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """One record: ``[ts_us, ct, payload, key, headers]`` on the wire.
+
+    Not tracked by the cyclic GC (``gc=False``): a record holds only scalars, bytes,
+    strings and a flat ``dict[str, str]``, so it can never be part of a cycle, and an
+    ingest group or a bridge request holds thousands of them that the GC would
+    otherwise rescan at every collection."""
 
     ts: int
     """Event time, microseconds since the Unix epoch (UTC), as the producer said."""

@@ -83,3 +83,36 @@ async def test_each_version_holds_the_views_its_tables_can_and_the_end_is_the_sa
         finally:
             await stepwise.close()
             await at_once.close()
+
+
+async def test_es_watermark_of_012_is_002s_number_without_its_executor(
+    pg_cluster: PgCluster,
+) -> None:
+    """Migration 012's es_watermark gives 002's number for every multirange of seqs
+    >= 1 (and NULL, empty, a gap at 1), and is inlined: no SQL-function call per row."""
+    async with pg_cluster.fresh_database() as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await migrate(conn, upto=11)
+            old = await conn.fetch(_WATERMARK_CASES)
+            assert await migrate(conn, upto=12) == [12]
+            assert await conn.fetch(_WATERMARK_CASES) == old
+            assert [r["w"] for r in old[:6]] == [0, 0, 0, 4, 7, 9]
+            plan = "\n".join(r[0] for r in await conn.fetch(
+                "EXPLAIN VERBOSE SELECT es_watermark(ranges + dropped) FROM committed_ranges"))
+            assert "es_watermark" not in plan and "lower(" in plan, plan
+        finally:
+            await conn.close()
+
+
+_WATERMARK_CASES = """
+    SELECT w FROM (
+        SELECT i, es_watermark(m) AS w FROM unnest(ARRAY[
+            NULL, '{}', '{[2,5)}', '{[1,5),[6,8)}', '{[1,5),[5,8)}', '{[1,10),[12,13),[20,30)}'
+        ]::int8multirange[]) WITH ORDINALITY AS u(m, i)
+        UNION ALL
+        SELECT 100 + k, es_watermark(range_agg(int8range(lo, lo + len)))
+        FROM (SELECT g % 97 AS k, 1 + (g * 7919) % 50 AS lo, 1 + g % 9 AS len
+              FROM generate_series(1, 5000) g) s GROUP BY k
+    ) t ORDER BY i
+"""

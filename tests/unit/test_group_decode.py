@@ -7,7 +7,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from broker.protocol.topology import Topology
-from cloud_ingest.writing import GroupWriter
+from cloud_ingest.writing import VALIDATE_CHUNK_RECORDS, GroupWriter
 
 GOOD = [1_700_000_000_000_000, 1, b'{"ok": true}']
 
@@ -32,3 +32,18 @@ def test_record_problems_keep_their_indexes_beside_undecodable_records() -> None
 def test_a_batch_of_good_records_has_nothing_bad() -> None:
     decoded = GroupWriter(Topology()).decode(_msg([GOOD] * 5))
     assert decoded.batch is not None and decoded.bad == {}
+
+
+def test_a_part_validated_together_names_each_bad_record_in_its_own_batch() -> None:
+    """The ingest checks a part's records together (GroupWriter.validate), across
+    batches and chunks: each refusal lands on its batch and index, as decode alone."""
+    writer = GroupWriter(Topology())
+    batches = [[GOOD] * 3, [GOOD, [0, 1, b"{nope"], GOOD],
+               ["not a record", GOOD, [0, 7, b"x"]], [GOOD] * 2,
+               [GOOD] * (VALIDATE_CHUNK_RECORDS + 1), [GOOD, [0, 1, b'"x\\u0000"']]]
+    part = [writer.decode(_msg(records), validate=False) for records in batches]
+    assert all(d.bad == {} for i, d in enumerate(part) if i != 2)
+    writer.validate(part)
+    alone = [writer.decode(_msg(records)) for records in batches]
+    assert [d.bad for d in part] == [d.bad for d in alone]
+    assert [sorted(d.bad) for d in part] == [[], [1], [0, 2], [], [], [1]]
