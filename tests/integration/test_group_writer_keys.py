@@ -13,9 +13,10 @@ from nats.aio.msg import Msg
 
 from broker.pg_connecting import connected
 from broker.protocol.topology import Topology
+from cloud_ingest.accounting import accounted_seqs
 from cloud_ingest.ingesting import init_connection
 from cloud_ingest.packing import int8_array, text_array
-from cloud_ingest.writing import GroupWriter, _accounted_seqs
+from cloud_ingest.writing import GroupWriter
 from tests.support.batches import json_batch_msg
 
 EPOCH = 7
@@ -72,10 +73,10 @@ async def test_a_key_row_gone_since_the_first_read_is_created_again_and_locked(
     keys = [("e1", "s", EPOCH), ("e2", "s", EPOCH)]
     windows = dict.fromkeys(keys, (6, 11))
     async with connected(pg_dsn) as other, conn.transaction():
-        found = await _accounted_seqs(conn, keys, windows, lock=False)
+        found = await accounted_seqs(conn, keys, windows, lock=False)
         assert set(found) == set(keys)
         await other.execute("DELETE FROM committed_ranges WHERE edge_id = 'e2'")
-        locked = await _accounted_seqs(conn, keys, windows, lock=True,
+        locked = await accounted_seqs(conn, keys, windows, lock=True,
                                        existing=frozenset(found))
         assert locked == {keys[0]: [], keys[1]: []}
         # Both keys are held by this transaction: e1's row is locked, and e2's row,
@@ -96,8 +97,8 @@ async def test_the_reads_return_only_what_is_accounted_within_the_window(
     gw = GroupWriter(Topology())
     await gw.write(conn, [gw.decode(_msg("e", "s", 1, 10)), gw.decode(_msg("e", "s", 21, 10))])
     key = ("e", "s", EPOCH)
-    assert await _accounted_seqs(conn, [key], {key: (11, 21)}, lock=False) == {key: []}
-    assert await _accounted_seqs(conn, [key], {key: (5, 25)}, lock=False) == {
+    assert await accounted_seqs(conn, [key], {key: (11, 21)}, lock=False) == {key: []}
+    assert await accounted_seqs(conn, [key], {key: (5, 25)}, lock=False) == {
         key: [(5, 11), (21, 25)]}
 
 
