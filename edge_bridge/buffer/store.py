@@ -186,8 +186,6 @@ class Buffer(Opened):
                 (or nothing droppable is left).
             InvalidInput: the request alone is larger than the whole buffer.
         """
-        if not records:
-            raise InvalidInput("an append needs at least one record")
         return await self.append_chunks(stream, encode_chunks(records), producer=producer,
                                         request_seq=request_seq)
 

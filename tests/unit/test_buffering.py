@@ -140,6 +140,15 @@ async def test_a_request_larger_than_the_buffer_is_invalid(tmp_path: Path) -> No
             await buf.append("a", recs(1, size=200_000))
 
 
+async def test_an_append_without_records_is_invalid_and_stores_nothing(tmp_path: Path) -> None:
+    async with make(tmp_path) as buf:
+        with pytest.raises(InvalidInput, match="at least one record"):
+            await buf.append("a", [])
+        with pytest.raises(InvalidInput, match="at least one record"):
+            await buf.append_chunks("a", [])
+        assert (await buf.stats()).records == 0 and buf.stream_names() == []
+
+
 async def test_read_runs_split_at_gaps_and_respect_limits(tmp_path: Path) -> None:
     """Runs are contiguous (a valid batch each) and bounded in count and bytes."""
     per = record_size(recs(1)[0])
