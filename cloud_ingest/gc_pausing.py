@@ -18,7 +18,10 @@ so reference counting frees them all once the group is done.
   stretch: a watchdog then turns the GC on again (the collection owed runs at the
   next allocation), and only a holder arriving after that pauses it again. A group
   stuck on a database outage therefore never keeps the GC off: at most
-  :data:`MAX_PAUSE_S` after the last group began.
+  :data:`MAX_PAUSE_S` after the last group began. Where the ingest shares its process
+with other services (``edgesync up`` runs the bridges in the same loop), they share
+the pause too: bounded as above, and under a steady load the GC runs after each
+watchdog turn rather than by allocation count.
 """
 
 from __future__ import annotations
@@ -73,10 +76,11 @@ def held_gc(max_pause_s: float = MAX_PAUSE_S) -> Iterator[None]:
     holds it and at most ``max_pause_s`` at a stretch (module docstring). Must be
     entered in a running event loop (the watchdog is a loop timer). If the GC is off
     already (someone else's pause), it is left as it is."""
+    loop = asyncio.get_running_loop()  # first: outside a loop, raise with the GC untouched
     if not _Hold.paused and gc.isenabled():
         gc.disable()
         _Hold.paused = True
-        _Hold.watchdog = asyncio.get_running_loop().call_later(max_pause_s, _resume)
+        _Hold.watchdog = loop.call_later(max_pause_s, _resume)
     _Hold.holders += 1
     try:
         yield

@@ -382,15 +382,17 @@ def _validate_chunk(chunk: Sequence[Decoded]) -> None:
             present.extend(rec for rec in b.records if rec is not None)
         else:
             present.extend(b.records)  # type: ignore[arg-type]  # no None without problems
-    problems = record_problems(present)
-    for j, reason in problems:
+    decodable: dict[int, list[int]] = {}  # per batch with undecodable records, built once
+    for j, reason in record_problems(present):
         k = bisect.bisect_right(starts, j) - 1
         d = chunk[k]
         b = d.batch
         assert b is not None
         where = j - starts[k]
         if b.problems:  # the index among the batch's decodable records -> in the batch
-            where = [i for i, rec in enumerate(b.records) if rec is not None][where]
+            if (indexes := decodable.get(k)) is None:
+                indexes = decodable[k] = [i for i, rec in enumerate(b.records) if rec is not None]
+            where = indexes[where]
         d.bad[where] = reason
 
 

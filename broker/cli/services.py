@@ -92,9 +92,10 @@ def reuse_freed_memory() -> bool:
     the bridge's system CPU under load (bench/README.md, issue 17). With the
     thresholds above the freed blocks are reused. Setting them also ends glibc's own
     adjustment of the first one. Elsewhere than Linux, or without glibc's ``mallopt``,
-    nothing changes.
+    nothing changes; nor where the operator tunes malloc already (a ``MALLOC_*``
+    variable, or ``glibc.malloc`` in ``GLIBC_TUNABLES``): theirs wins.
     """
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or _malloc_tuned_by_operator(os.environ):
         return False
     import ctypes
 
@@ -105,6 +106,11 @@ def reuse_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)) and bool(
         mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES))
+
+
+def _malloc_tuned_by_operator(environ: Mapping[str, str]) -> bool:
+    return ("glibc.malloc" in environ.get("GLIBC_TUNABLES", "")
+            or any(name.startswith("MALLOC_") for name in environ))
 
 
 def run_service(

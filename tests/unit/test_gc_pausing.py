@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import gc
 
+import pytest
+
 from cloud_ingest.gc_pausing import held_gc, paused_gc
 from tests.support.waiting import until
 
@@ -52,3 +54,10 @@ async def test_a_gc_someone_else_turned_off_is_left_off() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_held_outside_an_event_loop_it_refuses_and_leaves_the_gc_on() -> None:
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), held_gc():
+        pass
+    assert gc.isenabled()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -80,7 +81,10 @@ _BUFFERS = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+_GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not _GLIBC, reason="glibc's malloc")
 def test_the_bridge_reuses_the_request_sized_buffers_it_frees() -> None:
     """Once tuned, buffers of a request's size freed by one request are reused by the
     next: no page faults (untuned, glibc hands them back and faults in fresh pages)."""
@@ -94,3 +98,14 @@ def test_the_bridge_reuses_the_request_sized_buffers_it_frees() -> None:
     assert took == "True"
     assert tuned < 100, tuned  # a few pages at most, for whatever else the loop touches
     assert untuned > 10_000, untuned  # ~100 pages per buffer, per request
+
+
+@pytest.mark.parametrize("variable", [
+    {"MALLOC_TRIM_THRESHOLD_": "1048576"}, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"},
+])
+def test_an_operators_own_malloc_tuning_wins(variable: dict[str, str]) -> None:
+    """With malloc tuned in the environment, the bridge leaves it as the operator set it."""
+    code = "from broker.cli.services import reuse_freed_memory; print(reuse_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, timeout=WAIT_S, env={**os.environ, **variable}).stdout
+    assert out.split() == ["False"]
