@@ -63,6 +63,8 @@ class PlainRequest(NamedTuple):
 
 _envelope = msgspec.msgpack.Decoder(_Envelope)
 _plain_records = msgspec.msgpack.Decoder(list[PlainRecord])
+_THREE_ENTRY_MAP: Final = b"\x83"
+"""The envelope's MessagePack map header when it holds just its three fields."""
 _ARRAY_HEADER_BYTES: Final = {0xDC: 3, 0xDD: 5}
 """Bytes of a MessagePack array header by its first byte (a fixarray's is 1)."""
 
@@ -70,6 +72,8 @@ _ARRAY_HEADER_BYTES: Final = {0xDC: 3, 0xDD: 5}
 def plain_request(body: bytes, *, max_record_bytes: int) -> PlainRequest | None:
     """``body`` (a MessagePack ingress request) checked and cut into chunks, or None when
     it is not plainly storable: then the general way must decide (see the module)."""
+    if body[:1] != _THREE_ENTRY_MAP:
+        return None  # other keys, or one twice: the general way reads the map as it will
     try:
         envelope = _envelope.decode(body)
         raw = envelope.records

@@ -147,7 +147,16 @@ def test_requests_the_general_way_refuses_as_a_whole_are_left_to_it() -> None:
     no_producer = msgspec.msgpack.encode({"request_seq": 1, "records": [[1, 0, b"", None,
                                                                          None]]})
     trailing = encode_request("p", 1, [(1, CT_RAW, b"x", None, None)]) + b"\xc0"
-    for body in (float_ts, empty, no_producer, trailing, b"", b"\x81"):
+    good = encode_request("p", 1, [(1, CT_RAW, b"x", None, None)])
+    # "records" twice: a bad first value, a good second one (a decoder keeping the
+    # last would store what the general way refuses); and a fourth, unknown key
+    twice = (b"\x84" + float_ts[1:] + msgspec.msgpack.encode("records")
+             + msgspec.msgpack.encode([[1, CT_RAW, b"x", None, None]]))
+    extra = b"\x84" + good[1:] + msgspec.msgpack.encode("x") + msgspec.msgpack.encode(1)
+    assert plain_request(good, max_record_bytes=MAX_RECORD) is not None
+    assert general_way(extra) is not None  # stored by the general way, which reads it
+    assert plain_request(extra, max_record_bytes=MAX_RECORD) is None
+    for body in (float_ts, empty, no_producer, trailing, twice, b"", b"\x81"):
         assert general_way(body) is None
         assert plain_request(body, max_record_bytes=MAX_RECORD) is None
     too_large = encode_request("p", 1, [(1, CT_RAW, b"x" * 101, None, None)])
@@ -183,6 +192,32 @@ def test_the_bulk_check_stores_what_the_general_way_stores_or_leaves_it(
     assert stored_records([(c.records, c.body) for c in plain.chunks]) == general
     assert [r for c in plain.chunks for r in split_chunk(c.body, c.records)] == [
         msgspec.msgpack.encode(r) for r in general]
+
+
+STORABLE_FIELDS = st.tuples(
+    st.integers(MIN_TS_US, MAX_TS_US),
+    st.sampled_from([CT_RAW, CT_JSON]),
+    st.sampled_from([b"{}", b'{"a":[1,2.5,"x"]}', b"1e200", b'"a\\\\nb"', '"é"'.encode(),
+                     b"[]", b"null"]),
+    st.one_of(st.none(), st.text(alphabet=st.characters(blacklist_characters="\x00"),
+                                 max_size=6)),
+    st.none(),
+)
+
+
+@given(st.lists(STORABLE_FIELDS, min_size=1, max_size=40))
+@settings(max_examples=200, deadline=None)
+def test_requests_of_storable_records_are_taken_by_the_bulk_check(
+        records: list[tuple[int, int, bytes, str | None, None]]) -> None:
+    """The accepting side of the property above: a request of plainly storable records
+    (the bulk check may leave a doubtful one to the general way, e.g. a payload
+    spelling ``\\u0000``) is taken, and stored as exactly the records the general way
+    stores."""
+    body = encode_request("p", 1, records)
+    plain = plain_request(body, max_record_bytes=MAX_RECORD)
+    general = general_way(body)
+    assert plain is not None and general is not None and plain.records == len(records)
+    assert stored_records([(c.records, c.body) for c in plain.chunks]) == general
 
 
 async def test_kept_bytes_travel_as_a_batch_the_ingest_decodes_strictly(tmp_path: Path) -> None:
