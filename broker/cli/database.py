@@ -16,7 +16,6 @@ from rich.console import Console
 from rich.markup import escape
 
 from broker.errors import EdgesyncError
-from broker.pg_connecting import connected
 from broker.settings import Settings
 
 __all__ = [
@@ -82,6 +81,8 @@ def run_on_database(dsn: str | None, state_dir: Path, job: Callable[[Any], Await
     import asyncpg
 
     async def main() -> T:
+        from broker.pg_connecting import connected
+
         async with connected(resolve_dsn(dsn, state_dir)) as conn:
             if migrate:
                 from cloud_ingest.schema import migrate as apply_migrations
