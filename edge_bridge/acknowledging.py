@@ -14,6 +14,9 @@ ignored, logged (``watermark_ignored``) and counted
 for a moment after a bridge restart, until the backlog is shipped again;
 ``beyond_assigned`` (a seq this bridge never gave out) never does.
 
+Both work on one :class:`~edge_bridge.shipping.Shipper`'s buffer: a watermark
+trims only what that shipper shipped.
+
 :class:`DropReporter` tells the cloud about every run of records the buffer
 dropped by policy, and repeats itself until the watermark passes the run, so a
 marker lost on the way is sent again.
@@ -34,8 +37,6 @@ from nats.js.kv import KeyValue
 
 from broker.errors import ClosedError
 from broker.protocol.events import DropMarker, encode_event
-from broker.protocol.topology import Topology
-from edge_bridge.buffer import Buffer
 from edge_bridge.metrics import BridgeMetrics
 from edge_bridge.shipping import Shipper
 
@@ -50,19 +51,17 @@ class WatermarkFollower:
         *,
         nc: NATS,
         js: JetStreamContext,
-        topology: Topology,
-        edge_id: str,
-        buffer: Buffer,
         shipper: Shipper,
         metrics: BridgeMetrics | None = None,
         catch_up_interval_s: float = 1.0,
     ) -> None:
         self._nc = nc
         self._js = js
-        self._topology = topology
-        self._edge = edge_id
-        self._buffer = buffer
         self._shipper = shipper
+        # What the shipper shipped is what a watermark may trim: the same buffer and edge.
+        self._buffer = shipper.buffer
+        self._edge = shipper.edge_id
+        self._topology = shipper.topology
         self._interval = catch_up_interval_s
         self._kv: KeyValue | None = None
         self._lock = asyncio.Lock()
@@ -161,16 +160,12 @@ class DropReporter:
         self,
         *,
         js: JetStreamContext,
-        topology: Topology,
-        edge_id: str,
-        buffer: Buffer,
+        shipper: Shipper,
         repeat_after_s: float,
         interval_s: float = 1.0,
     ) -> None:
         self._js = js
-        self._topology = topology
-        self._edge = edge_id
-        self._buffer = buffer
+        self._shipper = shipper
         self._repeat_after = repeat_after_s
         self._interval = interval_s
         self._sent: dict[tuple[str, int, int], float] = {}
@@ -188,7 +183,7 @@ class DropReporter:
     async def report_once(self) -> int:
         """Publish the markers not sent recently; returns how many were sent."""
         now = time.monotonic()
-        pending = await self._buffer.pending_drops()
+        pending = await self._shipper.buffer.pending_drops()
         live = set()
         sent = 0
         for stream, epoch, first, last, count, reason, dropped_at in pending:
@@ -196,12 +191,13 @@ class DropReporter:
             live.add(key)
             if now - self._sent.get(key, -1e18) < self._repeat_after:
                 continue
-            marker = DropMarker(edge=self._edge, stream=stream, epoch=epoch, first_seq=first,
+            edge = self._shipper.edge_id
+            marker = DropMarker(edge=edge, stream=stream, epoch=epoch, first_seq=first,
                                 last_seq=last, count=count, reason=reason,
                                 dropped_at=dropped_at)
             await self._js.publish(
-                self._topology.events_subject(self._edge), encode_event(marker),
-                headers={"Nats-Msg-Id": f"drop.{self._edge}.{stream}.{epoch}.{first}-{last}"},
+                self._shipper.topology.events_subject(edge), encode_event(marker),
+                headers={"Nats-Msg-Id": f"drop.{edge}.{stream}.{epoch}.{first}-{last}"},
             )
             self._sent[key] = now
             sent += 1

@@ -204,12 +204,10 @@ class Bridge(Service):
             self.control.attach(js, nc)
         self._heartbeat_wake.set()  # tell the cloud we are here now, not an interval later
         self.watermarks = WatermarkFollower(
-            nc=nc, js=js, topology=self.topology, edge_id=self.edge_id, buffer=self.buffer,
-            shipper=self.shipper, metrics=self.metrics,
+            nc=nc, js=js, shipper=self.shipper, metrics=self.metrics,
         )
         self.drops = DropReporter(
-            js=js, topology=self.topology, edge_id=self.edge_id, buffer=self.buffer,
-            repeat_after_s=self.settings.shipper.retransmit_timeout_s,
+            js=js, shipper=self.shipper, repeat_after_s=self.settings.shipper.retransmit_timeout_s,
         )
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.watermarks.follow_forever(), name="watermarks")

@@ -115,7 +115,7 @@ class RecordsEndpoint:
         try:
             chunks, producer, request_seq = await self._read(stream, headers, body)
             try:
-                result = await self._bridge.buffer.append_chunks(
+                result = await self._bridge.buffer.append(
                     stream, chunks, producer=producer, request_seq=request_seq
                 )
             except InvalidInput as exc:  # the buffer refuses a request it cannot hold

@@ -75,9 +75,9 @@ class Shipper:
         metrics: BridgeMetrics,
         publish_timeout_s: float,
     ) -> None:
-        self._buffer = buffer
-        self._edge = edge_id
-        self._topology = topology
+        # Public: the watermark follower and the drop reporter work on what this shipper
+        # ships, so they take these from it rather than being handed them again.
+        self.buffer, self.edge_id, self.topology = buffer, edge_id, topology
         self.settings = settings
         self._policy_for = policy_for
         self._metrics = metrics
@@ -105,10 +105,10 @@ class Shipper:
 
     def begin_shutdown(self) -> None:
         self._stopping = True
-        self._buffer.appended.set()
+        self.buffer.appended.set()
 
     def _cursor(self, stream: str) -> _StreamCursor | None:
-        state = self._buffer.stream_state(stream)
+        state = self.buffer.stream_state(stream)
         if state is None:
             return None
         cursor = self._cursors.get(stream)
@@ -121,7 +121,7 @@ class Shipper:
     def shipped_high(self, stream: str, epoch: int) -> int:
         """Every seq of ``stream``/``epoch`` up to this was shipped by this bridge (or was
         absent when read: dropped). What a committed watermark may claim at most."""
-        state = self._buffer.stream_state(stream)
+        state = self.buffer.stream_state(stream)
         if state is None or state.epoch != epoch:
             return 0
         cursor = self._cursors.get(stream)
@@ -151,7 +151,7 @@ class Shipper:
                       self.settings.retransmit_timeout_s * cursor.retransmit_factor)
         if now - cursor.uncommitted[0][1] < timeout:
             return
-        state = self._buffer.stream_state(stream)
+        state = self.buffer.stream_state(stream)
         if state is None:
             return
         log.warning(
@@ -164,27 +164,27 @@ class Shipper:
         cursor.uncommitted.clear()
         cursor.retransmit_factor *= 2
         cursor.generation += 1
-        self._buffer.rewind_shipped(stream)
+        self.buffer.rewind_shipped(stream)
 
     async def _expire(self, stream: str, cursor: _StreamCursor, now: float) -> None:
         ttl = self._policy_for(stream).ttl_s
         if ttl is None or now < cursor.next_expiry_check:
             return
         cursor.next_expiry_check = now + min(1.0, ttl / 10)
-        await self._buffer.expire(stream, after_seq=cursor.read_upto, ttl_s=ttl)
+        await self.buffer.expire(stream, after_seq=cursor.read_upto, ttl_s=ttl)
 
     def _idle_tick_s(self) -> float:
         return max(0.05, min(1.0, self.settings.retransmit_timeout_s / 4))
 
     async def _expire_all(self) -> None:
         now = time.monotonic()
-        for stream in self._buffer.stream_names():
+        for stream in self.buffer.stream_names():
             cursor = self._cursor(stream)
             if cursor is not None:
                 await self._expire(stream, cursor, now)
 
     def _streams_by_priority(self) -> list[str]:
-        names = self._buffer.stream_names()
+        names = self.buffer.stream_names()
         return sorted(names, key=lambda s: -self._policy_for(s).priority)
 
     async def run_forever(self) -> None:
@@ -200,14 +200,14 @@ class Shipper:
                     continue
                 if self._stopping:
                     break
-                self._buffer.appended.clear()
+                self.buffer.appended.clear()
                 progressed = await self._ship_round()
                 if not progressed:
                     # Idle: wake on new records, or periodically for TTL and retransmits.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._buffer.appended.wait(),
+                        await asyncio.wait_for(self.buffer.appended.wait(),
                                                timeout=self._idle_tick_s())
-                    woken = self._buffer.appended.is_set()
+                    woken = self.buffer.appended.is_set()
                     if woken and not self._stopping and self.settings.linger_ms > 0:
                         # Let a trickle accumulate into a fuller batch.
                         await asyncio.sleep(self.settings.linger_ms / 1000)
@@ -241,7 +241,7 @@ class Shipper:
             while not self._stopping:
                 await self._slots.acquire()
                 try:
-                    runs = await self._buffer.read_runs(
+                    runs = await self.buffer.read_runs(
                         stream,
                         cursor.read_upto,
                         max_records=self.settings.batch_max_records,
@@ -272,10 +272,10 @@ class Shipper:
 
     def _higher_priority_waiting(self, stream: str) -> bool:
         mine = self._policy_for(stream).priority
-        for other in self._buffer.stream_names():
+        for other in self.buffer.stream_names():
             if self._policy_for(other).priority <= mine:
                 continue
-            state = self._buffer.stream_state(other)
+            state = self.buffer.stream_state(other)
             cursor = self._cursors.get(other)
             if state is not None and state.next_seq - 1 > (cursor.read_upto if cursor else 0):
                 return True
@@ -285,16 +285,16 @@ class Shipper:
         try:
             body, headers = compress_body(
                 encode_batch_parts(
-                    self._edge, run.stream, epoch=run.epoch, first_seq=run.first_seq,
+                    self.edge_id, run.stream, epoch=run.epoch, first_seq=run.first_seq,
                     count=run.count, parts=run.parts,
                 ),
                 self.settings.zstd_level if self.settings.compression == "zstd" else None,
             )
             headers["Nats-Msg-Id"] = msg_id(
-                self._edge, run.stream, run.epoch, run.first_seq, run.last_seq,
+                self.edge_id, run.stream, run.epoch, run.first_seq, run.last_seq,
                 generation=generation,
             )
-            subject = self._topology.records_subject(self._edge, run.stream)
+            subject = self.topology.records_subject(self.edge_id, run.stream)
             attempt = 0
             while True:
                 js = self._js
@@ -328,8 +328,8 @@ class Shipper:
             del cursor.in_flight[run.first_seq]
             cursor.uncommitted.append((run.last_seq, time.monotonic()))
             cursor.shipped_high = max(cursor.shipped_high, cursor.shipped_upto())
-            self._buffer.mark_shipped(run.stream, cursor.shipped_upto())
+            self.buffer.mark_shipped(run.stream, cursor.shipped_upto())
         finally:
             self._slots.release()
             # Freed slot or new watermark: the main loop may have work again.
-            self._buffer.appended.set()
+            self.buffer.appended.set()

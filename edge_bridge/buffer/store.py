@@ -40,10 +40,9 @@ import structlog
 
 from broker.errors import ClosedError, InvalidInput, RequestConflict
 from broker.opening import Opened
-from broker.protocol.wire import Record
 from broker.settings import StreamPolicy
 from edge_bridge.buffer import policies, reads
-from edge_bridge.buffer.chunks import EncodedChunk, encode_chunks, parts_size, split_chunk
+from edge_bridge.buffer.chunks import EncodedChunk, parts_size, split_chunk
 from edge_bridge.buffer.recovery import Recovery, open_checked
 from edge_bridge.buffer.schema import ChunkRow, DropRun, connect, insert_chunks, replace_chunk
 from edge_bridge.buffer.stats import BufferStats, disk_bytes
@@ -172,33 +171,24 @@ class Buffer(Opened):
     async def append(
         self,
         stream: str,
-        records: Sequence[Record],
-        *,
-        producer: str | None = None,
-        request_seq: int | None = None,
-    ) -> AppendResult:
-        """Store records durably and give them their identity.
-
-        Returns once the transaction holding them has committed.
-
-        Raises:
-            BufferFull: the cap is reached and the stream's policy is ``block``
-                (or nothing droppable is left).
-            InvalidInput: the request alone is larger than the whole buffer.
-        """
-        return await self.append_chunks(stream, encode_chunks(records), producer=producer,
-                                        request_seq=request_seq)
-
-    async def append_chunks(
-        self,
-        stream: str,
         chunks: Sequence[EncodedChunk],
         *,
         producer: str | None = None,
         request_seq: int | None = None,
     ) -> AppendResult:
-        """:meth:`append` for records already encoded into chunks (one request's, in
-        order; :mod:`~edge_bridge.buffer.chunks` says what a chunk holds)."""
+        """Store one request's records durably and give them their identity.
+
+        The records come encoded into chunks, in order
+        (:func:`~edge_bridge.buffer.chunks.encode_chunks`;
+        :mod:`~edge_bridge.buffer.chunks` says what a chunk holds). Returns once
+        the transaction holding them has committed.
+
+        Raises:
+            BufferFull: the cap is reached and the stream's policy is ``block``
+                (or nothing droppable is left).
+            InvalidInput: the request holds no record, or alone is larger than the
+                whole buffer.
+        """
         count = sum(chunk.records for chunk in chunks)
         if not count:
             raise InvalidInput("an append needs at least one record")

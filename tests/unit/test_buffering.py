@@ -11,7 +11,7 @@ import pytest
 from broker.errors import BufferFull, ClosedError, InvalidInput
 from broker.protocol.wire import CT_JSON, Record, array_header
 from broker.settings import StreamPolicy
-from edge_bridge.buffer import Buffer, StoredRun, record_size
+from edge_bridge.buffer import Buffer, StoredRun, encode_chunks, record_size
 
 
 def recs(n: int, size: int = 10, start: int = 0) -> list[Record]:
@@ -44,13 +44,13 @@ def make_drop_oldest(tmp_path: Path, *, room_for: int) -> Buffer:
 async def test_seqs_are_dense_per_stream_and_survive_reopen(tmp_path: Path) -> None:
     """Each stream counts from 1 without gaps; a reopened buffer continues, same epoch."""
     async with make(tmp_path) as buf:
-        a1 = await buf.append("a", recs(3))
-        b1 = await buf.append("b", recs(2))
-        a2 = await buf.append("a", recs(4))
+        a1 = await buf.append("a", encode_chunks(recs(3)))
+        b1 = await buf.append("b", encode_chunks(recs(2)))
+        a2 = await buf.append("a", encode_chunks(recs(4)))
     assert (a1.first_seq, a1.count, a2.first_seq, b1.first_seq) == (1, 3, 4, 1)
     assert a1.epoch == a2.epoch != b1.epoch
     async with make(tmp_path) as buf:
-        a3 = await buf.append("a", recs(1))
+        a3 = await buf.append("a", encode_chunks(recs(1)))
         stats = await buf.stats()
     assert (a3.epoch, a3.first_seq) == (a1.epoch, 8)
     assert stats.records == 10
@@ -59,20 +59,20 @@ async def test_seqs_are_dense_per_stream_and_survive_reopen(tmp_path: Path) -> N
 async def test_a_wiped_buffer_mints_a_new_epoch(tmp_path: Path) -> None:
     """Identities are never reused: a new buffer file means a new epoch."""
     async with make(tmp_path) as buf:
-        first = await buf.append("a", recs(1))
+        first = await buf.append("a", encode_chunks(recs(1)))
     for f in (tmp_path / "buf").iterdir():
         f.unlink()
     async with make(tmp_path) as buf:
-        second = await buf.append("a", recs(1))
+        second = await buf.append("a", encode_chunks(recs(1)))
     assert second.first_seq == 1 and second.epoch != first.epoch
 
 
 async def test_a_retried_request_is_stored_once(tmp_path: Path) -> None:
     """Same producer and request seq: the original answer, no new records."""
     async with make(tmp_path) as buf:
-        first = await buf.append("a", recs(5), producer="p1", request_seq=7)
-        again = await buf.append("a", recs(5), producer="p1", request_seq=7)
-        other = await buf.append("a", recs(5), producer="p2", request_seq=7)
+        first = await buf.append("a", encode_chunks(recs(5)), producer="p1", request_seq=7)
+        again = await buf.append("a", encode_chunks(recs(5)), producer="p1", request_seq=7)
+        other = await buf.append("a", encode_chunks(recs(5)), producer="p2", request_seq=7)
         stats = await buf.stats()
     assert again.duplicate and not first.duplicate
     assert (again.epoch, again.first_seq, again.count) == (first.epoch, 1, 5)
@@ -84,7 +84,8 @@ async def test_concurrent_retries_in_one_group_are_stored_once(tmp_path: Path) -
     """Two copies of one request committed in the same transaction still dedupe."""
     async with make(tmp_path) as buf:
         results = await asyncio.gather(
-            *[buf.append("a", recs(2), producer="p", request_seq=1) for _ in range(20)]
+            *[buf.append("a", encode_chunks(recs(2)), producer="p", request_seq=1)
+              for _ in range(20)]
         )
         stats = await buf.stats()
     assert stats.records == 2
@@ -94,7 +95,8 @@ async def test_concurrent_retries_in_one_group_are_stored_once(tmp_path: Path) -
 async def test_concurrent_appends_are_group_committed(tmp_path: Path) -> None:
     """Many concurrent requests share transactions (fewer commits than requests)."""
     async with make(tmp_path) as buf:
-        results = await asyncio.gather(*[buf.append("a", recs(10)) for _ in range(200)])
+        results = await asyncio.gather(
+            *[buf.append("a", encode_chunks(recs(10))) for _ in range(200)])
         commits = buf.commits
     seqs = sorted(s for r in results for s in range(r.first_seq, r.first_seq + r.count))
     assert seqs == list(range(1, 2001))
@@ -105,9 +107,9 @@ async def test_block_policy_refuses_at_the_cap(tmp_path: Path) -> None:
     """With 'block', a full buffer raises BufferFull (HTTP 503) and keeps what it has."""
     per = record_size(recs(1)[0])
     async with make(tmp_path, max_bytes=per * 10) as buf:
-        await buf.append("a", recs(10))
+        await buf.append("a", encode_chunks(recs(10)))
         with pytest.raises(BufferFull) as info:
-            await buf.append("a", recs(1))
+            await buf.append("a", encode_chunks(recs(1)))
         assert info.value.retry_after > 0
         stats = await buf.stats()
     assert stats.records == 10 and stats.dropped["a"]["overflow"] == 0
@@ -116,8 +118,8 @@ async def test_block_policy_refuses_at_the_cap(tmp_path: Path) -> None:
 async def test_drop_oldest_makes_room_and_counts_every_drop(tmp_path: Path) -> None:
     """With 'drop_oldest', the stream's oldest records go and are counted."""
     async with make_drop_oldest(tmp_path, room_for=10) as buf:
-        await buf.append("a", recs(10))
-        await buf.append("a", recs(3))
+        await buf.append("a", encode_chunks(recs(10)))
+        await buf.append("a", encode_chunks(recs(3)))
         stats = await buf.stats()
         runs = await buf.read_runs("a", 0, max_records=100, max_bytes=10**6)
     assert stats.records == 10
@@ -127,8 +129,8 @@ async def test_drop_oldest_makes_room_and_counts_every_drop(tmp_path: Path) -> N
 
 async def test_drop_oldest_counts_survive_restart(tmp_path: Path) -> None:
     async with make_drop_oldest(tmp_path, room_for=4) as buf:
-        await buf.append("a", recs(4))
-        await buf.append("a", recs(2))
+        await buf.append("a", encode_chunks(recs(4)))
+        await buf.append("a", encode_chunks(recs(2)))
     async with make_drop_oldest(tmp_path, room_for=4) as buf:
         stats = await buf.stats()
     assert stats.dropped["a"]["overflow"] == 2 and stats.records == 4
@@ -137,15 +139,13 @@ async def test_drop_oldest_counts_survive_restart(tmp_path: Path) -> None:
 async def test_a_request_larger_than_the_buffer_is_invalid(tmp_path: Path) -> None:
     async with make(tmp_path, max_bytes=100_000) as buf:
         with pytest.raises(InvalidInput, match="exceeds the whole buffer"):
-            await buf.append("a", recs(1, size=200_000))
+            await buf.append("a", encode_chunks(recs(1, size=200_000)))
 
 
 async def test_an_append_without_records_is_invalid_and_stores_nothing(tmp_path: Path) -> None:
     async with make(tmp_path) as buf:
         with pytest.raises(InvalidInput, match="at least one record"):
             await buf.append("a", [])
-        with pytest.raises(InvalidInput, match="at least one record"):
-            await buf.append_chunks("a", [])
         assert (await buf.stats()).records == 0 and buf.stream_names() == []
 
 
@@ -153,7 +153,7 @@ async def test_read_runs_split_at_gaps_and_respect_limits(tmp_path: Path) -> Non
     """Runs are contiguous (a valid batch each) and bounded in count and bytes."""
     per = record_size(recs(1)[0])
     async with make(tmp_path) as buf:
-        await buf.append("a", recs(10))
+        await buf.append("a", encode_chunks(recs(10)))
         all_runs = await buf.read_runs("a", 0, max_records=4, max_bytes=10**6)
         small = await buf.read_runs("a", 0, max_records=100, max_bytes=per * 3)
         after = await buf.read_runs("a", 8, max_records=100, max_bytes=10**6)
@@ -177,7 +177,7 @@ async def test_reading_in_cut_batches_yields_every_record_once_in_order(
         for i, n in enumerate(sizes):
             batch = [Record(1_000 * i + j, CT_JSON, b"7" * (j % 50 + 1), f"k{j}")
                      for j in range(n)]
-            await buf.append("a", batch)
+            await buf.append("a", encode_chunks(batch))
             stored += batch
         runs: list[StoredRun] = []
         after = 0
@@ -195,7 +195,7 @@ async def test_reading_in_cut_batches_yields_every_record_once_in_order(
 
 async def test_trim_deletes_and_frees_space(tmp_path: Path) -> None:
     async with make(tmp_path) as buf:
-        r = await buf.append("a", recs(10))
+        r = await buf.append("a", encode_chunks(recs(10)))
         deleted = await buf.trim("a", r.epoch, 6)
         wrong_epoch = await buf.trim("a", r.epoch + 1, 10)
         stats = await buf.stats()
@@ -207,7 +207,7 @@ async def test_trim_deletes_and_frees_space(tmp_path: Path) -> None:
 
 async def test_headers_and_keys_are_kept(tmp_path: Path) -> None:
     async with make(tmp_path) as buf:
-        await buf.append("a", [Record(5, CT_JSON, b"{}", "key-1", {"h": "v"})])
+        await buf.append("a", encode_chunks([Record(5, CT_JSON, b"{}", "key-1", {"h": "v"})]))
         runs = await buf.read_runs("a", 0, max_records=10, max_bytes=10**6)
     assert decoded(runs[0]) == [Record(5, CT_JSON, b"{}", "key-1", {"h": "v"})]
 
@@ -218,14 +218,14 @@ async def test_use_after_close_is_a_clear_error(tmp_path: Path) -> None:
         pass
     await buf.close()  # idempotent
     with pytest.raises(ClosedError):
-        await buf.append("a", recs(1))
+        await buf.append("a", encode_chunks(recs(1)))
 
 
 async def test_expire_drops_only_old_unshipped_records_and_counts_them(tmp_path: Path) -> None:
     """TTL expiry removes the records above the cursor received before the cutoff,
     counts them as 'ttl', and remembers the run as a pending drop."""
     async with make(tmp_path) as buf:
-        first = await buf.append("a", recs(5))
+        first = await buf.append("a", encode_chunks(recs(5)))
         none_yet = await buf.expire("a", after_seq=0, ttl_s=3600)
         expired = await buf.expire("a", after_seq=2, ttl_s=0.0)
         stats = await buf.stats()
@@ -240,7 +240,7 @@ async def test_expire_drops_only_old_unshipped_records_and_counts_them(tmp_path:
 async def test_trim_past_a_drop_run_forgets_it(tmp_path: Path) -> None:
     """Once the committed watermark passes a drop run, it is no longer pending."""
     async with make(tmp_path) as buf:
-        r = await buf.append("a", recs(5))
+        r = await buf.append("a", encode_chunks(recs(5)))
         await buf.expire("a", after_seq=3, ttl_s=0.0)
         assert len(await buf.pending_drops()) == 1
         await buf.trim("a", r.epoch, 3)
@@ -251,7 +251,7 @@ async def test_trim_past_a_drop_run_forgets_it(tmp_path: Path) -> None:
 
 async def test_rewind_forgets_shipping_above_the_committed_watermark(tmp_path: Path) -> None:
     async with make(tmp_path) as buf:
-        r = await buf.append("a", recs(10))
+        r = await buf.append("a", encode_chunks(recs(10)))
         buf.mark_shipped("a", 8)
         await buf.trim("a", r.epoch, 3)
         state = buf.stream_state("a")
@@ -268,11 +268,11 @@ async def test_large_requests_are_stored_in_chunks_and_read_back_in_order(
     chunk and still return exactly the records asked for."""
     records = recs(2_500, start=0)
     async with make(tmp_path) as buf:
-        await buf.append("a", records)
+        await buf.append("a", encode_chunks(records))
         head = await buf.read_runs("a", 0, max_records=700, max_bytes=10**9)
         middle = await buf.read_runs("a", 700, max_records=1_000, max_bytes=10**9)
         tail = await buf.read_runs("a", 1_700, max_records=10_000, max_bytes=10**9)
-        r = await buf.append("a", recs(1))
+        r = await buf.append("a", encode_chunks(recs(1)))
         await buf.trim("a", r.epoch, 1_234)  # the watermark lands inside a chunk
         after_trim = await buf.read_runs("a", 0, max_records=10_000, max_bytes=10**9)
         stats = await buf.stats()
@@ -300,9 +300,9 @@ async def test_a_damaged_buffer_is_quarantined_and_its_intact_records_kept(
     counts what it could not, and hands out no seq twice."""
     big = [Record(i, CT_JSON, b"7" * 3000) for i in range(200)]
     async with make(tmp_path) as buf:
-        small = await buf.append("keep", recs(5))
+        small = await buf.append("keep", encode_chunks(recs(5)))
         for i in range(0, 200, 10):
-            await buf.append("bulk", big[i:i + 10])
+            await buf.append("bulk", encode_chunks(big[i:i + 10]))
     db = tmp_path / "buf" / "buffer.sqlite3"
     size = db.stat().st_size
     _damage(db, size // 2, 4096 * 3)  # three pages in the middle of the chunk data
@@ -310,7 +310,7 @@ async def test_a_damaged_buffer_is_quarantined_and_its_intact_records_kept(
         stats = await buf.stats()
         keep = await buf.read_runs("keep", 0, max_records=100, max_bytes=10**9)
         bulk = await buf.read_runs("bulk", 0, max_records=1_000, max_bytes=10**9)
-        again = await buf.append("keep", recs(1))
+        again = await buf.append("keep", encode_chunks(recs(1)))
         quarantined, lost = buf.recovery.quarantined, buf.recovery.lost_records
     assert quarantined == 1
     assert list((tmp_path / "buf" / "quarantine").iterdir())
@@ -329,13 +329,13 @@ async def test_a_truncated_buffer_opens_and_never_reuses_an_identity(tmp_path: P
     it could not read, no (epoch, seq) it handed out is ever handed out again."""
     async with make(tmp_path) as buf:
         for _ in range(20):
-            old = await buf.append("a", [Record(0, CT_JSON, b"x" * 2000)] * 10)
+            old = await buf.append("a", encode_chunks([Record(0, CT_JSON, b"x" * 2000)] * 10))
     db = tmp_path / "buf" / "buffer.sqlite3"
     with db.open("r+b") as f:
         f.truncate(db.stat().st_size // 2)
     async with make(tmp_path) as buf:
         stats = await buf.stats()
-        again = await buf.append("a", recs(1))
+        again = await buf.append("a", encode_chunks(recs(1)))
         quarantined = buf.recovery.quarantined
     assert quarantined == 1
     assert stats.records < 200

@@ -221,7 +221,7 @@ def test_requests_of_storable_records_are_taken_by_the_bulk_check(
 
 
 async def test_kept_bytes_travel_as_a_batch_the_ingest_decodes_strictly(tmp_path: Path) -> None:
-    """A request in another valid encoding, stored as it came (``append_chunks``), read by
+    """A request in another valid encoding, stored as it came (``Buffer.append``), read by
     the shipper's read (cut mid-chunk too) and spliced into a batch, decodes strictly,
     as the ingest decodes it, to the records the general way would have stored."""
     record = (b"\x95" + b"\xd3" + struct.pack(">q", 1_700_000_000_000_000) + b"\xd0\x01"
@@ -231,7 +231,7 @@ async def test_kept_bytes_travel_as_a_batch_the_ingest_decodes_strictly(tmp_path
     assert plain is not None and [c.body for c in plain.chunks] == [record * 3]
     async with Buffer(tmp_path / "buf", max_bytes=10**9,
                       policy_for=lambda s: StreamPolicy()) as buf:
-        stored = await buf.append_chunks("s", plain.chunks, producer=plain.producer,
+        stored = await buf.append("s", plain.chunks, producer=plain.producer,
                                          request_seq=plain.request_seq)
         runs = (await buf.read_runs("s", 0, max_records=2, max_bytes=10**6)
                 + await buf.read_runs("s", 2, max_records=2, max_bytes=10**6))
