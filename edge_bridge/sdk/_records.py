@@ -34,7 +34,7 @@ from broker.protocol.ingress import (
 from broker.protocol.wire import CT_JSON, CT_RAW, MAX_KEY_CHARS
 from edge_bridge.sdk._defaults import WIRE_RECORD_OVERHEAD_BYTES
 
-__all__ = ["JSON_CHECK_ABOVE", "OutRecord", "encode_request", "prepare_record"]
+__all__ = ["JSON_CHECK_ABOVE", "OutRecord", "encode_request", "plain_json", "prepare_record"]
 
 OutRecord = tuple[int, int, bytes, str | None, dict[str, str] | None]
 """``(ts_us, ct, payload, key, headers)``: a record as the SDK holds and sends it."""
@@ -55,6 +55,30 @@ _now_ns: Final = time.time_ns
 JSON_CHECK_ABOVE: Final = 256
 """Bodies longer than this get the nesting check of ``check_encoded_json`` (a body of
 at most this many bytes cannot nest deeper than ``MAX_JSON_DEPTH``, which it equals)."""
+
+
+def plain_json(payload: object, key: object, max_bytes: int) -> bytes | None:
+    """The JSON of the common record, or None: then :func:`prepare_record` decides.
+
+    The common record is a ``dict`` payload whose JSON is at most ``max_bytes``
+    long (at most :data:`JSON_CHECK_ABOVE`: too short to nest too deep) and holds
+    no ``\\u0000``, with no key or a plain one (ASCII, no NUL, not too long); the
+    caller checks that it has no ``ts`` and no headers. Its rules are
+    :func:`prepare_record`'s, without the general helpers' type dispatch.
+    """
+    if type(payload) is not dict or not (key is None or (
+            type(key) is str and len(key) <= MAX_KEY_CHARS and key.isascii()
+            and "\x00" not in key)):
+        return None
+    try:
+        data = _json_encode(payload)
+    except Exception:  # prepare_record raises the InvalidInput that explains it
+        return None
+    # 92 is the backslash: a one-byte search (memchr) is ~10x cheaper than
+    # looking for the six-byte escape, and JSON without one cannot hold it.
+    if len(data) <= max_bytes and (92 not in data or b"\\u0000" not in data):
+        return data
+    return None
 
 
 def prepare_record(
