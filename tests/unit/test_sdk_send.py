@@ -335,3 +335,30 @@ async def test_send_into_an_open_batch_refuses_what_the_general_path_refuses(
     assert stored_payloads(bridge) == [b'{"a":1}']
     with pytest.raises(sdk.ClosedError):
         client.send("s", {"a": 1}, key="k")
+
+
+def test_the_sync_client_seals_batches_at_their_byte_and_record_limits(
+    bridge: FakeBridge,
+) -> None:
+    """Records handed over by a thread join their stream's open batch on the loop
+    thread; a batch still never exceeds ``batch_max_bytes`` nor ``batch_max_records``,
+    a publish among them keeps its place, and the counters are exact."""
+    with sdk.SyncEdgeClient(transport=httpx.MockTransport(bridge.handle), batch_max_bytes=90,
+                            linger_ms=60_000.0) as client:
+        for i in range(10, 30):  # {"i":NN} is 8 bytes: 8 + 1 + 16 = 25 per record
+            client.send("s", {"i": i}, key="k")
+        client.flush(timeout=WAIT_S)
+        assert client.stats.records_published == 20 == client.stats.records_sent
+    assert [len(seen.body.records) for seen in bridge.requests] == [3] * 6 + [2]
+    with sdk.SyncEdgeClient(transport=httpx.MockTransport(bridge.handle), batch_max_records=3,
+                            linger_ms=60_000.0) as client:
+        for i in range(30, 34):
+            client.send("s", {"i": i}, key="k")
+        future = client.publish("s", {"i": 34}, key="k")
+        for i in range(35, 40):
+            client.send("s", {"i": i}, key="k")
+        client.flush(timeout=WAIT_S)
+        assert future.result(timeout=0).seq == 25
+        assert client.stats.records_published == 10 and client.stats.records_sent == 9
+    assert [len(seen.body.records) for seen in bridge.requests[7:]] == [3, 3, 3, 1]
+    assert stored_payloads(bridge) == [b'{"i":%d}' % i for i in range(10, 40)]
