@@ -31,10 +31,18 @@ from broker.protocol.ingress import (
     encode_payload,
     to_ts_us,
 )
+from broker.protocol.tokens import validate_token
 from broker.protocol.wire import CT_JSON, CT_RAW, MAX_KEY_CHARS
 from edge_bridge.sdk._defaults import WIRE_RECORD_OVERHEAD_BYTES
 
-__all__ = ["JSON_CHECK_ABOVE", "OutRecord", "encode_request", "prepare_record"]
+__all__ = [
+    "JSON_CHECK_ABOVE",
+    "OutRecord",
+    "Preparer",
+    "encode_request",
+    "plain_json",
+    "prepare_record",
+]
 
 OutRecord = tuple[int, int, bytes, str | None, dict[str, str] | None]
 """``(ts_us, ct, payload, key, headers)``: a record as the SDK holds and sends it."""
@@ -52,9 +60,35 @@ class _Request(msgspec.Struct):
 _json_encode: Final = msgspec.json.Encoder().encode
 _msgpack_encode: Final = msgspec.msgpack.Encoder().encode
 _now_ns: Final = time.time_ns
+_KNOWN_STREAMS_MAX: Final = 10_000
+"""Validated stream names remembered to skip the regex; bounded like all caches."""
 JSON_CHECK_ABOVE: Final = 256
 """Bodies longer than this get the nesting check of ``check_encoded_json`` (a body of
 at most this many bytes cannot nest deeper than ``MAX_JSON_DEPTH``, which it equals)."""
+
+
+def plain_json(payload: object, key: object, max_bytes: int) -> bytes | None:
+    """The JSON of the common record, or None: then :func:`prepare_record` decides.
+
+    The common record is a ``dict`` payload whose JSON is at most ``max_bytes``
+    long (at most :data:`JSON_CHECK_ABOVE`: too short to nest too deep) and holds
+    no ``\\u0000``, with no key or a plain one (ASCII, no NUL, not too long); the
+    caller checks that it has no ``ts`` and no headers. Its rules are
+    :func:`prepare_record`'s, without the general helpers' type dispatch.
+    """
+    if type(payload) is not dict or not (key is None or (
+            type(key) is str and len(key) <= MAX_KEY_CHARS and key.isascii()
+            and "\x00" not in key)):
+        return None
+    try:
+        data = _json_encode(payload)
+    except Exception:  # prepare_record raises the InvalidInput that explains it
+        return None
+    # 92 is the backslash: a one-byte search (memchr) is ~10x cheaper than
+    # looking for the six-byte escape, and JSON without one cannot hold it.
+    if len(data) <= max_bytes and (92 not in data or b"\\u0000" not in data):
+        return data
+    return None
 
 
 def prepare_record(
@@ -102,3 +136,40 @@ def prepare_record(
 def encode_request(producer: str, request_seq: int, records: list[OutRecord]) -> bytes:
     """The MessagePack body of one ingress request (an ``IngressRequest`` to the bridge)."""
     return _msgpack_encode(_Request(producer, request_seq, records))
+
+
+class Preparer:
+    """Validates and converts one client's records: the stream name (once per name),
+    then :func:`plain_json` for the common record, :func:`prepare_record` for the rest.
+
+    Pure but for the set of known stream names (a cache), so the synchronous
+    client calls it from application threads.
+    """
+
+    __slots__ = ("_known_streams", "_max_record_bytes", "inline_max_bytes")
+
+    def __init__(self, max_record_bytes: int) -> None:
+        self._max_record_bytes = max_record_bytes
+        self.inline_max_bytes = min(max_record_bytes, JSON_CHECK_ABOVE)
+        """Records larger than this take prepare_record's full path (the size limit,
+        and the nesting check for longer JSON)."""
+        self._known_streams: set[str] = set()
+
+    def prepare(self, stream: str, payload: object, key: object, ts: object,
+                headers: object) -> tuple[OutRecord, int]:
+        """Validate and convert one record; returns it with its batch-size charge.
+
+        Raises:
+            InvalidInput: bad stream name, key, headers, ts or payload type.
+            RecordTooLarge: the payload exceeds ``max_record_bytes``.
+        """
+        if type(stream) is not str or stream not in self._known_streams:
+            validate_token("stream name", stream)
+            if len(self._known_streams) < _KNOWN_STREAMS_MAX:
+                self._known_streams.add(stream)
+        if ts is None and headers is None and (
+                data := plain_json(payload, key, self.inline_max_bytes)) is not None:
+            overhead = WIRE_RECORD_OVERHEAD_BYTES
+            return ((_now_ns() // 1000, CT_JSON, data, key, None),  # type: ignore[return-value]
+                    len(data) + (overhead if key is None else overhead + len(key)))  # type: ignore[arg-type]
+        return prepare_record(payload, key, ts, headers, self._max_record_bytes)

@@ -42,8 +42,7 @@ import structlog
 
 from broker.errors import BufferFull, ClosedError
 from broker.protocol.ingress import CONTENT_TYPE, MAX_PRODUCER_CHARS
-from broker.protocol.tokens import validate_token
-from broker.protocol.wire import CT_JSON, MAX_KEY_CHARS
+from broker.protocol.wire import CT_JSON
 from edge_bridge.sdk._batch import OutgoingBatch, Waiter
 from edge_bridge.sdk._defaults import (
     DEFAULT_BATCH_MAX_BYTES,
@@ -63,12 +62,7 @@ from edge_bridge.sdk._defaults import (
 )
 from edge_bridge.sdk._delivery import Delivery
 from edge_bridge.sdk._http import HttpxPoster, Poster, StreamPoster
-from edge_bridge.sdk._records import (
-    JSON_CHECK_ABOVE,
-    OutRecord,
-    encode_request,
-    prepare_record,
-)
+from edge_bridge.sdk._records import OutRecord, Preparer, encode_request, plain_json
 from edge_bridge.sdk._settling import BatchBook
 from edge_bridge.sdk.results import ClientStats, RecordAck
 
@@ -81,12 +75,11 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-_KNOWN_STREAMS_MAX: Final = 10_000
-"""Validated stream names remembered to skip the regex; bounded like all caches."""
 _Future: Final = asyncio.Future
 """Built directly: ``loop.create_future()`` adds a Python call per record."""
 _json_encode: Final = msgspec.json.Encoder().encode
 _now_ns: Final = time.time_ns
+_OVERHEAD: Final = WIRE_RECORD_OVERHEAD_BYTES
 
 
 class _State(enum.Enum):
@@ -191,10 +184,11 @@ class EdgeClient(BatchBook):
         self._batch_max_bytes = batch_max_bytes
         self._linger_s = linger_ms / 1000.0
         self._max_in_flight = max_in_flight
-        self._max_record_bytes = max_record_bytes
-        # Records larger than this take prepare_record's full path (the size limit,
-        # and the nesting check for longer JSON).
-        self._inline_max_bytes = min(max_record_bytes, JSON_CHECK_ABOVE)
+        preparer = Preparer(max_record_bytes)
+        self._prepare = preparer.prepare
+        """Validates and converts one record (pure but for a cache, so the synchronous
+        wrapper calls it from application threads)."""
+        self._inline_max_bytes = preparer.inline_max_bytes
         self._retry_timeout_s = retry_timeout_s
         self._close_timeout_s = close_timeout_s
         self._max_pending = max_pending_records
@@ -214,7 +208,6 @@ class EdgeClient(BatchBook):
 
         self._state = _State.OPEN
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._known_streams: set[str] = set()
         self._release_task: asyncio.Task[None] | None = None
         self._delivery = Delivery(http, producer=producer_id, max_in_flight=max_in_flight,
                                   retry_timeout_s=retry_timeout_s, stats=self.stats,
@@ -427,6 +420,23 @@ class EdgeClient(BatchBook):
             BufferFull: ``max_pending_records`` records await confirmation.
             ClosedError: the client is closing or closed.
         """
+        # The hot path: the common record (plain_json) into its stream's open batch,
+        # which exists only while the client is open (close and abort seal or fail
+        # every pending batch first), when it fits; anything else takes _add's way.
+        batch = self._pending.get(stream) if type(stream) is str else None
+        if batch is not None and ts is None and headers is None and (
+                data := plain_json(payload, key, self._inline_max_bytes)) is not None:
+            nbytes = batch.nbytes + len(data) + (_OVERHEAD if key is None else _OVERHEAD + len(key))
+            if nbytes <= self._batch_max_bytes and self._outstanding < self._max_pending:
+                (records := batch.records).append((_now_ns() // 1000, CT_JSON, data, key, None))
+                batch.unwaited += 1
+                batch.nbytes = nbytes
+                self._outstanding += 1
+                (stats := self.stats).records_published += 1
+                stats.records_sent += 1
+                if len(records) >= self._batch_max_records or nbytes >= self._batch_max_bytes:
+                    self._seal(batch)
+                return
         self._add(stream, payload, key, ts, headers, waiter=None)
         self.stats.records_sent += 1
 
@@ -453,39 +463,6 @@ class EdgeClient(BatchBook):
     ) -> RecordAck:
         """``await publish(...)``: publish one record and wait until it is durable."""
         return await self.publish(stream, payload, key=key, ts=ts, headers=headers)
-
-    def _learn_stream(self, stream: object) -> None:
-        """Validate a stream name not seen before (raises ``InvalidInput``) and remember it."""
-        validate_token("stream name", stream)
-        if len(self._known_streams) < _KNOWN_STREAMS_MAX:
-            self._known_streams.add(stream)  # type: ignore[arg-type]  # validated: a str
-
-    def _prepare(
-        self, stream: str, payload: object, key: object, ts: object, headers: object
-    ) -> tuple[OutRecord, int]:
-        """Validate and convert one record; returns it with its batch-size charge.
-
-        Pure but for the set of known stream names (a cache), so the
-        synchronous wrapper calls it from application threads.
-        """
-        # The hot path of the SDK: the common record (a dict, no ts, no headers, a
-        # plain key) is validated and encoded inline, with prepare_record's rules.
-        if type(stream) is not str or stream not in self._known_streams:
-            self._learn_stream(stream)
-        if type(payload) is dict and ts is None and headers is None and (key is None or (
-                type(key) is str and len(key) <= MAX_KEY_CHARS and key.isascii()
-                and "\x00" not in key)):
-            try:
-                data = _json_encode(payload)
-            except Exception:  # prepare_record raises the InvalidInput that explains it
-                data = b""
-            # 92 is the backslash: a one-byte search (memchr) is ~10x cheaper than
-            # looking for the six-byte escape, and JSON without one cannot hold it.
-            if data and len(data) <= self._inline_max_bytes and (
-                    92 not in data or b"\\u0000" not in data):
-                return ((_now_ns() // 1000, CT_JSON, data, key, None),
-                        len(data) + WIRE_RECORD_OVERHEAD_BYTES + (0 if key is None else len(key)))
-        return prepare_record(payload, key, ts, headers, self._max_record_bytes)
 
     def _enqueue(self, stream: str, record: OutRecord, nbytes: int,
                  waiter: Waiter | None) -> None:
@@ -514,16 +491,30 @@ class EdgeClient(BatchBook):
         a waiter gets :class:`ClosedError`, a record without one is counted as
         failed (and reported by ``close``).
         """
-        refused = 0
+        refused = sent = appended = 0
+        pending = self._pending
         for stream, record, nbytes, waiter in items:
             if waiter is None:
-                self.stats.records_sent += 1
+                sent += 1
+                # As in send: straight into the stream's open batch when it fits.
+                batch = pending.get(stream)
+                if batch is not None and (total := batch.nbytes + nbytes) <= self._batch_max_bytes:
+                    (records := batch.records).append(record)
+                    batch.unwaited += 1
+                    batch.nbytes = total
+                    appended += 1
+                    if len(records) >= self._batch_max_records or total >= self._batch_max_bytes:
+                        self._seal(batch)
+                    continue
             if self._state is _OPEN:
                 self._enqueue(stream, record, nbytes, waiter)
             elif waiter is not None:
                 waiter.set_exception(ClosedError("EdgeClient closed before the record was queued"))
             else:
                 refused += 1
+        self._outstanding += appended
+        self.stats.records_published += appended
+        self.stats.records_sent += sent
         if refused:
             error = ClosedError("EdgeClient closed before the record was queued")
             self._count_failed(refused, refused, error.code, error)

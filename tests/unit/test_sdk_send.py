@@ -271,3 +271,94 @@ def test_the_sync_client_send_from_its_own_loop_thread_does_not_wait_on_itself(
         assert done.wait(WAIT_S)
         client.flush(timeout=WAIT_S)
     assert len(stored_payloads(bridge)) == 3_001
+
+
+# -- the inline path: a common record into its stream's open batch --------------------------
+
+
+async def test_send_into_an_open_batch_seals_it_at_its_byte_and_record_limits(
+    bridge: FakeBridge,
+) -> None:
+    """Dict records after a batch's first take ``send``'s inline path; a batch still
+    never exceeds ``batch_max_bytes`` (each record charged payload + key + 16) nor
+    ``batch_max_records``, and every record arrives once, in order."""
+    async with client_for(bridge, batch_max_bytes=90, linger_ms=60_000.0) as client:
+        for i in range(10, 30):  # {"i":NN} is 8 bytes: 8 + 1 + 16 = 25 per record
+            client.send("s", {"i": i}, key="k")
+        await client.flush()
+    assert [len(seen.body.records) for seen in bridge.requests] == [3] * 6 + [2]
+    async with client_for(bridge, batch_max_records=3, linger_ms=60_000.0) as client:
+        for i in range(30, 40):
+            client.send("s", {"i": i}, key="k")
+        await client.flush()
+    assert [len(seen.body.records) for seen in bridge.requests[7:]] == [3, 3, 3, 1]
+    assert stored_payloads(bridge) == [b'{"i":%d}' % i for i in range(10, 40)]
+    assert client.stats.records_sent == 10 == client.stats.records_acked
+
+
+async def test_send_into_an_open_batch_pushes_back_at_max_pending_records(
+    bridge: FakeBridge,
+) -> None:
+    """The inline path refuses with ``BufferFull`` where the general one would."""
+    async with client_for(bridge, max_pending_records=3, linger_ms=60_000.0) as client:
+        for i in range(3):
+            client.send("s", {"i": i}, key="k")
+        with pytest.raises(sdk.BufferFull, match="max_pending_records=3"):
+            client.send("s", {"i": 3}, key="k")
+        assert client.outstanding == 3 == client._pending["s"].count
+        await client.flush()
+    assert stored_payloads(bridge) == [b'{"i":%d}' % i for i in range(3)]
+
+
+async def test_send_into_an_open_batch_refuses_what_the_general_path_refuses(
+    bridge: FakeBridge,
+) -> None:
+    """With a batch open for the stream, bad input still raises synchronously, as
+    ``publish`` does, and adds nothing to the batch; a closed client refuses."""
+    async with client_for(bridge, max_record_bytes=64, linger_ms=60_000.0) as client:
+        client.send("s", {"a": 1}, key="k")
+        with pytest.raises(sdk.InvalidInput, match="u0000"):
+            client.send("s", {"text": "a\x00b"}, key="k")
+        with pytest.raises(sdk.InvalidInput, match="JSON-encodable"):
+            client.send("s", {"when": object()}, key="k")
+        with pytest.raises(sdk.RecordTooLarge, match="max_record_bytes=64"):
+            client.send("s", {"text": "x" * 100}, key="k")
+        with pytest.raises(sdk.InvalidInput, match="key"):
+            client.send("s", {"a": 1}, key="x" * 2000)
+        with pytest.raises(sdk.InvalidInput, match="key"):
+            client.send("s", {"a": 1}, key="a\x00b")
+        with pytest.raises(sdk.InvalidInput, match="stream"):
+            client.send(["s"], {"a": 1})  # type: ignore[arg-type]
+        with pytest.raises(sdk.InvalidInput, match="header"):
+            client.send("s", {"a": 1}, headers={"h": 1})  # type: ignore[dict-item]
+        assert client._pending["s"].count == 1 == client.stats.records_sent
+    assert stored_payloads(bridge) == [b'{"a":1}']
+    with pytest.raises(sdk.ClosedError):
+        client.send("s", {"a": 1}, key="k")
+
+
+def test_the_sync_client_seals_batches_at_their_byte_and_record_limits(
+    bridge: FakeBridge,
+) -> None:
+    """Records handed over by a thread join their stream's open batch on the loop
+    thread; a batch still never exceeds ``batch_max_bytes`` nor ``batch_max_records``,
+    a publish among them keeps its place, and the counters are exact."""
+    with sdk.SyncEdgeClient(transport=httpx.MockTransport(bridge.handle), batch_max_bytes=90,
+                            linger_ms=60_000.0) as client:
+        for i in range(10, 30):  # {"i":NN} is 8 bytes: 8 + 1 + 16 = 25 per record
+            client.send("s", {"i": i}, key="k")
+        client.flush(timeout=WAIT_S)
+        assert client.stats.records_published == 20 == client.stats.records_sent
+    assert [len(seen.body.records) for seen in bridge.requests] == [3] * 6 + [2]
+    with sdk.SyncEdgeClient(transport=httpx.MockTransport(bridge.handle), batch_max_records=3,
+                            linger_ms=60_000.0) as client:
+        for i in range(30, 34):
+            client.send("s", {"i": i}, key="k")
+        future = client.publish("s", {"i": 34}, key="k")
+        for i in range(35, 40):
+            client.send("s", {"i": i}, key="k")
+        client.flush(timeout=WAIT_S)
+        assert future.result(timeout=0).seq == 25
+        assert client.stats.records_published == 10 and client.stats.records_sent == 9
+    assert [len(seen.body.records) for seen in bridge.requests[7:]] == [3, 3, 3, 1]
+    assert stored_payloads(bridge) == [b'{"i":%d}' % i for i in range(10, 40)]
