@@ -18,7 +18,10 @@ was fewer than asked); only when nothing was ready does it send one lingering
 request that expires as the fetch gives up (as nats-py's ``fetch`` does). A message
 delivered when no fetch waits (it came as the last one gave up) is not lost: it is
 kept, and the next fetch takes it first, before asking JetStream; an idle worker's
-long poll does too, so it never waits beside a message in hand.
+long poll does too, so it never waits beside a message in hand. A ``409`` (refused
+for now, e.g. too many requests waiting) makes the fetch wait out its timeout empty,
+not return at once (an idle worker would ask again in a tight loop); any other
+status (``503``: the consumer is gone) raises :class:`PullFailed`.
 
 Messages are nats-py ``Msg`` objects bound to the client as ever (ack,
 ``in_progress``); only the way they are collected changes.
@@ -109,16 +112,20 @@ class Puller:
         started = time.monotonic()
         req = await self._request(batch, {"batch": batch, "no_wait": True})
         await self._wait(req, timeout, interrupt)
-        if req.msgs or req.status not in (_NO_MESSAGES, _REQUEST_TIMEOUT, None):
+        if req.msgs or req.status not in (_NO_MESSAGES, _REQUEST_TIMEOUT, _CONFLICT, None):
             return self._result(req)
         if interrupt is not None and interrupt.is_set():
             return []
         remaining = timeout - (time.monotonic() - started)
         expires = int(remaining * 1e9) - _EXPIRES_MARGIN_NS
-        if expires <= 0:
-            return []
-        req = await self._request(batch, {"batch": batch, "expires": expires})
-        await self._wait(req, remaining, interrupt)
+        if req.status != _CONFLICT and expires > 0:
+            req = await self._request(batch, {"batch": batch, "expires": expires})
+            await self._wait(req, remaining, interrupt)
+        if req.status == _CONFLICT and not req.msgs:
+            # Refused for now (e.g. too many requests waiting): nothing this time, and
+            # not at once either, or an idle worker would ask again in a tight loop.
+            await self._wait(_Request("", 1), timeout - (time.monotonic() - started),
+                             interrupt)
         return self._result(req)
 
     async def _request(self, batch: int, body: dict[str, object]) -> _Request:

@@ -19,7 +19,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from broker.runtime.embedded_nats import EmbeddedNats
 from cloud_ingest.bulk_publishing import ack_all, publish_many
-from cloud_ingest.pulling import Puller
+from cloud_ingest.pulling import Puller, PullFailed
 from tests.support import until
 
 STREAM, CONSUMER = "PULLS", "ingest"
@@ -95,6 +95,35 @@ async def test_a_message_delivered_after_its_fetch_gave_up_is_the_next_fetchs_fi
     await until(lambda: _ack_pending_is(js, 0), message="the kept message acked")
 
 
+async def test_a_request_refused_for_now_waits_out_the_fetch_not_a_tight_loop(
+        nc: NATS) -> None:
+    """JetStream answers 409 (here: too many requests waiting); an idle worker's fetch
+    must not come back at once, or it would ask again in a tight loop."""
+    js = nc.jetstream()
+    await js.add_consumer(STREAM, ConsumerConfig(durable_name="narrow", max_waiting=1,
+                                                 ack_policy=AckPolicy.EXPLICIT))
+    holder, refused = Puller(nc, STREAM, "narrow"), Puller(nc, STREAM, "narrow")
+    stop = asyncio.Event()
+    lingering = asyncio.create_task(holder.fetch(1, timeout=20, interrupt=stop))
+    await until(lambda: _waiting(js, "narrow"), message="the one allowed request is open")
+    started = time.monotonic()
+    assert await refused.fetch(1, timeout=1.0) == []
+    assert time.monotonic() - started >= 0.9
+    stop.set()
+    assert await asyncio.wait_for(lingering, 5) == []
+    await holder.close()
+    await refused.close()
+
+
+async def test_a_fetch_from_a_consumer_that_is_gone_fails_at_once(
+        nc: NATS, puller: Puller) -> None:
+    await nc.jetstream().delete_consumer(STREAM, CONSUMER)
+    started = time.monotonic()
+    with pytest.raises(PullFailed):
+        await puller.fetch(1, timeout=10)
+    assert time.monotonic() - started < 5
+
+
 async def test_ack_all_acks_every_message_as_msg_ack_would(nc: NATS, puller: Puller) -> None:
     js = nc.jetstream()
     await publish(js, 300)
@@ -131,8 +160,8 @@ async def test_publish_many_delivers_in_order_with_replies(nc: NATS) -> None:
     assert got == sent
 
 
-async def _waiting(js: JetStreamContext) -> bool:
-    return (await js.consumer_info(STREAM, CONSUMER)).num_waiting >= 1
+async def _waiting(js: JetStreamContext, consumer: str = CONSUMER) -> bool:
+    return (await js.consumer_info(STREAM, consumer)).num_waiting >= 1
 
 
 async def _ack_pending_is(js: JetStreamContext, n: int) -> bool:
