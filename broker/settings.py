@@ -342,11 +342,14 @@ class IngestSettings(BaseModel):
         "the memory a group holds.",
     )
     group_max_messages: int = Field(
-        1_000,
+        2_000,
         ge=1,
         le=20_000,
         description="Messages (batches) per group; bounds the acks per transaction, "
-        "below the consumer's max_ack_pending (20,000) shared by all workers.",
+        "below the consumer's max_ack_pending (20,000) shared by all workers. Above "
+        "group_max_records / 10, so a fleet's 10-record batches fill a group by records "
+        "as big batches do (at 1,000 its groups held 10,000 records: 40 transactions "
+        "instead of 25 per 400,000 records, measured ~15 % slower fan-in).",
     )
     fetch_timeout_s: float = Field(
         0.02,

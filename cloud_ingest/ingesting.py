@@ -24,7 +24,6 @@ No input stops the ingest:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -32,21 +31,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import FetchTimeoutError
 
 from broker.backoff import backoff_s
-from broker.long_polling import fetch_one_unless
 from broker.protocol.topology import Topology
 from broker.settings import IngestSettings
+from cloud_ingest.bulk_publishing import ack_all
 from cloud_ingest.db_errors import as_temporary
 from cloud_ingest.gc_pausing import held_gc, paused_gc
 from cloud_ingest.metrics import IngestMetrics
+from cloud_ingest.pulling import Puller
 from cloud_ingest.writing import Decoded, GroupResult, GroupWriter
 
 __all__ = [
@@ -132,18 +130,20 @@ class RecordsConsumer:
         await self._js.add_consumer(self._topology.records_stream, config)
 
     async def consume_forever(self) -> None:
-        sub = await self._js.pull_subscribe_bind(
-            self._settings.consumer, stream=self._topology.records_stream
-        )
+        # A puller per worker: a puller serves one fetch at a time (cloud_ingest.pulling).
+        pullers = [Puller(self._nc, self._topology.records_stream, self._settings.consumer)
+                   for _ in range(self._settings.workers)]
         try:
+            for sub in pullers:
+                await sub.start()
             async with asyncio.TaskGroup() as tg:
-                for i in range(self._settings.workers):
+                for i, sub in enumerate(pullers):
                     tg.create_task(self._worker(sub), name=f"ingest-worker-{i}")
         finally:
-            with contextlib.suppress(Exception):  # the connection may already be gone
-                await sub.unsubscribe()
+            for sub in pullers:
+                await sub.close()
 
-    async def _worker(self, sub: JetStreamContext.PullSubscription) -> None:
+    async def _worker(self, sub: Puller) -> None:
         failures = 0
         idle = False
         while not self._stopping:
@@ -170,19 +170,17 @@ class RecordsConsumer:
                               error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(1.0)
 
-    async def _fetch_group(
-        self, sub: JetStreamContext.PullSubscription, *, idle: bool
-    ) -> list[Msg]:
+    async def _fetch_group(self, sub: Puller, *, idle: bool) -> list[Msg]:
         """One group, sized by work: records and bytes, with a message cap.
 
         An ``idle`` worker (its last fetch found nothing) first waits up to
         ``idle_poll_s`` for one message, with one pull request of one message (a
         request for more would linger until it filled), so an idle ingest costs
         JetStream and itself one request per worker per interval, not one per fill
-        timeout. A message that arrives as that request expires is not lost: it
-        waits in the subscription's queue, where the next fetch takes it first.
+        timeout. A message that arrives as that request expires is not lost: the
+        :class:`~cloud_ingest.pulling.Puller` keeps it, and the next fetch takes it first.
 
-        Then the first fetch asks for ``fetch_batch`` messages: nats-py takes what is
+        Then the first fetch asks for ``fetch_batch`` messages: it takes what is
         available at once (no_wait), else waits up to the fill timeout. Only while a
         backlog is evident (the last fetch came back full) does the group grow by
         further fetches, each asking for what the budget has left at the records and
@@ -197,8 +195,7 @@ class RecordsConsumer:
         records = nbytes = 0
         if idle:
             # One long request for one message; shutdown ends it at once.
-            msgs = await fetch_one_unless(sub, timeout=self._settings.idle_poll_s,
-                                          interrupt=self._stop)
+            msgs = await sub.fetch(1, timeout=self._settings.idle_poll_s, interrupt=self._stop)
             if not msgs:
                 return msgs
             records, nbytes = _records_hint(msgs[0]), len(msgs[0].data)
@@ -207,14 +204,12 @@ class RecordsConsumer:
         while ask > 0:
             try:
                 got = await sub.fetch(ask, timeout=self._settings.fetch_timeout_s)
-            except (FetchTimeoutError, nats.errors.TimeoutError, TimeoutError):
-                # nats-py also raises the bare (asyncio) TimeoutError when its pull
-                # request expired with nothing delivered: an empty fetch, not a failure.
-                return msgs
             except Exception:
                 if msgs:
                     return msgs  # a group in hand is written now, not left to ack_wait
                 raise
+            if not got:
+                return msgs
             msgs.extend(got)
             for m in got:
                 records += _records_hint(m)
@@ -329,8 +324,7 @@ class RecordsConsumer:
             log.info("database_available")
         self.db_ok = True
         self._metrics.db_up.set(1)
-        for m in msgs:
-            await _quietly(m.ack())
+        await _quietly(ack_all(self._nc, msgs))  # one write for the group's acks
         metrics = self._metrics
         metrics.commit_seconds.observe(time.perf_counter() - started)
         metrics.batches_committed.inc(result.batches)

@@ -12,10 +12,11 @@ edge sees each update live on the bucket's subject.
 A fleet touches thousands of keys per window, so a window's writes are KV puts
 done by hand: each a publish to ``$KV.<bucket>.<key>`` whose JetStream ack comes
 back on one reply subscription shared by all of them, a bounded number in
-flight. (nats-py's ``kv.put`` is a request each: a task, a timer, an inbox
-future and a parsed ``PubAck`` per key, which was a fifth of the ingest's CPU
-under fan-in.) A write that is refused or not acked in time is kept for the
-next window, unless a newer value for its key came in meanwhile.
+flight, handed to the client as one write (:mod:`cloud_ingest.bulk_publishing`).
+(nats-py's ``kv.put`` is a request each: a task, a timer, an inbox future and a
+parsed ``PubAck`` per key, which was a fifth of the ingest's CPU under fan-in.)
+A write that is refused or not acked in time is kept for the next window, unless
+a newer value for its key came in meanwhile.
 
 Several ingest processes may write the same key; an edge only ever moves its
 watermark forward, so a stale write is harmless.
@@ -33,6 +34,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from broker.protocol.topology import Topology
+from cloud_ingest.bulk_publishing import publish_many
 
 __all__ = ["WatermarkPublisher"]
 
@@ -116,12 +118,12 @@ class WatermarkPublisher:
             prefix = await self._reply_subscription()
             self._acked.clear()
             self._publishing = True
+            puts: list[tuple[str, str, bytes]] = []
             for key, watermark in window:
                 token = f"{prefix}{next(self._tokens)}"
                 self._in_flight[token] = (key, watermark)
-                edge, stream, epoch = key
-                await self._nc.publish(self._subject_of(edge, stream, epoch),
-                                       str(watermark).encode(), reply=token)
+                puts.append((self._subject_of(*key), token, str(watermark).encode()))
+            await publish_many(self._nc, puts)  # the window's puts as one write
             self._publishing = False
             if not self._in_flight:
                 self._acked.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from nats.aio.msg import Msg
 
+from broker.settings import IngestSettings
 from cloud_ingest.ingesting import _GroupBudget, _records_hint
 
 
@@ -27,6 +28,16 @@ def test_a_fleet_of_small_batches_grows_the_group_to_the_record_budget() -> None
     assert budget.next_ask(8, 80, 8 * 2_000) == 992
     uncapped = _GroupBudget(messages=10_000, records=16_000, bytes=8 * 1024**2)
     assert uncapped.next_ask(8, 80, 8 * 2_000) == 1_592
+
+
+def test_by_default_a_fleets_10_record_batches_fill_a_group_by_records() -> None:
+    """With the default budgets, 10-record batches make a group of group_max_records
+    (16,000 records, 1,600 batches), as big batches do: the message cap does not cut
+    a fleet's transactions short."""
+    s = IngestSettings()
+    budget = _GroupBudget(s.group_max_messages, s.group_max_records, s.group_max_bytes)
+    asked = 8 + budget.next_ask(8, 80, 8 * 1_300)
+    assert asked * 10 == s.group_max_records
 
 
 def test_the_byte_budget_bounds_a_group_of_large_batches() -> None:
