@@ -126,3 +126,38 @@ def test_a_record_handed_over_before_closes_last_drain_is_delivered_by_close(
     assert stored(bridge) == [(b'{"i":1}', None)]
     with pytest.raises(sdk.ClosedError):
         client.send("s", {"i": 2})
+
+
+def test_threads_sending_while_close_runs_each_record_is_stored_or_refused_in_its_thread(
+    bridge: FakeBridge,
+) -> None:
+    """Four threads send flat out while another thread closes the client: every record
+    a thread's ``send`` accepted is stored, once; the others raised ``ClosedError``."""
+    client = sync_client(bridge, linger_ms=0.0, batch_max_records=64)
+    accepted: dict[int, int] = {}
+    going = threading.Event()
+
+    def produce(t: int) -> None:
+        i = 0
+        try:
+            while True:
+                client.send("s", {"t": t, "i": i})
+                i += 1
+                if i == 2_000:
+                    going.set()
+        except sdk.ClosedError:
+            accepted[t] = i
+
+    workers = [threading.Thread(target=produce, args=(t,)) for t in range(4)]
+    for worker in workers:
+        worker.start()
+    assert going.wait(WAIT_S)  # close while every thread may be mid-hand-over
+    client.close(timeout=WAIT_S)
+    for worker in workers:
+        worker.join(WAIT_S)
+    assert len(accepted) == 4 and client.stats.records_failed == 0
+    payloads = [payload for payload, _ in stored(bridge)]
+    assert len(payloads) == len(set(payloads)) == sum(accepted.values())
+    for t, count in accepted.items():
+        mine = [p for p in payloads if p.startswith(b'{"t":%d,' % t)]
+        assert mine == [b'{"t":%d,"i":%d}' % (t, i) for i in range(count)]
