@@ -146,14 +146,16 @@ class Preparer:
     client calls it from application threads.
     """
 
-    __slots__ = ("_known_streams", "_max_record_bytes", "inline_max_bytes")
+    __slots__ = ("_max_record_bytes", "inline_max_bytes", "known_streams")
 
     def __init__(self, max_record_bytes: int) -> None:
         self._max_record_bytes = max_record_bytes
         self.inline_max_bytes = min(max_record_bytes, JSON_CHECK_ABOVE)
         """Records larger than this take prepare_record's full path (the size limit,
         and the nesting check for longer JSON)."""
-        self._known_streams: set[str] = set()
+        self.known_streams: set[str] = set()
+        """Stream names validated already (a bounded cache; the synchronous client's
+        ``send`` reads it to take the common record's way without a call here)."""
 
     def prepare(self, stream: str, payload: object, key: object, ts: object,
                 headers: object) -> tuple[OutRecord, int]:
@@ -163,10 +165,10 @@ class Preparer:
             InvalidInput: bad stream name, key, headers, ts or payload type.
             RecordTooLarge: the payload exceeds ``max_record_bytes``.
         """
-        if type(stream) is not str or stream not in self._known_streams:
+        if type(stream) is not str or stream not in self.known_streams:
             validate_token("stream name", stream)
-            if len(self._known_streams) < _KNOWN_STREAMS_MAX:
-                self._known_streams.add(stream)
+            if len(self.known_streams) < _KNOWN_STREAMS_MAX:
+                self.known_streams.add(stream)
         if ts is None and headers is None and (
                 data := plain_json(payload, key, self.inline_max_bytes)) is not None:
             overhead = WIRE_RECORD_OVERHEAD_BYTES

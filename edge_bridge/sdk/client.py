@@ -184,7 +184,7 @@ class EdgeClient(BatchBook):
         self._batch_max_bytes = batch_max_bytes
         self._linger_s = linger_ms / 1000.0
         self._max_in_flight = max_in_flight
-        preparer = Preparer(max_record_bytes)
+        self._preparer = preparer = Preparer(max_record_bytes)
         self._prepare = preparer.prepare
         """Validates and converts one record (pure but for a cache, so the synchronous
         wrapper calls it from application threads)."""

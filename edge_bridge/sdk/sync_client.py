@@ -3,10 +3,11 @@
 For applications without asyncio. A daemon thread runs an event loop that
 hosts one :class:`EdgeClient`; any number of application threads call
 :meth:`SyncEdgeClient.send` or :meth:`SyncEdgeClient.publish`, which validate
-in the calling thread and hand the prepared record over through a locked list.
+in the calling thread and hand the prepared record over through a deque,
+without a lock (``_hand_over`` says why no record is lost, also to ``close``).
 The loop is woken once per burst rather than once per record, and takes every
 record handed over since in one go, which keeps the cross-thread cost per
-record to a lock and a list append; ``send`` adds nothing else per record.
+record to a deque append; ``send`` adds nothing else per record.
 
 The futures handed back are :class:`concurrent.futures.Future` objects that
 share one condition variable per client instead of building their own: a
@@ -24,14 +25,21 @@ import concurrent.futures
 import concurrent.futures._base
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from types import TracebackType
 from typing import Final, Unpack
 
 from broker.errors import ClosedError
+from broker.protocol.wire import CT_JSON
 from edge_bridge.sdk._batch import waiter_seqs
-from edge_bridge.sdk._defaults import DEFAULT_URL, ClientOptions, Default
-from edge_bridge.sdk._records import OutRecord
+from edge_bridge.sdk._defaults import (
+    DEFAULT_URL,
+    WIRE_RECORD_OVERHEAD_BYTES,
+    ClientOptions,
+    Default,
+)
+from edge_bridge.sdk._records import OutRecord, plain_json
 from edge_bridge.sdk.client import EdgeClient
 from edge_bridge.sdk.results import ClientStats, RecordAck, SendFailed
 
@@ -45,6 +53,8 @@ thread may wait up to the switch interval (5 ms) to get it back after each socke
 (py-spy showed the socket write as the loop thread's hottest line in that case)."""
 _INTAKE_WAIT_S: Final = 0.05
 """Longest such wait (a wake-up lost to a stopping loop costs no more than this)."""
+_now_ns: Final = time.time_ns
+_OVERHEAD: Final = WIRE_RECORD_OVERHEAD_BYTES
 _PENDING: Final = concurrent.futures._base.PENDING
 _FINISHED: Final = concurrent.futures._base.FINISHED
 """The states ``Future`` keeps in ``_state`` (the attribute-parity test covers them)."""
@@ -132,12 +142,18 @@ class SyncEdgeClient:
         # to the background loop on first use there.
         self._client = EdgeClient(url, **options)
         self._max_pending = self._client.max_pending_records
+        preparer = self._client._preparer
+        self._prepare = preparer.prepare
+        self._known_streams = preparer.known_streams
+        self._inline_max_bytes = preparer.inline_max_bytes
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
         """Notified when the loop thread has taken the intake (see ``_hand_over``)."""
         self._futures_condition = threading.Condition()
-        self._intake: list[_Item] = []
+        self._intake: deque[_Item] = deque()
         self._wakeup_scheduled = False
+        self._final_drained = False
+        """Set under the lock by close's last drain; written by the loop thread only."""
         self._closed = False
         self._close_future: concurrent.futures.Future[SendFailed | None] | None = None
         self._send_failed_reported = False
@@ -193,8 +209,11 @@ class SyncEdgeClient:
         and ``ClosedError`` are raised here, in the calling thread. An
         application that needs no future per record uses :meth:`send`.
         """
+        if self._closed:
+            raise ClosedError("SyncEdgeClient is closed; it accepts no more records")
+        record, nbytes = self._prepare(stream, payload, key, ts, headers)
         future = _RecordFuture(self._futures_condition)
-        self._hand_over(stream, payload, key, ts, headers, waiter=future)
+        self._hand_over((stream, record, nbytes, future))
         return future
 
     def send(
@@ -215,33 +234,67 @@ class SyncEdgeClient:
         logged once per batch, and raised by the next :meth:`flush` or
         :meth:`close` as :class:`SendFailed`.
         """
-        self._hand_over(stream, payload, key, ts, headers, waiter=None)
-
-    def _hand_over(self, stream: str, payload: object, key: object, ts: object,
-                   headers: object, *, waiter: _RecordFuture | None) -> None:
-        """Validate here, then hand the record to the loop thread with the others of
-        this burst: the loop is woken once per burst (one ``call_soon_threadsafe``),
-        and it takes every record handed over since in one go. A thread that has
-        handed over a full chunk waits until the loop has taken it."""
         if self._closed:
             raise ClosedError("SyncEdgeClient is closed; it accepts no more records")
-        record, nbytes = self._client._prepare(stream, payload, key, ts, headers)
-        with self._lock:
-            if self._closed:
-                raise ClosedError("SyncEdgeClient is closed; it accepts no more records")
-            # _outstanding is written by the loop thread; reading a stale value
-            # only shifts the bound by a few records, it never lets it run away.
-            waiting = self._client._outstanding + len(self._intake)
-            if waiting >= self._max_pending:
-                raise self._client._buffer_full(waiting)
-            self._intake.append((stream, record, nbytes, waiter))
-            if self._wakeup_scheduled:
-                if len(self._intake) >= _INTAKE_CHUNK and not self._on_loop_thread():
-                    # A chunk awaits the loop thread: let it run (see _INTAKE_CHUNK).
-                    self._drained.wait_for(self._intake_taken, _INTAKE_WAIT_S)
-                return
+        # The common record (a known stream, plain_json) without Preparer.prepare's
+        # call: the same record and charge it would return.
+        if ts is None and headers is None and type(stream) is str and (
+                stream in self._known_streams) and (
+                data := plain_json(payload, key, self._inline_max_bytes)) is not None:
+            self._hand_over((stream, (_now_ns() // 1000, CT_JSON, data, key, None),
+                             len(data) + (_OVERHEAD if key is None else _OVERHEAD + len(key)),
+                             None))
+            return
+        record, nbytes = self._prepare(stream, payload, key, ts, headers)
+        self._hand_over((stream, record, nbytes, None))
+
+    def _hand_over(self, item: _Item) -> None:
+        """Hand a validated record to the loop thread with the others of this burst,
+        without a lock: ``deque.append`` and ``popleft`` are atomic, and the loop is
+        woken once per burst (one ``call_soon_threadsafe``), taking every record
+        handed over since in one go. A thread that has handed over a full chunk
+        waits until the loop has taken it.
+
+        Why no record is lost: ``_drain`` clears ``_wakeup_scheduled`` *before* it
+        takes the intake, so a record appended after its last ``popleft`` finds
+        the flag clear and schedules the next drain. ``close`` sets ``_closed``
+        before its final drain (``_final_drained``, after which no drain takes
+        anything), so a record appended after that drain finds ``_closed`` set and
+        takes itself back (:meth:`_take_back`): its sender gets ``ClosedError``.
+        """
+        intake = self._intake
+        # _outstanding is written by the loop thread and other application threads
+        # may append at the same time: the bound can be passed by one record per
+        # thread, never run away.
+        waiting = self._client._outstanding + len(intake)
+        if waiting >= self._max_pending:
+            raise self._client._buffer_full(waiting)
+        intake.append(item)
+        if self._closed:
+            self._take_back(item)
+        elif not self._wakeup_scheduled:
             self._wakeup_scheduled = True
-        self._loop.call_soon_threadsafe(self._drain)
+            try:
+                self._loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop has stopped: close's drain took the record
+                if not self._closed:
+                    raise
+        elif len(intake) >= _INTAKE_CHUNK and not self._on_loop_thread():
+            # A chunk awaits the loop thread: let it run (see _INTAKE_CHUNK).
+            with self._lock:
+                self._drained.wait_for(self._intake_taken, _INTAKE_WAIT_S)
+
+    def _take_back(self, item: _Item) -> None:
+        """Called when ``close`` began while ``item`` was being handed over: leave it
+        if close's final drain has yet to run or has taken it, else remove it from
+        the intake and raise ``ClosedError``."""
+        with self._lock:
+            if not self._final_drained:
+                return
+            for index, queued in enumerate(self._intake):
+                if queued is item:
+                    del self._intake[index]
+                    raise ClosedError("SyncEdgeClient is closed; it accepts no more records")
 
     def _intake_taken(self) -> bool:
         return len(self._intake) < _INTAKE_CHUNK or self._stopped
@@ -319,11 +372,17 @@ class SyncEdgeClient:
             self._loop.run_until_complete(self._loop.shutdown_asyncgens())
             self._loop.close()
 
-    def _drain(self) -> None:
-        """Move the records handed over by application threads into the client."""
+    def _drain(self, *, final: bool = False) -> None:
+        """Move the records handed over by application threads into the client
+        (nothing once close's final drain has run: see ``_hand_over``)."""
+        self._wakeup_scheduled = False  # first: see _hand_over
+        if self._final_drained:
+            return
+        intake = self._intake
+        popleft = intake.popleft
         with self._lock:
-            items, self._intake = self._intake, []
-            self._wakeup_scheduled = False
+            items = [popleft() for _ in range(len(intake))]
+            self._final_drained = final
             self._drained.notify_all()
         self._client._submit(items)
 
@@ -332,9 +391,9 @@ class SyncEdgeClient:
         await self._client.flush()
 
     async def _aclose(self, timeout: float | Default | None) -> SendFailed | None:
-        # No publish can add to the intake any more (closed is set under the
-        # lock), so this drain hands over the last records before the flush.
-        self._drain()
+        # The last drain: a record handed over after it is taken back by its
+        # sender, which gets ClosedError (closed is set; see _hand_over).
+        self._drain(final=True)
         try:
             await self._client.close(timeout)
         except SendFailed as failed:  # returned: every close() caller shares this future
