@@ -271,7 +271,7 @@ class SyncEdgeClient:
             raise self._client._buffer_full(waiting)
         intake.append(item)
         if self._closed:
-            self._take_back(item)
+            self._take_back()
         elif not self._wakeup_scheduled:
             self._wakeup_scheduled = True
             try:
@@ -284,17 +284,18 @@ class SyncEdgeClient:
             with self._lock:
                 self._drained.wait_for(self._intake_taken, _INTAKE_WAIT_S)
 
-    def _take_back(self, item: _Item) -> None:
+    def _take_back(self) -> None:
         """Called when ``close`` began while ``item`` was being handed over: leave it
-        if close's final drain has yet to run or has taken it, else remove it from
-        the intake and raise ``ClosedError``."""
+        if close's final drain has yet to run (it will take it), else raise
+        ``ClosedError``. The final drain took every record handed over before it, so
+        what the intake holds after it is only records whose senders take them back
+        like this one: it is emptied, not searched (iterating a deque that other
+        threads append to would raise ``RuntimeError`` in a racing sender)."""
         with self._lock:
             if not self._final_drained:
                 return
-            for index, queued in enumerate(self._intake):
-                if queued is item:
-                    del self._intake[index]
-                    raise ClosedError("SyncEdgeClient is closed; it accepts no more records")
+            self._intake.clear()
+        raise ClosedError("SyncEdgeClient is closed; it accepts no more records")
 
     def _intake_taken(self) -> bool:
         return len(self._intake) < _INTAKE_CHUNK or self._stopped
