@@ -1,31 +1,43 @@
 """The bridge's local HTTP ingress: where SDKs (or curl) hand over records.
 
-The application (:func:`create_app`, FastAPI) serves health, readiness, metrics,
-``/openapi.json`` and ``POST /v1/streams/{stream}/records``, whose logic is
-:class:`~edge_bridge.ingress_records.RecordsEndpoint` (the protocol:
+The application (:func:`create_app`, a plain Starlette application) serves health,
+readiness, metrics, ``/openapi.json`` and ``POST /v1/streams/{stream}/records``,
+whose logic is :class:`~edge_bridge.ingress_records.RecordsEndpoint` (the protocol:
 ``docs/ingress-http.md``). What the bridge serves is :func:`create_ingress`: that
 application behind the ASGI fast path of the records route
 (:mod:`edge_bridge.ingress_fast_path`), which answers the same.
+
+No FastAPI here: the bridge has no typed parameter or body for it to check (the
+records route reads its body itself), and importing it cost ~6 MiB of an idle
+bridge's memory. The OpenAPI document is written out in
+:mod:`edge_bridge.ingress_openapi`. Every refusal is JSON, ``{"error", "message"}``,
+as the cloud API's are: an unknown path is ``404 not_found``, a known path with
+another method ``405 method_not_allowed`` (with ``Allow``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from edge_bridge.ingress_fast_path import RecordsFastPath
-from edge_bridge.ingress_openapi import RECORDS_PATH, RESPONSES, STREAM_PARAMETER, request_body
+from edge_bridge.ingress_openapi import RECORDS_PATH, document
 from edge_bridge.ingress_records import RecordsEndpoint
 
 if TYPE_CHECKING:
     from edge_bridge.bridge import Bridge
 
 __all__ = ["create_app", "create_ingress"]
+
+_REFUSALS: Final = {404: "not_found", 405: "method_not_allowed"}
 
 
 def create_ingress(bridge: Bridge) -> ASGIApp:
@@ -34,42 +46,47 @@ def create_ingress(bridge: Bridge) -> ASGIApp:
     return RecordsFastPath(create_app(bridge, endpoint), endpoint)
 
 
-def create_app(bridge: Bridge, endpoint: RecordsEndpoint | None = None) -> FastAPI:
+def create_app(bridge: Bridge, endpoint: RecordsEndpoint | None = None) -> Starlette:
     """The ingress application of one bridge (``endpoint``: the records route's logic,
     one of its own by default)."""
-    app = FastAPI(
-        title="edgesync edge bridge",
-        version=bridge.version,
-        description="Local ingress of an edgesync edge bridge. See docs/ingress-http.md.",
-    )
     metrics = bridge.metrics
     records = endpoint or RecordsEndpoint(bridge)
+    openapi = document(bridge.version)
 
-    # The path parameter is read from the request and described by hand, like the body:
-    # FastAPI's first typed parameter builds pydantic's validation machinery, about
-    # 1 MiB of a bridge's idle memory, to check a name is_valid_token checks anyway.
-    @app.post(RECORDS_PATH, responses=RESPONSES,
-              openapi_extra={"requestBody": request_body(), "parameters": [STREAM_PARAMETER]})
     async def post_records(request: Request) -> Response:
-        """Store records durably; the answer gives each its identity (see docs/ingress-http.md)."""
         return await records.respond(request.path_params["stream"], request.headers,
                                      request.stream())
 
-    @app.get("/healthz")
-    async def healthz() -> Response:
+    async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    @app.get("/readyz")
-    async def readyz() -> Response:
+    async def readyz(request: Request) -> Response:
         # Ready means "accepting records durably"; NATS being down is not a reason
         # to refuse them (buffering through outages is the bridge's job).
         body = {"ready": bridge.accepting, "nats_connected": bridge.nats_connected}
         return JSONResponse(body, status_code=200 if bridge.accepting else 503)
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
         await bridge.refresh_gauges()
         return PlainTextResponse(generate_latest(metrics.registry),
                                  media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(openapi)
+
+    async def refused(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = _REFUSALS.get(exc.status_code, "invalid_request")
+        return JSONResponse({"error": code, "message": exc.detail},
+                            status_code=exc.status_code, headers=exc.headers)
+
+    return Starlette(
+        routes=[
+            Route(RECORDS_PATH, post_records, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", prometheus, methods=["GET"]),
+            Route("/openapi.json", openapi_json, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: refused},
+    )

@@ -1,13 +1,14 @@
-"""The ASGI fast path of the ingress's hot route, in front of the FastAPI application.
+"""The ASGI fast path of the ingress's hot route, in front of the ingress application.
 
 Every record reaches the bridge through ``POST /v1/streams/{stream}/records``. Through
-FastAPI a request also paid for its middleware stack, routing, dependency solving
-and a ``Request`` object (a profile of the bridge under the edge-path load showed
-them); here that one route is recognised from the ASGI scope and answered by the
-same :class:`~edge_bridge.ingress_records.RecordsEndpoint` the FastAPI route calls,
-whose Starlette response is sent as FastAPI would send it. Everything else (other
-routes and methods, a path FastAPI would redirect, a ``root_path``) goes to the
-application unchanged, which also keeps describing the route in ``/openapi.json``.
+the application a request also paid for its middleware stack, routing and a
+``Request`` object (a profile of the bridge under the edge-path load showed them);
+here that one route is recognised from the ASGI scope and answered by the same
+:class:`~edge_bridge.ingress_records.RecordsEndpoint` the application's route calls,
+whose Starlette response is sent as the application would send it. Everything else
+(other routes and methods, a path the application would redirect, a ``root_path``)
+goes to the application unchanged, which also keeps describing the route in
+``/openapi.json``.
 ``tests/integration/test_ingress_fast_path.py`` checks both ways answer alike.
 """
 
@@ -59,7 +60,7 @@ class RecordsFastPath:
 
 
 def _records_stream(scope: Scope) -> str | None:
-    """The stream of a request FastAPI would route to the records route, else None."""
+    """The stream of a request the application would route to the records route, else None."""
     if scope["type"] != "http" or scope["method"] != "POST" or scope.get("root_path"):
         return None
     path: str = scope["path"]

@@ -1,8 +1,9 @@
-"""The OpenAPI description of the ingress's one write route: real bodies, every answer.
+"""The ingress's OpenAPI document (``GET /openapi.json``): real bodies, every answer.
 
-The route reads its body itself (MessagePack or JSON, maybe gzip), so FastAPI
-cannot infer it; this module states it, so that a client generator or a test
-tool can exercise the route from ``/openapi.json`` alone. It must say what
+The bridge serves no web framework that could infer a description (the records
+route reads its body itself: MessagePack or JSON, maybe gzip), so this module
+writes the whole document by hand, so that a client generator or a test tool can
+exercise the ingress from ``/openapi.json`` alone. It must say what
 ``docs/ingress-http.md`` says; ``tests/integration/test_ingress_validation.py``
 checks the answers it lists against the real ones.
 """
@@ -13,7 +14,7 @@ from typing import Any, Final
 
 from broker.protocol.validation import MAX_JSON_DEPTH, MAX_TS_US, MIN_TS_US
 
-__all__ = ["RECORDS_PATH", "RESPONSES", "STREAM_PARAMETER", "request_body"]
+__all__ = ["RECORDS_PATH", "RESPONSES", "STREAM_PARAMETER", "document", "request_body"]
 
 _ERROR: Final[dict[str, Any]] = {
     "type": "object",
@@ -26,14 +27,14 @@ _ERROR: Final[dict[str, Any]] = {
 _INT64: Final = {"type": "integer", "format": "int64"}
 
 RECORDS_PATH: Final = "/v1/streams/{stream}/records"
-"""The write route's path template (FastAPI's route; the fast path matches the same)."""
+"""The write route's path template (the application's route; the fast path matches the same)."""
 
 STREAM_PARAMETER: Final[dict[str, Any]] = {
     "name": "stream", "in": "path", "required": True,
     "schema": {"type": "string", "title": "Stream"},
     "description": "The stream's name, [A-Za-z0-9_-]{1,64} (400 invalid_stream otherwise).",
 }
-"""The route's path parameter, as FastAPI would describe a ``stream: str`` argument."""
+"""The route's path parameter."""
 
 
 def _error(description: str, codes: list[str], **extra: Any) -> dict[str, Any]:
@@ -125,6 +126,64 @@ def request_body() -> dict[str, Any]:
                 "type": "object", "required": ["records"], "additionalProperties": False,
                 "properties": {**envelope, "records": {"type": "array", "minItems": 1,
                                                        "items": json_record}},
+            }},
+        },
+    }
+
+
+def _json_answer(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_READY: Final[dict[str, Any]] = {
+    "type": "object", "required": ["ready", "nats_connected"],
+    "properties": {
+        "ready": {"type": "boolean", "description": "Accepting records durably."},
+        "nats_connected": {"type": "boolean", "description": "Connected to NATS (not a "
+                           "condition of readiness: the bridge buffers through outages)."},
+    },
+}
+
+
+def document(version: str) -> dict[str, Any]:
+    """The ingress's whole OpenAPI 3.1 document, for a bridge of ``version``."""
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "edgesync edge bridge", "version": version,
+                 "description": "Local ingress of an edgesync edge bridge. "
+                                "See docs/ingress-http.md."},
+        "paths": {
+            RECORDS_PATH: {"post": {
+                "summary": "Post Records",
+                "description": "Store records durably; the answer gives each its identity "
+                               "(see docs/ingress-http.md).",
+                "operationId": "post_records",
+                "parameters": [STREAM_PARAMETER],
+                "requestBody": request_body(),
+                "responses": {str(status): answer for status, answer in RESPONSES.items()},
+            }},
+            "/healthz": {"get": {
+                "summary": "Liveness", "operationId": "healthz",
+                "responses": {"200": _json_answer("The process serves requests.", {
+                    "type": "object", "required": ["status"],
+                    "properties": {"status": {"type": "string", "enum": ["ok"]}}})},
+            }},
+            "/readyz": {"get": {
+                "summary": "Readiness", "operationId": "readyz",
+                "responses": {"200": _json_answer("Accepting records durably.", _READY),
+                              "503": _json_answer("Not accepting records (starting, "
+                                                  "shutting down).", _READY)},
+            }},
+            "/metrics": {"get": {
+                "summary": "Prometheus metrics", "operationId": "metrics",
+                "responses": {"200": {
+                    "description": "The bridge's metrics, Prometheus text format 0.0.4.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}}}},
+            }},
+            "/openapi.json": {"get": {
+                "summary": "This document", "operationId": "openapi",
+                "responses": {"200": _json_answer("The ingress's OpenAPI document.",
+                                                  {"type": "object"})},
             }},
         },
     }

@@ -16,7 +16,7 @@ lists each bad record's index and reason, so nothing acknowledged here can be
 refused later by the ingest or PostgreSQL.
 
 :class:`RecordsEndpoint` is called by both ways a request reaches it: the
-FastAPI route (:func:`edge_bridge.ingress.create_app`, which also describes it in
+application's route (:func:`edge_bridge.ingress.create_app`, which also describes it in
 ``/openapi.json``) and the ASGI fast path in front of that app
 (:mod:`edge_bridge.ingress_fast_path`); both send the Starlette response it
 returns, so their answers are the same by construction.

@@ -1,9 +1,9 @@
-"""The records route's ASGI fast path answers exactly as the FastAPI route did: the same
-status, body and headers for good input and for every kind of bad input; every other
-request still reaches the FastAPI application.
+"""The records route's ASGI fast path answers exactly as the application's route: the
+same status, body and headers for good input and for every kind of bad input; every
+other request still reaches the application.
 
-Each request goes to both: the FastAPI application alone (``create_app``, the route
-as it was served before the fast path) and what the bridge serves (``create_ingress``),
+Each request goes to both: the application alone (``create_app``, the route as it
+was served before the fast path) and what the bridge serves (``create_ingress``),
 in process and on one running bridge, so they share its buffer and its producers.
 """
 
@@ -131,7 +131,7 @@ async def bridge(tmp_path: Path, nats_server: EmbeddedNats) -> AsyncIterator[Bri
 
 @pytest.fixture
 async def apps(bridge: Bridge) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
-    """Clients of the FastAPI route alone and of what the bridge serves, in process."""
+    """Clients of the application's route alone and of what the bridge serves, in process."""
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(bridge)),
                                  base_url="http://bridge") as route, \
             httpx.AsyncClient(transport=httpx.ASGITransport(app=create_ingress(bridge)),
@@ -230,7 +230,7 @@ async def test_the_served_ingress_answers_over_http_as_the_route_does(
 
 
 async def test_only_the_records_route_is_taken_off_the_application(bridge: Bridge) -> None:
-    """Other paths, methods and shapes of path reach the FastAPI application unchanged
+    """Other paths, methods and shapes of path reach the application unchanged
     (404, 405, its redirect); the records route never does."""
     reached: list[tuple[str, str]] = []
     app = create_app(bridge)

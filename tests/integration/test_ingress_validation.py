@@ -154,6 +154,35 @@ async def test_openapi_describes_the_request_bodies_and_every_answer(
         assert schema["required"] == ["error", "message"], status
 
 
+async def test_every_route_is_described_and_every_refusal_is_json(
+    tmp_path: Path, nats_server: EmbeddedNats
+) -> None:
+    """/openapi.json lists exactly the routes the bridge answers, each answering a
+    status it lists; an unknown path (404) and a wrong method (405, with Allow) answer
+    {"error", "message"} like every other refusal."""
+    async with (
+        running_bridge(bridge_settings(tmp_path), nats_server.url) as bridge,
+        httpx.AsyncClient(base_url=bridge.url) as http,
+    ):
+        spec = (await http.get("/openapi.json")).json()
+        assert spec["openapi"].startswith("3.1") and spec["info"]["version"]
+        for path, operations in spec["paths"].items():
+            if "{" in path:
+                continue
+            for method, operation in operations.items():
+                answer = await http.request(method, path)
+                assert str(answer.status_code) in operation["responses"], (method, path)
+        assert set(spec["paths"]) == {"/v1/streams/{stream}/records", "/healthz", "/readyz",
+                                      "/metrics", "/openapi.json"}
+        missing = await http.get("/v1/nothing-here")
+        wrong = await http.delete("/healthz")
+        docs = await http.get("/docs")
+    assert (missing.status_code, missing.json()["error"]) == (404, "not_found")
+    assert (wrong.status_code, wrong.json()["error"]) == (405, "method_not_allowed")
+    assert "GET" in wrong.headers["allow"]
+    assert docs.status_code == 404 and docs.json()["message"]
+
+
 @pytest.mark.chaos_ci
 async def test_poison_from_one_producer_never_blocks_the_others_on_the_same_stream(
     tmp_path: Path, nats_server: EmbeddedNats, pg_dsn: str
