@@ -12,6 +12,10 @@
   sending through a ``SyncEdgeClient.send`` to the same bridge, until
   ``flush`` returns. The same two are measured with ``publish`` and its
   future per record, beside them (not target rows).
+- *floor* of the SDK's CPU per record: what any Python client must do per record
+  (JSON encoding, event time, keeping it), beside ``EdgeClient.send`` with no I/O,
+  both in the driver's thread with no bridge running
+  (:mod:`bench.scenarios._sdk_floor`).
 - *ceiling*: the durable append alone, the same records in the same chunks
   straight into a buffer file with the bridge's settings
   (:mod:`bench.scenarios._durable_append`); the edge path is shown as a ratio to it.
@@ -41,15 +45,19 @@ from bench.procs import MeasuredService
 from bench.profiles import Profile
 from bench.results import ScenarioResult
 from bench.scenarios._durable_append import REQUEST_RECORDS, durable_append_rps
+from bench.scenarios._sdk_floor import sdk_floor
 from broker.runtime.embedded_nats import EmbeddedNats
 from edge_bridge.sdk import BufferFull, SendFailed, SyncEdgeClient
 
-__all__ = ["BASELINE_STREAM", "BASELINE_SUBJECT", "KEY", "NO_RETRANSMIT", "TITLE", "run"]
+__all__ = ["BASELINE_STREAM", "BASELINE_SUBJECT", "FLOOR_RECORDS", "KEY", "NO_RETRANSMIT",
+           "TITLE", "run"]
 
 KEY: Final = "edge_path"
 TITLE: Final = "2. edge path SDK→bridge→JetStream"
 BASELINE_STREAM: Final = "BENCH_EDGE"
 BASELINE_SUBJECT: Final = "bench.edge.edge-1.telemetry"
+FLOOR_RECORDS: Final = 200_000
+"""Records the SDK's floor is timed on (fewer in the smoke profile)."""
 NO_RETRANSMIT: Final = {"EDGESYNC_BRIDGE__SHIPPER__RETRANSMIT_TIMEOUT_S": "3600"}
 """No ingest runs here, so nothing is ever committed: keep the bridge from re-shipping."""
 
@@ -72,10 +80,12 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
             step(f"edgesync: {p} SDK producers, {n:,} records")
             meter = env.cpu_meter(nats_server, bridge=bridge)
             meter.start()
+            main_thread = time.thread_time()
             started = time.time()
             result = await produce(bridge.url, pool, n, p)
             shipped_at = await wait_shipped(bridge.url, warm + n, timeout=900)
             res.cpu_seconds["edgesync"] = {**meter.stop(), "wall": round(meter.wall_s, 2)}
+            main_thread = time.thread_time() - main_thread
             memory = bridge.memory()
             # The target rows first (send), at the bridge state main's bench measured
             # them in; then the same with publish and its future per record.
@@ -105,7 +115,11 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
         cpu = res.cpu_seconds["edgesync"]
         sdk_us = cpu.get("bench driver", 0.0) / n * 1e6
         bridge_us = cpu.get("bridge", 0.0) / n * 1e6
+        sdk_main_us = main_thread / n * 1e6
         sdk_f_us = res.cpu_seconds["edgesync, publish"].get("bench driver", 0.0) / n * 1e6
+        floor_n = min(n, FLOOR_RECORDS)
+        step(f"floor: the SDK's per-record work alone, {floor_n:,} records")
+        floor = await sdk_floor(pool, floor_n)
         step(f"ceiling: durable append of the same chunks, {n:,} records")
         ceiling_rps = await durable_append_rps(env.workdir / "append-ceiling", pool, n)
 
@@ -143,6 +157,14 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
     res.add("edgesync / durable-append ceiling", shipped_rps / ceiling_rps, "x")
     res.add("SDK CPU per record", sdk_us, "µs",
             f"the driver's CPU ({p} producers, send) in the edgesync phase / records")
+    res.add("SDK CPU per record, main thread", sdk_main_us, "µs",
+            "the same phase, the driver's main thread only (the producers, their HTTP, "
+            "the bench's polls; not the bench's progress display)")
+    res.add("floor: JSON + event time + keep, per record", floor.floor_us, "µs",
+            f"what any Python client does per dict record, {floor_n:,} records, no bridge "
+            f"running (median of 3; JSON encoding alone {floor.encode_us:.2f} µs)")
+    res.add("EdgeClient.send without I/O, per record", floor.send_us, "µs",
+            "the same records, the same conditions, sending left out of the timed loop")
     res.add("SDK CPU per record, publish", sdk_f_us, "µs",
             f"the same with publish and a future per record ({p} producers)")
     res.add("bridge CPU per record", bridge_us, "µs",
@@ -165,7 +187,8 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
     res.check("edge path, durable", "≥ 300,000 records/s", f"{shipped_rps:,.0f} rec/s",
               shipped_rps >= 300_000, f"{shipped_rps / ceiling_rps:.2f}x the durable-append "
               f"ceiling ({ceiling_rps:,.0f} rec/s)")
-    res.check("SDK CPU per record", "≤ 2.5 µs", f"{sdk_us:.2f} µs", sdk_us <= 2.5)
+    res.check("SDK CPU per record", "≤ 2.5 µs", f"{sdk_us:.2f} µs", sdk_us <= 2.5,
+              f"floor {floor.floor_us:.2f} µs, send without I/O {floor.send_us:.2f} µs")
     res.check("bridge CPU per record", "≤ 2.5 µs", f"{bridge_us:.2f} µs", bridge_us <= 2.5)
     res.check("synchronous SDK", "≥ 150,000 records/s", f"{sync_rps:,.0f} rec/s",
               sync_rps >= 150_000)
@@ -175,6 +198,9 @@ async def run(env: BenchEnv, profile: Profile, pool: Pool,
                     awaited_publish_rps=wait_rps, awaited_publish_tasks_rps=wait_p_rps,
                     publish_async_rps=async_rps, ceiling_rps=ceiling_rps,
                     sdk_cpu_us_per_record=sdk_us, bridge_cpu_us_per_record=bridge_us,
+                    sdk_main_thread_cpu_us_per_record=sdk_main_us,
+                    sdk_floor_us_per_record=floor.floor_us, sdk_send_no_io_us=floor.send_us,
+                    json_encode_us_per_record=floor.encode_us,
                     sdk_publish_cpu_us_per_record=sdk_f_us, sync_publish_rps=sync_f_rps,
                     sync_rps=sync_rps, bridge_memory_mib=memory)
     return res
