@@ -57,6 +57,7 @@ def test_bench_smoke_run_reports_every_scenario_in_the_table_and_the_json(
     # The SDK's target is shown beside the floor under it, measured in the same run.
     assert edge["floor: JSON + event time + keep, per record"] > 0
     assert edge["EdgeClient.send without I/O, per record"] > 0
+    assert edge["floor: durable append CPU per record"] > 0
 
 
 async def test_the_tls_cost_script_runs_both_configurations() -> None:
