@@ -12,6 +12,15 @@ Any failure of an exchange (connect, reset, timeout, a response that does not
 parse) raises :class:`ExchangeError` and discards the connection: the caller
 decides whether to retry, as it did for ``httpx.RequestError``.
 
+A kept connection the bridge has closed meanwhile is not a failure of the
+bridge: servers close idle keep-alive connections (uvicorn after 5 s), so a
+client with a few connections finds some of them closed whenever its rate
+drops. Such a connection is dropped before use (the close has arrived: its
+reader is at EOF), and a request that a kept connection failed before any byte
+of an answer came (the close crossed the request on the way) is sent once more
+on a new connection. That resend is safe: the ingress stores a request at most
+once, by ``(producer, request_seq)``, and answers a repeat with its first answer.
+
 Tests substitute an httpx transport (``EdgeClient(transport=...)``);
 :class:`HttpxPoster` adapts it to the same interface.
 """
@@ -115,23 +124,31 @@ class StreamPoster:
         return self._base_url
 
     async def post(self, path: str, body: bytes) -> Answer:
-        head = f"POST {self._prefix}{path} HTTP/1.1\r\n{self._head_tail}{len(body)}\r\n\r\n"
-        conn = self._idle.pop() if self._idle else None
+        request = (f"POST {self._prefix}{path} HTTP/1.1\r\n{self._head_tail}{len(body)}"
+                   "\r\n\r\n").encode("latin-1") + body
+        conn = self._kept()
         try:
             async with asyncio.timeout(self._timeout_s):
+                if conn is not None:
+                    try:
+                        answer, keep = await _exchange(conn, request)
+                    except _ClosedBeforeAnswer:
+                        # Closed by the bridge as the request went (module docstring):
+                        # once more on a new connection, within the same timeout.
+                        conn.close()
+                        conn = None
                 if conn is None:
                     reader, writer = await asyncio.open_connection(
                         self._host, self._port, ssl=self._ssl, limit=MAX_HEAD_BYTES
                     )
                     conn = _Conn(reader, writer)
-                conn.writer.write(head.encode("latin-1") + body)
-                await conn.writer.drain()
-                answer, keep = await _read_answer(conn.reader)
+                    answer, keep = await _exchange(conn, request)
         except (OSError, EOFError, ValueError, asyncio.IncompleteReadError,
-                asyncio.LimitOverrunError, TimeoutError) as exc:
+                asyncio.LimitOverrunError, TimeoutError, _ClosedBeforeAnswer) as exc:
             if conn is not None:
                 conn.close()
-            raise ExchangeError(f"{type(exc).__name__}: {exc}") from exc
+            cause = exc.__cause__ if isinstance(exc, _ClosedBeforeAnswer) else exc
+            raise ExchangeError(f"{type(cause).__name__}: {cause}") from exc
         except BaseException:  # cancelled mid-exchange: the connection is in an unknown state
             if conn is not None:
                 conn.close()
@@ -142,6 +159,16 @@ class StreamPoster:
             conn.close()
         return answer
 
+    def _kept(self) -> _Conn | None:
+        """A kept connection the bridge has not closed, if any (closed ones dropped)."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.reader.at_eof() and not conn.writer.is_closing():
+                return conn
+            conn.close()
+        return None
+
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
         for conn in idle:
@@ -151,9 +178,33 @@ class StreamPoster:
                 await conn.writer.wait_closed()
 
 
-async def _read_answer(reader: asyncio.StreamReader) -> tuple[Answer, bool]:
-    """One HTTP/1.1 response; returns it and whether the connection may be reused."""
-    head = await reader.readuntil(b"\r\n\r\n")
+class _ClosedBeforeAnswer(Exception):
+    """The connection was closed or reset before any byte of the answer came."""
+
+
+async def _exchange(conn: _Conn, request: bytes) -> tuple[Answer, bool]:
+    """Send ``request`` on ``conn`` and read its answer.
+
+    Raises:
+        _ClosedBeforeAnswer: (from the ``OSError`` or ``IncompleteReadError``) the
+            connection ended before the answer began.
+    """
+    try:
+        conn.writer.write(request)
+        await conn.writer.drain()
+        head = await conn.reader.readuntil(b"\r\n\r\n")
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        raise _ClosedBeforeAnswer from exc
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise
+        raise _ClosedBeforeAnswer from exc
+    return await _read_answer(head, conn.reader)
+
+
+async def _read_answer(head: bytes, reader: asyncio.StreamReader) -> tuple[Answer, bool]:
+    """One HTTP/1.1 response whose head (status line and headers) came; returns it and
+    whether the connection may be reused."""
     lines = head[:-4].decode("latin-1").split("\r\n")
     version, _, rest = lines[0].partition(" ")
     status_text, _, reason = rest.partition(" ")
