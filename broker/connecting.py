@@ -106,8 +106,16 @@ async def connect_with_retry(
             return
         log.debug("nats_client_error", client=name, error=f"{type(exc).__name__}: {text}")
 
+    nc: NATS | None = None
+
     async def on_disconnected() -> None:
-        log.warning("nats_disconnected", client=name)
+        # nats-py calls this on our own close() too, which is no outage: the client
+        # is already CLOSED then (it never is after a lost connection: reconnects
+        # are unlimited).
+        if nc is not None and nc.is_closed:
+            log.info("nats_connection_closed", client=name)
+        else:
+            log.warning("nats_disconnected", client=name)
         if disconnected_cb is not None:
             await disconnected_cb()
 
