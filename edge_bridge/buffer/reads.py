@@ -13,7 +13,7 @@ every :class:`StoredRun` is one valid batch.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from edge_bridge.buffer.chunks import STORED_RECORD_OVERHEAD_BYTES, split_chunk
@@ -75,9 +75,14 @@ def runs_from_rows(
     after_seq: int,
     max_records: int,
     max_bytes: int,
+    rest: Callable[[int, list[bytes]], None] | None = None,
 ) -> list[StoredRun]:
     """:func:`read_runs` over ``rows``: a stream's stored chunks holding seqs above
-    ``after_seq``, in seq order (consumed only as far as the limits reach)."""
+    ``after_seq``, in seq order (consumed only as far as the limits reach).
+
+    When a limit cuts a chunk, ``rest`` (if given) is told the first seq left out and
+    the encoded records from there to the chunk's end, already split: the committed
+    tail keeps them so the next read does not split that chunk again."""
     runs: list[StoredRun] = []
     parts: list[bytes] = []
     first = expect = -1
@@ -104,6 +109,8 @@ def runs_from_rows(
             c_first, c_count, size, chunk_parts = (
                 c_first + skip, len(take), take_bytes, take
             )
+            if cut and rest is not None:
+                rest(c_first + c_count, records[skip + c_count:])
         else:
             chunk_parts = [body]
             cut = False

@@ -289,8 +289,10 @@ class Buffer(Opened):
         sid, epoch = state.sid, state.epoch
         rows = self.tail.rows_after(sid, after_seq)
         if rows is not None:  # what was just committed: no query, no thread hop
-            return reads.runs_from_rows(rows, stream=stream, epoch=epoch, after_seq=after_seq,
-                                        max_records=max_records, max_bytes=max_bytes)
+            return reads.runs_from_rows(
+                rows, stream=stream, epoch=epoch, after_seq=after_seq,
+                max_records=max_records, max_bytes=max_bytes,
+                rest=functools.partial(self.tail.cut, sid))
         return await self._in_reader(lambda: reads.read_runs(
             self._reading(), stream=stream, sid=sid, epoch=epoch, after_seq=after_seq,
             max_records=max_records, max_bytes=max_bytes,

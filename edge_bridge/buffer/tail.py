@@ -24,7 +24,11 @@ order, on the event loop; an operation rolled back changes nothing here.
   ``cover_from`` to the stream's ``next_seq`` (they delete anywhere: rare, so the
   simple rule);
 - a read forgets the rows wholly at or below its cursor (the shipper moves on;
-  reading them again means a rewind, which reads SQLite);
+  reading them again means a rewind, which reads SQLite); a read that a batch limit
+  stopped inside a row keeps only that row's rest (:meth:`CommittedTail.cut`), so the
+  tail then holds every stored *record* from ``cover_from`` on, in rows that are
+  chunks or, first of all, the rest of one (what a read needs: the same records,
+  the same bytes);
 - past :data:`TAIL_MAX_BYTES` the oldest rows are forgotten first.
 
 Memory is bounded by :data:`TAIL_MAX_BYTES` whatever the backlog.
@@ -36,6 +40,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
 
+from edge_bridge.buffer.chunks import parts_size
 from edge_bridge.buffer.reads import Row
 
 __all__ = ["TAIL_MAX_BYTES", "CommittedTail"]
@@ -112,6 +117,22 @@ class CommittedTail:
         while rows and rows[0][1] <= after_seq:
             self._pop(tail)
         return list(rows)
+
+    def cut(self, sid: int, first_seq: int, rest: list[bytes]) -> None:
+        """A read of stream ``sid`` took every record below ``first_seq`` (stopped by a
+        limit inside a row): keep only the records from ``first_seq`` on, the row it
+        stopped in replaced by ``rest``, that row's encoded records from there."""
+        tail = self._tails.get(sid)
+        if tail is None or not rest:
+            return
+        rows = tail.rows
+        while rows and rows[0][0] < first_seq:
+            self._pop(tail)
+        row = (first_seq, first_seq + len(rest) - 1, parts_size(rest), b"".join(rest))
+        rows.appendleft(row)
+        tail.nbytes += len(row[3])
+        self.nbytes += len(row[3])
+        tail.cover_from = first_seq
 
     def _pop(self, tail: _StreamTail) -> None:
         row = tail.rows.popleft()

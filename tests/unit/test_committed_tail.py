@@ -15,7 +15,7 @@ import pytest
 from broker.errors import BufferFull
 from broker.protocol.wire import CT_JSON, Record, array_header
 from broker.settings import StreamPolicy
-from edge_bridge.buffer import Buffer, StoredRun, encode_chunks, record_size
+from edge_bridge.buffer import Buffer, StoredRun, encode_chunks, reads, record_size
 from edge_bridge.buffer.reads import read_runs
 from edge_bridge.buffer.schema import connect
 from edge_bridge.buffer.streams import StreamTable
@@ -206,3 +206,32 @@ async def test_committed_records_leave_memory_when_trimmed(tmp_path: Path) -> No
         assert buf.tail.nbytes > 0
         await buf.trim("a", r.epoch, 100)
         assert buf.tail.nbytes == 0
+
+
+async def test_a_chunk_cut_by_a_batch_limit_is_split_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read that a limit stops inside a chunk leaves that chunk's rest in memory, so
+    the next read takes the rest whole instead of splitting the chunk again: one split
+    per chunk a limit cuts (the 2nd and 4th here), not two; the records come back all,
+    once, in order."""
+    splits = 0
+    real = reads.split_chunk
+
+    def counting(body: bytes, count: int) -> list[bytes]:
+        nonlocal splits
+        splits += 1
+        return real(body, count)
+
+    monkeypatch.setattr(reads, "split_chunk", counting)
+    async with make(tmp_path) as buf:
+        for i in range(6):
+            await buf.append("a", encode_chunks(recs(600, start=600 * i)))
+        got: list[StoredRun] = []
+        after = 0
+        while runs := await buf.read_runs("a", after, max_records=1_000, max_bytes=10**9):
+            got += runs
+            after = runs[-1].last_seq
+        assert buf.tail.misses == 0
+    assert [r.count for r in got] == [1_000, 1_000, 1_000, 600]
+    assert splits == 2
+    assert decoded(got) == recs(3_600)
