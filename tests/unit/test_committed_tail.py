@@ -11,6 +11,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import structlog.testing
 
 from broker.errors import BufferFull
 from broker.protocol.wire import CT_JSON, Record, array_header
@@ -235,3 +236,16 @@ async def test_a_chunk_cut_by_a_batch_limit_is_split_once(
     assert [r.count for r in got] == [1_000, 1_000, 1_000, 600]
     assert splits == 2
     assert decoded(got) == recs(3_600)
+
+
+async def test_closing_logs_how_many_reads_memory_answered(tmp_path: Path) -> None:
+    """buffer_closed says how many reads came from memory and how many from the file."""
+    buf = make(tmp_path)
+    async with buf:
+        await buf.append("a", encode_chunks(recs(5)))
+        await buf.read_runs("a", 0, max_records=10, max_bytes=10**6)
+        await buf.read_runs("a", -5, max_records=10, max_bytes=10**6)
+        with structlog.testing.capture_logs() as logs:
+            await buf.close()
+    closed = [e for e in logs if e["event"] == "buffer_closed"]
+    assert [(e["reads_from_memory"], e["reads_from_file"]) for e in closed] == [(1, 1)]
