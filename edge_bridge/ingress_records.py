@@ -34,7 +34,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 import msgspec
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from broker.errors import (
     EdgesyncError,
@@ -81,6 +81,7 @@ class _JsonRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 _msgpack_request = msgspec.msgpack.Decoder(IngressRequest)
 _json_request = msgspec.json.Decoder(_JsonRequest)
+_json_encode = msgspec.json.Encoder().encode
 
 
 class RecordsEndpoint:
@@ -129,14 +130,16 @@ class RecordsEndpoint:
         else:
             metrics.records_accepted.labels(stream).inc(result.count)
         metrics.append_seconds.observe(time.perf_counter() - started)
-        return JSONResponse({
+        # The bytes JSONResponse renders (compact, same key order), without the
+        # standard library's encoder: one of the per-request costs in the profile.
+        return Response(_json_encode({
             "epoch": result.epoch,
             # JSON numbers lose integers above 2^53 in JavaScript (and other doubles).
             "epoch_str": str(result.epoch),
             "first_seq": result.first_seq,
             "count": result.count,
             "duplicate": result.duplicate,
-        })
+        }), media_type="application/json")
 
     async def _read(self, stream: str, headers: Mapping[str, str], chunks: AsyncIterator[bytes]
                     ) -> tuple[list[EncodedChunk], str | None, int | None]:

@@ -9,6 +9,7 @@ Public surface: :class:`Buffer` and what its methods return. The rooms:
 - :mod:`.writer` - the group-committing writer thread;
 - :mod:`.policies` - overflow (``drop_oldest`` / ``block``) and TTL expiry;
 - :mod:`.reads` - contiguous runs for the shipper;
+- :mod:`.tail` - the rows just committed, kept in memory for the shipper's reads;
 - :mod:`.recovery` - quick check, quarantine and salvage of a damaged file;
 - :mod:`.stats` - what the buffer reports about itself.
 """

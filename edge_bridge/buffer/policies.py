@@ -75,7 +75,13 @@ def make_room(
             while freed + part_bytes < excess:
                 part_bytes += len(parts[k]) + STORED_RECORD_OVERHEAD_BYTES
                 k += 1
-            replace_chunk(conn, state.sid, first, first + k, parts[k:])
+            if k < len(parts):
+                replace_chunk(conn, state.sid, first, first + k, parts[k:])
+            else:
+                # Every record had to go after all (the whole-chunk test above allows
+                # for less than a record's charge): an empty rest would take the
+                # next chunk's first seq, which the unique index refuses.
+                conn.execute("DELETE FROM chunks WHERE sid=? AND first_seq=?", (state.sid, first))
             freed += part_bytes
             count += k
             last_seq = first + k - 1

@@ -1,8 +1,10 @@
 """Reading the buffer for the shipper: contiguous runs of stored records.
 
-Reads run on the reader connection (WAL lets it run beside the writer) and
-never decode a record they can take whole: a chunk that fits is passed on as
-its stored bytes; only a chunk cut by the cursor or by a limit is split.
+Reads run on the reader connection (WAL lets it run beside the writer), or on
+rows the committed tail kept in memory (:mod:`~edge_bridge.buffer.tail`): the same
+packing either way (:func:`runs_from_rows`). They never decode a record they can
+take whole: a chunk that fits is passed on as its stored bytes; only a chunk cut by
+the cursor or by a limit is split.
 
 Invariant: a run never spans a gap (records dropped between two chunks), so
 every :class:`StoredRun` is one valid batch.
@@ -11,12 +13,17 @@ every :class:`StoredRun` is one valid batch.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from edge_bridge.buffer.chunks import STORED_RECORD_OVERHEAD_BYTES, split_chunk
 from edge_bridge.buffer.schema import DropRun
 
-__all__ = ["StoredRun", "oldest_received", "pending_drops", "read_runs"]
+__all__ = ["Row", "StoredRun", "oldest_received", "pending_drops", "read_runs",
+           "runs_from_rows"]
+
+Row = tuple[int, int, int, bytes]
+"""A stored chunk as the reads see it: ``(first_seq, last_seq, size, body)``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,16 +55,39 @@ def read_runs(
 ) -> list[StoredRun]:
     """The records of stream ``sid`` above ``after_seq``, in contiguous runs: at most
     ``max_records`` and about ``max_bytes`` charged bytes in total."""
-    runs: list[StoredRun] = []
-    parts: list[bytes] = []
-    first = expect = -1
-    count = run_bytes = total = n_total = 0
     cursor = conn.execute(
         "SELECT first_seq, last_seq, size, body FROM chunks "
         "WHERE sid=? AND last_seq>? ORDER BY first_seq",
         (sid, after_seq),
     )
-    for row_first, row_last, row_size, body in cursor:
+    try:
+        return runs_from_rows(cursor, stream=stream, epoch=epoch, after_seq=after_seq,
+                              max_records=max_records, max_bytes=max_bytes)
+    finally:
+        cursor.close()
+
+
+def runs_from_rows(
+    rows: Iterable[Row],
+    *,
+    stream: str,
+    epoch: int,
+    after_seq: int,
+    max_records: int,
+    max_bytes: int,
+    rest: Callable[[int, list[bytes]], None] | None = None,
+) -> list[StoredRun]:
+    """:func:`read_runs` over ``rows``: a stream's stored chunks holding seqs above
+    ``after_seq``, in seq order (consumed only as far as the limits reach).
+
+    When a limit cuts a chunk, ``rest`` (if given) is told the first seq left out and
+    the encoded records from there to the chunk's end, already split: the committed
+    tail keeps them so the next read does not split that chunk again."""
+    runs: list[StoredRun] = []
+    parts: list[bytes] = []
+    first = expect = -1
+    count = run_bytes = total = n_total = 0
+    for row_first, row_last, row_size, body in rows:
         c_first, c_count, size = row_first, row_last - row_first + 1, row_size
         room_records = max_records - n_total
         room_bytes = max_bytes - total
@@ -79,6 +109,8 @@ def read_runs(
             c_first, c_count, size, chunk_parts = (
                 c_first + skip, len(take), take_bytes, take
             )
+            if cut and rest is not None:
+                rest(c_first + c_count, records[skip + c_count:])
         else:
             chunk_parts = [body]
             cut = False
@@ -97,7 +129,6 @@ def read_runs(
             break
     if parts:
         runs.append(StoredRun(stream, epoch, first, count, parts, run_bytes))
-    cursor.close()
     return runs
 
 

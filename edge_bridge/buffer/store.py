@@ -28,6 +28,7 @@ open in :mod:`~edge_bridge.buffer.recovery`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +48,7 @@ from edge_bridge.buffer.recovery import Recovery, open_checked
 from edge_bridge.buffer.schema import ChunkRow, DropRun, connect, insert_chunks, replace_chunk
 from edge_bridge.buffer.stats import BufferStats, disk_bytes
 from edge_bridge.buffer.streams import StreamState, StreamTable
+from edge_bridge.buffer.tail import CommittedTail
 from edge_bridge.buffer.writer import GroupWriter
 
 __all__ = ["DEDUP_WINDOW_S", "AppendResult", "Buffer"]
@@ -92,6 +94,9 @@ class Buffer(Opened):
         self._streams = StreamTable()
         self._writer = GroupWriter(self._streams, name=f"buffer-writer:{self._dir}")
         self._recovery = Recovery()
+        self.tail = CommittedTail()
+        """What the writer just committed, kept for the shipper's reads
+        (:mod:`~edge_bridge.buffer.tail`)."""
         self._reader_pool: ThreadPoolExecutor | None = None
         self._reader: sqlite3.Connection | None = None
         self._state = "new"
@@ -148,7 +153,10 @@ class Buffer(Opened):
                 await self._in_reader(reader.close)
             self._reader_pool.shutdown(wait=True)
         self._state = "closed"
-        log.info("buffer_closed", path=str(self._path))
+        # How often the shipper's reads were answered by the committed tail: a low share
+        # under steady load says its bound is too small for the shipper's lag.
+        log.info("buffer_closed", path=str(self._path),
+                 reads_from_memory=self.tail.hits, reads_from_file=self.tail.misses)
 
     def _connect(self) -> sqlite3.Connection:
         return connect(self._path, sync_mode=self._sync_mode)
@@ -201,6 +209,7 @@ class Buffer(Opened):
             )
         policy = self._policy_for(stream)
         streams = self._streams
+        tail, after_commit = self.tail, self._writer.after_commit
 
         def append_in_transaction(conn: sqlite3.Connection) -> AppendResult:
             if producer is not None and request_seq is not None:
@@ -221,6 +230,7 @@ class Buffer(Opened):
             if streams.total_bytes + total > self._max_bytes:
                 policies.make_room(conn, streams, state, policy, need=total,
                                    max_bytes=self._max_bytes)
+                after_commit(functools.partial(tail.reset, state.sid, state.next_seq))
             first = state.next_seq
             rows = []
             seq = first
@@ -229,6 +239,9 @@ class Buffer(Opened):
                                      chunk.size, chunk.body))
                 seq += chunk.records
             insert_chunks(conn, rows)
+            after_commit(functools.partial(
+                tail.appended, state.sid, [(r.first_seq, r.last_seq, r.size, r.body)
+                                           for r in rows]))
             n = seq - first
             state.next_seq = seq
             conn.execute("UPDATE streams SET next_seq=? WHERE sid=?", (state.next_seq, state.sid))
@@ -277,6 +290,12 @@ class Buffer(Opened):
         if state is None:
             return []
         sid, epoch = state.sid, state.epoch
+        rows = self.tail.rows_after(sid, after_seq)
+        if rows is not None:  # what was just committed: no query, no thread hop
+            return reads.runs_from_rows(
+                rows, stream=stream, epoch=epoch, after_seq=after_seq,
+                max_records=max_records, max_bytes=max_bytes,
+                rest=functools.partial(self.tail.cut, sid))
         return await self._in_reader(lambda: reads.read_runs(
             self._reading(), stream=stream, sid=sid, epoch=epoch, after_seq=after_seq,
             max_records=max_records, max_bytes=max_bytes,
@@ -331,6 +350,7 @@ class Buffer(Opened):
         if state is None or state.epoch != epoch or upto_seq <= state.committed_seq:
             return 0
         streams = self._streams
+        tail, after_commit = self.tail, self._writer.after_commit
 
         def trim_in_transaction(conn: sqlite3.Connection) -> int:
             row = conn.execute(
@@ -357,6 +377,7 @@ class Buffer(Opened):
                 "DELETE FROM drops WHERE sid=? AND epoch=? AND last_seq<=?",
                 (state.sid, state.epoch, upto_seq),
             )
+            after_commit(functools.partial(tail.trimmed, state.sid, upto_seq))
             state.committed_seq = max(state.committed_seq, upto_seq)
             state.shipped_seq = max(state.shipped_seq, upto_seq)
             conn.execute(
@@ -381,8 +402,16 @@ class Buffer(Opened):
             return 0
         cutoff_us = int((time.time() - ttl_s) * 1_000_000)
         streams = self._streams
-        expired = await self._submit(lambda conn: policies.expire(
-            conn, streams, state, after_seq=after_seq, cutoff_us=cutoff_us))
+        tail, after_commit = self.tail, self._writer.after_commit
+
+        def expire_in_transaction(conn: sqlite3.Connection) -> int:
+            count = policies.expire(conn, streams, state, after_seq=after_seq,
+                                    cutoff_us=cutoff_us)
+            if count:
+                after_commit(functools.partial(tail.reset, state.sid, state.next_seq))
+            return count
+
+        expired = await self._submit(expire_in_transaction)
         if expired:
             self.space_freed.set()
         return expired

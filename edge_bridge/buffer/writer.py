@@ -11,7 +11,10 @@ to what the file holds.
 
 Operations are functions of the connection; their results are resolved on the
 caller's event loop. A caller that is cancelled does not cancel its operation:
-it may still commit.
+it may still commit. An operation may register callbacks with :meth:`after_commit`:
+they run on its event loop once its transaction committed, in commit order and
+before any result of that transaction is resolved; never for an operation rolled
+back (the committed tail, :mod:`~edge_bridge.buffer.tail`, is kept this way).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import queue
 import sqlite3
 import threading
@@ -76,6 +80,8 @@ class GroupWriter:
         self._name = name
         self._ops: queue.SimpleQueue[_Op[Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._hooks: list[Callable[[], None]] = []
+        """after_commit callbacks of the operation running now (writer thread only)."""
         self.commits = 0
         """Transactions committed (for the group-commit metric)."""
 
@@ -106,6 +112,11 @@ class GroupWriter:
         self._ops.put(_Op(fn, loop, future))
         # Shielded: a cancelled caller must not lose track of a write that may commit.
         return await asyncio.shield(future)
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """From inside an operation: run ``callback`` on the event loop once the
+        transaction holding the operation committed (never if it is rolled back)."""
+        self._hooks.append(callback)
 
     def _main(
         self,
@@ -142,12 +153,14 @@ class GroupWriter:
 
     def _run_group(self, conn: sqlite3.Connection, group: list[_Op[Any]]) -> None:
         results: list[tuple[_Op[Any], Any, BaseException | None]] = []
+        hooks: list[tuple[asyncio.AbstractEventLoop, Callable[[], None]]] = []
         snapshot = self._streams.snapshot()
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in group:
                 conn.execute("SAVEPOINT op")
                 op_snapshot = self._streams.snapshot()
+                self._hooks = []
                 try:
                     result = op.fn(conn)
                 except Exception as exc:
@@ -156,6 +169,7 @@ class GroupWriter:
                     results.append((op, None, _disk_full_as_buffer_full(exc)))
                 else:
                     results.append((op, result, None))
+                    hooks.extend((op.loop, hook) for hook in self._hooks)
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")
             self.commits += 1
@@ -166,8 +180,26 @@ class GroupWriter:
             log.error("buffer_commit_failed", error=str(exc), ops=len(group))
             failure = _disk_full_as_buffer_full(exc)
             results = [(op, None, failure) for op in group]
+            hooks = []
+        self._hooks = []
+        # One wake-up per event loop (each call_soon_threadsafe writes to the loop's
+        # self-pipe), the hooks first: a caller resumes after what it committed is seen.
+        done: dict[asyncio.AbstractEventLoop, list[Callable[[], None]]] = {}
+        for loop, hook in hooks:
+            done.setdefault(loop, []).append(hook)
         for op, result, error in results:
-            op.loop.call_soon_threadsafe(_resolve, op.future, result, error)
+            done.setdefault(op.loop, []).append(
+                functools.partial(_resolve, op.future, result, error))
+        for loop, calls in done.items():
+            loop.call_soon_threadsafe(_run_all, calls)
+
+
+def _run_all(calls: list[Callable[[], None]]) -> None:
+    for call in calls:
+        try:
+            call()
+        except Exception:  # the rest (its callers' results) must still be delivered
+            log.exception("buffer_after_commit_failed")
 
 
 DISK_FULL_RETRY_AFTER_S: Final = 5.0

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import msgspec
 import pytest
+from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from broker.protocol.ingress import IngressRequest
@@ -166,6 +167,8 @@ async def test_a_good_request_is_answered_alike_and_a_retry_gets_the_same_bytes(
     assert [h for h in first[1] if h[0] != "content-length"] == [
         h for h in second[1] if h[0] != "content-length"]
     assert ("content-type", "application/json") in first[1]
+    # Byte for byte what Starlette's JSONResponse renders (the ack is encoded without it).
+    assert first[2] == JSONResponse(acks[0]).body and second[2] == JSONResponse(acks[1]).body
     retried = await both(apps, "/v1/streams/s/records", msgpack_body(3, request_seq=1),
                          MSGPACK)
     assert retried[0] == retried[1]

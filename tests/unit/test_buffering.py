@@ -127,6 +127,25 @@ async def test_drop_oldest_makes_room_and_counts_every_drop(tmp_path: Path) -> N
     assert [(r.first_seq, r.last_seq) for r in runs] == [(4, 13)]
 
 
+async def test_drop_oldest_that_needs_a_whole_chunk_by_records_drops_it(
+        tmp_path: Path) -> None:
+    """When the bytes to free end inside a chunk's last record, that whole chunk goes
+    (its 3 records counted) and the append is stored; it used to raise an IntegrityError
+    (an empty rest of the chunk renamed onto the next chunk's first seq)."""
+    per = record_size(recs(1)[0])
+    async with make(tmp_path, max_bytes=10 * per + 20,
+                    policies={"a": StreamPolicy(overflow="drop_oldest")}) as buf:
+        await buf.append("a", encode_chunks(recs(3)))
+        await buf.append("a", encode_chunks(recs(7, start=3)))
+        r = await buf.append("a", encode_chunks(recs(3, start=10)))  # frees 3*per - 20
+        stats = await buf.stats()
+        runs = await buf.read_runs("a", 0, max_records=100, max_bytes=10**6)
+    assert (r.first_seq, r.count) == (11, 3)
+    assert stats.dropped["a"] == {"overflow": 3, "ttl": 0}
+    assert [(x.first_seq, x.last_seq) for x in runs] == [(4, 13)]
+    assert [x.ts for x in decoded(runs[0])] == [x.ts for x in recs(10, start=3)]
+
+
 async def test_drop_oldest_counts_survive_restart(tmp_path: Path) -> None:
     async with make_drop_oldest(tmp_path, room_for=4) as buf:
         await buf.append("a", encode_chunks(recs(4)))
