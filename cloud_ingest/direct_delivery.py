@@ -1,4 +1,5 @@
-"""The records consumer's deliveries handed straight from nats-py's read loop.
+"""The records consumer's deliveries (and the watermark puts' acks) handed straight
+from nats-py's read loop.
 
 For every message it reads, nats-py's ``Client._process_msg`` parses the header
 block into a dict, builds a ``Msg``, does JetStream bookkeeping, puts the message
