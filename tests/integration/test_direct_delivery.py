@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.protocol.parser import Parser
+from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
 from broker.protocol.topology import Topology
 from broker.protocol.wire import (
@@ -43,6 +43,8 @@ from tests.integration.harness import running_ingest, wait_for_records
 from tests.support import until
 
 STREAM, CONSUMER = "DIRECT", "ingest"
+FRAME_PARSER = type(DeliveringClient()._ps)
+"""The ingest client's parser (cloud_ingest.direct_delivery._FrameParser)."""
 
 
 class WatchedPuller(Puller):
@@ -268,6 +270,7 @@ async def test_direct_delivery_survives_a_reconnect(nats_server: EmbeddedNats) -
         assert all(type(m) is Delivery for m in got)
         assert puller.through_nats_py == []
         assert nc.direct_deliveries >= before + 5
+        assert type(nc._ps) is FRAME_PARSER  # still the ingest's parser (reset, not replaced)
         await puller.close()
     finally:
         await nc.close()
@@ -309,6 +312,14 @@ def test_the_nats_py_internals_the_hook_relies_on_are_there() -> None:
     # The parser hands every message to _process_msg (what DeliveringClient overrides).
     assert "self.nc._process_msg(sid, subject, reply, payload, hdr)" in inspect.getsource(
         Parser.parse)
+    # The client makes its parser once (DeliveringClient replaces it there) and resets it
+    # on a reconnect; the parser's state is what the frame loop reads and leaves.
+    assert "self._ps: Parser = Parser(self)" in inspect.getsource(NATS.__init__)
+    assert "Parser(" not in inspect.getsource(NATS.connect)
+    assert "Parser(" not in inspect.getsource(NATS._attempt_reconnect)
+    parser = Parser(client)
+    assert (parser.buf, parser.state) == (bytearray(), AWAITING_CONTROL_LINE)
+    assert type(DeliveringClient()._ps) is FRAME_PARSER
 
 
 async def _waiting(js: JetStreamContext, consumer: str) -> bool:
