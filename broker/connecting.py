@@ -83,12 +83,16 @@ async def connect_with_retry(
     disconnected_cb: Callable[[], Awaitable[None]] | None = None,
     reconnected_cb: Callable[[], Awaitable[None]] | None = None,
     max_backoff_s: float = 5.0,
+    client: Callable[[], NATS] = NATS,
 ) -> NATS:
     """Connect, retrying with capped exponential backoff until it succeeds.
 
     Args:
         inbox_prefix: reply subjects below this prefix (what the identity may
             subscribe to); default nats-py's ``_INBOX``.
+        client: makes the unconnected client (a subclass of nats-py's, e.g. the
+            ingest's :class:`cloud_ingest.direct_delivery.DeliveringClient`); it is
+            connected with the same options as ``nats.connect`` would be.
 
     Cancel the calling task to give up.
 
@@ -124,22 +128,23 @@ async def connect_with_retry(
         if reconnected_cb is not None:
             await reconnected_cb()
 
+    options.update(  # as nats.connect(**options) would be called
+        servers=servers,
+        name=name,
+        connect_timeout=settings.connect_timeout_s,
+        reconnect_time_wait=settings.reconnect_wait_s,
+        max_reconnect_attempts=-1,
+        allow_reconnect=True,
+        error_cb=on_error,
+        disconnected_cb=on_disconnected,
+        reconnected_cb=on_reconnected,
+        ping_interval=5,
+        max_outstanding_pings=3,
+    )
     while True:
         try:
-            nc = await nats.connect(
-                servers=servers,
-                name=name,
-                connect_timeout=settings.connect_timeout_s,
-                reconnect_time_wait=settings.reconnect_wait_s,
-                max_reconnect_attempts=-1,
-                allow_reconnect=True,
-                error_cb=on_error,
-                disconnected_cb=on_disconnected,
-                reconnected_cb=on_reconnected,
-                ping_interval=5,
-                max_outstanding_pings=3,
-                **options,
-            )
+            nc = client()
+            await nc.connect(**options)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -55,11 +55,12 @@ class CloudService(Service):
             await migrate(conn)
         return self._pool
 
-    async def _connect_nats(self, role: Role) -> NATS:
-        """Connect as ``edgesync-<role>`` with that identity's inbox prefix (retrying)."""
+    async def _connect_nats(self, role: Role, *, client: Callable[[], NATS] = NATS) -> NATS:
+        """Connect as ``edgesync-<role>`` with that identity's inbox prefix (retrying);
+        ``client`` makes the unconnected client (nats-py's, or a subclass)."""
         self._nc = await connect_with_retry(
             self.nats_settings, name=f"edgesync-{role}",
-            inbox_prefix=inbox_prefix(self.topology, role))
+            inbox_prefix=inbox_prefix(self.topology, role), client=client)
         return self._nc
 
     async def _close(self) -> None:

@@ -24,7 +24,13 @@ not return at once (an idle worker would ask again in a tight loop); any other
 status (``503``: the consumer is gone) raises :class:`PullFailed`.
 
 Messages are nats-py ``Msg`` objects bound to the client as ever (ack,
-``in_progress``); only the way they are collected changes.
+``in_progress``); only the way they are collected changes. On a
+:class:`~cloud_ingest.direct_delivery.DeliveringClient` (the ingest's) the inbox's
+deliveries skip nats-py's per-message path: they are handed over as they are read
+and become :class:`~cloud_ingest.direct_delivery.Delivery` messages (headers parsed
+when first read), statuses are read from the raw header line; whatever that path
+does not take (an unusual header block) reaches the same handling through the
+subscription's callback, as on any other client.
 """
 
 from __future__ import annotations
@@ -38,6 +44,13 @@ import time
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
+from cloud_ingest.direct_delivery import (
+    DATA_HEADER_LINE,
+    DeliveringClient,
+    Delivery,
+    status_of,
+)
 
 __all__ = ["PullFailed", "Puller"]
 
@@ -85,9 +98,13 @@ class Puller:
         inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(f"{inbox}.*", cb=self._delivered)
         self._prefix = f"{inbox}."
+        if isinstance(self._nc, DeliveringClient):
+            self._nc.deliver_directly(self._sub, self._take)
 
     async def close(self) -> None:
         if self._sub is not None:
+            if isinstance(self._nc, DeliveringClient):
+                self._nc.stop_delivering(self._sub)
             with contextlib.suppress(Exception):  # the connection may already be gone
                 await self._sub.unsubscribe()
             self._sub = None
@@ -167,21 +184,43 @@ class Puller:
             raise PullFailed(f"pull request refused: status {req.status}")
         return req.msgs
 
+    def _take(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+              headers: bytes | None) -> bool:
+        """The direct path's sink (:mod:`cloud_ingest.direct_delivery`): a delivery or a
+        status, as :meth:`_delivered` would see it; False leaves an unusual header
+        block to nats-py's path (and :meth:`_delivered`)."""
+        if headers is None or headers.startswith(DATA_HEADER_LINE):
+            self._message(Delivery(self._nc, sid, subject.decode(), reply.decode(), data,
+                                   headers))
+            return True
+        status = status_of(headers)
+        if status is None:
+            return False
+        self._status(subject.decode(), status)
+        return True
+
     async def _delivered(self, msg: Msg) -> None:
         """The subscription's callback: a delivery (for the request in flight, else
         kept) or a status (ends the request whose reply subject it came on)."""
         headers = msg.headers
         status = headers.get("Status") if headers else None
-        req = self._open
         if status is None:
-            if req is None or req.done.is_set():
-                self._kept.append(msg)
-                return
-            req.msgs.append(msg)
-            if len(req.msgs) >= req.want:
-                req.done.set()
+            self._message(msg)
+        else:
+            self._status(msg.subject, status)
+
+    def _message(self, msg: Msg) -> None:
+        req = self._open
+        if req is None or req.done.is_set():
+            self._kept.append(msg)
             return
-        if status == _HEARTBEAT or req is None or msg.subject != req.token:
+        req.msgs.append(msg)
+        if len(req.msgs) >= req.want:
+            req.done.set()
+
+    def _status(self, subject: str, status: str) -> None:
+        req = self._open
+        if status == _HEARTBEAT or req is None or subject != req.token:
             return  # a heartbeat, or a late status of a request given up on
         req.status = status
         req.done.set()

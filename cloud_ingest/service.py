@@ -29,6 +29,7 @@ from cloud_ingest.cloud_service import CloudService
 from cloud_ingest.command_status import CommandStatusWriter
 from cloud_ingest.completeness import drop_marker_writer
 from cloud_ingest.desired_reports import DesiredReportWriter
+from cloud_ingest.direct_delivery import DeliveringClient
 from cloud_ingest.events_consuming import EventsConsumer
 from cloud_ingest.ingesting import RecordsConsumer, init_connection
 from cloud_ingest.maintenance import Maintenance
@@ -79,7 +80,9 @@ class Ingest(CloudService):
         self.maintenance = Maintenance(
             pool, ahead_days=self.settings.partitions_ahead_days,
             interval_s=self.settings.maintenance_interval_s, metrics=self.metrics)
-        nc = await self._connect_nats("ingest")
+        # The records consumer's deliveries skip nats-py's per-message path
+        # (cloud_ingest.direct_delivery); the connection itself is nats-py's.
+        nc = await self._connect_nats("ingest", client=DeliveringClient)
         js = nc.jetstream()
         await self.topology.ensure_all(js)  # the ingest owns the topology
         self.watermarks = WatermarkPublisher(

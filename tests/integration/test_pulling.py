@@ -1,7 +1,8 @@
 """The ingest's own pull requests and bulk acks, against a real nats-server: a fetch
 returns what is ready without waiting out its timeout, a message delivered after its
 fetch gave up is the next fetch's first, and a group's acks (one write) ack every
-message as ``Msg.ack`` would."""
+message as ``Msg.ack`` would; on nats-py's client and on the ingest's direct-delivery
+client alike."""
 
 from __future__ import annotations
 
@@ -19,15 +20,22 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from broker.runtime.embedded_nats import EmbeddedNats
 from cloud_ingest.bulk_publishing import ack_all, publish_many
+from cloud_ingest.direct_delivery import DeliveringClient
 from cloud_ingest.pulling import Puller, PullFailed
 from tests.support import until
 
 STREAM, CONSUMER = "PULLS", "ingest"
 
 
-@pytest.fixture
-async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NATS]:
-    conn = await nats.connect(nats_server.url)
+@pytest.fixture(params=["nats-py", "direct"])
+async def nc(nats_server: EmbeddedNats, request: pytest.FixtureRequest) -> AsyncIterator[NATS]:
+    """nats-py's client (deliveries through its path and the puller's callback) and the
+    ingest's (cloud_ingest.direct_delivery): the puller behaves the same on both."""
+    if request.param == "direct":
+        conn: NATS = DeliveringClient()
+        await conn.connect(nats_server.url)
+    else:
+        conn = await nats.connect(nats_server.url)
     js = conn.jetstream()
     await js.add_stream(name=STREAM, subjects=["p.>"])
     await js.add_consumer(STREAM, ConsumerConfig(durable_name=CONSUMER,

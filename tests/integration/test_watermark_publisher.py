@@ -14,15 +14,26 @@ from nats.js.errors import KeyNotFoundError
 
 from broker.protocol.topology import Topology
 from broker.runtime.embedded_nats import EmbeddedNats
+from cloud_ingest.direct_delivery import DeliveringClient
 from cloud_ingest.watermarks import WatermarkPublisher
 from tests.support import until
 
 
-@pytest.fixture
-async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NATS]:
-    conn = await nats.connect(nats_server.url)
+@pytest.fixture(params=["nats-py", "direct"])
+async def nc(nats_server: EmbeddedNats, request: pytest.FixtureRequest) -> AsyncIterator[NATS]:
+    """nats-py's client, and the ingest's, whose puts' acks (and the 503 of a put
+    nobody stored) reach the publisher directly (cloud_ingest.direct_delivery)."""
+    if request.param == "direct":
+        conn: NATS = DeliveringClient()
+        await conn.connect(nats_server.url)
+    else:
+        conn = await nats.connect(nats_server.url)
     yield conn
     await conn.close()
+
+
+def direct_deliveries(nc: NATS) -> int:
+    return nc.direct_deliveries if isinstance(nc, DeliveringClient) else 0
 
 
 @contextlib.asynccontextmanager
@@ -59,6 +70,8 @@ async def test_a_fleet_window_lands_every_key_at_its_newest_value(nc: NATS) -> N
     assert await value(nc, topology, "e1.t.1") == 5
     assert await value(nc, topology, f"e{edges - 1}.t.1") == 5
     assert publisher.published == edges  # coalesced: one write per key
+    if isinstance(nc, DeliveringClient):
+        assert direct_deliveries(nc) >= edges  # every ack taken directly
 
 
 async def test_a_write_nobody_stored_is_written_again(nc: NATS) -> None:
@@ -70,6 +83,8 @@ async def test_a_write_nobody_stored_is_written_again(nc: NATS) -> None:
         await until(lambda: publisher.failures > 0, timeout=10,
                     message="the unanswered write counted as failed")
         assert publisher.published == 0
+        if isinstance(nc, DeliveringClient):
+            assert direct_deliveries(nc) >= 1  # the 503 (no responders), read directly
         await topology.ensure_watermark_bucket(js)
         await until(lambda: publisher.published == 1, timeout=10,
                     message="the kept write landed once the bucket exists")
