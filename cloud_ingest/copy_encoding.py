@@ -25,7 +25,7 @@ Every row is exactly :data:`PIECES_PER_ROW` pieces, so any run of rows COPYs alo
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from itertools import count
 from typing import Final
 
@@ -33,7 +33,7 @@ import msgspec
 
 from broker.protocol.wire import CT_JSON, Record
 
-__all__ = ["COPY_COLUMNS", "PG_EPOCH_US", "PIECES_PER_ROW", "CopyRows"]
+__all__ = ["CHUNK_ROWS", "COPY_COLUMNS", "PG_EPOCH_US", "PIECES_PER_ROW", "CopyRows"]
 
 COPY_COLUMNS: Final = (
     "seq", "event_time", "received_at", "stream_key", "key", "headers", "payload_raw",
@@ -48,6 +48,8 @@ PIECES_PER_ROW: Final = 4
 """``(seq, event_time)``; ``received_at``, ``stream_key``, key, headers and one payload
 column; the other payload column's length; its bytes (or the absent column)."""
 
+CHUNK_ROWS: Final = 512
+"""Rows joined into one piece of COPY data (~128 KiB of the bench's 180-byte JSON)."""
 _HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
 """Signature, flags (no OIDs), header extension length."""
 _TRAILER: Final = b"\xff\xff"
@@ -110,11 +112,27 @@ class CopyRows:
 
     def data(self, lo: int = 0, hi: int | None = None) -> bytes:
         """The COPY data (header to trailer) of rows ``lo`` to ``hi`` (exclusive)."""
+        return b"".join(self.chunks(lo, hi))
+
+    def chunks(self, lo: int = 0, hi: int | None = None, *,
+               rows_per_chunk: int = CHUNK_ROWS) -> Iterator[bytes]:
+        """:meth:`data` in chunks of ``rows_per_chunk`` rows: what is sent while the
+        next is joined stays in the CPU's cache (one 4 MiB join per group, copied
+        twice more on its way to the socket, showed as 10 % of the ingest in py-spy)."""
         end = len(self) if hi is None else hi
-        parts = [_HEADER]
-        parts += self._pieces[lo * PIECES_PER_ROW:end * PIECES_PER_ROW]
-        parts.append(_TRAILER)
-        return b"".join(parts)
+        pieces = self._pieces
+        start = lo
+        parts: list[bytes] = [_HEADER]
+        while True:
+            stop = min(end, start + rows_per_chunk)
+            parts += pieces[start * PIECES_PER_ROW:stop * PIECES_PER_ROW]
+            if stop == end:
+                parts.append(_TRAILER)
+                yield b"".join(parts)
+                return
+            yield b"".join(parts)
+            parts = []
+            start = stop
 
     def _shared(self, ref: int) -> tuple[bytes, dict[str | None, bytes]]:
         shared = self._refs.get(ref)

@@ -100,6 +100,8 @@ class Decoded:
     """Estimated bytes of memory this decoded message holds."""
     bad: dict[int, str] = field(default_factory=dict)
     """Record index -> reason, for records that must be dead-lettered."""
+    checked: bool = False
+    """Its records were validated (``bad`` is complete)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +157,12 @@ class GroupWriter:
         return known
 
     def decode(self, msg: Msg, *, validate: bool = True) -> Decoded:
-        """Decode and validate ``msg``; never raises. With ``validate=False`` its records
-        are not checked yet: :meth:`validate` then checks a whole part's at once."""
+        """Decode and validate ``msg``; never raises. With ``validate=False`` the records
+        of a batch smaller than :data:`VALIDATE_CHUNK_RECORDS` are not checked yet:
+        :meth:`validate` then checks a whole part's at once. A batch that size or bigger
+        is its own chunk anyway, and is checked now, while its records are still in the
+        CPU's cache (checked after the whole part was decoded, each pass over a
+        16,000-record part's columns missed the cache: py-spy of issue 12's bench)."""
         route = self.topology.parse_records_subject(msg.subject)
         try:
             batch = decode_records(msg.data, msg.headers)
@@ -178,8 +184,9 @@ class GroupWriter:
         bad = {i: reason for i, reason, _ in batch.problems}
         cost = batch.body_bytes + len(batch.records) * ROW_OVERHEAD_BYTES
         decoded = Decoded(msg, batch, None, batch.span, cost, bad)
-        if validate:
-            self.validate([decoded])
+        if validate or len(batch.records) >= VALIDATE_CHUNK_RECORDS:
+            _validate_chunk([decoded])
+            decoded.checked = True
         return decoded
 
     @staticmethod
@@ -198,7 +205,7 @@ class GroupWriter:
         chunk: list[Decoded] = []
         size = 0
         for d in group:
-            if d.batch is None:
+            if d.batch is None or d.checked:
                 continue
             chunk.append(d)
             size += len(d.batch.records)
@@ -207,6 +214,8 @@ class GroupWriter:
                 chunk, size = [], 0
         if chunk:
             _validate_chunk(chunk)
+        for d in group:
+            d.checked = True
 
     @staticmethod
     def rows(batch: Batch, received_us: int) -> list[Row]:
@@ -432,11 +441,10 @@ async def _copy(conn: Connection, rows: list[StoredRow]) -> None:
 async def _copy_rows(conn: Connection, rows: CopyRows, lo: int, hi: int) -> None:
     """Binary COPY rows ``lo`` to ``hi`` of ``rows`` (one pass, :mod:`copy_encoding`);
     a day without a partition yet gets one and the COPY is retried, as in :func:`_copy`."""
-    data = rows.data(lo, hi)
     try:
         async with conn.transaction():
-            await conn.copy_to_table("records", source=_once(data), columns=COPY_COLUMNS,
-                                     format="binary")
+            await conn.copy_to_table("records", source=_sent(rows, lo, hi),
+                                     columns=COPY_COLUMNS, format="binary")
         return
     except asyncpg.CheckViolationError as exc:
         if _NO_PARTITION not in str(exc):
@@ -445,14 +453,15 @@ async def _copy_rows(conn: Connection, rows: CopyRows, lo: int, hi: int) -> None
     created = await conn.fetchval("SELECT es_records_partition($1)", day)
     if created:
         log.warning("records_partition_created_late", partition=created)
-    await conn.copy_to_table("records", source=_once(data), columns=COPY_COLUMNS,
+    await conn.copy_to_table("records", source=_sent(rows, lo, hi), columns=COPY_COLUMNS,
                              format="binary")
 
 
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    """``data`` as the async iterable asyncpg's ``copy_to_table`` reads (bytes given
-    directly would be taken for a file's path)."""
-    yield data
+async def _sent(rows: CopyRows, lo: int, hi: int) -> AsyncIterator[bytes]:
+    """Rows ``lo`` to ``hi`` as the async iterable asyncpg's ``copy_to_table`` reads,
+    chunk by chunk (:meth:`CopyRows.chunks`)."""
+    for chunk in rows.chunks(lo, hi):
+        yield chunk
 
 
 def _row(ref: int, seq: int, rec: Record, received_us: int) -> StoredRow:

@@ -134,3 +134,19 @@ async def test_any_run_of_rows_copies_alone(conn: asyncpg.Connection) -> None:
     await _copy(conn, rows.data(0, 1))
     got = await _read(conn, ref)
     assert [(r[0], r[1]) for r in got] == [(10 + i, i + 1) for i in range(5)]
+
+
+def test_the_chunks_of_any_size_are_the_data() -> None:
+    """Sent in chunks of any number of rows, the bytes are one COPY: header, the rows'
+    pieces in order, trailer."""
+    rows = CopyRows(1_764_547_200_000_000)
+    rows.add(3, 1, [Record(i, CT_JSON, b"%d" % i, "k" if i % 2 else None)
+                    for i in range(7)])
+    whole = b"PGCOPY\n\xff\r\n\x00" + bytes(8) + b"".join(rows._pieces) + b"\xff\xff"
+    assert rows.data() == whole
+    for size in (1, 2, 3, 7, 100):
+        chunks = list(rows.chunks(rows_per_chunk=size))
+        assert len(chunks) == -(-7 // size)
+        assert b"".join(chunks) == whole
+    assert b"".join(rows.chunks(2, 5, rows_per_chunk=2)) == (
+        b"PGCOPY\n\xff\r\n\x00" + bytes(8) + b"".join(rows._pieces[8:20]) + b"\xff\xff")
