@@ -137,9 +137,14 @@ def bridge() -> None:
 @app.command()
 def ingest() -> None:
     """Run one ingest process (settings from EDGESYNC_INGEST__*, EDGESYNC_NATS__*)."""
+    from cloud_ingest.heap_tuning import keep_freed_heap
     from cloud_ingest.service import Ingest
 
-    _run_from_env(lambda settings, stop: Ingest(settings.ingest, settings.nats).run(stop))
+    async def body(settings: Settings, stop: asyncio.Event) -> None:
+        keep_freed_heap()  # this process is the ingest alone (cloud_ingest.heap_tuning)
+        await Ingest(settings.ingest, settings.nats).run(stop)
+
+    _run_from_env(body)
 
 
 @app.command()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
+from operator import attrgetter
 from typing import Any, Final
 
 import msgspec
@@ -218,6 +219,8 @@ def json_all_plainly_valid(payloads: Sequence[bytes]) -> bool:
 def record_problems(records: Iterable[Record]) -> list[tuple[int, str]]:
     """``(index, reason)`` of every record that cannot be stored."""
     records = records if isinstance(records, list) else list(records)
+    if _all_plainly_storable(records):
+        return []
     json_ok = json_all_plainly_valid([r.payload for r in records if r.ct == CT_JSON])
     found = []
     for i, rec in enumerate(records):
@@ -233,6 +236,52 @@ def record_problems(records: Iterable[Record]) -> list[tuple[int, str]]:
         if problem:
             found.append((i, problem))
     return found
+
+
+def _all_plainly_storable(records: list[Record]) -> bool:
+    """True only when :func:`record_problems`' per-record check would pass every record
+    (the common case: no headers, JSON or opaque payloads, ASCII keys), decided by
+    whole columns at C speed (``map``, ``min``, ``count``, one join of the keys)
+    instead of a dozen bytecodes per record: ~0.5 µs per record less for the ingest and
+    the bridge. False says nothing; the per-record check then decides."""
+    n = len(records)
+    if not n:
+        return True
+    try:
+        if list(map(_HEADERS, records)).count(None) != n:
+            return False
+        stamps = list(map(_TS, records))
+        if (set(map(type, stamps)) != {int}
+                or min(stamps) < MIN_TS_US or max(stamps) > MAX_TS_US):
+            return False
+        types = list(map(_CT, records))
+        json_count = types.count(CT_JSON)
+        if json_count + types.count(CT_RAW) != n:
+            return False
+        keys = list(map(_KEY, records))
+        absent = keys.count(None)
+        if absent != n:
+            if absent:
+                keys = [k for k in keys if k is not None]
+            if set(map(type, keys)) != {str} or max(map(len, keys)) > MAX_KEY_CHARS:
+                return False
+            joined = "".join(keys)
+            if not joined.isascii() or "\x00" in joined:
+                return False
+        if json_count == n:
+            payloads = list(map(_PAYLOAD, records))
+        else:
+            payloads = [r.payload for r in records if r.ct == CT_JSON]
+        return json_all_plainly_valid(payloads)
+    except Exception:  # e.g. a record built by hand with values min() cannot order
+        return False
+
+
+_TS = attrgetter("ts")
+_CT = attrgetter("ct")
+_KEY = attrgetter("key")
+_HEADERS = attrgetter("headers")
+_PAYLOAD = attrgetter("payload")
 
 
 def check_records(records: Iterable[Record]) -> None:

@@ -59,3 +59,18 @@ def test_a_big_batch_of_bad_records_beside_an_undecodable_one_names_each_once() 
     assert decoded.batch is not None and len(decoded.bad) == n + 1
     assert sorted(decoded.bad) == list(range(n + 1))
     assert all("JSON" in decoded.bad[i] for i in range(1, n + 1))
+
+
+def test_a_batch_of_a_chunk_or_more_is_checked_as_it_is_decoded() -> None:
+    """A batch that is a validation chunk by itself is checked by decode even with
+    validate=False (while its records are in the CPU's cache); a later validate of the
+    part leaves it as it is and checks the small ones."""
+    writer = GroupWriter(Topology())
+    big = [GOOD] * VALIDATE_CHUNK_RECORDS + [[0, 1, b"{nope"]]
+    part = [writer.decode(_msg(big), validate=False),
+            writer.decode(_msg([GOOD, [0, 1, b"{nope"]]), validate=False)]
+    assert part[0].checked and list(part[0].bad) == [VALIDATE_CHUNK_RECORDS]
+    assert not part[1].checked and part[1].bad == {}
+    writer.validate(part)
+    assert [sorted(d.bad) for d in part] == [[VALIDATE_CHUNK_RECORDS], [1]]
+    assert all(d.checked for d in part)

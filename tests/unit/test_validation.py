@@ -17,6 +17,7 @@ from broker.protocol.validation import (
     MAX_JSON_DEPTH,
     MAX_TS_US,
     MIN_TS_US,
+    _all_plainly_storable,
     check_records,
     json_all_plainly_valid,
     json_problem,
@@ -175,3 +176,53 @@ def _nested(depth: int) -> list[object]:
     for _ in range(depth - 1):
         value = [value]
     return value
+
+
+STORABLE = st.builds(
+    Record,
+    st.integers(MIN_TS_US, MAX_TS_US),
+    st.just(CT_JSON),
+    JSON_VALUES.map(msgspec.json.encode),
+    st.one_of(st.none(), st.text(st.characters(codec="ascii", exclude_characters="\x00"),
+                                 max_size=10)),
+) | st.builds(Record, st.integers(MIN_TS_US, MAX_TS_US), st.just(CT_RAW),
+              st.binary(max_size=20))
+ANY_RECORD = st.builds(
+    Record,
+    st.one_of(st.sampled_from([MIN_TS_US - 1, MAX_TS_US + 1, -(2**63), 2**64 - 1, True]),
+              st.floats(-10.0, 10.0)),
+    st.sampled_from([CT_RAW, CT_JSON, 2, 1.0]),
+    st.one_of(st.binary(max_size=20), JSON_PIECES),
+    st.one_of(st.none(), st.text(max_size=10), st.just("a\x00"), st.just("k" * 1025),
+              st.just("\ud800")),
+    st.one_of(st.none(), st.just({}), st.dictionaries(st.text(max_size=5),
+                                                      st.text(max_size=5), max_size=2)),
+)
+
+
+@given(st.lists(STORABLE, max_size=20), st.lists(st.tuples(st.integers(0, 20), ANY_RECORD),
+                                                  max_size=2))
+@settings(max_examples=500)
+def test_checking_a_list_says_what_checking_each_record_says(
+        good: list[Record], bad: list[tuple[int, Record]]) -> None:
+    """Whole columns at once (``record_problems``' quick way) or record by record, the
+    reasons are the ones ``record_problem`` gives each record, at its index."""
+    records = list(good)
+    for where, rec in bad:
+        records.insert(min(where, len(records)), rec)
+    assert record_problems(records) == [
+        (i, p) for i, r in enumerate(records) if (p := record_problem(r)) is not None]
+
+
+def test_common_records_are_checked_by_whole_columns() -> None:
+    """Telemetry with keys (or none), and opaque payloads, pass the column check; each kind
+    of doubt sends the list to the per-record check."""
+    common = [Record(1_700_000_000_000_000 + i, CT_JSON, b'{"t": %d}' % i, f"dev-{i % 7}")
+              for i in range(100)] + [Record(0, CT_RAW, b"\x00", None)]
+    assert _all_plainly_storable(common)
+    for doubtful in (Record(0, CT_RAW, b"", "é"), Record(0, CT_RAW, b"", None, {}),
+                     Record(MAX_TS_US + 1, CT_RAW, b""), Record(0, 2, b""),
+                     Record(0, CT_JSON, b"{"), Record(0, CT_RAW, b"", "a\x00")):
+        assert not _all_plainly_storable([*common, doubtful])
+        assert record_problems([*common, doubtful]) == [
+            (101, p) for p in [record_problem(doubtful)] if p is not None]

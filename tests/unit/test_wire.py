@@ -16,7 +16,10 @@ from broker.protocol.wire import (
     MAX_SEQ,
     Batch,
     Record,
+    _all_sound,
+    _record_structure_problem,
     decode_batch,
+    decode_records,
     encode_batch,
     msg_id,
 )
@@ -151,3 +154,34 @@ def test_a_zstd_bomb_is_refused() -> None:
 
 def test_msg_id_names_the_identity_range() -> None:
     assert msg_id("e", "s", 9, 1, 100) == "e.s.9.1-100"
+
+
+@given(st.lists(st.tuples(
+    st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from([2**63, 2**64 - 1])),
+    st.sampled_from([CT_RAW, CT_JSON, 2, 127]),
+    st.none() | st.text(max_size=3) | st.just("k" * 1025) | st.just("é" * 1024)),
+    min_size=1, max_size=12))
+@settings(max_examples=300)
+def test_each_record_gets_the_structure_problem_checking_it_alone_finds(
+        fields: list[tuple[int, int, str | None]]) -> None:
+    """Whether the whole records column passes at once (the quick way) or not, a
+    record is left out with exactly the reason ``_record_structure_problem`` gives it."""
+    raw = [[ts, ct, b"{}", key, None] for ts, ct, key in fields]
+    body = msgspec.msgpack.encode({"v": 1, "edge": "e", "stream": "s", "epoch": 1,
+                                   "first_seq": 1, "records": raw})
+    decoded = decode_records(body)
+    expected = []
+    for i, (ts, ct, key) in enumerate(fields):
+        problem = _record_structure_problem(Record(ts, ct, b"{}", key))
+        if problem:
+            expected.append((i, problem))
+    assert [(i, reason) for i, reason, _ in decoded.problems] == expected
+    assert [i for i, r in enumerate(decoded.records) if r is None] == [i for i, _ in expected]
+
+
+def test_a_sound_records_column_is_checked_at_once() -> None:
+    sound = [Record(-(2**63), CT_RAW, b""), Record(MAX_SEQ, CT_JSON, b"1", "k" * 1024)]
+    assert _all_sound(sound)
+    for unsound in (Record(MAX_SEQ + 1, CT_RAW, b""), Record(0, 2, b""),
+                    Record(0, CT_RAW, b"", "k" * 1025)):
+        assert not _all_sound([*sound, unsound])
