@@ -39,6 +39,7 @@ headers)`` as the protocol parser calls it, ``Client._subs`` (sid -> subscriptio
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 
@@ -54,6 +55,7 @@ __all__ = [
     "Sink",
     "parse_header_block",
     "status_of",
+    "unsubscribe",
 ]
 
 Sink = Callable[[int, bytes, bytes, bytes, "bytes | None"], bool]
@@ -178,6 +180,15 @@ class _FrameParser(Parser):
             await super().parse()
 
 
+async def unsubscribe(nc: NATS, sub: Subscription) -> None:
+    """End ``sub``: its direct delivery first (if ``nc`` delivers it directly), then the
+    subscription itself, quietly if the connection is already gone."""
+    if isinstance(nc, DeliveringClient):
+        nc.stop_delivering(sub)
+    with contextlib.suppress(Exception):  # the connection may already be gone
+        await sub.unsubscribe()
+
+
 def status_of(headers: bytes | None) -> str | None:
     """The inline status (``"404"``, ``"408"``, ``"100"``...) of a raw header block,
     as nats-py reads it into ``headers["Status"]``; None if it has none."""
@@ -215,16 +226,11 @@ class Delivery(Msg):
             raw_headers: bytes | None) -> None:
         # Msg's fields, set as its dataclass __init__ would (without its keyword
         # handling: one of these per delivered message).
-        self._client = client
-        self._sid = sid
-        self.subject = subject
-        self.reply = reply
-        self.data = data
-        self._metadata = None
-        self._ackd = False
-        self._raw_headers = raw_headers
+        self._client, self._sid, self.data = client, sid, data
+        self.subject, self.reply = subject, reply
+        self._metadata, self._ackd = None, False
+        self._raw_headers, self._parsed = raw_headers, raw_headers is None
         self._headers: dict[str, str] | None = None
-        self._parsed = raw_headers is None
 
     @property  # Msg.headers is a field; here it is parsed when first read
     def headers(self) -> dict[str, str] | None:

@@ -36,7 +36,6 @@ subscription's callback, as on any other client.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import time
@@ -50,6 +49,7 @@ from cloud_ingest.direct_delivery import (
     DeliveringClient,
     Delivery,
     status_of,
+    unsubscribe,
 )
 
 __all__ = ["PullFailed", "Puller"]
@@ -103,10 +103,7 @@ class Puller:
 
     async def close(self) -> None:
         if self._sub is not None:
-            if isinstance(self._nc, DeliveringClient):
-                self._nc.stop_delivering(self._sub)
-            with contextlib.suppress(Exception):  # the connection may already be gone
-                await self._sub.unsubscribe()
+            await unsubscribe(self._nc, self._sub)
             self._sub = None
 
     @property

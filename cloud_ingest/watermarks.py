@@ -38,7 +38,7 @@ from nats.aio.subscription import Subscription
 
 from broker.protocol.topology import Topology
 from cloud_ingest.bulk_publishing import publish_many
-from cloud_ingest.direct_delivery import DeliveringClient, status_of
+from cloud_ingest.direct_delivery import DeliveringClient, status_of, unsubscribe
 
 __all__ = ["WatermarkPublisher"]
 
@@ -101,10 +101,7 @@ class WatermarkPublisher:
                 await asyncio.sleep(self._interval)  # the coalescing window
         finally:
             if self._replies is not None:
-                if isinstance(self._nc, DeliveringClient):
-                    self._nc.stop_delivering(self._replies)
-                with contextlib.suppress(Exception):  # the connection may already be gone
-                    await self._replies.unsubscribe()
+                await unsubscribe(self._nc, self._replies)
                 self._replies = None
 
     async def _flush(self) -> None:

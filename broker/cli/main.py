@@ -28,7 +28,13 @@ from broker.cli.edges import edges_app
 from broker.cli.export import export_cmd
 from broker.cli.operators import operators_app
 from broker.cli.retention import retention_app
-from broker.cli.services import EXIT_ERROR, run_from_env, run_service
+from broker.cli.services import (
+    EXIT_ERROR,
+    INGEST_MALLOC,
+    reuse_freed_memory,
+    run_from_env,
+    run_service,
+)
 from broker.cli.streams import streams_app
 from broker.cli.tail import tail_cmd
 from broker.logs import configure_logging
@@ -137,14 +143,10 @@ def bridge() -> None:
 @app.command()
 def ingest() -> None:
     """Run one ingest process (settings from EDGESYNC_INGEST__*, EDGESYNC_NATS__*)."""
-    from cloud_ingest.heap_tuning import keep_freed_heap
     from cloud_ingest.service import Ingest
 
-    async def body(settings: Settings, stop: asyncio.Event) -> None:
-        keep_freed_heap()  # this process is the ingest alone (cloud_ingest.heap_tuning)
-        await Ingest(settings.ingest, settings.nats).run(stop)
-
-    _run_from_env(body)
+    reuse_freed_memory(INGEST_MALLOC)  # this process is the ingest alone
+    _run_from_env(lambda settings, stop: Ingest(settings.ingest, settings.nats).run(stop))
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""The ingest process keeps the heap memory it frees (cloud_ingest.heap_tuning)."""
+"""The ingest process keeps the heap memory it frees (``INGEST_MALLOC``, broker.cli.services)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is
 @glibc
 def test_glibc_takes_the_settings() -> None:
     """In a child process (the setting is process-wide): every mallopt call succeeds."""
-    code = "from cloud_ingest.heap_tuning import keep_freed_heap; print(keep_freed_heap())"
+    code = ("from broker.cli.services import INGEST_MALLOC, reuse_freed_memory; "
+            "print(reuse_freed_memory(INGEST_MALLOC))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.strip().splitlines()[-1] == "True", out
@@ -28,9 +29,9 @@ def test_a_freed_large_block_is_reused_without_page_faults() -> None:
     largest block freed so far), so every round faulted all of them in again."""
     code = """
 import resource, sys
-from cloud_ingest.heap_tuning import keep_freed_heap
+from broker.cli.services import INGEST_MALLOC, reuse_freed_memory
 if sys.argv[1] == "tuned":
-    keep_freed_heap()
+    assert reuse_freed_memory(INGEST_MALLOC)
 faults = []
 for _ in range(20):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
