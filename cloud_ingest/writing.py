@@ -2,7 +2,11 @@
 
 :meth:`GroupWriter.decode` turns a message into a :class:`Decoded`: the batch's
 envelope, each record decoded on its own and checked by the shared validator
-(:mod:`broker.protocol.validation`). It never raises.
+(:mod:`broker.protocol.validation`). It never raises. The ingest asks it to leave JSON
+payloads to PostgreSQL (``json=False``: only their nesting is checked): ``jsonb``'s
+input parses every payload the COPY sends anyway and refuses all the validator would
+(syntax, UTF-8, ``\\u0000``, numbers beyond ``numeric``), so checking them in Python
+first was the same work twice (~1.3 µs per record, a quarter of the ingest's CPU).
 
 :meth:`GroupWriter.write` then, in one transaction:
 
@@ -17,9 +21,13 @@ envelope, each record decoded on its own and checked by the shared validator
    (a key's row is created first when missing, then every key's row is locked in
    key order; the reads return only what is accounted within the seqs the group
    covers: ``cloud_ingest.accounting.accounted_seqs`` says why that is the same check);
-3. if PostgreSQL rejects the data (rules drift, a check the validator
-   does not know), bisects the rows down to the records it rejects, so every
-   good record commits and each bad one is isolated;
+3. if PostgreSQL rejects the data: when the group's JSON payloads were left to it,
+   undoes the COPY, checks them with the validator (each bad one then has the
+   validator's reason, as the bridge would give) and goes back to 2 without them;
+   otherwise (rules drift, a check the validator does not know) bisects the rows
+   down to the records it rejects, so every good record commits and each bad one
+   is isolated. A group with a bad JSON payload thus costs one refused COPY more,
+   never a bisection per bad record;
 4. writes a dead letter per bad record with its identity, reason and bytes
    (and per undecodable message), merges committed seqs into ``ranges`` and
    dead-lettered ones into ``dead_lettered``;
@@ -101,7 +109,11 @@ class Decoded:
     bad: dict[int, str] = field(default_factory=dict)
     """Record index -> reason, for records that must be dead-lettered."""
     checked: bool = False
-    """Its records were validated (``bad`` is complete)."""
+    """Its records were validated (``bad`` is complete, but see ``json_checked``)."""
+    json_checked: bool = True
+    """Its JSON payloads were checked in full; False: for their nesting only, the rest
+    left to PostgreSQL (``bad`` lacks any refusal of theirs until :meth:`GroupWriter.write`
+    finds one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,13 +168,15 @@ class GroupWriter:
         known.update(found)
         return known
 
-    def decode(self, msg: Msg, *, validate: bool = True) -> Decoded:
+    def decode(self, msg: Msg, *, validate: bool = True, json: bool = True) -> Decoded:
         """Decode and validate ``msg``; never raises. With ``validate=False`` the records
         of a batch smaller than :data:`VALIDATE_CHUNK_RECORDS` are not checked yet:
-        :meth:`validate` then checks a whole part's at once. A batch that size or bigger
-        is its own chunk anyway, and is checked now, while its records are still in the
-        CPU's cache (checked after the whole part was decoded, each pass over a
-        16,000-record part's columns missed the cache: py-spy of issue 12's bench)."""
+        :meth:`validate` then checks a whole part's at once. With ``json=False`` JSON
+        payloads are checked for their nesting only (the module docstring says why).
+        A batch that size or bigger is its own chunk anyway, and is checked now, while
+        its records are still in the CPU's cache (checked after the whole part was
+        decoded, each pass over a 16,000-record part's columns missed the cache: py-spy
+        of issue 12's bench)."""
         route = self.topology.parse_records_subject(msg.subject)
         try:
             batch = decode_records(msg.data, msg.headers)
@@ -185,14 +199,16 @@ class GroupWriter:
         cost = batch.body_bytes + len(batch.records) * ROW_OVERHEAD_BYTES
         decoded = Decoded(msg, batch, None, batch.span, cost, bad)
         if validate or len(batch.records) >= VALIDATE_CHUNK_RECORDS:
-            _validate_chunk([decoded])
+            _validate_chunk([decoded], json=json)
             decoded.checked = True
+            decoded.json_checked = json
         return decoded
 
     @staticmethod
-    def validate(group: Sequence[Decoded]) -> None:
+    def validate(group: Sequence[Decoded], *, json: bool = True) -> None:
         """Check the records of ``group``'s batches (decoded with ``validate=False``);
-        each record that cannot be stored joins its batch's ``bad``.
+        each record that cannot be stored joins its batch's ``bad``. With ``json=False``
+        JSON payloads are checked for their nesting only, as :meth:`decode`'s.
 
         The records of consecutive batches are checked together, at least
         :data:`VALIDATE_CHUNK_RECORDS` at a time (record_problems: one skim of their
@@ -202,20 +218,12 @@ class GroupWriter:
         drain as in a bulk one). A payload the skim refuses sends its chunk's JSON
         records to a parse each, as it did its batch's before: the chunk is as big as
         one edge's batch, so a bad record costs no more than it did."""
-        chunk: list[Decoded] = []
-        size = 0
+        _validate_chunks([d for d in group if d.batch is not None and not d.checked],
+                         json=json)
         for d in group:
-            if d.batch is None or d.checked:
-                continue
-            chunk.append(d)
-            size += len(d.batch.records)
-            if size >= VALIDATE_CHUNK_RECORDS:
-                _validate_chunk(chunk)
-                chunk, size = [], 0
-        if chunk:
-            _validate_chunk(chunk)
-        for d in group:
-            d.checked = True
+            if not d.checked:
+                d.checked = True
+                d.json_checked = json
 
     @staticmethod
     def rows(batch: Batch, received_us: int) -> list[Row]:
@@ -255,7 +263,9 @@ class GroupWriter:
             # the lock. Concurrent groups of one key thus COPY in parallel.
             seen = await accounted_seqs(conn, keys, windows, lock=False)
             found = frozenset(seen)
-            for locked in (False, True):
+            locked = False
+            json_unchecked = [d for d in good if not d.json_checked]
+            while True:
                 if locked:
                     seen = await accounted_seqs(conn, keys, windows, lock=True,
                                                  existing=found)
@@ -290,7 +300,8 @@ class GroupWriter:
                         spans.extend(spans_of(*key, [first + i for i in ok]))
                 try:
                     async with conn.transaction():  # savepoint: undone if raced
-                        inserted, rejected = await self._insert_isolating(conn, rows)
+                        inserted, rejected = await self._insert_isolating(
+                            conn, rows, bisect=not json_unchecked)
                         if not locked:
                             after = await accounted_seqs(conn, keys, windows, lock=True,
                                                           existing=found)
@@ -298,6 +309,15 @@ class GroupWriter:
                                 raise _Raced
                 except _Raced:
                     log.info("group_raced_redelivery", keys=len(keys))
+                    locked = True
+                    continue
+                except _Refused as exc:
+                    # Some payload PostgreSQL refused is likely bad JSON: the validator
+                    # names each with its reason, and the COPY is tried without them.
+                    log.info("group_json_checked_after_refusal", batches=len(json_unchecked),
+                             error=refusal(exc.__cause__ or exc))
+                    _check_json(json_unchecked)
+                    json_unchecked = []
                     continue
                 break
             del rows
@@ -337,13 +357,24 @@ class GroupWriter:
                            [(*k, v) for k, v in wm.items()])
 
     async def _insert_isolating(
-        self, conn: Connection, rows: CopyRows
+        self, conn: Connection, rows: CopyRows, *, bisect: bool = True
     ) -> tuple[int, list[tuple[int, str]]]:
         """Insert ``rows``; rows PostgreSQL refuses are found by bisection and left out.
 
         Returns:
             Rows inserted, and ``(row index, reason)`` of each refused row.
+
+        Raises:
+            _Refused: with ``bisect=False``, when PostgreSQL refuses the rows (their
+                COPY undone).
         """
+        if not bisect:
+            try:
+                async with conn.transaction():  # savepoint: a refusal undoes the COPY
+                    await _copy_rows(conn, rows, 0, len(rows))
+            except REJECTED as exc:
+                raise _Refused from exc
+            return len(rows), []
         rejected: list[tuple[int, str]] = []
         inserted = await _attempt(conn, rows, 0, len(rows), rejected) if rows else 0
         return inserted, rejected
@@ -377,7 +408,31 @@ async def _attempt(conn: Connection, rows: CopyRows, lo: int, hi: int,
     return hi - lo
 
 
-def _validate_chunk(chunk: Sequence[Decoded]) -> None:
+def _check_json(batches: Sequence[Decoded]) -> None:
+    """Check in full the JSON payloads of ``batches`` (validated with ``json=False``):
+    each refusal joins its batch's ``bad`` (the others found again are the same)."""
+    _validate_chunks([d for d in batches if d.batch is not None], json=True)
+    for d in batches:
+        d.json_checked = True
+
+
+def _validate_chunks(batches: Sequence[Decoded], *, json: bool) -> None:
+    """Check the records of ``batches`` (all decoded), consecutive batches together in
+    chunks of at least :data:`VALIDATE_CHUNK_RECORDS` records."""
+    chunk: list[Decoded] = []
+    size = 0
+    for d in batches:
+        assert d.batch is not None
+        chunk.append(d)
+        size += len(d.batch.records)
+        if size >= VALIDATE_CHUNK_RECORDS:
+            _validate_chunk(chunk, json=json)
+            chunk, size = [], 0
+    if chunk:
+        _validate_chunk(chunk, json=json)
+
+
+def _validate_chunk(chunk: Sequence[Decoded], *, json: bool = True) -> None:
     """:meth:`GroupWriter.validate` of consecutive batches, their records in one call."""
     present: list[Record] = []
     starts: list[int] = []
@@ -390,7 +445,7 @@ def _validate_chunk(chunk: Sequence[Decoded]) -> None:
         else:
             present.extend(b.records)  # type: ignore[arg-type]  # no None without problems
     decodable: dict[int, list[int]] = {}  # per batch with undecodable records, built once
-    for j, reason in record_problems(present):
+    for j, reason in record_problems(present, json=json):
         k = bisect.bisect_right(starts, j) - 1
         d = chunk[k]
         b = d.batch
@@ -416,6 +471,10 @@ def _owner(good: Sequence[Decoded], placed: Sequence[tuple[int, list[int] | None
 
 class _Raced(Exception):
     """A concurrent commit accounted some of the seqs a group just inserted."""
+
+
+class _Refused(Exception):
+    """PostgreSQL refused a group's rows while its JSON payloads were unchecked."""
 
 
 _NO_PARTITION = "no partition of relation"

@@ -47,6 +47,7 @@ __all__ = [
     "check_records",
     "headers_problem",
     "json_all_plainly_valid",
+    "json_depth_problem",
     "json_problem",
     "key_problem",
     "record_problem",
@@ -125,6 +126,17 @@ def headers_problem(headers: object) -> str | None:
     return None
 
 
+def json_depth_problem(payload: bytes) -> str | None:
+    """Why ``payload`` nests deeper than :data:`MAX_JSON_DEPTH`, or None (only that:
+    the part of :func:`json_problem` PostgreSQL would not refuse by itself)."""
+    if len(payload) > 2 * MAX_JSON_DEPTH and (
+            payload.count(b"[") + payload.count(b"{") > MAX_JSON_DEPTH):
+        depth = _json_depth(payload)
+        if depth > MAX_JSON_DEPTH:
+            return f"JSON nested {depth} deep; at most {MAX_JSON_DEPTH}"
+    return None
+
+
 def json_problem(payload: bytes) -> str | None:
     """Why ``payload`` is not JSON text PostgreSQL's ``jsonb`` accepts, or None.
 
@@ -135,11 +147,9 @@ def json_problem(payload: bytes) -> str | None:
     most twice ``MAX_JSON_DEPTH`` bytes cannot nest deeper than that, and a body
     without a backslash has no ``\\u0000`` escape.
     """
-    if len(payload) > 2 * MAX_JSON_DEPTH and (
-            payload.count(b"[") + payload.count(b"{") > MAX_JSON_DEPTH):
-        depth = _json_depth(payload)
-        if depth > MAX_JSON_DEPTH:
-            return f"JSON nested {depth} deep; at most {MAX_JSON_DEPTH}"
+    problem = json_depth_problem(payload)
+    if problem:
+        return problem
     try:
         value = _json_plain.decode(payload)
     except msgspec.ValidationError:  # a number beyond float: jsonb (numeric) may take it
@@ -159,8 +169,10 @@ def json_problem(payload: bytes) -> str | None:
     return None
 
 
-def record_problem(rec: Record, *, max_payload_bytes: int | None = None) -> str | None:
-    """Why ``rec`` cannot be stored, or None when it can."""
+def record_problem(rec: Record, *, max_payload_bytes: int | None = None,
+                   json: bool = True) -> str | None:
+    """Why ``rec`` cannot be stored, or None when it can (with ``json=False``, a JSON
+    payload is checked for its nesting only: see :func:`record_problems`)."""
     problem = ts_problem(rec.ts)
     if problem:
         return problem
@@ -169,7 +181,7 @@ def record_problem(rec: Record, *, max_payload_bytes: int | None = None) -> str 
     if max_payload_bytes is not None and len(rec.payload) > max_payload_bytes:
         return f"payload of {len(rec.payload)} bytes exceeds {max_payload_bytes}"
     if rec.ct == CT_JSON:
-        problem = json_problem(rec.payload)
+        problem = (json_problem if json else json_depth_problem)(rec.payload)
         if problem:
             return problem
     return key_problem(rec.key) or headers_problem(rec.headers)
@@ -216,29 +228,47 @@ def json_all_plainly_valid(payloads: Sequence[bytes]) -> bool:
     return _BIG_EXPONENT not in joined.translate(_DIGITS_AS_ZERO, b"+-")
 
 
-def record_problems(records: Iterable[Record]) -> list[tuple[int, str]]:
-    """``(index, reason)`` of every record that cannot be stored."""
+def record_problems(records: Iterable[Record], *, json: bool = True
+                    ) -> list[tuple[int, str]]:
+    """``(index, reason)`` of every record that cannot be stored.
+
+    With ``json=False`` a JSON payload is checked for its nesting only
+    (:func:`json_depth_problem`), not for the rest of :func:`json_problem` (syntax,
+    UTF-8, ``\\u0000``, numbers beyond ``numeric``): everything in that rest is what
+    PostgreSQL's ``jsonb`` input refuses by itself, and it parses every payload it
+    stores anyway. The ingest asks so first and asks again with ``json=True`` only
+    when PostgreSQL refuses a group (:mod:`cloud_ingest.writing`)."""
     records = records if isinstance(records, list) else list(records)
-    if _all_plainly_storable(records):
+    if _all_plainly_storable(records, json=json):
         return []
-    json_ok = json_all_plainly_valid([r.payload for r in records if r.ct == CT_JSON])
+    payloads = [r.payload for r in records if r.ct == CT_JSON]
+    json_ok = json_all_plainly_valid(payloads) if json else _all_shallow(payloads)
+    check_json = json_problem if json else json_depth_problem
     found = []
     for i, rec in enumerate(records):
         # The common record, inline: the bridge checks every record of every request.
         ts, ct, key = rec.ts, rec.ct, rec.key
         if (type(ts) is int and MIN_TS_US <= ts <= MAX_TS_US and rec.headers is None
                 and (ct == CT_RAW or (ct == CT_JSON and (
-                    json_ok or json_problem(rec.payload) is None)))
+                    json_ok or check_json(rec.payload) is None)))
                 and (key is None or (type(key) is str and len(key) <= MAX_KEY_CHARS
                                      and key.isascii() and "\x00" not in key))):
             continue
-        problem = record_problem(rec)
+        problem = record_problem(rec, json=json)
         if problem:
             found.append((i, problem))
     return found
 
 
-def _all_plainly_storable(records: list[Record]) -> bool:
+def _all_shallow(payloads: Sequence[bytes]) -> bool:
+    """True only when no payload of ``payloads`` nests deeper than :data:`MAX_JSON_DEPTH`
+    (False says nothing): :func:`json_depth_problem` of only the payloads long enough."""
+    if not payloads or max(map(len, payloads)) <= 2 * MAX_JSON_DEPTH:
+        return True
+    return not any(json_depth_problem(p) for p in payloads if len(p) > 2 * MAX_JSON_DEPTH)
+
+
+def _all_plainly_storable(records: list[Record], *, json: bool = True) -> bool:
     """True only when :func:`record_problems`' per-record check would pass every record
     (the common case: no headers, JSON or opaque payloads, ASCII keys), decided by
     whole columns at C speed (``map``, ``min``, ``count``, one join of the keys)
@@ -272,7 +302,7 @@ def _all_plainly_storable(records: list[Record]) -> bool:
             payloads = list(map(_PAYLOAD, records))
         else:
             payloads = [r.payload for r in records if r.ct == CT_JSON]
-        return json_all_plainly_valid(payloads)
+        return json_all_plainly_valid(payloads) if json else _all_shallow(payloads)
     except Exception:  # e.g. a record built by hand with values min() cannot order
         return False
 

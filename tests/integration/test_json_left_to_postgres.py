@@ -1,0 +1,132 @@
+"""The ingest leaves JSON payloads to PostgreSQL's ``jsonb`` input (which parses each one
+anyway) and checks them in Python only when PostgreSQL refuses a group: the records it
+stores, the records it dead-letters and their reasons are the same as when every payload
+was checked first (cloud_ingest.writing, step 3)."""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+import pytest
+import structlog
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from broker.protocol.topology import Topology
+from broker.protocol.validation import MAX_JSON_DEPTH, json_problem
+from broker.protocol.wire import CT_JSON, Batch, Record
+from cloud_ingest.ingesting import init_connection
+from cloud_ingest.writing import GroupWriter
+from tests.support.batches import batch_msg, json_batch_msg
+
+EPOCH = 9
+TS = 1_700_000_000_000_000
+BAD_JSON = [
+    b"{nope",                     # syntax
+    b'{"a": "x\\u0000"}',         # jsonb cannot store U+0000
+    b'{"n": 1e999999}',           # beyond numeric
+    b'"\xff"',                    # not UTF-8
+    b'"\\ud800"',                 # a lone surrogate
+]
+
+
+@pytest.fixture
+async def conn(migrated_conn: asyncpg.Connection) -> asyncpg.Connection:
+    await init_connection(migrated_conn)
+    return migrated_conn
+
+
+def _batch(first: int, payloads: list[bytes]) -> Batch:
+    return Batch(1, "e1", "s", EPOCH, first,
+                 [Record(TS + i, CT_JSON, p) for i, p in enumerate(payloads)])
+
+
+async def test_bad_json_left_to_postgres_is_dead_lettered_with_the_validators_reasons(
+    conn: asyncpg.Connection,
+) -> None:
+    """A group whose JSON was not checked: the refused COPY sends it to the validator
+    once, each bad payload is dead-lettered with its reason (not PostgreSQL's, not
+    found by bisection), and every other record of the group commits."""
+    gw = GroupWriter(Topology())
+    payloads = [b'{"ok": 1}', *BAD_JSON[:2], b'{"ok": 2}', *BAD_JSON[2:], b"[]"]
+    group = [gw.decode(json_batch_msg("e0", "s", EPOCH, 1, 20), validate=False, json=False),
+             gw.decode(batch_msg(_batch(1, payloads)), validate=False, json=False)]
+    gw.validate(group, json=False)
+    assert all(d.bad == {} for d in group), "JSON was checked before PostgreSQL saw it"
+    with structlog.testing.capture_logs() as logs:
+        result = await gw.write(conn, group)
+    assert [e["event"] for e in logs].count("group_json_checked_after_refusal") == 1
+    assert (result.inserted, result.dead_letters) == (20 + 3, len(BAD_JSON))
+    letters = await conn.fetch(
+        "SELECT seq, reason FROM dead_letters WHERE edge_id = 'e1' ORDER BY seq")
+    bad_seqs = [i + 1 for i, p in enumerate(payloads) if p in BAD_JSON]
+    assert [r["seq"] for r in letters] == bad_seqs
+    assert [r["reason"] for r in letters] == [json_problem(payloads[s - 1]) for s in bad_seqs]
+    stored = await conn.fetch(
+        "SELECT seq FROM v_records WHERE edge_id = 'e1' ORDER BY seq")
+    assert [r["seq"] for r in stored] == [1, 4, 8]
+    assert result.watermarks and dict(((w[0], w[3]) for w in result.watermarks)) == {
+        "e0": 20, "e1": len(payloads)}
+
+
+async def test_a_good_group_is_written_without_the_python_json_check(
+    conn: asyncpg.Connection,
+) -> None:
+    gw = GroupWriter(Topology())
+    group = [gw.decode(json_batch_msg("e1", "s", EPOCH, 1, 50), validate=False, json=False)]
+    gw.validate(group, json=False)
+    with structlog.testing.capture_logs() as logs:
+        result = await gw.write(conn, group)
+    assert (result.inserted, result.dead_letters) == (50, 0)
+    assert not group[0].json_checked
+    assert "group_json_checked_after_refusal" not in [e["event"] for e in logs]
+
+
+async def test_nesting_past_the_limit_is_refused_though_postgres_would_store_it(
+    conn: asyncpg.Connection,
+) -> None:
+    """PostgreSQL takes JSON nested deeper than MAX_JSON_DEPTH; the record contract does
+    not, so the nesting is still checked before the COPY."""
+    deep = b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1)
+    assert await conn.fetchval("SELECT jsonb_typeof(convert_from($1, 'UTF8')::jsonb)",
+                               deep) == "array"
+    gw = GroupWriter(Topology())
+    group = [gw.decode(batch_msg(_batch(1, [b"1", deep, b"2"])), validate=False, json=False)]
+    gw.validate(group, json=False)
+    assert group[0].bad == {1: json_problem(deep)}
+    result = await gw.write(conn, group)
+    assert (result.inserted, result.dead_letters) == (2, 1)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                max_size=3),
+    max_leaves=8,
+)
+_edits = st.lists(st.tuples(st.integers(0, 200), st.sampled_from(
+    [b"", b"\\", b'"', b"\\u0000", b"\\ud800", b"\xff", b"\xc3", b"e99999", b"1e-20000",
+     b",", b"]", b"{", b"\x00", b"\t", b"-", b"."])), max_size=2)
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=_json_values, edits=_edits)
+async def test_postgres_jsonb_refuses_exactly_what_the_validator_refuses(
+    migrated_conn: asyncpg.Connection, value: object, edits: list[tuple[int, bytes]],
+) -> None:
+    """The premise of leaving JSON to PostgreSQL: within the nesting limit, its
+    ``jsonb`` input refuses a payload exactly when :func:`json_problem` does."""
+    payload = json.dumps(value).encode()
+    for at, piece in edits:  # a valid document, damaged (or not) in a couple of places
+        at %= len(payload) + 1
+        payload = payload[:at] + piece + payload[at + 1:]
+    try:
+        async with migrated_conn.transaction():
+            await migrated_conn.fetchval("SELECT convert_from($1, 'UTF8')::jsonb", payload)
+        postgres_takes = True
+    except (asyncpg.DataError, asyncpg.ProgramLimitExceededError):
+        postgres_takes = False
+    assert postgres_takes == (json_problem(payload) is None), payload
