@@ -249,7 +249,7 @@ class RecordsConsumer:
         with paused_gc():
             for k in range(start, len(msgs)):
                 decoded = (carried if k == start and carried is not None
-                           else writer.decode(msgs[k], validate=False, json=False))
+                           else writer.decode(msgs[k], validate=False, json_syntax=False))
                 if part and cost + decoded.cost > self._settings.group_budget_bytes:
                     left = (k, decoded)
                     break
@@ -257,7 +257,7 @@ class RecordsConsumer:
                 cost += decoded.cost
             # The part's records checked together, not per batch; their JSON payloads
             # left to PostgreSQL's jsonb input (cloud_ingest.writing says why).
-            writer.validate(part, json=False)
+            writer.validate(part, json_syntax=False)
         return part, *left
 
     async def _commit(self, decoded: list[Decoded]) -> None:

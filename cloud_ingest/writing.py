@@ -2,11 +2,13 @@
 
 :meth:`GroupWriter.decode` turns a message into a :class:`Decoded`: the batch's
 envelope, each record decoded on its own and checked by the shared validator
-(:mod:`broker.protocol.validation`). It never raises. The ingest asks it to leave JSON
-payloads to PostgreSQL (``json=False``: only their nesting is checked): ``jsonb``'s
-input parses every payload the COPY sends anyway and refuses all the validator would
-(syntax, UTF-8, ``\\u0000``, numbers beyond ``numeric``), so checking them in Python
-first was the same work twice (~1.3 µs per record, a quarter of the ingest's CPU).
+(:mod:`broker.protocol.validation`). It never raises. The ingest asks it to leave the
+syntax and UTF-8 of JSON payloads to PostgreSQL (``json_syntax=False``): the ``json``
+column's input parses every payload the COPY sends anyway and refuses those, so
+skimming them in Python first was the same work twice (~0.5 µs per record). What that
+input lets through and the record contract does not (nesting past
+``MAX_JSON_DEPTH``, ``\\u0000`` and lone surrogate escapes, numbers beyond
+``numeric``: the views cast payloads to ``jsonb``) is still checked first.
 
 :meth:`GroupWriter.write` then, in one transaction:
 
@@ -21,9 +23,10 @@ first was the same work twice (~1.3 µs per record, a quarter of the ingest's CP
    (a key's row is created first when missing, then every key's row is locked in
    key order; the reads return only what is accounted within the seqs the group
    covers: ``cloud_ingest.accounting.accounted_seqs`` says why that is the same check);
-3. if PostgreSQL rejects the data: when the group's JSON payloads were left to it,
-   undoes the COPY, checks them with the validator (each bad one then has the
-   validator's reason, as the bridge would give) and goes back to 2 without them;
+3. if PostgreSQL rejects the data: when the group's JSON syntax was left to it,
+   undoes the COPY, checks the group with the validator in full (each bad payload
+   then has the validator's reason, as the bridge would give) and goes back to 2
+   without them;
    otherwise (rules drift, a check the validator does not know) bisects the rows
    down to the records it rejects, so every good record commits and each bad one
    is isolated. A group with a bad JSON payload thus costs one refused COPY more,
@@ -109,11 +112,10 @@ class Decoded:
     bad: dict[int, str] = field(default_factory=dict)
     """Record index -> reason, for records that must be dead-lettered."""
     checked: bool = False
-    """Its records were validated (``bad`` is complete, but see ``json_checked``)."""
-    json_checked: bool = True
-    """Its JSON payloads were checked in full; False: for their nesting only, the rest
-    left to PostgreSQL (``bad`` lacks any refusal of theirs until :meth:`GroupWriter.write`
-    finds one)."""
+    """Its records were validated (``bad`` is complete, but see ``syntax_checked``)."""
+    syntax_checked: bool = True
+    """The syntax and UTF-8 of its JSON payloads were checked too; False: left to
+    PostgreSQL (``bad`` lacks such refusals until :meth:`GroupWriter.write` meets one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,11 +170,11 @@ class GroupWriter:
         known.update(found)
         return known
 
-    def decode(self, msg: Msg, *, validate: bool = True, json: bool = True) -> Decoded:
+    def decode(self, msg: Msg, *, validate: bool = True, json_syntax: bool = True) -> Decoded:
         """Decode and validate ``msg``; never raises. With ``validate=False`` the records
         of a batch smaller than :data:`VALIDATE_CHUNK_RECORDS` are not checked yet:
-        :meth:`validate` then checks a whole part's at once. With ``json=False`` JSON
-        payloads are checked for their nesting only (the module docstring says why).
+        :meth:`validate` then checks a whole part's at once. With ``json_syntax=False``
+        JSON syntax and UTF-8 are left to PostgreSQL (the module docstring says why).
         A batch that size or bigger is its own chunk anyway, and is checked now, while
         its records are still in the CPU's cache (checked after the whole part was
         decoded, each pass over a 16,000-record part's columns missed the cache: py-spy
@@ -199,16 +201,16 @@ class GroupWriter:
         cost = batch.body_bytes + len(batch.records) * ROW_OVERHEAD_BYTES
         decoded = Decoded(msg, batch, None, batch.span, cost, bad)
         if validate or len(batch.records) >= VALIDATE_CHUNK_RECORDS:
-            _validate_chunk([decoded], json=json)
+            _validate_chunk([decoded], json_syntax=json_syntax)
             decoded.checked = True
-            decoded.json_checked = json
+            decoded.syntax_checked = json_syntax
         return decoded
 
     @staticmethod
-    def validate(group: Sequence[Decoded], *, json: bool = True) -> None:
+    def validate(group: Sequence[Decoded], *, json_syntax: bool = True) -> None:
         """Check the records of ``group``'s batches (decoded with ``validate=False``);
-        each record that cannot be stored joins its batch's ``bad``. With ``json=False``
-        JSON payloads are checked for their nesting only, as :meth:`decode`'s.
+        each record that cannot be stored joins its batch's ``bad``. ``json_syntax``: as
+        :meth:`decode`'s.
 
         The records of consecutive batches are checked together, at least
         :data:`VALIDATE_CHUNK_RECORDS` at a time (record_problems: one skim of their
@@ -219,11 +221,11 @@ class GroupWriter:
         records to a parse each, as it did its batch's before: the chunk is as big as
         one edge's batch, so a bad record costs no more than it did."""
         _validate_chunks([d for d in group if d.batch is not None and not d.checked],
-                         json=json)
+                         json_syntax=json_syntax)
         for d in group:
             if not d.checked:
                 d.checked = True
-                d.json_checked = json
+                d.syntax_checked = json_syntax
 
     @staticmethod
     def rows(batch: Batch, received_us: int) -> list[Row]:
@@ -264,7 +266,7 @@ class GroupWriter:
             seen = await accounted_seqs(conn, keys, windows, lock=False)
             found = frozenset(seen)
             locked = False
-            json_unchecked = [d for d in good if not d.json_checked]
+            syntax_unchecked = [d for d in good if not d.syntax_checked]
             while True:
                 if locked:
                     seen = await accounted_seqs(conn, keys, windows, lock=True,
@@ -301,7 +303,7 @@ class GroupWriter:
                 try:
                     async with conn.transaction():  # savepoint: undone if raced
                         inserted, rejected = await self._insert_isolating(
-                            conn, rows, bisect=not json_unchecked)
+                            conn, rows, bisect=not syntax_unchecked)
                         if not locked:
                             after = await accounted_seqs(conn, keys, windows, lock=True,
                                                           existing=found)
@@ -312,12 +314,12 @@ class GroupWriter:
                     locked = True
                     continue
                 except _Refused as exc:
-                    # Some payload PostgreSQL refused is likely bad JSON: the validator
-                    # names each with its reason, and the COPY is tried without them.
-                    log.info("group_json_checked_after_refusal", batches=len(json_unchecked),
+                    # Likely a payload that is not JSON: the validator names each with
+                    # its reason, and the COPY is tried again without them.
+                    log.info("group_checked_after_refusal", batches=len(syntax_unchecked),
                              error=refusal(exc.__cause__ or exc))
-                    _check_json(json_unchecked)
-                    json_unchecked = []
+                    _check_in_full(syntax_unchecked)
+                    syntax_unchecked = []
                     continue
                 break
             del rows
@@ -408,15 +410,15 @@ async def _attempt(conn: Connection, rows: CopyRows, lo: int, hi: int,
     return hi - lo
 
 
-def _check_json(batches: Sequence[Decoded]) -> None:
-    """Check in full the JSON payloads of ``batches`` (validated with ``json=False``):
-    each refusal joins its batch's ``bad`` (the others found again are the same)."""
-    _validate_chunks([d for d in batches if d.batch is not None], json=True)
+def _check_in_full(batches: Sequence[Decoded]) -> None:
+    """Check ``batches`` (validated with ``json_syntax=False``) again, JSON syntax
+    included: each refusal joins its batch's ``bad`` (those found before, again)."""
+    _validate_chunks([d for d in batches if d.batch is not None], json_syntax=True)
     for d in batches:
-        d.json_checked = True
+        d.syntax_checked = True
 
 
-def _validate_chunks(batches: Sequence[Decoded], *, json: bool) -> None:
+def _validate_chunks(batches: Sequence[Decoded], *, json_syntax: bool) -> None:
     """Check the records of ``batches`` (all decoded), consecutive batches together in
     chunks of at least :data:`VALIDATE_CHUNK_RECORDS` records."""
     chunk: list[Decoded] = []
@@ -426,13 +428,13 @@ def _validate_chunks(batches: Sequence[Decoded], *, json: bool) -> None:
         chunk.append(d)
         size += len(d.batch.records)
         if size >= VALIDATE_CHUNK_RECORDS:
-            _validate_chunk(chunk, json=json)
+            _validate_chunk(chunk, json_syntax=json_syntax)
             chunk, size = [], 0
     if chunk:
-        _validate_chunk(chunk, json=json)
+        _validate_chunk(chunk, json_syntax=json_syntax)
 
 
-def _validate_chunk(chunk: Sequence[Decoded], *, json: bool = True) -> None:
+def _validate_chunk(chunk: Sequence[Decoded], *, json_syntax: bool = True) -> None:
     """:meth:`GroupWriter.validate` of consecutive batches, their records in one call."""
     present: list[Record] = []
     starts: list[int] = []
@@ -445,7 +447,7 @@ def _validate_chunk(chunk: Sequence[Decoded], *, json: bool = True) -> None:
         else:
             present.extend(b.records)  # type: ignore[arg-type]  # no None without problems
     decodable: dict[int, list[int]] = {}  # per batch with undecodable records, built once
-    for j, reason in record_problems(present, json=json):
+    for j, reason in record_problems(present, json_syntax=json_syntax):
         k = bisect.bisect_right(starts, j) - 1
         d = chunk[k]
         b = d.batch
@@ -474,7 +476,7 @@ class _Raced(Exception):
 
 
 class _Refused(Exception):
-    """PostgreSQL refused a group's rows while its JSON payloads were unchecked."""
+    """PostgreSQL refused a group's rows while their JSON syntax was unchecked."""
 
 
 _NO_PARTITION = "no partition of relation"

@@ -47,7 +47,6 @@ __all__ = [
     "check_records",
     "headers_problem",
     "json_all_plainly_valid",
-    "json_depth_problem",
     "json_problem",
     "key_problem",
     "record_problem",
@@ -126,17 +125,6 @@ def headers_problem(headers: object) -> str | None:
     return None
 
 
-def json_depth_problem(payload: bytes) -> str | None:
-    """Why ``payload`` nests deeper than :data:`MAX_JSON_DEPTH`, or None (only that:
-    the part of :func:`json_problem` PostgreSQL would not refuse by itself)."""
-    if len(payload) > 2 * MAX_JSON_DEPTH and (
-            payload.count(b"[") + payload.count(b"{") > MAX_JSON_DEPTH):
-        depth = _json_depth(payload)
-        if depth > MAX_JSON_DEPTH:
-            return f"JSON nested {depth} deep; at most {MAX_JSON_DEPTH}"
-    return None
-
-
 def json_problem(payload: bytes) -> str | None:
     """Why ``payload`` is not JSON text PostgreSQL's ``jsonb`` accepts, or None.
 
@@ -147,9 +135,11 @@ def json_problem(payload: bytes) -> str | None:
     most twice ``MAX_JSON_DEPTH`` bytes cannot nest deeper than that, and a body
     without a backslash has no ``\\u0000`` escape.
     """
-    problem = json_depth_problem(payload)
-    if problem:
-        return problem
+    if len(payload) > 2 * MAX_JSON_DEPTH and (
+            payload.count(b"[") + payload.count(b"{") > MAX_JSON_DEPTH):
+        depth = _json_depth(payload)
+        if depth > MAX_JSON_DEPTH:
+            return f"JSON nested {depth} deep; at most {MAX_JSON_DEPTH}"
     try:
         value = _json_plain.decode(payload)
     except msgspec.ValidationError:  # a number beyond float: jsonb (numeric) may take it
@@ -170,9 +160,9 @@ def json_problem(payload: bytes) -> str | None:
 
 
 def record_problem(rec: Record, *, max_payload_bytes: int | None = None,
-                   json: bool = True) -> str | None:
-    """Why ``rec`` cannot be stored, or None when it can (with ``json=False``, a JSON
-    payload is checked for its nesting only: see :func:`record_problems`)."""
+                   json_syntax: bool = True) -> str | None:
+    """Why ``rec`` cannot be stored, or None when it can (``json_syntax``: see
+    :func:`record_problems`)."""
     problem = ts_problem(rec.ts)
     if problem:
         return problem
@@ -181,18 +171,23 @@ def record_problem(rec: Record, *, max_payload_bytes: int | None = None,
     if max_payload_bytes is not None and len(rec.payload) > max_payload_bytes:
         return f"payload of {len(rec.payload)} bytes exceeds {max_payload_bytes}"
     if rec.ct == CT_JSON:
-        problem = (json_problem if json else json_depth_problem)(rec.payload)
+        problem = (json_problem if json_syntax else _json_problem_beyond_syntax)(rec.payload)
         if problem:
             return problem
     return key_problem(rec.key) or headers_problem(rec.headers)
 
 
-def json_all_plainly_valid(payloads: Sequence[bytes]) -> bool:
+def json_all_plainly_valid(payloads: Sequence[bytes], *, syntax: bool = True) -> bool:
     """True only when :func:`json_problem` finds nothing wrong with any of ``payloads``,
     decided in a few passes over them all instead of a parse per payload (which built
     every payload's Python objects: most of the bridge's validation cost, with the
     garbage collections those allocations trigger). False says nothing: ask
     :func:`json_problem` of each; a property test keeps the two in agreement.
+
+    With ``syntax=False``, JSON syntax and UTF-8 are not checked (no skim): only what
+    PostgreSQL's ``json`` input would let through, nesting, ``\\u0000`` and
+    surrogate escapes, numbers beyond ``numeric``. The ingest checks so, for the
+    ``json`` column refuses the rest itself (:mod:`cloud_ingest.writing`).
 
     The payloads are joined as one JSON array and skimmed (syntax, escapes, surrogate
     pairs; no object built): the array has exactly as many elements as payloads and
@@ -211,39 +206,42 @@ def json_all_plainly_valid(payloads: Sequence[bytes]) -> bool:
             len(p) > 2 * MAX_JSON_DEPTH and p.count(b"[") + p.count(b"{") > MAX_JSON_DEPTH
             for p in payloads)):
         return False
-    joined = b"[" + b",".join(payloads) + b"]"
-    try:
-        spans = _json_spans.decode(joined)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-        return False
-    if len(spans) != len(payloads) or list(map(len, spans)) != list(map(len, payloads)):
-        return False
-    if not joined.isascii():
+    if syntax:
+        joined = b"[" + b",".join(payloads) + b"]"
         try:
-            joined.decode()
-        except UnicodeDecodeError:
+            spans = _json_spans.decode(joined)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            return False
+        if len(spans) != len(payloads) or list(map(len, spans)) != list(map(len, payloads)):
+            return False
+        if not joined.isascii():
+            try:
+                joined.decode()
+            except UnicodeDecodeError:
+                return False
+    else:  # joined as they are: a pattern found across two payloads only costs a check
+        joined = b"".join(payloads)
+        if 92 in joined and (b"\\ud" in joined or b"\\uD" in joined):  # a surrogate?
             return False
     if 92 in joined and b"\\u0000" in joined:  # a backslash first: memchr, ~50x faster
         return False
     return _BIG_EXPONENT not in joined.translate(_DIGITS_AS_ZERO, b"+-")
 
 
-def record_problems(records: Iterable[Record], *, json: bool = True
+def record_problems(records: Iterable[Record], *, json_syntax: bool = True
                     ) -> list[tuple[int, str]]:
     """``(index, reason)`` of every record that cannot be stored.
 
-    With ``json=False`` a JSON payload is checked for its nesting only
-    (:func:`json_depth_problem`), not for the rest of :func:`json_problem` (syntax,
-    UTF-8, ``\\u0000``, numbers beyond ``numeric``): everything in that rest is what
-    PostgreSQL's ``jsonb`` input refuses by itself, and it parses every payload it
-    stores anyway. The ingest asks so first and asks again with ``json=True`` only
-    when PostgreSQL refuses a group (:mod:`cloud_ingest.writing`)."""
+    With ``json_syntax=False``, JSON syntax and UTF-8 are left unchecked in payloads
+    that have nothing else wrong (see :func:`json_all_plainly_valid`): the ingest asks
+    so, since PostgreSQL's ``json`` input parses every payload it stores and refuses
+    those, and asks again in full only when PostgreSQL refuses a group."""
     records = records if isinstance(records, list) else list(records)
-    if _all_plainly_storable(records, json=json):
+    if _all_plainly_storable(records, json_syntax=json_syntax):
         return []
-    payloads = [r.payload for r in records if r.ct == CT_JSON]
-    json_ok = json_all_plainly_valid(payloads) if json else _all_shallow(payloads)
-    check_json = json_problem if json else json_depth_problem
+    json_ok = json_all_plainly_valid([r.payload for r in records if r.ct == CT_JSON],
+                                     syntax=json_syntax)
+    check_json = json_problem if json_syntax else _json_problem_beyond_syntax
     found = []
     for i, rec in enumerate(records):
         # The common record, inline: the bridge checks every record of every request.
@@ -254,21 +252,19 @@ def record_problems(records: Iterable[Record], *, json: bool = True
                 and (key is None or (type(key) is str and len(key) <= MAX_KEY_CHARS
                                      and key.isascii() and "\x00" not in key))):
             continue
-        problem = record_problem(rec, json=json)
+        problem = record_problem(rec, json_syntax=json_syntax)
         if problem:
             found.append((i, problem))
     return found
 
 
-def _all_shallow(payloads: Sequence[bytes]) -> bool:
-    """True only when no payload of ``payloads`` nests deeper than :data:`MAX_JSON_DEPTH`
-    (False says nothing): :func:`json_depth_problem` of only the payloads long enough."""
-    if not payloads or max(map(len, payloads)) <= 2 * MAX_JSON_DEPTH:
-        return True
-    return not any(json_depth_problem(p) for p in payloads if len(p) > 2 * MAX_JSON_DEPTH)
+def _json_problem_beyond_syntax(payload: bytes) -> str | None:
+    """:func:`json_problem` of a payload that :func:`json_all_plainly_valid` with
+    ``syntax=False`` does not pass, else None (its syntax left unchecked)."""
+    return None if json_all_plainly_valid([payload], syntax=False) else json_problem(payload)
 
 
-def _all_plainly_storable(records: list[Record], *, json: bool = True) -> bool:
+def _all_plainly_storable(records: list[Record], *, json_syntax: bool = True) -> bool:
     """True only when :func:`record_problems`' per-record check would pass every record
     (the common case: no headers, JSON or opaque payloads, ASCII keys), decided by
     whole columns at C speed (``map``, ``min``, ``count``, one join of the keys)
@@ -302,7 +298,7 @@ def _all_plainly_storable(records: list[Record], *, json: bool = True) -> bool:
             payloads = list(map(_PAYLOAD, records))
         else:
             payloads = [r.payload for r in records if r.ct == CT_JSON]
-        return json_all_plainly_valid(payloads) if json else _all_shallow(payloads)
+        return json_all_plainly_valid(payloads, syntax=json_syntax)
     except Exception:  # e.g. a record built by hand with values min() cannot order
         return False
 
