@@ -243,7 +243,9 @@ async def test_ttl_expired_records_are_never_shipped_and_are_accounted_for(
     """Records older than the stream's TTL are dropped during an outage (freeing their
     space), counted, reported as ttl drops, and never reach Postgres."""
     await nats_server.stop()
-    settings = bridge_settings(tmp_path, streams={"fresh": StreamPolicy(ttl_s=1.0)})
+    # The 50 fresh records must reach PostgreSQL within the TTL: 3 s, not 1, so that a
+    # loaded machine (a benchmark beside the tests) does not expire them on the way.
+    settings = bridge_settings(tmp_path, streams={"fresh": StreamPolicy(ttl_s=3.0)})
     async with running_bridge(settings, nats_server.url) as bridge:
         await publish(bridge.url, "fresh", 200)
         await until(lambda: buffered_is(bridge, 0), timeout=10, message="nothing expired")
