@@ -255,8 +255,8 @@ class RecordsConsumer:
                     break
                 part.append(decoded)
                 cost += decoded.cost
-            # The part's records checked together, not per batch; their JSON payloads
-            # left to PostgreSQL's jsonb input (cloud_ingest.writing says why).
+            # The part's records checked together, not per batch; the syntax of their
+            # JSON payloads left to PostgreSQL (cloud_ingest.writing says why).
             writer.validate(part, json_syntax=False)
         return part, *left
 

@@ -370,6 +370,8 @@ class GroupWriter:
             _Refused: with ``bisect=False``, when PostgreSQL refuses the rows (their
                 COPY undone).
         """
+        if not rows:
+            return 0, []
         if not bisect:
             try:
                 async with conn.transaction():  # savepoint: a refusal undoes the COPY
@@ -378,7 +380,7 @@ class GroupWriter:
                 raise _Refused from exc
             return len(rows), []
         rejected: list[tuple[int, str]] = []
-        inserted = await _attempt(conn, rows, 0, len(rows), rejected) if rows else 0
+        inserted = await _attempt(conn, rows, 0, len(rows), rejected)
         return inserted, rejected
 
 

@@ -86,6 +86,25 @@ async def test_a_good_group_is_written_without_the_python_json_check(
     assert "group_checked_after_refusal" not in [e["event"] for e in logs]
 
 
+async def test_a_group_of_redeliveries_alone_sends_no_copy(
+    conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nothing left to insert (every seq accounted already) means no COPY at all."""
+    gw = GroupWriter(Topology())
+    msg = json_batch_msg("e1", "s", EPOCH, 1, 20)
+    first = await gw.write(conn, [gw.decode(msg, validate=False, json_syntax=False)])
+    copies: list[object] = []
+    copy_to_table = type(conn).copy_to_table
+
+    async def counted(self: asyncpg.Connection, *args: object, **kwargs: object) -> str:
+        copies.append(args)
+        return await copy_to_table(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(conn), "copy_to_table", counted)  # counts, then the real COPY
+    again = await gw.write(conn, [gw.decode(msg, validate=False, json_syntax=False)])
+    assert (first.inserted, again.inserted, copies) == (20, 0, [])
+
+
 async def test_what_the_json_column_takes_but_the_contract_does_not_is_refused_first(
     conn: asyncpg.Connection,
 ) -> None:
