@@ -35,7 +35,7 @@ from cloud_ingest.dead_letters import DeadLetter, insert_dead_letters
 from cloud_ingest.isolating import write_each
 from cloud_ingest.metrics import IngestMetrics
 
-__all__ = ["AfterCommit", "EventWriter", "EventsConsumer"]
+__all__ = ["FETCH_EVENTS", "LINGER_S", "AfterCommit", "EventWriter", "EventsConsumer"]
 
 AfterCommit = Callable[[], None]
 EventWriter = Callable[[Connection, list[Any]], Awaitable[AfterCommit | None]]
