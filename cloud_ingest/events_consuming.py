@@ -35,7 +35,7 @@ from cloud_ingest.dead_letters import DeadLetter, insert_dead_letters
 from cloud_ingest.isolating import write_each
 from cloud_ingest.metrics import IngestMetrics
 
-__all__ = ["FETCH_EVENTS", "LINGER_S", "AfterCommit", "EventWriter", "EventsConsumer"]
+__all__ = ["AfterCommit", "EventWriter", "EventsConsumer"]
 
 AfterCommit = Callable[[], None]
 EventWriter = Callable[[Connection, list[Any]], Awaitable[AfterCommit | None]]
@@ -44,15 +44,6 @@ transaction; may return an action to run only once that transaction has committe
 
 log = structlog.get_logger(__name__)
 _json = msgspec.json.Encoder()
-FETCH_EVENTS = 256
-"""Events one fetch asks for (one transaction's worth)."""
-LINGER_S = 0.25
-"""After a fetch that came back short (no backlog), the consumer waits this long
-before the next one, so that a trickle of events (a small fleet's heartbeats, a few
-per second) is written a few groups per second rather than one transaction each:
-measured at 200 edges heartbeating every 5 s, ~1.6 ms of the ingest's CPU per
-heartbeat. An event waits at most this long more to be stored; heartbeats come
-every 5 s."""
 
 _UPSERT = """
 INSERT INTO edges AS e (edge_id, last_seen, version, buffer_records, buffer_bytes,
@@ -95,14 +86,10 @@ class EventsConsumer:
         self._topology = topology
         self._consumer = f"{consumer}-events"
         self._metrics = metrics
-        self._stop = asyncio.Event()
-
-    @property
-    def _stopping(self) -> bool:
-        return self._stop.is_set()
+        self._stopping = False
 
     def begin_shutdown(self) -> None:
-        self._stop.set()
+        self._stopping = True
 
     async def ensure_consumer(self) -> None:
         await self._js.add_consumer(
@@ -125,7 +112,7 @@ class EventsConsumer:
         try:
             while not self._stopping:
                 try:
-                    msgs = await sub.fetch(FETCH_EVENTS, timeout=0.5)
+                    msgs = await sub.fetch(256, timeout=0.5)
                 except (FetchTimeoutError, nats.errors.TimeoutError, TimeoutError):
                     continue  # idle: nothing to fetch is not a failure
                 except asyncio.CancelledError:
@@ -137,9 +124,6 @@ class EventsConsumer:
                     continue
                 failures = 0
                 await self._handle(msgs)
-                if len(msgs) < FETCH_EVENTS:  # a trickle: let the next group gather
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stop.wait(), LINGER_S)
         finally:
             with contextlib.suppress(Exception):  # the connection may already be gone
                 await sub.unsubscribe()
