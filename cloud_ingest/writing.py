@@ -213,13 +213,14 @@ class GroupWriter:
         :meth:`decode`'s.
 
         The records of consecutive batches are checked together, at least
-        :data:`VALIDATE_CHUNK_RECORDS` at a time (record_problems: one skim of their
-        JSON payloads joined, as the bridge checks a request, instead of a parse of
-        each): a fleet's 10-record batches then cost what one edge's big batch does,
-        not a call each (measured: validation twice as dear per record in a fan-in
-        drain as in a bulk one). A payload the skim refuses sends its chunk's JSON
-        records to a parse each, as it did its batch's before: the chunk is as big as
-        one edge's batch, so a bad record costs no more than it did."""
+        :data:`VALIDATE_CHUNK_RECORDS` at a time (record_problems: a few passes over
+        their JSON payloads joined, as the bridge checks a request, instead of a parse
+        of each; with ``json_syntax=False`` those passes skip the syntax skim): a
+        fleet's 10-record batches then cost what one edge's big batch does, not a call
+        each (measured: validation twice as dear per record in a fan-in drain as in a
+        bulk one). A payload the joined passes refuse sends its chunk's JSON records to
+        a check each, as it did its batch's before: the chunk is as big as one edge's
+        batch, so a bad record costs no more than it did."""
         _validate_chunks([d for d in group if d.batch is not None and not d.checked],
                          json_syntax=json_syntax)
         for d in group:
