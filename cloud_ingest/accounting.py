@@ -1,14 +1,13 @@
-"""Which seqs of a group the ingest already holds, and whether a concurrent commit
-raced it: the accounting behind step 1 and the race check of step 2 of
-:mod:`cloud_ingest.writing`.
+"""Which seqs of a group the ingest already holds: the accounting behind step 1 of
+:mod:`cloud_ingest.writing`, and the locked read of its redo after a race.
 
 A key's ``committed_ranges`` row says which of its seqs are committed or
 dead-lettered. The writer reads, per key, only the part of that inside the seqs the
-group covers (:func:`windows_of`, :func:`accounted_seqs`), leaves out the records it
-already holds or an earlier batch of the group holds (:func:`skips`), and after the
-COPY reads the same windows again under the keys' locks: a seq it inserted that is
-accounted now but was not before means another transaction committed it meanwhile
-(:func:`raced`).
+group covers (:func:`windows_of`, :func:`accounted_seqs`) and leaves out the records
+it already holds or an earlier batch of the group holds (:func:`skips`). Whether a
+concurrent commit took some of the rest meanwhile is checked by the merge itself
+(:func:`cloud_ingest.ranges.merge_committed`); when one did, the group is redone
+with the keys locked by this module's read first.
 """
 
 from __future__ import annotations
@@ -20,13 +19,12 @@ from typing import TYPE_CHECKING
 from broker.protocol.wire import DecodedBatch
 from cloud_ingest.db_errors import Connection
 from cloud_ingest.packing import int8_array, text_array
-from cloud_ingest.ranges import Span
 
 if TYPE_CHECKING:
     from cloud_ingest.dead_letters import DeadLetter
     from cloud_ingest.writing import Decoded
 
-__all__ = ["SeqRuns", "accounted_seqs", "key_of", "raced", "skips", "windows_of"]
+__all__ = ["SeqRuns", "accounted_seqs", "key_of", "skips", "windows_of"]
 
 
 def key_of(batch: DecodedBatch) -> tuple[str, str, int]:
@@ -66,9 +64,9 @@ async def accounted_seqs(
 ) -> dict[tuple[str, str, int], SeqRuns]:
     """Per key, the seqs already committed or dead-lettered (a redelivery skips them),
     within the key's window (:func:`windows_of`). Only those can matter: every seq the
-    group may leave out (:func:`skips`) and every seq the race check looks at
-    (:func:`raced`, comparing two reads of the same windows) lies in the window,
-    so runs outside it change nothing; and a fleet's group reads a thousand keys,
+    group may leave out (:func:`skips`) lies in the window, and the race check
+    (:func:`cloud_ingest.ranges.merge_committed`) looks only at seqs the group
+    inserts, so runs outside it change nothing; and a fleet's group reads a thousand keys,
     whose whole ranges cost the ingest more to decode than the group's records. A
     key whose row exists is in the result, with no runs when nothing in its window
     is accounted.
@@ -169,19 +167,3 @@ def _accounted_indexes(batch: DecodedBatch | None, runs: SeqRuns) -> frozenset[i
             break
         out.update(range(max(a, lo) - lo, min(b, hi) - lo))
     return frozenset(out)
-
-
-def raced(spans: Sequence[Span], before: dict[tuple[str, str, int], SeqRuns],
-           after: dict[tuple[str, str, int], SeqRuns]) -> bool:
-    """Whether a seq of ``spans`` (not accounted ``before``) is accounted ``after``."""
-    for edge, stream, epoch, lo, hi in spans:
-        key = (edge, stream, epoch)
-        runs = after.get(key, [])
-        if runs == before.get(key, []):
-            continue
-        for a, b in runs[max(0, bisect.bisect_right(runs, (lo, lo)) - 1):]:
-            if a > hi:
-                break
-            if b > lo:
-                return True
-    return False

@@ -17,7 +17,10 @@ from typing import Literal
 from cloud_ingest.db_errors import Connection
 from cloud_ingest.packing import int8_array, text_array
 
-__all__ = ["ACCOUNTED", "Column", "Span", "Watermark", "accounted", "merge_ranges", "spans_of"]
+__all__ = [
+    "ACCOUNTED", "Column", "Span", "Watermark", "accounted", "merge_committed", "merge_ranges",
+    "spans_of",
+]
 
 Span = tuple[str, str, int, int, int]
 """``(edge, stream, epoch, first_seq, last_seq)``, closed."""
@@ -64,6 +67,53 @@ async def merge_ranges(conn: Connection, column: Column, spans: Sequence[Span]) 
         *(p[1] for p in params),
     )
     return [(r["edge_id"], r["stream"], r["epoch"], r["watermark"]) for r in rows]
+
+
+async def merge_committed(conn: Connection, keys: Sequence[tuple[str, str, int]],
+                          spans: Sequence[Span]) -> list[Watermark] | None:
+    """Add ``spans`` (rows just inserted) to ``committed_ranges.ranges`` unless a
+    concurrent commit accounted any of their seqs meanwhile; returns the new
+    watermarks, or None when one did (the caller undoes its work: a raced redelivery).
+
+    One statement that locks, checks and merges: every key of ``keys`` (each span's
+    key among them) gets its row created when missing and locked, in key order as
+    :func:`merge_ranges` and ``accounting.accounted_seqs`` lock them (so never a
+    deadlock), whether or not it has spans; ``ON CONFLICT DO UPDATE`` takes each
+    existing row's lock and then evaluates its ``WHERE`` on the newest committed
+    version of the row, so a commit that raced this transaction is seen, and its
+    row is then locked but not updated, hence missing from what the statement
+    returns. A fleet's group thus writes each key's row once (a lock, a check and
+    an update), where a locking read and then an update wrote it twice.
+    """
+    if not keys:
+        return []
+    ordered = sorted(spans)
+    params = (text_array([k[0] for k in keys], 1), text_array([k[1] for k in keys], 2),
+              int8_array([k[2] for k in keys], 3),
+              text_array([s[0] for s in ordered], 4), text_array([s[1] for s in ordered], 5),
+              int8_array([s[2] for s in ordered], 6), int8_array([s[3] for s in ordered], 7),
+              int8_array([s[4] + 1 for s in ordered], 8))
+    rows = await conn.fetch(
+        "INSERT INTO committed_ranges AS c (edge_id, stream, epoch, ranges) "
+        f"SELECT k.edge_id, k.stream, k.epoch, coalesce(s.ranges, {_EMPTY}) "
+        f"FROM unnest({', '.join(p[0] for p in params[:3])}) AS k(edge_id, stream, epoch) "
+        f"LEFT JOIN (SELECT edge_id, stream, epoch, {_AGG} AS ranges "
+        f"  FROM unnest({', '.join(p[0] for p in params[3:])}) "
+        "    AS u(edge_id, stream, epoch, lo, hi) GROUP BY edge_id, stream, epoch) s "
+        "  USING (edge_id, stream, epoch) "
+        "ORDER BY k.edge_id, k.stream, k.epoch "
+        "ON CONFLICT (edge_id, stream, epoch) DO UPDATE "
+        "SET ranges = c.ranges + EXCLUDED.ranges, updated_at = now() "
+        "WHERE NOT isempty(EXCLUDED.ranges) "
+        "  AND NOT (c.ranges + c.dead_lettered) && EXCLUDED.ranges "
+        f"RETURNING edge_id, stream, epoch, es_watermark({ACCOUNTED}) AS watermark",
+        *(p[1] for p in params),
+    )
+    out = [(r["edge_id"], r["stream"], r["epoch"], r["watermark"]) for r in rows]
+    merged = {w[:3] for w in out}
+    if any(s[:3] not in merged for s in ordered):
+        return None
+    return out
 
 
 def spans_of(edge: str, stream: str, epoch: int, seqs: Sequence[int]) -> list[Span]:

@@ -14,15 +14,21 @@ input lets through and the record contract does not (nesting past
 
 1. leaves out every record whose seq ``committed_ranges`` already accounts for
    (a redelivery), or an earlier batch of the group holds (overlapping
-   retransmits);
-2. binary COPYs the valid records' rows into ``records``, then locks the keys'
-   ``committed_ranges`` rows and checks that no concurrent transaction committed
-   any of those seqs meanwhile; if one did, undoes the COPY and redoes it under
-   the lock. ``records`` has no unique index (it is partitioned by
-   ``received_at``, migration 008): these locks are what keep rows exactly once
-   (a key's row is created first when missing, then every key's row is locked in
-   key order; the reads return only what is accounted within the seqs the group
-   covers: ``cloud_ingest.accounting.accounted_seqs`` says why that is the same check);
+   retransmits). What is accounted is read only when the writer's last group
+   found something accounted (or raced), at its first group, or when the group
+   has records to dead-letter: after a clean group the next is most likely new
+   records, and step 2's merge finds any redelivery all the same (then the
+   group is redone with the read, under the lock);
+2. binary COPYs the valid records' rows into ``records``, then merges their seqs
+   into the keys' ``committed_ranges.ranges`` in one statement that locks every
+   key's row (created when missing, in key order) and merges only where no
+   concurrent transaction committed any of those seqs meanwhile
+   (:func:`cloud_ingest.ranges.merge_committed`); if one did, undoes the COPY and
+   redoes the step with the keys locked first (``accounting.accounted_seqs``).
+   ``records`` has no unique index (it is partitioned by ``received_at``,
+   migration 008): these locks are what keep rows exactly once. The first read
+   returns only what is accounted within the seqs the group covers
+   (``accounting.accounted_seqs`` says why that is enough);
 3. if PostgreSQL rejects the data: when the group's JSON syntax was left to it,
    undoes the COPY, checks the group with the validator in full (each bad payload
    then has the validator's reason, as the bridge would give) and goes back to 2
@@ -32,8 +38,7 @@ input lets through and the record contract does not (nesting past
    is isolated. A group with a bad JSON payload thus costs one refused COPY more,
    never a bisection per bad record;
 4. writes a dead letter per bad record with its identity, reason and bytes
-   (and per undecodable message), merges committed seqs into ``ranges`` and
-   dead-lettered ones into ``dead_lettered``;
+   (and per undecodable message) and merges their seqs into ``dead_lettered``;
 5. adds the group's entry to the commit-ordered feed (:mod:`cloud_ingest.feeding`):
    the spans of the rows it inserted and the new watermarks;
 6. returns the new watermarks; the caller commits, then acks.
@@ -56,14 +61,14 @@ from broker.errors import DecodeError
 from broker.protocol.topology import Topology
 from broker.protocol.validation import record_problems
 from broker.protocol.wire import CT_JSON, Batch, DecodedBatch, Record, decode_records
-from cloud_ingest.accounting import accounted_seqs, key_of, raced, skips, windows_of
+from cloud_ingest.accounting import SeqRuns, accounted_seqs, key_of, skips, windows_of
 from cloud_ingest.copy_encoding import COPY_COLUMNS, CopyRows
 from cloud_ingest.db_errors import Connection
 from cloud_ingest.dead_letters import DeadLetter, insert_dead_letters
 from cloud_ingest.feeding import record_commit
 from cloud_ingest.gc_pausing import paused_gc
 from cloud_ingest.isolating import REJECTED, refusal
-from cloud_ingest.ranges import Span, Watermark, merge_ranges, spans_of
+from cloud_ingest.ranges import Span, Watermark, merge_committed, spans_of
 
 __all__ = [
     "COLUMNS", "MAX_CACHED_STREAM_KEYS", "ROW_OVERHEAD_BYTES", "VALIDATE_CHUNK_RECORDS",
@@ -136,6 +141,10 @@ class GroupWriter:
         self.topology = topology
         self._days: set[date] = set()
         """Days whose ``records`` partition this writer has seen exist."""
+        self._read_first = True
+        """Whether :meth:`write` reads what a group's keys account before its COPY: true
+        from the start (a restarted ingest meets redeliveries) and after a group that
+        found something accounted or raced; false after a clean group."""
         self._keys: dict[tuple[str, str, int], int] = {}
         """``(edge, stream, epoch)`` -> its ``stream_keys`` id (committed ones only; at
         most :data:`MAX_CACHED_STREAM_KEYS`)."""
@@ -260,15 +269,24 @@ class GroupWriter:
             good = [d for d in group if d.batch is not None]
             windows = windows_of(good, letters)
             keys = sorted(windows)
-            # Optimistic: read what is accounted without locking, COPY the rest, then lock
-            # the keys and check no concurrent commit took some of those seqs meanwhile
-            # (a redelivery racing the first delivery). If one did, undo and redo under
-            # the lock. Concurrent groups of one key thus COPY in parallel.
-            seen = await accounted_seqs(conn, keys, windows, lock=False)
-            found = frozenset(seen)
-            locked = False
+            # Optimistic: COPY what is not accounted yet as far as known, then merge it
+            # into the keys' rows under their locks only where no other commit took some
+            # of those seqs meanwhile (a redelivery racing the first delivery). If one
+            # did, undo and redo under the lock. Concurrent groups of one key thus COPY
+            # in parallel. What is accounted is read first (without locking) unless the
+            # writer's last group found nothing accounted: then this one most likely
+            # holds no redelivery either, and the merge's check is the only read.
+            # The read is also needed for records to dead-letter: the merge checks only
+            # the seqs it commits, so whether a letter was written before is its to say.
             syntax_unchecked = [d for d in good if not d.syntax_checked]
+            seen: dict[tuple[str, str, int], SeqRuns] = {}
+            found: frozenset[tuple[str, str, int]] = frozenset()
+            read = locked = False
             while True:
+                if not read and (self._read_first or any(d.bad for d in good)):
+                    read = True
+                    seen = await accounted_seqs(conn, keys, windows, lock=False)
+                    found = frozenset(seen)
                 if locked:
                     seen = await accounted_seqs(conn, keys, windows, lock=True,
                                                  existing=found)
@@ -305,13 +323,20 @@ class GroupWriter:
                     async with conn.transaction():  # savepoint: undone if raced
                         inserted, rejected = await self._insert_isolating(
                             conn, rows, bisect=not syntax_unchecked)
-                        if not locked:
-                            after = await accounted_seqs(conn, keys, windows, lock=True,
-                                                          existing=found)
-                            if raced(spans, seen, after):
-                                raise _Raced
+                        committed = (spans if not rejected else
+                                     _committed(good, placed, rejected, skip))
+                        if rejected and not read:
+                            raise _Unread  # records to dead-letter: read first (above)
+                        # Locks every key, checks no concurrent commit took a seq of
+                        # ``committed`` since ``seen`` was read, and merges them.
+                        merged = await merge_committed(conn, keys, committed)
+                        if merged is None:
+                            if locked:  # nothing can commit those seqs while locked
+                                raise RuntimeError(
+                                    "committed_ranges changed under this group's locks")
+                            raise _Raced
                 except _Raced:
-                    log.info("group_raced_redelivery", keys=len(keys))
+                    log.info("group_raced_redelivery", keys=len(keys), read_first=read)
                     locked = True
                     continue
                 except _Refused as exc:
@@ -322,23 +347,18 @@ class GroupWriter:
                     _check_in_full(syntax_unchecked)
                     syntax_unchecked = []
                     continue
+                except _Unread:
+                    continue
                 break
+            self._read_first = locked or any(skip)
             del rows
-            starts = [p[0] for p in placed] if rejected else []
-            for index, reason in rejected:
-                d, i = _owner(good, placed, starts, index)
-                d.bad[i] = reason
-            if not rejected:
-                committed = spans  # the rows inserted are exactly the rows offered
+            for w in merged:
+                wm[w[:3]] = w[3]
             for j, d in enumerate(good):
                 b = d.batch
                 assert b is not None
                 batches += 1
                 records += len(b.records)
-                if rejected:
-                    ok = [b.first_seq + i for i in range(len(b.records))
-                          if i not in d.bad and i not in skip[j]]
-                    committed.extend(spans_of(b.edge, b.stream, b.epoch, ok))
                 for i, reason in sorted(d.bad.items()):
                     if i in skip[j]:
                         continue  # accounted already (a redelivery): its letter exists
@@ -349,9 +369,7 @@ class GroupWriter:
                     log.warning("record_dead_lettered", edge=b.edge, stream=b.stream,
                                 epoch=b.epoch, seq=seq, reason=reason)
             for w in await insert_dead_letters(conn, letters):
-                wm[w[:3]] = w[3]
-            for w in await merge_ranges(conn, "ranges", committed):
-                wm[w[:3]] = w[3]
+                wm[w[:3]] = w[3]  # after the merge's: it counts both
             # The feed gets exactly the rows inserted now (never a seq accounted before).
             await record_commit(conn, committed, [(*k, v) for k, v in wm.items()],
                                 received_us=received_us if committed else None)
@@ -463,6 +481,26 @@ def _validate_chunk(chunk: Sequence[Decoded], *, json_syntax: bool = True) -> No
         d.bad[where] = reason
 
 
+def _committed(good: Sequence[Decoded], placed: Sequence[tuple[int, list[int] | None]],
+               rejected: Sequence[tuple[int, str]], skip: Sequence[frozenset[int]]
+               ) -> list[Span]:
+    """The spans of the rows a group inserted when PostgreSQL refused some of those it
+    offered (``rejected``: row index, reason); each refused row joins its batch's
+    ``bad``, to be dead-lettered with PostgreSQL's reason."""
+    starts = [p[0] for p in placed]
+    for index, reason in rejected:
+        d, i = _owner(good, placed, starts, index)
+        d.bad[i] = reason
+    out: list[Span] = []
+    for j, d in enumerate(good):
+        b = d.batch
+        assert b is not None
+        ok = [b.first_seq + i for i in range(len(b.records))
+              if i not in d.bad and i not in skip[j]]
+        out.extend(spans_of(b.edge, b.stream, b.epoch, ok))
+    return out
+
+
 def _owner(good: Sequence[Decoded], placed: Sequence[tuple[int, list[int] | None]],
            starts: Sequence[int], index: int) -> tuple[Decoded, int]:
     """The batch (of ``good``) and record index of row ``index`` of a group's rows.
@@ -476,6 +514,11 @@ def _owner(good: Sequence[Decoded], placed: Sequence[tuple[int, list[int] | None
 
 class _Raced(Exception):
     """A concurrent commit accounted some of the seqs a group just inserted."""
+
+
+class _Unread(Exception):
+    """A group written without reading what its keys account has records to
+    dead-letter after all: it is redone with that read."""
 
 
 class _Refused(Exception):

@@ -89,10 +89,12 @@ async def test_a_good_group_is_written_without_the_python_json_check(
 async def test_a_group_of_redeliveries_alone_sends_no_copy(
     conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Nothing left to insert (every seq accounted already) means no COPY at all."""
-    gw = GroupWriter(Topology())
+    """Nothing left to insert (every seq accounted already, as read before the COPY: a
+    writer that has not written yet reads first) means no COPY at all."""
+    first_writer, gw = GroupWriter(Topology()), GroupWriter(Topology())
     msg = json_batch_msg("e1", "s", EPOCH, 1, 20)
-    first = await gw.write(conn, [gw.decode(msg, validate=False, json_syntax=False)])
+    first = await first_writer.write(
+        conn, [first_writer.decode(msg, validate=False, json_syntax=False)])
     copies: list[object] = []
     copy_to_table = type(conn).copy_to_table
 
