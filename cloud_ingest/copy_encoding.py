@@ -5,11 +5,14 @@ through the connection's codecs: two of them (``timestamptz``, set by
 :func:`cloud_ingest.ingesting.init_connection`) are Python functions, so a row cost a
 tuple, two Python calls and eight codec dispatches. :class:`CopyRows` writes the
 binary COPY format itself from the decoded records: per row one ``struct`` pack (seq
-and event time) and three pieces it shares with other rows (received_at, the
-``stream_keys`` id, the key and the absent columns, cached per key; the payload's
-length prefix, cached per length), then the payload bytes as decoded. Measured
-in one process (16,000-row COPYs into a real PostgreSQL): 1.7 -> 1.0 µs of the
-ingest's CPU per row, encoding and sending together.
+and event time) and three pieces it shares with other rows (received_at and the
+``stream_keys`` id, cached per ``stream_keys`` id; the key and the absent columns,
+cached per key across groups; the payload's length prefix, cached per length), then
+the payload bytes as decoded. Measured in one process (16,000-row COPYs into a real
+PostgreSQL): 1.7 -> 1.0 µs of the ingest's CPU per row, encoding and sending
+together. The key's piece is its own (not joined to the id's): a fleet's group holds
+a thousand ids of a few batches each, whose records' keys then made a new joined
+piece almost per row (~6 % of the ingest's CPU in a fan-in drain, py-spy).
 
 The values are exactly what the tuple path sends (a property test reads rows back
 through both): ``seq`` int8; ``event_time`` and ``received_at`` timestamptz, whose
@@ -33,7 +36,10 @@ import msgspec
 
 from broker.protocol.wire import CT_JSON, Record
 
-__all__ = ["CHUNK_ROWS", "COPY_COLUMNS", "PG_EPOCH_US", "PIECES_PER_ROW", "CopyRows"]
+__all__ = [
+    "CHUNK_ROWS", "COPY_COLUMNS", "MAX_CACHED_KEYS", "MAX_CACHED_KEY_CHARS", "PG_EPOCH_US",
+    "PIECES_PER_ROW", "CopyRows", "KeyPieces",
+]
 
 COPY_COLUMNS: Final = (
     "seq", "event_time", "received_at", "stream_key", "key", "headers", "payload_raw",
@@ -44,9 +50,13 @@ last, so a JSON row ends with its payload bytes and the absent ``payload_raw`` j
 the pieces shared by the key's rows."""
 PG_EPOCH_US: Final = 946_684_800_000_000
 """Microseconds from the Unix epoch to PostgreSQL's (2000-01-01)."""
-PIECES_PER_ROW: Final = 4
-"""``(seq, event_time)``; ``received_at``, ``stream_key``, key, headers and one payload
-column; the other payload column's length; its bytes (or the absent column)."""
+PIECES_PER_ROW: Final = 5
+"""``(seq, event_time)``; ``received_at`` and ``stream_key``; key, headers and one
+payload column; the other payload column's length; its bytes (or the absent column)."""
+MAX_CACHED_KEYS: Final = 16_384
+"""Record keys whose COPY piece a :class:`KeyPieces` keeps; past it, it starts over."""
+MAX_CACHED_KEY_CHARS: Final = 64
+"""Longer keys are not kept (their piece is built per row): the cache stays ~2 MiB."""
 
 CHUNK_ROWS: Final = 512
 """Rows joined into one piece of COPY data (~128 KiB of the bench's 180-byte JSON)."""
@@ -60,20 +70,37 @@ _length = struct.Struct("!i").pack
 _json = msgspec.json.Encoder()
 
 
+class KeyPieces(dict[str | None, bytes]):
+    """Record key -> its COPY piece: the key, then absent headers and payload_raw (a
+    JSON row's). Kept across groups (a writer's keys repeat), at most
+    :data:`MAX_CACHED_KEYS` of them."""
+
+    __slots__ = ()
+
+    def __missing__(self, key: str | None) -> bytes:
+        piece = _text(key) + _NULL + _NULL
+        if key is None or len(key) <= MAX_CACHED_KEY_CHARS:
+            if len(self) >= MAX_CACHED_KEYS:
+                self.clear()  # keys come from the edges: a misbehaving one can invent many
+            self[key] = piece
+        return piece
+
+
 class CopyRows:
     """Rows for ``records`` (:data:`COPY_COLUMNS`) written as binary COPY pieces.
 
     All rows of one instance share ``received_at`` (a group's rows do).
     """
 
-    __slots__ = ("_lengths", "_pieces", "_refs", "received_us")
+    __slots__ = ("_keys", "_lengths", "_pieces", "_refs", "received_us")
 
-    def __init__(self, received_us: int) -> None:
+    def __init__(self, received_us: int, keys: KeyPieces | None = None) -> None:
         self.received_us = received_us
         self._pieces: list[bytes] = []
-        self._refs: dict[int, tuple[bytes, dict[str | None, bytes]]] = {}
-        """``stream_key`` id -> its ``(received_at, stream_key)`` piece and that piece
-        followed by a key and absent headers and payload_raw, per key."""
+        self._refs: dict[int, bytes] = {}
+        """``stream_key`` id -> its ``(received_at, stream_key)`` piece."""
+        self._keys = KeyPieces() if keys is None else keys
+        """Record key -> its piece (a writer passes its own, kept across groups)."""
         self._lengths: dict[int, bytes] = {}
         """Payload length -> its length prefix."""
 
@@ -84,20 +111,18 @@ class CopyRows:
         """Add a row per record, seqs ``first_seq, first_seq + 1, ...`` (none may be None)."""
         pieces = self._pieces
         add = pieces.append
-        keyed = self._keyed(ref)
+        shared = self._shared(ref)
+        keys = self._keys
         lengths = self._lengths
         start = len(pieces)
         for seq, rec in zip(count(first_seq), records):
             payload = rec.payload
             if rec.ct != CT_JSON or rec.headers:
-                self._add_other(ref, seq, rec)
+                self._add_other(shared, seq, rec)
                 continue
             add(_head(8, 8, seq, 8, rec.ts - PG_EPOCH_US))
-            key = rec.key
-            piece = keyed.get(key)
-            if piece is None:
-                piece = self._key_piece(ref, key)
-            add(piece)
+            add(shared)
+            add(keys[rec.key])
             size = len(payload)
             prefix = lengths.get(size)
             if prefix is None:
@@ -134,27 +159,18 @@ class CopyRows:
             parts = []
             start = stop
 
-    def _shared(self, ref: int) -> tuple[bytes, dict[str | None, bytes]]:
+    def _shared(self, ref: int) -> bytes:
+        """The ``(received_at, stream_key)`` piece of id ``ref``."""
         shared = self._refs.get(ref)
         if shared is None:
-            shared = self._refs[ref] = (
-                struct.pack("!iqii", 8, self.received_us - PG_EPOCH_US, 4, ref), {})
+            shared = self._refs[ref] = struct.pack(
+                "!iqii", 8, self.received_us - PG_EPOCH_US, 4, ref)
         return shared
 
-    def _keyed(self, ref: int) -> dict[str | None, bytes]:
-        return self._shared(ref)[1]
-
-    def _key_piece(self, ref: int, key: str | None) -> bytes:
-        """``received_at``, ``stream_key``, ``key``, absent headers and payload_raw."""
-        shared, keyed = self._shared(ref)
-        piece = keyed[key] = shared + _text(key) + _NULL + _NULL
-        return piece
-
-    def _add_other(self, ref: int, seq: int, rec: Record) -> None:
+    def _add_other(self, shared: bytes, seq: int, rec: Record) -> None:
         """A row with headers or an opaque payload: nothing cached but the shared part."""
-        shared = self._shared(ref)[0]
         headers = _json.encode(rec.headers) if rec.headers else None
-        middle = shared + _text(rec.key) + (
+        middle = _text(rec.key) + (
             _NULL if headers is None else _length(len(headers)) + headers)
         payload = rec.payload
         if rec.ct == CT_JSON:
@@ -162,6 +178,7 @@ class CopyRows:
         else:
             pieces = (middle + _length(len(payload)), payload, _NULL)
         self._pieces.append(_head(8, 8, seq, 8, rec.ts - PG_EPOCH_US))
+        self._pieces.append(shared)
         self._pieces.extend(pieces)
 
 

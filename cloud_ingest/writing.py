@@ -62,7 +62,7 @@ from broker.protocol.topology import Topology
 from broker.protocol.validation import record_problems
 from broker.protocol.wire import CT_JSON, Batch, DecodedBatch, Record, decode_records
 from cloud_ingest.accounting import SeqRuns, accounted_seqs, key_of, skips, windows_of
-from cloud_ingest.copy_encoding import COPY_COLUMNS, CopyRows
+from cloud_ingest.copy_encoding import COPY_COLUMNS, CopyRows, KeyPieces
 from cloud_ingest.db_errors import Connection
 from cloud_ingest.dead_letters import DeadLetter, insert_dead_letters
 from cloud_ingest.feeding import record_commit
@@ -141,6 +141,8 @@ class GroupWriter:
         self.topology = topology
         self._days: set[date] = set()
         """Days whose ``records`` partition this writer has seen exist."""
+        self._key_pieces = KeyPieces()
+        """Record key -> its COPY piece, kept across groups (:mod:`copy_encoding`)."""
         self._read_first = True
         """Whether :meth:`write` reads what a group's keys account before its COPY: true
         from the start (a restarted ingest meets redeliveries) and after a group that
@@ -291,7 +293,7 @@ class GroupWriter:
                     seen = await accounted_seqs(conn, keys, windows, lock=True,
                                                  existing=found)
                 skip = skips(good, seen)
-                rows = CopyRows(received_us)
+                rows = CopyRows(received_us, self._key_pieces)
                 placed: list[tuple[int, list[int] | None]] = []
                 """Per batch of ``good``: where its rows start in ``rows``, and the indexes
                 of its records they hold (None: all of them, in order)."""

@@ -149,4 +149,5 @@ def test_the_chunks_of_any_size_are_the_data() -> None:
         assert len(chunks) == -(-7 // size)
         assert b"".join(chunks) == whole
     assert b"".join(rows.chunks(2, 5, rows_per_chunk=2)) == (
-        b"PGCOPY\n\xff\r\n\x00" + bytes(8) + b"".join(rows._pieces[8:20]) + b"\xff\xff")
+        b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+        + b"".join(rows._pieces[2 * PIECES_PER_ROW:5 * PIECES_PER_ROW]) + b"\xff\xff")
