@@ -6,7 +6,7 @@ once and every dead letter is written and counted once."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import asyncpg
 import pytest
@@ -56,6 +56,17 @@ async def _clean_group(conn: asyncpg.Connection, gw: GroupWriter, first: int) ->
     await gw.write(conn, [gw.decode(json_batch_msg("e9", "s", EPOCH, first, 5))])
 
 
+async def _written_twice(conn: asyncpg.Connection, gw: GroupWriter, reads: list[bool],
+                         write: Callable[[], Awaitable[GroupResult]]
+                         ) -> tuple[GroupResult, GroupResult]:
+    """``write`` a group, then a clean one (``gw`` now writes without the read), then the
+    same group again (a redelivery): ``reads`` then holds only the redelivery's reads."""
+    first = await write()
+    await _clean_group(conn, gw, 1)
+    reads.clear()
+    return first, await write()
+
+
 async def _stored(conn: asyncpg.Connection, edge: str) -> list[tuple[int, int]]:
     rows = await conn.fetch("SELECT seq, count(*) AS n FROM v_records WHERE edge_id = $1 "
                             "GROUP BY seq ORDER BY seq", edge)
@@ -92,10 +103,8 @@ async def test_a_redelivered_batch_of_bad_records_is_read_first_and_not_counted_
     none, so its records' letters are what the read before the COPY says were written."""
     gw = GroupWriter(Topology())
     bad = batch_msg(_batch(1, [b"{nope"] * 4))
-    first = await gw.write(conn, [gw.decode(bad)])
-    await _clean_group(conn, gw, 1)
-    reads.clear()
-    again = await gw.write(conn, [gw.decode(bad)])
+    first, again = await _written_twice(conn, gw, reads,
+                                        lambda: gw.write(conn, [gw.decode(bad)]))
     assert reads == [False]
     assert (first.dead_lettered_records, again.dead_lettered_records) == (4, 0)
     assert await conn.fetchval("SELECT count(*) FROM dead_letters WHERE edge_id = 'e1'") == 4
@@ -115,10 +124,7 @@ async def test_a_redelivery_whose_json_postgres_refuses_is_read_after_the_refusa
         assert group[0].bad == {}  # left to PostgreSQL
         return await gw.write(conn, group)
 
-    first = await write()
-    await _clean_group(conn, gw, 1)
-    reads.clear()
-    again = await write()
+    first, again = await _written_twice(conn, gw, reads, write)
     assert reads == [False]
     assert (first.inserted, first.dead_lettered_records) == (2, 1)
     assert (again.inserted, again.dead_lettered_records) == (0, 0)
@@ -138,10 +144,8 @@ async def test_a_redelivery_with_a_row_postgres_refuses_is_redone_with_the_read(
                        "CHECK (key IS DISTINCT FROM 'forbidden')")
     gw = GroupWriter(Topology())
     msg = batch_msg(_batch(1, [b"1", b"2", b"3", b"4"], keys=[None, "forbidden", None, None]))
-    first = await gw.write(conn, [gw.decode(msg)])
-    await _clean_group(conn, gw, 1)
-    reads.clear()
-    again = await gw.write(conn, [gw.decode(msg)])
+    first, again = await _written_twice(conn, gw, reads,
+                                        lambda: gw.write(conn, [gw.decode(msg)]))
     assert reads == [False]
     assert (first.inserted, first.dead_lettered_records) == (3, 1)
     assert (again.inserted, again.dead_lettered_records) == (0, 0)
