@@ -70,6 +70,21 @@ class IngestMetrics:
         self.db_up = Gauge("edgesync_ingest_db_up", "1 while PostgreSQL accepts writes.",
                            registry=r)
         self.db_up.set(1)
+        self.watermark_writes = Counter(
+            "edgesync_ingest_watermark_writes",
+            "Committed-watermark writes to the KV bucket that JetStream acknowledged (at "
+            "most one per key per window: the rate edges learn of commits at).", registry=r,
+        )
+        self.watermark_write_failures = Counter(
+            "edgesync_ingest_watermark_write_failures",
+            "Watermark writes refused or unanswered; each is kept and written again in "
+            "the next window (a steady rise: JetStream is refusing the bucket's writes).",
+            registry=r,
+        )
+        self.watermark_keys_pending = Gauge(
+            "edgesync_ingest_watermark_keys_pending",
+            "Keys whose newer watermark waits for the next window.", registry=r,
+        )
 
 
 class ApiMetrics:

@@ -87,7 +87,7 @@ class Ingest(CloudService):
         await self.topology.ensure_all(js)  # the ingest owns the topology
         self.watermarks = WatermarkPublisher(
             nc, self.topology,
-            interval_s=self.settings.watermark_interval_s,
+            interval_s=self.settings.watermark_interval_s, metrics=self.metrics,
         )
         self.consumer = RecordsConsumer(
             nc=nc, js=js, pool=pool, topology=self.topology, settings=self.settings,

@@ -39,6 +39,7 @@ from nats.aio.subscription import Subscription
 from broker.protocol.topology import Topology
 from cloud_ingest.bulk_publishing import publish_many
 from cloud_ingest.direct_delivery import DeliveringClient, status_of, unsubscribe
+from cloud_ingest.metrics import IngestMetrics
 
 __all__ = ["WatermarkPublisher"]
 
@@ -57,8 +58,11 @@ _PUBLISHED_MEMORY = 100_000
 class WatermarkPublisher:
     """Coalesces watermarks and publishes the latest of each key periodically."""
 
-    def __init__(self, nc: NATS, topology: Topology, *, interval_s: float = 0.25) -> None:
+    def __init__(self, nc: NATS, topology: Topology, *, interval_s: float = 0.25,
+                 metrics: IngestMetrics | None = None) -> None:
+        """``metrics``, if given, count the writes and failures and show what waits."""
         self._nc = nc
+        self._metrics = metrics
         self._subject_of = topology.watermark_subject
         self._interval = interval_s
         self._pending: dict[_Key, int] = {}
@@ -85,6 +89,8 @@ class WatermarkPublisher:
                 self._pending[key] = watermark
         if self._pending:
             self._wake.set()
+        if self._metrics is not None:
+            self._metrics.watermark_keys_pending.set(len(self._pending))
 
     def begin_shutdown(self) -> None:
         self._stopping = True
@@ -107,8 +113,13 @@ class WatermarkPublisher:
     async def _flush(self) -> None:
         pending, self._pending = self._pending, {}
         items = list(pending.items())
+        published, failures = self.published, self.failures
         for i in range(0, len(items), _PUTS_IN_FLIGHT):
             await self._put_window(items[i:i + _PUTS_IN_FLIGHT])
+        if (metrics := self._metrics) is not None:  # once per window, not per write
+            metrics.watermark_writes.inc(self.published - published)
+            metrics.watermark_write_failures.inc(self.failures - failures)
+            metrics.watermark_keys_pending.set(len(self._pending))
         if len(self._published) > _PUBLISHED_MEMORY:
             # Bounded memory: forgetting only costs a redundant publish later.
             for key in list(self._published)[:_PUBLISHED_MEMORY // 2]:
