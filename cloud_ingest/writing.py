@@ -470,7 +470,8 @@ def _validate_chunk(chunk: Sequence[Decoded], *, json_syntax: bool = True) -> No
         else:
             present.extend(b.records)  # type: ignore[arg-type]  # no None without problems
     decodable: dict[int, list[int]] = {}  # per batch with undecodable records, built once
-    for j, reason in record_problems(present, json_syntax=json_syntax):
+    plain = all(d.batch.plain for d in chunk)  # type: ignore[union-attr]  # all decoded
+    for j, reason in record_problems(present, json_syntax=json_syntax, plain=plain):
         k = bisect.bisect_right(starts, j) - 1
         d = chunk[k]
         b = d.batch

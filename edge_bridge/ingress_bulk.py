@@ -10,7 +10,7 @@ layout: a chunk *is* the records' MessagePack arrays back to back, as on the wir
 
 So the common request is taken here first: the envelope decoded with its ``records``
 left as raw bytes, the records then decoded strictly as
-:class:`~broker.protocol.ingress.PlainRecord` (all five elements, an integer ``ts``
+:class:`~broker.protocol.wire.PlainRecord` (all five elements, an integer ``ts``
 inside the storable range, ``ct`` 0 or 1, a key of at most ``MAX_KEY_CHARS`` characters
 or nil, no headers), so msgspec checks in C what the loop checked per record, into
 structs the collector does not track; then the checks left over are made over all
@@ -31,9 +31,9 @@ from typing import Final, NamedTuple
 
 import msgspec
 
-from broker.protocol.ingress import PlainRecord, ProducerId, RequestSeq
+from broker.protocol.ingress import ProducerId, RequestSeq
 from broker.protocol.validation import json_all_plainly_valid
-from broker.protocol.wire import CT_JSON
+from broker.protocol.wire import CT_JSON, PlainRecord
 from edge_bridge.buffer.chunks import (
     CHUNK_MAX_BYTES,
     CHUNK_MAX_RECORDS,

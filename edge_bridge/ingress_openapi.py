@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from broker.protocol.validation import MAX_JSON_DEPTH, MAX_TS_US, MIN_TS_US
+from broker.protocol.validation import MAX_JSON_DEPTH
+from broker.protocol.wire import MAX_TS_US, MIN_TS_US
 
 __all__ = ["RECORDS_PATH", "RESPONSES", "STREAM_PARAMETER", "document", "request_body"]
 

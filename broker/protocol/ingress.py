@@ -29,20 +29,18 @@ import math
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final
 
 import msgspec
 
 from broker.errors import InvalidInput
 from broker.protocol.validation import (
     MAX_JSON_DEPTH,
-    MAX_TS_US,
-    MIN_TS_US,
     headers_problem,
     json_problem,
     key_problem,
 )
-from broker.protocol.wire import CT_JSON, CT_RAW, MAX_KEY_CHARS, Record
+from broker.protocol.wire import CT_JSON, CT_RAW, MAX_TS_US, MIN_TS_US, Record
 
 __all__ = [
     "CONTENT_TYPE",
@@ -50,7 +48,6 @@ __all__ = [
     "ErrorResponse",
     "IngressRequest",
     "IngressResponse",
-    "PlainRecord",
     "ProducerId",
     "RequestSeq",
     "check_encoded_json",
@@ -93,23 +90,6 @@ class IngressRequest(msgspec.Struct, frozen=True):
     producer: ProducerId
     request_seq: RequestSeq
     records: list[Record]
-
-
-class PlainRecord(msgspec.Struct, array_like=True, forbid_unknown_fields=True, gc=False):
-    """A :class:`~broker.protocol.wire.Record` in its common shape, ``[ts, ct, payload,
-    key, nil]`` with all five elements, whose decoding checks the per-field rules of
-    :mod:`broker.protocol.validation` that need no parse (``ts`` in the storable range,
-    ``ct`` 0 or 1, the key's length, no headers). It encodes as the same ``Record``
-    would; the bridge's ingress decodes a request's records as these first
-    (:mod:`edge_bridge.ingress_bulk`). Not tracked by the garbage collector: it holds
-    no container.
-    """
-
-    ts: Annotated[int, msgspec.Meta(ge=MIN_TS_US, le=MAX_TS_US)]
-    ct: Literal[0, 1]  # CT_RAW, CT_JSON
-    payload: bytes
-    key: Annotated[str, msgspec.Meta(max_length=MAX_KEY_CHARS)] | None
-    headers: None
 
 
 class IngressResponse(msgspec.Struct, frozen=True):

@@ -23,7 +23,7 @@ import functools
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Annotated, Final, Literal
 
 import msgspec
 
@@ -41,9 +41,12 @@ __all__ = [
     "MAX_BATCH_RECORDS",
     "MAX_KEY_CHARS",
     "MAX_SEQ",
+    "MAX_TS_US",
+    "MIN_TS_US",
     "WIRE_VERSION",
     "Batch",
     "DecodedBatch",
+    "PlainRecord",
     "Record",
     "array_header",
     "compress_body",
@@ -63,6 +66,11 @@ ENCODING_HEADER: Final = "Es-Encoding"
 """NATS header naming the batch body's compression (``zstd``); absent means none."""
 MAX_SEQ: Final = 2**63 - 1
 MAX_KEY_CHARS: Final = 1024
+MIN_TS_US: Final = -62_135_596_800_000_000
+"""0001-01-01T00:00:00Z in microseconds since the Unix epoch: the earliest event time
+the cloud stores (:mod:`broker.protocol.validation`)."""
+MAX_TS_US: Final = 253_402_300_799_999_999
+"""9999-12-31T23:59:59.999999Z in microseconds since the Unix epoch: the latest."""
 MAX_BATCH_BYTES: Final = 16 * 1024 * 1024
 """Largest batch body once decompressed: a zstd bomb is a decode error, refused
 after reading this much of it."""
@@ -87,6 +95,47 @@ class Record(msgspec.Struct, array_like=True, frozen=True, gc=False):
     payload: bytes
     key: str | None = None
     headers: dict[str, str] | None = None
+
+
+_astuple = msgspec.structs.astuple
+
+
+class PlainRecord(Record, array_like=True, frozen=True, forbid_unknown_fields=True,
+                  gc=False):
+    """A :class:`Record` in its common shape, ``[ts, ct, payload, key, nil]`` with all
+    five elements (as msgspec encodes any ``Record``), whose decoding checks the
+    per-field rules of :mod:`broker.protocol.validation` that need no parse: ``ts`` in
+    the storable range, ``ct`` 0 or 1, the key's length, no headers.
+
+    Records are decoded as these first where many are checked at once: by the bridge's
+    ingress (:mod:`edge_bridge.ingress_bulk`), and by :func:`decode_records` for the
+    ingest (:attr:`DecodedBatch.plain`), whose validation then skips those rules
+    (passes over a whole part's columns once it is decoded, which cost the ingest
+    ~0.4 µs per record). Anything else is decoded again as a :class:`Record` and
+    checked in full.
+
+    It equals, and hashes as, the :class:`Record` of the same fields: only the
+    decoding differs."""
+
+    ts: Annotated[int, msgspec.Meta(ge=MIN_TS_US, le=MAX_TS_US)]
+    ct: Literal[0, 1]  # CT_RAW, CT_JSON (checked below)
+    key: Annotated[str, msgspec.Meta(max_length=MAX_KEY_CHARS)] | None
+    headers: None
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Record):
+            return bool(_astuple(self) == _astuple(other))
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self) -> int:
+        return hash(Record(*_astuple(self)))
+
+
+assert (CT_RAW, CT_JSON) == (0, 1), "PlainRecord.ct spells the content types out"
 
 
 class Batch(msgspec.Struct, frozen=True):
@@ -248,6 +297,11 @@ class DecodedBatch:
     problems: list[tuple[int, str, bytes]]
     body_bytes: int
     """Size of the decoded (decompressed) body: what decoding it cost in memory."""
+    plain: bool = False
+    """Every record was decoded in the common form (:class:`PlainRecord`): event time
+    storable, content type raw or JSON, key none or a string of at most
+    :data:`MAX_KEY_CHARS`, no headers; :func:`~broker.protocol.validation.record_problems`
+    need not check those again."""
 
     @property
     def last_seq(self) -> int:
@@ -271,6 +325,7 @@ class _Envelope(msgspec.Struct):
 
 _envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
 _records_decoder = msgspec.msgpack.Decoder(list[Record])
+_plain_records_decoder = msgspec.msgpack.Decoder(list[PlainRecord])
 _raw_list_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _record_decoder = msgspec.msgpack.Decoder(Record)
 
@@ -299,21 +354,16 @@ def decode_records(data: bytes, headers: Mapping[str, str] | None = None) -> Dec
     problems: list[tuple[int, str, bytes]] = []
     records: list[Record | None]
     try:
-        records = list(_records_decoder.decode(env.records))
-    except Exception:  # some record is malformed: find which, one by one
-        try:
-            raws = _raw_list_decoder.decode(env.records)
-        except Exception as exc:
-            raise DecodeError(f"malformed record array: {exc}", span=span) from exc
-        records = []
-        for i, raw in enumerate(raws):
-            try:
-                records.append(_record_decoder.decode(raw))
-            except Exception as exc:
-                records.append(None)
-                problems.append((i, f"malformed record: {exc}", bytes(raw)))
+        # The common form first: its checks are made as the fields are read.
+        records = _plain_records_decoder.decode(env.records)  # type: ignore[assignment]
+        plain = True
+    except Exception:  # some record is not in it: decode and check as any record
+        records, plain = _any_records(env.records, problems, span), False
     if len(records) != count:
         raise DecodeError(f"record array holds {len(records)}, header says {count}", span=span)
+    if plain:
+        return DecodedBatch(env.edge, env.stream, env.epoch, env.first_seq, records, problems,
+                            len(body), plain=True)
     if problems or not _all_sound(records):  # type: ignore[arg-type]  # no None: no problems
         for i, rec in enumerate(records):
             if rec is None:
@@ -325,6 +375,27 @@ def decode_records(data: bytes, headers: Mapping[str, str] | None = None) -> Dec
         problems.sort(key=lambda p: p[0])
     return DecodedBatch(env.edge, env.stream, env.epoch, env.first_seq, records, problems,
                         len(body))
+
+
+def _any_records(data: msgspec.Raw, problems: list[tuple[int, str, bytes]],
+                 span: tuple[str, str, int, int, int]) -> list[Record | None]:
+    """The records of ``data`` as :class:`Record`; a malformed one is None, its reason
+    added to ``problems``."""
+    try:
+        return list(_records_decoder.decode(data))
+    except Exception:  # some record is malformed: find which, one by one
+        try:
+            raws = _raw_list_decoder.decode(data)
+        except Exception as exc:
+            raise DecodeError(f"malformed record array: {exc}", span=span) from exc
+    records: list[Record | None] = []
+    for i, raw in enumerate(raws):
+        try:
+            records.append(_record_decoder.decode(raw))
+        except Exception as exc:
+            records.append(None)
+            problems.append((i, f"malformed record: {exc}", bytes(raw)))
+    return records
 
 
 def _array_count(raw: msgspec.Raw) -> int:

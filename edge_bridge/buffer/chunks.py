@@ -18,7 +18,6 @@ from typing import Final, NamedTuple
 
 import msgspec
 
-from broker.protocol.ingress import PlainRecord
 from broker.protocol.wire import Record, array_header
 
 __all__ = [
@@ -56,7 +55,7 @@ class EncodedChunk(NamedTuple):
     """Bytes the chunk is charged against the buffer's byte cap."""
 
 
-def encode_chunks(records: Sequence[Record] | Sequence[PlainRecord]) -> list[EncodedChunk]:
+def encode_chunks(records: Sequence[Record]) -> list[EncodedChunk]:
     """Split and encode records into chunks (see :class:`EncodedChunk`).
 
     A run of up to :data:`CHUNK_MAX_RECORDS` records is encoded as one array in a
@@ -78,7 +77,7 @@ def encode_chunks(records: Sequence[Record] | Sequence[PlainRecord]) -> list[Enc
     return chunks
 
 
-def _encode_one_by_one(records: Sequence[Record] | Sequence[PlainRecord]
+def _encode_one_by_one(records: Sequence[Record]
                        ) -> list[EncodedChunk]:
     """Split and encode records into chunks, measuring each record."""
     chunks: list[EncodedChunk] = []

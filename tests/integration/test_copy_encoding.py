@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.protocol.validation import MAX_TS_US, MIN_TS_US, record_problem
-from broker.protocol.wire import CT_JSON, CT_RAW, MAX_SEQ, Record
+from broker.protocol.validation import record_problem
+from broker.protocol.wire import CT_JSON, CT_RAW, MAX_SEQ, MAX_TS_US, MIN_TS_US, Record
 from cloud_ingest.copy_encoding import COPY_COLUMNS, PIECES_PER_ROW, CopyRows
 from cloud_ingest.ingesting import init_connection
 from cloud_ingest.writing import COLUMNS, _row

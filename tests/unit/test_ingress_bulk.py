@@ -12,11 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.protocol.ingress import IngressRequest
-from broker.protocol.validation import MAX_TS_US, MIN_TS_US, record_problems
+from broker.protocol.validation import record_problems
 from broker.protocol.wire import (
     CT_JSON,
     CT_RAW,
     MAX_KEY_CHARS,
+    MAX_TS_US,
+    MIN_TS_US,
     Record,
     array_header,
     decode_batch,
