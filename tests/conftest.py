@@ -8,6 +8,9 @@
 - ``migrated_conn``: a connection to ``pg_dsn`` after the ingest's migrations ran.
 - ``reachable_dir``: a temporary directory an unprivileged PostgreSQL server user
   can traverse, for what keeps a persistent cluster (``edgesync up``'s state).
+
+A test still running after 300 s gets its threads' and tasks' stacks printed
+(:mod:`tests.support.hang_report`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from broker.runtime.embedded_nats import EmbeddedNats
 from broker.runtime.embedded_postgres import EmbeddedPostgres
 from cloud_ingest.schema import migrate
 from tests.support import PgCluster, dsn_from_env
+from tests.support.hang_report import pytest_runtest_call  # noqa: F401  # a hook
 
 
 @pytest.fixture
