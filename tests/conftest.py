@@ -30,7 +30,7 @@ from broker.runtime.embedded_nats import EmbeddedNats
 from broker.runtime.embedded_postgres import EmbeddedPostgres
 from cloud_ingest.schema import migrate
 from tests.support import PgCluster, dsn_from_env
-from tests.support.hang_report import pytest_runtest_call  # noqa: F401  # a hook
+from tests.support.hang_report import pytest_runtest_protocol  # noqa: F401  # a hook
 
 
 @pytest.fixture

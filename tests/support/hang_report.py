@@ -4,7 +4,7 @@ every asyncio task's stack go to the terminal, past pytest's output capture. It 
 nothing and stops nothing: a test that hangs in CI (the whole run then ends at CI's
 deadline, its captured output lost) names what it waits for.
 
-``pytest_runtest_call`` is a hook: ``tests/conftest.py`` imports it.
+``pytest_runtest_protocol`` is a hook: ``tests/conftest.py`` imports it.
 """
 
 from __future__ import annotations
@@ -21,13 +21,16 @@ from collections.abc import Generator
 
 import pytest
 
-__all__ = ["HANG_REPORT_S", "pytest_runtest_call"]
+__all__ = ["HANG_REPORT_S", "pytest_runtest_protocol"]
 
 HANG_REPORT_S = float(os.environ.get("EDGESYNC_TEST_HANG_REPORT_S", "300"))
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None
+                            ) -> Generator[None, object, object]:
+    """Setup, call and teardown: a fixture that hangs while stopping a server is
+    reported as a test body is."""
     timer = threading.Timer(HANG_REPORT_S, _report, args=(item,))
     timer.daemon = True
     timer.start()
