@@ -178,3 +178,42 @@ async def test_the_embedded_http_server_serves_and_stops_at_once_when_told() -> 
     server.should_exit = True
     await asyncio.wait_for(task, timeout=TICK_S + 10)
     assert server.should_exit
+
+
+async def test_the_embedded_http_server_parses_with_httptools_and_refuses_a_malformed_request(
+) -> None:
+    """The services' HTTP parser is uvicorn's C one (httptools, a dependency), not h11;
+    a request line it cannot parse is answered 400 and the server keeps serving."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from broker.serving import TICK_S, embedded_server, listen_tcp, wait_started
+
+    async def hello(_: object) -> PlainTextResponse:
+        return PlainTextResponse("hi")
+
+    server = embedded_server(Starlette(routes=[Route("/", hello)]))
+    sock = listen_tcp("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        assert await wait_started(server, task)
+        assert server.config.http_protocol_class is HttpToolsProtocol
+
+        async def exchange(request: bytes) -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), timeout=10)
+            writer.close()
+            return answer
+
+        bad = await exchange(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
+        assert bad.startswith(b"HTTP/1.1 400 ")
+        good = await exchange(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert good.startswith(b"HTTP/1.1 200 ") and good.endswith(b"hi")
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=TICK_S + 10)
