@@ -195,7 +195,8 @@ def json_all_plainly_valid(payloads: Sequence[bytes], *, syntax: bool = True) ->
     """
     if not payloads:
         return True
-    longest = max(map(len, payloads))
+    lengths = list(map(len, payloads))
+    longest = max(lengths)
     if longest >= _LONG_PAYLOAD or (longest > 2 * MAX_JSON_DEPTH and any(
             len(p) > 2 * MAX_JSON_DEPTH and p.count(b"[") + p.count(b"{") > MAX_JSON_DEPTH
             for p in payloads)):
@@ -206,7 +207,7 @@ def json_all_plainly_valid(payloads: Sequence[bytes], *, syntax: bool = True) ->
             spans = _json_spans.decode(joined)
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             return False
-        if len(spans) != len(payloads) or list(map(len, spans)) != list(map(len, payloads)):
+        if len(spans) != len(payloads) or list(map(len, spans)) != lengths:
             return False
         if not joined.isascii():
             try:
@@ -219,7 +220,9 @@ def json_all_plainly_valid(payloads: Sequence[bytes], *, syntax: bool = True) ->
             return False
     if 92 in joined and b"\\u0000" in joined:  # a backslash first: memchr, ~50x faster
         return False
-    return _BIG_EXPONENT not in joined.translate(_DIGITS_AS_ZERO, b"+-")
+    # rfind, not ``in``: CPython's backward search tests the needle's first byte, the
+    # rarer ``e``, where the forward one tests its last, a ``0`` (about half as fast).
+    return joined.translate(_DIGITS_AS_ZERO, b"+-").rfind(_BIG_EXPONENT) < 0
 
 
 def record_problems(records: Iterable[Record], *, json_syntax: bool = True,
