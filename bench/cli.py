@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                         help="sample every service process and the driver with py-spy "
                              "(collapsed stacks, one file each) into DIR")
+    parser.add_argument("--py-spy-gil", action="store_true",
+                        help="with --py-spy: sample only the thread holding the GIL, i.e. "
+                             "Python's CPU time without I/O waits such as the bridge's fsync "
+                             "(which the default sampling counts as busy)")
     parser.add_argument("--fleet-drain-only", action="store_true",
                         help="scenario 7 (fleet) runs only its bulk and fan-in drains, "
                              "not the live fleet: the quick loop for the ingest's fan-in rate")
@@ -83,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         name, sep, _ = item.partition("=")
         if not sep or not name.startswith("EDGESYNC_"):
             build_parser().error(f"--service-env wants EDGESYNC_NAME=VALUE, got {item!r}")
+    if args.py_spy_gil and args.py_spy is None:
+        build_parser().error("--py-spy-gil needs --py-spy DIR")
     configure_logging("warning", "console")
     return asyncio.run(_run(args, profile, argv))
 
@@ -116,7 +122,7 @@ async def _run(args: argparse.Namespace, profile: Profile, argv: Sequence[str] |
                 "processes; cpu_seconds says what each used while the phase was measured"
             )
             env = BenchEnv(workdir, postgres, profile_dir=args.py_spy,
-                           service_env=meta["service_env"])
+                           profile_gil=args.py_spy_gil, service_env=meta["service_env"])
             pool = Pool.generate()
             columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                        TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
@@ -125,7 +131,8 @@ async def _run(args: argparse.Namespace, profile: Profile, argv: Sequence[str] |
                 for scenario in selected:
                     step = _stepper(progress, overall, scenario.title)
                     step("starting")
-                    spy = (start_self_profile(args.py_spy / f"driver-{scenario.key}.txt")
+                    spy = (start_self_profile(args.py_spy / f"driver-{scenario.key}.txt",
+                                              gil=args.py_spy_gil)
                            if args.py_spy else None)
                     t0 = time.monotonic()
                     try:

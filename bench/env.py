@@ -45,6 +45,8 @@ class BenchEnv:
     workdir: Path
     postgres: EmbeddedPostgres
     profile_dir: Path | None = None
+    profile_gil: bool = False
+    """py-spy samples only the thread holding the GIL (``--py-spy-gil``)."""
     service_env: dict[str, str] = field(default_factory=dict)
     """``EDGESYNC_*`` overrides for every service process (``--service-env``)."""
 
@@ -93,7 +95,7 @@ class BenchEnv:
         }
         return MeasuredService(
             "bridge", env, log_file=self.workdir / f"bridge-{name}.log",
-            profile_to=self.profile_file(f"bridge-{name}"),
+            profile_to=self.profile_file(f"bridge-{name}"), profile_gil=self.profile_gil,
         )
 
     def ingest(
@@ -109,7 +111,7 @@ class BenchEnv:
         }
         return MeasuredService(
             "ingest", env, log_file=self.workdir / f"ingest-{name}.log",
-            profile_to=self.profile_file(f"ingest-{name}"),
+            profile_to=self.profile_file(f"ingest-{name}"), profile_gil=self.profile_gil,
         )
 
     def cpu_meter(self, nats_server: EmbeddedNats | None, **services: MeasuredService) -> CpuMeter:

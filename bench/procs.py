@@ -39,6 +39,7 @@ __all__ = [
     "ProcessCpu",
     "cpu_seconds",
     "memory_mib",
+    "py_spy_command",
     "reset_peak",
     "start_self_profile",
     "stop_profile",
@@ -206,12 +207,14 @@ class MeasuredService(ServiceProcess):
         env: ``EDGESYNC_*`` settings (added to this process's environment).
         log_file: where its output goes.
         profile_to: if set, ``py-spy record`` samples the process into this file.
+        profile_gil: py-spy samples only the thread holding the GIL (``--gil``).
     """
 
     def __init__(self, service: ServiceName, env: Mapping[str, str], *, log_file: Path,
-                 profile_to: Path | None = None) -> None:
+                 profile_to: Path | None = None, profile_gil: bool = False) -> None:
         super().__init__(service, env, log_file=log_file)
         self.profile_to = profile_to
+        self.profile_gil = profile_gil
         self._spy: subprocess.Popen[bytes] | None = None
         self.peak_mib = 0.0
 
@@ -227,7 +230,7 @@ class MeasuredService(ServiceProcess):
             ready = _nats_connected
         await super().start(timeout=timeout, ready=ready)
         if self.profile_to is not None:
-            self._spy = _start_py_spy(self.pid, self.profile_to)
+            self._spy = _start_py_spy(self.pid, self.profile_to, gil=self.profile_gil)
 
     async def wait_nats_connected(self, connected: bool, *, timeout: float = 30.0) -> None:
         """Wait until the bridge reports NATS (dis)connected."""
@@ -256,22 +259,27 @@ def _nats_connected(readyz: Any) -> bool:
     return bool(readyz.get("nats_connected", True))
 
 
-def _start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+def py_spy_command(exe: str, pid: int, out: Path, *, gil: bool = False) -> list[str]:
+    """The ``py-spy record`` command line for ``pid`` (``gil``: only the GIL's holder)."""
+    # raw = collapsed stacks: greppable, and loadable by speedscope or flamegraph.pl.
+    return [exe, "record", "--pid", str(pid), "--rate", "100", "--nonblocking", "--format",
+            "raw", "--output", str(out), *(["--gil"] if gil else [])]
+
+
+def _start_py_spy(pid: int, out: Path, *, gil: bool = False) -> subprocess.Popen[bytes] | None:
     exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if exe is None:
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
-    # raw = collapsed stacks: greppable, and loadable by speedscope or flamegraph.pl.
     return subprocess.Popen(
-        [exe, "record", "--pid", str(pid), "--rate", "100", "--nonblocking", "--format", "raw",
-         "--output", str(out)],
+        py_spy_command(exe, pid, out, gil=gil),
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 
 
-def start_self_profile(out: Path) -> subprocess.Popen[bytes] | None:
+def start_self_profile(out: Path, *, gil: bool = False) -> subprocess.Popen[bytes] | None:
     """py-spy on this (the driver) process; stop it with :func:`stop_profile`."""
-    return _start_py_spy(os.getpid(), out)
+    return _start_py_spy(os.getpid(), out, gil=gil)
 
 
 async def stop_profile(spy: subprocess.Popen[bytes] | None) -> None:

@@ -176,7 +176,7 @@ def _api(env: BenchEnv, name: str, nats_url: str, dsn: str) -> MeasuredService:
         "EDGESYNC_LOG__FORMAT": "json",
         **env.service_env,
     }, log_file=env.workdir / f"api-{name}.log",
-        profile_to=env.profile_file(f"api-{name}"))
+        profile_to=env.profile_file(f"api-{name}"), profile_gil=env.profile_gil)
 
 
 def _pct(values: Sequence[float], q: float) -> float:
