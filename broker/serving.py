@@ -14,6 +14,7 @@ import uvicorn
 from starlette.responses import JSONResponse
 
 from broker.errors import EdgesyncError, http_status, retry_after_s
+from broker.http_protocol import BoundedHttpToolsProtocol
 
 __all__ = [
     "HTTP_DRAIN_S",
@@ -79,9 +80,10 @@ class EmbeddedServer(uvicorn.Server):
 def embedded_server(app: Any, *, graceful_s: int = HTTP_GRACEFUL_S) -> EmbeddedServer:
     """An :class:`EmbeddedServer` for ``app``; call ``serve(sockets=[sock])`` on it."""
     # httptools (uvicorn's C parser, a dependency) rather than h11: parsing is per
-    # request, and on the edge path h11 cost ~20 % of the bridge's CPU per record.
+    # request, and on the edge path h11 cost ~20 % of the bridge's CPU per record. Its
+    # protocol bounds a request's head, as h11 did (broker.http_protocol).
     config = uvicorn.Config(
-        app, http="httptools", log_config=None, access_log=False, lifespan="off",
+        app, http=BoundedHttpToolsProtocol, log_config=None, access_log=False, lifespan="off",
         timeout_graceful_shutdown=graceful_s,
     )
     return EmbeddedServer(config)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -180,14 +184,12 @@ async def test_the_embedded_http_server_serves_and_stops_at_once_when_told() -> 
     assert server.should_exit
 
 
-async def test_the_embedded_http_server_parses_with_httptools_and_refuses_a_malformed_request(
-) -> None:
-    """The services' HTTP parser is uvicorn's C one (httptools, a dependency), not h11;
-    a request line it cannot parse is answered 400 and the server keeps serving."""
+@contextlib.asynccontextmanager
+async def _hello_server() -> AsyncIterator[tuple[Any, int]]:
+    """An embedded server answering ``hi`` on ``/``; yields it with its port."""
     from starlette.applications import Starlette
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     from broker.serving import TICK_S, embedded_server, listen_tcp, wait_started
 
@@ -196,24 +198,75 @@ async def test_the_embedded_http_server_parses_with_httptools_and_refuses_a_malf
 
     server = embedded_server(Starlette(routes=[Route("/", hello)]))
     sock = listen_tcp("127.0.0.1", 0)
-    port = sock.getsockname()[1]
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         assert await wait_started(server, task)
-        assert server.config.http_protocol_class is HttpToolsProtocol
-
-        async def exchange(request: bytes) -> bytes:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(request)
-            await writer.drain()
-            answer = await asyncio.wait_for(reader.read(), timeout=10)
-            writer.close()
-            return answer
-
-        bad = await exchange(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
-        assert bad.startswith(b"HTTP/1.1 400 ")
-        good = await exchange(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        assert good.startswith(b"HTTP/1.1 200 ") and good.endswith(b"hi")
+        yield server, sock.getsockname()[1]
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, timeout=TICK_S + 10)
+
+
+async def _exchange(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+
+
+async def test_the_embedded_http_server_parses_with_httptools_and_refuses_a_malformed_request(
+) -> None:
+    """The services' HTTP parser is uvicorn's C one (httptools, a dependency), not h11;
+    a request it cannot parse is answered 400 and the server keeps serving."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    async with _hello_server() as (server, port):
+        assert issubclass(server.config.http_protocol_class, HttpToolsProtocol)
+        bad = await _exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
+        assert bad.startswith(b"HTTP/1.1 400 ")
+        good = await _exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert good.startswith(b"HTTP/1.1 200 ") and good.endswith(b"hi")
+
+
+async def test_a_request_head_past_its_bound_is_refused_431_in_json() -> None:
+    """A head that passes MAX_HEAD_BYTES without ending gets a 431 with a JSON body and
+    a closed connection; a long but bounded head (a 12 KiB header) is still served."""
+    from broker.http_protocol import MAX_HEAD_BYTES
+
+    async with _hello_server() as (_, port):
+        line = b"X-Filler: " + b"a" * 1000 + b"\r\n"
+        unended = b"GET / HTTP/1.1\r\nHost: x\r\n" + line * (MAX_HEAD_BYTES // len(line) + 4)
+        answer = await _exchange(port, unended)  # one write: read whole, no reset
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 431 ")
+        assert b"content-type: application/json" in head
+        refusal = json.loads(body)
+        assert refusal["error"] == "request_header_fields_too_large"
+        assert str(MAX_HEAD_BYTES) in refusal["message"]
+
+        long_ok = (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Long: "
+                   + b"b" * (MAX_HEAD_BYTES * 3 // 4) + b"\r\n\r\n")
+        assert (await _exchange(port, long_ok)).startswith(b"HTTP/1.1 200 ")
+
+
+async def test_header_lines_sent_without_end_end_the_connection_not_the_memory() -> None:
+    """httptools alone keeps every header line it is sent; a sender that never ends its
+    head has its connection closed long before 64 MiB (the sender sees the reset)."""
+    async with _hello_server() as (_, port):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        chunk = (b"X-Filler: " + b"a" * 1000 + b"\r\n") * 64
+        sent, ended = 0, False
+        try:
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            while sent < 64 * 1024 * 1024:
+                writer.write(chunk)
+                sent += len(chunk)
+                await asyncio.wait_for(writer.drain(), timeout=10)
+        except ConnectionError:
+            ended = True
+        finally:
+            writer.close()
+        assert ended, f"still accepted after {sent} bytes of headers"
