@@ -105,12 +105,42 @@ def admin_settings_for(state_dir: Path) -> NatsSettings:
     return Settings().nats
 
 
-def _reload_or_explain(store: IdentityStore, pid: int | None) -> None:
+def _reload_or_explain(store: IdentityStore, pid: int | None) -> bool:
+    """Reload nats-server ``pid``, or say how to; whether it was reloaded."""
     if _reload(pid):
         console.print(f"nats-server (pid {pid}) reloaded")
-    else:
-        console.print(f"Reload nats-server to apply {store.auth_conf} "
-                      "(`nats-server --signal reload=<pid>`, or SIGHUP).")
+        return True
+    console.print(f"Reload nats-server to apply {store.auth_conf} "
+                  "(`nats-server --signal reload=<pid>`, or SIGHUP).")
+    return False
+
+
+_RELOAD_SETTLE_S = 5.0
+"""How long a connection refused as unauthorized is retried right after a reload."""
+
+
+async def _create_control_consumer(admin: NatsSettings, topology: Topology, edge: str, *,
+                                   just_reloaded: bool) -> None:
+    """The edge's control consumer, made as the admin. Right after our SIGHUP, nats-server
+    may still be applying its new authorization and refuse the admin's connection
+    ('Authorization Violation', seen in about one run in five): that is retried, with
+    backoff, for up to :data:`_RELOAD_SETTLE_S`; any other error is raised at once."""
+    import nats.errors
+
+    from broker.runtime.secured_nats import create_control_consumer
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + (_RELOAD_SETTLE_S if just_reloaded else 0.0)
+    delay = 0.05
+    while True:
+        try:
+            await create_control_consumer(admin, topology, edge)
+            return
+        except nats.errors.Error as exc:
+            if "Authorization Violation" not in str(exc) or loop.time() + delay > deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, 0.5)
 
 
 @edges_app.command("add")
@@ -127,8 +157,6 @@ def add(
         help="Create the edge's control consumer now (needs NATS as the admin).")] = True,
 ) -> None:
     """Give EDGE its own NATS identity, confined to its own subjects."""
-    from broker.runtime.secured_nats import create_control_consumer
-
     runtime = _runtime(state_dir)
     try:
         store = _store(state_dir, auth_dir)
@@ -141,12 +169,12 @@ def add(
                       "give the edge this file as EDGESYNC_NATS__CREDENTIALS_FILE")
     else:
         console.print(f"edge {edge}: public key {public_key} registered")
-    _reload_or_explain(store, reload_pid or runtime.get("nats_pid"))
+    reloaded = _reload_or_explain(store, reload_pid or runtime.get("nats_pid"))
     if not control_consumer:
         return
     try:
-        asyncio.run(create_control_consumer(_admin_settings(store, runtime), store.topology,
-                                            edge))
+        asyncio.run(_create_control_consumer(_admin_settings(store, runtime), store.topology,
+                                             edge, just_reloaded=reloaded))
     except Exception as exc:
         console.print(f"[red]control consumer not created:[/red] {type(exc).__name__}: {exc}; "
                       "run `edgesync edges add` again once NATS is reachable")
