@@ -5,6 +5,7 @@ redeliveries and overlapping retransmits among a thousand keys are stored once."
 
 from __future__ import annotations
 
+import asyncio
 import gc
 
 import asyncpg
@@ -17,6 +18,7 @@ from cloud_ingest.accounting import accounted_seqs
 from cloud_ingest.ingesting import init_connection
 from cloud_ingest.packing import int8_array, text_array
 from cloud_ingest.writing import GroupWriter
+from tests.support import until, waiting_on_a_lock
 from tests.support.batches import json_batch_msg
 
 EPOCH = 7
@@ -139,3 +141,46 @@ async def test_packed_int8_arrays_reach_postgresql_exactly(conn: asyncpg.Connect
     for values in ([], [0], [1, -2, 2**63 - 1, -(2**63)]):
         sql, value = int8_array(values, 1)
         assert await conn.fetchval(f"SELECT {sql}", value) == values
+
+
+async def test_stream_keys_adds_new_keys_at_once_and_keeps_known_ids(
+    conn: asyncpg.Connection,
+) -> None:
+    gw = GroupWriter(Topology())
+    first = await gw.stream_keys(conn, [("a", "s", 1), ("b", "s", 1)])
+    keys = [("a", "s", 1), ("b", "s", 1), ("c", "s", 1), ("c", "s", 2)]
+    fresh = GroupWriter(Topology())  # no cache: every key is asked of PostgreSQL
+    ids = await fresh.stream_keys(conn, keys)
+    assert {k: ids[k] for k in first} == first
+    stored = {(r[0], r[1], r[2]): r[3] for r in await conn.fetch(
+        "SELECT edge_id, stream, epoch, id FROM stream_keys")}
+    assert stored == {k: ids[k] for k in keys}
+    assert len(set(stored.values())) == 4
+
+
+async def test_a_stream_key_added_by_a_concurrent_transaction_is_found_too(
+    conn: asyncpg.Connection, pg_dsn: str,
+) -> None:
+    """The key is inserted by another open transaction: the set-based insert waits on
+    it, then skips it (not in its snapshot either), and the per-key lookup finds it."""
+    gw = GroupWriter(Topology())
+    async with connected(pg_dsn) as other, connected(pg_dsn) as observer:
+        tx = other.transaction()
+        await tx.start()
+        committed = False
+        try:
+            theirs = await other.fetchval(
+                "INSERT INTO stream_keys (edge_id, stream, epoch) VALUES ('x', 's', 1) "
+                "RETURNING id")
+            lookup = asyncio.create_task(gw.stream_keys(conn, [("x", "s", 1), ("y", "s", 1)]))
+            pid = conn.get_server_pid()
+            await until(lambda: waiting_on_a_lock(observer, pid), timeout=10,
+                        message="the lookup never waited on the insert")
+            await tx.commit()
+            committed = True
+            ids = await asyncio.wait_for(lookup, timeout=10)
+        finally:
+            if not committed:
+                await tx.rollback()
+    assert ids[("x", "s", 1)] == theirs
+    assert await conn.fetchval("SELECT count(*) FROM stream_keys") == 2

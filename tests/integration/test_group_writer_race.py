@@ -16,7 +16,7 @@ from broker.pg_connecting import connected
 from broker.protocol.topology import Topology
 from cloud_ingest.ingesting import init_connection
 from cloud_ingest.writing import GroupWriter
-from tests.helpers import until
+from tests.support import until, waiting_on_a_lock
 from tests.support.batches import json_batch_msg
 
 EPOCH = 11
@@ -26,11 +26,6 @@ EPOCH = 11
 async def conn(migrated_conn: asyncpg.Connection) -> asyncpg.Connection:
     await init_connection(migrated_conn)
     return migrated_conn
-
-
-async def _waiting_on_a_lock(observer: asyncpg.Connection, pid: int) -> bool:
-    return bool(await observer.fetchval(
-        "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid))
 
 
 @pytest.mark.parametrize("first_seen", [True, False], ids=["key-known", "key-new"])
@@ -54,7 +49,7 @@ async def test_a_redelivery_racing_an_open_commit_is_undone_and_stored_once(
             with structlog.testing.capture_logs() as logs:
                 second = asyncio.create_task(writer_a.write(conn, [writer_a.decode(racing)]))
                 pid = conn.get_server_pid()
-                await until(lambda: _waiting_on_a_lock(observer, pid), timeout=10,
+                await until(lambda: waiting_on_a_lock(observer, pid), timeout=10,
                             message="the second writer never waited on the first's lock")
                 assert not second.done()
                 await b.commit()

@@ -2,7 +2,8 @@
 
 - :func:`until`: wait on a condition with a deadline, :func:`until_in` on a resource
   reaching one of some states (``waiting``);
-- :class:`PgCluster`, :func:`dsn_from_env`: the PostgreSQL tests use (``postgres``);
+- :class:`PgCluster`, :func:`dsn_from_env`: the PostgreSQL tests use, and
+  :func:`waiting_on_a_lock` for race tests (``postgres``);
 - :class:`ServiceProcess`, :func:`settings_env`: a service as a child process, and the
   ``EDGESYNC_*`` variables that configure it from settings objects (shipped in
   :mod:`broker.runtime.children`, because ``bench/`` uses them too and shipped code
@@ -13,7 +14,7 @@
 """
 
 from broker.runtime.children import ServiceProcess, settings_env
-from tests.support.postgres import PgCluster, dsn_from_env
+from tests.support.postgres import PgCluster, dsn_from_env, waiting_on_a_lock
 from tests.support.processes import (
     BridgeProcess,
     UpProcess,
@@ -39,4 +40,5 @@ __all__ = [
     "settings_env",
     "until",
     "until_in",
+    "waiting_on_a_lock",
 ]

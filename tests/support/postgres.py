@@ -14,10 +14,19 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
+import asyncpg
+
 from broker.pg_connecting import connected
 from broker.runtime.embedded_postgres import EmbeddedPostgres
 
-__all__ = ["PgCluster", "dsn_from_env"]
+__all__ = ["PgCluster", "dsn_from_env", "waiting_on_a_lock"]
+
+
+async def waiting_on_a_lock(observer: asyncpg.Connection, pid: int) -> bool:
+    """Whether backend ``pid`` waits on a lock now, as ``observer`` sees it: the way
+    race tests know the interleaving they arrange happened (not by timing)."""
+    return bool(await observer.fetchval(
+        "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid))
 
 
 def dsn_from_env(env: Mapping[str, str] | None = None) -> str:
