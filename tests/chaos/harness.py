@@ -109,8 +109,11 @@ class Load:
 
     def __init__(self, system: ChaosSystem, *, streams: tuple[str, ...] = ("s1", "s2"),
                  rate: float = 2000.0, retry_timeout_s: float = 120.0,
-                 edges: list[str] | None = None) -> None:
+                 edges: list[str] | None = None, ordered: bool = False) -> None:
+        """``ordered``: one request in flight per producer, so that seq follows publish
+        order across batches too (EdgeClient's docstring); the default sends several."""
         self.system = system
+        self.ordered = ordered
         self.streams = streams
         self.rate = rate  # records per second per producer
         self.retry_timeout_s = retry_timeout_s
@@ -145,7 +148,8 @@ class Load:
         bridge = self.system.bridges[edge]
         futures: set[asyncio.Future[RecordAck]] = set()
         async with EdgeClient(bridge.url, linger_ms=5, retry_timeout_s=self.retry_timeout_s,
-                              max_pending_records=20_000) as client:
+                              max_pending_records=20_000,
+                              **({"max_in_flight": 1} if self.ordered else {})) as client:
             interval = 0.01
             per_tick = max(1, int(self.rate * interval))
             stream_cycle = itertools.cycle(self.streams)
