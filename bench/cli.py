@@ -23,6 +23,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from bench.data import Pool
 from bench.env import BenchEnv, machine_info
+from bench.pg_statements import PRELOAD, statement_tables
 from bench.procs import start_self_profile, stop_profile
 from bench.profiles import PROFILES, Profile
 from bench.results import ScenarioResult, markdown, rich_tables
@@ -72,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --py-spy: sample only the thread holding the GIL, i.e. "
                              "Python's CPU time without I/O waits such as the bridge's fsync "
                              "(which the default sampling counts as busy)")
+    parser.add_argument("--pg-statements", action="store_true",
+                        help="PostgreSQL preloads pg_stat_statements; the ingest drains "
+                             "(scenarios ingest and fleet) report the statements that took "
+                             "most of its time in their measured windows")
     parser.add_argument("--fleet-drain-only", action="store_true",
                         help="scenario 7 (fleet) runs only its bulk and fan-in drains, "
                              "not the live fleet: the quick loop for the ingest's fan-in rate")
@@ -109,11 +114,14 @@ async def _run(args: argparse.Namespace, profile: Profile, argv: Sequence[str] |
         "sizes": _sizes(profile),
         "service_env": dict(item.split("=", 1) for item in args.service_env),
         "postgres_fsync": bool(args.pg_fsync),
+        "pg_statements": bool(args.pg_statements),
     }
     try:
         async with EmbeddedPostgres(workdir / "pg", ephemeral=True, fsync=args.pg_fsync,
                                     start_timeout=60.0,  # a busy shared machine starts slowly
-                                    synchronous_commit=True) as postgres:
+                                    synchronous_commit=True,
+                                    settings=PRELOAD if args.pg_statements else None,
+                                    ) as postgres:
             meta["machine"] = machine_info()
             meta["cores_shared_by"] = (
                 f"all processes of a phase share the machine's {meta['machine']['nproc']} "
@@ -122,7 +130,8 @@ async def _run(args: argparse.Namespace, profile: Profile, argv: Sequence[str] |
                 "processes; cpu_seconds says what each used while the phase was measured"
             )
             env = BenchEnv(workdir, postgres, profile_dir=args.py_spy,
-                           profile_gil=args.py_spy_gil, service_env=meta["service_env"])
+                           profile_gil=args.py_spy_gil, service_env=meta["service_env"],
+                           pg_statements=args.pg_statements)
             pool = Pool.generate()
             columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                        TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
@@ -154,7 +163,7 @@ async def _run(args: argparse.Namespace, profile: Profile, argv: Sequence[str] |
             shutil.rmtree(workdir, ignore_errors=True)
     meta["seconds"] = round(time.monotonic() - started, 1)
     meta["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    for table in rich_tables(results):
+    for table in [*rich_tables(results), *statement_tables(results)]:
         console.print(table)
     path = _write_json(args.results_dir, started_at, meta, results)
     console.print(f"results: {path}")

@@ -18,11 +18,13 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import nats
 from nats.aio.client import Client as NATS
 
+from bench.pg_statements import statement_times
 from bench.procs import CpuMeter, MeasuredService, PostgresCpu, ProcessCpu
 from broker.pg_connecting import connected
 from broker.runtime.children import settings_env
@@ -49,6 +51,14 @@ class BenchEnv:
     """py-spy samples only the thread holding the GIL (``--py-spy-gil``)."""
     service_env: dict[str, str] = field(default_factory=dict)
     """``EDGESYNC_*`` overrides for every service process (``--service-env``)."""
+    pg_statements: bool = False
+    """PostgreSQL preloads ``pg_stat_statements`` (``--pg-statements``)."""
+
+    def statement_times(self, dsn: str, data: dict[str, Any], name: str
+                        ) -> contextlib.AbstractAsyncContextManager[None]:
+        """:func:`bench.pg_statements.statement_times` of a measured window, when the
+        run asked for them; otherwise nothing."""
+        return statement_times(dsn if self.pg_statements else None, data, name)
 
     @contextlib.asynccontextmanager
     async def nats_server(self, name: str) -> AsyncIterator[EmbeddedNats]:

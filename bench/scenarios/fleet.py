@@ -138,18 +138,19 @@ async def _drain(env: BenchEnv, name: str, wire: Sequence[Batch], processes: int
             await nc.close()
         ingests = [env.ingest(f"{name}-{i}", nats_server.url, dsn) for i in range(processes)]
         async with connected(dsn) as conn:
-            await asyncio.gather(*(i.start() for i in ingests))
-            meter = env.cpu_meter(nats_server, **{
-                f"ingest {i + 1}" if processes > 1 else "ingest": p
-                for i, p in enumerate(ingests)})
-            meter.start()
+            async with env.statement_times(dsn, res.data, name):
+                await asyncio.gather(*(i.start() for i in ingests))
+                meter = env.cpu_meter(nats_server, **{
+                    f"ingest {i + 1}" if processes > 1 else "ingest": p
+                    for i, p in enumerate(ingests)})
+                meter.start()
 
-            async def all_committed() -> bool:
-                return await inserted_records(conn) >= n
+                async def all_committed() -> bool:
+                    return await inserted_records(conn) >= n
 
-            done = await wait_for(all_committed, timeout=900, interval=0.02,
-                                  what=f"{n} records committed")
-            res.cpu_seconds[name] = {**meter.stop(), "wall": round(meter.wall_s, 2)}
+                done = await wait_for(all_committed, timeout=900, interval=0.02,
+                                      what=f"{n} records committed")
+                res.cpu_seconds[name] = {**meter.stop(), "wall": round(meter.wall_s, 2)}
             starts = [i.started_at("ingest_started") for i in ingests]
             assert None not in starts, "ingest_started not found in an ingest's log"
             rows = await conn.fetchval("SELECT count(*) FROM records")

@@ -207,16 +207,18 @@ async def _ingest(env: BenchEnv, nats_server: Any, dsn: str, n: int,
                   res: ScenarioResult) -> float:
     ingest = env.ingest("drain", nats_server.url, dsn)
     async with connected(dsn) as conn:
-        await ingest.start()
-        meter = env.cpu_meter(nats_server, ingest=ingest)
-        meter.start()
+        async with env.statement_times(dsn, res.data, "edgesync ingest"):
+            await ingest.start()
+            meter = env.cpu_meter(nats_server, ingest=ingest)
+            meter.start()
 
-        async def all_committed() -> bool:
-            return await committed_records(conn) >= n
+            async def all_committed() -> bool:
+                return await committed_records(conn) >= n
 
-        done = await wait_for(all_committed, timeout=600, interval=0.02,
-                              what=f"{n} records committed")
-        res.cpu_seconds["edgesync ingest"] = {**meter.stop(), "wall": round(meter.wall_s, 2)}
+            done = await wait_for(all_committed, timeout=600, interval=0.02,
+                                  what=f"{n} records committed")
+            res.cpu_seconds["edgesync ingest"] = {**meter.stop(),
+                                                  "wall": round(meter.wall_s, 2)}
         started = ingest.started_at("ingest_started")
         assert started is not None, "ingest_started not found in the ingest's log"
         rows = await conn.fetchval("SELECT count(*) FROM records")

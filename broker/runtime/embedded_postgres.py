@@ -36,6 +36,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final, Literal, Self
@@ -112,6 +113,8 @@ class EmbeddedPostgres(ChildServer[_Run]):
         ephemeral: remove the data directory on close, but only if this
             instance created the cluster; an existing cluster is never deleted.
         start_timeout: seconds to wait for the server to accept connections.
+        settings: further server settings (``-c name=value``), applied after the
+            defaults above (the bench's ``--pg-statements`` preloads an extension).
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class EmbeddedPostgres(ChildServer[_Run]):
         synchronous_commit: bool | None = None,
         ephemeral: bool = True,
         start_timeout: float = 10.0,
+        settings: Mapping[str, str] | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be 0..65535, got {port}")
@@ -134,6 +138,7 @@ class EmbeddedPostgres(ChildServer[_Run]):
         self._synchronous_commit = fsync if synchronous_commit is None else synchronous_commit
         self._ephemeral = ephemeral
         self._start_timeout = start_timeout
+        self._settings = dict(settings or {})
         self._run: _Run | None = None
         self.source: ClusterSource | None = None
         """Where the running cluster came from: ``initdb``, ``template`` (a copy of the
@@ -342,6 +347,7 @@ class EmbeddedPostgres(ChildServer[_Run]):
             settings |= {"fsync": "off", "full_page_writes": "off"}
         if not self._synchronous_commit:
             settings["synchronous_commit"] = "off"
+        settings |= self._settings
         args = [str(bindir / "postgres"), "-D", str(real), "-p", str(port)]
         for name, value in settings.items():
             args += ["-c", f"{name}={value}"]
