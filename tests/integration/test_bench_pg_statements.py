@@ -16,14 +16,14 @@ from broker.runtime.embedded_postgres import EmbeddedPostgres
 
 
 async def test_a_window_keeps_its_statements_and_prints_them(tmp_path: Path) -> None:
-    async with EmbeddedPostgres(tmp_path / "pg", settings=PRELOAD) as pg:
-        async with connected(pg.dsn) as conn:
-            await conn.execute("CREATE TABLE t (n int)")
-            await conn.execute("INSERT INTO t SELECT 1")  # before the window: not kept
-            res = ScenarioResult("k", "9. test")
-            async with statement_times(pg.dsn, res.data, "drain"):
-                for _ in range(3):
-                    await conn.execute("INSERT INTO t SELECT generate_series(1, 100)")
+    async with (EmbeddedPostgres(tmp_path / "pg", settings=PRELOAD) as pg,
+                connected(pg.dsn) as conn):
+        await conn.execute("CREATE TABLE t (n int)")
+        await conn.execute("INSERT INTO t SELECT 1")  # before the window: not kept
+        res = ScenarioResult("k", "9. test")
+        async with statement_times(pg.dsn, res.data, "drain"):
+            for _ in range(3):
+                await conn.execute("INSERT INTO t SELECT generate_series(1, 100)")
     kept = res.data["pg_statements"]["drain"]
     inserts = [r for r in kept if r["query"].startswith("INSERT INTO t")]
     assert len(inserts) == 1 and inserts[0]["calls"] == 3 and inserts[0]["rows"] == 300
