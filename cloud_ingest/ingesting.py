@@ -95,9 +95,11 @@ class RecordsConsumer:
         settings: IngestSettings,
         metrics: IngestMetrics,
         on_committed: Callable[[list[tuple[str, str, int, int]]], None] | None = None,
+        on_repeated: Callable[[list[tuple[str, str, int, int]]], None] | None = None,
     ) -> None:
         """``settings`` name the consumer and size its fetches, groups and retries;
-        ``on_committed`` receives the watermarks of each group after its commit."""
+        ``on_committed`` receives the watermarks of each group after its commit, and
+        ``on_repeated`` those of the keys it only repeated (``GroupResult.repeated``)."""
         self._settings = settings
         self._nc = nc
         self._js = js
@@ -107,6 +109,7 @@ class RecordsConsumer:
                                     settings.group_max_bytes)
         self._metrics = metrics
         self._on_committed = on_committed
+        self._on_repeated = on_repeated
         self._writer = GroupWriter(topology)
         self._stopping = False
         self._stop = asyncio.Event()
@@ -322,6 +325,8 @@ class RecordsConsumer:
     async def _committed(self, result: GroupResult, msgs: list[Msg], started: float) -> None:
         if self._on_committed is not None:
             self._on_committed(result.watermarks)
+        if self._on_repeated is not None and result.repeated:
+            self._on_repeated(result.repeated)
         if not self.db_ok:
             log.info("database_available")
         self.db_ok = True

@@ -21,7 +21,7 @@ from cloud_ingest.packing import int8_array, text_array
 
 __all__ = [
     "ACCOUNTED", "Column", "Span", "Watermark", "accounted", "merge_committed", "merge_ranges",
-    "spans_of",
+    "spans_of", "watermarks_of",
 ]
 
 Span = tuple[str, str, int, int, int]
@@ -153,6 +153,23 @@ async def _merge_one_span_each(conn: Connection, ordered: Sequence[Span]
         f"RETURNING edge_id, stream, epoch, es_watermark({ACCOUNTED}) AS watermark",
         *(p[1] for p in params),
     )
+
+
+async def watermarks_of(conn: Connection, keys: Sequence[tuple[str, str, int]]
+                        ) -> list[Watermark]:
+    """The watermarks of ``keys`` as they stand (keys with no row yet are left out)."""
+    if not keys:
+        return []
+    params = (text_array([k[0] for k in keys], 1), text_array([k[1] for k in keys], 2),
+              int8_array([k[2] for k in keys], 3))
+    rows = await conn.fetch(
+        f"SELECT c.edge_id, c.stream, c.epoch, es_watermark({accounted('c')}) AS watermark "
+        f"FROM unnest({', '.join(p[0] for p in params)}) AS u(edge_id, stream, epoch) "
+        "JOIN committed_ranges c USING (edge_id, stream, epoch) "
+        "ORDER BY c.edge_id, c.stream, c.epoch",
+        *(p[1] for p in params),
+    )
+    return [(r["edge_id"], r["stream"], r["epoch"], r["watermark"]) for r in rows]
 
 
 def spans_of(edge: str, stream: str, epoch: int, seqs: Sequence[int]) -> list[Span]:

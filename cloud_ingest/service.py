@@ -13,6 +13,7 @@ schema migrations, creates the streams and durable consumers, then consumes.
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import structlog
 from fastapi import FastAPI
@@ -92,6 +93,7 @@ class Ingest(CloudService):
         self.consumer = RecordsConsumer(
             nc=nc, js=js, pool=pool, topology=self.topology, settings=self.settings,
             metrics=self.metrics, on_committed=self.watermarks.note,
+            on_repeated=functools.partial(self.watermarks.note, again=True),
         )
         await self.consumer.ensure_consumer()
         self.events = EventsConsumer(

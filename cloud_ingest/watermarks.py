@@ -81,11 +81,15 @@ class WatermarkPublisher:
         self.failures = 0
         """Writes refused or unanswered (each kept for the next window)."""
 
-    def note(self, watermarks: list[tuple[str, str, int, int]]) -> None:
-        """Record watermarks seen after a commit; cheap, never blocks."""
+    def note(self, watermarks: list[tuple[str, str, int, int]], *, again: bool = False
+             ) -> None:
+        """Record watermarks seen after a commit; cheap, never blocks. ``again``: write
+        them even if this publisher wrote them before (those of keys a group only
+        repeated, ``GroupResult.repeated``, whose edge may not have seen them)."""
         for edge, stream, epoch, watermark in watermarks:
             key = (edge, stream, epoch)
-            if watermark > max(self._pending.get(key, 0), self._published.get(key, 0)):
+            written = 0 if again else self._published.get(key, 0)
+            if watermark > max(self._pending.get(key, 0), written):
                 self._pending[key] = watermark
         if self._pending:
             self._wake.set()

@@ -68,7 +68,7 @@ from cloud_ingest.dead_letters import DeadLetter, insert_dead_letters
 from cloud_ingest.feeding import record_commit
 from cloud_ingest.gc_pausing import paused_gc
 from cloud_ingest.isolating import REJECTED, refusal
-from cloud_ingest.ranges import Span, Watermark, merge_committed, spans_of
+from cloud_ingest.ranges import Span, Watermark, merge_committed, spans_of, watermarks_of
 
 __all__ = [
     "COLUMNS", "MAX_CACHED_STREAM_KEYS", "ROW_OVERHEAD_BYTES", "VALIDATE_CHUNK_RECORDS",
@@ -132,6 +132,13 @@ class GroupResult:
     dead_lettered_records: int
     watermarks: list[Watermark]
     """``(edge, stream, epoch, watermark)`` after this commit, per key touched."""
+    repeated: list[Watermark] = field(default_factory=list)
+    """The watermarks of keys this group changed nothing in because all it carried of
+    them was accounted already: a JetStream redelivery, or an edge's retransmit. An
+    edge retransmits when it has not seen the watermark covering what it shipped (a
+    watermark write lost, an ingest that stopped between its commit and the write),
+    so these are written again, even if written before: without that, a stream that
+    then goes quiet would keep its last batch unacknowledged, retransmitted for ever."""
 
 
 class GroupWriter:
@@ -352,6 +359,10 @@ class GroupWriter:
             del rows
             for w in merged:
                 wm[w[:3]] = w[3]
+            # Keys of which the group stored nothing new (GroupResult.repeated).
+            again = {key_of(d.batch) for j, d in enumerate(good)
+                     if skip[j] and d.batch is not None}
+            repeated = await watermarks_of(conn, sorted(again - wm.keys()))
             for j, d in enumerate(good):
                 b = d.batch
                 assert b is not None
@@ -373,7 +384,8 @@ class GroupWriter:
                                 received_us=received_us if committed else None)
         dead_records = sum(d.span[4] - d.span[3] + 1 for d in letters if d.span)
         return GroupResult(batches, records, inserted, len(letters), dead_records,
-                           [(*k, v) for k, v in wm.items()])
+                           [(*k, v) for k, v in wm.items()],
+                           [w for w in repeated if w[:3] not in wm])
 
     async def _insert_isolating(
         self, conn: Connection, rows: CopyRows, *, bisect: bool = True
