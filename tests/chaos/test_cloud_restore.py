@@ -14,7 +14,7 @@ import time
 
 from broker.pg_connecting import connected
 from tests.chaos.harness import ChaosSystem, Identity, Load, Outcome, duplicated_rows
-from tests.helpers import until
+from tests.support import retrying_deadlocks, until
 
 
 async def backup(dsn: str) -> None:
@@ -26,11 +26,19 @@ async def backup(dsn: str) -> None:
 
 
 async def restore(dsn: str) -> None:
-    async with connected(dsn) as conn, conn.transaction():
-        await conn.execute("LOCK TABLE committed_ranges, records IN ACCESS EXCLUSIVE MODE")
-        await conn.execute("TRUNCATE records, committed_ranges")
-        await conn.execute("INSERT INTO records SELECT * FROM backup_records")
-        await conn.execute("INSERT INTO committed_ranges SELECT * FROM backup_ranges")
+    """The backup put back at once. The ingest, committing meanwhile, locks ``records``
+    before ``committed_ranges``: a deadlock's victim is tried again."""
+    async with connected(dsn) as conn:
+
+        async def once() -> None:
+            async with conn.transaction():
+                await conn.execute(
+                    "LOCK TABLE committed_ranges, records IN ACCESS EXCLUSIVE MODE")
+                await conn.execute("TRUNCATE records, committed_ranges")
+                await conn.execute("INSERT INTO records SELECT * FROM backup_records")
+                await conn.execute("INSERT INTO committed_ranges SELECT * FROM backup_ranges")
+
+        await retrying_deadlocks(once)
 
 
 LostRanges = dict[tuple[str, str, int], list[tuple[int, int]]]

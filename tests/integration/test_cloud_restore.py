@@ -21,8 +21,8 @@ from broker.settings import ShipperSettings
 from cloud_ingest.service import Ingest
 from edge_bridge.bridge import Bridge
 from edge_bridge.sdk import EdgeClient, RecordAck
-from tests.helpers import until
 from tests.integration.harness import bridge_settings, running_bridge, running_ingest
+from tests.support import retrying_deadlocks, until
 
 KEY = ("edge-1", "s")
 
@@ -53,7 +53,15 @@ async def backup(conn: asyncpg.Connection) -> None:
 
 
 async def restore(conn: asyncpg.Connection) -> None:
-    """Put the key's rows back as the backup had them: what was committed since is gone."""
+    """Put the key's rows back as the backup had them: what was committed since is gone.
+
+    The locks are taken while the ingest commits, which locks ``records`` before
+    ``committed_ranges``: PostgreSQL may then end the restore as a deadlock's victim,
+    and it is tried again, as an operator would."""
+    await retrying_deadlocks(lambda: _restore_once(conn))
+
+
+async def _restore_once(conn: asyncpg.Connection) -> None:
     async with conn.transaction():
         # Like a restore, all at once: no ingest commit lands half before, half after.
         await conn.execute("LOCK TABLE committed_ranges, records IN ACCESS EXCLUSIVE MODE")

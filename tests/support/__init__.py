@@ -3,7 +3,8 @@
 - :func:`until`: wait on a condition with a deadline, :func:`until_in` on a resource
   reaching one of some states (``waiting``);
 - :class:`PgCluster`, :func:`dsn_from_env`: the PostgreSQL tests use, and
-  :func:`waiting_on_a_lock` for race tests (``postgres``);
+  :func:`waiting_on_a_lock` and :func:`retrying_deadlocks` for race tests
+  (``postgres``);
 - :class:`ServiceProcess`, :func:`settings_env`: a service as a child process, and the
   ``EDGESYNC_*`` variables that configure it from settings objects (shipped in
   :mod:`broker.runtime.children`, because ``bench/`` uses them too and shipped code
@@ -14,7 +15,12 @@
 """
 
 from broker.runtime.children import ServiceProcess, settings_env
-from tests.support.postgres import PgCluster, dsn_from_env, waiting_on_a_lock
+from tests.support.postgres import (
+    PgCluster,
+    dsn_from_env,
+    retrying_deadlocks,
+    waiting_on_a_lock,
+)
 from tests.support.processes import (
     BridgeProcess,
     UpProcess,
@@ -37,6 +43,7 @@ __all__ = [
     "init_topology",
     "port_for_config",
     "refused_port",
+    "retrying_deadlocks",
     "settings_env",
     "until",
     "until_in",

@@ -10,7 +10,7 @@ import contextlib
 import getpass
 import os
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
@@ -19,7 +19,7 @@ import asyncpg
 from broker.pg_connecting import connected
 from broker.runtime.embedded_postgres import EmbeddedPostgres
 
-__all__ = ["PgCluster", "dsn_from_env", "waiting_on_a_lock"]
+__all__ = ["PgCluster", "dsn_from_env", "retrying_deadlocks", "waiting_on_a_lock"]
 
 
 async def waiting_on_a_lock(observer: asyncpg.Connection, pid: int) -> bool:
@@ -27,6 +27,19 @@ async def waiting_on_a_lock(observer: asyncpg.Connection, pid: int) -> bool:
     race tests know the interleaving they arrange happened (not by timing)."""
     return bool(await observer.fetchval(
         "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid))
+
+
+async def retrying_deadlocks(step: Callable[[], Awaitable[None]], attempts: int = 5) -> None:
+    """Run ``step`` (a transaction of its own), again when PostgreSQL ends it as a
+    deadlock's victim: what a test's stand-in for an operator (a restore that locks
+    tables while the ingest commits) does, as the operator would."""
+    for attempt in range(attempts):
+        try:
+            await step()
+            return
+        except asyncpg.DeadlockDetectedError:
+            if attempt == attempts - 1:
+                raise
 
 
 def dsn_from_env(env: Mapping[str, str] | None = None) -> str:
