@@ -41,7 +41,9 @@ input lets through and the record contract does not (nesting past
    (and per undecodable message) and merges their seqs into ``dead_lettered``;
 5. adds the group's entry to the commit-ordered feed (:mod:`cloud_ingest.feeding`):
    the spans of the rows it inserted and the new watermarks;
-6. returns the new watermarks; the caller commits, then acks.
+6. returns the new watermarks, and the current ones of keys it only repeated
+   (``GroupResult.repeated``: their edge may lack them); the caller commits, then
+   acks.
 """
 
 from __future__ import annotations
