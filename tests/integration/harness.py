@@ -18,6 +18,7 @@ from tests.support import BridgeProcess, init_topology, until
 __all__ = [
     "BridgeProcess",
     "bridge_settings",
+    "buffered_is",
     "count_records",
     "init_topology",
     "running_bridge",
@@ -77,6 +78,11 @@ async def running_ingest(dsn: str, nats_url: str, **overrides: object) -> AsyncI
     settings = IngestSettings(**fields)  # type: ignore[arg-type]
     async with serving(Ingest(settings, NatsSettings(url=nats_url))) as ingest:
         yield ingest
+
+
+async def buffered_is(bridge: Bridge, n: int) -> bool:
+    """Whether the bridge's buffer holds exactly ``n`` records (for ``until``)."""
+    return (await bridge.buffer.stats()).records == n
 
 
 async def count_records(dsn: str, where: str = "true") -> int:

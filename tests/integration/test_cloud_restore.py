@@ -21,7 +21,12 @@ from broker.settings import ShipperSettings
 from cloud_ingest.service import Ingest
 from edge_bridge.bridge import Bridge
 from edge_bridge.sdk import EdgeClient, RecordAck
-from tests.integration.harness import bridge_settings, running_bridge, running_ingest
+from tests.integration.harness import (
+    bridge_settings,
+    buffered_is,
+    running_bridge,
+    running_ingest,
+)
 from tests.support import retrying_deadlocks, until
 
 KEY = ("edge-1", "s")
@@ -161,5 +166,3 @@ def trimmed(bridge: Bridge) -> int:
     return 0 if state is None else state.committed_seq
 
 
-async def buffered_is(bridge: Bridge, n: int) -> bool:
-    return (await bridge.buffer.stats()).records == n

@@ -21,6 +21,7 @@ from broker.identities import new_user_seed
 from broker.protocol.permissions import inbox_prefix
 from broker.protocol.topology import Topology
 from broker.runtime.secured_nats import SecuredNats
+from broker.settings import NatsSettings
 from tests.support import until
 
 T = Topology()
@@ -51,13 +52,21 @@ async def _has_consumer(server: SecuredNats, edge: str) -> bool:
         await nc.close()
 
 
-async def test_a_refusal_right_after_the_reload_is_retried_until_it_passes(
-    server: SecuredNats, tmp_path: Path,
-) -> None:
+def _refused_admin(server: SecuredNats) -> tuple[NatsSettings, bytes]:
+    """The admin's settings, its seed file now holding a key the server does not know,
+    and the right seed (to put back)."""
     admin = server.settings_for("admin")
     assert admin.credentials_file is not None
     good = admin.credentials_file.read_bytes()
-    write_private(admin.credentials_file, new_user_seed())  # unknown to the server
+    write_private(admin.credentials_file, new_user_seed())
+    return admin, good
+
+
+async def test_a_refusal_right_after_the_reload_is_retried_until_it_passes(
+    server: SecuredNats, tmp_path: Path,
+) -> None:
+    admin, good = _refused_admin(server)
+    assert admin.credentials_file is not None
     before = _refusals(tmp_path / "nats.log")
     creating = asyncio.create_task(
         edges._create_control_consumer(admin, T, "e1", just_reloaded=True))
@@ -73,9 +82,7 @@ async def test_a_refusal_right_after_the_reload_is_retried_until_it_passes(
 
 
 async def test_without_a_reload_a_refusal_fails_at_once(server: SecuredNats) -> None:
-    admin = server.settings_for("admin")
-    assert admin.credentials_file is not None
-    write_private(admin.credentials_file, new_user_seed())
+    admin, _ = _refused_admin(server)
     with pytest.raises(nats.errors.Error, match="Authorization Violation"):
         await asyncio.wait_for(
             edges._create_control_consumer(admin, T, "e1", just_reloaded=False), timeout=10)
@@ -85,9 +92,7 @@ async def test_a_refusal_that_lasts_past_the_settle_time_fails(
     server: SecuredNats, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(edges, "_RELOAD_SETTLE_S", 0.5)
-    admin = server.settings_for("admin")
-    assert admin.credentials_file is not None
-    write_private(admin.credentials_file, new_user_seed())
+    admin, _ = _refused_admin(server)
     with pytest.raises(nats.errors.Error, match="Authorization Violation"):
         await asyncio.wait_for(
             edges._create_control_consumer(admin, T, "e1", just_reloaded=True), timeout=10)

@@ -21,7 +21,12 @@ from cloud_ingest.watermarks import WatermarkPublisher
 from cloud_ingest.writing import GroupWriter
 from edge_bridge.bridge import Bridge
 from edge_bridge.sdk import EdgeClient
-from tests.integration.harness import bridge_settings, running_bridge, running_ingest
+from tests.integration.harness import (
+    bridge_settings,
+    buffered_is,
+    running_bridge,
+    running_ingest,
+)
 from tests.support import until
 from tests.support.batches import json_batch_msg
 
@@ -114,19 +119,11 @@ async def test_an_edge_whose_watermark_was_never_written_trims_once_the_ingest_r
             await sub.unsubscribe()
         finally:
             await nc.close()
-        assert await buffered(bridge) == 20  # committed, but the edge does not know
+        assert await buffered_is(bridge, 20)  # committed, but the edge does not know
         async with running_ingest(pg_dsn, nats_server.url):
             await until(lambda: buffered_is(bridge, 0), timeout=20,
                         message="the edge never learned the watermark")
     assert await conn.fetchval("SELECT count(*) FROM v_records") == 20
-
-
-async def buffered(bridge: Bridge) -> int:
-    return (await bridge.buffer.stats()).records
-
-
-async def buffered_is(bridge: Bridge, n: int) -> bool:
-    return await buffered(bridge) == n
 
 
 async def buffered_unshipped(bridge: Bridge) -> int:
