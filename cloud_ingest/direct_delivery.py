@@ -53,6 +53,7 @@ __all__ = [
     "DeliveringClient",
     "Delivery",
     "Sink",
+    "header_of",
     "parse_header_block",
     "status_of",
     "unsubscribe",
@@ -196,6 +197,29 @@ def status_of(headers: bytes | None) -> str | None:
         return None
     status = headers[9:12].strip()
     return status.decode() if status.isdigit() else None
+
+
+def header_of(msg: Msg, name: str) -> str | None:
+    """``msg.headers.get(name)``, without parsing a :class:`Delivery`'s raw block when
+    that block holds ``name`` at most once, as a whole line's name (``\r\n<name>:``).
+    The ingest reads two headers of every delivery, a fleet's batch has one, and the
+    parse cost ~2.3 µs a message (measured). Anything less plain is parsed, so the
+    answer is always :func:`parse_header_block`'s (``name`` is a header name as
+    written: no whitespace or colon)."""
+    if type(msg) is Delivery and not msg._parsed:
+        raw = msg._raw_headers
+        assert raw is not None
+        key = name.encode()
+        found = raw.count(key)
+        if not found:
+            return None
+        if found == 1 and (at := raw.find(b"\r\n" + key + b":")) >= 0:
+            start = at + len(key) + 3
+            end = raw.find(b"\r\n", start)
+            value = raw[start:] if end < 0 else raw[start:end]
+            return value.strip().decode("utf-8", "replace")
+    headers = msg.headers
+    return None if headers is None else headers.get(name)
 
 
 def parse_header_block(headers: bytes) -> dict[str, str] | None:

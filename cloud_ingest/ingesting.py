@@ -42,6 +42,7 @@ from broker.protocol.topology import Topology
 from broker.settings import IngestSettings
 from cloud_ingest.bulk_publishing import ack_all
 from cloud_ingest.db_errors import as_temporary
+from cloud_ingest.direct_delivery import header_of
 from cloud_ingest.gc_pausing import held_gc, paused_gc
 from cloud_ingest.metrics import IngestMetrics
 from cloud_ingest.pulling import Puller
@@ -368,10 +369,7 @@ def _records_hint(msg: Msg) -> int:
     """Records a batch message carries, read from its ``Nats-Msg-Id``
     (``<edge>.<stream>.<epoch>.<first>-<last>[.r<n>]``) without decoding the body;
     1 if it has none (the budget then counts it by its bytes and as one message)."""
-    headers = msg.headers
-    if not headers:
-        return 1
-    parts = headers.get("Nats-Msg-Id", "").split(".")
+    parts = (header_of(msg, "Nats-Msg-Id") or "").split(".")
     if len(parts) < 4:
         return 1
     first, _, last = parts[3].partition("-")

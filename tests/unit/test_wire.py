@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import msgspec
 import pytest
 import zstandard
@@ -9,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.errors import DecodeError
+from broker.protocol import wire
 from broker.protocol.wire import (
     CT_JSON,
     CT_RAW,
@@ -185,3 +188,69 @@ def test_a_sound_records_column_is_checked_at_once() -> None:
     for unsound in (Record(MAX_SEQ + 1, CT_RAW, b""), Record(0, 2, b""),
                     Record(0, CT_RAW, b"", "k" * 1025)):
         assert not _all_sound([*sound, unsound])
+
+
+# -- decode_records' one-call path ------------------------------------------------------------
+
+_TS = 1_700_000_000_000_000
+
+
+def _plain(n: int = 3) -> list[Record]:
+    return [Record(_TS + i, CT_JSON if i % 2 else CT_RAW, b'{"i":%d}' % i,
+                   None if i % 3 else f"k{i}", None) for i in range(n)]
+
+
+def _outcome(body: bytes, *, one_call: bool) -> object:
+    """What decode_records gives for ``body``, its one-call path allowed or not."""
+    limit = wire.ONE_CALL_MAX_BYTES if one_call else -1
+    with mock.patch.object(wire, "ONE_CALL_MAX_BYTES", limit):
+        try:
+            return decode_records(body)
+        except DecodeError as exc:
+            return ("refused", str(exc), exc.span)
+
+
+ONE_CALL_CASES = [
+    Batch(1, "edge-1", "telemetry", 7, 1, _plain()),
+    Batch(1, "edge-1", "telemetry", MAX_SEQ, MAX_SEQ - 2, _plain()),    # the last seqs
+    Batch(1, "edge-1", "telemetry", 7, MAX_SEQ - 1, _plain()),          # one past them
+    Batch(1, "edge-1", "telemetry", 0, 1, _plain()),                    # epoch 0
+    Batch(1, "edge-1", "telemetry", 7, 0, _plain()),                    # seq 0
+    Batch(2, "edge-1", "telemetry", 7, 1, _plain()),                    # another version
+    Batch(1, "edge 1", "telemetry", 7, 1, _plain()),                    # not a token
+    Batch(1, "edge-1", "t" * 65, 7, 1, _plain()),                       # too long a token
+    Batch(1, "edge-1", "telemetry", 7, 1, []),                          # no records
+    Batch(1, "edge-1", "telemetry", 7, 1,                               # one with headers
+          [*_plain(2), Record(_TS, CT_JSON, b"1", None, {"h": "v"})]),
+    Batch(1, "edge-1", "telemetry", 7, 1,                               # a bad event time
+          [*_plain(2), Record(-1, CT_JSON, b"1", None, None)]),
+]
+
+
+@pytest.mark.parametrize("batch", ONE_CALL_CASES)
+def test_a_batch_decodes_the_same_in_one_call_as_in_two(batch: Batch) -> None:
+    body = encode_batch(batch)[0]
+    assert _outcome(body, one_call=True) == _outcome(body, one_call=False)
+
+
+def test_a_fleets_small_batch_takes_the_one_call_path_and_a_big_one_does_not() -> None:
+    small = encode_batch(Batch(1, "edge-1", "telemetry", 7, 1, _plain(10)))[0]
+    assert wire._plain_batch(small) == decode_records(small)
+    assert decode_records(small).plain
+    big = encode_batch(Batch(1, "edge-1", "telemetry", 7, 1, [
+        Record(_TS, CT_JSON, b"1" * 1000, None, None)] * 100))[0]
+    assert len(big) > wire.ONE_CALL_MAX_BYTES
+    with mock.patch.object(wire, "_plain_batch", side_effect=AssertionError("one call")):
+        assert decode_records(big).plain
+        with pytest.raises(DecodeError, match="one call"):
+            decode_records(small)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_damaged_batches_decode_the_same_in_one_call_as_in_two(data: st.DataObject) -> None:
+    body = bytearray(encode_batch(data.draw(st.sampled_from(ONE_CALL_CASES)))[0])
+    for _ in range(data.draw(st.integers(0, 3))):
+        at = data.draw(st.integers(0, len(body) - 1))
+        body[at] = data.draw(st.integers(0, 255))
+    assert _outcome(bytes(body), one_call=True) == _outcome(bytes(body), one_call=False)
