@@ -201,11 +201,11 @@ def status_of(headers: bytes | None) -> str | None:
 
 def header_of(msg: Msg, name: str) -> str | None:
     """``msg.headers.get(name)``, without parsing a :class:`Delivery`'s raw block when
-    that block holds ``name`` at most once, as a whole line's name (``\r\n<name>:``).
-    The ingest reads two headers of every delivery, a fleet's batch has one, and the
-    parse cost ~2.3 µs a message (measured). Anything less plain is parsed, so the
-    answer is always :func:`parse_header_block`'s (``name`` is a header name as
-    written: no whitespace or colon)."""
+    that block holds ``name`` at most once, as a whole line's name (``<name>:`` right
+    after a line break). The ingest reads two headers of every delivery, a fleet's
+    batch has one, and the parse cost ~2.3 µs a message (measured). Anything less plain
+    is parsed, so the answer is always :func:`parse_header_block`'s (``name`` is a
+    header name as written: no whitespace or colon)."""
     if type(msg) is Delivery and not msg._parsed:
         raw = msg._raw_headers
         assert raw is not None
