@@ -66,6 +66,9 @@ class Profile:
     """Edges (x 2 streams) the fan-in drain's records come from."""
     fleet_drain_batch: int
     """Records per fleet batch (linger-driven: a few records/s per edge)."""
+    fleet_drain_pairs: int
+    """Bulk and fan-in drains run back to back this many times, in alternating order;
+    the fan-in / bulk ratio reported is the median of the pairs' ratios."""
     fleet_rate: float
     """Records/s the live fleet offers in all, however many edges."""
     fleet_load_s: float

@@ -3,15 +3,18 @@
 Two parts, in one run:
 
 - **Fan-in drain.** The same ``fleet_drain_records`` records pre-loaded into
-  ``ES_RECORDS`` twice, on a fresh nats-server and database each time: (1) as one
+  ``ES_RECORDS``, on a fresh nats-server and database each time: (1) as one
   edge's shipper-sized batches (*bulk*, the single-edge figure of this run), and
   (2) as ``fleet_drain_edges`` edges x 2 streams x ``fleet_drain_batch``-record
   batches, interleaved as a fleet's linger-driven batches arrive (*fan-in*). An
   ingest process drains each, timed from its ``ingest_started`` log line until
   the feed counts them all inserted (``feed_commits``: one row per commit, a cheap
   poll; summing ``committed_ranges`` cost ~30 ms of PostgreSQL CPU per poll at
-  4,000 keys); the fan-in once more with two ingest
-  processes on the shared consumer (the CPU split says who used the cores).
+  4,000 keys). Bulk and fan-in run as ``fleet_drain_pairs`` back-to-back pairs in
+  alternating order, and the ratio is the median of the pairs' (one pair's ratio
+  moved 0.34-0.53x between runs on the shared 2-core machine); the fan-in once more
+  with two ingest processes on the shared consumer (the CPU split says who used the
+  cores).
 - **Live fleet**, per size in ``fleet_sizes``: a real ingest and a real API
   process, and N simulated edges (:class:`bench.fleet_driver.Fleet`: real wire
   batches, heartbeats, watermark keys, one durable control consumer each) in the
@@ -91,19 +94,45 @@ async def _drains(env: BenchEnv, profile: Profile, pool: Pool, step: Callable[[s
     step(f"encoding {n:,} records as bulk and as {edges:,} edges x 2 streams")
     bulk_batches = batches(pool, n)
     fan_batches = fanin_batches(pool, edges, n, per)
-    step("bulk drain: one edge's big batches")
-    bulk = await _drain(env, "fleet-bulk", bulk_batches, 1, res)
-    step(f"fan-in drain: {len(fan_batches):,} batches of {per} records")
-    fanin = await _drain(env, "fleet-fanin", fan_batches, 1, res)
+    pairs: list[tuple[float, float]] = []
+    count = profile.fleet_drain_pairs
+    for k in range(count):
+        # Back to back, the order alternating (bulk first, then fan-in first, ...), so
+        # that the machine's speed drifting through the run (it does, on shared cores)
+        # favours neither side; each pair's ratio is of two neighbouring drains.
+        suffix = f"-r{k + 1}" if k else ""
+        of = f" ({k + 1} of {count})" if count > 1 else ""
+
+        async def bulk_drain(suffix: str = suffix, of: str = of) -> float:
+            step(f"bulk drain{of}: one edge's big batches")
+            return await _drain(env, f"fleet-bulk{suffix}", bulk_batches, 1, res)
+
+        async def fanin_drain(suffix: str = suffix, of: str = of) -> float:
+            step(f"fan-in drain{of}: {len(fan_batches):,} batches of {per} records")
+            return await _drain(env, f"fleet-fanin{suffix}", fan_batches, 1, res)
+
+        if k % 2 == 0:
+            bulk = await bulk_drain()
+            fanin = await fanin_drain()
+        else:
+            fanin = await fanin_drain()
+            bulk = await bulk_drain()
+        pairs.append((bulk, fanin))
     step("fan-in drain with 2 ingest processes")
     fanin2 = await _drain(env, "fleet-fanin-2", fan_batches, 2, res)
-    ratio = fanin / bulk
+    ratios = [f / b for b, f in pairs]
+    ratio = statistics.median(ratios)
+    bulk = statistics.median(b for b, _ in pairs)
+    fanin = statistics.median(f for _, f in pairs)
+    median = f", median of {count} drains" if count > 1 else ""
     res.add("fan-in ingest, 1 process", fanin, "rec/s",
             f"{n:,} records, {edges:,} edges x 2 streams, {per}-record batches: "
-            f"{fanin / per:,.0f} batches/s")
+            f"{fanin / per:,.0f} batches/s{median}")
     res.add("bulk ingest, same records", bulk, "rec/s",
-            f"one edge, {len(bulk_batches)} shipper batches of up to 2,000 records")
-    res.add("fan-in / bulk", ratio, "x")
+            f"one edge, {len(bulk_batches)} shipper batches of up to 2,000 records{median}")
+    res.add("fan-in / bulk", ratio, "x",
+            "" if count == 1 else
+            f"median of {count} back-to-back pairs: " + " / ".join(f"{r:.2f}" for r in ratios))
     res.add("fan-in ingest, 2 processes", fanin2, "rec/s",
             "one durable consumer shared; CPU split below (fleet-fanin-2)")
     res.add("2 processes / 1 process", fanin2 / fanin, "x",
@@ -111,7 +140,7 @@ async def _drains(env: BenchEnv, profile: Profile, pool: Pool, step: Callable[[s
     res.check("fan-in ingest (10-record batches)", "≥ 0.5 x bulk rate of the same run",
               f"{ratio:.2f}x", ratio >= 0.5)
     res.data.update(drain_records=n, drain_edges=edges, drain_batch=per, fanin_rps=fanin,
-                    bulk_rps=bulk, fanin2_rps=fanin2)
+                    bulk_rps=bulk, fanin2_rps=fanin2, drain_pairs=pairs)
 
 
 async def _preload(js: JetStreamContext, topology: Topology, wire: Sequence[Batch]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,15 @@ def test_bench_smoke_run_reports_every_scenario_in_the_table_and_the_json(
     assert edge["floor: JSON + event time + keep, per record"] > 0
     assert edge["EdgeClient.send without I/O, per record"] > 0
     assert edge["floor: durable append CPU per record"] > 0
+    # The fleet's fan-in / bulk ratio is the median of back-to-back pairs (smoke: 2), each
+    # drained on its own servers; the CPU split names every drain.
+    fleet = document["scenarios"]["fleet"]
+    pairs = fleet["data"]["drain_pairs"]
+    assert len(pairs) == 2 and all(b > 0 and f > 0 for b, f in pairs), pairs
+    figures = {f["label"]: f["value"] for f in fleet["figures"]}
+    assert figures["fan-in / bulk"] == statistics.median(f / b for b, f in pairs)
+    assert {"fleet-bulk", "fleet-fanin", "fleet-bulk-r2", "fleet-fanin-r2"} <= set(
+        fleet["cpu_seconds"])
 
 
 async def test_the_tls_cost_script_runs_both_configurations() -> None:
