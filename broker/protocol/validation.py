@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from decimal import Decimal
 from operator import attrgetter
 from typing import Any, Final
 
@@ -58,10 +57,14 @@ inside what a recursive parser (msgspec's, PostgreSQL's) handles on any stack.""
 MAX_HEADERS_BYTES: Final = 64 * 1024
 """UTF-8 bytes of all header names and values of one record together."""
 
-_NUMERIC_MAX_EXP: Final = 131_071
-"""PostgreSQL ``numeric`` (jsonb numbers) holds up to 131,072 digits before the point..."""
-_NUMERIC_MIN_EXP: Final = -16_383
-"""... and 16,383 after it."""
+_NUMERIC_MAX_WEIGHT: Final = 131_071
+"""PostgreSQL ``numeric`` (jsonb numbers) holds up to 131,072 digits before the point
+(the leading digit's power of ten at most this)..."""
+_NUMERIC_MAX_SCALE: Final = 16_383
+"""... and 16,383 after it (trailing zeros count: ``1.0e-16383`` has 16,384)."""
+_NUMERIC_MAX_EXPONENT: Final = (2**31 - 1) // 2 - 1
+"""The largest exponent (either sign) PostgreSQL reads: it refuses any from ``INT_MAX / 2``
+(1,073,741,823) up, even a zero's."""
 _TOKENS = re.compile(rb'"(?:[^"\\]++|\\.)*+"?|[\[\]{}]', re.DOTALL)
 _OPEN = frozenset(b"[{")
 _CLOSE = frozenset(b"]}")
@@ -74,7 +77,11 @@ signs are gone: what a number beyond PostgreSQL numeric needs in a payload of un
 15,000 bytes (an exponent of at most three digits moves the point at most 999 places;
 16,383 are needed)."""
 _LONG_PAYLOAD = 15_000
-_json_decimal = msgspec.json.Decoder(float_hook=Decimal)
+_json_syntax = msgspec.json.Decoder(msgspec.Raw)
+"""Checks JSON syntax without building a value (numbers are skimmed, not converted)."""
+_STRING_OR_NUMBER = re.compile(
+    rb'"(?:[^"\\]++|\\.)*+"|-?([0-9]+)(?:\.([0-9]+))?(?:[eE]([+-]?[0-9]+))?')
+"""A JSON string (skipped) or a number, its integer part, fraction and exponent apart."""
 
 
 def ts_problem(ts: object) -> str | None:
@@ -134,21 +141,29 @@ def json_problem(payload: bytes) -> str | None:
         depth = _json_depth(payload)
         if depth > MAX_JSON_DEPTH:
             return f"JSON nested {depth} deep; at most {MAX_JSON_DEPTH}"
+    value: Any = None
+    built = True
     try:
         value = _json_plain.decode(payload)
-    except msgspec.ValidationError:  # a number beyond float: jsonb (numeric) may take it
+    except msgspec.ValidationError:  # a number beyond float or int: syntax checked apart
+        built = False
         try:
-            value = _json_decimal.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+            _json_syntax.decode(payload)
+        except (msgspec.DecodeError, RecursionError) as exc:
             return f"invalid JSON: {exc}"
-        problem = _numbers_problem(value)
-        if problem:
-            return problem
     except msgspec.DecodeError as exc:
         return f"invalid JSON: {exc}"
     except RecursionError:
         return f"JSON nested deeper than this process can parse (limit {MAX_JSON_DEPTH})"
-    if b"\\" in payload and b"\\u0000" in payload and _has_nul(value):
+    # Only a number of 4,300 digits or more (beyond msgspec's int), an exponent of four
+    # digits or more, or a long payload can hold a number beyond PostgreSQL numeric.
+    if (not built or len(payload) >= _LONG_PAYLOAD
+            or payload.translate(_DIGITS_AS_ZERO, b"+-").rfind(_BIG_EXPONENT) >= 0):
+        problem = _numbers_problem(payload)
+        if problem:
+            return problem
+    if b"\\" in payload and b"\\u0000" in payload and (
+            _has_nul(value) if built else _strings_hold_nul(payload)):
         return "JSON text contains \\u0000, which PostgreSQL jsonb cannot store"
     return None
 
@@ -364,16 +379,45 @@ def _has_nul(value: Any) -> bool:
     return False
 
 
-def _numbers_problem(value: Any) -> str | None:
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, Decimal):
-            exp = item.adjusted()
-            if not _NUMERIC_MIN_EXP <= exp <= _NUMERIC_MAX_EXP:
-                return f"JSON number {item:.3e} is beyond what PostgreSQL numeric holds"
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
+def _strings_hold_nul(payload: bytes) -> bool:
+    """Whether a string of ``payload`` (valid JSON) holds NUL, without building its value."""
+    for token in _STRING_OR_NUMBER.finditer(payload):
+        text = token.group()
+        if text[:1] == b'"' and b"\\u0000" in text and "\x00" in _json_plain.decode(text):
+            return True
+    return False
+
+
+def _numbers_problem(payload: bytes) -> str | None:
+    """Why a number of ``payload`` (valid JSON) is beyond PostgreSQL ``numeric``, or None.
+
+    Read from each number's text, as PostgreSQL reads it: the digits after the point
+    are the fraction's digits less the exponent, the leading digit's power of ten is
+    where the first non-zero digit stands plus the exponent (a zero has none)."""
+    for token in _STRING_OR_NUMBER.finditer(payload):
+        whole, fraction, exponent_text = token.groups()
+        if whole is None:
+            continue  # a string
+        shown = token.group() if len(token.group()) <= 24 else token.group()[:20] + b"..."
+        number = shown.decode()
+        if exponent_text is not None and len(exponent_text.lstrip(b"+-").lstrip(b"0")) > 10:
+            return f"JSON number {number} has an exponent PostgreSQL numeric refuses"
+        exponent = int(exponent_text) if exponent_text is not None else 0
+        if abs(exponent) > _NUMERIC_MAX_EXPONENT:
+            return f"JSON number {number} has an exponent PostgreSQL numeric refuses"
+        fraction = fraction or b""
+        scale = len(fraction) - exponent
+        if scale > _NUMERIC_MAX_SCALE:
+            return (f"JSON number {number} has {scale} digits after the point; PostgreSQL "
+                    f"numeric holds {_NUMERIC_MAX_SCALE}")
+        significant = whole.lstrip(b"0")
+        if significant:
+            weight = len(significant) - 1 + exponent
+        elif fraction.strip(b"0"):
+            weight = -(len(fraction) - len(fraction.lstrip(b"0"))) - 1 + exponent
+        else:
+            continue  # zero
+        if weight > _NUMERIC_MAX_WEIGHT:
+            return (f"JSON number {number} has {weight + 1} digits before the point; "
+                    f"PostgreSQL numeric holds {_NUMERIC_MAX_WEIGHT + 1}")
     return None

@@ -38,6 +38,7 @@ JSON_POISON: dict[str, dict[str, Any]] = {
     "ts 1e300 s": {"payload": 1, "ts": 1e300},
     "JSON text with \\u0000": {"payload": {"a": "x\u0000y"}},
     "JSON nested 1000 deep": {"payload": [[[[[]]]]]},  # replaced below: json= cannot nest
+    "JSON number 1e-99999": {"payload": 0.0},  # replaced below: json= cannot spell it
     "key with NUL": {"payload": 1, "key": "k\u0000"},
     "header with NUL": {"payload": 1, "headers": {"h": "\u0000"}},
 }
@@ -46,6 +47,7 @@ MSGPACK_POISON: dict[str, list[Any]] = {
     "ts 2^64-1": [2**64 - 1, CT_JSON, b"1"],
     "JSON with \\u0000": [TS, CT_JSON, b'"\\u0000"'],
     "not JSON": [TS, CT_JSON, b"{"],
+    "JSON number beyond numeric": [TS, CT_JSON, b"[1e-99999]"],  # 0.0 to a float parse
 }
 
 
@@ -59,9 +61,10 @@ async def test_each_poison_record_is_refused_with_its_index_and_nothing_is_store
         httpx.AsyncClient(base_url=bridge.url) as http,
     ):
         for name, bad in JSON_POISON.items():
-            if "1000 deep" in name:
-                content = (b'{"records": [{"payload": 1}, {"payload": '
-                           + b"[" * 1000 + b"]" * 1000 + b"}]}")
+            if "1000 deep" in name or "1e-99999" in name:
+                payload = (b"[" * 1000 + b"]" * 1000 if "1000 deep" in name
+                           else b"1e-99999")
+                content = b'{"records": [{"payload": 1}, {"payload": ' + payload + b"}]}"
                 resp = await http.post("/v1/streams/s/records", content=content,
                                        headers={"content-type": "application/json"})
             else:

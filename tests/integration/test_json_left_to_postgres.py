@@ -29,6 +29,7 @@ JSON_ONLY_JSON_TAKES = [
     b'{"a": "x\\u0000"}',                                          # jsonb refuses U+0000
     b'"\\ud800"',                                                   # a lone surrogate
     b'{"n": 1e999999}',                                             # beyond numeric
+    b'{"n": 1e-99999}',                               # 16,383 digits after the point at most
     b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1),      # past the contract
 ]
 """Taken by the ``json`` column, refused by the record contract (the views read
