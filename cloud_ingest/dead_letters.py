@@ -92,13 +92,26 @@ async def insert_dead_letters(conn: Connection, letters: Sequence[DeadLetter]) -
         "seq, last_seq) VALUES ($1, $2, $3::text::jsonb, $4, $5, $6, $7, $8, $9, $10) "
         "ON CONFLICT (edge_id, stream, epoch, seq, last_seq) WHERE seq IS NOT NULL DO NOTHING",
         [
-            (d.kind, d.subject,
-             _json.encode(dict(d.headers)).decode() if d.headers else None,
-             d.data, d.reason, *(d.span if d.span else (None, None, None, None, None)))
+            (d.kind, _storable_text(d.subject),
+             _json.encode({_storable_text(k): _storable_text(v) for k, v in d.headers.items()}
+                          ).decode() if d.headers else None,
+             d.data, _storable_text(d.reason),
+             *(d.span if d.span else (None, None, None, None, None)))
             for d in letters
         ],
     )
     return await merge_ranges(conn, "dead_lettered", [d.span for d in letters if d.span])
+
+
+def _storable_text(text: str) -> str:
+    """``text`` as PostgreSQL ``text`` (and ``jsonb``) can hold it: a NUL, and a lone
+    surrogate (from bytes that were not UTF-8), written as their escapes (``\\x00``,
+    ``\\udcff``). A dead letter's subject and headers are the sender's: an edge may put
+    a NUL into either, and the letter must still be written (else its message could
+    never be acked)."""
+    if text.isascii() and "\x00" not in text:
+        return text
+    return text.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\x00")
 
 
 async def list_dead_letters(

@@ -303,8 +303,22 @@ class RecordsConsumer:
                             await self._commit([one])
                         return
                     only = decoded[0]
+                    if dead_lettering and not only.bare:
+                        # Its dead letter cannot be written as it is: once more without
+                        # what came from the sender beside the bytes (headers, the seqs
+                        # the envelope claims), so that the message can be acked. Seqs
+                        # not accounted here come again if the edge sends them again.
+                        decoded = [Decoded(
+                            only.msg, None,
+                            f"{only.reason}; its dead letter could not be written with "
+                            f"the message's headers and seqs: {error}", None, only.cost,
+                            bare=True)]
+                        failures = 0
+                        log.error("message_dead_lettered_bare", subject=only.msg.subject,
+                                  error=error)
+                        continue
                     if dead_lettering:
-                        # Even its dead letter cannot be written: leave it unacked.
+                        # Even its bare dead letter cannot be written: leave it unacked.
                         log.error("message_abandoned", subject=only.msg.subject, error=error)
                         return
                     dead_lettering = True

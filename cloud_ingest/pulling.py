@@ -186,14 +186,18 @@ class Puller:
         """The direct path's sink (:mod:`cloud_ingest.direct_delivery`): a delivery or a
         status, as :meth:`_delivered` would see it; False leaves an unusual header
         block to nats-py's path (and :meth:`_delivered`)."""
+        # An edge may publish on any subject token below its own (es.rec.<edge>.*), which
+        # nats-server passes on whatever its bytes: a subject that is not UTF-8 is read
+        # with its odd bytes escaped (``\xff``), so its message is dead-lettered with a
+        # reason, where a strict decode would raise in the read loop and stop it.
         if headers is None or headers.startswith(DATA_HEADER_LINE):
-            self._message(Delivery(self._nc, sid, subject.decode(), reply.decode(), data,
-                                   headers))
+            self._message(Delivery(self._nc, sid, subject.decode("utf-8", "backslashreplace"),
+                                   reply.decode("utf-8", "backslashreplace"), data, headers))
             return True
         status = status_of(headers)
         if status is None:
             return False
-        self._status(subject.decode(), status)
+        self._status(subject.decode("utf-8", "backslashreplace"), status)
         return True
 
     async def _delivered(self, msg: Msg) -> None:

@@ -131,6 +131,9 @@ class Decoded(msgspec.Struct):
     syntax_checked: bool = True
     """The syntax and UTF-8 of its JSON payloads were checked too; False: left to
     PostgreSQL (``bad`` lacks such refusals until :meth:`GroupWriter.write` meets one)."""
+    bare: bool = False
+    """Its dead letter is written without the message's headers (a last resort, when
+    the letter could not be written with them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +286,7 @@ class GroupWriter:
                 if d.batch is None:
                     letters.append(DeadLetter(
                         "batch" if d.span else "message", d.msg.subject, d.msg.data,
-                        d.reason or "invalid", d.msg.headers, d.span))
+                        d.reason or "invalid", None if d.bare else d.msg.headers, d.span))
             good = [d for d in group if d.batch is not None]
             windows = windows_of(good, letters)
             keys = sorted(windows)

@@ -40,6 +40,7 @@ __all__ = [
     "ENCODING_HEADER",
     "MAX_BATCH_BYTES",
     "MAX_BATCH_RECORDS",
+    "MAX_EPOCH",
     "MAX_KEY_CHARS",
     "MAX_SEQ",
     "MAX_TS_US",
@@ -66,7 +67,11 @@ CT_JSON: Final = 1
 """Payload is UTF-8 JSON text (stored as ``jsonb``)."""
 ENCODING_HEADER: Final = "Es-Encoding"
 """NATS header naming the batch body's compression (``zstd``); absent means none."""
-MAX_SEQ: Final = 2**63 - 1
+MAX_SEQ: Final = 2**63 - 2
+"""The last seq a record may have: the cloud keeps seqs as ``int8range`` spans whose
+upper bound is one past the last seq, so int8's largest value is never a seq."""
+MAX_EPOCH: Final = 2**63 - 1
+"""The largest epoch (int8's largest value: an epoch is never a range bound)."""
 MAX_KEY_CHARS: Final = 1024
 MIN_TS_US: Final = -62_135_596_800_000_000
 """0001-01-01T00:00:00Z in microseconds since the Unix epoch: the earliest event time
@@ -80,6 +85,7 @@ MAX_BATCH_RECORDS: Final = 100_000
 """Most records in one batch (the shipper's ``batch_max_records`` is capped to it)."""
 
 _INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
 
 
 class Record(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -412,7 +418,7 @@ def _plain_batch(body: bytes) -> DecodedBatch | None:
         return None
     count = len(b.records)
     if not (b.v == WIRE_VERSION and _valid_token(b.edge) and _valid_token(b.stream)
-            and 0 < b.epoch <= MAX_SEQ and 0 < count <= MAX_BATCH_RECORDS
+            and 0 < b.epoch <= MAX_EPOCH and 0 < count <= MAX_BATCH_RECORDS
             and 0 < b.first_seq <= MAX_SEQ - count + 1):
         return None
     return DecodedBatch(b.edge, b.stream, b.epoch, b.first_seq,
@@ -494,14 +500,14 @@ def _validate_envelope(env: _Envelope) -> int:
         raise DecodeError(f"invalid edge id {env.edge!r}")
     if not _valid_token(env.stream):
         raise DecodeError(f"invalid stream name {env.stream!r}")
-    if not 0 < env.epoch <= MAX_SEQ:
+    if not 0 < env.epoch <= MAX_EPOCH:
         raise DecodeError(f"epoch {env.epoch} out of range 1..2^63-1")
     count = _array_count(env.records)
     if not count:
         raise DecodeError("batch has no records")
     if env.first_seq < 1 or env.first_seq + count - 1 > MAX_SEQ:
         raise DecodeError(
-            f"seq range {env.first_seq}..{env.first_seq + count - 1} out of range 1..2^63-1"
+            f"seq range {env.first_seq}..{env.first_seq + count - 1} out of range 1..2^63-2"
         )
     return count
 
@@ -511,7 +517,7 @@ def _all_sound(records: list[Record]) -> bool:
     ``records`` (decoded: ints are ints, keys str or None), decided by whole columns
     (``map``, ``min``, ``max``) instead of a call per record."""
     stamps = list(map(_TS, records))
-    if min(stamps) < _INT64_MIN or max(stamps) > MAX_SEQ:
+    if min(stamps) < _INT64_MIN or max(stamps) > _INT64_MAX:
         return False
     if not set(map(_CT, records)) <= _CONTENT_TYPES:
         return False
@@ -528,7 +534,7 @@ _CONTENT_TYPES: Final = frozenset((CT_RAW, CT_JSON))
 def _record_structure_problem(rec: Record) -> str | None:
     """What the wire format itself forbids in a record (storability is
     :mod:`broker.protocol.validation`'s job)."""
-    if not _INT64_MIN <= rec.ts <= MAX_SEQ:
+    if not _INT64_MIN <= rec.ts <= _INT64_MAX:
         return f"timestamp {rec.ts} outside int64"
     if rec.ct not in (CT_RAW, CT_JSON):
         return f"unknown content type {rec.ct}"

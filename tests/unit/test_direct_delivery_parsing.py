@@ -126,3 +126,30 @@ async def test_a_malformed_frame_is_refused_as_nats_py_refuses_it(bad: bytes) ->
     for parser_class in (Parser, frame_parser()):
         with pytest.raises(ProtocolError):
             await parsed(parser_class, [frame(5, "ok", b"1") + bad])
+
+
+class FailingOn(Recorder):
+    """A client whose sink raises for one subject, as a strict decode once did."""
+
+    delivery_failures = 0
+
+    def _take_directly(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                       headers: bytes | None) -> bool:
+        if subject == b"es.rec.e1.s\xff":
+            subject.decode()  # UnicodeDecodeError
+        return super()._take_directly(sid, subject, reply, data, headers)
+
+
+async def test_a_message_its_sink_cannot_take_is_dropped_and_the_rest_read_on() -> None:
+    """nats-py's read loop ends on any exception from the parser (and with it every
+    delivery on the connection): one message a sink raises on is dropped and counted,
+    and the frames after it are handed on."""
+    client = FailingOn()
+    parser = frame_parser()(client)
+    await parser.parse(frame(5, "es.rec.e1.a", b"1")
+                       + b"MSG es.rec.e1.s\xff 5 1\r\n2\r\n"
+                       + frame(5, "es.rec.e1.b", b"3") + b"PING\r\n")
+    assert [e[2] for e in client.seen if e[0] == "msg"] == [b"es.rec.e1.a", b"es.rec.e1.b"]
+    assert client.seen[-1] == ("ping",)
+    assert client.delivery_failures == 1
+    assert not parser.buf

@@ -16,6 +16,7 @@ from broker.protocol.wire import (
     CT_JSON,
     CT_RAW,
     ENCODING_HEADER,
+    MAX_EPOCH,
     MAX_SEQ,
     Batch,
     Record,
@@ -109,6 +110,8 @@ def test_arbitrary_msgpack_values_only_ever_raise_decode_error(value: object) ->
         ({"epoch": 0}, "epoch"),
         ({"first_seq": 0}, "seq range"),
         ({"first_seq": MAX_SEQ}, None),
+        # int8's largest value is no seq: a span's upper bound (last + 1) must fit int8
+        ({"first_seq": MAX_SEQ + 1}, "seq range"),
         ({"records": []}, "no records"),
         ({"records": [Record(0, 9, b"x")]}, "unknown content type"),
         ({"records": [Record(0, 0, b"x", "k" * 1025)]}, "key longer"),
@@ -183,9 +186,9 @@ def test_each_record_gets_the_structure_problem_checking_it_alone_finds(
 
 
 def test_a_sound_records_column_is_checked_at_once() -> None:
-    sound = [Record(-(2**63), CT_RAW, b""), Record(MAX_SEQ, CT_JSON, b"1", "k" * 1024)]
+    sound = [Record(-(2**63), CT_RAW, b""), Record(2**63 - 1, CT_JSON, b"1", "k" * 1024)]
     assert _all_sound(sound)
-    for unsound in (Record(MAX_SEQ + 1, CT_RAW, b""), Record(0, 2, b""),
+    for unsound in (Record(2**63, CT_RAW, b""), Record(0, 2, b""),
                     Record(0, CT_RAW, b"", "k" * 1025)):
         assert not _all_sound([*sound, unsound])
 
@@ -214,6 +217,8 @@ ONE_CALL_CASES = [
     Batch(1, "edge-1", "telemetry", 7, 1, _plain()),
     Batch(1, "edge-1", "telemetry", MAX_SEQ, MAX_SEQ - 2, _plain()),    # the last seqs
     Batch(1, "edge-1", "telemetry", 7, MAX_SEQ - 1, _plain()),          # one past them
+    Batch(1, "edge-1", "telemetry", MAX_EPOCH, 1, _plain()),            # the last epoch
+    Batch(1, "edge-1", "telemetry", MAX_EPOCH + 1, 1, _plain()),        # one past it
     Batch(1, "edge-1", "telemetry", 0, 1, _plain()),                    # epoch 0
     Batch(1, "edge-1", "telemetry", 7, 0, _plain()),                    # seq 0
     Batch(2, "edge-1", "telemetry", 7, 1, _plain()),                    # another version
