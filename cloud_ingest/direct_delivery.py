@@ -43,6 +43,7 @@ import contextlib
 import re
 from collections.abc import Callable
 
+import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -67,6 +68,8 @@ DATA_HEADER_LINE = b"NATS/1.0\r\n"
 _STATUS_LINE = b"NATS/1.0 "
 _WHITESPACE = re.compile(r"\s")
 
+log = structlog.get_logger(__name__)
+
 
 class DeliveringClient(NATS):
     """nats-py's client, with direct delivery for registered subscriptions (module
@@ -78,6 +81,8 @@ class DeliveringClient(NATS):
         self._direct: dict[int, tuple[Subscription, Sink]] = {}
         self.direct_deliveries = 0
         """Messages a sink took (a fallback to nats-py's path does not count)."""
+        self.delivery_failures = 0
+        """Messages dropped because handing them on raised (:class:`_FrameParser`)."""
 
     def deliver_directly(self, sub: Subscription, sink: Sink) -> None:
         """Hand ``sub``'s messages to ``sink`` as they are read (until
@@ -173,10 +178,19 @@ class _FrameParser(Parser):
             headers = bytes(buf[start:start + h]) if h > 0 else None
             payload = bytes(buf[start + h:end])
             del buf[:end + 2]
-            if not nc._take_directly(sid, subject, reply, payload, headers):
-                await nc._process_msg(sid, subject, reply, payload, headers)
-                if self.buf is not buf:
-                    return  # reset meanwhile (a reconnect): what is left was the old link's
+            try:
+                if not nc._take_directly(sid, subject, reply, payload, headers):
+                    await nc._process_msg(sid, subject, reply, payload, headers)
+                    if self.buf is not buf:
+                        return  # reset meanwhile (a reconnect): what is left was the old link's
+            except Exception as exc:  # any message, whatever it holds
+                # nats-py's read loop ends on any exception from the parser, and with it
+                # every delivery on this connection until pings notice. One message that
+                # cannot be handed on is dropped here instead; a JetStream delivery is
+                # not acked, so it comes again after ack_wait.
+                nc.delivery_failures += 1
+                log.error("delivery_dropped", sid=sid, subject=repr(subject)[2:-1],
+                          error=f"{type(exc).__name__}: {exc}")
         if buf:
             await super().parse()
 
