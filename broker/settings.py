@@ -10,13 +10,22 @@ why its default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from broker.errors import ConfigError
 from broker.protocol.stream_limits import RECORDS_MAX_AGE_S, RECORDS_MAX_BYTES
-from broker.protocol.tokens import TOKEN_PATTERN, validate_token
+from broker.protocol.tokens import TOKEN_PATTERN, is_valid_token, validate_token
 from broker.protocol.wire import MAX_BATCH_BYTES, MAX_BATCH_RECORDS
 
 __all__ = [
@@ -30,15 +39,30 @@ __all__ = [
     "Settings",
     "ShipperSettings",
     "StreamPolicy",
+    "load_settings",
+    "settings_problems",
 ]
+
+
+def _token(what: str) -> AfterValidator:
+    """A setting that must be one whole NATS subject token (``Field(pattern=...)`` only
+    searches: it let ``not.valid`` through, a dot that splits a subject)."""
+
+    def check(value: str) -> str:
+        if not is_valid_token(value):
+            raise ValueError(f"invalid {what} {value!r}: must match {TOKEN_PATTERN} "
+                             "(letters, digits, '_' and '-', 1 to 64 characters)")
+        return value
+
+    return AfterValidator(check)
 
 
 class NatsSettings(BaseModel):
     """Where NATS is and how the subjects are named."""
 
     url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated.")
-    prefix: str = Field(
-        "es", pattern=TOKEN_PATTERN, description="Subject prefix; lets several installs share NATS."
+    prefix: Annotated[str, _token("subject prefix")] = Field(
+        "es", description="Subject prefix; lets several installs share NATS."
     )
     connect_timeout_s: float = Field(2.0, gt=0, description="Seconds per connection attempt.")
     reconnect_wait_s: float = Field(
@@ -214,8 +238,8 @@ class ControlSettings(BaseModel):
         30.0, gt=0, description="Seconds before JetStream redelivers a command the bridge "
         "took but did not finish (it crashed); progress is signalled while applying.",
     )
-    durable: str | None = Field(
-        None, pattern=TOKEN_PATTERN, description="Durable consumer name (default ctl-<edge>)."
+    durable: Annotated[str, _token("durable consumer name")] | None = Field(
+        None, description="Durable consumer name (default ctl-<edge>)."
     )
     desired_recheck_interval_s: float = Field(
         60.0, gt=0, description="Seconds between re-checks of the desired state: drift made "
@@ -237,7 +261,8 @@ class ControlSettings(BaseModel):
 class ProducerToken(BaseModel):
     """One producer's bearer token at the bridge ingress, and the streams it may write."""
 
-    name: str = Field(pattern=TOKEN_PATTERN, description="Who this is (logs, refusals).")
+    name: Annotated[str, _token("producer name")] = Field(
+        description="Who this is (logs, refusals).")
     token: SecretStr = Field(description="The bearer token (>= 24 characters, ~80 bits).")
     streams: list[str] = Field(
         default_factory=lambda: ["*"], min_length=1,
@@ -248,7 +273,7 @@ class ProducerToken(BaseModel):
 class BridgeSettings(BaseModel):
     """The edge bridge daemon."""
 
-    edge_id: str = Field("edge-1", pattern=TOKEN_PATTERN, description="This edge's id.")
+    edge_id: Annotated[str, _token("edge id")] = Field("edge-1", description="This edge's id.")
     host: str = Field("127.0.0.1", description="Ingress bind address; loopback by default. "
                       "Any other address needs producer tokens (or "
                       "allow_anonymous_producers).")
@@ -317,8 +342,8 @@ class IngestSettings(BaseModel):
     postgres_dsn: str = Field(
         "postgresql://edgesync@127.0.0.1:5432/edgesync", description="PostgreSQL DSN."
     )
-    consumer: str = Field(
-        "ingest", pattern=TOKEN_PATTERN, description="Durable consumer shared by all replicas."
+    consumer: Annotated[str, _token("durable consumer name")] = Field(
+        "ingest", description="Durable consumer shared by all replicas."
     )
     fetch_batch: int = Field(
         8,
@@ -489,3 +514,30 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+
+
+def load_settings() -> Settings:
+    """The settings from the environment (and ``.env``).
+
+    Raises:
+        ConfigError: naming every invalid setting, its variable and the value given.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(settings_problems(exc)) from None
+
+
+def settings_problems(exc: ValidationError) -> str:
+    """One line naming each invalid setting of ``exc``: the field, its environment
+    variable, what is wrong and the value given."""
+    problems = []
+    for error in exc.errors():
+        path = ".".join(str(part) for part in error["loc"])
+        variable = "EDGESYNC_" + "__".join(str(part) for part in error["loc"]).upper()
+        message = str(error["msg"]).removeprefix("Value error, ")
+        given = error.get("input")
+        if not isinstance(given, dict) and repr(given) not in message:
+            message += f" (given {given!r})"
+        problems.append(f"{path} ({variable}): {message}")
+    return "invalid settings: " + "; ".join(problems)

@@ -184,10 +184,14 @@ def run_from_env(
 ) -> tuple[int, BaseException | None]:
     """:func:`run_service` with the settings read from the environment and logging
     configured from them, once, before the service starts."""
+    from broker.errors import ConfigError
     from broker.logs import configure_logging
-    from broker.settings import Settings
+    from broker.settings import load_settings
 
-    settings = Settings()
+    try:
+        settings = load_settings()
+    except ConfigError as exc:  # before logging is set up: the caller prints it
+        return EXIT_ERROR, exc
     configure_logging(settings.log.level, settings.log.format)
     return run_service(lambda stop: body(settings, stop))
 
