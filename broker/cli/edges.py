@@ -7,6 +7,8 @@ identity. ``revoke`` removes the identity and reloads: the server closes the
 edge's connection and refuses it from then on.
 
 Where things are: the auth directory is ``--auth-dir`` or ``<state-dir>/nats-auth``.
+``add`` makes it if missing (every directory on the way 0700, every file 0600);
+``list`` and ``revoke`` read it as it is and fail (exit 2) when it is not there.
 Next to a running ``edgesync up`` (its ``runtime.json``) the embedded server is
 reloaded by its pid and reached with the CA from ``runtime.json``; against a
 deployed server, pass ``--reload-pid`` or reload it yourself
@@ -27,7 +29,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from broker.errors import EdgesyncError
+from broker.errors import ConfigError, EdgesyncError
 from broker.identities import IdentityStore
 from broker.protocol.topology import Topology
 from broker.settings import NatsSettings, Settings
@@ -64,10 +66,25 @@ def _runtime(state_dir: Path) -> dict[str, Any]:
 
 
 def _store(state_dir: Path, auth_dir: Path | None) -> IdentityStore:
+    """The auth directory, made (0700, with the service identities) if missing: for the
+    commands that provision."""
     prefix = Settings().nats.prefix
     store = IdentityStore(auth_dir or state_dir / "nats-auth", Topology(prefix=prefix))
     store.ensure_services()
     return store
+
+
+def _existing_store(state_dir: Path, auth_dir: Path | None) -> IdentityStore:
+    """The auth directory as it is, for the commands that read it or remove from it:
+    one that is not there is an error (exit 2), never made (with fresh keys) on the spot."""
+    prefix = Settings().nats.prefix
+    try:
+        return IdentityStore(auth_dir or state_dir / "nats-auth", Topology(prefix=prefix),
+                             create=False)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}: run where `edgesync up` runs, or pass "
+                      "--state-dir or --auth-dir")
+        raise typer.Exit(2) from exc
 
 
 def _reload(pid: int | None) -> bool:
@@ -101,7 +118,7 @@ def admin_settings_for(state_dir: Path) -> NatsSettings:
     (URL, CA, admin credentials), else the environment's."""
     runtime = _runtime(state_dir)
     if runtime:
-        return _admin_settings(_store(state_dir, None), runtime)
+        return _admin_settings(_existing_store(state_dir, None), runtime)
     return Settings().nats
 
 
@@ -191,8 +208,8 @@ def revoke(
     reload_pid: ReloadPid = None,
 ) -> None:
     """Remove EDGE's identity: after the reload NATS closes its connection and refuses it."""
+    store = _existing_store(state_dir, auth_dir)
     try:
-        store = _store(state_dir, auth_dir)
         removed = store.revoke_edge(edge)
     except (EdgesyncError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
@@ -210,8 +227,8 @@ def list_(
     state_dir: StateDir = Path(".edgesync"),
     auth_dir: AuthDir = None,
 ) -> None:
-    """List the NATS identities: services and edges, with their public keys."""
-    store = _store(state_dir, auth_dir)
+    """List the NATS identities: services and edges, with their public keys (reads only)."""
+    store = _existing_store(state_dir, auth_dir)
     table = Table(title=f"NATS identities ({store.directory})")
     for col in ("name", "role", "edge", "public key"):
         table.add_column(col)
