@@ -19,7 +19,6 @@ from ``EDGESYNC_NATS__*`` with the admin's credentials.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 from pathlib import Path
@@ -29,6 +28,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from broker.cli.locating import not_located, read_runtime, reason
 from broker.errors import ConfigError, EdgesyncError
 from broker.identities import IdentityStore
 from broker.protocol.topology import Topology
@@ -43,6 +43,7 @@ __all__ = [
     "console",
     "edges_app",
     "list_",
+    "nats_not_located",
     "revoke",
 ]
 
@@ -57,12 +58,16 @@ ReloadPid = Annotated[int | None, typer.Option(
     help="Pid of the nats-server to reload (default: the one in runtime.json, if any).")]
 
 
-def _runtime(state_dir: Path) -> dict[str, Any]:
-    path = state_dir / "runtime.json"
-    if not path.exists():
-        return {}
-    loaded: dict[str, Any] = json.loads(path.read_text())
-    return loaded
+_runtime = read_runtime
+
+
+def nats_not_located(state_dir: Path) -> str | None:
+    """Why the admin's NATS URL may be the wrong one: no ``runtime.json`` in
+    ``state_dir`` and no ``EDGESYNC_NATS__URL`` left only the default to try."""
+    return not_located(state_dir, given="url" in Settings().nats.model_fields_set,
+                       flags="--state-dir",
+                       setting="EDGESYNC_NATS__URL and the admin's "
+                               "EDGESYNC_NATS__CREDENTIALS_FILE")
 
 
 def _store(state_dir: Path, auth_dir: Path | None) -> IdentityStore:
@@ -193,8 +198,10 @@ def add(
         asyncio.run(_create_control_consumer(_admin_settings(store, runtime), store.topology,
                                              edge, just_reloaded=reloaded))
     except Exception as exc:
-        console.print(f"[red]control consumer not created:[/red] {type(exc).__name__}: {exc}; "
-                      "run `edgesync edges add` again once NATS is reachable")
+        console.print(f"[red]control consumer not created:[/red] {type(exc).__name__}: "
+                      f"{reason(exc)}; run `edgesync edges add` again once NATS is reachable")
+        if (note := nats_not_located(state_dir)) is not None:
+            console.print(note)
         raise typer.Exit(1) from exc
     console.print(f"control consumer {store.topology.control_durable(edge)} ready")
 

@@ -194,7 +194,7 @@ def status(
     from broker.settings import ApiSettings
 
     offline_after_s = ApiSettings.model_fields["edge_offline_after_s"].default
-    with exit_when_unavailable(console, "read status"):
+    with exit_when_unavailable(console, "read status", dsn=dsn, state_dir=state_dir):
         asyncio.run(show_status(resolve_dsn(dsn, state_dir), console, gaps=gaps, limit=limit,
                                 offline_after_s=offline_after_s))
 
