@@ -165,15 +165,31 @@ async def connect_once(servers: list[str], *, timeout_s: float, **options: Any) 
     """One connection attempt, for a command or a test step that must not wait long.
 
     nats-py keeps retrying an initial connect that is refused (60 rounds, 2 s
-    apart) even with ``allow_reconnect=False``; this bounds the whole attempt.
+    apart) even with ``allow_reconnect=False``; this bounds the whole attempt. What
+    goes wrong on the way is not printed (nats-py's default ``error_cb`` logs a
+    traceback per try): the last of it is in the ``TimeoutError`` raised, and the
+    caller says what it means. An ``error_cb`` in ``options`` is called as well.
 
     Raises:
-        TimeoutError: not connected within ``timeout_s``.
+        TimeoutError: not connected within ``timeout_s`` (with the last error seen).
         Exception: what nats-py raised first (refused, authorization, TLS).
     """
-    return await asyncio.wait_for(
-        nats.connect(servers, allow_reconnect=False, max_reconnect_attempts=0, **options),
-        timeout=timeout_s)
+    seen: list[Exception] = []
+    caller_error_cb = options.pop("error_cb", None)
+
+    async def on_error(exc: Exception) -> None:
+        seen.append(exc)
+        if caller_error_cb is not None:
+            await caller_error_cb(exc)
+
+    try:
+        return await asyncio.wait_for(
+            nats.connect(servers, allow_reconnect=False, max_reconnect_attempts=0,
+                         error_cb=on_error, **options),
+            timeout=timeout_s)
+    except TimeoutError as exc:
+        last = f"; last error: {type(seen[-1]).__name__}: {seen[-1]}" if seen else ""
+        raise TimeoutError(f"not connected within {timeout_s:g} s{last}") from exc
 
 
 async def close_nats(nc: NATS, timeout_s: float = 5.0) -> None:

@@ -13,7 +13,7 @@ import contextlib
 import os
 from pathlib import Path
 
-__all__ = ["write_atomically", "write_private"]
+__all__ = ["make_private_dir", "write_atomically", "write_private"]
 
 
 def write_atomically(path: Path, data: bytes, *, mode: int = 0o644) -> None:
@@ -44,6 +44,26 @@ def write_atomically(path: Path, data: bytes, *, mode: int = 0o644) -> None:
             os.close(dir_fd)
 
 
+def make_private_dir(path: Path) -> None:
+    """Create directory ``path`` and every missing parent of it 0700.
+
+    ``mkdir(parents=True, mode=0o700)`` gives only the last directory that mode: the
+    parents it makes get the default (0755 under the usual umask), so a state directory
+    made on the way to its key directory would be world-readable. A directory that
+    already exists keeps the mode its owner gave it.
+    """
+    missing: list[Path] = []
+    while not path.exists():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile: its maker's mode
+            directory.mkdir(mode=0o700)
+            directory.chmod(0o700)  # mkdir's mode is filtered by the umask
+
+
 def write_private(path: Path, data: bytes | str) -> None:
     """Write ``data`` to ``path`` readable by its owner only (0600), atomically.
 
@@ -51,5 +71,5 @@ def write_private(path: Path, data: bytes | str) -> None:
     in a world-readable file, not even for a moment. The parent directory is
     created 0700 if missing.
     """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dir(path.parent)
     write_atomically(path, data.encode() if isinstance(data, str) else data, mode=0o600)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import nkeys
 
-from broker.durable_files import write_private
+from broker.durable_files import make_private_dir, write_private
 from broker.errors import ConfigError
 from broker.protocol.permissions import SERVICE_ROLES, Role, permissions_for
 from broker.protocol.tokens import validate_token
@@ -72,14 +72,23 @@ class IdentityStore:
     """The auth directory: identities, their seeds, and the rendered ``auth.conf``.
 
     Args:
-        directory: the auth directory (created 0700).
+        directory: the auth directory (created 0700, with any missing parent).
         topology: subject names the permissions are rendered for.
+        create: make the directory if it is missing; False opens an existing one
+            and writes nothing (for reading it: a listing must not mint keys).
+
+    Raises:
+        ConfigError: ``create`` is False and ``directory`` holds no identities.
     """
 
-    def __init__(self, directory: Path, topology: Topology) -> None:
+    def __init__(self, directory: Path, topology: Topology, *, create: bool = True) -> None:
         self.directory = Path(directory).absolute()
         self.topology = topology
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not create:
+            if not (self.directory / _REGISTRY).is_file():
+                raise ConfigError(f"no identities at {self.directory}")
+            return
+        make_private_dir(self.directory)
         self.directory.chmod(0o700)
 
     # -- paths ----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from broker.cli.locating import not_located, read_runtime, reason
 from broker.protocol.command_status import FINAL_STATUSES, CommandStatus
 
 __all__ = [
@@ -65,6 +66,9 @@ EXIT_FAILED, EXIT_ERROR, EXIT_TIMEOUT = 1, 2, 3
 class _Client:
     url: str
     token: str | None
+    not_located: str | None = None
+    """What to add to "cannot reach": the URL was only the default guess (see
+    :func:`broker.cli.locating.not_located`)."""
 
     def request(self, method: str, path: str, body: Any = None, *,
                 headers: dict[str, str] | None = None) -> Any:
@@ -77,7 +81,9 @@ class _Client:
             with httpx.Client(base_url=self.url, timeout=15) as client:
                 response = client.request(method, path, json=body, headers=all_headers)
         except httpx.HTTPError as exc:
-            err_console.print(f"[red]cannot reach the API at {self.url}:[/red] {exc}")
+            err_console.print(f"[red]cannot reach the API at {self.url}:[/red] {reason(exc)}")
+            if self.not_located is not None:
+                err_console.print(self.not_located)
             raise typer.Exit(EXIT_ERROR) from exc
         if response.status_code >= 400:
             try:
@@ -108,10 +114,7 @@ def _options(
     from broker.settings import Settings
 
     settings = Settings()
-    runtime: dict[str, Any] = {}
-    runtime_file = state_dir / "runtime.json"
-    if runtime_file.exists():
-        runtime = json.loads(runtime_file.read_text())
+    runtime = read_runtime(state_dir)
     url = (api_url or settings.api.url or runtime.get("api_url")
            or f"http://{settings.api.host}:{settings.api.port}")
     configured = settings.api.operator_token
@@ -119,6 +122,8 @@ def _options(
         url=url.rstrip("/"),
         token=token or (configured.get_secret_value() if configured else None)
         or runtime.get("operator_token"),
+        not_located=not_located(state_dir, given=bool(api_url or settings.api.url),
+                                flags="--api-url or --state-dir", setting="EDGESYNC_API__URL"),
     )
 
 

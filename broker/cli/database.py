@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -15,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from broker.cli.locating import not_located, read_runtime, reason
 from broker.errors import EdgesyncError
 from broker.settings import Settings
 
@@ -46,23 +46,40 @@ def resolve_dsn(dsn: str | None, state_dir: Path) -> str:
     """``--dsn``, else the ``runtime.json`` of ``edgesync up``, else the ingest's setting."""
     if dsn:
         return dsn
-    runtime = state_dir / "runtime.json"
-    if runtime.exists():
-        return str(json.loads(runtime.read_text())["postgres_dsn"])
+    runtime = read_runtime(state_dir)
+    if runtime:
+        return str(runtime["postgres_dsn"])
     return Settings().ingest.postgres_dsn
 
 
+def _not_located(dsn: str | None, state_dir: Path) -> str | None:
+    """Why the DSN may be the wrong one: no ``--dsn``, no ``runtime.json`` and no
+    ``EDGESYNC_INGEST__POSTGRES_DSN`` left only the default to try."""
+    given = bool(dsn) or "postgres_dsn" in Settings().ingest.model_fields_set
+    return not_located(state_dir, given=given, flags="--dsn or --state-dir",
+                       setting="EDGESYNC_INGEST__POSTGRES_DSN")
+
+
 @contextlib.contextmanager
-def exit_when_unavailable(console: Console, doing: str) -> Iterator[None]:
+def exit_when_unavailable(console: Console, doing: str, *, dsn: str | None = None,
+                          state_dir: Path | None = None) -> Iterator[None]:
     """A database that cannot be reached or refuses the work (``OSError``,
     ``asyncpg.PostgresError``) inside the block prints ``cannot <doing>: …`` and exits
-    :data:`EXIT_UNAVAILABLE`; the one rule of every command that reads PostgreSQL."""
+    :data:`EXIT_UNAVAILABLE`; the one rule of every command that reads PostgreSQL.
+
+    Args:
+        dsn, state_dir: the command's ``--dsn`` and ``--state-dir``: when neither (nor
+            the environment) said where the database is, the message says that first.
+    """
     import asyncpg
 
     try:
         yield
     except (OSError, asyncpg.PostgresError) as exc:
-        console.print(f"[red]cannot {doing}:[/red] {escape(str(exc))}")
+        console.print(f"[red]cannot {doing}:[/red] {escape(reason(exc))}")
+        note = None if state_dir is None else _not_located(dsn, state_dir)
+        if note is not None:
+            console.print(escape(note))
         raise typer.Exit(EXIT_UNAVAILABLE) from exc
 
 
@@ -90,7 +107,7 @@ def run_on_database(dsn: str | None, state_dir: Path, job: Callable[[Any], Await
                 await apply_migrations(conn)
             return await job(conn)
 
-    with exit_when_unavailable(console, doing):
+    with exit_when_unavailable(console, doing, dsn=dsn, state_dir=state_dir):
         try:
             return asyncio.run(main())
         except EdgesyncError as exc:

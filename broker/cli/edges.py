@@ -7,6 +7,8 @@ identity. ``revoke`` removes the identity and reloads: the server closes the
 edge's connection and refuses it from then on.
 
 Where things are: the auth directory is ``--auth-dir`` or ``<state-dir>/nats-auth``.
+``add`` makes it if missing (every directory on the way 0700, every file 0600);
+``list`` and ``revoke`` read it as it is and fail (exit 2) when it is not there.
 Next to a running ``edgesync up`` (its ``runtime.json``) the embedded server is
 reloaded by its pid and reached with the CA from ``runtime.json``; against a
 deployed server, pass ``--reload-pid`` or reload it yourself
@@ -17,7 +19,6 @@ from ``EDGESYNC_NATS__*`` with the admin's credentials.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 from pathlib import Path
@@ -27,7 +28,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from broker.errors import EdgesyncError
+from broker.cli.locating import not_located, read_runtime, reason
+from broker.errors import ConfigError, EdgesyncError
 from broker.identities import IdentityStore
 from broker.protocol.topology import Topology
 from broker.settings import NatsSettings, Settings
@@ -41,6 +43,7 @@ __all__ = [
     "console",
     "edges_app",
     "list_",
+    "nats_not_located",
     "revoke",
 ]
 
@@ -55,19 +58,38 @@ ReloadPid = Annotated[int | None, typer.Option(
     help="Pid of the nats-server to reload (default: the one in runtime.json, if any).")]
 
 
-def _runtime(state_dir: Path) -> dict[str, Any]:
-    path = state_dir / "runtime.json"
-    if not path.exists():
-        return {}
-    loaded: dict[str, Any] = json.loads(path.read_text())
-    return loaded
+_runtime = read_runtime
+
+
+def nats_not_located(state_dir: Path) -> str | None:
+    """Why the admin's NATS URL may be the wrong one: no ``runtime.json`` in
+    ``state_dir`` and no ``EDGESYNC_NATS__URL`` left only the default to try."""
+    return not_located(state_dir, given="url" in Settings().nats.model_fields_set,
+                       flags="--state-dir",
+                       setting="EDGESYNC_NATS__URL and the admin's "
+                               "EDGESYNC_NATS__CREDENTIALS_FILE")
 
 
 def _store(state_dir: Path, auth_dir: Path | None) -> IdentityStore:
+    """The auth directory, made (0700, with the service identities) if missing: for the
+    commands that provision."""
     prefix = Settings().nats.prefix
     store = IdentityStore(auth_dir or state_dir / "nats-auth", Topology(prefix=prefix))
     store.ensure_services()
     return store
+
+
+def _existing_store(state_dir: Path, auth_dir: Path | None) -> IdentityStore:
+    """The auth directory as it is, for the commands that read it or remove from it:
+    one that is not there is an error (exit 2), never made (with fresh keys) on the spot."""
+    prefix = Settings().nats.prefix
+    try:
+        return IdentityStore(auth_dir or state_dir / "nats-auth", Topology(prefix=prefix),
+                             create=False)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}: run where `edgesync up` runs, or pass "
+                      "--state-dir or --auth-dir")
+        raise typer.Exit(2) from exc
 
 
 def _reload(pid: int | None) -> bool:
@@ -101,7 +123,7 @@ def admin_settings_for(state_dir: Path) -> NatsSettings:
     (URL, CA, admin credentials), else the environment's."""
     runtime = _runtime(state_dir)
     if runtime:
-        return _admin_settings(_store(state_dir, None), runtime)
+        return _admin_settings(_existing_store(state_dir, None), runtime)
     return Settings().nats
 
 
@@ -176,8 +198,10 @@ def add(
         asyncio.run(_create_control_consumer(_admin_settings(store, runtime), store.topology,
                                              edge, just_reloaded=reloaded))
     except Exception as exc:
-        console.print(f"[red]control consumer not created:[/red] {type(exc).__name__}: {exc}; "
-                      "run `edgesync edges add` again once NATS is reachable")
+        console.print(f"[red]control consumer not created:[/red] {type(exc).__name__}: "
+                      f"{reason(exc)}; run `edgesync edges add` again once NATS is reachable")
+        if (note := nats_not_located(state_dir)) is not None:
+            console.print(note)
         raise typer.Exit(1) from exc
     console.print(f"control consumer {store.topology.control_durable(edge)} ready")
 
@@ -191,8 +215,8 @@ def revoke(
     reload_pid: ReloadPid = None,
 ) -> None:
     """Remove EDGE's identity: after the reload NATS closes its connection and refuses it."""
+    store = _existing_store(state_dir, auth_dir)
     try:
-        store = _store(state_dir, auth_dir)
         removed = store.revoke_edge(edge)
     except (EdgesyncError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
@@ -210,8 +234,8 @@ def list_(
     state_dir: StateDir = Path(".edgesync"),
     auth_dir: AuthDir = None,
 ) -> None:
-    """List the NATS identities: services and edges, with their public keys."""
-    store = _store(state_dir, auth_dir)
+    """List the NATS identities: services and edges, with their public keys (reads only)."""
+    store = _existing_store(state_dir, auth_dir)
     table = Table(title=f"NATS identities ({store.directory})")
     for col in ("name", "role", "edge", "public key"):
         table.add_column(col)

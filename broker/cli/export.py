@@ -219,7 +219,7 @@ def export_cmd(
     progress = Progress(TextColumn("export"), BarColumn(), MofNCompleteColumn(),
                         TimeRemainingColumn(), console=err, transient=False)
     task = progress.add_task("rows", total=None)
-    with exit_when_unavailable(err, "export"):
+    with exit_when_unavailable(err, "export", dsn=dsn, state_dir=state_dir):
         try:
             with progress, _output(output) as out:
                 written = asyncio.run(export(

@@ -98,8 +98,11 @@ def up(
     = 1,
     simulate: Annotated[float, typer.Option(
         "--simulate", min=0, help="Synthetic records/s per edge through the SDK (0: off).")] = 0,
-    bridge_port: Annotated[int, typer.Option(help="First bridge port (0: free ports).")] = 8787,
-    api_port: Annotated[int, typer.Option(help="Operator API port (0: a free port).")] = 8789,
+    bridge_port: Annotated[int, typer.Option(
+        help="First bridge port; the N edges take N ports from it. Taken: an error "
+        "(0: free ports).")] = 8787,
+    api_port: Annotated[int, typer.Option(
+        help="Operator API port. Taken: an error (0: a free port).")] = 8789,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "warning",
     fresh: Annotated[bool, typer.Option(
         "--fresh", help="Wipe the state dir first: database, NATS store, buffers, keys.")]
@@ -108,28 +111,43 @@ def up(
     """Run the whole system on this machine: NATS, PostgreSQL, ingest, bridges.
 
     State (database, NATS store, buffers, keys) lives in --state-dir and survives
-    restarts: a second run continues where the first stopped. --fresh starts over."""
+    restarts: a second run continues where the first stopped. --fresh starts over.
+    The bridges and the API listen on the ports asked for (8787, 8789 by default), or
+    `up` stops before starting anything: pass 0 for free ports."""
     from broker.cli.local_run import LocalRunOptions, run_local
 
+    if bridge_port and bridge_port <= api_port < bridge_port + edges:
+        console.print(f"[red]error:[/red] --api-port {api_port} is one of the {edges} "
+                      f"bridges' ports from --bridge-port {bridge_port}: move one of them")
+        raise typer.Exit(2)
+    _exit_if_taken(bridge_port, edges, "--bridge-port")
+    _exit_if_taken(api_port, 1, "--api-port")
     configure_logging(log_level, "console")
     options = LocalRunOptions(state_dir=state_dir, edges=edges, simulate_rate=simulate,
-                              bridge_port=_free_or(bridge_port), api_port=_free_or(api_port),
-                              fresh=fresh)
+                              bridge_port=bridge_port, api_port=api_port, fresh=fresh)
     _exit_with(*run_service(lambda stop: run_local(options, stop=stop,
                                                    print_line=console.print)))
 
 
-def _free_or(port: int) -> int:
-    """``port`` if it can be bound on loopback, else 0 (pick a free one)."""
+def _exit_if_taken(first: int, count: int, flag: str) -> None:
+    """Exit 2, before anything starts, if a port of ``first .. first + count - 1`` cannot
+    be bound on loopback; port 0 (free ports) passes.
+
+    Never another port instead: every example points its SDK at 8787, and a second
+    `up` that moved silently would leave it writing to the first one."""
     import socket
 
-    if port == 0:
-        return 0
-    try:
-        with socket.create_server(("127.0.0.1", port)):
-            return port
-    except OSError:
-        return 0
+    if first == 0:
+        return
+    for port in range(first, first + count):
+        try:
+            with socket.create_server(("127.0.0.1", port)):
+                pass
+        except OSError as exc:
+            console.print(f"[red]error:[/red] port {port} ({flag} {first}) is not free "
+                          f"({exc.strerror or exc}); another `edgesync up` may hold it: stop "
+                          f"it, pass {flag} with another port, or {flag} 0 for a free one")
+            raise typer.Exit(2) from exc
 
 
 @app.command()
@@ -176,7 +194,7 @@ def status(
     from broker.settings import ApiSettings
 
     offline_after_s = ApiSettings.model_fields["edge_offline_after_s"].default
-    with exit_when_unavailable(console, "read status"):
+    with exit_when_unavailable(console, "read status", dsn=dsn, state_dir=state_dir):
         asyncio.run(show_status(resolve_dsn(dsn, state_dir), console, gaps=gaps, limit=limit,
                                 offline_after_s=offline_after_s))
 

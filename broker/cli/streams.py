@@ -129,12 +129,17 @@ def _print(checks: list[StreamCheck]) -> None:
 
 
 def _run(body: Callable[[JetStreamContext], Awaitable[list[StreamCheck]]],
-         settings: NatsSettings) -> list[StreamCheck]:
+         settings: NatsSettings, state_dir: Path) -> list[StreamCheck]:
+    from broker.cli.edges import nats_not_located
+    from broker.cli.locating import reason
+
     try:
         return asyncio.run(_with_js(settings, body))
     except Exception as exc:  # the CLI boundary: any failure to talk to NATS is exit 2
         console.print(f"[red]cannot reach NATS at {settings.url}:[/red] "
-                      f"{type(exc).__name__}: {exc}")
+                      f"{type(exc).__name__}: {reason(exc)}")
+        if (note := nats_not_located(state_dir)) is not None:
+            console.print(note)
         raise typer.Exit(EXIT_ERROR) from exc
 
 
@@ -162,7 +167,7 @@ def init(state_dir: StateDir = Path(".edgesync")) -> None:
         await topology.ensure_all(js)
         return await check_topology(js, topology)
 
-    checks = _run(body, settings)
+    checks = _run(body, settings, state_dir)
     _print(checks)
 
 
@@ -175,7 +180,7 @@ def check(state_dir: StateDir = Path(".edgesync")) -> None:
     async def body(js: JetStreamContext) -> list[StreamCheck]:
         return await check_topology(js, topology)
 
-    checks = _run(body, settings)
+    checks = _run(body, settings, state_dir)
     _print(checks)
     if not all(c.ok for c in checks):
         raise typer.Exit(EXIT_MISMATCH)

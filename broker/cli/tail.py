@@ -93,7 +93,7 @@ def tail_cmd(
     """Print records as they commit (NDJSON, or a table on a terminal)."""
     console = Console()
     table = output == "table" or (output == "auto" and console.is_terminal)
-    with exit_when_unavailable(console, "read records"):
+    with exit_when_unavailable(console, "read records", dsn=dsn, state_dir=state_dir):
         try:
             asyncio.run(tail(resolve_dsn(dsn, state_dir), console, streams=stream or [],
                              edges=edge or [], start=from_, table=table, follow_feed=follow,

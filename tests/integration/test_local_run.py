@@ -16,7 +16,7 @@ async def test_up_with_simulation_commits_growing_rows_and_stops_cleanly(
     """`edgesync up --simulate 1000`: committed rows grow within 10 s; Ctrl-C stops
     every process it started."""
     async with edgesync_up(tmp_path, "--simulate", "1000", "--bridge-port", "0",
-                           state=reachable_dir / "state") as up:
+                           "--api-port", "0", state=reachable_dir / "state") as up:
         runtime = up.runtime
         assert set(runtime) >= {"nats_url", "postgres_dsn", "bridges"}
         assert list(runtime["bridges"]) == ["edge-1"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from broker.cli.settings_reference import BEGIN, END, settings_reference
@@ -22,3 +23,31 @@ def test_every_setting_is_documented() -> None:
     undocumented = [line for line in settings_reference().splitlines()[2:]
                     if line.rstrip().endswith("|  |")]
     assert undocumented == []
+
+
+def _setting_names() -> set[str]:
+    return set(re.findall(r"EDGESYNC_[A-Z0-9_]+", settings_reference()))
+
+
+def _docs() -> list[Path]:
+    return [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md"]
+
+
+def test_every_setting_the_docs_name_exists() -> None:
+    """A setting named in the docs (`EDGESYNC_GROUP__FIELD`, or a field in a
+    "`EDGESYNC_GROUP__*`: `FIELD`, ..." list) is one `edgesync settings` prints: the docs
+    once told readers to set `EDGESYNC_API__READ_REQUIRES_TOKEN`, which never existed."""
+    names = _setting_names()
+    unknown = []
+    for doc in _docs():
+        text = doc.read_text()
+        for found in re.finditer(r"EDGESYNC_[A-Z0-9_]*__[A-Z0-9_]*[A-Z0-9](?![A-Z0-9_]*\*)",
+                                 text):
+            if found.group(0) not in names:
+                unknown.append(f"{doc.name}: {found.group(0)}")
+        for listed in re.finditer(r"`(EDGESYNC_[A-Z0-9_]+__)\*`:((?:\s*`[A-Z0-9_]+`[^`.]*)+)",
+                                  text):
+            unknown += [f"{doc.name}: {listed.group(1)}{field}"
+                        for field in re.findall(r"`([A-Z0-9_]+)`", listed.group(2))
+                        if listed.group(1) + field not in names]
+    assert unknown == []
