@@ -3,14 +3,19 @@
 A record's future resolves once the record is durable in the bridge's buffer;
 from there the bridge ships it to the cloud. Example::
 
-    from edge_bridge.sdk import EdgeClient, InvalidInput
+    import asyncio
 
-    async with EdgeClient("http://127.0.0.1:8787") as client:
-        ack = await client.publish_wait("telemetry", {"temp_c": 21.5}, key="sensor-7")
-        print(ack.stream, ack.epoch, ack.seq)         # durable at the bridge
-        for reading in readings:                      # fire-and-forget, batched
-            client.send("telemetry", reading)         # no future: the cheap way
-        await client.flush()                          # all durable, or SendFailed
+    from edge_bridge.sdk import EdgeClient
+
+    async def main(readings: list[dict[str, float]]) -> None:
+        async with EdgeClient("http://127.0.0.1:8787") as client:
+            ack = await client.publish_wait("telemetry", {"temp_c": 21.5}, key="sensor-7")
+            print(ack.stream, ack.epoch, ack.seq)     # durable at the bridge
+            for reading in readings:                  # fire-and-forget, batched
+                client.send("telemetry", reading)     # no future: the cheap way
+            await client.flush()                      # all durable, or SendFailed
+
+    asyncio.run(main([{"temp_c": 21.0}, {"temp_c": 21.25}]))
 
 Non-asyncio applications use :class:`SyncEdgeClient` the same way, with
 ``publish(...).result()``, ``send(...)`` from any thread, and

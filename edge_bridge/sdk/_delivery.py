@@ -15,20 +15,19 @@ import random
 from collections.abc import Callable
 from typing import Protocol
 
-import structlog
-
 from broker.errors import BufferFull, ClosedError, TemporaryError
 from broker.protocol.ingress import IngressResponse, records_path
 from edge_bridge.sdk._answers import decode_ack, rejection, retry_after_s
 from edge_bridge.sdk._batch import OutgoingBatch
 from edge_bridge.sdk._defaults import BACKOFF_INITIAL_S, BACKOFF_MAX_S
 from edge_bridge.sdk._http import ExchangeError, Poster
+from edge_bridge.sdk._log import LOGGER_NAME, EventLogger
 from edge_bridge.sdk._outage import OutageLog
 from edge_bridge.sdk.results import ClientStats
 
 __all__ = ["Delivery", "Settler"]
 
-log = structlog.get_logger(__name__)
+_log = EventLogger(LOGGER_NAME)
 
 
 class Settler(Protocol):
@@ -89,7 +88,7 @@ class Delivery:
                     batch, lambda: ClosedError("client aborted while sending the record"))
                 raise
             except Exception as exc:  # a bug here must not leave futures pending forever
-                log.exception("sdk_sender_failed", producer=self._producer, stream=batch.stream)
+                _log.exception("sdk_sender_failed", producer=self._producer, stream=batch.stream)
                 self._settler.fail(batch, functools.partial(_same, exc))
 
     async def _deliver(self, batch: OutgoingBatch) -> None:
@@ -146,7 +145,7 @@ class Delivery:
             self.outage.trouble(batch.request_seq, problem, now=loop.time(),
                                 pending_records=self._settler.outstanding,
                                 retry_timeout_s=self._retry_timeout_s)
-            log.debug(
+            _log.debug(
                 "sdk_request_retried",
                 **batch.log_fields(self._producer),
                 attempt=attempt,

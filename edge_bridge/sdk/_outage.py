@@ -10,13 +10,12 @@ the retries themselves are logged at debug level only.
 
 from __future__ import annotations
 
-import structlog
-
+from edge_bridge.sdk._log import LOGGER_NAME, EventLogger
 from edge_bridge.sdk.results import ClientStats
 
 __all__ = ["OutageLog"]
 
-log = structlog.get_logger("edge_bridge.sdk.client")
+_log = EventLogger(LOGGER_NAME)
 
 
 class OutageLog:
@@ -43,7 +42,7 @@ class OutageLog:
             return
         self.since = now
         self._stats.outages += 1
-        log.warning(
+        _log.warning(
             "sdk_bridge_unavailable",
             producer=self._producer,
             url=self._url,
@@ -56,7 +55,7 @@ class OutageLog:
         """The bridge answered: end (and summarise, once) the outage, if there was one."""
         if self.since is None:
             return
-        log.info(
+        _log.info(
             "sdk_bridge_available",
             producer=self._producer,
             url=self._url,

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import structlog
-
 from broker.errors import ClosedError
 from broker.protocol.ingress import IngressResponse
 from edge_bridge.sdk._batch import OutgoingBatch, fail_waiters, resolve_waiters
+from edge_bridge.sdk._log import LOGGER_NAME, EventLogger
 from edge_bridge.sdk.results import ClientStats, SendFailed
 
 __all__ = ["BatchBook"]
 
-log = structlog.get_logger("edge_bridge.sdk.client")
+_log = EventLogger(LOGGER_NAME)
 
 
 class BatchBook:
@@ -58,7 +57,7 @@ class BatchBook:
         if batch.settled:
             return
         error = make_error()
-        log.error(
+        _log.error(
             "sdk_batch_failed",
             **batch.log_fields(self._producer),
             records_without_future=batch.unwaited,
@@ -76,7 +75,7 @@ class BatchBook:
         )
         records = self._fail_all(lambda: ClosedError(message, code="not_acknowledged"))
         self.stats.records_unacknowledged += records
-        log.warning(
+        _log.warning(
             "sdk_records_unacknowledged",
             producer=self._producer,
             records=records,

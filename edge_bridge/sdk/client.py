@@ -17,7 +17,9 @@ When the bridge is away (connection refused, 5xx, or full with ``Retry-After``)
 requests are retried with backoff until ``retry_timeout_s``; the client logs the
 outage once (``sdk_bridge_unavailable``, a warning) and its end once
 (``sdk_bridge_available``: how long, how many requests and retries), counts it
-in :attr:`ClientStats.outages`, and logs each retry only at debug level.
+in :attr:`ClientStats.outages`, and logs each retry only at debug level. It logs
+through the standard library, on the ``edge_bridge.sdk.client`` logger, and
+never to stdout (:mod:`edge_bridge.sdk._log`).
 ``close`` waits at most ``close_timeout_s`` for what is pending; then it fails
 those records with :class:`~broker.errors.ClosedError` (code
 ``not_acknowledged``) and returns, so an application can always shut down.
@@ -38,7 +40,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Final
 
 import msgspec
-import structlog
 
 from broker.errors import BufferFull, ClosedError
 from broker.protocol.ingress import CONTENT_TYPE, MAX_PRODUCER_CHARS
@@ -62,6 +63,7 @@ from edge_bridge.sdk._defaults import (
 )
 from edge_bridge.sdk._delivery import Delivery
 from edge_bridge.sdk._http import HttpxPoster, Poster, StreamPoster
+from edge_bridge.sdk._log import LOGGER_NAME, EventLogger
 from edge_bridge.sdk._records import OutRecord, Preparer, encode_request, plain_json
 from edge_bridge.sdk._settling import BatchBook
 from edge_bridge.sdk.results import ClientStats, RecordAck
@@ -73,7 +75,7 @@ __all__ = [
     "EdgeClient",
 ]
 
-log = structlog.get_logger(__name__)
+_log = EventLogger(LOGGER_NAME)
 
 _Future: Final = asyncio.Future
 """Built directly: ``loop.create_future()`` adds a Python call per record."""
@@ -336,7 +338,7 @@ class EdgeClient(BatchBook):
         error = "client closed before the bridge confirmed the record (it may or may not be stored)"
         records = self._fail_all(lambda: ClosedError(error))
         if records:
-            log.warning("sdk_records_aborted", producer=self._producer, records=records)
+            _log.warning("sdk_records_aborted", producer=self._producer, records=records)
         if self._release_task is None:
             self._release_task = asyncio.ensure_future(self._release())
         # Shielded: a cancelled caller must not leave sockets half-closed.
@@ -518,7 +520,7 @@ class EdgeClient(BatchBook):
         if refused:
             error = ClosedError("EdgeClient closed before the record was queued")
             self._count_failed(refused, refused, error.code, error)
-            log.warning("sdk_records_aborted", producer=self._producer, records=refused)
+            _log.warning("sdk_records_aborted", producer=self._producer, records=refused)
 
     def _buffer_full(self, waiting: int) -> BufferFull:
         return BufferFull(

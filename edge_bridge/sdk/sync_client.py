@@ -190,7 +190,7 @@ class SyncEdgeClient:
 
     @property
     def closed(self) -> bool:
-        """True once ``close`` has begun."""
+        """True once ``close`` or ``abort`` has begun."""
         return self._closed
 
     def publish(
@@ -357,6 +357,33 @@ class SyncEdgeClient:
             assert failed is not None
             raise failed
 
+    def abort(self) -> None:
+        """Close without waiting: fail every unconfirmed record, stop the loop thread.
+
+        As :meth:`EdgeClient.abort`: records not acknowledged yet fail with
+        :class:`ClosedError` (those in flight may nevertheless be stored), the
+        connections are released, and ``abort`` does not raise for ``send``
+        records it fails: the next :meth:`close` raises :class:`SendFailed` for
+        them, once. Idempotent and thread-safe; a ``close`` waiting in another
+        thread returns at once, its records failed.
+        """
+        self._check_not_loop_thread("abort")
+        with self._lock:
+            self._closed = True
+            if self._close_future is None:
+                self._close_future = asyncio.run_coroutine_threadsafe(
+                    self._aclose(None, abort=True), self._loop)
+            elif not self._stopped:
+                # A close is waiting for acknowledgements: fail them now, which ends
+                # its wait. Scheduled under the lock before the loop is told to stop,
+                # so it runs (or is cancelled by _run_loop's clean-up) there.
+                asyncio.run_coroutine_threadsafe(self._client.abort(), self._loop)
+            close_future = self._close_future
+        try:
+            close_future.result()
+        finally:
+            self._stop_loop()
+
     # -- loop thread ------------------------------------------------------------------------
 
     def _run_loop(self) -> None:
@@ -391,10 +418,13 @@ class SyncEdgeClient:
         self._drain()
         await self._client.flush()
 
-    async def _aclose(self, timeout: float | Default | None) -> SendFailed | None:
+    async def _aclose(self, timeout: float | Default | None, *,
+                      abort: bool = False) -> SendFailed | None:
         # The last drain: a record handed over after it is taken back by its
         # sender, which gets ClosedError (closed is set; see _hand_over).
         self._drain(final=True)
+        if abort:
+            await self._client.abort()  # then close() below has nothing to wait for
         try:
             await self._client.close(timeout)
         except SendFailed as failed:  # returned: every close() caller shares this future

@@ -7,10 +7,11 @@ refuses connections; nothing is mocked.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
-import structlog
+import pytest
 
 from broker.runtime.embedded_nats import EmbeddedNats
 from edge_bridge.sdk import ClosedError, EdgeClient, RecordAck, SyncEdgeClient
@@ -61,33 +62,35 @@ def test_a_sync_client_closes_within_its_close_timeout_when_the_bridge_is_down()
 
 
 async def test_an_outage_is_logged_once_when_it_begins_and_once_when_it_ends(
-    tmp_path: Path, nats_server: EmbeddedNats,
+    tmp_path: Path, nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A bridge that goes away and comes back costs one warning and one summary line
-    (duration, requests retried, retries), not a line per retry; records published
-    during the outage are delivered once it ends."""
+    (duration, requests retried, retries), not a line per retry (those are debug
+    records); records published during the outage are delivered once it ends."""
+    caplog.set_level(logging.DEBUG, logger="edge_bridge.sdk")
     settings = bridge_settings(tmp_path, port=port_for_config())
-    with structlog.testing.capture_logs() as logs:
-        async with EdgeClient(f"http://127.0.0.1:{settings.port}", linger_ms=1,
-                              retry_timeout_s=60) as client:
-            async with running_bridge(settings, nats_server.url):
-                await client.publish_wait("telemetry", {"before": True})
-            during = [client.publish("telemetry", {"during": i}) for i in range(20)]
-            # Several retries, still only one warning.
-            await until(lambda: client.stats.retries >= 5, timeout=10,
-                        message="the client never retried")
-            async with running_bridge(settings, nats_server.url):
-                async with asyncio.timeout(15):
-                    acks = await asyncio.gather(*during)
+    async with EdgeClient(f"http://127.0.0.1:{settings.port}", linger_ms=1,
+                          retry_timeout_s=60) as client:
+        async with running_bridge(settings, nats_server.url):
+            await client.publish_wait("telemetry", {"before": True})
+        during = [client.publish("telemetry", {"during": i}) for i in range(20)]
+        # Several retries, still only one warning.
+        await until(lambda: client.stats.retries >= 5, timeout=10,
+                    message="the client never retried")
+        async with running_bridge(settings, nats_server.url):
+            async with asyncio.timeout(15):
+                acks = await asyncio.gather(*during)
     assert all(isinstance(ack, RecordAck) for ack in acks)
     assert client.stats.outages == 1
-    events = [entry for entry in logs if entry["event"].startswith("sdk_")]
-    down = [e for e in events if e["event"] == "sdk_bridge_unavailable"]
-    up = [e for e in events if e["event"] == "sdk_bridge_available"]
-    assert len(down) == 1 and down[0]["log_level"] == "warning"
-    assert len(up) == 1 and up[0]["log_level"] == "info"
-    assert up[0]["requests_retried"] >= 1
-    assert up[0]["retries"] >= 5
-    assert up[0]["outage_s"] > 0
-    retried = [e for e in events if e["event"] == "sdk_request_retried"]
-    assert all(e["log_level"] == "debug" for e in retried)
+    events = [r for r in caplog.records
+              if r.name.startswith("edge_bridge.sdk") and hasattr(r, "event")]
+    down = [r for r in events if r.event == "sdk_bridge_unavailable"]
+    up = [r for r in events if r.event == "sdk_bridge_available"]
+    assert len(down) == 1 and down[0].levelno == logging.WARNING
+    assert len(up) == 1 and up[0].levelno == logging.INFO
+    assert up[0].requests_retried >= 1
+    assert up[0].retries >= 5
+    assert up[0].outage_s > 0
+    retried = [r for r in events if r.event == "sdk_request_retried"]
+    assert len(retried) >= 5
+    assert all(r.levelno == logging.DEBUG for r in retried)

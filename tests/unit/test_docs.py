@@ -51,3 +51,18 @@ def test_every_setting_the_docs_name_exists() -> None:
                         for field in re.findall(r"`([A-Z0-9_]+)`", listed.group(2))
                         if listed.group(1) + field not in names]
     assert unknown == []
+
+
+def _python_blocks(markdown: str) -> list[str]:
+    """The ```python blocks of a markdown text, in order."""
+    return [block.split("```", 1)[0] for block in markdown.split("```python\n")[1:]]
+
+
+def test_every_sdk_doc_example_runs_as_a_script() -> None:
+    """docs/sdk.md's Python examples compile as they stand in a file of their own (a
+    top-level ``async with`` or ``await`` is a SyntaxError there), so a reader can
+    copy one into a script and run it."""
+    blocks = _python_blocks((ROOT / "docs" / "sdk.md").read_text())
+    assert len(blocks) >= 2
+    for number, block in enumerate(blocks, 1):
+        compile(block, f"docs/sdk.md python block {number}", "exec")

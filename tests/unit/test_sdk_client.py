@@ -9,6 +9,7 @@ tests against the real bridge live in tests/integration.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import deque
@@ -19,7 +20,6 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-import structlog
 
 import edge_bridge.sdk
 from broker import errors
@@ -32,6 +32,7 @@ from edge_bridge.sdk import (
     InvalidInput,
     RecordAck,
     RecordTooLarge,
+    SendFailed,
     SyncEdgeClient,
     TemporaryError,
 )
@@ -356,17 +357,19 @@ async def test_a_4xx_answer_fails_the_records_with_the_bridges_message_and_is_no
     assert client.stats.retries == 0
 
 
-async def test_a_failed_batch_is_logged_once_not_once_per_record(bridge: FakeBridge) -> None:
-    """Fire-and-forget publishers see one sdk_batch_failed event naming the record count."""
+async def test_a_failed_batch_is_logged_once_not_once_per_record(
+    bridge: FakeBridge, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Fire-and-forget publishers see one sdk_batch_failed error naming the record count."""
     bridge.default = FakeBridge.status(422, "malformed", "nope")
-    with structlog.testing.capture_logs() as logs:
-        async with client_for(bridge) as client:
-            for i in range(5):
-                client.publish("s", i)
-    failures = [entry for entry in logs if entry["event"] == "sdk_batch_failed"]
+    async with client_for(bridge) as client:
+        for i in range(5):
+            client.publish("s", i)
+    failures = [r for r in caplog.records if getattr(r, "event", None) == "sdk_batch_failed"]
     assert len(failures) == 1
-    assert failures[0]["records"] == 5
-    assert failures[0]["error_type"] == "InvalidInput"
+    assert failures[0].levelno == logging.ERROR
+    assert failures[0].records == 5  # type: ignore[attr-defined]  # from extra
+    assert failures[0].error_type == "InvalidInput"  # type: ignore[attr-defined]
 
 
 def test_retry_after_is_read_as_seconds_or_an_http_date_and_floored() -> None:
@@ -564,6 +567,57 @@ def test_the_sync_client_close_timeout_fails_unconfirmed_records_and_returns(
     client.close(timeout=0.2)
     error = future.exception(timeout=WAIT_S)
     assert isinstance(error, ClosedError) and error.code == "not_acknowledged"
+
+
+def test_the_sync_client_abort_fails_unconfirmed_records_at_once_and_close_reports_them(
+    bridge: FakeBridge,
+) -> None:
+    """``abort`` does not wait for a silent bridge (close would, for close_timeout_s):
+    it fails every unconfirmed record with ClosedError and returns without raising;
+    the next ``close`` raises SendFailed for the ``send`` record, once."""
+    bridge.default = FakeBridge.hang
+    client = SyncEdgeClient(transport=httpx.MockTransport(bridge.handle), linger_ms=0.0,
+                            close_timeout_s=600.0)
+    future = client.publish("s", b"x")
+    client.send("s", b"y")
+    started = time.monotonic()
+    client.abort()
+    assert time.monotonic() - started < WAIT_S  # far below close_timeout_s
+    error = future.exception(timeout=0)
+    assert isinstance(error, ClosedError) and error.code == "shutting_down"
+    assert "may or may not be stored" in str(error)
+    assert client.closed
+    with pytest.raises(ClosedError):
+        client.publish("s", b"z")
+    client.abort()  # idempotent
+    with pytest.raises(SendFailed) as raised:
+        client.close()
+    assert raised.value.by_reason == {"shutting_down": 1}
+    client.close()  # reported once
+    assert client.stats.records_failed == 2
+
+
+def test_the_sync_client_abort_ends_a_close_waiting_in_another_thread(
+    bridge: FakeBridge,
+) -> None:
+    """A ``close`` waiting for a silent bridge returns as soon as another thread aborts,
+    its records failed by the abort (not by the close timeout)."""
+    bridge.default = FakeBridge.hang
+    client = SyncEdgeClient(transport=httpx.MockTransport(bridge.handle), linger_ms=0.0,
+                            close_timeout_s=600.0)
+    future = client.publish("s", b"x")
+    # A daemon: should abort fail, the test must not wait 600 s for the close at exit.
+    closer = threading.Thread(target=client.close, name="closer", daemon=True)
+    closer.start()
+    deadline = time.monotonic() + WAIT_S
+    while not client.closed:  # the close has begun
+        assert time.monotonic() < deadline, "close never began"
+        time.sleep(0.001)
+    client.abort()
+    closer.join(WAIT_S)
+    assert not closer.is_alive()
+    error = future.exception(timeout=0)
+    assert isinstance(error, ClosedError) and error.code == "shutting_down"
 
 
 async def test_flush_with_a_timeout_raises_timeout_error_and_sending_goes_on(

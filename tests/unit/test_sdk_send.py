@@ -11,7 +11,6 @@ import threading
 
 import httpx
 import pytest
-import structlog
 
 from edge_bridge import sdk
 from tests.unit.test_sdk_client import WAIT_S, FakeBridge, client_for, settled
@@ -70,27 +69,26 @@ async def test_futures_mixed_with_sent_records_get_their_own_records_seq(
 
 
 async def test_send_failures_are_counted_logged_once_per_batch_and_raised_by_flush_once(
-    bridge: FakeBridge,
+    bridge: FakeBridge, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A rejected batch of sent records: one ``sdk_batch_failed`` line, counts by reason,
     and ``sdk.SendFailed`` from the next ``flush`` only."""
     bridge.default = FakeBridge.status(422, "malformed", "nope")
-    with structlog.testing.capture_logs() as logs:
-        async with client_for(bridge, batch_max_records=5) as client:
-            for i in range(10):
-                client.send("s", i)
-            with pytest.raises(sdk.SendFailed) as raised:
-                await client.flush()
-            await client.flush()  # reported once: nothing new since
-            stats = client.stats
+    async with client_for(bridge, batch_max_records=5) as client:
+        for i in range(10):
+            client.send("s", i)
+        with pytest.raises(sdk.SendFailed) as raised:
+            await client.flush()
+        await client.flush()  # reported once: nothing new since
+        stats = client.stats
     assert raised.value.records == 10
     assert raised.value.by_reason == {"invalid_input": 10}
     assert isinstance(raised.value.first_error, sdk.InvalidInput)
     assert "nope" in str(raised.value)
     assert stats.records_failed == stats.sent_records_failed == 10
     assert stats.failed_by_reason == {"invalid_input": 10}
-    failures = [entry for entry in logs if entry["event"] == "sdk_batch_failed"]
-    assert [entry["records"] for entry in failures] == [5, 5]
+    failures = [r for r in caplog.records if getattr(r, "event", None) == "sdk_batch_failed"]
+    assert [r.records for r in failures] == [5, 5]  # type: ignore[attr-defined]  # from extra
 
 
 async def test_close_raises_send_failed_for_records_the_close_timeout_failed(
