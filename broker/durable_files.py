@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["make_private_dir", "write_atomically", "write_private"]
+__all__ = ["make_private_dir", "open_private_log", "write_atomically", "write_private"]
 
 
 def write_atomically(path: Path, data: bytes, *, mode: int = 0o644) -> None:
@@ -73,3 +74,15 @@ def write_private(path: Path, data: bytes | str) -> None:
     """
     make_private_dir(path.parent)
     write_atomically(path, data.encode() if isinstance(data, str) else data, mode=0o600)
+
+
+def open_private_log(path: Path) -> BinaryIO:
+    """``path`` opened for appending, readable by its owner only (0600), created so.
+
+    A service's log names subjects, edges and addresses: in a state directory that
+    another OS user may traverse (PostgreSQL's, run as root) it is nobody else's to
+    read. A log an older run left wider is narrowed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")

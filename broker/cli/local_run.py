@@ -149,11 +149,12 @@ async def run_local(
         for edge_id in edge_ids:
             secured.identities.add_edge(edge_id)
         nats_server = await stack.enter_async_context(secured)
-        # Kept across runs, with the buffers that trust it (ephemeral=False). synchronous
-        # commit on: the edge lets go of records once they are committed, so a commit
-        # must survive a crash of the server.
+        # Kept across runs, with the buffers that trust it (ephemeral=False). fsync and
+        # synchronous commit on: the edge lets go of records once they are committed,
+        # so a commit must survive a crash of the server and of the machine (with fsync
+        # off, a power cut could lose rows no edge holds any more).
         postgres = await stack.enter_async_context(
-            EmbeddedPostgres(state / "postgres", ephemeral=False, synchronous_commit=True)
+            EmbeddedPostgres(state / "postgres", ephemeral=False, fsync=True)
         )
         ingest = await stack.enter_async_context(Ingest(
             IngestSettings(postgres_dsn=postgres.dsn, port=options.ingest_port),

@@ -38,6 +38,7 @@ import httpx
 from pydantic import BaseModel, SecretStr
 from pydantic_core import to_jsonable_python
 
+from broker.durable_files import open_private_log
 from broker.runtime.processes import die_with_parent
 from broker.settings import Settings
 
@@ -180,9 +181,8 @@ class ServiceProcess:
                 the message carries the log's tail).
         """
         assert not self.running, f"{self.name} is already running"
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
         offset = self.log_file.stat().st_size if self.log_file.exists() else 0
-        with self.log_file.open("ab") as log:
+        with open_private_log(self.log_file) as log:
             self.proc = subprocess.Popen(  # noqa: ASYNC220 - polled below, like EmbeddedNats
                 [*die_with_parent(signal.SIGTERM), sys.executable, "-m", "broker", self.service],
                 env=self._child_env(),

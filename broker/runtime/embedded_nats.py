@@ -36,6 +36,7 @@ from typing import IO
 
 import structlog
 
+from broker.durable_files import open_private_log
 from broker.errors import RuntimeUnavailable
 from broker.runtime.child_server import ChildServer, stop_process
 from broker.runtime.processes import die_with_parent
@@ -102,8 +103,7 @@ class _Run:
         sink: IO[bytes] | None = None
         try:
             if self._log_file is not None:
-                self._log_file.parent.mkdir(parents=True, exist_ok=True)
-                sink = self._log_file.open("ab")
+                sink = open_private_log(self._log_file)
             for raw in iter(stream.readline, b""):
                 if sink is not None:
                     sink.write(raw)

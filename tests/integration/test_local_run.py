@@ -13,8 +13,8 @@ from tests.support import alive, edgesync_up, until
 async def test_up_with_simulation_commits_growing_rows_and_stops_cleanly(
     tmp_path: Path, reachable_dir: Path
 ) -> None:
-    """`edgesync up --simulate 1000`: committed rows grow within 10 s; Ctrl-C stops
-    every process it started."""
+    """`edgesync up --simulate 1000`: committed rows grow within 10 s, in a PostgreSQL
+    that fsyncs its commits; Ctrl-C stops every process it started."""
     async with edgesync_up(tmp_path, "--simulate", "1000", "--bridge-port", "0",
                            "--api-port", "0", state=reachable_dir / "state") as up:
         runtime = up.runtime
@@ -30,6 +30,9 @@ async def test_up_with_simulation_commits_growing_rows_and_stops_cleanly(
                 return len(counts) > 1 and counts[-1] > counts[0]
 
             await until(grown, timeout=10, interval=0.25, message="committed rows not growing")
+            # The bridges delete what PostgreSQL committed: its commits survive a power cut.
+            for setting in ("fsync", "full_page_writes", "synchronous_commit"):
+                assert await conn.fetchval(f"SHOW {setting}") == "on", setting
         assert up.interrupt() == 0, up.log_tail()
     for pid in (runtime["nats_pid"], runtime["postgres_pid"]):
         await until(lambda pid=pid: not alive(pid), timeout=10,

@@ -74,6 +74,8 @@ async def test_up_runs_secured_and_edges_are_provisioned_and_revoked(
             assert mode(state / directory) & 0o077 == 0, directory
         assert mode(state / "tls" / "ca.key") == 0o600
         assert mode(state / "tls" / "nats-server.key") == 0o600
+        # Its logs too: the state dir may be traversable by PostgreSQL's OS user.
+        assert mode(state / "nats.log") == 0o600
 
         # NATS: TLS + an identity, or nothing.
         ca = runtime["nats_ca_file"]
