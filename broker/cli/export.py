@@ -113,7 +113,8 @@ class _Writer:
     def write(self, rows: list[Any]) -> None:
         if self.fmt is Format.ndjson:
             self.out.write("".join(json.dumps(
-                {"edge": r[0], "stream": r[1], "epoch": r[2], "seq": r[3],
+                {"edge": r[0], "stream": r[1], "epoch": r[2], "epoch_str": str(r[2]),
+                 "seq": r[3],
                  "event_time": r[4].isoformat(), "received_at": r[5].isoformat(),
                  "key": r[6], "headers": None if r[7] is None else json.loads(r[7]),
                  "payload": json.loads(r[8]), "payload_is_binary": r[9]},

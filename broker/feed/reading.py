@@ -132,13 +132,15 @@ class FeedRecord(msgspec.Struct, frozen=True):
         return (self.edge, self.stream, self.epoch, self.seq)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict (the HTTP and CLI form); opaque payloads as base64."""
+        """A JSON-ready dict (the HTTP and CLI form); opaque payloads as base64. The
+        epoch also as a string (``epoch_str``): epochs are random 63-bit integers, and a
+        JSON reader with doubles only (JavaScript, jq) rounds past 2^53."""
         import base64
 
         binary = isinstance(self.payload, bytes)
         return {
             "cursor": self.cursor, "edge": self.edge, "stream": self.stream,
-            "epoch": self.epoch, "seq": self.seq,
+            "epoch": self.epoch, "epoch_str": str(self.epoch), "seq": self.seq,
             "event_time": self.event_time.isoformat(),
             "received_at": self.received_at.isoformat(),
             "key": self.key, "headers": self.headers,

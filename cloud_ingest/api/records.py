@@ -99,7 +99,7 @@ class CheckpointIn(BaseModel):
 
 
 def _watermarks(marks: dict[StreamKey, int]) -> list[dict[str, Any]]:
-    return [{"edge": e, "stream": s, "epoch": ep, "watermark": w}
+    return [{"edge": e, "stream": s, "epoch": ep, "epoch_str": str(ep), "watermark": w}
             for (e, s, ep), w in sorted(marks.items())]
 
 

@@ -73,6 +73,8 @@ async def test_pages_follow_the_cursor_and_reads_need_the_read_guard(
     assert ids(got) == [*(("e1", "s", s) for s in range(1, 81)),
                         *(("e2", "t", s) for s in range(1, 11))]
     assert got[0]["payload"] == {"v": 1} and got[0]["key"] == "k1"
+    # Epochs are 63-bit: a reader with doubles only takes the string form.
+    assert all(r["epoch_str"] == str(r["epoch"]) for r in got)
     only_t = (await plane.http.get("/v1/records", params={"stream": "t"})).json()
     assert ids(only_t["records"]) == [("e2", "t", s) for s in range(1, 11)]
     nothing = (await plane.http.get("/v1/records", params={"stream": "none"})).json()
@@ -146,6 +148,7 @@ async def test_completeness_and_checkpoints_over_http(plane: ControlPlane) -> No
     now = (await plane.http.get("/v1/completeness")).json()["completeness"]
     assert {(c["edge"], c["stream"], c["watermark"]) for c in now} == {
         ("e1", "s", 80), ("e2", "t", 10)}
+    assert all(c["epoch_str"] == str(c["epoch"]) for c in now)
     first = (await plane.http.get("/v1/records", params={"limit": 50})).json()
     at = (await plane.http.get("/v1/completeness",
                                params={"cursor": first["next_cursor"]})).json()
