@@ -31,6 +31,11 @@ LOGGER_NAME: Final = "edge_bridge.sdk.client"
 """The logger of every SDK line, whichever module writes it: one public name for an
 application to configure, not the SDK's private module names."""
 
+_RESERVED: Final = frozenset(
+    logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+"""LogRecord's own attributes: ``extra`` may not set them (the standard library raises),
+so a field of such a name goes into ``extra`` as ``field_<name>``."""
+
 _CALLER: Final = 3
 """``stacklevel`` naming the SDK code that logged (not this module) in the record:
 ``Logger.log`` <- ``EventLogger._log`` <- ``EventLogger.warning`` <- caller."""
@@ -69,7 +74,9 @@ class EventLogger:
             # A template with lazy arguments, the library idiom: a filter sees the
             # event and field names in record.msg, the values stay in record.args.
             template = " ".join([event, *(f"{name}=%r" for name in fields)])
+            extra = {f"field_{name}" if name in _RESERVED else name: value
+                     for name, value in fields.items()}
             logger.log(level, template, *fields.values(), exc_info=exc_info,
-                       extra={"event": event, **fields}, stacklevel=_CALLER)
+                       extra={"event": event, **extra}, stacklevel=_CALLER)
         except Exception:  # see the module docstring: never fail the SDK
             pass

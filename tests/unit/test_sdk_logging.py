@@ -217,3 +217,17 @@ def test_a_log_handler_that_raises_does_not_stop_a_sync_client_settling(
             client.flush(timeout=DEADLINE_S)
     assert failing_handler.calls >= 3
     assert client.stats.records_failed == 1
+
+
+def test_a_field_named_like_a_log_record_attribute_is_kept_not_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``extra`` may not set LogRecord's own attributes (the standard library raises,
+    and the SDK swallows logging errors): such a field is renamed, the line still logged."""
+    from edge_bridge.sdk._log import LOGGER_NAME, EventLogger
+
+    with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
+        EventLogger(LOGGER_NAME).info("sdk_fact", name="n", module="m", records=3)
+    [record] = caplog.records
+    assert record.getMessage() == "sdk_fact name='n' module='m' records=3"
+    assert (record.field_name, record.field_module, record.records) == ("n", "m", 3)  # type: ignore[attr-defined]
