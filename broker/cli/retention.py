@@ -122,3 +122,6 @@ def apply(*, dsn: Dsn = None, state_dir: StateDir = Path(".edgesync"),
         console.print(f"kept {name}: {why}")
     if report.skipped:
         console.print("another process is enforcing retention right now; nothing done")
+    elif not (created or report.retired or report.kept):
+        console.print(f"nothing to do: partitions are ready {ahead_days} days ahead and "
+                      "none is past its streams' retention")
