@@ -112,12 +112,9 @@ def sdk_debug(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     return caplog
 
 
-async def test_an_unreachable_bridge_logs_retries_at_debug_and_writes_nothing_to_stdout(
-    sdk_debug: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
-) -> None:
-    """Every retry is one debug record ``sdk_request_retried`` on an ``edge_bridge.sdk``
-    logger, with its context as ``key=value`` in the message and as record attributes;
-    the outage's start is one warning; stdout stays empty."""
+async def send_one_through_an_outage() -> EdgeClient:
+    """One record sent to a bridge that refuses connections, until ``flush`` gives up
+    (``SendFailed``); returns the closed client."""
     with refused_port() as port:
         async with EdgeClient(f"http://127.0.0.1:{port}", linger_ms=0,
                               retry_timeout_s=RETRY_TIMEOUT_S) as client:
@@ -125,6 +122,16 @@ async def test_an_unreachable_bridge_logs_retries_at_debug_and_writes_nothing_to
             async with asyncio.timeout(DEADLINE_S):
                 with pytest.raises(SendFailed):
                     await client.flush()
+    return client
+
+
+async def test_an_unreachable_bridge_logs_retries_at_debug_and_writes_nothing_to_stdout(
+    sdk_debug: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Every retry is one debug record ``sdk_request_retried`` on an ``edge_bridge.sdk``
+    logger, with its context as ``key=value`` in the message and as record attributes;
+    the outage's start is one warning; stdout stays empty."""
+    client = await send_one_through_an_outage()
     assert capfd.readouterr().out == ""
     retried = [r for r in sdk_debug.records if getattr(r, "event", None) == "sdk_request_retried"]
     assert len(retried) >= 2  # RETRY_TIMEOUT_S allows several
@@ -147,13 +154,7 @@ async def test_at_info_level_an_outage_logs_its_warning_but_not_its_retries(
     """What ``logging.basicConfig(level=logging.INFO)`` shows of an outage: the warning
     and the failed batch, and none of the retries."""
     caplog.set_level(logging.INFO)
-    with refused_port() as port:
-        async with EdgeClient(f"http://127.0.0.1:{port}", linger_ms=0,
-                              retry_timeout_s=RETRY_TIMEOUT_S) as client:
-            client.send("telemetry", {"i": 1})
-            async with asyncio.timeout(DEADLINE_S):
-                with pytest.raises(SendFailed):
-                    await client.flush()
+    await send_one_through_an_outage()
     sdk = [(r.event, r.levelname) for r in caplog.records  # type: ignore[attr-defined]
            if r.name.startswith("edge_bridge.sdk")]
     assert sdk == [("sdk_bridge_unavailable", "WARNING"), ("sdk_batch_failed", "ERROR")]
