@@ -24,6 +24,7 @@ here takes such a connection.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Final
 
@@ -31,8 +32,8 @@ import asyncpg
 import structlog
 from nats.js import JetStreamContext
 
-from broker.errors import InvalidInput, NotFound
-from broker.protocol.commands import CommandSigner, new_envelope
+from broker.errors import InvalidInput, NotFound, RequestTooLarge
+from broker.protocol.commands import MAX_COMMAND_BYTES, CommandSigner, new_envelope
 from broker.protocol.desired import (
     DESIRED_KIND,
     DesiredStateSpec,
@@ -45,6 +46,7 @@ from cloud_ingest.db_errors import Connection
 
 __all__ = [
     "LABEL_KEY",
+    "MAX_DOCUMENT_BYTES",
     "DesiredPublisher",
     "create_version",
     "edges_matching",
@@ -63,6 +65,12 @@ _LABEL = re.compile(LABEL_KEY)
 _MESSAGE_TTL_S: Final = 10 * 365 * 24 * 3600.0
 """A desired state does not expire (the revision orders it); the envelope needs a value."""
 _PUBLISH_TIMEOUT_S: Final = 5.0
+_REPUBLISH_FAILURES_IN_A_ROW: Final = 3
+"""A republish round stops after this many failed puts in a row (NATS is away), not at
+the first: one edge's put that cannot go must not hold back the others'."""
+MAX_DOCUMENT_BYTES: Final = MAX_COMMAND_BYTES - 16 * 1024
+"""Largest desired-state document (with its overrides) as JSON: what an edge accepts
+signed, less room for the envelope, the signature and the framing."""
 
 
 def _check_label(what: str, value: str) -> str:
@@ -161,6 +169,12 @@ async def create_version(
     """
     validate_token("edge id" if target_kind == "edge" else "group name", target)
     parse_document(document)  # stored as given, once valid
+    size = len(json.dumps(document, separators=(",", ":")).encode()) + len(
+        json.dumps(overrides or {}, separators=(",", ":")).encode())
+    if size > MAX_DOCUMENT_BYTES:
+        raise RequestTooLarge(f"the document and overrides are {size} bytes of JSON; at "
+                              f"most {MAX_DOCUMENT_BYTES} (an edge accepts a signed desired "
+                              f"state of at most {MAX_COMMAND_BYTES})")
     overrides = overrides or {}
     if target_kind == "edge" and overrides:
         raise InvalidInput("overrides belong to a group's version; an edge's document is "
@@ -252,6 +266,10 @@ class DesiredPublisher:
                                 spec=spec.model_dump(mode="json"), ttl_s=_MESSAGE_TTL_S,
                                 issuer=f"{by}@{self._signer.issuer}")
         signed, digest = self._signer.sign(envelope)
+        if len(signed) > MAX_COMMAND_BYTES:
+            raise RequestTooLarge(
+                f"edge {edge}'s signed desired state is {len(signed)} bytes; an edge "
+                f"accepts at most {MAX_COMMAND_BYTES}")
         await conn.execute(
             "INSERT INTO edge_desired (edge_id, version_id, revision, document, digest, signed,"
             " rollout_id, assigned_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
@@ -296,9 +314,13 @@ class DesiredPublisher:
         (a failed or interrupted publish); returns how many were sent now."""
         edges = await pool.fetch("SELECT edge_id FROM edge_desired WHERE published_at IS NULL"
                                  " ORDER BY assigned_at LIMIT $1", limit)
-        sent = 0
+        sent = failed = 0
         for row in edges:
-            if not await self.publish(pool, row["edge_id"]):
-                break
-            sent += 1
+            if await self.publish(pool, row["edge_id"]):
+                sent += 1
+                failed = 0
+            else:
+                failed += 1
+                if failed >= _REPUBLISH_FAILURES_IN_A_ROW:
+                    break  # NATS is away: the next round tries again
         return sent

@@ -49,6 +49,7 @@ from broker.protocol.tokens import validate_token
 __all__ = [
     "COMMAND_ID",
     "ENVELOPE_VERSION",
+    "MAX_COMMAND_BYTES",
     "CommandEnvelope",
     "CommandSigner",
     "OpenedCommand",
@@ -64,8 +65,10 @@ __all__ = [
 ]
 
 ENVELOPE_VERSION: Final = 1
-_MAX_MESSAGE_BYTES: Final = 256 * 1024
-"""Largest signed command accepted; specs are small, this bounds what a forger can make us parse."""
+MAX_COMMAND_BYTES: Final = 256 * 1024
+"""Largest signed command (or desired state) an edge accepts; specs are small, this bounds
+what a forger can make an edge parse. The cloud refuses to sign anything larger, well
+under nats-server's 1 MiB message limit."""
 COMMAND_ID: Final = re.compile(
     r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 """What a command id looks like: a lower-case canonical UUID (``new_envelope`` makes them)."""
@@ -200,7 +203,7 @@ def open_command(data: bytes, trusted: Sequence[Ed25519PublicKey]) -> OpenedComm
         CommandRejected: ``malformed``, ``unknown_key``, ``bad_signature`` or
             ``non_canonical``; carries the id the payload claims when readable.
     """
-    if len(data) > _MAX_MESSAGE_BYTES:
+    if len(data) > MAX_COMMAND_BYTES:
         raise CommandRejected("malformed", f"command message of {len(data)} bytes is too large")
     try:
         signed = _signed_decoder.decode(data)

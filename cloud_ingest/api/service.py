@@ -17,10 +17,17 @@ import asyncpg
 import structlog
 from nats.js import JetStreamContext
 
-from broker.errors import ClosedError, ConfigError, Conflict, EdgesyncError, InvalidInput
+from broker.errors import (
+    ClosedError,
+    ConfigError,
+    Conflict,
+    EdgesyncError,
+    InvalidInput,
+    RequestTooLarge,
+)
 from broker.protocol.command_specs import masked_spec
 from broker.protocol.command_status import CommandStatus
-from broker.protocol.commands import CommandSigner, new_envelope
+from broker.protocol.commands import MAX_COMMAND_BYTES, CommandSigner, new_envelope
 from broker.protocol.topology import Topology
 from broker.service import Supervisor
 from broker.serving import HTTP_DRAIN_S, embedded_server, wait_started
@@ -40,6 +47,9 @@ log = structlog.get_logger(__name__)
 
 _PUBLISH_TIMEOUT_S = 2.0
 """A request waits this long for JetStream; after that the command is published later."""
+_REPUBLISH_FAILURES_IN_A_ROW = 3
+"""A republish round stops after this many failed publishes in a row (NATS is away),
+not at the first: one command that cannot be published must not hold back the rest."""
 
 
 # -- the service ------------------------------------------------------------------------------
@@ -142,6 +152,11 @@ class Api(CloudService):
                                 issuer=f"{operator}@{signer.issuer}" if operator
                                 else signer.issuer)
         signed, digest = signer.sign(envelope)
+        if len(signed) > MAX_COMMAND_BYTES:
+            # The edge refuses it unread (so it could never report on it), and past
+            # nats-server's message limit no command behind it would be published.
+            raise RequestTooLarge(f"the signed command is {len(signed)} bytes; an edge "
+                                  f"accepts at most {MAX_COMMAND_BYTES}")
         row = await self._db().fetchrow(
             "INSERT INTO commands (id, edge_id, kind, spec, issuer, idempotency_key, digest,"
             " signed, issued_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8,"
@@ -252,11 +267,15 @@ class Api(CloudService):
         rows = await self._db().fetch(
             "SELECT id, edge_id, signed FROM commands WHERE published_at IS NULL"
             " AND status = 'pending' AND expires_at > now() ORDER BY issued_at LIMIT 100")
-        done = 0
+        done = failed = 0
         for r in rows:
-            if not await self._publish(str(r["id"]), r["edge_id"], bytes(r["signed"])):
-                break
-            done += 1
+            if await self._publish(str(r["id"]), r["edge_id"], bytes(r["signed"])):
+                done += 1
+                failed = 0
+            else:
+                failed += 1
+                if failed >= _REPUBLISH_FAILURES_IN_A_ROW:
+                    break  # NATS is away: the next round tries again
         self.metrics.unpublished.set(len(rows) - done)
         return done
 
