@@ -30,6 +30,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter
 
 from broker.protocol.events import DesiredStateReport
+from cloud_ingest.events_consuming import NEWER_BY_EDGE_CLOCK
 
 __all__ = ["DesiredReportWriter"]
 
@@ -38,7 +39,8 @@ log = structlog.get_logger(__name__)
 _STATE = """
 INSERT INTO edge_reported_state AS s (edge_id, revision, version_id, digest, status, observed,
     reason, applied, reported_at, current)
-VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8::text::jsonb, to_timestamp($9::float8),
+VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8::text::jsonb,
+    LEAST(to_timestamp($9::float8), now() + interval '1 minute'),
     EXISTS (SELECT 1 FROM edge_desired d WHERE d.edge_id = $1 AND d.revision = $2
             AND d.digest = $4))
 ON CONFLICT (edge_id) DO UPDATE SET revision = EXCLUDED.revision,
@@ -49,9 +51,9 @@ ON CONFLICT (edge_id) DO UPDATE SET revision = EXCLUDED.revision,
                    THEN s.applied ELSE EXCLUDED.applied END,
     reported_at = EXCLUDED.reported_at,
     received_at = now(), current = EXCLUDED.current
-WHERE s.reported_at <= EXCLUDED.reported_at
+WHERE {newer}
 RETURNING edge_id
-"""
+""".format(newer=NEWER_BY_EDGE_CLOCK.format(stored="s.reported_at", new="EXCLUDED.reported_at"))
 
 _DRIFT_UPSERT = """
 INSERT INTO edge_drift (edge_id, path, desired, observed, revision, since)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 import msgspec
@@ -35,7 +35,7 @@ from cloud_ingest.dead_letters import DeadLetter, insert_dead_letters
 from cloud_ingest.isolating import write_each
 from cloud_ingest.metrics import IngestMetrics
 
-__all__ = ["AfterCommit", "EventWriter", "EventsConsumer"]
+__all__ = ["NEWER_BY_EDGE_CLOCK", "AfterCommit", "EventWriter", "EventsConsumer"]
 
 AfterCommit = Callable[[], None]
 EventWriter = Callable[[Connection, list[Any]], Awaitable[AfterCommit | None]]
@@ -45,19 +45,39 @@ transaction; may return an action to run only once that transaction has committe
 log = structlog.get_logger(__name__)
 _json = msgspec.json.Encoder()
 
+NEWER_BY_EDGE_CLOCK: Final = ("({stored} <= {new}"
+                              " OR {stored} > now() + interval '1 minute')")
+"""Whether a report sent at ``new`` by an edge's clock supersedes one sent at ``stored``.
+An edge clock is stored at most a minute ahead of the cloud's, and a stored time
+further ahead (written before that bound) never wins: one report from a clock gone
+wrong (a bad RTC at boot, spoofed NTP) must not freeze what the cloud shows of the edge."""
+
 _UPSERT = """
 INSERT INTO edges AS e (edge_id, last_seen, version, buffer_records, buffer_bytes,
     buffer_max_bytes, unshipped_records, oldest_unshipped_age_s, disk_bytes, dropped, streams,
     edge_clock)
-VALUES ($1, now(), $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb, to_timestamp($11))
+VALUES ($1, now(), $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb,
+    LEAST(to_timestamp($11), now() + interval '1 minute'))
 ON CONFLICT (edge_id) DO UPDATE SET
-    last_seen = now(), version = EXCLUDED.version, buffer_records = EXCLUDED.buffer_records,
-    buffer_bytes = EXCLUDED.buffer_bytes, buffer_max_bytes = EXCLUDED.buffer_max_bytes,
-    unshipped_records = EXCLUDED.unshipped_records,
-    oldest_unshipped_age_s = EXCLUDED.oldest_unshipped_age_s, disk_bytes = EXCLUDED.disk_bytes,
-    dropped = EXCLUDED.dropped, streams = EXCLUDED.streams, edge_clock = EXCLUDED.edge_clock
-WHERE e.edge_clock <= EXCLUDED.edge_clock
-"""
+    last_seen = now(),
+    version = CASE WHEN {newer} THEN EXCLUDED.version ELSE e.version END,
+    buffer_records = CASE WHEN {newer} THEN EXCLUDED.buffer_records ELSE e.buffer_records END,
+    buffer_bytes = CASE WHEN {newer} THEN EXCLUDED.buffer_bytes ELSE e.buffer_bytes END,
+    buffer_max_bytes = CASE WHEN {newer} THEN EXCLUDED.buffer_max_bytes
+        ELSE e.buffer_max_bytes END,
+    unshipped_records = CASE WHEN {newer} THEN EXCLUDED.unshipped_records
+        ELSE e.unshipped_records END,
+    oldest_unshipped_age_s = CASE WHEN {newer} THEN EXCLUDED.oldest_unshipped_age_s
+        ELSE e.oldest_unshipped_age_s END,
+    disk_bytes = CASE WHEN {newer} THEN EXCLUDED.disk_bytes ELSE e.disk_bytes END,
+    dropped = CASE WHEN {newer} THEN EXCLUDED.dropped ELSE e.dropped END,
+    streams = CASE WHEN {newer} THEN EXCLUDED.streams ELSE e.streams END,
+    edge_clock = CASE WHEN {newer} THEN EXCLUDED.edge_clock ELSE e.edge_clock END
+""".format(newer=NEWER_BY_EDGE_CLOCK.format(stored="e.edge_clock", new="EXCLUDED.edge_clock"))
+"""A heartbeat always counts as a sign of life (``last_seen``); what it reports replaces
+what is stored only if it was sent later by the edge's clock (JetStream may hand an
+older one over after a newer), or if the stored one claims a time beyond the skew
+allowed (:data:`NEWER_BY_EDGE_CLOCK`)."""
 
 
 class EventsConsumer:
