@@ -9,9 +9,10 @@ brings (``--token-stdin``) or the bootstrap token of the settings must pass
 :func:`broker.token_strength.check_token_strength` , so
 ``changeme``, ``aaaa...`` and empty strings never guard anything.
 
-Scopes (:data:`SCOPES`): ``read`` (every GET), ``operate`` (every command kind,
-replays), ``operate:<kind>`` (that command kind only), ``admin`` (everything:
-operators, audit log). ``operate`` and ``operate:<kind>`` imply ``read``.
+Scopes (:data:`SCOPES`): ``read`` (every GET), ``consume`` (move a feed
+subscription's checkpoint: what an HTTP consumer commits), ``operate`` (every command
+kind, replays), ``operate:<kind>`` (that command kind only), ``admin`` (everything:
+operators, audit log). ``consume``, ``operate`` and ``operate:<kind>`` imply ``read``.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ TOKEN_PREFIX: Final = "eso_"
 BOOTSTRAP: Final = "bootstrap"
 """The operator name of ``api.operator_token`` (an admin that is not in the table)."""
 
-SCOPES: Final = ("read", "operate", "admin", *(f"operate:{k}" for k in KINDS))
+SCOPES: Final = ("read", "consume", "operate", "admin", *(f"operate:{k}" for k in KINDS))
 """Every scope a token can hold."""
 
 _NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
@@ -71,7 +72,8 @@ class Operator:
         if "admin" in self.scopes or scope in self.scopes:
             return True
         if scope == "read":
-            return any(s == "operate" or s.startswith("operate:") for s in self.scopes)
+            return any(s in ("consume", "operate") or s.startswith("operate:")
+                       for s in self.scopes)
         return scope.startswith("operate:") and "operate" in self.scopes
 
 

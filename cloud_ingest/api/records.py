@@ -12,7 +12,9 @@
 
 Reads follow the commit-ordered feed (:mod:`broker.feed`): a cursor never skips
 a row that commits later, and rows of open transactions are never returned.
-Every route is a read (the read guard of :mod:`cloud_ingest.api.auth`).
+Every route is a read (the read guard of :mod:`cloud_ingest.api.auth`) but the
+checkpoint PUT, which needs the ``consume`` scope: moving a subscription's checkpoint
+makes its consumer skip records.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def _watermarks(marks: dict[StreamKey, int]) -> list[dict[str, Any]]:
 
 
 def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
-                  tails: TailLimit | None = None) -> APIRouter:
+                  commit: Any = None, tails: TailLimit | None = None) -> APIRouter:
     """The records routes (mounted by :mod:`cloud_ingest.api.routes`).
 
     Args:
@@ -112,6 +114,9 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
         dsn: where a live tail opens its own connection (it LISTENs for its life, so
             it does not hold one of the pool's).
         read: the dependency guarding reads.
+        commit: the dependency guarding the one write, moving a subscription's
+            checkpoint (it can make another consumer skip what it has not read);
+            None: ``read`` alone.
         tails: the cap on live tails open at once (default 100).
     """
     tails = tails or TailLimit(100)
@@ -264,7 +269,8 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
         return _subscription(row)
 
     @router.put("/v1/subscriptions/{name}", response_model=SubscriptionOut,
-                tags=["subscriptions"], responses={409: {}})
+                tags=["subscriptions"], responses={409: {}},
+                dependencies=[] if commit is None else [commit])
     async def put_subscription(name: str, body: CheckpointIn) -> dict[str, Any]:
         """Create a subscription or move its checkpoint (HTTP consumers commit here
         after handling a page). Refused (409) while an SDK process holds its lease."""

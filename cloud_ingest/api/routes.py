@@ -235,6 +235,7 @@ def create_app(api: Api) -> FastAPI:
                    503: _error("NATS did not acknowledge the desired state; retry.")})
     app.include_router(record_routes(  # committed records, tail, checkpoints
         api._db, settings.postgres_dsn, read=require_read,
+        commit=Depends(require_scope("consume")),
         tails=TailLimit(settings.max_live_tails, api.metrics.live_tails,
                         api.metrics.tails_refused)),
         responses=ERROR_RESPONSES)

@@ -20,6 +20,7 @@ from broker.runtime.embedded_nats import EmbeddedNats
 from tests.helpers import until
 from tests.integration.control_harness import ControlPlane, control_plane, run_cli
 from tests.integration.harness import wait_for_records
+from tests.integration.test_api_auth import operator
 
 EPOCH = 3
 
@@ -161,6 +162,25 @@ async def test_completeness_and_checkpoints_over_http(plane: ControlPlane) -> No
     rest = (await plane.http.get("/v1/records", params={"subscription": "reports"})).json()
     assert ids(rest["records"])[0] == ("e1", "s", 51)
     assert (await plane.http.get("/v1/subscriptions/nope")).status_code == 404
+
+
+async def test_moving_a_checkpoint_needs_the_consume_scope(plane: ControlPlane) -> None:
+    """A read-only token (a dashboard's) may read a subscription but not move or create
+    one: moved, its consumer would skip records it never read."""
+    assert (await plane.http.put("/v1/subscriptions/billing",
+                                 json={"cursor": "earliest"})).status_code == 200
+    reader = await operator(plane, "grafana", "read")
+    consumer = await operator(plane, "billing-job", "consume")
+    async with reader, consumer:
+        moved = await reader.put("/v1/subscriptions/billing", json={"cursor": "latest"})
+        assert (moved.status_code, moved.json()["error"]) == (403, "forbidden")
+        assert "'consume'" in moved.json()["message"]
+        made = await reader.put("/v1/subscriptions/new-one", json={"cursor": "latest"})
+        assert made.status_code == 403
+        assert (await reader.get("/v1/subscriptions/billing")).status_code == 200
+        committed = await consumer.put("/v1/subscriptions/billing", json={"cursor": "latest"})
+        assert committed.status_code == 200, committed.text
+        assert (await consumer.get("/v1/records", params={"limit": 1})).status_code == 200
 
 
 async def test_edgesync_tail_prints_ndjson(plane: ControlPlane) -> None:

@@ -32,19 +32,24 @@ def test_scopes_imply_what_the_table_says() -> None:
     scaler = Operator("s", frozenset({"operate:deployment.scale"}))
     ops = Operator("o", frozenset({"operate"}))
     admin = Operator("a", frozenset({"admin"}))
+    consumer = Operator("c", frozenset({"consume"}))
     scale, configure = command_scope("deployment.scale"), command_scope("bridge.configure")
-    assert [reader.allows(s) for s in ("read", scale, "operate", "admin")] == [
-        True, False, False, False]
+    assert [reader.allows(s) for s in ("read", "consume", scale, "operate", "admin")] == [
+        True, False, False, False, False]
+    assert [consumer.allows(s) for s in ("read", "consume", scale, "operate", "admin")] == [
+        True, True, False, False, False]
+    assert not ops.allows("consume")  # commands are not a consumer's checkpoints
     assert [scaler.allows(s) for s in ("read", scale, configure, "admin")] == [
         True, True, False, False]
     assert [ops.allows(s) for s in ("read", scale, configure, "admin")] == [
         True, True, True, False]
-    assert all(admin.allows(s) for s in ("read", scale, configure, "operate", "admin"))
+    assert all(admin.allows(s)
+               for s in ("read", "consume", scale, configure, "operate", "admin"))
 
 
 def test_unknown_scopes_are_refused_listing_the_valid_ones() -> None:
     assert parse_scopes(["read", " operate:bridge.configure "]) == {
         "read", "operate:bridge.configure"}
     for bad in (["root"], [], ["operate:deployment.delete"]):
-        with pytest.raises(InvalidInput, match="valid are read, operate, admin"):
+        with pytest.raises(InvalidInput, match="valid are read, consume, operate, admin"):
             parse_scopes(bad)
