@@ -165,4 +165,30 @@ def destructive_reason(kind: str, spec: Mapping[str, Any]) -> str | None:
     if kind == "deployment.set_image":
         return (f"This rolls every pod of {target} (container {spec.get('container')}) to "
                 f"the image {spec.get('image')}.")
+    if kind == "bridge.configure":
+        return _data_dropping_reason(spec)
+    return None
+
+
+_SHORT_TTL_S: Final = 3600.0
+"""A record TTL below this (an hour) deletes unshipped records through any real outage."""
+
+
+def _data_dropping_reason(spec: Mapping[str, Any]) -> str | None:
+    """Why a ``bridge.configure`` may make the edge delete records it has not shipped
+    (a policy that drops the oldest at the cap, or a short TTL), or None."""
+    policies = [("streams without their own policy", spec.get("default_policy"))]
+    streams = spec.get("streams")
+    if isinstance(streams, Mapping):
+        policies += [(f"stream {name}", policy) for name, policy in streams.items()]
+    for where, policy in policies:
+        if not isinstance(policy, Mapping):
+            continue
+        ttl = policy.get("ttl_s")
+        if isinstance(ttl, int | float) and ttl < _SHORT_TTL_S:
+            return (f"For {where}, records older than {ttl:g} s are deleted at the edge, "
+                    "shipped or not: an outage longer than that loses them.")
+        if policy.get("overflow") == "drop_oldest":
+            return (f"For {where}, the edge deletes its oldest records when its buffer is "
+                    "full, shipped or not, instead of pushing back on the producers.")
     return None

@@ -1,17 +1,22 @@
 """The console's pure parts: the sealed session cookie, CSRF tokens, the command form
-generated from the specs, the fleet query's defaults, and the charts."""
+generated from the specs and what it asks to confirm, a command's page, the fleet
+query's defaults, and the charts."""
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 import pytest
 
 from broker.protocol.command_specs import SPEC_MODELS
 from cloud_ingest.console.charts import completeness_bar, history_chart
 from cloud_ingest.console.forms import destructive_reason, form_fields, parse_form
+from cloud_ingest.console.pages import Viewer
 from cloud_ingest.console.queries import FleetQuery, parse_multirange
+from cloud_ingest.console.rendering import Renderer
 from cloud_ingest.console.sessions import SESSION_MAX_AGE_S, SessionKeys
+from cloud_ingest.operators import Operator
 
 KEYS = SessionKeys.derive(b"a signing key, for the test")
 
@@ -101,6 +106,49 @@ def test_scale_to_zero_and_image_changes_need_a_confirmation() -> None:
     assert destructive_reason("deployment.set_image", {
         **scale, "container": "app", "image": "registry/app:2"}) is not None
     assert destructive_reason("bridge.configure", {"linger_ms": 5}) is None
+
+
+@pytest.mark.parametrize("spec", [
+    {"default_policy": {"ttl_s": 0.001}},
+    {"default_policy": {"overflow": "drop_oldest"}},
+    {"streams": {"audit": {"ttl_s": 60}}},
+    {"linger_ms": 5, "streams": {"audit": {"overflow": "drop_oldest"}}},
+])
+def test_a_configure_that_deletes_unshipped_records_needs_a_confirmation(
+    spec: dict[str, object],
+) -> None:
+    reason = destructive_reason("bridge.configure", spec)
+    assert reason is not None and "shipped or not" in reason
+
+
+@pytest.mark.parametrize("spec", [
+    {"default_policy": {"ttl_s": 7 * 86400.0, "overflow": "block"}},
+    {"streams": {"audit": None}}, {"streams": {"audit": {"priority": 3}}},
+])
+def test_a_configure_that_keeps_unshipped_records_needs_none(spec: dict[str, object]) -> None:
+    assert destructive_reason("bridge.configure", spec) is None
+
+
+def test_a_commands_history_names_the_edge_of_each_report() -> None:
+    """Another edge may report on a command (on its own subject): the report is ignored
+    (not effective), and the page says whose it was instead of showing it as the
+    command's edge's."""
+    now = datetime.now(UTC)
+    command = {"id": "0b3c9a3e-1111-4222-8333-444455556666", "edge": "victim",
+               "kind": "bridge.configure", "status": "pending", "issuer": "alice",
+               "issued_at": now, "expires_at": now, "delivered_at": None,
+               "finished_at": None, "finished_by": None, "spec": {"linger_ms": 5},
+               "result": None, "code": None, "reason": None, "history": [
+                   {"status": "applied", "edge": "mallory", "reported_at": now,
+                    "received_at": now, "reason": "<b>done</b>", "effective": False},
+                   {"status": "delivered", "edge": "victim", "reported_at": now,
+                    "received_at": now, "reason": "", "effective": True}]}
+    viewer = Viewer(Operator("alice", frozenset({"admin"})), None, "csrf")  # type: ignore[arg-type]
+    html = Renderer().text("command.html", viewer.context(nav="fleet", command=command))
+    rows = html[html.index("<h2>History"):].split("<tr>")[2:]
+    assert "<td>mallory <strong>(not the command's edge: ignored)</strong></td>" in rows[0]
+    assert "&lt;b&gt;done&lt;/b&gt;" in rows[0]
+    assert "<td>victim</td>" in rows[1]
 
 
 def test_a_fleet_query_falls_back_to_defaults_for_unknown_parameters() -> None:
