@@ -4,11 +4,12 @@ so new kinds can be added without breaking old readers."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from broker.errors import DecodeError
+from broker.protocol.wire import MAX_SEQ
 
 __all__ = [
     "CommandStatusReport",
@@ -59,15 +60,19 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", tag_field="type", frozen=True):
     streams: dict[str, StreamHealth] = {}
 
 
+Seq = Annotated[int, msgspec.Meta(ge=1, le=MAX_SEQ)]
+"""A record seq as the wire allows it (a drop marker's range is of records' seqs)."""
+
+
 class DropMarker(msgspec.Struct, tag="drop", tag_field="type", frozen=True):
     """The edge dropped a contiguous run of records by policy (reported once per run)."""
 
     edge: str
     stream: str
     epoch: int
-    first_seq: int
-    last_seq: int
-    count: int
+    first_seq: Seq
+    last_seq: Seq
+    count: Annotated[int, msgspec.Meta(ge=0)]
     reason: str
     """``overflow`` or ``ttl``."""
     dropped_at: float

@@ -177,3 +177,14 @@ def test_the_seeds_are_valid_messages() -> None:
     assert all(decode_event(e) for e in _EVENTS)
     assert open_command(_COMMAND, _TRUSTED).envelope.kind == "deployment.scale"
     assert msgspec.msgpack.decode(_COMMAND)
+
+
+@pytest.mark.parametrize(("first", "last", "count"), [
+    (-10, 3, 14), (0, 3, 4), (1, 2**63 - 1, 1), (5, 6, -1)])
+def test_a_drop_marker_outside_the_seq_range_is_malformed(first: int, last: int,
+                                                            count: int) -> None:
+    """A marker's range is of records' seqs (1 .. 2^63-2): anything else is refused at
+    decoding, so its event is dead-lettered with the reason (not stored, or failing
+    the range arithmetic later)."""
+    with pytest.raises(DecodeError, match="malformed event"):
+        decode_event(encode_event(DropMarker("edge-1", "s", 7, first, last, count, "ttl", 1.0)))
