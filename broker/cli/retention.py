@@ -37,7 +37,6 @@ def _run(dsn: str | None, state_dir: Path, job: Callable[[Any], Awaitable[T]]) -
     return run_on_database(dsn, state_dir, job, console=console, doing="reach PostgreSQL")
 
 
-
 @retention_app.command("set")
 def set_(stream: StreamArg, keep: Annotated[str, typer.Argument(help="12h, 30d, 2w ...")], *,
          dsn: Dsn = None, state_dir: StateDir = Path(".edgesync")) -> None:
@@ -50,8 +49,16 @@ def set_(stream: StreamArg, keep: Annotated[str, typer.Argument(help="12h, 30d, 
     except InvalidInput as exc:
         console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1) from exc
-    _run(dsn, state_dir, lambda conn: set_retention(conn, stream, duration))
+    async def job(conn: Any) -> bool:
+        await set_retention(conn, stream, duration)
+        return stream == "*" or bool(await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM stream_keys WHERE stream = $1)", stream))
+
+    known = _run(dsn, state_dir, job)
     console.print(f"{stream}: kept {format_keep(duration)}")
+    if not known:
+        console.print(f"[yellow]note:[/yellow] no records of a stream {stream!r} yet (a typo?);"
+                      " the setting applies once some arrive")
 
 
 @retention_app.command()

@@ -255,7 +255,12 @@ async def test_the_retention_commands_set_list_and_apply(
 ) -> None:
     """`edgesync retention set` stores a setting, `list --json` shows it with the
     partitions, `apply` runs a round, and a malformed duration is refused (exit 1)."""
-    assert (await _cli("set", "temps", "30d", "--dsn", pg_dsn))[0] == 0
+    await conn.execute("INSERT INTO stream_keys (edge_id, stream, epoch) VALUES ('e1', 'temps', 1)")
+    code, out = await _cli("set", "temps", "30d", "--dsn", pg_dsn)
+    assert code == 0 and "note:" not in out, out
+    code, out = await _cli("set", "temsp", "30d", "--dsn", pg_dsn)  # a typo: set, and said
+    assert code == 0 and "no records of a stream 'temsp' yet (a typo?)" in out, out
+    assert (await _cli("unset", "temsp", "--dsn", pg_dsn))[0] == 0
     assert (await _cli("set", "*", "2w", "--dsn", pg_dsn))[0] == 0
     code, out = await _cli("list", "--json", "--dsn", pg_dsn)
     assert code == 0
