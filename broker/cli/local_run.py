@@ -247,8 +247,8 @@ async def run_local(
                     print_line(f"  bridge {b.edge_id}: {b.url}")
                 print_line(f"  nats: {nats_server.url} (TLS, CA {secured.ca.ca_file})   "
                            f"postgres: {redact_dsn(postgres.dsn)}")
-                print_line(f"  api: {api.url}/docs   (token in runtime.json; try "
-                           "`edgesync cmd edges`)")
+                print_line(f"  console: {api.url}/ui   api: {api.url}/docs   (token in "
+                           "runtime.json; try `edgesync cmd edges`)")
                 print_line("Ctrl-C to stop.")
             if ready is not None:
                 ready.set()

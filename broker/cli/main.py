@@ -57,7 +57,7 @@ log = structlog.get_logger(__name__)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="edgesync: durable edge-to-cloud sync over NATS JetStream into PostgreSQL.")
-console = Console()
+console = Console(soft_wrap=True)  # piped (a log file), lines stay whole
 app.add_typer(cmd_app, name="cmd")
 app.add_typer(keys_app, name="keys")
 app.add_typer(dead_letters_app, name="dead-letters")
