@@ -77,6 +77,11 @@ signs are gone: what a number beyond PostgreSQL numeric needs in a payload of un
 15,000 bytes (an exponent of at most three digits moves the point at most 999 places;
 16,383 are needed)."""
 _LONG_PAYLOAD = 15_000
+_LONG_DIGITS: Final = b"0" * (_NUMERIC_MAX_SCALE + 1 - 999)
+"""A run of 15,385 digits (once digits read ``0``). With an exponent of at most three
+digits (``_BIG_EXPONENT`` finds the others), a number beyond ``numeric`` needs a run at
+least that long: more than 16,383 - 999 digits after the point, or more than
+131,072 - 999 before it. Only a payload holding one needs the number-by-number scan."""
 _json_syntax = msgspec.json.Decoder(msgspec.Raw)
 """Checks JSON syntax without building a value (numbers are skimmed, not converted)."""
 _STRING_OR_NUMBER = re.compile(
@@ -149,16 +154,20 @@ def json_problem(payload: bytes) -> str | None:
         built = False
         try:
             _json_syntax.decode(payload)
-        except (msgspec.DecodeError, RecursionError) as exc:
+            if not payload.isascii():
+                payload.decode()  # the skim leaves strings' UTF-8 unchecked
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
             return f"invalid JSON: {exc}"
     except msgspec.DecodeError as exc:
         return f"invalid JSON: {exc}"
     except RecursionError:
         return f"JSON nested deeper than this process can parse (limit {MAX_JSON_DEPTH})"
     # Only a number of 4,300 digits or more (beyond msgspec's int), an exponent of four
-    # digits or more, or a long payload can hold a number beyond PostgreSQL numeric.
-    if (not built or len(payload) >= _LONG_PAYLOAD
-            or payload.translate(_DIGITS_AS_ZERO, b"+-").rfind(_BIG_EXPONENT) >= 0):
+    # digits or more, or a run of more digits than numeric holds after the point can
+    # be beyond PostgreSQL numeric: the number-by-number scan (Python) runs only then.
+    skim = payload.translate(_DIGITS_AS_ZERO, b"+-")
+    if not built or skim.rfind(_BIG_EXPONENT) >= 0 or (
+            len(payload) >= len(_LONG_DIGITS) and skim.find(_LONG_DIGITS) >= 0):
         problem = _numbers_problem(payload)
         if problem:
             return problem
@@ -383,8 +392,12 @@ def _strings_hold_nul(payload: bytes) -> bool:
     """Whether a string of ``payload`` (valid JSON) holds NUL, without building its value."""
     for token in _STRING_OR_NUMBER.finditer(payload):
         text = token.group()
-        if text[:1] == b'"' and b"\\u0000" in text and "\x00" in _json_plain.decode(text):
-            return True
+        if text[:1] == b'"' and b"\\u0000" in text:
+            try:
+                if "\x00" in _json_plain.decode(text):
+                    return True
+            except msgspec.DecodeError:  # not storable either way; never raise here
+                return True
     return False
 
 
