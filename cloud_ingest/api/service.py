@@ -269,7 +269,18 @@ class Api(CloudService):
             " AND status = 'pending' AND expires_at > now() ORDER BY issued_at LIMIT 100")
         done = failed = 0
         for r in rows:
-            if await self._publish(str(r["id"]), r["edge_id"], bytes(r["signed"])):
+            signed = bytes(r["signed"])
+            if len(signed) > MAX_COMMAND_BYTES:  # stored by an older API: it can never go
+                await self._db().execute(
+                    "UPDATE commands SET status = 'failed', finished_by = 'cloud',"
+                    " code = 'too_large', reason = $2, finished_at = now(),"
+                    " updated_at = now() WHERE id = $1 AND status = 'pending'",
+                    r["id"], f"the signed command is {len(signed)} bytes; an edge "
+                    f"accepts at most {MAX_COMMAND_BYTES}")
+                log.error("command_too_large", command=str(r["id"]), edge=r["edge_id"],
+                          bytes=len(signed))
+                continue
+            if await self._publish(str(r["id"]), r["edge_id"], signed):
                 done += 1
                 failed = 0
             else:

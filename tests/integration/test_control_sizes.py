@@ -73,6 +73,11 @@ async def test_a_command_that_cannot_be_published_holds_back_no_other(
                 uuid.UUID(small)) is True
 
         await until(republished, timeout=15, message="the small command stayed unpublished")
+        # The row that can never go is failed, with the reason, not retried for days.
+        big = await conn.fetchrow("SELECT status, code, reason FROM commands"
+                                  " WHERE octet_length(signed) > $1", MAX_COMMAND_BYTES)
+        assert (big["status"], big["code"]) == ("failed", "too_large")
+        assert f"at most {MAX_COMMAND_BYTES}" in big["reason"]
 
 
 async def test_a_desired_document_an_edge_would_refuse_for_its_size_is_413(
