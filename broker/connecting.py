@@ -168,25 +168,33 @@ async def connect_once(servers: list[str], *, timeout_s: float, **options: Any) 
     apart) even with ``allow_reconnect=False``; this bounds the whole attempt. What
     goes wrong on the way is not printed (nats-py's default ``error_cb`` logs a
     traceback per try): the last of it is in the ``TimeoutError`` raised, and the
-    caller says what it means. An ``error_cb`` in ``options`` is called as well.
+    caller says what it means. Once connected, the connection's errors (a permission
+    refused, say) are logged as warnings. An ``error_cb`` in ``options`` is called
+    as well.
 
     Raises:
         TimeoutError: not connected within ``timeout_s`` (with the last error seen).
         Exception: what nats-py raised first (refused, authorization, TLS).
     """
     seen: list[Exception] = []
+    connected = False
     caller_error_cb = options.pop("error_cb", None)
 
     async def on_error(exc: Exception) -> None:
-        seen.append(exc)
+        if connected:  # the link's own errors (a permission refused...) are told
+            log.warning("nats_error", error=f"{type(exc).__name__}: {exc}")
+        else:
+            seen.append(exc)
         if caller_error_cb is not None:
             await caller_error_cb(exc)
 
     try:
-        return await asyncio.wait_for(
+        nc = await asyncio.wait_for(
             nats.connect(servers, allow_reconnect=False, max_reconnect_attempts=0,
                          error_cb=on_error, **options),
             timeout=timeout_s)
+        connected = True
+        return nc
     except TimeoutError as exc:
         last = f"; last error: {type(seen[-1]).__name__}: {seen[-1]}" if seen else ""
         raise TimeoutError(f"not connected within {timeout_s:g} s{last}") from exc

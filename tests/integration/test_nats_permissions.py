@@ -24,10 +24,11 @@ from pathlib import Path
 
 import nats
 import pytest
+import structlog
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig
 
-from broker.connecting import connect_options
+from broker.connecting import connect_once, connect_options
 from broker.durable_files import write_private
 from broker.identities import new_user_seed
 from broker.protocol.permissions import Role, inbox_prefix
@@ -380,3 +381,21 @@ async def test_client_not_trusting_the_ca_is_refused(secured: SecuredNats) -> No
     with pytest.raises((ssl.SSLError, OSError, nats.errors.Error)):
         await nats.connect(secured.url, allow_reconnect=False, connect_timeout=3, **options)
 
+
+
+async def test_connect_once_logs_the_errors_of_its_link(secured: SecuredNats) -> None:
+    """``connect_once`` (the CLI's connections) keeps its failed tries quiet for the
+    TimeoutError, but once connected an error of the link is logged as a warning:
+    a refused permission must not pass as a bare timeout."""
+    settings = secured.settings_for("edge", EDGE)
+    with structlog.testing.capture_logs() as logs:
+        nc = await connect_once([settings.url], timeout_s=5, **connect_options(
+            settings, inbox_prefix=inbox_prefix(T, "edge", EDGE)))
+        try:
+            await nc.publish(T.control_subject(OTHER), b"not mine")
+            await until(lambda: any(e["event"] == "nats_error" for e in logs), timeout=5,
+                        message="the permission refused was not logged")
+        finally:
+            await nc.close()
+    error = next(e for e in logs if e["event"] == "nats_error")
+    assert error["log_level"] == "warning" and "permissions violation" in error["error"].lower()
