@@ -78,6 +78,10 @@ class DropMarker(msgspec.Struct, tag="drop", tag_field="type", frozen=True):
     dropped_at: float
     """Unix seconds, the edge's clock."""
 
+    def __post_init__(self) -> None:
+        if self.last_seq < self.first_seq:  # decoding: a ValidationError, so malformed
+            raise ValueError(f"drop range {self.first_seq}..{self.last_seq} is reversed")
+
 
 class CommandStatusReport(msgspec.Struct, tag="command_status", tag_field="type", frozen=True):
     """Where one control command stands at the edge (``delivered``, then ``applied``,

@@ -188,3 +188,12 @@ def test_a_drop_marker_outside_the_seq_range_is_malformed(first: int, last: int,
     the range arithmetic later)."""
     with pytest.raises(DecodeError, match="malformed event"):
         decode_event(encode_event(DropMarker("edge-1", "s", 7, first, last, count, "ttl", 1.0)))
+
+
+def test_a_reversed_drop_range_is_malformed() -> None:
+    """As an edge could send it (the struct itself refuses to be built so)."""
+    body = msgspec.msgpack.encode({
+        "type": "drop", "edge": "edge-1", "stream": "s", "epoch": 7, "first_seq": 5,
+        "last_seq": 4, "count": 0, "reason": "ttl", "dropped_at": 1.0})
+    with pytest.raises(DecodeError, match="reversed"):
+        decode_event(body)
