@@ -1,5 +1,5 @@
 """``edgesync operators add|list|revoke``: who may use the operator API, with which
-scopes (``read``, ``operate``, ``operate:<kind>``, ``admin``).
+scopes (``read``, ``consume``, ``operate``, ``operate:<kind>``, ``admin``).
 
 Talks to PostgreSQL directly (like ``status``): whoever holds the database's
 credentials administers operators, with no API token needed to make the first
@@ -48,7 +48,7 @@ def _run(dsn: str | None, state_dir: Path, job: Callable[[Any], Awaitable[T]]) -
 def add(
     name: Annotated[str, typer.Argument(help="Operator name (a person or a system).")],
     scope: Annotated[list[str], typer.Option(
-        "--scope", "-s", help="read, operate, operate:<kind> or admin; repeatable.")],
+        "--scope", "-s", help="read, consume, operate, operate:<kind> or admin; repeatable.")],
     token_stdin: Annotated[bool, typer.Option(
         "--token-stdin", help="Read the token from stdin instead of minting one (it must "
         "be strong: >= 24 characters, ~80 bits).")] = False,

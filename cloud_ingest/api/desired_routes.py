@@ -48,7 +48,8 @@ __all__ = [
     "desired_routes",
 ]
 
-_Name = Annotated[str, Path(pattern=TOKEN_PATTERN, description="An edge id or group name.")]
+_Name = Annotated[str, Path(pattern=f"^{TOKEN_PATTERN}$",  # whole: a search lets a.b in
+                                description="An edge id or group name.")]
 
 
 class _Body(BaseModel):

@@ -42,6 +42,7 @@ REFUSALS: list[tuple[str, str, dict[str, Any] | None, int, str]] = [
                                                 "prod/c": {"k": 7}}}}}, 422,
      "document for edge site-1"),
     ("PUT", "/v1/edges/site-1/labels", {"labels": {"-bad": "x"}}, 422, "label key '-bad'"),
+    ("GET", "/v1/desired/edges/site.1", None, 422, "edge"),  # a dotted name is no token
     ("GET", "/v1/desired/versions/999", None, 404, "no desired state for desired version 999"),
     ("GET", "/v1/rollouts/999", None, 404, "no rollout 999"),
     ("POST", "/v1/rollouts/999/pause", None, 404, "no rollout 999"),
