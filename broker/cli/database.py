@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from broker.cli.locating import not_located, read_runtime, reason
-from broker.errors import EdgesyncError
-from broker.settings import Settings
+from broker.errors import ConfigError, EdgesyncError
+from broker.settings import load_settings
 
 __all__ = [
     "EXIT_REFUSED",
@@ -49,13 +49,16 @@ def resolve_dsn(dsn: str | None, state_dir: Path) -> str:
     runtime = read_runtime(state_dir)
     if runtime:
         return str(runtime["postgres_dsn"])
-    return Settings().ingest.postgres_dsn
+    return load_settings().ingest.postgres_dsn  # ConfigError: exit_when_unavailable says it
 
 
 def _not_located(dsn: str | None, state_dir: Path) -> str | None:
     """Why the DSN may be the wrong one: no ``--dsn``, no ``runtime.json`` and no
     ``EDGESYNC_INGEST__POSTGRES_DSN`` left only the default to try."""
-    given = bool(dsn) or "postgres_dsn" in Settings().ingest.model_fields_set
+    try:
+        given = bool(dsn) or "postgres_dsn" in load_settings().ingest.model_fields_set
+    except ConfigError:  # the settings' own error is the one to tell
+        return None
     return not_located(state_dir, given=given, flags="--dsn or --state-dir",
                        setting="EDGESYNC_INGEST__POSTGRES_DSN")
 
@@ -75,6 +78,9 @@ def exit_when_unavailable(console: Console, doing: str, *, dsn: str | None = Non
 
     try:
         yield
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
     except (OSError, asyncpg.PostgresError) as exc:
         console.print(f"[red]cannot {doing}:[/red] {escape(reason(exc))}")
         note = None if state_dir is None else _not_located(dsn, state_dir)

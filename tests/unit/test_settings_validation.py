@@ -58,7 +58,8 @@ def test_every_invalid_setting_is_named_with_the_value_given(
         "or equal to 0 (given '-5')")
 
 
-@pytest.mark.parametrize("command", [["-m", "broker", "bridge"], ["-m", "broker", "ingest"]])
+@pytest.mark.parametrize("command", [["-m", "broker", "bridge"], ["-m", "broker", "ingest"],
+                                     ["-m", "broker", "status"]])
 def test_a_service_with_a_bad_setting_exits_2_naming_it_before_starting(
     tmp_path: Path, command: list[str]
 ) -> None:
