@@ -1,8 +1,9 @@
 """An edge's clock orders its reports (JetStream may hand an older heartbeat over after a
 newer one), but one report from a clock gone wrong (a bad RTC at boot, spoofed NTP, far
 in the future or ``inf``) must not freeze what the cloud shows of that edge: a heartbeat
-is always a sign of life, an edge clock is stored at most a minute ahead of the cloud's,
-and a stored time further ahead never wins."""
+is always a sign of life at once, an edge clock is stored at most a minute ahead of the
+cloud's (so what a right clock reports wins again within a minute), and a stored time
+further ahead never wins."""
 
 from __future__ import annotations
 
@@ -56,14 +57,13 @@ async def edge_row(dsn: str, edge: str) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("wrong_clock", [4e10, float("inf")])
-async def test_a_heartbeat_from_a_clock_gone_wrong_freezes_nothing(
+async def test_after_a_heartbeat_from_a_clock_gone_wrong_the_edge_stays_alive(
     plane: ControlPlane, js: nats.js.JetStreamContext, wrong_clock: float,
 ) -> None:
     edge = "clocky"
     await js.publish(TOPOLOGY.events_subject(edge), beat(edge, time.time(), 1))
     await plane.wait_edge(edge)
     await js.publish(TOPOLOGY.events_subject(edge), beat(edge, wrong_clock, 2))
-    await until(lambda: edge_row(plane.pg_dsn, edge), timeout=10)
     await until(lambda: _buffer_records_is(plane.pg_dsn, edge, 2), timeout=10)
     assert (await edge_row(plane.pg_dsn, edge))["clock_bounded"] is True
     async with connected(plane.pg_dsn) as conn:  # as if the edge were silent a while
