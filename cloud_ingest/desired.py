@@ -43,6 +43,7 @@ from broker.protocol.desired import (
 from broker.protocol.tokens import is_valid_token, validate_token
 from broker.protocol.topology import Topology
 from cloud_ingest.db_errors import Connection
+from cloud_ingest.republishing import publish_each
 
 __all__ = [
     "LABEL_KEY",
@@ -65,9 +66,6 @@ _LABEL = re.compile(LABEL_KEY)
 _MESSAGE_TTL_S: Final = 10 * 365 * 24 * 3600.0
 """A desired state does not expire (the revision orders it); the envelope needs a value."""
 _PUBLISH_TIMEOUT_S: Final = 5.0
-_REPUBLISH_FAILURES_IN_A_ROW: Final = 3
-"""A republish round stops after this many failed puts in a row (NATS is away), not at
-the first: one edge's put that cannot go must not hold back the others'."""
 MAX_DOCUMENT_BYTES: Final = MAX_COMMAND_BYTES - 16 * 1024
 """Largest desired-state document (with its overrides) as JSON: what an edge accepts
 signed, less room for the envelope, the signature and the framing."""
@@ -319,13 +317,5 @@ class DesiredPublisher:
         edges = await pool.fetch("SELECT edge_id FROM edge_desired WHERE published_at IS NULL"
                                  " AND octet_length(signed) <= $2 ORDER BY assigned_at"
                                  " LIMIT $1", limit, MAX_COMMAND_BYTES)
-        sent = failed = 0
-        for row in edges:
-            if await self.publish(pool, row["edge_id"]):
-                sent += 1
-                failed = 0
-            else:
-                failed += 1
-                if failed >= _REPUBLISH_FAILURES_IN_A_ROW:
-                    break  # NATS is away: the next round tries again
-        return sent
+        return await publish_each((row["edge_id"] for row in edges),
+                                  lambda edge: self.publish(pool, edge))

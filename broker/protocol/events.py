@@ -60,7 +60,7 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", tag_field="type", frozen=True):
     streams: dict[str, StreamHealth] = {}
 
 
-Seq = Annotated[int, msgspec.Meta(ge=1, le=MAX_SEQ)]
+_Seq = Annotated[int, msgspec.Meta(ge=1, le=MAX_SEQ)]
 """A record seq as the wire allows it (a drop marker's range is of records' seqs)."""
 
 
@@ -70,8 +70,8 @@ class DropMarker(msgspec.Struct, tag="drop", tag_field="type", frozen=True):
     edge: str
     stream: str
     epoch: int
-    first_seq: Seq
-    last_seq: Seq
+    first_seq: _Seq
+    last_seq: _Seq
     count: Annotated[int, msgspec.Meta(ge=0)]
     reason: str
     """``overflow`` or ``ttl``."""

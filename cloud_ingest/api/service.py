@@ -39,6 +39,7 @@ from cloud_ingest.command_status import expire_overdue
 from cloud_ingest.db_errors import DATABASE_ERRORS, as_temporary
 from cloud_ingest.desired import DesiredPublisher
 from cloud_ingest.metrics import ApiMetrics, RolloutMetrics
+from cloud_ingest.republishing import publish_each
 from cloud_ingest.rollouts import RolloutDriver
 
 __all__ = ["Api"]
@@ -47,9 +48,6 @@ log = structlog.get_logger(__name__)
 
 _PUBLISH_TIMEOUT_S = 2.0
 """A request waits this long for JetStream; after that the command is published later."""
-_REPUBLISH_FAILURES_IN_A_ROW = 3
-"""A republish round stops after this many failed publishes in a row (NATS is away),
-not at the first: one command that cannot be published must not hold back the rest."""
 
 
 # -- the service ------------------------------------------------------------------------------
@@ -267,26 +265,22 @@ class Api(CloudService):
         rows = await self._db().fetch(
             "SELECT id, edge_id, signed FROM commands WHERE published_at IS NULL"
             " AND status = 'pending' AND expires_at > now() ORDER BY issued_at LIMIT 100")
-        done = failed = 0
-        for r in rows:
+        async def publish(r: asyncpg.Record) -> bool | None:
             signed = bytes(r["signed"])
-            if len(signed) > MAX_COMMAND_BYTES:  # stored by an older API: it can never go
-                await self._db().execute(
-                    "UPDATE commands SET status = 'failed', finished_by = 'cloud',"
-                    " code = 'too_large', reason = $2, finished_at = now(),"
-                    " updated_at = now() WHERE id = $1 AND status = 'pending'",
-                    r["id"], f"the signed command is {len(signed)} bytes; an edge "
-                    f"accepts at most {MAX_COMMAND_BYTES}")
-                log.error("command_too_large", command=str(r["id"]), edge=r["edge_id"],
-                          bytes=len(signed))
-                continue
-            if await self._publish(str(r["id"]), r["edge_id"], signed):
-                done += 1
-                failed = 0
-            else:
-                failed += 1
-                if failed >= _REPUBLISH_FAILURES_IN_A_ROW:
-                    break  # NATS is away: the next round tries again
+            if len(signed) <= MAX_COMMAND_BYTES:
+                return await self._publish(str(r["id"]), r["edge_id"], signed)
+            # Stored by an older API: it can never go. Failed with the reason, once.
+            await self._db().execute(
+                "UPDATE commands SET status = 'failed', finished_by = 'cloud',"
+                " code = 'too_large', reason = $2, finished_at = now(),"
+                " updated_at = now() WHERE id = $1 AND status = 'pending'",
+                r["id"], f"the signed command is {len(signed)} bytes; an edge "
+                f"accepts at most {MAX_COMMAND_BYTES}")
+            log.error("command_too_large", command=str(r["id"]), edge=r["edge_id"],
+                      bytes=len(signed))
+            return None
+
+        done = await publish_each(rows, publish)
         self.metrics.unpublished.set(len(rows) - done)
         return done
 
