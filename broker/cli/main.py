@@ -74,13 +74,6 @@ app.add_typer(retention_app, name="retention")
 app.command("export")(export_cmd)
 
 
-@app.callback()
-def _quiet_logs() -> None:
-    """Every command logs warnings and errors to stderr, nothing else: a command's own
-    output is its standard output, and library lines (an info line per write, asyncio's
-    TLS notes) must not mix into it. A service or `up` sets its own level on top."""
-    configure_logging("warning", "console")
-
 
 def _run_from_env(
     body: Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]],
@@ -242,4 +235,9 @@ def settings_cmd(
 
 
 def main() -> None:
+    """The ``edgesync`` command. Every command logs warnings and errors to stderr, nothing
+    else: a command's own output is its standard output, and library lines (an info line
+    per write, asyncio's TLS notes) must not mix into it. A service or `up` sets its own
+    level on top."""
+    configure_logging("warning", "console")
     app()

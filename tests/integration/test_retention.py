@@ -258,6 +258,7 @@ async def test_the_retention_commands_set_list_and_apply(
     await conn.execute("INSERT INTO stream_keys (edge_id, stream, epoch) VALUES ('e1', 'temps', 1)")
     code, out = await _cli("set", "temps", "30d", "--dsn", pg_dsn)
     assert code == 0 and "note:" not in out, out
+    assert out.strip() == "temps: kept 30d", "only the command's own output (no log lines)"
     code, out = await _cli("set", "temsp", "30d", "--dsn", pg_dsn)  # a typo: set, and said
     assert code == 0 and "no records of a stream 'temsp' yet (a typo?)" in out, out
     assert (await _cli("unset", "temsp", "--dsn", pg_dsn))[0] == 0
