@@ -74,7 +74,6 @@ app.add_typer(retention_app, name="retention")
 app.command("export")(export_cmd)
 
 
-
 def _run_from_env(
     body: Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]],
 ) -> None:
