@@ -71,6 +71,7 @@ class Bridge(Service):
             max_bytes=settings.buffer_max_bytes,
             policy_for=settings.policy_for,
             sync_mode=settings.sync_mode,
+            max_streams=settings.max_streams,
         )
         self.shipper = Shipper(
             self.buffer,

@@ -74,7 +74,7 @@ RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
                 ["unsupported_media_type", "unsupported_content_encoding"]),
     422: _error(
         "Malformed body, or records the cloud could not store; nothing of the request was "
-        "stored.", ["malformed_body", "invalid_records"],
+        "stored.", ["malformed_body", "invalid_records", "too_many_streams"],
         records={"type": "array", "description": "With invalid_records: each bad record.",
                  "items": {"type": "object", "required": ["index", "reason"], "properties": {
                      "index": {"type": "integer"}, "reason": {"type": "string"}}}}),

@@ -120,6 +120,8 @@ class RecordsEndpoint:
                     stream, chunks, producer=producer, request_seq=request_seq
                 )
             except InvalidInput as exc:  # the buffer refuses a request it cannot hold
+                if exc.code != "invalid_input":
+                    raise  # a refusal with its own name (too_many_streams)
                 raise RequestTooLarge(str(exc)) from exc
         except EdgesyncError as exc:
             return error_response(exc, headers=_CHALLENGE if isinstance(exc, Unauthorized)

@@ -85,13 +85,16 @@ class Buffer(Opened):
         max_bytes: int,
         policy_for: Callable[[str], StreamPolicy],
         sync_mode: str = "full",
+        max_streams: int = 10_000,
     ) -> None:
+        """``max_streams``: distinct stream names kept; a record for one more is refused
+        (``InvalidInput``, code ``too_many_streams``)."""
         self._dir = Path(directory)
         self._path = self._dir / "buffer.sqlite3"
         self._max_bytes = max_bytes
         self._policy_for = policy_for
         self._sync_mode = sync_mode
-        self._streams = StreamTable()
+        self._streams = StreamTable(max_streams)
         self._writer = GroupWriter(self._streams, name=f"buffer-writer:{self._dir}")
         self._recovery = Recovery()
         self.tail = CommittedTail()
@@ -195,7 +198,8 @@ class Buffer(Opened):
             BufferFull: the cap is reached and the stream's policy is ``block``
                 (or nothing droppable is left).
             InvalidInput: the request holds no record, or alone is larger than the
-                whole buffer.
+                whole buffer; or (code ``too_many_streams``) its stream is new and the
+                buffer keeps ``max_streams`` already.
         """
         count = sum(chunk.records for chunk in chunks)
         if not count:

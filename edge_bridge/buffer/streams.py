@@ -26,6 +26,7 @@ from typing import Final
 
 import structlog
 
+from broker.errors import InvalidInput
 from edge_bridge.buffer.schema import STREAM_COLUMNS, StreamRow
 
 __all__ = [
@@ -75,7 +76,9 @@ class Snapshot:
 class StreamTable:
     """Every stream of one buffer, by name and by sid, with the buffer's byte total."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_streams: int = 10_000) -> None:
+        self.max_streams = max_streams
+        """Distinct streams :meth:`ensure` adds; one more is refused."""
         self.by_name: dict[str, StreamState] = {}
         self.by_sid: dict[int, StreamState] = {}
         self.total_bytes = 0
@@ -117,10 +120,20 @@ class StreamTable:
 
     def ensure(self, conn: sqlite3.Connection, name: str) -> StreamState:
         """The stream's state; a stream seen for the first time gets its row and a
-        fresh random epoch (writer thread, inside a transaction)."""
+        fresh random epoch (writer thread, inside a transaction).
+
+        Raises:
+            InvalidInput: ``too_many_streams``, the stream is new and the table holds
+                ``max_streams`` already.
+        """
         state = self.by_name.get(name)
         if state is not None:
             return state
+        if len(self.by_name) >= self.max_streams:
+            raise InvalidInput(
+                f"this bridge keeps {len(self.by_name)} streams, its limit "
+                f"(bridge.max_streams); stream {name!r} would be one more",
+                code="too_many_streams")
         epoch = secrets.randbits(63) or 1
         cur = conn.execute(
             "INSERT INTO streams(name, epoch, next_seq, committed_seq) VALUES (?, ?, 1, 0)",

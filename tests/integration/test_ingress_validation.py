@@ -217,3 +217,33 @@ async def test_poison_from_one_producer_never_blocks_the_others_on_the_same_stre
         row = await conn.fetchrow("SELECT watermark, missing_records, dead_lettered_records "
                                   "FROM v_completeness WHERE stream = 'shared'")
     assert tuple(row) == (total, 0, 0)
+
+
+async def test_a_stream_past_the_bridges_limit_is_refused_and_the_known_ones_go_on(
+    tmp_path: Path, nats_server: EmbeddedNats
+) -> None:
+    """Each stream costs every write, shipper round and heartbeat (whose per-stream
+    health would outgrow a NATS message past ~15,000 streams), so a producer minting
+    stream names without end meets ``max_streams``: 422 ``too_many_streams`` for a new
+    name, nothing of it stored, and the streams the bridge has keep taking records, also
+    after a restart."""
+    settings = bridge_settings(tmp_path, max_streams=3)
+    one = {"records": [{"payload": 1}]}
+    for round_ in range(2):  # the second time on a restarted bridge: the limit holds
+        async with (
+            running_bridge(settings, nats_server.url) as bridge,
+            httpx.AsyncClient(base_url=bridge.url) as http,
+        ):
+            for stream in ("a", "b", "c"):
+                ok = await http.post(f"/v1/streams/{stream}/records", json=one)
+                assert ok.status_code == 200, ok.text
+            stored = (await bridge.buffer.stats()).records
+            for new in ("d", f"e{round_}"):
+                refused = await http.post(f"/v1/streams/{new}/records", json=one)
+                assert (refused.status_code, refused.json()["error"]) == (
+                    422, "too_many_streams"), refused.text
+                assert "bridge.max_streams" in refused.json()["message"]
+            msgpack = await http.post("/v1/streams/f/records", headers=MSGPACK,
+                                      content=msgpack_body([[TS, CT_JSON, b"1"]]))
+            assert msgpack.status_code == 422, msgpack.text
+            assert (await bridge.buffer.stats()).records == stored
