@@ -297,11 +297,11 @@ class BridgeSettings(BaseModel):
         1024**3, ge=64 * 1024, description="Byte cap of buffered records (1 GiB)."
     )
     max_streams: int = Field(
-        1000, ge=1, le=10_000,
+        1000, ge=1, le=2500,
         description="Distinct stream names this bridge keeps (each has its epoch and seqs "
         "for good); a record for one more is refused with 422 too_many_streams. Each "
-        "stream costs every buffer write, shipper round and heartbeat, whose per-stream "
-        "health would outgrow NATS' 1 MiB message past ~15,000 streams.",
+        "stream costs every buffer write, shipper round and heartbeat; a heartbeat "
+        "carries ~200-370 bytes per stream and must stay under NATS' 1 MiB message.",
     )
     max_record_bytes: int = Field(
         1024**2, ge=1, le=4 * 1024**2,

@@ -85,7 +85,7 @@ class Buffer(Opened):
         max_bytes: int,
         policy_for: Callable[[str], StreamPolicy],
         sync_mode: str = "full",
-        max_streams: int = 10_000,
+        max_streams: int = 2500,
     ) -> None:
         """``max_streams``: distinct stream names kept; a record for one more is refused
         (``InvalidInput``, code ``too_many_streams``)."""

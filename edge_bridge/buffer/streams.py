@@ -76,7 +76,7 @@ class Snapshot:
 class StreamTable:
     """Every stream of one buffer, by name and by sid, with the buffer's byte total."""
 
-    def __init__(self, max_streams: int = 10_000) -> None:
+    def __init__(self, max_streams: int = 2500) -> None:
         self.max_streams = max_streams
         """Distinct streams :meth:`ensure` adds; one more is refused."""
         self.by_name: dict[str, StreamState] = {}

@@ -223,7 +223,7 @@ async def test_a_stream_past_the_bridges_limit_is_refused_and_the_known_ones_go_
     tmp_path: Path, nats_server: EmbeddedNats
 ) -> None:
     """Each stream costs every write, shipper round and heartbeat (whose per-stream
-    health would outgrow a NATS message past ~15,000 streams), so a producer minting
+    health must fit one NATS message), so a producer minting
     stream names without end meets ``max_streams``: 422 ``too_many_streams`` for a new
     name, nothing of it stored, and the streams the bridge has keep taking records, also
     after a restart."""

@@ -74,3 +74,22 @@ def test_a_service_with_a_bad_setting_exits_2_naming_it_before_starting(
     assert "(EDGESYNC_" in proc.stderr + proc.stdout
     assert "greater than or equal to 0 (given '-5')" in proc.stderr + proc.stdout
     assert not (tmp_path / "buffer").exists()
+
+
+def test_a_heartbeat_of_a_bridge_at_its_stream_limit_fits_one_nats_message() -> None:
+    """``max_streams``' upper bound keeps the heartbeat (per-stream health for every
+    stream) under nats-server's default 1 MiB message, at worst: 64-character names and
+    every number at its largest."""
+    from broker.protocol.events import Heartbeat, StreamHealth, encode_event
+    from broker.settings import BridgeSettings
+
+    limit = next(m.le for m in BridgeSettings.model_fields["max_streams"].metadata
+                 if getattr(m, "le", None) is not None)
+    big = 2**63 - 1
+    names = [f"{i:06d}".ljust(64, "x") for i in range(limit)]
+    beat = Heartbeat(
+        "e" * 64, "0.1.0", 1.0, big, big, big, big, 1e300, big,
+        {name: {"overflow": big, "ttl": big} for name in names},
+        {name: StreamHealth(big, big, big, big, big, big, big, big, 1e300, big)
+         for name in names})
+    assert len(encode_event(beat)) < 1024 * 1024 - 4096  # room for subject and headers
