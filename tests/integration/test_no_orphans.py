@@ -55,3 +55,8 @@ async def test_servers_stop_when_their_parent_is_sigkilled(tmp_path: Path) -> No
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        # A killed owner cannot remove its ephemeral cluster; pytest's tmp_path holds
+        # only the symlink to where it was relocated (postgres_cluster), so remove that.
+        data_dir = tmp_path / "pg"
+        if data_dir.is_symlink():
+            shutil.rmtree(data_dir.resolve(), ignore_errors=True)
