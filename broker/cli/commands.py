@@ -111,9 +111,9 @@ def _options(
     = Path(".edgesync"),
 ) -> None:
     """Where the API is: options, then EDGESYNC_API__* settings, then runtime.json."""
-    from broker.settings import Settings
+    from broker.settings import load_settings
 
-    settings = Settings()
+    settings = load_settings()
     runtime = read_runtime(state_dir)
     url = (api_url or settings.api.url or runtime.get("api_url")
            or f"http://{settings.api.host}:{settings.api.port}")

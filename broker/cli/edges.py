@@ -32,7 +32,7 @@ from broker.cli.locating import not_located, read_runtime, reason
 from broker.errors import ConfigError, EdgesyncError
 from broker.identities import IdentityStore
 from broker.protocol.topology import Topology
-from broker.settings import NatsSettings, Settings
+from broker.settings import NatsSettings, load_settings
 
 __all__ = [
     "AuthDir",
@@ -64,7 +64,7 @@ _runtime = read_runtime
 def nats_not_located(state_dir: Path) -> str | None:
     """Why the admin's NATS URL may be the wrong one: no ``runtime.json`` in
     ``state_dir`` and no ``EDGESYNC_NATS__URL`` left only the default to try."""
-    return not_located(state_dir, given="url" in Settings().nats.model_fields_set,
+    return not_located(state_dir, given="url" in load_settings().nats.model_fields_set,
                        flags="--state-dir",
                        setting="EDGESYNC_NATS__URL and the admin's "
                                "EDGESYNC_NATS__CREDENTIALS_FILE")
@@ -73,7 +73,7 @@ def nats_not_located(state_dir: Path) -> str | None:
 def _store(state_dir: Path, auth_dir: Path | None) -> IdentityStore:
     """The auth directory, made (0700, with the service identities) if missing: for the
     commands that provision."""
-    prefix = Settings().nats.prefix
+    prefix = load_settings().nats.prefix
     store = IdentityStore(auth_dir or state_dir / "nats-auth", Topology(prefix=prefix))
     store.ensure_services()
     return store
@@ -82,7 +82,7 @@ def _store(state_dir: Path, auth_dir: Path | None) -> IdentityStore:
 def _existing_store(state_dir: Path, auth_dir: Path | None) -> IdentityStore:
     """The auth directory as it is, for the commands that read it or remove from it:
     one that is not there is an error (exit 2), never made (with fresh keys) on the spot."""
-    prefix = Settings().nats.prefix
+    prefix = load_settings().nats.prefix
     try:
         return IdentityStore(auth_dir or state_dir / "nats-auth", Topology(prefix=prefix),
                              create=False)
@@ -112,7 +112,7 @@ def _admin_settings(store: IdentityStore, runtime: dict[str, Any]) -> NatsSettin
     if runtime:
         return NatsSettings(url=runtime["nats_url"], ca_file=runtime.get("nats_ca_file"),
                             credentials_file=admin_creds, prefix=store.topology.prefix)
-    settings = Settings().nats
+    settings = load_settings().nats
     if settings.credentials_file is None:
         settings = settings.model_copy(update={"credentials_file": admin_creds})
     return settings
@@ -124,7 +124,7 @@ def admin_settings_for(state_dir: Path) -> NatsSettings:
     runtime = _runtime(state_dir)
     if runtime:
         return _admin_settings(_existing_store(state_dir, None), runtime)
-    return Settings().nats
+    return load_settings().nats
 
 
 def _reload_or_explain(store: IdentityStore, pid: int | None) -> bool:

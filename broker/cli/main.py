@@ -12,6 +12,7 @@ Service imports are lazy so ``edgesync --help`` stays fast.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +20,7 @@ from typing import Annotated, Any
 import structlog
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from broker.cli.commands import cmd_app, keys_app
 from broker.cli.database import exit_when_unavailable, resolve_dsn
@@ -37,6 +39,7 @@ from broker.cli.services import (
 )
 from broker.cli.streams import streams_app
 from broker.cli.tail import tail_cmd
+from broker.errors import ConfigError
 from broker.logs import configure_logging
 from broker.settings import Settings
 
@@ -239,4 +242,8 @@ def main() -> None:
     per write, asyncio's TLS notes) must not mix into it. A service or `up` sets its own
     level on top."""
     configure_logging("warning", "console")
-    app()
+    try:
+        app()
+    except ConfigError as exc:  # e.g. an invalid EDGESYNC_* setting: one line, status 2
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(exc))}")
+        sys.exit(2)

@@ -59,7 +59,9 @@ def test_every_invalid_setting_is_named_with_the_value_given(
 
 
 @pytest.mark.parametrize("command", [["-m", "broker", "bridge"], ["-m", "broker", "ingest"],
-                                     ["-m", "broker", "status"]])
+                                     ["-m", "broker", "status"],
+                                     ["-m", "broker", "edges", "list"],
+                                     ["-m", "broker", "cmd", "list"]])
 def test_a_service_with_a_bad_setting_exits_2_naming_it_before_starting(
     tmp_path: Path, command: list[str]
 ) -> None:
@@ -73,6 +75,8 @@ def test_a_service_with_a_bad_setting_exits_2_naming_it_before_starting(
     assert "Traceback" not in proc.stderr + proc.stdout
     assert "(EDGESYNC_" in proc.stderr + proc.stdout
     assert "greater than or equal to 0 (given '-5')" in proc.stderr + proc.stdout
+    assert any("invalid settings: " in line and "(given '-5')" in line  # one line
+               for line in (proc.stderr + proc.stdout).splitlines())
     assert not (tmp_path / "buffer").exists()
 
 
