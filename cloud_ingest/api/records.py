@@ -50,6 +50,10 @@ _SSE_HEARTBEAT_S = 15.0
 an idle stream."""
 
 
+_NDJSON_PAGE = 1000
+"""Records per read of an NDJSON stream: what one stalled client keeps in memory is a
+few such pages (the one being sent, the one handed over, the one read next)."""
+
 _TAIL_RETRY_S = 5.0
 """Retry-After of a tail refused at the cap."""
 
@@ -177,15 +181,20 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
 
         async def lines() -> AsyncIterator[bytes]:
             cursor, left = start, limit
-            async with pool().acquire() as conn:
-                while left > 0:
-                    page = await read_page(conn, cursor, filters, limit=min(left, 5000))
-                    cursor = page.cursor
-                    left -= len(page.records)
-                    if page.records:
-                        yield b"".join(_line(r.to_json()) for r in page.records)
-                    if page.caught_up:
-                        break
+            while left > 0:
+                # A connection per page, back in the pool before the page is sent: a
+                # client that stops reading blocks this generator in its send, and must
+                # not hold one of the pool's few connections meanwhile (four stalled
+                # exports would otherwise stall every request of the API).
+                async with pool().acquire() as conn:
+                    page = await read_page(conn, cursor, filters,
+                                           limit=min(left, _NDJSON_PAGE))
+                cursor = page.cursor
+                left -= len(page.records)
+                if page.records:
+                    yield b"".join(_line(r.to_json()) for r in page.records)
+                if page.caught_up:
+                    break
             yield _line({"next_cursor": encode_cursor(cursor)})
 
         return StreamingResponse(lines(), media_type=_NDJSON)

@@ -1,0 +1,100 @@
+"""The read side against sloppy or hostile analytics clients: clients that stop reading,
+many streams from one token, out-of-range inputs, tampered cursors, checkpoints moved
+under a consumer. Each must cost the API bounded resources and get a JSON 4xx, never a
+500, a hang, or another client's service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+
+from broker.protocol.topology import Topology
+from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch
+from broker.runtime.embedded_nats import EmbeddedNats
+from tests.integration.control_harness import ControlPlane, control_plane
+from tests.integration.harness import wait_for_records
+
+EPOCH = 3
+
+
+async def publish_padded(nats_url: str, edge: str, stream: str, batches: int, *,
+                         per_batch: int = 100, pad: int = 2000) -> int:
+    """``batches`` batches of ``per_batch`` records of ~``pad`` bytes each; returns how
+    many records."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        filler = b"x" * pad
+        for b in range(batches):
+            first = b * per_batch + 1
+            records = [Record(1_700_000_000_000_000 + s, CT_JSON,
+                              b'{"v": %d, "pad": "%s"}' % (s, filler), None)
+                       for s in range(first, first + per_batch)]
+            body, _ = encode_batch(Batch(1, edge, stream, EPOCH, first, records))
+            await js.publish(Topology().records_subject(edge, stream), body)
+    finally:
+        await nc.close()
+    return batches * per_batch
+
+
+@contextlib.asynccontextmanager
+async def stalled_client(plane: ControlPlane, target: str
+                         ) -> AsyncIterator[asyncio.StreamReader]:
+    """A raw connection that sends ``GET target``, reads the first bytes of the answer
+    and then stops reading (a tiny receive buffer: the server's sends block soon)."""
+    host, port = plane.api.url.removeprefix("http://").split(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write((f"GET {target} HTTP/1.1\r\nHost: {host}\r\n"
+                      f"Authorization: Bearer {plane.token}\r\n\r\n").encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=30)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        yield reader
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def test_a_stalled_ndjson_export_holds_no_pool_connection(
+    tmp_path: Path, nats_server: EmbeddedNats, pg_dsn: str
+) -> None:
+    """With a pool of one connection, a client that starts a large NDJSON export and
+    stops reading must not keep that connection while its send is blocked: another
+    client's page is served meanwhile, and the stalled export, read at last, is whole."""
+    async with control_plane(tmp_path, nats_server.url, pg_dsn, pool_size=1) as plane:
+        # ~29 MB of NDJSON: far more than the socket buffers and a few pages hold
+        total = await publish_padded(nats_server.url, "e1", "s", 130)
+        await wait_for_records(pg_dsn, total, timeout=90)
+        async with stalled_client(
+                plane, "/v1/records?format=ndjson&limit=1000000") as stalled:
+            page = await plane.http.get("/v1/records", params={"limit": 1}, timeout=20)
+            assert page.status_code == 200, page.text
+            assert len(page.json()["records"]) == 1
+            body = await asyncio.wait_for(_read_chunked(stalled), timeout=60)
+        lines = [json.loads(line) for line in body.splitlines()]
+        assert sorted(r["seq"] for r in lines[:-1]) == list(range(1, total + 1))
+        assert "next_cursor" in lines[-1]
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    """The rest of a chunked HTTP body."""
+    out = bytearray()
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")
+            return bytes(out)
+        out += await reader.readexactly(size)
+        await reader.readexactly(2)
