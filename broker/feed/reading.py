@@ -172,11 +172,28 @@ class Filters:
     @classmethod
     def of(cls, *, edges: Iterable[str] | None = None, streams: Iterable[str] | None = None,
            since: datetime | None = None, until: datetime | None = None) -> Filters:
-        for t in (since, until):
-            if t is not None and t.tzinfo is None:
-                raise InvalidInput("times must be timezone-aware (e.g. 2026-01-01T00:00Z)",
-                                   code="invalid_time")
-        return cls(tuple(edges or ()), tuple(streams or ()), since, until)
+        """The filters, with ``since``/``until`` in UTC.
+
+        Raises:
+            InvalidInput: a time without a zone, or one whose UTC is outside the years
+                1-9999 (``0001-01-01T00:00+01:00``): ``invalid_time``, before any read
+                (an NDJSON stream would otherwise fail after its 200).
+        """
+        return cls(tuple(edges or ()), tuple(streams or ()), _utc(since, "since"),
+                   _utc(until, "until"))
+
+
+def _utc(t: datetime | None, what: str) -> datetime | None:
+    if t is None:
+        return None
+    if t.tzinfo is None:
+        raise InvalidInput("times must be timezone-aware (e.g. 2026-01-01T00:00Z)",
+                           code="invalid_time")
+    try:
+        return t.astimezone(UTC)
+    except OverflowError:
+        raise InvalidInput(f"{what}: {t.isoformat()} is out of range (years 1 to 9999 "
+                           "in UTC)", code="invalid_time") from None
 
 
 @dataclass(slots=True)
@@ -328,7 +345,7 @@ async def resolve_start(conn: Connection, start_at: StartAt) -> int:
             raise InvalidInput("start_at: a time must be timezone-aware", code="invalid_time")
         first = await conn.fetchval(
             "SELECT min(commit_id) FROM feed_commits WHERE committed_at >= $1",
-            start_at.astimezone(UTC))
+            _utc(start_at, "start_at"))
         return await head_cursor(conn) if first is None else end_of(first - 1)
     if isinstance(start_at, int):
         if start_at < 0:
@@ -358,7 +375,11 @@ def parse_start_at(text: str) -> StartAt:
     if text.isdigit():
         return decode_cursor(text)
     if m := _DURATION.match(text):
-        return datetime.now(UTC) - timedelta(seconds=int(m[1]) * _UNIT_S[m[2]])
+        try:
+            return datetime.now(UTC) - timedelta(seconds=int(m[1]) * _UNIT_S[m[2]])
+        except OverflowError:  # before year 1, or past timedelta's 999,999,999 days
+            raise InvalidInput(f"{text!r}: a duration that long reaches before year 1; "
+                               "use earliest", code="invalid_start") from None
     try:
         when = datetime.fromisoformat(text)
     except ValueError as exc:

@@ -13,14 +13,26 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
+import pytest
 
 from broker.protocol.topology import Topology
 from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch
 from broker.runtime.embedded_nats import EmbeddedNats
 from tests.integration.control_harness import ControlPlane, control_plane
 from tests.integration.harness import wait_for_records
+from tests.integration.test_records_http import publish
 
 EPOCH = 3
+
+
+@pytest.fixture
+async def small_plane(tmp_path: Path, nats_server: EmbeddedNats, pg_dsn: str
+                      ) -> AsyncIterator[ControlPlane]:
+    """API and ingest, 20 records committed."""
+    async with control_plane(tmp_path, nats_server.url, pg_dsn) as plane:
+        await publish(nats_server.url, "e1", "s", 1, 20)
+        await wait_for_records(pg_dsn, 20)
+        yield plane
 
 
 async def publish_padded(nats_url: str, edge: str, stream: str, batches: int, *,
@@ -98,3 +110,39 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
             return bytes(out)
         out += await reader.readexactly(size)
         await reader.readexactly(2)
+
+
+OUT_OF_RANGE = [
+    {"from": "99999999999d"},  # past timedelta's range
+    {"from": "100000000d"},  # before year 1
+    {"from": "0001-01-01T00:00:00+01:00"},  # year 0 in UTC
+    {"from": "9999-12-31T23:59:59-10:00"},  # year 10000 in UTC
+    {"after": str(2**63)},  # beyond a bigint position
+    {"after": "١٢٣"},  # digits, not ASCII ones
+]
+
+
+async def test_out_of_range_times_and_cursors_are_a_json_422(
+    small_plane: ControlPlane
+) -> None:
+    """Durations and times that leave datetime's range, and cursors beyond a bigint, are
+    422 with a JSON reason, never a 500: on a page, on an NDJSON stream (before its 200;
+    a bad since/until used to answer 200 and end without its next_cursor line), and on
+    the live tail (which gives its slot back)."""
+    cases: list[tuple[str, dict[str, str], dict[str, str]]] = [
+        *(("/v1/records", {"format": f, **p}, {}) for f in ("json", "ndjson")
+          for p in OUT_OF_RANGE),
+        *(("/v1/records", {"format": f, "since": "0001-01-01T00:00:00+14:00"}, {})
+          for f in ("json", "ndjson")),
+        ("/v1/records", {"format": "ndjson", "until": "9999-12-31T23:59:59-14:00"}, {}),
+        *(("/v1/records/tail", {"from": p.get("from", p.get("after", ""))}, {})
+          for p in OUT_OF_RANGE),
+        ("/v1/records/tail", {}, {"Last-Event-ID": str(2**63)}),
+        ("/v1/completeness", {"cursor": str(2**63)}, {}),
+    ]
+    for path, params, headers in cases:
+        resp = await small_plane.http.get(path, params=params, headers=headers, timeout=15)
+        assert resp.status_code == 422, (path, params, headers, resp.status_code, resp.text)
+        assert resp.json()["error"] in ("invalid_start", "invalid_time", "invalid_cursor")
+        assert resp.json()["message"]
+    assert small_plane.api.metrics.live_tails._value.get() == 0
