@@ -290,7 +290,10 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
             position = await resolve_start(conn, parse_start_at(body.cursor))
             row = await conn.fetchrow(
                 "INSERT INTO feed_subscriptions AS s (name, position) VALUES ($1, $2)"
-                " ON CONFLICT (name) DO UPDATE SET position = $2, updated_at = now()"
+                # A new generation: an SDK holder whose lease lapsed must not overwrite
+                # this checkpoint with its own (it gets lease_lost and resumes from here).
+                " ON CONFLICT (name) DO UPDATE SET position = $2, updated_at = now(),"
+                "  generation = s.generation + 1, holder = NULL, lease_until = NULL"
                 "  WHERE s.holder IS NULL OR s.lease_until < now()"
                 " RETURNING name, position, filters::text AS filters, holder, lease_until,"
                 "  updated_at", name, position)

@@ -15,9 +15,13 @@ from pathlib import Path
 import nats
 import pytest
 
+from broker.errors import Conflict
+from broker.feed import Subscription
+from broker.pg_connecting import connected
 from broker.protocol.topology import Topology
 from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch
 from broker.runtime.embedded_nats import EmbeddedNats
+from tests.helpers import until
 from tests.integration.control_harness import ControlPlane, control_plane
 from tests.integration.harness import wait_for_records
 from tests.integration.test_records_http import publish
@@ -146,3 +150,35 @@ async def test_out_of_range_times_and_cursors_are_a_json_422(
         assert resp.json()["error"] in ("invalid_start", "invalid_time", "invalid_cursor")
         assert resp.json()["message"]
     assert small_plane.api.metrics.live_tails._value.get() == 0
+
+
+async def test_a_checkpoint_put_over_a_lapsed_lease_is_not_overwritten_by_its_holder(
+    small_plane: ControlPlane
+) -> None:
+    """An SDK consumer stalls past its lease; an operator moves the checkpoint back over
+    HTTP (replay). The stalled holder's next commit must not silently put its own cursor
+    back over it: it gets lease_lost, and a reopen resumes from the operator's cursor."""
+    sub = Subscription(small_plane.pg_dsn, "billing", lease_ttl_s=0.3,
+                       wait_for_lease=False)
+    async with sub:
+        batch = await anext(aiter(sub))
+        assert len(batch) == 20
+
+        async def lapsed() -> bool:
+            async with connected(small_plane.pg_dsn) as conn:
+                return bool(await conn.fetchval(
+                    "SELECT lease_until < now() FROM feed_subscriptions WHERE name = $1",
+                    "billing"))
+
+        await until(lapsed, timeout=10, message="the lease never lapsed")
+        put = await small_plane.http.put("/v1/subscriptions/billing",
+                                         json={"cursor": "earliest"})
+        assert put.status_code == 200, put.text
+        with pytest.raises(Conflict) as refused:
+            await sub.commit()
+        assert refused.value.code == "lease_lost"
+    got = (await small_plane.http.get("/v1/subscriptions/billing")).json()
+    assert got["cursor"] == "0"
+    async with Subscription(small_plane.pg_dsn, "billing", wait_for_lease=False,
+                            stop_when_caught_up=True) as again:
+        assert sum(len(b) for b in [b async for b in again]) == 20
