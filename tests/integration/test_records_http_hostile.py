@@ -24,6 +24,7 @@ from broker.runtime.embedded_nats import EmbeddedNats
 from tests.helpers import until
 from tests.integration.control_harness import ControlPlane, control_plane
 from tests.integration.harness import wait_for_records
+from tests.integration.test_api_auth import operator
 from tests.integration.test_records_http import publish
 
 EPOCH = 3
@@ -182,3 +183,41 @@ async def test_a_checkpoint_put_over_a_lapsed_lease_is_not_overwritten_by_its_ho
     async with Subscription(small_plane.pg_dsn, "billing", wait_for_lease=False,
                             stop_when_caught_up=True) as again:
         assert sum(len(b) for b in [b async for b in again]) == 20
+
+
+async def test_one_token_cannot_take_every_tail_slot(
+    tmp_path: Path, nats_server: EmbeddedNats, pg_dsn: str
+) -> None:
+    """With 10 tail slots and api.max_streams_per_operator = 2, an operator holding two
+    streams gets 429 too_many_streams (JSON, Retry-After) for a third tail or an NDJSON
+    stream, while another operator's tail is still accepted; closing one frees it."""
+    async with control_plane(tmp_path, nats_server.url, pg_dsn, max_live_tails=10,
+                             max_streams_per_operator=2) as plane:
+        other = await operator(plane, "grafana", "read")
+        async with other, contextlib.AsyncExitStack() as stack:
+            readers = []  # kept: a dropped iterator closes its response
+            for _ in range(2):
+                resp = await stack.enter_async_context(
+                    plane.http.stream("GET", "/v1/records/tail", timeout=15))
+                assert resp.status_code == 200
+                readers.append(resp.aiter_bytes())
+                assert (await anext(readers[-1])).startswith(b"retry:")
+            for path, params in (("/v1/records/tail", {}),
+                                 ("/v1/records", {"format": "ndjson"})):
+                refused = await plane.http.get(path, params=params, timeout=15)
+                assert refused.status_code == 429, (path, refused.text)
+                assert refused.json()["error"] == "too_many_streams"
+                assert "max_streams_per_operator" in refused.json()["message"]
+                assert refused.headers["retry-after"] == "5"
+            async with other.stream("GET", "/v1/records/tail", timeout=15) as theirs:
+                assert theirs.status_code == 200
+                assert (await anext(theirs.aiter_bytes())).startswith(b"retry:")
+            # pages are not streams: still served
+            assert (await plane.http.get("/v1/records")).status_code == 200
+
+        async def accepted() -> bool:
+            resp = await plane.http.get("/v1/records", params={"format": "ndjson"})
+            return resp.status_code == 200
+
+        await until(accepted, timeout=10, message="closed streams never freed their slots")
+        assert plane.api.metrics.live_tails._value.get() == 0
