@@ -45,6 +45,7 @@ __all__ = [
     "Page",
     "StartAt",
     "StreamKey",
+    "checked_cursor",
     "completeness_at",
     "head_cursor",
     "parse_start_at",
@@ -334,6 +335,32 @@ async def completeness_at(conn: Connection, cursor: int,
     return {(r[0], r[1], r[2]): r[3] for r in rows}
 
 
+async def checked_cursor(conn: Connection, cursor: int | str) -> int:
+    """``cursor`` (a token or its value), if the feed could have handed it out.
+
+    Commit ids only grow, so every cursor a reader was given is at or below the last
+    commit id ever assigned. One above it was made up or tampered with, or the database
+    was restored from a backup behind it: read from there, it would silently skip every
+    commit until the ids caught up.
+
+    Raises:
+        InvalidInput: not a cursor (``invalid_cursor``), or beyond the end of the feed
+            (``cursor_ahead``).
+    """
+    value = decode_cursor(cursor) if isinstance(cursor, str) else cursor
+    if value < 0:
+        raise InvalidInput(f"invalid cursor {cursor}", code="invalid_cursor")
+    last = await conn.fetchval(
+        "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM feed_commit_seq")
+    if commit_of(value) > int(last or 0):
+        raise InvalidInput(
+            f"cursor {encode_cursor(value)} is beyond the end of the feed (no commit "
+            f"{commit_of(value)} yet): pass a cursor the feed returned, or earliest/latest "
+            "(a database restored from a backup behind it starts the feed over)",
+            code="cursor_ahead")
+    return value
+
+
 async def resolve_start(conn: Connection, start_at: StartAt) -> int:
     """The cursor ``start_at`` names (see :data:`StartAt`).
 
@@ -348,14 +375,12 @@ async def resolve_start(conn: Connection, start_at: StartAt) -> int:
             _utc(start_at, "start_at"))
         return await head_cursor(conn) if first is None else end_of(first - 1)
     if isinstance(start_at, int):
-        if start_at < 0:
-            raise InvalidInput(f"invalid cursor {start_at}", code="invalid_cursor")
-        return start_at
+        return await checked_cursor(conn, start_at)
     if start_at == "earliest":
         return EARLIEST
     if start_at == "latest":
         return await head_cursor(conn)
-    return decode_cursor(start_at)
+    return await checked_cursor(conn, start_at)
 
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")

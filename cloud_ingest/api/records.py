@@ -33,8 +33,8 @@ from pydantic import BaseModel, Field
 from broker.errors import Conflict, InvalidInput, NotFound, TemporaryError, TooManyRequests
 from broker.feed import (
     Filters,
+    checked_cursor,
     completeness_at,
-    decode_cursor,
     encode_cursor,
     follow,
     parse_start_at,
@@ -189,7 +189,7 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
     async def start_of(conn: asyncpg.Connection | Any, after: str | None,
                        from_: str | None, subscription: str | None) -> int:
         if after is not None:
-            return decode_cursor(after)
+            return await checked_cursor(conn, after)
         if subscription is not None:
             pos = await conn.fetchval(
                 "SELECT position FROM feed_subscriptions WHERE name = $1", subscription)
@@ -289,7 +289,7 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
                 await conn.close()
 
         try:
-            start = (decode_cursor(last_event_id) if last_event_id
+            start = (await checked_cursor(conn, last_event_id) if last_event_id
                      else await resolve_start(conn, parse_start_at(from_ or "latest")))
         except BaseException:
             await close()
@@ -325,7 +325,7 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
         """Per (edge, stream, epoch), the seq up to which everything is committed (and at
         or before ``cursor``), dropped on purpose or dead-lettered."""
         async with pool().acquire() as conn:
-            at = (decode_cursor(cursor) if cursor is not None
+            at = (await checked_cursor(conn, cursor) if cursor is not None
                   else await resolve_start(conn, "latest"))
             marks = await completeness_at(conn, at, filters_of(edge, stream, None, None))
         return {"cursor": encode_cursor(at), "completeness": _watermarks(marks)}

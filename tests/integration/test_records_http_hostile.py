@@ -15,8 +15,9 @@ from pathlib import Path
 import nats
 import pytest
 
-from broker.errors import Conflict
+from broker.errors import Conflict, InvalidInput
 from broker.feed import Subscription
+from broker.feed.positions import commit_of, end_of
 from broker.pg_connecting import connected
 from broker.protocol.topology import Topology
 from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch
@@ -221,3 +222,36 @@ async def test_one_token_cannot_take_every_tail_slot(
 
         await until(accepted, timeout=10, message="closed streams never freed their slots")
         assert plane.api.metrics.live_tails._value.get() == 0
+
+
+async def test_a_cursor_beyond_the_end_of_the_feed_is_refused(
+    small_plane: ControlPlane
+) -> None:
+    """A made-up cursor (or one from before a database restore) beyond every commit id
+    handed out used to be accepted and echoed back: pages stayed empty, a tail stayed
+    silent and a checkpoint PUT there made its consumer skip every commit until the ids
+    caught up. It is 422 cursor_ahead; the real end of the feed still works."""
+    head = (await small_plane.http.get("/v1/completeness")).json()["cursor"]
+    ahead = str(end_of(commit_of(int(head)) + 1))  # the end of a commit yet to come
+    for method, path, kwargs in [
+        ("GET", "/v1/records", {"params": {"after": ahead}}),
+        ("GET", "/v1/records", {"params": {"after": ahead, "format": "ndjson"}}),
+        ("GET", "/v1/records", {"params": {"from": ahead}}),
+        ("GET", "/v1/records/tail", {"headers": {"Last-Event-ID": ahead}}),
+        ("GET", "/v1/records/tail", {"params": {"from": ahead}}),
+        ("GET", "/v1/completeness", {"params": {"cursor": ahead}}),
+        ("PUT", "/v1/subscriptions/reports", {"json": {"cursor": ahead}}),
+        ("PUT", "/v1/subscriptions/reports", {"json": {"cursor": str(2**63 - 1)}}),
+    ]:
+        resp = await small_plane.http.request(method, path, timeout=15, **kwargs)
+        assert resp.status_code == 422, (method, path, kwargs, resp.text)
+        assert resp.json()["error"] == "cursor_ahead"
+    assert (await small_plane.http.get("/v1/subscriptions/reports")).status_code == 404
+    at_head = await small_plane.http.get("/v1/records", params={"after": head})
+    assert at_head.status_code == 200 and at_head.json()["records"] == []
+    put = await small_plane.http.put("/v1/subscriptions/reports", json={"cursor": head})
+    assert put.status_code == 200, put.text
+    with pytest.raises(InvalidInput) as refused:
+        async with Subscription(small_plane.pg_dsn, "new", start_at=int(ahead)):
+            pass
+    assert refused.value.code == "cursor_ahead"
