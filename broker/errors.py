@@ -58,6 +58,7 @@ __all__ = [
     "RootTaskEnded",
     "RuntimeUnavailable",
     "TemporaryError",
+    "TooManyRequests",
     "TopologyMissing",
     "Unauthorized",
     "UnsupportedMediaType",
@@ -269,6 +270,13 @@ class TopologyMissing(TemporaryError):
     default_code = "topology_missing"
 
 
+class TooManyRequests(TemporaryError):
+    """The client has as much open as it may (a quota of its own, not the service's
+    limit): 429 with Retry-After."""
+
+    default_code = "too_many_requests"
+
+
 HTTP_STATUS: dict[type[EdgesyncError], int] = {
     InvalidName: 400,
     InvalidEncoding: 400,
@@ -280,6 +288,7 @@ HTTP_STATUS: dict[type[EdgesyncError], int] = {
     RequestTooLarge: 413,
     UnsupportedMediaType: 415,
     InvalidInput: 422,
+    TooManyRequests: 429,
     BufferFull: 503,
     ClosedError: 503,
     TemporaryError: 503,

@@ -498,6 +498,13 @@ class ApiSettings(BaseModel):
         "PostgreSQL connection of its own for its life, so this bounds them under the "
         "server's max_connections. One more is refused with 503 and Retry-After.",
     )
+    max_streams_per_operator: int = Field(
+        10,
+        ge=1,
+        description="Live tails and NDJSON streams (GET /v1/records?format=ndjson) one "
+        "operator token may have open at once, so that one client cannot take every "
+        "tail slot. One more is refused with 429 too_many_streams and Retry-After.",
+    )
 
 
 class LogSettings(BaseModel):

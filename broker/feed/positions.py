@@ -17,6 +17,7 @@ from broker.errors import InvalidInput
 __all__ = [
     "EARLIEST",
     "FEED_CHANNEL",
+    "MAX_CURSOR",
     "ORD_BITS",
     "ORD_END",
     "commit_of",
@@ -35,6 +36,8 @@ ORD_END: Final = (1 << ORD_BITS) - 1
 """The ord of :func:`end_of`: above any row's (a commit holds fewer than 2**24 - 1 rows)."""
 EARLIEST: Final = 0
 """The cursor before the first commit."""
+MAX_CURSOR: Final = 2**63 - 1
+"""Positions are PostgreSQL bigints: no cursor the feed hands out is above this."""
 
 
 def position(commit_id: int, ord_: int) -> int:
@@ -73,7 +76,7 @@ def decode_cursor(token: str) -> int:
         cursor = int(token)
     except ValueError:
         cursor = -1
-    if cursor < 0 or not token.isdigit():
+    if not 0 <= cursor <= MAX_CURSOR or not token.isascii() or not token.isdigit():
         raise InvalidInput(f"invalid cursor {token!r}: pass a cursor the feed returned",
                            code="invalid_cursor")
     return cursor

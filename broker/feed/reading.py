@@ -45,6 +45,7 @@ __all__ = [
     "Page",
     "StartAt",
     "StreamKey",
+    "checked_cursor",
     "completeness_at",
     "head_cursor",
     "parse_start_at",
@@ -172,11 +173,28 @@ class Filters:
     @classmethod
     def of(cls, *, edges: Iterable[str] | None = None, streams: Iterable[str] | None = None,
            since: datetime | None = None, until: datetime | None = None) -> Filters:
-        for t in (since, until):
-            if t is not None and t.tzinfo is None:
-                raise InvalidInput("times must be timezone-aware (e.g. 2026-01-01T00:00Z)",
-                                   code="invalid_time")
-        return cls(tuple(edges or ()), tuple(streams or ()), since, until)
+        """The filters, with ``since``/``until`` in UTC.
+
+        Raises:
+            InvalidInput: a time without a zone, or one whose UTC is outside the years
+                1-9999 (``0001-01-01T00:00+01:00``): ``invalid_time``, before any read
+                (an NDJSON stream would otherwise fail after its 200).
+        """
+        return cls(tuple(edges or ()), tuple(streams or ()), _utc(since, "since"),
+                   _utc(until, "until"))
+
+
+def _utc(t: datetime | None, what: str) -> datetime | None:
+    if t is None:
+        return None
+    if t.tzinfo is None:
+        raise InvalidInput("times must be timezone-aware (e.g. 2026-01-01T00:00Z)",
+                           code="invalid_time")
+    try:
+        return t.astimezone(UTC)
+    except OverflowError:
+        raise InvalidInput(f"{what}: {t.isoformat()} is out of range (years 1 to 9999 "
+                           "in UTC)", code="invalid_time") from None
 
 
 @dataclass(slots=True)
@@ -317,6 +335,32 @@ async def completeness_at(conn: Connection, cursor: int,
     return {(r[0], r[1], r[2]): r[3] for r in rows}
 
 
+async def checked_cursor(conn: Connection, cursor: int | str) -> int:
+    """``cursor`` (a token or its value), if the feed could have handed it out.
+
+    Commit ids only grow, so every cursor a reader was given is at or below the last
+    commit id ever assigned. One above it was made up or tampered with, or the database
+    was restored from a backup behind it: read from there, it would silently skip every
+    commit until the ids caught up.
+
+    Raises:
+        InvalidInput: not a cursor (``invalid_cursor``), or beyond the end of the feed
+            (``cursor_ahead``).
+    """
+    value = decode_cursor(cursor) if isinstance(cursor, str) else cursor
+    if value < 0:
+        raise InvalidInput(f"invalid cursor {cursor}", code="invalid_cursor")
+    last = await conn.fetchval(
+        "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM feed_commit_seq")
+    if commit_of(value) > int(last or 0):
+        raise InvalidInput(
+            f"cursor {encode_cursor(value)} is beyond the end of the feed (no commit "
+            f"{commit_of(value)} yet): pass a cursor the feed returned, or earliest/latest "
+            "(a database restored from a backup behind it starts the feed over)",
+            code="cursor_ahead")
+    return value
+
+
 async def resolve_start(conn: Connection, start_at: StartAt) -> int:
     """The cursor ``start_at`` names (see :data:`StartAt`).
 
@@ -328,17 +372,15 @@ async def resolve_start(conn: Connection, start_at: StartAt) -> int:
             raise InvalidInput("start_at: a time must be timezone-aware", code="invalid_time")
         first = await conn.fetchval(
             "SELECT min(commit_id) FROM feed_commits WHERE committed_at >= $1",
-            start_at.astimezone(UTC))
+            _utc(start_at, "start_at"))
         return await head_cursor(conn) if first is None else end_of(first - 1)
     if isinstance(start_at, int):
-        if start_at < 0:
-            raise InvalidInput(f"invalid cursor {start_at}", code="invalid_cursor")
-        return start_at
+        return await checked_cursor(conn, start_at)
     if start_at == "earliest":
         return EARLIEST
     if start_at == "latest":
         return await head_cursor(conn)
-    return decode_cursor(start_at)
+    return await checked_cursor(conn, start_at)
 
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
@@ -358,7 +400,11 @@ def parse_start_at(text: str) -> StartAt:
     if text.isdigit():
         return decode_cursor(text)
     if m := _DURATION.match(text):
-        return datetime.now(UTC) - timedelta(seconds=int(m[1]) * _UNIT_S[m[2]])
+        try:
+            return datetime.now(UTC) - timedelta(seconds=int(m[1]) * _UNIT_S[m[2]])
+        except OverflowError:  # before year 1, or past timedelta's 999,999,999 days
+            raise InvalidInput(f"{text!r}: a duration that long reaches before year 1; "
+                               "use earliest", code="invalid_start") from None
     try:
         when = datetime.fromisoformat(text)
     except ValueError as exc:

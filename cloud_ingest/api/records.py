@@ -19,21 +19,22 @@ makes its consumer skip records.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from broker.errors import Conflict, InvalidInput, NotFound, TemporaryError
+from broker.errors import Conflict, InvalidInput, NotFound, TemporaryError, TooManyRequests
 from broker.feed import (
     Filters,
+    checked_cursor,
     completeness_at,
-    decode_cursor,
     encode_cursor,
     follow,
     parse_start_at,
@@ -50,41 +51,99 @@ _SSE_HEARTBEAT_S = 15.0
 an idle stream."""
 
 
+_NDJSON_PAGE = 1000
+"""Records per read of an NDJSON stream: what one stalled client keeps in memory is a
+few such pages (the one being sent, the one handed over, the one read next)."""
+
 _TAIL_RETRY_S = 5.0
 """Retry-After of a tail refused at the cap."""
 
 
 class TailLimit:
-    """How many live tails may be open at once (each holds a PostgreSQL connection)."""
+    """How many streams may be open at once: live tails in all (each holds a PostgreSQL
+    connection), and live tails plus NDJSON streams per operator (so that one token, a
+    runaway dashboard or a loop of stalled clients, cannot take every slot)."""
 
-    def __init__(self, limit: int, gauge: Any = None, refused: Any = None) -> None:
+    def __init__(self, limit: int, gauge: Any = None, refused: Any = None, *,
+                 per_operator: int | None = None) -> None:
         self.limit = limit
+        self.per_operator = per_operator
         self.open = 0
+        self.by_operator: dict[str, int] = {}
         self._gauge = gauge
         self._refused = refused
 
-    def acquire(self) -> None:
-        """Count one more tail.
+    def acquire(self, operator: str, *, tail: bool = True) -> Callable[[], None]:
+        """Count one more stream of ``operator`` (a live tail unless ``tail`` is False).
+
+        Returns:
+            Its release, which may be called more than once.
 
         Raises:
-            TemporaryError: ``limit`` are open (503 with Retry-After).
+            TooManyRequests: ``operator`` has ``per_operator`` streams open (429).
+            TemporaryError: ``limit`` tails are open (503 with Retry-After).
         """
-        if self.open >= self.limit:
+        mine = self.by_operator.get(operator, 0)
+        if self.per_operator is not None and mine >= self.per_operator:
+            raise TooManyRequests(
+                f"operator {operator!r} has {mine} live tails and NDJSON streams open "
+                f"({self.per_operator} at most, api.max_streams_per_operator); close one "
+                "or retry later", delay=_TAIL_RETRY_S, code="too_many_streams")
+        if tail and self.open >= self.limit:
             if self._refused is not None:
                 self._refused.inc()
             raise TemporaryError(
                 f"too many live tails open ({self.limit}, api.max_live_tails); retry later "
                 "or page with GET /v1/records", delay=_TAIL_RETRY_S, code="too_many_tails")
-        self.open += 1
-        self._set()
+        self.by_operator[operator] = mine + 1
+        if tail:
+            self.open += 1
+            self._set()
+        released = False
 
-    def release(self) -> None:
-        self.open -= 1
-        self._set()
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            left = self.by_operator[operator] - 1
+            if left:
+                self.by_operator[operator] = left
+            else:
+                del self.by_operator[operator]
+            if tail:
+                self.open -= 1
+                self._set()
+
+        return release
 
     def _set(self) -> None:
         if self._gauge is not None:
             self._gauge.set(self.open)
+
+
+class _Stream(StreamingResponse):
+    """A streaming response that runs ``on_close`` however it ends: also when it is
+    never iterated (a client gone before the first chunk), which an async generator's
+    own ``finally`` does not see."""
+
+    def __init__(self, content: AsyncIterator[bytes], *, on_close: Callable[[], Any],
+                 **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            done = self._on_close()
+            if inspect.isawaitable(done):
+                await done
+
+
+def _operator_of(request: Request) -> str:
+    operator = getattr(request.state, "operator", None)
+    return str(getattr(operator, "name", "") or "")
 
 
 class SubscriptionOut(BaseModel):
@@ -117,7 +176,8 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
         commit: the dependency guarding the one write, moving a subscription's
             checkpoint (it can make another consumer skip what it has not read);
             None: ``read`` alone.
-        tails: the cap on live tails open at once (default 100).
+        tails: the caps on live tails open at once (default 100) and on streams per
+            operator (default none).
     """
     tails = tails or TailLimit(100)
     router = APIRouter(tags=["records"], dependencies=[read])
@@ -129,7 +189,7 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
     async def start_of(conn: asyncpg.Connection | Any, after: str | None,
                        from_: str | None, subscription: str | None) -> int:
         if after is not None:
-            return decode_cursor(after)
+            return await checked_cursor(conn, after)
         if subscription is not None:
             pos = await conn.fetchval(
                 "SELECT position FROM feed_subscriptions WHERE name = $1", subscription)
@@ -141,6 +201,7 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
 
     @router.get("/v1/records", responses={200: {"content": {_NDJSON: {}}}})
     async def records(
+        request: Request,
         *,
         after: Annotated[str | None, Query(description="Cursor: records after it.")] = None,
         from_: Annotated[str | None, Query(
@@ -174,24 +235,34 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
                     "completeness": _watermarks(page.watermarks)}
         async with pool().acquire() as conn:  # fail before the 200 on a bad start
             start = await start_of(conn, after, from_, subscription)
+        release = tails.acquire(_operator_of(request), tail=False)
 
         async def lines() -> AsyncIterator[bytes]:
             cursor, left = start, limit
-            async with pool().acquire() as conn:
+            try:
                 while left > 0:
-                    page = await read_page(conn, cursor, filters, limit=min(left, 5000))
+                    # A connection per page, back in the pool before the page is sent:
+                    # a client that stops reading blocks this generator in its send, and
+                    # must not hold one of the pool's few connections meanwhile (four
+                    # stalled exports would otherwise stall every request of the API).
+                    async with pool().acquire() as conn:
+                        page = await read_page(conn, cursor, filters,
+                                               limit=min(left, _NDJSON_PAGE))
                     cursor = page.cursor
                     left -= len(page.records)
                     if page.records:
                         yield b"".join(_line(r.to_json()) for r in page.records)
                     if page.caught_up:
                         break
-            yield _line({"next_cursor": encode_cursor(cursor)})
+                yield _line({"next_cursor": encode_cursor(cursor)})
+            finally:
+                release()
 
-        return StreamingResponse(lines(), media_type=_NDJSON)
+        return _Stream(lines(), media_type=_NDJSON, on_close=release)
 
     @router.get("/v1/records/tail", responses={200: {"content": {"text/event-stream": {}}}})
     async def tail(
+        request: Request,
         *,
         last_event_id: Annotated[str | None, Header(description=(
             "Resume after this cursor (browsers send it when they reconnect)."))] = None,
@@ -205,18 +276,23 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
         record as JSON, ``event: completeness`` when a stream's watermark moves; every
         event's ``id`` is the cursor after it, so a reconnect resumes exactly."""
         filters = filters_of(edge, stream, None, None)
-        tails.acquire()
+        release = tails.acquire(_operator_of(request))
         try:
             conn = await asyncpg.connect(dsn)
         except BaseException:
-            tails.release()
+            release()
             raise
+
+        async def close() -> None:
+            release()
+            if not conn.is_closed():
+                await conn.close()
+
         try:
-            start = (decode_cursor(last_event_id) if last_event_id
+            start = (await checked_cursor(conn, last_event_id) if last_event_id
                      else await resolve_start(conn, parse_start_at(from_ or "latest")))
         except BaseException:
-            tails.release()
-            await conn.close()
+            await close()
             raise
 
         async def events() -> AsyncIterator[bytes]:
@@ -233,12 +309,10 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
                         yield _event("completeness", encode_cursor(page.cursor),
                                      _watermarks(page.watermarks))
             finally:
-                tails.release()
-                await conn.close()
+                await close()
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache",
-                                          "X-Accel-Buffering": "no"})
+        return _Stream(events(), media_type="text/event-stream", on_close=close,
+                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @router.get("/v1/completeness")
     async def completeness(
@@ -251,7 +325,7 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
         """Per (edge, stream, epoch), the seq up to which everything is committed (and at
         or before ``cursor``), dropped on purpose or dead-lettered."""
         async with pool().acquire() as conn:
-            at = (decode_cursor(cursor) if cursor is not None
+            at = (await checked_cursor(conn, cursor) if cursor is not None
                   else await resolve_start(conn, "latest"))
             marks = await completeness_at(conn, at, filters_of(edge, stream, None, None))
         return {"cursor": encode_cursor(at), "completeness": _watermarks(marks)}
@@ -281,7 +355,10 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
             position = await resolve_start(conn, parse_start_at(body.cursor))
             row = await conn.fetchrow(
                 "INSERT INTO feed_subscriptions AS s (name, position) VALUES ($1, $2)"
-                " ON CONFLICT (name) DO UPDATE SET position = $2, updated_at = now()"
+                # A new generation: an SDK holder whose lease lapsed must not overwrite
+                # this checkpoint with its own (it gets lease_lost and resumes from here).
+                " ON CONFLICT (name) DO UPDATE SET position = $2, updated_at = now(),"
+                "  generation = s.generation + 1, holder = NULL, lease_until = NULL"
                 "  WHERE s.holder IS NULL OR s.lease_until < now()"
                 " RETURNING name, position, filters::text AS filters, holder, lease_until,"
                 "  updated_at", name, position)

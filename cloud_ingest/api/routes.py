@@ -237,7 +237,8 @@ def create_app(api: Api) -> FastAPI:
         api._db, settings.postgres_dsn, read=require_read,
         commit=Depends(require_scope("consume")),
         tails=TailLimit(settings.max_live_tails, api.metrics.live_tails,
-                        api.metrics.tails_refused)),
+                        api.metrics.tails_refused,
+                        per_operator=settings.max_streams_per_operator)),
         responses=ERROR_RESPONSES)
 
     @app.get("/v1/audit", response_model=list[AuditOut], dependencies=[require_admin],
