@@ -107,6 +107,12 @@ class EventsConsumer:
         self._consumer = f"{consumer}-events"
         self._metrics = metrics
         self._stopping = False
+        self.on_fetch_failed: Callable[[], None] | None = None
+        """Called on each failed fetch (:mod:`cloud_ingest.topology_keeping`)."""
+
+    @property
+    def durable(self) -> str:
+        return self._consumer
 
     def begin_shutdown(self) -> None:
         self._stopping = True
@@ -140,6 +146,8 @@ class EventsConsumer:
                 except Exception as exc:
                     failures += 1
                     log.warning("events_fetch_failed", error=f"{type(exc).__name__}: {exc}")
+                    if self.on_fetch_failed is not None:
+                        self.on_fetch_failed()
                     await asyncio.sleep(backoff_s(failures, base_s=0.25, cap_s=2.0))
                     continue
                 failures = 0

@@ -115,6 +115,9 @@ class RecordsConsumer:
         self._stopping = False
         self._stop = asyncio.Event()
         self.db_ok = True
+        self.on_fetch_failed: Callable[[], None] | None = None
+        """Called on each failed fetch: the consumer or its stream may be gone
+        (:mod:`cloud_ingest.topology_keeping`)."""
 
     def begin_shutdown(self) -> None:
         """Stop fetching; groups in hand are finished (committed and acked)."""
@@ -158,6 +161,8 @@ class RecordsConsumer:
             except Exception as exc:  # NATS down or reconnecting: nats-py heals the link
                 failures += 1
                 log.warning("fetch_failed", error=f"{type(exc).__name__}: {exc}")
+                if self.on_fetch_failed is not None:
+                    self.on_fetch_failed()  # or the consumer is gone: checked, made again
                 await asyncio.sleep(backoff_s(failures, base_s=0.25, cap_s=2.0))
                 continue
             failures = 0

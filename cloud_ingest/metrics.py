@@ -85,6 +85,12 @@ class IngestMetrics:
             "edgesync_ingest_watermark_keys_pending",
             "Keys whose newer watermark waits for the next window.", registry=r,
         )
+        self.topology_repairs = Counter(
+            "edgesync_ingest_topology_repairs",
+            "Times the ingest found streams, KV buckets or its consumers missing in "
+            "JetStream while running (store wiped or restored) and created them again.",
+            registry=r,
+        )
 
 
 class ApiMetrics:

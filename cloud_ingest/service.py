@@ -37,6 +37,7 @@ from cloud_ingest.maintenance import Maintenance
 from cloud_ingest.metrics import IngestMetrics
 from cloud_ingest.partitioning import ensure_partitions
 from cloud_ingest.reconciling import lost_after_commit_writer
+from cloud_ingest.topology_keeping import TopologyKeeper
 from cloud_ingest.watermarks import WatermarkPublisher
 
 __all__ = [
@@ -67,6 +68,7 @@ class Ingest(CloudService):
         self.events: EventsConsumer | None = None
         self.watermarks: WatermarkPublisher | None = None
         self.maintenance: Maintenance | None = None
+        self.keeper: TopologyKeeper | None = None
 
     async def _open(self) -> None:
         self._listen(self.settings.host, self.settings.port)
@@ -107,6 +109,15 @@ class Ingest(CloudService):
             on_heartbeats=lost_after_commit_writer(self.watermarks.note, self.metrics),
         )
         await self.events.ensure_consumer()
+        # JetStream may lose all of it later (a store wiped or restored): made again.
+        self.keeper = TopologyKeeper(js, self.topology, metrics=self.metrics, consumers=[
+            (self.topology.records_stream, self.settings.consumer,
+             self.consumer.ensure_consumer),
+            (self.topology.events_stream, self.events.durable, self.events.ensure_consumer),
+        ])
+        self.consumer.on_fetch_failed = self.keeper.suspect
+        self.events.on_fetch_failed = self.keeper.suspect
+        self.watermarks.on_failed = self.keeper.suspect
 
     @property
     def ready(self) -> bool:
@@ -115,6 +126,8 @@ class Ingest(CloudService):
             and self.nats_connected
             and self.consumer is not None
             and self.consumer.db_ok
+            and self.keeper is not None
+            and self.keeper.ok
         )
 
     def health_app(self) -> FastAPI:
@@ -146,12 +159,14 @@ class Ingest(CloudService):
         assert self.watermarks is not None and self.maintenance is not None
         consumer, events, watermarks = self.consumer, self.events, self.watermarks
         maintenance = self.maintenance
+        assert self.keeper is not None
         server = embedded_server(self.health_app())
         async with Supervisor("ingest") as roots:
             consume = roots.start(consumer.consume_forever(), name="consume")
             consume_events = roots.start(events.consume_forever(), name="events")
             roots.start(watermarks.publish_forever(), name="watermarks")
             roots.start(maintenance.run_forever(), name="maintenance")
+            roots.start(self.keeper.keep_forever(), name="topology")
             roots.start(server.serve(sockets=[self.listener]), name="health")
 
             async def shutdown() -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+from collections.abc import Callable
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -80,6 +81,9 @@ class WatermarkPublisher:
         """Writes JetStream acknowledged."""
         self.failures = 0
         """Writes refused or unanswered (each kept for the next window)."""
+        self.on_failed: Callable[[], None] | None = None
+        """Called after a window with failed writes: the bucket may be gone
+        (:mod:`cloud_ingest.topology_keeping`)."""
 
     def note(self, watermarks: list[tuple[str, str, int, int]], *, again: bool = False
              ) -> None:
@@ -167,6 +171,8 @@ class WatermarkPublisher:
                 if watermark > max(self._pending.get(key, 0), self._published.get(key, 0)):
                     self._pending[key] = watermark
             self._wake.set()
+            if self.on_failed is not None:
+                self.on_failed()
 
     async def _reply_subscription(self) -> str:
         if self._replies is None:

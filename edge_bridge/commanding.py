@@ -208,27 +208,54 @@ class ControlChannel(Opened):
                 await asyncio.sleep(delay)
 
     async def _consume_forever(self) -> None:
-        sub = await self._subscribe()
-        log.info("control_consuming", edge=self.edge_id, durable=self.durable)
+        while True:
+            sub = await self._subscribe()
+            log.info("control_consuming", edge=self.edge_id, durable=self.durable)
+            try:
+                await self._pull_until_lost(sub)
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            # The consumer is gone (JetStream's store wiped or restored, the consumer
+            # deleted): bound again once it exists, or made again where we may.
+            log.warning("control_consumer_missing", edge=self.edge_id, durable=self.durable,
+                        hint="JetStream lost it; re-created by `edgesync edges add` (or "
+                             "by the bridge on a server without authorization)")
+
+    async def _pull_until_lost(self, sub: JetStreamContext.PullSubscription) -> None:
+        """Take commands from ``sub`` until its consumer is found missing."""
+        failures = 0
+        while True:
+            try:
+                # One long request for the next command, renewed early on a
+                # reconnect (the request may have been lost with the connection).
+                self._renew_poll.clear()
+                msgs = await fetch_one_unless(sub, timeout=self.settings.poll_s,
+                                              interrupt=self._renew_poll)
+            except (FetchTimeoutError, nats.errors.TimeoutError, TimeoutError):
+                continue
+            except Exception as exc:  # disconnected (nats-py reconnects), or no consumer
+                failures += 1
+                log.debug("control_fetch_failed", error=f"{type(exc).__name__}: {exc}")
+                if await self._consumer_missing():
+                    return
+                await asyncio.sleep(backoff_s(failures, base_s=0.5, cap_s=5.0))
+                continue
+            failures = 0
+            for msg in msgs:
+                await self._process(msg)
+
+    async def _consumer_missing(self) -> bool:
+        """Whether JetStream says the control consumer (or its stream) does not exist;
+        False when it cannot tell (NATS unreachable)."""
+        assert self._js is not None
         try:
-            while True:
-                try:
-                    # One long request for the next command, renewed early on a
-                    # reconnect (the request may have been lost with the connection).
-                    self._renew_poll.clear()
-                    msgs = await fetch_one_unless(sub, timeout=self.settings.poll_s,
-                                                  interrupt=self._renew_poll)
-                except (FetchTimeoutError, nats.errors.TimeoutError, TimeoutError):
-                    continue
-                except Exception as exc:  # disconnected: nats-py reconnects by itself
-                    log.debug("control_fetch_failed", error=f"{type(exc).__name__}: {exc}")
-                    await asyncio.sleep(0.5)
-                    continue
-                for msg in msgs:
-                    await self._process(msg)
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await self._js.consumer_info(self._topology.control_stream, self.durable)
+        except NotFoundError:
+            return True
+        except Exception:
+            return False
+        return False
 
     async def _process(self, msg: Msg) -> None:
         try:

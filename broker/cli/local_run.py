@@ -231,6 +231,14 @@ async def run_local(
                 "postgres_pid": postgres.pid,
             }
             write_private(runtime_file, json.dumps(runtime, indent=2) + "\n")  # holds secrets
+
+            def restarted() -> None:
+                runtime["nats_pid"] = nats_server.server.pid
+                runtime["postgres_pid"] = postgres.pid
+                write_private(runtime_file, json.dumps(runtime, indent=2) + "\n")
+
+            roots.start(_keep_servers_up(nats_server, postgres, services_stop, restarted,
+                                         print_line), name="servers")
             sims = [
                 asyncio.create_task(
                     _simulate(b.url, options.simulate_rate, options.streams, sim_stop, seed=i),
@@ -266,6 +274,38 @@ async def run_local(
                     await asyncio.gather(*sims, return_exceptions=True)
                 with contextlib.suppress(FileNotFoundError):
                     runtime_file.unlink()
+
+
+SERVER_CHECK_INTERVAL_S = 0.5
+"""How often ``edgesync up`` checks that its nats-server and PostgreSQL still run."""
+
+
+async def _keep_servers_up(nats_server: SecuredNats, postgres: EmbeddedPostgres,
+                           stop: asyncio.Event, restarted: Callable[[], None],
+                           print_line: Callable[[str], None] | None) -> None:
+    """Start the embedded nats-server or PostgreSQL again, on its port and its data,
+    when it exits unasked (OOM-killed, crashed, killed by hand): the services reconnect
+    by themselves, as they do after any outage. (Before, ``up`` ran on without them,
+    its counters frozen, and said nothing.)
+
+    Raises:
+        RuntimeUnavailable: a server would not start again (its port taken, say): the
+            supervisor stops ``up`` with that message.
+    """
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=SERVER_CHECK_INTERVAL_S)
+        if stop.is_set():
+            return
+        for name, server in (("nats-server", nats_server.server), ("postgres", postgres)):
+            if server.running:
+                continue
+            log.warning("embedded_server_exited", server=name, restarting=True)
+            if print_line is not None:
+                print_line(f"{name} exited unexpectedly; starting it again")
+            await (nats_server.start() if server is nats_server.server else postgres.start())
+            log.info("embedded_server_restarted", server=name, pid=server.pid)
+            restarted()
 
 
 def _refuse_if_running(runtime_file: Path) -> None:
