@@ -276,7 +276,7 @@ async def run_local(
                     runtime_file.unlink()
 
 
-SERVER_CHECK_INTERVAL_S = 0.5
+_SERVER_CHECK_INTERVAL_S = 0.5
 """How often ``edgesync up`` checks that its nats-server and PostgreSQL still run."""
 
 
@@ -294,7 +294,7 @@ async def _keep_servers_up(nats_server: SecuredNats, postgres: EmbeddedPostgres,
     """
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=SERVER_CHECK_INTERVAL_S)
+            await asyncio.wait_for(stop.wait(), timeout=_SERVER_CHECK_INTERVAL_S)
         if stop.is_set():
             return
         for name, server in (("nats-server", nats_server.server), ("postgres", postgres)):
