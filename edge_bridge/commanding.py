@@ -219,7 +219,7 @@ class ControlChannel(Opened):
             # The consumer is gone (JetStream's store wiped or restored, the consumer
             # deleted): bound again once it exists, or made again where we may.
             log.warning("control_consumer_missing", edge=self.edge_id, durable=self.durable,
-                        hint="JetStream lost it; re-created by `edgesync edges add` (or "
+                        hint="JetStream lost it; re-created by `edgesync edges repair` (or "
                              "by the bridge on a server without authorization)")
 
     async def _pull_until_lost(self, sub: JetStreamContext.PullSubscription) -> None:

@@ -8,7 +8,10 @@ edge's connection and refuses it from then on.
 
 Where things are: the auth directory is ``--auth-dir`` or ``<state-dir>/nats-auth``.
 ``add`` makes it if missing (every directory on the way 0700, every file 0600);
-``list`` and ``revoke`` read it as it is and fail (exit 2) when it is not there.
+``list``, ``repair`` and ``revoke`` read it as it is and fail (exit 2) when it is not
+there. ``repair`` creates the control consumers JetStream lost (a store wiped or put
+back from an older copy), as the admin; the ingest recreates the streams, but only
+the admin may make an edge's consumer.
 Next to a running ``edgesync up`` (its ``runtime.json``) the embedded server is
 reloaded by its pid and reached with the CA from ``runtime.json``; against a
 deployed server, pass ``--reload-pid`` or reload it yourself
@@ -44,6 +47,7 @@ __all__ = [
     "edges_app",
     "list_",
     "nats_not_located",
+    "repair",
     "revoke",
 ]
 
@@ -204,6 +208,39 @@ def add(
             console.print(note)
         raise typer.Exit(1) from exc
     console.print(f"control consumer {store.topology.control_durable(edge)} ready")
+
+
+@edges_app.command("repair")
+def repair(
+    *,
+    state_dir: StateDir = Path(".edgesync"),
+    auth_dir: AuthDir = None,
+) -> None:
+    """Create the control consumer of every edge that JetStream lost (its store wiped or
+    put back from an older copy); consumers that exist are left alone."""
+    store = _existing_store(state_dir, auth_dir)
+    edges = store.edges()
+    if not edges:
+        console.print("no edges provisioned; nothing to repair")
+        return
+    runtime = _runtime(state_dir)
+    from broker.runtime.secured_nats import restore_control_consumers
+
+    try:
+        created = asyncio.run(restore_control_consumers(
+            _admin_settings(store, runtime), store.topology, edges))
+    except Exception as exc:
+        console.print(f"[red]control consumers not repaired:[/red] {type(exc).__name__}: "
+                      f"{reason(exc)}; run `edgesync edges repair` again once NATS is "
+                      "reachable")
+        if (note := nats_not_located(state_dir)) is not None:
+            console.print(note)
+        raise typer.Exit(1) from exc
+    if created:
+        console.print(f"created {len(created)} missing control consumer(s): "
+                      + ", ".join(created[:20]) + (" ..." if len(created) > 20 else ""))
+    console.print(f"{len(edges) - len(created)} of {len(edges)} edges' control consumers "
+                  "were in place")
 
 
 @edges_app.command("revoke")

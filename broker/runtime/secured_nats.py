@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import structlog
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from broker.connecting import close_nats, connect_once, connect_options
@@ -32,7 +35,7 @@ from broker.runtime.certificates import CertificateAuthority
 from broker.runtime.embedded_nats import EmbeddedNats
 from broker.settings import NatsSettings
 
-__all__ = ["SecuredNats", "create_control_consumer"]
+__all__ = ["SecuredNats", "create_control_consumer", "restore_control_consumers"]
 
 log = structlog.get_logger(__name__)
 
@@ -44,23 +47,59 @@ async def create_control_consumer(admin: NatsSettings, topology: Topology, edge:
     The edge may only pull from it; the cloud makes it. Creates the streams first
     if they are missing (a fresh server before any ingest ran).
     """
-    nc = await connect_once(
-        [u.strip() for u in admin.url.split(",")], name="edgesync-admin",
-        timeout_s=3 * admin.connect_timeout_s, connect_timeout=admin.connect_timeout_s,
-        **connect_options(admin, inbox_prefix=inbox_prefix(topology, "admin")),
-    )
+    nc = await _connect_admin(admin, topology)
     try:
         js = nc.jetstream(timeout=admin.publish_timeout_s)
-        try:
-            await js.stream_info(topology.control_stream)
-        except NotFoundError:
-            await topology.ensure_streams(js)
+        await _ensure_control_stream(js, topology)
         await js.add_consumer(topology.control_stream,
                               topology.control_consumer_config(edge, ack_wait_s=ack_wait_s))
         log.info("control_consumer_created", edge=edge,
                  durable=topology.control_durable(edge))
     finally:
         await close_nats(nc)
+
+
+async def restore_control_consumers(admin: NatsSettings, topology: Topology,
+                                    edges: Iterable[str], *, ack_wait_s: float = 30.0
+                                    ) -> list[str]:
+    """Create the control consumer of each of ``edges`` that JetStream does not hold
+    (its store wiped or put back from an older copy), as the admin identity, over one
+    connection; consumers that exist are left as they are. Returns the edges whose
+    consumer was created."""
+    nc = await _connect_admin(admin, topology)
+    created = []
+    try:
+        js = nc.jetstream(timeout=admin.publish_timeout_s)
+        await _ensure_control_stream(js, topology)
+        for edge in edges:
+            try:
+                await js.consumer_info(topology.control_stream, topology.control_durable(edge))
+                continue
+            except NotFoundError:
+                pass
+            await js.add_consumer(topology.control_stream,
+                                  topology.control_consumer_config(edge, ack_wait_s=ack_wait_s))
+            created.append(edge)
+            log.info("control_consumer_created", edge=edge,
+                     durable=topology.control_durable(edge))
+    finally:
+        await close_nats(nc)
+    return created
+
+
+async def _connect_admin(admin: NatsSettings, topology: Topology) -> NATS:
+    return await connect_once(
+        [u.strip() for u in admin.url.split(",")], name="edgesync-admin",
+        timeout_s=3 * admin.connect_timeout_s, connect_timeout=admin.connect_timeout_s,
+        **connect_options(admin, inbox_prefix=inbox_prefix(topology, "admin")),
+    )
+
+
+async def _ensure_control_stream(js: JetStreamContext, topology: Topology) -> None:
+    try:
+        await js.stream_info(topology.control_stream)
+    except NotFoundError:
+        await topology.ensure_streams(js)
 
 
 class SecuredNats:
