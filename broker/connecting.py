@@ -1,8 +1,13 @@
 """Connecting to NATS the way every long-lived service needs: keep trying.
 
-nats-py reconnects by itself once connected, but the *first* connect fails
-fast when the server is down. A bridge must start (and accept records) while
-NATS is unreachable, so the first connect is retried here with backoff.
+nats-py reconnects by itself once connected; the *first* connect is ours to
+keep trying. A bridge must start (and accept records) while NATS is unreachable,
+so the first connect is retried here with backoff, and every attempt has a
+deadline: nats-py's ``connect()`` can wait forever. When the server goes away in
+the middle of a TLS handshake, nats-py's clean-up awaits ``wait_closed()`` on the
+plain stream the handshake was taken over from, which never completes (its
+protocol no longer hears about the connection); with no deadline a bridge whose
+first connect was cut short stayed unconnected, shipping nothing, until restarted.
 
 Identity and transport security come from :class:`NatsSettings`: the
 credentials file (an nkey seed, or a user JWT ``.creds`` file), TLS with the
@@ -28,7 +33,10 @@ from broker.backoff import backoff_s
 from broker.errors import ConfigError
 from broker.settings import NatsSettings
 
-__all__ = ["close_nats", "connect_once", "connect_options", "connect_with_retry", "tls_context"]
+__all__ = [
+    "attempt_deadline_s", "close_nats", "connect_once", "connect_options", "connect_with_retry",
+    "tls_context",
+]
 
 _JWT_MARK = b"-----BEGIN NATS USER JWT-----"
 
@@ -102,8 +110,12 @@ async def connect_with_retry(
     attempt = 0
     options = connect_options(settings, inbox_prefix=inbox_prefix)
     servers = [s.strip() for s in settings.url.split(",") if s.strip()]
+    attempt_s = attempt_deadline_s(settings, len(servers))
+    errors_seen: list[Exception] = []  # during the current attempt
 
     async def on_error(exc: Exception) -> None:
+        if not connected:  # what the log of a failed attempt names
+            errors_seen.append(exc)
         text = str(exc)
         if "Violation" in text:  # the server's words for a refused identity or subject
             log.warning("nats_permission_denied", client=name, error=text)
@@ -111,8 +123,11 @@ async def connect_with_retry(
         log.debug("nats_client_error", client=name, error=f"{type(exc).__name__}: {text}")
 
     nc: NATS | None = None
+    connected = False
 
     async def on_disconnected() -> None:
+        if not connected:
+            return  # an attempt given up (closed below): there was no connection to lose
         # nats-py calls this on our own close() too, which is no outage: the client
         # is already CLOSED then (it never is after a lost connection: reconnects
         # are unlimited).
@@ -142,23 +157,49 @@ async def connect_with_retry(
         max_outstanding_pings=3,
     )
     while True:
+        errors_seen.clear()
+        nc = client()
         try:
-            nc = client()
-            await nc.connect(**options)
+            await asyncio.wait_for(nc.connect(**options), timeout=attempt_s)
         except asyncio.CancelledError:
+            await _give_up(nc, settings)
             raise
         except Exception as exc:
+            await _give_up(nc, settings)
             attempt += 1
             delay = backoff_s(attempt, cap_s=max_backoff_s)
+            error = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, TimeoutError):
+                error = f"not connected within {attempt_s:g} s"
+                if errors_seen:
+                    last = errors_seen[-1]
+                    error += f"; last error: {type(last).__name__}: {last}"
             log.warning(
                 "nats_connect_failed", client=name, attempt=attempt, retry_in_s=round(delay, 2),
-                error=f"{type(exc).__name__}: {exc}",
+                error=error,
             )
             await asyncio.sleep(delay)
             continue
+        connected = True
         log.info("nats_connected", client=name, url=nc.connected_url.netloc if nc.connected_url
                  else None)
         return nc
+
+
+def attempt_deadline_s(settings: NatsSettings, servers: int = 1) -> float:
+    """How long one attempt of :func:`connect_with_retry` may take before it is given up.
+
+    nats-py bounds each step by ``connect_timeout_s``: the TCP connect to each server
+    tried, then the TLS handshake, the INFO line and the PONG on the one that
+    answers; plus one ``reconnect_wait_s`` pause before it tries a server again.
+    """
+    return settings.connect_timeout_s * (servers + 3) + settings.reconnect_wait_s
+
+
+async def _give_up(nc: NATS, settings: NatsSettings) -> None:
+    """Drop an attempt that failed or ran out of time; its client is never used again."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.close(), timeout=settings.connect_timeout_s)
 
 
 async def connect_once(servers: list[str], *, timeout_s: float, **options: Any) -> NATS:

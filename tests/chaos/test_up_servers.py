@@ -51,8 +51,8 @@ async def test_up_restarts_its_nats_server_and_postgres_when_they_are_killed(
     async with edgesync_up(tmp_path, "--simulate", "300", "--bridge-port", "0",
                            "--api-port", "0", state=state) as up:
         dsn = str(up.runtime["postgres_dsn"])
-        # Every service connected and committing first (see the report: a bridge whose
-        # first connect was cut short once stayed unconnected; not this test's subject).
+        # Every service connected and committing first (a kill during start-up is
+        # test_up_nats_server_killed_while_the_services_connect).
         await until(lambda: _grown_past(dsn, 0), timeout=30, interval=0.25,
                     message="nothing committed before the faults")
         for key in ("nats_pid", "postgres_pid"):
@@ -68,4 +68,28 @@ async def test_up_restarts_its_nats_server_and_postgres_when_they_are_killed(
                     message="records missing after the restarts")
         assert up.proc.poll() is None, up.log_tail()
         assert "exited unexpectedly; starting it again" in up.log_file.read_text(errors="replace")
+        assert up.interrupt() == 0, up.log_tail()
+
+
+async def test_up_nats_server_killed_while_the_services_connect(
+    tmp_path: Path, reachable_dir: Path
+) -> None:
+    """SIGKILL `edgesync up`'s nats-server as soon as `up` reports ready, while the
+    bridge may still be in its first connect (its TLS handshake cut: nats-py never
+    returned from it, and the bridge shipped nothing until restarted). Once nats-server
+    is started again, records are committed and nothing is missing.
+    (tests/integration/test_nats_connecting.py cuts the handshake deterministically.)"""
+    state = reachable_dir / "state"
+    async with edgesync_up(tmp_path, "--simulate", "300", "--bridge-port", "0",
+                           "--api-port", "0", state=state) as up:
+        dsn = str(up.runtime["postgres_dsn"])
+        old = int(up.runtime["nats_pid"])
+        os.kill(old, signal.SIGKILL)
+        await until(lambda: _runtime(state).get("nats_pid") not in (None, old),
+                    timeout=30, interval=0.1, message="nats_pid: not started again")
+        await until(lambda: _grown_past(dsn, 300), timeout=60, interval=0.25,
+                    message="nothing committed after nats-server was killed during start-up")
+        await until(lambda: _nothing_missing(dsn), timeout=60, interval=0.25,
+                    message="records missing after the restart")
+        assert up.proc.poll() is None, up.log_tail()
         assert up.interrupt() == 0, up.log_tail()
