@@ -160,19 +160,21 @@ class Ingest(CloudService):
         consumer, events, watermarks = self.consumer, self.events, self.watermarks
         maintenance = self.maintenance
         assert self.keeper is not None
+        keeper = self.keeper
         server = embedded_server(self.health_app())
         async with Supervisor("ingest") as roots:
             consume = roots.start(consumer.consume_forever(), name="consume")
             consume_events = roots.start(events.consume_forever(), name="events")
             roots.start(watermarks.publish_forever(), name="watermarks")
             roots.start(maintenance.run_forever(), name="maintenance")
-            roots.start(self.keeper.keep_forever(), name="topology")
+            roots.start(keeper.keep_forever(), name="topology")
             roots.start(server.serve(sockets=[self.listener]), name="health")
 
             async def shutdown() -> None:
                 consumer.begin_shutdown()
                 events.begin_shutdown()
                 maintenance.begin_shutdown()
+                keeper.begin_shutdown()
                 server.should_exit = True
                 await asyncio.wait([consume, consume_events], timeout=DRAIN_S)
                 watermarks.begin_shutdown()  # after the last commit: publish its watermarks

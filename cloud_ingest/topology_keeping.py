@@ -21,6 +21,7 @@ committed watermark has not passed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
@@ -53,6 +54,7 @@ class TopologyKeeper:
         self._metrics = metrics
         self._min_interval = min_interval_s
         self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
         self.ok = True
         """False from a check that found something missing until it is made again."""
         self.repairs = 0
@@ -61,17 +63,26 @@ class TopologyKeeper:
         """Something failed that a missing stream or consumer would explain; cheap."""
         self._wake.set()
 
+    def begin_shutdown(self) -> None:
+        """End :meth:`keep_forever` (at once, or after the check in progress)."""
+        self._stop.set()
+        self._wake.set()
+
     async def keep_forever(self) -> None:
-        while True:
+        """Check whenever :meth:`suspect` was called, until :meth:`begin_shutdown`."""
+        while not self._stop.is_set():
             await self._wake.wait()
             self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 await self.check()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # NATS down: the next failure asks again
                 log.info("topology_check_failed", error=f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(self._min_interval)
+            with contextlib.suppress(TimeoutError):  # the least time between two checks
+                await asyncio.wait_for(self._stop.wait(), self._min_interval)
 
     async def missing(self) -> list[str]:
         """What of the ingest's topology JetStream does not hold (reads only)."""
