@@ -505,6 +505,13 @@ class ApiSettings(BaseModel):
         "operator token may have open at once, so that one client cannot take every "
         "tail slot. One more is refused with 429 too_many_streams and Retry-After.",
     )
+    page_max_bytes: int = Field(
+        8 * 1024**2, ge=1024, le=1024**3,
+        description="Bytes of records (payload, headers and key as stored) in one read "
+        "of the feed: a JSON page, each page of an NDJSON stream, each read of a live "
+        "tail. A page ends before the record that would pass it (caught_up false; the "
+        "client continues from next_cursor as usual); a single larger record comes alone.",
+    )
 
 
 class LogSettings(BaseModel):

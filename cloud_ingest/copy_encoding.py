@@ -69,6 +69,8 @@ _head = struct.Struct("!hiqiq").pack
 """Field count, then seq and event_time, each with its length."""
 _length = struct.Struct("!i").pack
 _json = msgspec.json.Encoder()
+_KEY_PIECE_EXTRA: Final = 12
+"""A key piece's bytes beside the key's: its length, and the absent columns'."""
 
 
 class KeyPieces(dict[str | None, bytes]):
@@ -76,14 +78,22 @@ class KeyPieces(dict[str | None, bytes]):
     JSON row's). Kept across groups (a writer's keys repeat), at most
     :data:`MAX_CACHED_KEYS` of them."""
 
-    __slots__ = ()
+    __slots__ = ("longest",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.longest = 0
+        """At least the UTF-8 bytes of every key whose piece was handed out since the
+        cache last started over (a bound for :attr:`CopyRows.max_record_bytes`)."""
 
     def __missing__(self, key: str | None) -> bytes:
         piece = _text(key) + _NULL + _NULL
         if key is None or len(key) <= MAX_CACHED_KEY_CHARS:
             if len(self) >= MAX_CACHED_KEYS:
                 self.clear()  # keys come from the edges: a misbehaving one can invent many
+                self.longest = 0
             self[key] = piece
+        self.longest = max(self.longest, len(piece) - _KEY_PIECE_EXTRA)
         return piece
 
 
@@ -93,7 +103,7 @@ class CopyRows:
     All rows of one instance share ``received_at`` (a group's rows do).
     """
 
-    __slots__ = ("_keys", "_lengths", "_pieces", "_refs", "received_us")
+    __slots__ = ("_keys", "_lengths", "_other", "_pieces", "_refs", "received_us")
 
     def __init__(self, received_us: int, keys: KeyPieces | None = None) -> None:
         self.received_us = received_us
@@ -103,10 +113,20 @@ class CopyRows:
         self._keys = KeyPieces() if keys is None else keys
         """Record key -> its piece (a writer passes its own, kept across groups)."""
         self._lengths: dict[int, bytes] = {}
-        """Payload length -> its length prefix."""
+        """Payload length -> its length prefix (of the rows :meth:`add` writes itself)."""
+        self._other = 0
+        """The most bytes of a row :meth:`_add_other` wrote (payload, key, headers)."""
 
     def __len__(self) -> int:
         return len(self._pieces) // PIECES_PER_ROW
+
+    @property
+    def max_record_bytes(self) -> int:
+        """At least the bytes of any row's payload, headers and key, as PostgreSQL
+        stores them (``octet_length``): what the feed's readers bound pages by. Free
+        per row: the payload lengths are the keys of the length prefixes' cache."""
+        plain = max(self._lengths, default=0) + self._keys.longest if self._lengths else 0
+        return max(plain, self._other)
 
     def add(self, ref: int, first_seq: int, records: Iterable[Record]) -> None:
         """Add a row per record, seqs ``first_seq, first_seq + 1, ...`` (none may be None)."""
@@ -174,6 +194,7 @@ class CopyRows:
         middle = _text(rec.key) + (
             _NULL if headers is None else _length(len(headers)) + headers)
         payload = rec.payload
+        self._other = max(self._other, len(middle) + len(payload))
         if rec.ct == CT_JSON:
             pieces = (middle + _NULL, _length(len(payload)), payload)
         else:

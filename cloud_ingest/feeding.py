@@ -23,7 +23,8 @@ __all__ = ["record_commit"]
 
 async def record_commit(conn: Connection, spans: Sequence[Span],
                         watermarks: Sequence[Watermark], *,
-                        received_us: int | None = None) -> None:
+                        received_us: int | None = None,
+                        max_record_bytes: int | None = None) -> None:
     """Add this transaction's entry to the feed (nothing when it changed nothing).
 
     Args:
@@ -32,6 +33,9 @@ async def record_commit(conn: Connection, spans: Sequence[Span],
         received_us: the ``received_at`` of every row inserted (microseconds since the
             Unix epoch; one per transaction), which lets readers go straight to its
             partition. None when no rows were inserted.
+        max_record_bytes: at least the bytes (payload, headers and key as stored) of
+            each row inserted: readers whose page cannot reach their byte budget then
+            skip summing the rows' sizes (migration 013). None: unknown (they sum).
     """
     if not spans and not watermarks:
         return
@@ -45,8 +49,9 @@ async def record_commit(conn: Connection, spans: Sequence[Span],
     )
     await conn.execute(
         "INSERT INTO feed_commits (rows, edge_ids, streams, epochs, first_seqs, last_seqs,"
-        " wm_edge_ids, wm_streams, wm_epochs, watermarks, received_at)"
+        " wm_edge_ids, wm_streams, wm_epochs, watermarks, received_at, max_record_bytes)"
         f" VALUES ($1, {', '.join(a[0] for a in arrays)},"
-        " 'epoch'::timestamptz + $11::int8 * interval '1 microsecond')",
+        " 'epoch'::timestamptz + $11::int8 * interval '1 microsecond', $12)",
         sum(s[4] - s[3] + 1 for s in spans), *(a[1] for a in arrays), received_us,
+        max_record_bytes if spans else None,
     )

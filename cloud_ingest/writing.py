@@ -372,6 +372,7 @@ class GroupWriter:
                     continue
                 break
             self._read_first = locked or any(skip)
+            max_record_bytes = rows.max_record_bytes  # of every row tried: a bound
             del rows
             for w in merged:
                 wm[w[:3]] = w[3]
@@ -397,7 +398,8 @@ class GroupWriter:
                 wm[w[:3]] = w[3]  # after the merge's: it counts both
             # The feed gets exactly the rows inserted now (never a seq accounted before).
             await record_commit(conn, committed, [(*k, v) for k, v in wm.items()],
-                                received_us=received_us if committed else None)
+                                received_us=received_us if committed else None,
+                                max_record_bytes=max_record_bytes)
         dead_records = sum(d.span[4] - d.span[3] + 1 for d in letters if d.span)
         return GroupResult(batches, records, inserted, len(letters), dead_records,
                            [(*k, v) for k, v in wm.items()],

@@ -7,6 +7,13 @@ costs index range scans and the rows carry no extra column. Everything read was
 committed before the commit ids were handed out to later transactions (migration
 006), so a reader never skips a row and never sees an uncommitted one.
 
+A page is bounded by bytes too (:data:`PAGE_MAX_BYTES`): it ends before the record
+that would take its records' bytes past the budget, right after its last record, and
+a single larger record comes alone. Each commit says how large its largest record is
+(migration 013), so a page that cannot reach the budget reads its rows as above;
+otherwise PostgreSQL sums the rows' sizes as it reads them and sends only those that
+fit.
+
 Completeness travels with the feed: each commit carries the watermark of every
 ``(edge, stream, epoch)`` it touched, so the completeness at a cursor is the last
 watermark of each key among the commits behind it.
@@ -20,7 +27,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import asyncpg
 import msgspec
@@ -39,6 +46,7 @@ from broker.feed.positions import (
 )
 
 __all__ = [
+    "PAGE_MAX_BYTES",
     "Connection",
     "FeedRecord",
     "Filters",
@@ -61,9 +69,15 @@ StartAt = Literal["earliest", "latest"] | str | int | datetime
 value) or a time (the first commit at or after it, cloud clock)."""
 
 
+PAGE_MAX_BYTES: Final = 8 * 1024 * 1024
+"""Bytes of records (payload, headers and key as stored) a page holds at most by
+default (a single larger record comes alone): with payloads of up to 1 MiB (4 MiB if
+configured), a page bounded by its record count alone could hold gigabytes."""
+
+
 _COMMITS = """
 SELECT commit_id, committed_at, edge_ids, streams, epochs, first_seqs, last_seqs,
-       wm_edge_ids, wm_streams, wm_epochs, watermarks, received_at
+       wm_edge_ids, wm_streams, wm_epochs, watermarks, received_at, max_record_bytes
 FROM (SELECT *, sum(rows) OVER (ORDER BY commit_id) AS upto
       FROM (SELECT * FROM feed_commits WHERE commit_id >= $1
             ORDER BY commit_id LIMIT $2) AS next) AS c
@@ -74,11 +88,7 @@ ORDER BY commit_id
 # BY: a span's rows come in the index's order, which within a seq bucket is the order
 # they were written, seq order (a batch's records are COPYed in order); _rows checks
 # that and sorts only if it ever differs (a sort here cost ~15 % of the query).
-_ROWS = """
-SELECT u.i, r.seq, r.event_time,
-       -- a row's received_at is its commit's, which the reader has: sent only if unknown
-       CASE WHEN u.rx IS NULL THEN r.received_at END AS received_at,
-       r.key, r.headers, r.payload, r.payload_raw
+_SPAN_ROWS = """
 FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $8::timestamptz[])
      WITH ORDINALITY AS u(edge_id, stream, epoch, lo, hi, rx, i)
 CROSS JOIN LATERAL (
@@ -86,7 +96,7 @@ CROSS JOIN LATERAL (
     WHERE (k.edge_id, k.stream, k.epoch) = (u.edge_id, u.stream, u.epoch) OFFSET 0
 ) k
 CROSS JOIN LATERAL (
-    SELECT * FROM records r
+    SELECT {columns} FROM records r
     WHERE r.stream_key = k.id AND r.seq BETWEEN u.lo AND u.hi
       -- one partition, one index range, when the commit's received_at is known: the
       -- index's seq buckets (migration 010) bound it to the span's seqs
@@ -97,6 +107,42 @@ CROSS JOIN LATERAL (
     OFFSET 0  -- not pulled up: always an index scan per span, whatever the statistics
 ) r
 """
+_COLUMNS = """u.i, r.seq, r.event_time,
+       -- a row's received_at is its commit's, which the reader has: sent only if unknown
+       CASE WHEN u.rx IS NULL THEN r.received_at END AS received_at,
+       r.key, r.headers, r.payload, r.payload_raw"""
+_SIZE = """r.*, coalesce(octet_length(r.payload::text), octet_length(r.payload_raw))
+             + coalesce(octet_length(r.headers::text), 0)
+             + coalesce(octet_length(r.key), 0) AS size"""
+"""A row's bytes as the page budget counts them (what the API then holds and sends)."""
+_ROWS = f"SELECT {_COLUMNS}, true AS fits\n{_SPAN_ROWS.format(columns='*')}"
+"""Every row of the spans: for a page whose commits say it cannot reach its bytes."""
+# The same rows cut by bytes ($9): a running sum of each row's size (payload, headers
+# and key as stored; octet_length reads a TOASTed value's size from its pointer,
+# without fetching it) keeps the rows up to $9 bytes, always the first one, and
+# returns the next one with `fits` false and neither payload nor headers: the page
+# was cut before it. Rows past it are read (their heap tuples, not their TOASTed
+# values) but not sent. The window costs (about 0.5 to 1 µs a row, measured), so it
+# runs only when the commits cannot vouch for the page (migration 013).
+#
+# {order} is the sum's order. The fast form orders by the span alone (unnest's
+# ordinality: no sort) and sums a span's rows in the index's order, seq order (see
+# above); _rows checks that, and when it ever differs and the page was cut, reads
+# again with the exact form (seq order within each span, sorted).
+_ROWS_BY_BYTES = f"""
+SELECT i, seq, event_time, received_at, key,
+       CASE WHEN fits THEN headers END, CASE WHEN fits THEN payload END,
+       CASE WHEN fits THEN payload_raw END, fits
+FROM (SELECT *, upto <= $9 OR n = 1 AS fits
+      FROM (SELECT {_COLUMNS}, r.size,
+                   sum(r.size) OVER w AS upto, row_number() OVER w AS n
+            {_SPAN_ROWS.format(columns=_SIZE)}
+            WINDOW w AS (ORDER BY {{order}} ROWS UNBOUNDED PRECEDING)) AS s
+      WHERE upto - size <= $9 OR n <= 2  -- what fits, and the first row that does not
+     ) AS p
+{{tail}}"""
+_ROWS_FAST = _ROWS_BY_BYTES.format(order="u.i", tail="")
+_ROWS_EXACT = _ROWS_BY_BYTES.format(order="u.i, r.seq", tail="ORDER BY i, seq")
 _json = msgspec.json.Decoder()
 _headers = msgspec.json.Decoder(dict[str, str])
 
@@ -212,12 +258,17 @@ class Page:
 
 
 async def read_page(conn: Connection, after: int, filters: Filters = Filters(), *,
-                    limit: int = 1000, max_commits: int = 1000) -> Page:
+                    limit: int = 1000, max_commits: int = 1000,
+                    max_bytes: int = PAGE_MAX_BYTES) -> Page:
     """The committed records after cursor ``after`` that pass ``filters``.
 
     Args:
         limit: rows to plan at most (a commit is split across pages when larger).
         max_commits: commits to look at at most (bounds a page of a narrow filter).
+        max_bytes: bytes of records (payload, headers and key, as stored) at most: the
+            page ends before the record that would pass it (``caught_up`` false, its
+            cursor just after the last record it holds), but always holds one record,
+            however large, so that a reader never stalls.
     """
     mid = ord_of(after) != ORD_END
     first = commit_of(after) if mid else commit_of(after) + 1
@@ -226,8 +277,9 @@ async def read_page(conn: Connection, after: int, filters: Filters = Filters(), 
     places: list[tuple[int, int, int]] = []  # (commit_id, ord of the span's first seq, seq)
     received: list[Any] = []  # each span's commit's received_at (None: unknown)
     cursor = after
-    watermarks: dict[StreamKey, int] = {}
+    marks: list[tuple[int, StreamKey, int]] = []  # (commit_id, key, watermark)
     planned = listed = 0
+    most: int | None = 0  # at least the bytes of the planned rows (None: unknown)
     stopped = False
     for c in commits:
         cid = c["commit_id"]
@@ -250,6 +302,9 @@ async def read_page(conn: Connection, after: int, filters: Filters = Filters(), 
             places.append((cid, first_ord, start))
             received.append(c["received_at"])
             planned += take
+            if most is not None:
+                most = (None if c["max_record_bytes"] is None
+                        else most + take * c["max_record_bytes"])
             if first_ord + take < base:  # the page is full inside this span
                 cursor = position(cid, first_ord + take - 1)
                 stopped = True
@@ -258,27 +313,59 @@ async def read_page(conn: Connection, after: int, filters: Filters = Filters(), 
             break
         listed += base
         cursor = end_of(cid)
-        for e, s, ep, w in zip(c["wm_edge_ids"], c["wm_streams"], c["wm_epochs"],
-                               c["watermarks"], strict=True):
-            if filters.wants(e, s):
-                watermarks[(e, s, ep)] = w
-    records = await _rows(conn, spans, places, received, filters) if spans else []
+        marks += ((cid, (e, s, ep), w) for e, s, ep, w in zip(
+            c["wm_edge_ids"], c["wm_streams"], c["wm_epochs"], c["watermarks"], strict=True)
+            if filters.wants(e, s))
+    records: list[FeedRecord] = []
+    if spans:
+        records, cut = await _rows(conn, spans, places, received, filters,
+                                  max_bytes=None if most is not None and most <= max_bytes
+                                  else max_bytes)
+        if cut:  # full by bytes: the page ends after its last record
+            cursor = records[-1].position
+            stopped = True
+    # completeness of the commits wholly behind the cursor (a commit cut inside by count
+    # or bytes is not: the next page reports it)
+    watermarks = {key: w for cid, key, w in marks if end_of(cid) <= cursor}
     caught_up = not stopped and listed < limit and len(commits) < max_commits
     return Page(records, cursor, watermarks, caught_up)
 
 
 async def _rows(conn: Connection, spans: Sequence[tuple[str, str, int, int, int]],
                 places: Sequence[tuple[int, int, int]], received: list[Any],
-                filters: Filters) -> list[FeedRecord]:
-    rows = await conn.fetch(
-        _ROWS, [s[0] for s in spans], [s[1] for s in spans], [s[2] for s in spans],
-        [s[3] for s in spans], [s[4] for s in spans], filters.since, filters.until, received)
+                filters: Filters, *, max_bytes: int | None
+                ) -> tuple[list[FeedRecord], bool]:
+    """The records of ``spans`` in position order, up to ``max_bytes`` (always one;
+    None: all, the commits vouch that they fit), and whether some were left out for
+    the bytes (the page ends after the last)."""
+    args = [[s[0] for s in spans], [s[1] for s in spans], [s[2] for s in spans],
+            [s[3] for s in spans], [s[4] for s in spans], filters.since, filters.until,
+            received]
     # per span (1-based, as unnest numbers them): position of seq s = base + s, its key,
     # and its commit's received_at (every row of a commit has it; the query checks)
     info = [(0, "", "", 0, None), *((position(cid, ord_lo) - lo, *s[:3], rx)
                                     for (cid, ord_lo, lo), s, rx
                                     in zip(places, spans, received, strict=True))]
+    if max_bytes is None:
+        out, cut_at = _decoded(await conn.fetch(_ROWS, *args), info)
+    else:
+        args.append(max_bytes)
+        out, cut_at = _decoded(await conn.fetch(_ROWS_FAST, *args), info)
+    positions = [r.position for r in out] if cut_at is None else [
+        *(r.position for r in out), cut_at]
+    if any(a >= b for a, b in itertools.pairwise(positions)):
+        if cut_at is not None:  # summed out of position order: the cut could leave a hole
+            out, cut_at = _decoded(await conn.fetch(_ROWS_EXACT, *args), info)
+        else:
+            out.sort(key=_position)
+    return out, cut_at is not None
+
+
+def _decoded(rows: Sequence[asyncpg.Record], info: Sequence[tuple[int, str, str, int, Any]]
+             ) -> tuple[list[FeedRecord], int | None]:
+    """The records of ``rows``, and the position of the one left out for the bytes."""
     out: list[FeedRecord] = []
+    cut_at = None
     # Decoding a page allocates tens of objects per record, all kept: the cyclic GC
     # would rescan them again and again (it cost 80 % of the decoding, measured). None
     # of them can form a cycle, so it is paused for this loop (no await inside).
@@ -286,20 +373,21 @@ async def _rows(conn: Connection, spans: Sequence[tuple[str, str, int, int, int]
     gc.disable()
     try:
         # The payload and headers are the stored JSON text (migration 010), as sent.
-        for i, seq, event_time, received_at, key, headers, payload, raw in rows:
+        for i, seq, event_time, received_at, key, headers, payload, raw, fits in rows:
             base, edge, stream, epoch, rx = info[i]
+            if not fits:  # the first record past the bytes (the last row): not sent
+                cut_at = base + seq
+                break
             out.append(FeedRecord(
                 base + seq, edge, stream, epoch, seq, event_time,
                 rx if received_at is None else received_at, key,
                 _headers.decode(headers) if headers is not None else None,
                 bytes(raw) if raw is not None else _json.decode(payload),
             ))
-        if any(a.position >= b.position for a, b in itertools.pairwise(out)):
-            out.sort(key=_position)
     finally:
         if paused:
             gc.enable()
-    return out
+    return out, cut_at
 
 
 def _position(r: FeedRecord) -> int:

@@ -42,6 +42,7 @@ import asyncpg
 from broker.errors import ClosedError, Conflict, InvalidInput
 from broker.feed.positions import EARLIEST, FEED_CHANNEL, encode_cursor
 from broker.feed.reading import (
+    PAGE_MAX_BYTES,
     Connection,
     FeedRecord,
     Filters,
@@ -85,6 +86,8 @@ class Subscription(Opened):
             a cursor, or a time. A name with a checkpoint resumes from it; use
             :meth:`seek` to move it.
         batch_size: records per batch at most.
+        batch_max_bytes: bytes of records (payload, headers and key as stored) per batch
+            at most; a single larger record comes in a batch of its own.
         lease_ttl_s: seconds the lease lasts without a read or commit; handling one
             batch must take less.
         wait_for_lease: wait as a standby while another process holds the name
@@ -105,6 +108,7 @@ class Subscription(Opened):
         until: datetime | None = None,
         start_at: StartAt = "earliest",
         batch_size: int = 1000,
+        batch_max_bytes: int = PAGE_MAX_BYTES,
         lease_ttl_s: float = 30.0,
         wait_for_lease: bool = True,
         stop_when_caught_up: bool = False,
@@ -113,13 +117,14 @@ class Subscription(Opened):
         if not name or len(name) > 200:
             raise InvalidInput("a subscription name is 1 to 200 characters",
                                code="invalid_subscription")
-        if batch_size < 1 or lease_ttl_s <= 0:
-            raise InvalidInput("batch_size and lease_ttl_s must be positive")
+        if batch_size < 1 or batch_max_bytes < 1 or lease_ttl_s <= 0:
+            raise InvalidInput("batch_size, batch_max_bytes and lease_ttl_s must be positive")
         self.name = name
         self.filters = Filters.of(edges=edges, streams=streams, since=since, until=until)
         self._dsn = dsn
         self._start_at = start_at
         self._batch_size = batch_size
+        self._batch_max_bytes = batch_max_bytes
         self._ttl = lease_ttl_s
         self._wait_for_lease = wait_for_lease
         self._stop_when_caught_up = stop_when_caught_up
@@ -241,7 +246,8 @@ class Subscription(Opened):
         while True:
             await self._renew()
             self._woken.clear()  # a commit notified while reading wakes the next wait
-            page = await read_page(conn, self._read, self.filters, limit=self._batch_size)
+            page = await read_page(conn, self._read, self.filters, limit=self._batch_size,
+                                   max_bytes=self._batch_max_bytes)
             self._read = page.cursor
             self._completeness.update(page.watermarks)
             if page.records or page.watermarks:

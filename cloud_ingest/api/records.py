@@ -41,7 +41,7 @@ from broker.feed import (
     read_page,
     resolve_start,
 )
-from broker.feed.reading import StreamKey
+from broker.feed.reading import PAGE_MAX_BYTES, StreamKey
 
 __all__ = ["CheckpointIn", "SubscriptionOut", "TailLimit", "record_routes"]
 
@@ -52,8 +52,9 @@ an idle stream."""
 
 
 _NDJSON_PAGE = 1000
-"""Records per read of an NDJSON stream: what one stalled client keeps in memory is a
-few such pages (the one being sent, the one handed over, the one read next)."""
+"""Records per read of an NDJSON stream (and at most ``page_max_bytes`` of them): what
+one stalled client keeps in memory is a few such pages (the one being sent, the one
+handed over, the one read next)."""
 
 _TAIL_RETRY_S = 5.0
 """Retry-After of a tail refused at the cap."""
@@ -165,7 +166,8 @@ def _watermarks(marks: dict[StreamKey, int]) -> list[dict[str, Any]]:
 
 
 def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
-                  commit: Any = None, tails: TailLimit | None = None) -> APIRouter:
+                  commit: Any = None, tails: TailLimit | None = None,
+                  page_max_bytes: int = PAGE_MAX_BYTES) -> APIRouter:
     """The records routes (mounted by :mod:`cloud_ingest.api.routes`).
 
     Args:
@@ -178,6 +180,8 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
             None: ``read`` alone.
         tails: the caps on live tails open at once (default 100) and on streams per
             operator (default none).
+        page_max_bytes: bytes of records per read of the feed (a JSON page, a page of
+            an NDJSON stream or of a tail); a single larger record comes alone.
     """
     tails = tails or TailLimit(100)
     router = APIRouter(tags=["records"], dependencies=[read])
@@ -215,7 +219,8 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
         = None,
         until: Annotated[datetime | None, Query(description="Event time before.")] = None,
         limit: Annotated[int, Query(ge=1, le=1_000_000, description=(
-            "Records at most (JSON pages: up to 10,000)."))] = 1000,
+            "Records at most (JSON pages: up to 10,000; a page also ends at "
+            "api.page_max_bytes of records, with caught_up false)."))] = 1000,
         format: Annotated[Literal["json", "ndjson"], Query(description=(
             "json: one page with next_cursor; ndjson: records streamed up to the end "
             "of the feed (or limit), then a last line with next_cursor."))] = "json",
@@ -229,7 +234,7 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
                                    code="invalid_request")
             async with pool().acquire() as conn:
                 page = await read_page(conn, await start_of(conn, after, from_, subscription),
-                                       filters, limit=limit)
+                                       filters, limit=limit, max_bytes=page_max_bytes)
             return {"records": [r.to_json() for r in page.records],
                     "next_cursor": encode_cursor(page.cursor), "caught_up": page.caught_up,
                     "completeness": _watermarks(page.watermarks)}
@@ -247,7 +252,8 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
                     # stalled exports would otherwise stall every request of the API).
                     async with pool().acquire() as conn:
                         page = await read_page(conn, cursor, filters,
-                                               limit=min(left, _NDJSON_PAGE))
+                                               limit=min(left, _NDJSON_PAGE),
+                                               max_bytes=page_max_bytes)
                     cursor = page.cursor
                     left -= len(page.records)
                     if page.records:
@@ -299,7 +305,7 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
             try:
                 yield b"retry: 1000\n\n"
                 async for page in follow(conn, start, filters, poll_s=_SSE_HEARTBEAT_S,
-                                         idle=True):
+                                         idle=True, max_bytes=page_max_bytes):
                     if not page.records and not page.watermarks:
                         yield b": idle\n\n"
                         continue

@@ -238,7 +238,8 @@ def create_app(api: Api) -> FastAPI:
         commit=Depends(require_scope("consume")),
         tails=TailLimit(settings.max_live_tails, api.metrics.live_tails,
                         api.metrics.tails_refused,
-                        per_operator=settings.max_streams_per_operator)),
+                        per_operator=settings.max_streams_per_operator),
+        page_max_bytes=settings.page_max_bytes),
         responses=ERROR_RESPONSES)
 
     @app.get("/v1/audit", response_model=list[AuditOut], dependencies=[require_admin],

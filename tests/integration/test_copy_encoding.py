@@ -3,7 +3,8 @@ the tuple path (asyncpg's ``copy_records_to_table`` with the ingest's codecs) st
 rows read back equal the records, for any storable record: JSON or opaque payloads
 (empty bytes too), unicode keys and JSON, headers or none (an empty map is none),
 timestamps at both ends of the storable range, seqs up to 2^63-1. Any run of rows
-COPYs alone (the writer bisects a refused COPY)."""
+COPYs alone (the writer bisects a refused COPY). ``max_record_bytes`` bounds every
+row's bytes as the feed's readers count them."""
 
 from __future__ import annotations
 
@@ -107,6 +108,14 @@ async def _compare(conn: asyncpg.Connection, records: list[Record], first: int,
          r.payload if r.ct == CT_JSON else None,
          None if r.ct == CT_JSON else r.payload)
         for i, r in enumerate(records)]
+    # What the feed's readers bound pages by (broker.feed.reading): the commit's bound
+    # is at least each row's bytes as stored, so a page it vouches for fits.
+    largest = await conn.fetchval(
+        "SELECT max(coalesce(octet_length(payload::text), octet_length(payload_raw))"
+        "           + coalesce(octet_length(headers::text), 0)"
+        "           + coalesce(octet_length(key), 0)) FROM records WHERE stream_key = $1",
+        ours)
+    assert largest <= rows.max_record_bytes
     raise _Undo
 
 

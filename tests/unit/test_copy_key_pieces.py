@@ -39,3 +39,16 @@ def test_long_keys_are_not_kept_and_the_cache_starts_over_when_full() -> None:
     assert len(kept) == MAX_CACHED_KEYS
     kept["one more"]
     assert len(kept) == 1 and "one more" in kept
+
+
+def test_max_record_bytes_bounds_every_row_of_a_group_with_kept_keys() -> None:
+    """A group's bound covers each row's payload and key (a key kept from an earlier
+    group, a long key never kept, a unicode one) and an opaque row's headers."""
+    kept = KeyPieces()
+    CopyRows(1, kept).add(3, 1, _records(["é" * 30]))  # kept from an earlier group
+    rows = CopyRows(2, kept)
+    rows.add(3, 1, _records(["é" * 30, "é" * 300, None]))
+    assert rows.max_record_bytes >= len(b'{"i": 0}') + 600  # 300 two-byte characters
+    rows.add_one(3, 9, Record(1, 0, bytes(5000), None, {"h": "v" * 100}))
+    assert rows.max_record_bytes >= 5000 + len(b'{"h":""}') + 100
+    assert CopyRows(3).max_record_bytes == 0
