@@ -83,15 +83,15 @@ class KeyPieces(dict[str | None, bytes]):
     def __init__(self) -> None:
         super().__init__()
         self.longest = 0
-        """At least the UTF-8 bytes of every key whose piece was handed out since the
-        cache last started over (a bound for :attr:`CopyRows.max_record_bytes`)."""
+        """At least the UTF-8 bytes of every key whose piece was handed out (a bound for
+        :attr:`CopyRows.max_record_bytes`; never lowered, not even when the cache starts
+        over in the middle of a group whose earlier rows hold longer keys)."""
 
     def __missing__(self, key: str | None) -> bytes:
         piece = _text(key) + _NULL + _NULL
         if key is None or len(key) <= MAX_CACHED_KEY_CHARS:
             if len(self) >= MAX_CACHED_KEYS:
                 self.clear()  # keys come from the edges: a misbehaving one can invent many
-                self.longest = 0
             self[key] = piece
         self.longest = max(self.longest, len(piece) - _KEY_PIECE_EXTRA)
         return piece

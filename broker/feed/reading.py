@@ -125,10 +125,11 @@ _ROWS = f"SELECT {_COLUMNS}, true AS fits\n{_SPAN_ROWS.format(columns='*')}"
 # values) but not sent. The window costs (about 0.5 to 1 µs a row, measured), so it
 # runs only when the commits cannot vouch for the page (migration 013).
 #
-# {order} is the sum's order. The fast form orders by the span alone (unnest's
-# ordinality: no sort) and sums a span's rows in the index's order, seq order (see
-# above); _rows checks that, and when it ever differs and the page was cut, reads
-# again with the exact form (seq order within each span, sorted).
+# The sum runs in position order (span, then seq; a sort), never in the index's order:
+# the page ends at its last record, so every record before that one in position order
+# must be in it. Summed in an order that differs (heap order within a seq bucket is
+# the order rows were written, not a promise), a record could fall after the cut while
+# a later one made the page, and the next page would start past it: a hole.
 _ROWS_BY_BYTES = f"""
 SELECT i, seq, event_time, received_at, key,
        CASE WHEN fits THEN headers END, CASE WHEN fits THEN payload END,
@@ -137,12 +138,10 @@ FROM (SELECT *, upto <= $9 OR n = 1 AS fits
       FROM (SELECT {_COLUMNS}, r.size,
                    sum(r.size) OVER w AS upto, row_number() OVER w AS n
             {_SPAN_ROWS.format(columns=_SIZE)}
-            WINDOW w AS (ORDER BY {{order}} ROWS UNBOUNDED PRECEDING)) AS s
+            WINDOW w AS (ORDER BY u.i, r.seq ROWS UNBOUNDED PRECEDING)) AS s
       WHERE upto - size <= $9 OR n <= 2  -- what fits, and the first row that does not
      ) AS p
-{{tail}}"""
-_ROWS_FAST = _ROWS_BY_BYTES.format(order="u.i", tail="")
-_ROWS_EXACT = _ROWS_BY_BYTES.format(order="u.i, r.seq", tail="ORDER BY i, seq")
+ORDER BY i, seq"""
 _json = msgspec.json.Decoder()
 _headers = msgspec.json.Decoder(dict[str, str])
 
@@ -348,16 +347,10 @@ async def _rows(conn: Connection, spans: Sequence[tuple[str, str, int, int, int]
                                     in zip(places, spans, received, strict=True))]
     if max_bytes is None:
         out, cut_at = _decoded(await conn.fetch(_ROWS, *args), info)
-    else:
-        args.append(max_bytes)
-        out, cut_at = _decoded(await conn.fetch(_ROWS_FAST, *args), info)
-    positions = [r.position for r in out] if cut_at is None else [
-        *(r.position for r in out), cut_at]
-    if any(a >= b for a, b in itertools.pairwise(positions)):
-        if cut_at is not None:  # summed out of position order: the cut could leave a hole
-            out, cut_at = _decoded(await conn.fetch(_ROWS_EXACT, *args), info)
-        else:
+        if any(a.position >= b.position for a, b in itertools.pairwise(out)):
             out.sort(key=_position)
+    else:  # summed and sent in position order (see _ROWS_BY_BYTES)
+        out, cut_at = _decoded(await conn.fetch(_ROWS_BY_BYTES, *args, max_bytes), info)
     return out, cut_at is not None
 
 
