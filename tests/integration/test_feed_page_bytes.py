@@ -64,10 +64,12 @@ SIZES = dict(zip(IDS, (size_of(r) for _, _, rs in COMMITS for r in rs), strict=T
 
 
 async def write(conn: asyncpg.Connection, commits: Sequence[tuple[str, str, list[Record]]],
-                *, vouch: bool, reverse: bool = False) -> None:
+                *, vouch: bool, reverse: bool = False,
+                order: Sequence[int] | None = None) -> None:
     """Commit each group as the ingest would (rows, committed ranges, feed entry). With
     ``vouch`` the feed entry says how big the records are (the ingest does); with
-    ``reverse`` the rows are written in descending seq order."""
+    ``reverse`` the rows are written in descending seq order, with ``order`` in that
+    order of their indexes."""
     await init_connection(conn)
     gw = GroupWriter(Topology())
     first = {("e1", "s"): 1, ("e2", "t"): 1}
@@ -77,6 +79,8 @@ async def write(conn: asyncpg.Connection, commits: Sequence[tuple[str, str, list
         rows = GroupWriter.rows(Batch(1, edge, stream, EPOCH, seq, records), _NOW_US)
         span = (edge, stream, EPOCH, seq, seq + len(records) - 1)
         async with conn.transaction():
+            if order is not None:
+                rows = [rows[i] for i in order]
             await gw._insert(conn, rows[::-1] if reverse else rows)
             await record_commit(conn, [span], await merge_ranges(conn, "ranges", [span]),
                                 received_us=_NOW_US,
@@ -172,6 +176,25 @@ async def test_rows_written_out_of_seq_order_are_still_cut_in_position_order(
                 break
     assert got == list(range(1, 11))
     assert sizes == [2, 2, 2, 2, 2]  # 3 KB records, 7,000 bytes a page
+
+
+async def test_a_record_written_late_in_its_commit_is_not_passed_by_a_later_one(
+    migrated: str
+) -> None:
+    """Seqs 1, 3, 4, 2, 5... written in that order (index order within a seq bucket is
+    the order written): summed in that order, a 7,000-byte page would take seqs 1 and 3
+    and end at 3, and the next page, after 3, would never hold seq 2. Summed in position
+    order it holds 1 and 2."""
+    async with connected(migrated) as conn:
+        await write(conn, COMMITS[:1], vouch=False, order=[0, 2, 3, 1, *range(4, 10)])
+        after, got = EARLIEST, []
+        while True:
+            page = await read_page(conn, after, Filters(), limit=1000, max_bytes=7000)
+            got += [r.seq for r in page.records]
+            after = page.cursor
+            if page.caught_up:
+                break
+    assert got == list(range(1, 11))
 
 
 async def test_the_consumer_sdk_batches_by_bytes_and_resumes_from_a_checkpoint_mid_commit(
