@@ -155,6 +155,19 @@ class ControlPlane:
         return bridge_settings(self.tmp, edge, port=port, heartbeat_interval_s=0.1,
                                control=ControlSettings(**fields))
 
+    async def open_tails(self, stack: contextlib.AsyncExitStack, count: int
+                         ) -> list[AsyncIterator[bytes]]:
+        """``count`` live tails, each past its first event (open until ``stack``
+        closes); their readers are returned to be kept: a dropped one closes its tail."""
+        readers = []
+        for _ in range(count):
+            resp = await stack.enter_async_context(
+                self.http.stream("GET", "/v1/records/tail", timeout=15))
+            assert resp.status_code == 200
+            readers.append(resp.aiter_bytes())
+            assert (await anext(readers[-1])).startswith(b"retry:")
+        return readers
+
     async def wait_edge(self, edge: str, timeout: float = 15) -> None:
         """Until the cloud has seen a heartbeat of ``edge`` (commands to it are accepted)."""
         async def known() -> bool:

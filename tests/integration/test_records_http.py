@@ -203,13 +203,7 @@ async def test_live_tails_over_the_cap_are_refused_with_retry_after(
     Retry-After, while the two go on; once one closes, a new tail is accepted."""
     async with control_plane(tmp_path, nats_server.url, pg_dsn, max_live_tails=2) as plane:
         async with contextlib.AsyncExitStack() as stack:
-            readers = []  # kept: a dropped iterator closes its response
-            for _ in range(2):
-                resp = await stack.enter_async_context(
-                    plane.http.stream("GET", "/v1/records/tail", timeout=15))
-                assert resp.status_code == 200
-                readers.append(resp.aiter_bytes())
-                assert (await anext(readers[-1])).startswith(b"retry:")
+            _kept = await plane.open_tails(stack, 2)  # a dropped reader closes its tail
             assert plane.api.metrics.live_tails._value.get() == 2
             refused = await plane.http.get("/v1/records/tail", timeout=15)
             assert refused.status_code == 503
