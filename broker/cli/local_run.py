@@ -34,7 +34,7 @@ import random
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,9 @@ from typing import Any
 import structlog
 
 from broker.durable_files import write_private
-from broker.errors import ConfigError
+from broker.errors import ConfigError, RuntimeUnavailable
 from broker.protocol.commands import generate_key_pair
+from broker.runtime.child_server import ChildServer
 from broker.runtime.embedded_postgres import EmbeddedPostgres, redact_dsn, server_os_group
 from broker.runtime.secured_nats import SecuredNats, create_control_consumer
 from broker.service import SHUTDOWN_DEADLINE_S, Supervisor
@@ -57,6 +58,7 @@ from broker.settings import (
 __all__ = [
     "LocalRunOptions",
     "run_local",
+    "start_again",
     "synthetic_telemetry",
     "wipe_state",
 ]
@@ -278,6 +280,8 @@ async def run_local(
 
 _SERVER_CHECK_INTERVAL_S = 0.5
 """How often ``edgesync up`` checks that its nats-server and PostgreSQL still run."""
+_RESTART_WITHIN_S = 60.0
+"""How long ``edgesync up`` keeps trying to start a dead server again before it stops."""
 
 
 async def _keep_servers_up(nats_server: SecuredNats, postgres: EmbeddedPostgres,
@@ -289,23 +293,58 @@ async def _keep_servers_up(nats_server: SecuredNats, postgres: EmbeddedPostgres,
     its counters frozen, and said nothing.)
 
     Raises:
-        RuntimeUnavailable: a server would not start again (its port taken, say): the
-            supervisor stops ``up`` with that message.
+        RuntimeUnavailable: a server would not start again within
+            :data:`_RESTART_WITHIN_S` (its port taken, say): the supervisor stops
+            ``up`` with that message.
     """
+    servers: tuple[tuple[str, ChildServer[Any], Callable[[], Awaitable[None]]], ...] = (
+        ("nats-server", nats_server.server, nats_server.start),
+        ("postgres", postgres, postgres.start))
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=_SERVER_CHECK_INTERVAL_S)
         if stop.is_set():
             return
-        for name, server in (("nats-server", nats_server.server), ("postgres", postgres)):
+        for name, server, start in servers:
             if server.running:
                 continue
             log.warning("embedded_server_exited", server=name, restarting=True)
             if print_line is not None:
                 print_line(f"{name} exited unexpectedly; starting it again")
-            await (nats_server.start() if server is nats_server.server else postgres.start())
+            await server.stop()  # releases what the dead run held (its log, its sockets)
+            if not await start_again(name, start, stop):
+                return
             log.info("embedded_server_restarted", server=name, pid=server.pid)
             restarted()
+
+
+async def start_again(name: str, start: Callable[[], Awaitable[None]], stop: asyncio.Event,
+                      *, within_s: float = _RESTART_WITHIN_S) -> bool:
+    """``start()`` a server that died, retrying with backoff for up to ``within_s``:
+    what the dead one left may hold on a moment (a PostgreSQL backend busy in a long
+    query keeps the shared memory until it notices its postmaster is gone, and the new
+    postmaster refuses to start beside it). False if ``stop`` was set meanwhile.
+
+    Raises:
+        RuntimeUnavailable: it would not start within ``within_s`` (the last refusal).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    delay = 0.5
+    while True:
+        try:
+            await start()
+            return True
+        except RuntimeUnavailable as exc:
+            if loop.time() + delay > deadline:
+                raise
+            log.warning("embedded_server_start_failed", server=name,
+                        retry_in_s=delay, error=str(exc).splitlines()[0])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+        if stop.is_set():
+            return False
+        delay = min(2 * delay, 5.0)
 
 
 def _refuse_if_running(runtime_file: Path) -> None:
