@@ -64,7 +64,7 @@ class TopologyKeeper:
         self._wake.set()
 
     def begin_shutdown(self) -> None:
-        """End :meth:`keep_forever` (at once, or after the check in progress)."""
+        """End :meth:`keep_forever` at once (a check in progress is cancelled)."""
         self._stop.set()
         self._wake.set()
 
@@ -76,13 +76,34 @@ class TopologyKeeper:
             if self._stop.is_set():
                 return
             try:
-                await self.check()
+                if not await self._check_unless_stopping():
+                    return
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # NATS down: the next failure asks again
+            except Exception as exc:  # NATS down, or a repair refused: checked again
                 log.info("topology_check_failed", error=f"{type(exc).__name__}: {exc}")
+            if not self.ok:  # a repair failed half-way: nothing else may ask again
+                self._wake.set()
             with contextlib.suppress(TimeoutError):  # the least time between two checks
                 await asyncio.wait_for(self._stop.wait(), self._min_interval)
+
+    async def _check_unless_stopping(self) -> bool:
+        """:meth:`check`, cancelled if the shutdown begins meanwhile (a JetStream request
+        may wait seconds while NATS is away); False then."""
+        checking = asyncio.ensure_future(self.check())
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({checking, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (checking, stopping):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        if checking.cancelled():
+            return False
+        checking.result()  # its error, if any
+        return True
 
     async def missing(self) -> list[str]:
         """What of the ingest's topology JetStream does not hold (reads only)."""
@@ -108,9 +129,18 @@ class TopologyKeeper:
             return missing
         self.ok = False
         log.warning("topology_missing", missing=missing)
-        await self._topology.ensure_all(self._js)
+        failed: list[Exception] = []
+        try:
+            await self._topology.ensure_all(self._js)
+        except Exception as exc:  # one stream refused: still make the consumers that can be
+            failed.append(exc)
         for _, _, ensure in self._consumers:
-            await ensure()
+            try:
+                await ensure()
+            except Exception as exc:
+                failed.append(exc)
+        if failed:
+            raise failed[0]
         self.ok = True
         self.repairs += 1
         self._metrics.topology_repairs.inc()
