@@ -25,6 +25,7 @@ Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 DATABASE_ERRORS: tuple[type[Exception], ...] = (
     OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
 )
 """Every error a database call may raise (what call sites catch before classifying)."""
 
@@ -32,6 +33,10 @@ _UNAVAILABLE: tuple[type[Exception], ...] = (
     OSError,  # refused, reset, unreachable
     TimeoutError,  # connect or command timeout
     asyncpg.InterfaceError,  # the connection is closed or was lost mid-call
+    # A connection whose protocol was left mid-operation when the server went away
+    # ("cannot switch to state 11; another operation (2) is in progress"): the API's
+    # republish loop, not catching it, ended `edgesync up` when PostgreSQL was killed.
+    asyncpg.InternalClientError,
     asyncpg.PostgresConnectionError,
     asyncpg.OperatorInterventionError,  # starting up, shutting down, admin shutdown
     asyncpg.InsufficientResourcesError,  # too many connections, disk full

@@ -1,0 +1,25 @@
+"""Which database errors are an outage to wait out (:func:`as_temporary`)."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from broker.errors import TemporaryError
+from cloud_ingest.db_errors import DATABASE_ERRORS, as_temporary
+
+
+def test_a_connection_left_mid_operation_is_an_outage_every_loop_waits_out() -> None:
+    """asyncpg raises InternalClientError from a connection whose protocol was cut in
+    the middle of an operation when PostgreSQL was killed: every loop that catches
+    DATABASE_ERRORS must take it, and it is temporary (the API's republish loop once
+    let it end the service, and with it `edgesync up`)."""
+    exc = asyncpg.InternalClientError(
+        "cannot switch to state 11; another operation (2) is in progress")
+    assert isinstance(exc, DATABASE_ERRORS)
+    temporary = as_temporary(exc, attempt=2)
+    assert isinstance(temporary, TemporaryError)
+    assert temporary.__cause__ is exc
+
+
+def test_a_refusal_is_not_an_outage() -> None:
+    assert as_temporary(asyncpg.UniqueViolationError("duplicate key")) is None
