@@ -13,12 +13,13 @@ or, if the subscription is closed, it is redelivered after the consumer's
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import FetchTimeoutError
+
+from broker.interrupting import Interrupted, unless
 
 __all__ = ["fetch_one_unless"]
 
@@ -30,19 +31,7 @@ async def fetch_one_unless(sub: JetStreamContext.PullSubscription, *, timeout: f
     Raises:
         Whatever else the fetch raises (a lost connection, ...).
     """
-    fetch = asyncio.ensure_future(sub.fetch(1, timeout=timeout))
-    ended = asyncio.ensure_future(interrupt.wait())
     try:
-        await asyncio.wait((fetch, ended), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        ended.cancel()
-        if not fetch.done():
-            fetch.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await fetch
-    if fetch.cancelled():
-        return []
-    error = fetch.exception()
-    if isinstance(error, FetchTimeoutError | nats.errors.TimeoutError | TimeoutError):
+        return await unless(sub.fetch(1, timeout=timeout), interrupt)
+    except (Interrupted, FetchTimeoutError, nats.errors.TimeoutError, TimeoutError):
         return []  # nats-py raises a bare TimeoutError when the request expired empty
-    return fetch.result()

@@ -28,6 +28,7 @@ import structlog
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from broker.interrupting import Interrupted, unless
 from broker.protocol.topology import Topology
 from cloud_ingest.metrics import IngestMetrics
 
@@ -90,19 +91,10 @@ class TopologyKeeper:
     async def _check_unless_stopping(self) -> bool:
         """:meth:`check`, cancelled if the shutdown begins meanwhile (a JetStream request
         may wait seconds while NATS is away); False then."""
-        checking = asyncio.ensure_future(self.check())
-        stopping = asyncio.ensure_future(self._stop.wait())
         try:
-            await asyncio.wait({checking, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (checking, stopping):
-                if not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-        if checking.cancelled():
+            await unless(self.check(), self._stop)
+        except Interrupted:
             return False
-        checking.result()  # its error, if any
         return True
 
     async def missing(self) -> list[str]:

@@ -41,6 +41,7 @@ from typing import Any
 
 import structlog
 
+from broker.backoff import backoff_s
 from broker.durable_files import write_private
 from broker.errors import ConfigError, RuntimeUnavailable
 from broker.protocol.commands import generate_key_pair
@@ -228,18 +229,17 @@ async def run_local(
                 "api_url": api.url,
                 "operator_token": operator_token,
                 "state_dir": str(state),
-                "pid": os.getpid(),
-                "nats_pid": nats_server.server.pid,
-                "postgres_pid": postgres.pid,
+                "pid": os.getpid(),  # the servers' pids: write_runtime() adds them
             }
-            write_private(runtime_file, json.dumps(runtime, indent=2) + "\n")  # holds secrets
 
-            def restarted() -> None:
+            def write_runtime() -> None:  # 0600: it holds secrets
                 runtime["nats_pid"] = nats_server.server.pid
                 runtime["postgres_pid"] = postgres.pid
                 write_private(runtime_file, json.dumps(runtime, indent=2) + "\n")
 
-            roots.start(_keep_servers_up(nats_server, postgres, services_stop, restarted,
+            write_runtime()
+
+            roots.start(_keep_servers_up(nats_server, postgres, services_stop, write_runtime,
                                          print_line), name="servers")
             sims = [
                 asyncio.create_task(
@@ -330,21 +330,22 @@ async def start_again(name: str, start: Callable[[], Awaitable[None]], stop: asy
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within_s
-    delay = 0.5
+    attempt = 0
     while True:
         try:
             await start()
             return True
         except RuntimeUnavailable as exc:
+            attempt += 1
+            delay = backoff_s(attempt, base_s=0.5, cap_s=5.0)
             if loop.time() + delay > deadline:
                 raise
             log.warning("embedded_server_start_failed", server=name,
-                        retry_in_s=delay, error=str(exc).splitlines()[0])
+                        retry_in_s=round(delay, 2), error=str(exc).splitlines()[0])
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=delay)
         if stop.is_set():
             return False
-        delay = min(2 * delay, 5.0)
 
 
 def _refuse_if_running(runtime_file: Path) -> None:
