@@ -31,3 +31,28 @@ async def test_nats_store_wiped_under_load_recovers_without_restarts(
                                     timeout=90, notes="no process restarted")
     logs = "".join((system.tmp / f"ingest-{i}.log").read_text() for i in range(2))
     assert '"topology_recreated"' in logs
+
+
+async def test_nats_store_put_back_from_an_older_copy_under_load_recovers(
+    system: ChaosSystem,
+) -> None:
+    """nats-server stopped, its store replaced by a copy taken earlier in the run (an
+    operator restoring yesterday's backup): the streams, the watermark bucket and the
+    consumers all go back in time at once (records the ingest already committed are
+    delivered again, acknowledged batches published since the copy are gone, the
+    watermarks are older than what the edges know). Nothing is restarted; every
+    acknowledged record commits exactly once."""
+    copy = system.tmp / "nats-store-copy"
+    async with Load(system) as load:
+        await load.wait_acked(2_000)
+        await system.nats.kill()
+        shutil.copytree(system.nats.store_dir, copy)
+        await system.nats.start()
+        await load.wait_acked(len(load.acked) + 3_000, timeout=60)
+        await system.nats.kill()
+        shutil.rmtree(system.nats.store_dir)
+        shutil.copytree(copy, system.nats.store_dir)
+        await system.nats.start()
+        await load.wait_acked(len(load.acked) + 3_000, timeout=60)
+    await assert_reconciles_exactly(system, load, "NATS store put back from an older copy",
+                                    timeout=90, notes="no process restarted")
