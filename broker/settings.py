@@ -490,6 +490,11 @@ class ApiSettings(BaseModel):
         "one at a time.",
     )
     pool_size: int = Field(4, ge=1, description="Postgres connections.")
+    pool_acquire_timeout_s: float = Field(
+        10.0, gt=0, description="Longest a request waits for one of the pool's connections "
+        "(all busy: PostgreSQL slow or stalled); past it the request is answered 503 "
+        "database unavailable with Retry-After, instead of queueing without end.",
+    )
     db_retry_max_s: float = Field(5.0, gt=0, description="Backoff cap while Postgres is down.")
     max_live_tails: int = Field(
         100,

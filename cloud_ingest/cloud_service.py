@@ -46,11 +46,13 @@ class CloudService(Service):
         init: Callable[[asyncpg.Connection[asyncpg.Record]], Coroutine[Any, Any, None]],
         retry_max_s: float,
         command_timeout_s: float = 60.0,
+        acquire_timeout_s: float | None = None,
     ) -> asyncpg.Pool:
         """Connect the pool (retrying until PostgreSQL answers) and apply pending
         migrations before anything else uses it."""
         self._pool = await connect_pool(dsn, size=size, init=init, retry_max_s=retry_max_s,
-                                        command_timeout_s=command_timeout_s)
+                                        command_timeout_s=command_timeout_s,
+                                        acquire_timeout_s=acquire_timeout_s)
         async with self._pool.acquire() as conn:
             await migrate(conn)
         return self._pool

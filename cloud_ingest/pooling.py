@@ -1,5 +1,6 @@
 """PostgreSQL connection pools for the cloud services: wait for the database at
-start-up, and release connections within a deadline at shutdown."""
+start-up, bound the wait for a connection where a caller must not queue without end,
+and release connections within a deadline at shutdown."""
 
 from __future__ import annotations
 
@@ -12,9 +13,25 @@ import structlog
 
 from cloud_ingest.db_errors import DATABASE_ERRORS, as_temporary
 
-__all__ = ["close_pool", "connect_pool"]
+__all__ = ["BoundedPool", "close_pool", "connect_pool"]
 
 log = structlog.get_logger(__name__)
+
+
+class BoundedPool(asyncpg.Pool):
+    """An asyncpg pool whose :meth:`acquire` (and so ``fetch``, ``execute``... which
+    acquire through it) waits at most ``acquire_timeout_s`` for a connection unless
+    told otherwise, then raises :class:`TimeoutError` (a database outage to every
+    caller: the API answers 503). asyncpg's own waits without end."""
+
+    __slots__ = ("_acquire_timeout",)
+
+    def __init__(self, *args: Any, acquire_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._acquire_timeout = acquire_timeout_s
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        return super().acquire(timeout=self._acquire_timeout if timeout is None else timeout)
 
 
 async def connect_pool(
@@ -25,14 +42,23 @@ async def connect_pool(
     | None = None,
     retry_max_s: float = 5.0,
     command_timeout_s: float = 60.0,
+    acquire_timeout_s: float | None = None,
 ) -> asyncpg.Pool:
-    """A connection pool, retrying with backoff until PostgreSQL accepts connections."""
+    """A connection pool, retrying with backoff until PostgreSQL accepts connections;
+    with ``acquire_timeout_s``, a :class:`BoundedPool`."""
     attempt = 0
     while True:
         try:
-            pool = await asyncpg.create_pool(
-                dsn, min_size=1, max_size=size, init=init, command_timeout=command_timeout_s
-            )
+            if acquire_timeout_s is None:
+                pool = await asyncpg.create_pool(
+                    dsn, min_size=1, max_size=size, init=init, command_timeout=command_timeout_s
+                )
+            else:  # asyncpg.create_pool's defaults, spelled out for the subclass
+                pool = await BoundedPool(
+                    dsn, acquire_timeout_s=acquire_timeout_s, min_size=1, max_size=size,
+                    max_queries=50_000, max_inactive_connection_lifetime=300.0, setup=None,
+                    init=init, loop=None, connection_class=asyncpg.Connection,
+                    record_class=asyncpg.Record, command_timeout=command_timeout_s)
             assert pool is not None
             return pool
         except DATABASE_ERRORS as exc:

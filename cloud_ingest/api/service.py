@@ -91,6 +91,7 @@ class Api(CloudService):
         await self._open_pool(
             self.settings.postgres_dsn, size=self.settings.pool_size, init=_init_connection,
             retry_max_s=self.settings.db_retry_max_s, command_timeout_s=30,
+            acquire_timeout_s=self.settings.pool_acquire_timeout_s,
         )
         nc = await self._connect_nats("api")
         self._js = nc.jetstream(timeout=self.nats_settings.publish_timeout_s)

@@ -1,0 +1,61 @@
+"""A request of the operator API waits a bounded time for one of its PostgreSQL
+connections: when PostgreSQL stalls and every connection is busy, the next request is
+answered 503 with a JSON body and Retry-After (``api.pool_acquire_timeout_s``) instead
+of queueing without end, and the API serves again once PostgreSQL does."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from broker.pg_connecting import connected
+from broker.runtime.embedded_nats import EmbeddedNats
+from tests.helpers import until
+from tests.integration.control_harness import ControlPlane, control_plane
+
+WAIT_S = 0.5
+
+
+@pytest.fixture
+async def plane(tmp_path: Path, nats_server: EmbeddedNats, pg_dsn: str
+                ) -> AsyncIterator[ControlPlane]:
+    async with control_plane(tmp_path, nats_server.url, pg_dsn, pool_size=1,
+                             pool_acquire_timeout_s=WAIT_S) as plane:
+        yield plane
+
+
+async def test_a_request_that_cannot_get_a_connection_in_time_is_answered_503(
+        plane: ControlPlane) -> None:
+    async with connected(plane.pg_dsn) as locker, connected(plane.pg_dsn) as watcher:
+        lock = locker.transaction()
+        await lock.start()
+        try:
+            # PostgreSQL stalls on `edges`: the API's one connection waits in the
+            # first request's query (the command timeout is 30 s).
+            await locker.execute("LOCK TABLE edges IN ACCESS EXCLUSIVE MODE")
+            first = asyncio.create_task(plane.http.get("/v1/edges"))
+
+            async def first_waits_on_the_lock() -> bool:
+                # Not on `locker`: in its transaction the statistics are a snapshot.
+                return bool(await watcher.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query ILIKE '%edges%'"))
+
+            await until(first_waits_on_the_lock, timeout=10,
+                        message="the API never blocked on edges")
+            started = time.monotonic()
+            second = await plane.http.get("/v1/edges")
+            waited = time.monotonic() - started
+        finally:
+            await lock.rollback()
+        assert second.status_code == 503, second.text
+        assert second.json()["error"] == "unavailable"
+        assert "database unavailable" in second.json()["message"]
+        assert int(second.headers["Retry-After"]) >= 1
+        assert WAIT_S * 0.9 <= waited < 8, waited
+        assert (await asyncio.wait_for(first, timeout=10)).status_code == 200
+    assert (await plane.http.get("/v1/edges")).status_code == 200
