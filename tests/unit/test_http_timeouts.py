@@ -75,6 +75,16 @@ async def _read_until_closed(reader: asyncio.StreamReader) -> bytes:
     return await asyncio.wait_for(reader.read(), timeout=10)
 
 
+async def _answer(port: int, sent: bytes) -> bytes:
+    """What the server sends on a new connection after ``sent``, until it closes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(sent)
+        return await _read_until_closed(reader)
+    finally:
+        writer.close()
+
+
 async def test_a_connection_that_sends_nothing_is_closed_after_the_head_timeout() -> None:
     async with _server(_App()) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -89,12 +99,7 @@ async def test_a_connection_that_sends_nothing_is_closed_after_the_head_timeout(
 
 async def test_a_head_that_stops_half_way_is_answered_408_in_json_and_closed() -> None:
     async with _server(_App()) as port:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
-            answer = await _read_until_closed(reader)
-        finally:
-            writer.close()
+        answer = await _answer(port, b"GET / HTTP/1.1\r\nHost: x\r\n")
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 408 ")
         assert b"content-type: application/json" in head
@@ -145,13 +150,8 @@ async def test_a_body_that_stalls_closes_the_connection_and_the_app_sees_the_cli
 ) -> None:
     app = _App()
     async with _server(app) as port:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
-                         + b"a" * 10)
-            answer = await _read_until_closed(reader)
-        finally:
-            writer.close()
+        answer = await _answer(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100"
+                                     b"\r\n\r\n" + b"a" * 10)
         assert answer == b""
         await asyncio.wait_for(app.disconnected.wait(), timeout=10)
 
@@ -174,10 +174,6 @@ async def test_a_body_sent_in_pauses_shorter_than_the_bound_is_read_whole() -> N
 
 async def test_a_response_that_takes_longer_than_both_bounds_is_not_cut() -> None:
     async with _server(_App()) as port:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            answer = await _read_until_closed(reader)
-        finally:
-            writer.close()
+        answer = await _answer(port, b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close"
+                                     b"\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"late")
