@@ -3,7 +3,8 @@
 Every cloud call site that talks to PostgreSQL (the pool at start-up, the
 records and events consumers, the operator API) hands a foreign error to
 :func:`as_temporary`: a database that is unavailable (connection refused or
-lost, starting up, shutting down, out of connections, a timeout) becomes
+lost, starting up, shutting down, out of connections, a timeout, its disk full or its
+files failing) becomes
 :class:`~broker.errors.TemporaryError` whose
 ``delay`` is :func:`broker.backoff.backoff_s` for the attempt; anything else
 (the database answered, and said no) is not temporary and yields None.
@@ -40,6 +41,13 @@ _UNAVAILABLE: tuple[type[Exception], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.OperatorInterventionError,  # starting up, shutting down, admin shutdown
     asyncpg.InsufficientResourcesError,  # too many connections, disk full
+    # The server's own files or OS failing (class 58: an I/O error, a relation file gone
+    # with a lost volume or a partial restore) and corruption it detected (XX001 data,
+    # XX002 index): the database's fault, never the group's. Taken for the group's, they
+    # had the ingest bisect every group and dead-letter good records one by one.
+    asyncpg.PostgresSystemError,
+    asyncpg.DataCorruptedError,
+    asyncpg.IndexCorruptedError,
 )
 
 

@@ -1,0 +1,87 @@
+"""A fault of PostgreSQL's own files is an outage the ingest waits out, not a reason to
+dead-letter good records.
+
+Here the data files of the ``records`` relations vanish (a lost volume, a bad restore
+of part of the data directory): every write then fails with SQLSTATE 58P01 ("could not
+open file"), a system error of class 58 (I/O errors, 58030, are the same class). The
+ingest used to take it for something wrong with the group, bisect it and dead-letter
+every record one by one. It keeps the group and retries, and once the files are back
+every record commits exactly once, with no dead letter."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from broker.pg_connecting import connected
+from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch
+from broker.runtime.embedded_nats import EmbeddedNats
+from broker.runtime.embedded_postgres import EmbeddedPostgres
+from tests.helpers import until
+from tests.integration.harness import running_ingest, wait_for_records
+
+GOOD = Record(1_700_000_000_000_000, CT_JSON, b'{"ok": true}')
+
+
+@pytest.fixture
+async def own_pg(tmp_path: Path) -> AsyncIterator[EmbeddedPostgres]:
+    """A cluster of this test's own: its files are taken away and put back."""
+    pg = EmbeddedPostgres(tmp_path / "pg", synchronous_commit=True)
+    await pg.start()
+    try:
+        yield pg
+    finally:
+        await pg.close()
+
+
+async def _publish(nats_url: str, first: int, count: int) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        body, headers = encode_batch(Batch(1, "edge-1", "s", 7, first, [GOOD] * count))
+        await nc.jetstream().publish("es.rec.edge-1.s", body, headers=headers)
+    finally:
+        await nc.close()
+
+
+async def test_missing_relation_files_stall_the_ingest_instead_of_dead_lettering(
+        tmp_path: Path, own_pg: EmbeddedPostgres, nats_server: EmbeddedNats) -> None:
+    dsn = own_pg.dsn
+    async with running_ingest(dsn, nats_server.url) as ingest:
+        await _publish(nats_server.url, 1, 10)
+        await wait_for_records(dsn, 10)
+        async with connected(dsn) as conn:
+            files = [row["path"] for row in await conn.fetch(
+                "SELECT pg_relation_filepath(c.oid) AS path FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = 'public' AND c.relname LIKE 'records%' "
+                "AND c.relkind IN ('r', 'i') AND pg_relation_filepath(c.oid) IS NOT NULL")]
+        assert files
+        data = (own_pg.data_dir).resolve()
+        aside = tmp_path / "aside"
+        aside.mkdir()
+        await own_pg.stop()
+        for i, rel in enumerate(files):
+            shutil.move(data / rel, aside / str(i))
+        await own_pg.start()
+        await _publish(nats_server.url, 11, 10)
+
+        def waiting_out_an_outage() -> bool:
+            return ingest.metrics.db_up._value.get() == 0  # type: ignore[attr-defined]
+
+        await until(waiting_out_an_outage, timeout=30,
+                    message="the ingest did not take the missing files for an outage")
+        async with connected(dsn) as conn:
+            assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 0
+        await own_pg.stop()
+        for i, rel in enumerate(files):
+            shutil.move(aside / str(i), data / rel)
+        await own_pg.start()
+        await wait_for_records(dsn, 20)
+        async with connected(dsn) as conn:
+            assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 0
+            assert await conn.fetchval(
+                "SELECT count(DISTINCT seq) FROM v_records WHERE edge_id = 'edge-1'") == 20
