@@ -203,9 +203,12 @@ class ChaosSystem:
     """Postgres, nats-server, two ingests and the bridges, all separate processes."""
 
     def __init__(self, tmp: Path, *, edges: tuple[str, ...] = ("edge-a", "edge-b"),
-                 bridge_env: Mapping[str, Mapping[str, str]] | None = None) -> None:
+                 bridge_env: Mapping[str, Mapping[str, str]] | None = None,
+                 pg_dir: Path | None = None) -> None:
+        """``pg_dir``: PostgreSQL's data directory (default ``tmp/pg``), e.g. on a
+        filesystem the test fills."""
         self.tmp = tmp
-        self.pg = EmbeddedPostgres(tmp / "pg", synchronous_commit=True)
+        self.pg = EmbeddedPostgres(pg_dir or tmp / "pg", synchronous_commit=True)
         self.nats = EmbeddedNats(tmp / "nats-store", log_file=tmp / "nats.log")
         self.dsn = ""
         self.edges = edges

@@ -6,7 +6,10 @@ Usage (from the repository root)::
     python -m tests.chaos.report --print    # print it instead
 
 Each chaos scenario appends one row to ``.edgesync/chaos-results.json`` (or
-``$EDGESYNC_CHAOS_RESULTS``); the table shows the latest row of each scenario.
+``$EDGESYNC_CHAOS_RESULTS``); the table shows the latest row of each scenario. A
+scenario the table has but the results file does not (run elsewhere, or before the
+file was cleared) keeps its row as it is: the file of one machine updates the table,
+it does not cut it down to what that machine ran.
 """
 
 from __future__ import annotations
@@ -33,13 +36,22 @@ def latest_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(latest.values())
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], kept: str = "") -> str:
+    """The table of ``rows``' latest results; the rows of ``kept`` (the table as it
+    was) whose scenario has no result in ``rows`` stay, in their place."""
+    fresh = {r["scenario"]: r for r in latest_rows(rows)}
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    for r in latest_rows(rows):
-        cells = (r["scenario"], r["acknowledged"], r["committed"], r["lost"], r["duplicated"],
-                 r["dropped_by_policy"], r["recover_s"], r.get("at", ""), r.get("notes", ""))
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    for line in kept.splitlines()[2:]:
+        scenario = line.removeprefix("| ").partition(" | ")[0]
+        lines.append(_row(fresh.pop(scenario)) if scenario in fresh else line)
+    lines.extend(_row(r) for r in fresh.values())
     return "\n".join(lines)
+
+
+def _row(r: dict[str, Any]) -> str:
+    cells = (r["scenario"], r["acknowledged"], r["committed"], r["lost"], r["duplicated"],
+             r["dropped_by_policy"], r["recover_s"], r.get("at", ""), r.get("notes", ""))
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def main(argv: list[str]) -> int:
@@ -47,18 +59,19 @@ def main(argv: list[str]) -> int:
         print(f"{RESULTS_FILE} not found: run `pytest -m chaos` first", file=sys.stderr)
         return 1
     rows = json.loads(RESULTS_FILE.read_text())
-    rendered = table(rows)
-    if "--print" in argv:
-        print(rendered)
-        return 0
     text = DOC.read_text()
     head, sep, rest = text.partition(START)
-    _, sep2, tail = rest.partition(END)
+    current, sep2, tail = rest.partition(END)
     if not (sep and sep2):
         print(f"{DOC}: markers {START!r} .. {END!r} not found", file=sys.stderr)
         return 1
+    rendered = table(rows, current.strip())
+    if "--print" in argv:
+        print(rendered)
+        return 0
     DOC.write_text(f"{head}{START}\n{rendered}\n{END}{tail}")
-    print(f"wrote {len(latest_rows(rows))} rows to {DOC}")
+    print(f"wrote {len(rendered.splitlines()) - 2} rows to {DOC} "
+          f"({len(latest_rows(rows))} from {RESULTS_FILE})")
     return 0
 
 
