@@ -3,8 +3,8 @@
 Every cloud call site that talks to PostgreSQL (the pool at start-up, the
 records and events consumers, the operator API) hands a foreign error to
 :func:`as_temporary`: a database that is unavailable (connection refused or
-lost, starting up, shutting down, out of connections, a timeout, its disk full or its
-files failing) becomes
+lost, starting up, shutting down, out of connections, a timeout, its disk full,
+its files failing, or taking no writes) becomes
 :class:`~broker.errors.TemporaryError` whose
 ``delay`` is :func:`broker.backoff.backoff_s` for the attempt; anything else
 (the database answered, and said no) is not temporary and yields None.
@@ -48,6 +48,9 @@ _UNAVAILABLE: tuple[type[Exception], ...] = (
     asyncpg.PostgresSystemError,
     asyncpg.DataCorruptedError,
     asyncpg.IndexCorruptedError,
+    # A database that takes no writes: a standby behind the DSN during a failover, or
+    # default_transaction_read_only. Wait for a primary; the groups are not at fault.
+    asyncpg.ReadOnlySQLTransactionError,
 )
 
 

@@ -1,12 +1,17 @@
-"""A fault of PostgreSQL's own files is an outage the ingest waits out, not a reason to
-dead-letter good records.
+"""A fault of the database (its own files failing, or it taking no writes) is an outage
+the ingest waits out, not a reason to dead-letter good records.
 
-Here the data files of the ``records`` relations vanish (a lost volume, a bad restore
+First the data files of the ``records`` relations vanish (a lost volume, a bad restore
 of part of the data directory): every write then fails with SQLSTATE 58P01 ("could not
 open file"), a system error of class 58 (I/O errors, 58030, are the same class). The
 ingest used to take it for something wrong with the group, bisect it and dead-letter
 every record one by one. It keeps the group and retries, and once the files are back
-every record commits exactly once, with no dead letter."""
+every record commits exactly once, with no dead letter.
+
+Then the database takes no writes (a standby behind the DSN during a failover, or
+``default_transaction_read_only``): SQLSTATE 25006. The ingest split every group down
+to single messages, failed to write even their dead letters and abandoned them to
+redelivery, logging errors for each. It waits for a primary instead."""
 
 from __future__ import annotations
 
@@ -85,3 +90,34 @@ async def test_missing_relation_files_stall_the_ingest_instead_of_dead_lettering
             assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 0
             assert await conn.fetchval(
                 "SELECT count(DISTINCT seq) FROM v_records WHERE edge_id = 'edge-1'") == 20
+
+
+async def test_a_database_that_takes_no_writes_stalls_the_ingest_instead_of_failing_groups(
+        pg_dsn: str, nats_server: EmbeddedNats) -> None:
+    async with running_ingest(pg_dsn, nats_server.url) as ingest, connected(pg_dsn) as admin:
+        await _publish(nats_server.url, 1, 10)
+        await wait_for_records(pg_dsn, 10)
+        database = await admin.fetchval("SELECT current_database()")
+        await admin.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+        try:
+            await _drop_other_sessions(admin)  # the ingest reconnects: read-only now
+            await _publish(nats_server.url, 11, 10)
+
+            def waiting_out_an_outage() -> bool:
+                return ingest.metrics.db_up._value.get() == 0  # type: ignore[attr-defined]
+
+            await until(waiting_out_an_outage, timeout=30,
+                        message="the ingest did not take a read-only database for an outage")
+            failures = ingest.metrics.group_failures.labels("ReadOnlySQLTransactionError")
+            assert failures._value.get() == 0  # type: ignore[attr-defined]
+        finally:
+            await admin.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+        await _drop_other_sessions(admin)
+        await wait_for_records(pg_dsn, 20)
+        assert await admin.fetchval("SELECT count(*) FROM dead_letters") == 0
+
+
+async def _drop_other_sessions(admin: object) -> None:
+    await admin.execute(  # type: ignore[attr-defined]
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()")
