@@ -4,7 +4,7 @@ Every cloud call site that talks to PostgreSQL (the pool at start-up, the
 records and events consumers, the operator API) hands a foreign error to
 :func:`as_temporary`: a database that is unavailable (connection refused or
 lost, starting up, shutting down, out of connections, a timeout, its disk full,
-its files failing, or taking no writes) becomes
+its files failing, taking no writes, or refusing our role) becomes
 :class:`~broker.errors.TemporaryError` whose
 ``delay`` is :func:`broker.backoff.backoff_s` for the attempt; anything else
 (the database answered, and said no) is not temporary and yields None.
@@ -51,6 +51,12 @@ _UNAVAILABLE: tuple[type[Exception], ...] = (
     # A database that takes no writes: a standby behind the DSN during a failover, or
     # default_transaction_read_only. Wait for a primary; the groups are not at fault.
     asyncpg.ReadOnlySQLTransactionError,
+    # The database refusing us, not the data: a password rotated on the server only
+    # (class 28), the database gone (3D000), a privilege revoked (42501). An operator
+    # mends it; until then wait, as for an outage, instead of failing every group.
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InsufficientPrivilegeError,
 )
 
 

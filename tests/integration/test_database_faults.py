@@ -11,7 +11,11 @@ every record commits exactly once, with no dead letter.
 Then the database takes no writes (a standby behind the DSN during a failover, or
 ``default_transaction_read_only``): SQLSTATE 25006. The ingest split every group down
 to single messages, failed to write even their dead letters and abandoned them to
-redelivery, logging errors for each. It waits for a primary instead."""
+redelivery, logging errors for each. It waits for a primary instead.
+
+Last, the database refuses the ingest's connections (its role's password changed, the
+role or database gone, a privilege revoked): the operator's mistake to mend, never the
+records' fault. The ingest waits until it can write again."""
 
 from __future__ import annotations
 
@@ -121,3 +125,30 @@ async def _drop_other_sessions(admin: object) -> None:
     await admin.execute(  # type: ignore[attr-defined]
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
         "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+
+
+async def test_refused_connections_stall_the_ingest_instead_of_failing_groups(
+        own_pg: EmbeddedPostgres, nats_server: EmbeddedNats) -> None:
+    dsn = own_pg.dsn
+    async with running_ingest(dsn, nats_server.url) as ingest, connected(dsn) as admin:
+        await _publish(nats_server.url, 1, 10)
+        await wait_for_records(dsn, 10)
+        role = await admin.fetchval("SELECT current_user")
+        password = own_pg.password
+        # A password rotated on the server, not yet in the ingest's DSN.
+        await admin.execute(f'ALTER ROLE "{role}" PASSWORD \'rotated-{password}\'')
+        try:
+            await _drop_other_sessions(admin)
+            await _publish(nats_server.url, 11, 10)
+
+            def waiting_out_an_outage() -> bool:
+                return ingest.metrics.db_up._value.get() == 0  # type: ignore[attr-defined]
+
+            await until(waiting_out_an_outage, timeout=30,
+                        message="the ingest did not take refused connections for an outage")
+            failures = ingest.metrics.group_failures.labels("InvalidPasswordError")
+            assert failures._value.get() == 0  # type: ignore[attr-defined]
+        finally:
+            await admin.execute(f'ALTER ROLE "{role}" PASSWORD \'{password}\'')
+        await wait_for_records(dsn, 20)
+        assert await admin.fetchval("SELECT count(*) FROM dead_letters") == 0

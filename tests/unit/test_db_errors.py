@@ -27,13 +27,17 @@ def test_a_refusal_is_not_an_outage() -> None:
 
 def test_the_databases_own_faults_are_an_outage_not_the_groups() -> None:
     """Class 58 (an I/O error, a relation file gone), the corruption PostgreSQL detects
-    (XX001, XX002) and a database that takes no writes (25006) are waited out; an
-    internal error (XX000) may come from a value, so it is not."""
+    (XX001, XX002), a database that takes no writes (25006) or refuses our role (class
+    28, 3D000, 42501) are waited out; an internal error (XX000) may come from a value,
+    so it is not."""
     for exc in (asyncpg.PostgresIOError("could not read block 7: Input/output error"),
                 asyncpg.UndefinedFileError('could not open file "base/1/2"'),
                 asyncpg.DataCorruptedError("invalid page in block 3"),
                 asyncpg.IndexCorruptedError("index contains unexpected zero page"),
                 asyncpg.ReadOnlySQLTransactionError("cannot execute INSERT in a read-only "
-                                                    "transaction")):
+                                                    "transaction"),
+                asyncpg.InvalidPasswordError('password authentication failed for user "x"'),
+                asyncpg.InvalidCatalogNameError('database "edgesync" does not exist'),
+                asyncpg.InsufficientPrivilegeError("permission denied for table records")):
         assert isinstance(as_temporary(exc), TemporaryError), exc
     assert as_temporary(asyncpg.InternalServerError("unexpected")) is None
