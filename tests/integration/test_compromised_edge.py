@@ -1,0 +1,180 @@
+"""One compromised edge against the cloud, over the secured NATS that ``edgesync up``
+runs (TLS, an nkey per identity, the generated permissions): what the attacker holds is
+edge ``e1``'s seed, and it publishes only where ``e1`` may (its own subjects), but with
+any bytes. Whatever it sends must end as a dead letter with a reason, and the other
+edges must not notice: the ingest keeps running, and edge ``e2``'s records are
+committed and its watermark reaches it.
+
+``docs/security.md`` (threat model) says what one compromised edge can and cannot do;
+``test_nats_permissions`` proves the subjects it cannot reach at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+
+from broker.connecting import connect_options
+from broker.pg_connecting import connected
+from broker.protocol.events import DropMarker, Event, Heartbeat, StreamHealth, encode_event
+from broker.protocol.permissions import inbox_prefix
+from broker.protocol.wire import CT_JSON, WIRE_VERSION, Batch, Record, encode_batch
+from broker.runtime.secured_nats import SecuredNats
+from broker.settings import IngestSettings
+from cloud_ingest.service import Ingest
+from tests.helpers import until
+from tests.integration.harness import serving
+
+ATTACKER, VICTIM = "e1", "e2"
+GOOD = Record(1_700_000_000_000_000, CT_JSON, b'{"ok": 1}')
+
+
+@contextlib.asynccontextmanager
+async def cloud(tmp_path: Path, pg_dsn: str, **ingest: object
+                ) -> AsyncIterator[tuple[SecuredNats, Ingest]]:
+    """A secured server with edges ``e1`` and ``e2`` (as ``edgesync edges add`` makes
+    them) and an ingest under its own identity."""
+    async with SecuredNats(tmp_path / "state", log_file=tmp_path / "nats.log") as secured:
+        for edge in (ATTACKER, VICTIM):
+            await secured.add_edge(edge, control_consumer=False)
+        fields: dict[str, object] = {"postgres_dsn": pg_dsn, "port": 0,
+                                     "fetch_timeout_s": 0.05, "db_retry_max_s": 0.5}
+        fields.update(ingest)
+        service = Ingest(IngestSettings(**fields),  # type: ignore[arg-type]
+                         secured.settings_for("ingest"))
+        async with serving(service):
+            yield secured, service
+
+
+@contextlib.asynccontextmanager
+async def as_edge(secured: SecuredNats, edge: str) -> AsyncIterator[NATS]:
+    """A connection with edge ``edge``'s credentials, as its bridge makes it."""
+    nc = await nats.connect(secured.url, allow_reconnect=False, connect_timeout=3,
+                            **connect_options(secured.settings_for("edge", edge),
+                                              inbox_prefix=inbox_prefix(secured.topology,
+                                                                        "edge", edge)))
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+async def ship(nc: NATS, edge: str, stream: str, epoch: int, first_seq: int, n: int) -> None:
+    body, headers = encode_batch(Batch(WIRE_VERSION, edge, stream, epoch, first_seq,
+                                       [GOOD] * n))
+    await nc.jetstream(timeout=5).publish(f"es.rec.{edge}.{stream}", body, headers=headers)
+
+
+async def victim_learns_its_watermark(secured: SecuredNats, epoch: int, n: int) -> None:
+    """``e2`` ships ``n`` records and reads its committed watermark back, as its bridge
+    does (a direct get of its own key)."""
+    async with as_edge(secured, VICTIM) as nc:
+        await ship(nc, VICTIM, "s", epoch, 1, n)
+        kv = await nc.jetstream(timeout=5).key_value(secured.topology.watermarks_bucket)
+
+        async def committed() -> bool:
+            try:
+                return (await kv.get(f"{VICTIM}.s.{epoch}")).value == str(n).encode()
+            except nats.js.errors.KeyNotFoundError:
+                return False
+
+        await until(committed, timeout=15,
+                    message="the other edge's watermark never reached it")
+
+
+async def dead_letters(pg_dsn: str, subject: str) -> list[asyncpg.Record]:
+    async with connected(pg_dsn) as conn:
+        return await conn.fetch(
+            "SELECT kind, reason FROM dead_letters WHERE subject = $1 ORDER BY id", subject)
+
+
+def beat(edge: str, streams: dict[str, StreamHealth] | None = None) -> Heartbeat:
+    return Heartbeat(edge=edge, version="1.0", sent_at=time.time(), buffer_records=0,
+                     buffer_bytes=0, buffer_max_bytes=1, unshipped_records=0,
+                     oldest_unshipped_age_s=0.0, disk_bytes=0, dropped={},
+                     streams=streams or {})
+
+
+def health(epoch: int, trim_floor: int) -> StreamHealth:
+    return StreamHealth(epoch=epoch, next_seq=trim_floor + 1, shipped_seq=trim_floor,
+                        committed_seq=trim_floor, records=0, bytes=0, dropped_overflow=0,
+                        dropped_ttl=0, trim_floor=trim_floor)
+
+
+def drop(stream: str, epoch: int = 5) -> DropMarker:
+    return DropMarker(edge=ATTACKER, stream=stream, epoch=epoch, first_seq=1, last_seq=3,
+                      count=3, reason="overflow", dropped_at=time.time())
+
+
+async def test_an_event_naming_an_edge_that_is_no_token_is_dead_lettered_and_ingest_goes_on(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """``e1`` sends a heartbeat whose edge id is ``e1.e2`` (no token). It used to raise
+    out of the events consumer (the subject check built a subject from it), ending the
+    ingest, and again at every restart (the message is redelivered): one edge stopped
+    the cloud. Now it is a dead letter, and ``e2``'s heartbeat after it is stored."""
+    async with cloud(tmp_path, pg_dsn) as (secured, _):
+        async with as_edge(secured, ATTACKER) as nc:
+            await nc.jetstream(timeout=5).publish(
+                "es.evt.e1", encode_event(beat(f"{ATTACKER}.{VICTIM}")))
+        async with as_edge(secured, VICTIM) as nc:
+            await nc.jetstream(timeout=5).publish("es.evt.e2", encode_event(beat(VICTIM)))
+        async with connected(pg_dsn) as conn:
+            async def victim_seen() -> bool:
+                return bool(await conn.fetchval(
+                    "SELECT count(*) FROM edges WHERE edge_id = $1", VICTIM))
+
+            await until(victim_seen, timeout=15, message="e2's heartbeat was never stored")
+            assert await conn.fetchval("SELECT count(*) FROM edges") == 1
+        letters = await dead_letters(pg_dsn, "es.evt.e1")
+        assert [r["kind"] for r in letters] == ["event"]
+        assert "edge" in letters[0]["reason"], letters[0]["reason"]
+
+
+HOSTILE: dict[str, tuple[Event, str]] = {
+    # A space in a watermark key's subject: every write of its window failed, for ever.
+    "drop marker, stream with a space": (drop("a b"), "stream"),
+    # A PUB line longer than the server's max_control_line (4 KiB): the server closed the
+    # ingest's connection at each watermark window.
+    "drop marker, stream of 5,000 chars": (drop("s" * 5000), "stream"),
+    "drop marker, epoch -1": (drop("s", epoch=-1), "epoch"),
+    "heartbeat, trim floor of a stream with a space": (
+        beat(ATTACKER, {"a b": health(5, 3)}), "streams"),
+    "heartbeat, trim floor of epoch 0": (beat(ATTACKER, {"s": health(0, 3)}), "epoch"),
+}
+
+
+@pytest.mark.parametrize(("event", "field"), HOSTILE.values(), ids=list(HOSTILE))
+async def test_an_event_naming_a_key_that_is_no_watermark_key_is_dead_lettered(
+    tmp_path: Path, pg_dsn: str, event: Event, field: str
+) -> None:
+    """``e1`` reports a drop or a trim floor for a ``(stream, epoch)`` that cannot be a
+    watermark key. It used to be merged into ``committed_ranges`` and its watermark
+    written to ``$KV.ES_WATERMARKS.e1.<stream>.<epoch>``: a space made nats-py refuse
+    the subject, which failed the whole window of writes (every edge's keys in it) at
+    every retry; a 5,000-character name made nats-server close the ingest's
+    connection. ``e2`` then never learned its watermark and kept every record. Now the
+    event is a dead letter naming the field, and nothing of it is stored."""
+    async with cloud(tmp_path, pg_dsn) as (secured, _):
+        async with as_edge(secured, ATTACKER) as nc:
+            await nc.jetstream(timeout=5).publish("es.evt.e1", encode_event(event))
+        async with connected(pg_dsn) as conn:
+            async def handled() -> bool:
+                return bool(await conn.fetchval(
+                    "SELECT (SELECT count(*) FROM dead_letters) "
+                    "+ (SELECT count(*) FROM committed_ranges WHERE edge_id = $1)", ATTACKER))
+
+            await until(handled, timeout=15, message="e1's event was never handled")
+            await victim_learns_its_watermark(secured, 7, 3)
+            assert await conn.fetchval(
+                "SELECT count(*) FROM committed_ranges WHERE edge_id = $1", ATTACKER) == 0
+        letters = await dead_letters(pg_dsn, "es.evt.e1")
+        assert [r["kind"] for r in letters] == ["event"]
+        assert field in letters[0]["reason"], letters[0]["reason"]
