@@ -411,6 +411,15 @@ class IngestSettings(BaseModel):
         "at once; a fetched group beyond it is written in parts. Memory stays near "
         "workers x this, whatever the messages expand to.",
     )
+    max_keys_per_edge: int = Field(
+        10_000,
+        ge=1,
+        description="(stream, epoch) keys one edge may make the cloud hold (each a "
+        "committed_ranges row and a watermark key, kept for good). A bridge holds at most "
+        "2,500 streams and mints an epoch only when its buffer is wiped; past this bound "
+        "a batch, drop marker or trim floor naming a new key is refused (dead letter, "
+        "log line), so one compromised edge cannot fill PostgreSQL and JetStream.",
+    )
     watermark_interval_s: float = Field(
         0.25, gt=0, description="Coalescing window of committed-watermark updates per key."
     )

@@ -102,11 +102,15 @@ class Ingest(CloudService):
             js=js, pool=pool, topology=self.topology,
             consumer=self.settings.consumer, metrics=self.metrics,
             writers={
-                DropMarker: drop_marker_writer(self.watermarks.note),
+                DropMarker: drop_marker_writer(
+                    self.watermarks.note, max_keys_per_edge=self.settings.max_keys_per_edge,
+                    metrics=self.metrics),
                 CommandStatusReport: CommandStatusWriter(self.metrics.registry),
                 DesiredStateReport: DesiredReportWriter(self.metrics.registry),
             },
-            on_heartbeats=lost_after_commit_writer(self.watermarks.note, self.metrics),
+            on_heartbeats=lost_after_commit_writer(
+                self.watermarks.note, self.metrics,
+                max_keys_per_edge=self.settings.max_keys_per_edge),
         )
         await self.events.ensure_consumer()
         # JetStream may lose all of it later (a store wiped or restored): made again.

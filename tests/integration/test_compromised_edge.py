@@ -178,3 +178,59 @@ async def test_an_event_naming_a_key_that_is_no_watermark_key_is_dead_lettered(
         letters = await dead_letters(pg_dsn, "es.evt.e1")
         assert [r["kind"] for r in letters] == ["event"]
         assert field in letters[0]["reason"], letters[0]["reason"]
+
+
+async def test_an_edge_cannot_make_the_cloud_hold_keys_without_bound(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Every ``(stream, epoch)`` an edge names becomes a ``committed_ranges`` row and a
+    watermark key kept for good; ``e1`` used to be able to name a new epoch in every
+    message. With ``max_keys_per_edge=3``: of six batches naming six keys, three are
+    committed and three are dead letters naming the bound; a drop marker naming a
+    seventh key is a dead letter; a trim floor of an eighth is ignored (its heartbeat
+    is stored). ``e1``'s keys it holds keep working, and ``e2`` is not affected."""
+    # One worker: concurrent workers may each take new keys before either commits (the
+    # bound is then passed by at most a group per worker, once: cloud_ingest.key_limits).
+    async with cloud(tmp_path, pg_dsn, max_keys_per_edge=3, workers=1) as (secured, ingest):
+        async with as_edge(secured, ATTACKER) as nc, connected(pg_dsn) as conn:
+            for i in range(6):
+                await ship(nc, ATTACKER, f"s{i}", 11, 1, 2)
+
+            async def batches_handled() -> bool:
+                return bool(await conn.fetchval("SELECT count(*) = 3 FROM dead_letters"))
+
+            await until(batches_handled, timeout=15, message="e1's batches were not handled")
+            js = nc.jetstream(timeout=5)
+            await js.publish("es.evt.e1", encode_event(drop("s7", epoch=11)))
+            await js.publish("es.evt.e1", encode_event(beat(ATTACKER, {"s8": health(11, 5)})))
+        async with connected(pg_dsn) as conn:
+            async def settled() -> bool:
+                return bool(await conn.fetchval(
+                    "SELECT (SELECT count(*) FROM dead_letters) = 4 "
+                    "AND (SELECT count(*) FROM edges WHERE edge_id = $1) = 1", ATTACKER))
+
+            await until(settled, timeout=15, message="e1's messages were not all handled")
+            keys = [tuple(r) for r in await conn.fetch(
+                "SELECT stream, epoch FROM committed_ranges WHERE edge_id = $1 ORDER BY 1",
+                ATTACKER)]
+            assert keys == [("s0", 11), ("s1", 11), ("s2", 11)]
+            letters = await conn.fetch(
+                "SELECT kind, subject, reason FROM dead_letters ORDER BY subject")
+            assert [(r["kind"], r["subject"]) for r in letters] == [
+                ("event", "es.evt.e1"), ("message", "es.rec.e1.s3"),
+                ("message", "es.rec.e1.s4"), ("message", "es.rec.e1.s5")]
+            assert all("max_keys_per_edge" in r["reason"] for r in letters), letters
+            assert ingest.metrics.keys_refused._value.get() == 5  # 3 batches, 1 drop, 1 floor
+
+            async with as_edge(secured, ATTACKER) as nc:
+                await ship(nc, ATTACKER, "s0", 11, 3, 2)  # a key it holds: still taken
+
+            async def more() -> bool:
+                return bool(await conn.fetchval(
+                    "SELECT count(*) = 4 FROM records r JOIN stream_keys k "
+                    "ON k.id = r.stream_key WHERE k.edge_id = $1 AND k.stream = 's0'",
+                    ATTACKER))
+
+            await until(more, timeout=15, message="e1's own key stopped working")
+        await victim_learns_its_watermark(secured, 7, 3)
+
