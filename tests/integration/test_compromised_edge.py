@@ -25,12 +25,14 @@ from broker.connecting import connect_options
 from broker.pg_connecting import connected
 from broker.protocol.events import DropMarker, Event, Heartbeat, StreamHealth, encode_event
 from broker.protocol.permissions import inbox_prefix
-from broker.protocol.wire import CT_JSON, WIRE_VERSION, Batch, Record, encode_batch
-from broker.runtime.secured_nats import SecuredNats
-from broker.settings import IngestSettings
+from broker.protocol.wire import CT_JSON, WIRE_VERSION, Batch, Record, encode_batch, msg_id
+from broker.runtime.secured_nats import SecuredNats, create_control_consumer
+from broker.settings import IngestSettings, ShipperSettings
 from cloud_ingest.service import Ingest
+from edge_bridge.bridge import Bridge
 from tests.helpers import until
-from tests.integration.harness import serving
+from tests.integration.harness import bridge_settings, serving
+from tests.integration.test_end_to_end_ack import publish
 
 ATTACKER, VICTIM = "e1", "e2"
 GOOD = Record(1_700_000_000_000_000, CT_JSON, b'{"ok": 1}')
@@ -234,3 +236,45 @@ async def test_an_edge_cannot_make_the_cloud_hold_keys_without_bound(
             await until(more, timeout=15, message="e1's own key stopped working")
         await victim_learns_its_watermark(secured, 7, 3)
 
+
+async def test_an_edge_cannot_have_another_edges_batches_dropped_as_duplicates(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """JetStream de-duplicates by ``Nats-Msg-Id`` across the whole records stream, and
+    ``e1`` may put any id on its own subject. It learns ``e2``'s epoch from the stream
+    info it may read (the watermark keys' subjects), then claims the ids ``e2``'s next
+    batch would carry, retransmissions included. ``e2``'s batch used to be answered
+    "duplicate", counted shipped, never delivered, and so was every retransmission:
+    its records never reached PostgreSQL. The shipper's ids now carry a secret of its
+    own, and the record is committed at once."""
+    async with cloud(tmp_path, pg_dsn) as (secured, _):
+        await create_control_consumer(secured.settings_for("admin"), secured.topology, VICTIM)
+        settings = bridge_settings(tmp_path, VICTIM, shipper=ShipperSettings(
+            linger_ms=2, retransmit_timeout_s=1.0, retransmit_backoff_max_s=1.0))
+        bridge = Bridge(settings, secured.settings_for("edge", VICTIM, publish_timeout_s=2))
+        async with serving(bridge), connected(pg_dsn) as conn:
+            await publish(bridge.url, "s", 1)  # seq 1
+
+            async def committed(n: int) -> bool:
+                return bool(await conn.fetchval("SELECT count(*) = $1 FROM records", n))
+
+            await until(lambda: committed(1), timeout=15, message="seq 1 not committed")
+            async with as_edge(secured, ATTACKER) as nc:
+                js = nc.jetstream(timeout=5)
+                kv_stream = f"KV_{secured.topology.watermarks_bucket}"
+
+                async def victims_key() -> list[str]:
+                    info = await js.stream_info(
+                        kv_stream, subjects_filter=f"$KV.{secured.topology.watermarks_bucket}"
+                        f".{VICTIM}.>")
+                    return list(info.state.subjects or {})
+
+                subjects = await until(victims_key, timeout=15)
+                epoch = int(subjects[0].rsplit(".", 1)[1])
+                for generation in range(8):  # its next batch, seq 2, and 7 retransmissions
+                    await js.publish(f"es.rec.{ATTACKER}.x", b"claim", headers={
+                        "Nats-Msg-Id": msg_id(VICTIM, "s", epoch, 2, 2,
+                                              generation=generation)})
+            await publish(bridge.url, "s", 1)  # seq 2
+            await until(lambda: committed(2), timeout=6,
+                        message="e2's batch was swallowed as a duplicate of e1's message")
