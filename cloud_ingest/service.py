@@ -61,6 +61,8 @@ class Ingest(CloudService):
             prefix=nats_settings.prefix, replicas=nats_settings.replicas,
             records_max_bytes=nats_settings.records_max_bytes,
             records_max_age_s=nats_settings.records_max_age_s,
+            events_max_bytes=nats_settings.events_max_bytes,
+            events_max_msgs_per_edge=nats_settings.events_max_msgs_per_edge,
         ))
         self.settings = settings
         self.metrics = IngestMetrics()

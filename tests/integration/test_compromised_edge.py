@@ -39,10 +39,10 @@ GOOD = Record(1_700_000_000_000_000, CT_JSON, b'{"ok": 1}')
 
 
 @contextlib.asynccontextmanager
-async def cloud(tmp_path: Path, pg_dsn: str, **ingest: object
-                ) -> AsyncIterator[tuple[SecuredNats, Ingest]]:
+async def cloud(tmp_path: Path, pg_dsn: str, *, nats_fields: dict[str, object] | None = None,
+                **ingest: object) -> AsyncIterator[tuple[SecuredNats, Ingest]]:
     """A secured server with edges ``e1`` and ``e2`` (as ``edgesync edges add`` makes
-    them) and an ingest under its own identity."""
+    them) and an ingest under its own identity (``nats_fields``: of its NATS settings)."""
     async with SecuredNats(tmp_path / "state", log_file=tmp_path / "nats.log") as secured:
         for edge in (ATTACKER, VICTIM):
             await secured.add_edge(edge, control_consumer=False)
@@ -50,7 +50,7 @@ async def cloud(tmp_path: Path, pg_dsn: str, **ingest: object
                                      "fetch_timeout_s": 0.05, "db_retry_max_s": 0.5}
         fields.update(ingest)
         service = Ingest(IngestSettings(**fields),  # type: ignore[arg-type]
-                         secured.settings_for("ingest"))
+                         secured.settings_for("ingest", **(nats_fields or {})))
         async with serving(service):
             yield secured, service
 
@@ -278,3 +278,25 @@ async def test_an_edge_cannot_have_another_edges_batches_dropped_as_duplicates(
             await publish(bridge.url, "s", 1)  # seq 2
             await until(lambda: committed(2), timeout=6,
                         message="e2's batch was swallowed as a duplicate of e1's message")
+
+
+async def test_an_edge_flooding_its_events_subject_discards_only_its_own_events(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """``ES_EVENTS`` kept every event for 7 days, with no byte cap: an edge may publish on
+    its own events subject as fast as its link goes, up to 1 MiB a message, so one edge
+    could fill the JetStream store and stop every stream's writes. Now the stream has a
+    byte cap and keeps at most ``events_max_msgs_per_edge`` events per edge: ``e1``'s
+    flood of 100 leaves 20 of its own, and ``e2``'s event is still there."""
+    async with cloud(tmp_path, pg_dsn, nats_fields={"events_max_msgs_per_edge": 20}) as (
+            secured, _):
+        async with as_edge(secured, VICTIM) as nc:
+            await nc.jetstream(timeout=5).publish("es.evt.e2", encode_event(beat(VICTIM)))
+        async with as_edge(secured, ATTACKER) as nc:
+            js = nc.jetstream(timeout=5)
+            for i in range(100):
+                await js.publish("es.evt.e1", b"flood %d" % i)
+            info = await js.stream_info(secured.topology.events_stream,
+                                        subjects_filter="es.evt.>")
+        assert info.config.max_bytes == secured.settings_for("ingest").events_max_bytes
+        assert info.state.subjects == {"es.evt.e1": 20, "es.evt.e2": 1}
