@@ -221,6 +221,8 @@ class EventsConsumer:
                     return  # unacked: redelivered to whoever runs next
                 await asyncio.sleep(temporary.delay if temporary is not None
                                     else backoff_s(attempt, base_s=0.5, cap_s=5.0))
+        if dead or refused:  # counted with the records' letters: one rate to watch per fleet
+            self._metrics.dead_letters.inc(len(dead) + len(refused))
         for m, reason in refused:
             log.error("event_dead_lettered", subject=m.subject, reason=reason)
         for action in after:

@@ -163,8 +163,8 @@ async def test_an_event_naming_a_key_that_is_no_watermark_key_is_dead_lettered(
     the subject, which failed the whole window of writes (every edge's keys in it) at
     every retry; a 5,000-character name made nats-server close the ingest's
     connection. ``e2`` then never learned its watermark and kept every record. Now the
-    event is a dead letter naming the field, and nothing of it is stored."""
-    async with cloud(tmp_path, pg_dsn) as (secured, _):
+    event is a dead letter naming the field, counted, and nothing of it is stored."""
+    async with cloud(tmp_path, pg_dsn) as (secured, ingest):
         async with as_edge(secured, ATTACKER) as nc:
             await nc.jetstream(timeout=5).publish("es.evt.e1", encode_event(event))
         async with connected(pg_dsn) as conn:
@@ -180,6 +180,7 @@ async def test_an_event_naming_a_key_that_is_no_watermark_key_is_dead_lettered(
         letters = await dead_letters(pg_dsn, "es.evt.e1")
         assert [r["kind"] for r in letters] == ["event"]
         assert field in letters[0]["reason"], letters[0]["reason"]
+        assert ingest.metrics.dead_letters._value.get() == 1
 
 
 async def test_an_edge_cannot_make_the_cloud_hold_keys_without_bound(
