@@ -301,3 +301,115 @@ async def test_an_edge_flooding_its_events_subject_discards_only_its_own_events(
                                         subjects_filter="es.evt.>")
         assert info.config.max_bytes == secured.settings_for("ingest").events_max_bytes
         assert info.state.subjects == {"es.evt.e1": 20, "es.evt.e2": 1}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "open: nats-server sends a JetStream publish ack to the publish's reply subject "
+    "without checking it against the publisher's permissions, so an edge can have an "
+    "ack written to any subject a stream captures; the fix is to put the edges in an "
+    "account of their own (docs/security.md, 'One compromised edge')"))
+async def test_an_edge_cannot_write_another_edges_subjects_through_a_reply_subject(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """``e1`` publishes on its own records subject with the reply subject set to
+    ``e2``'s command subject and to ``e2``'s watermark key: JetStream answers each
+    publish with its ack ``{"stream": ..., "seq": ...}``, sent to that subject as the
+    stream's own message, so it lands in ``ES_CONTROL`` for ``e2`` and replaces
+    ``e2``'s watermark value. Neither may happen."""
+    async with cloud(tmp_path, pg_dsn) as (secured, _):
+        t = secured.topology
+        key = f"{VICTIM}.s.7"
+        async with as_edge(secured, VICTIM) as nc:
+            await ship(nc, VICTIM, "s", 7, 1, 3)
+            kv = await nc.jetstream(timeout=5).key_value(t.watermarks_bucket)
+
+            async def committed() -> bool:
+                try:
+                    return (await kv.get(key)).value == b"3"
+                except nats.js.errors.KeyNotFoundError:
+                    return False
+
+            await until(committed, timeout=15)
+            async with as_edge(secured, ATTACKER) as attacker:
+                for reply in (t.control_subject(VICTIM), t.watermark_subject(VICTIM, "s", 7)):
+                    await attacker.publish(f"es.rec.{ATTACKER}.x", b"x", reply=reply)
+                await attacker.flush()
+
+                async def both_taken() -> bool:
+                    subjects = (await attacker.jetstream(timeout=5).stream_info(
+                        t.records_stream, subjects_filter=f"es.rec.{ATTACKER}.x")
+                                ).state.subjects or {}
+                    return subjects.get(f"es.rec.{ATTACKER}.x") == 2
+
+                await until(both_taken, timeout=5)
+                info = await attacker.jetstream(timeout=5).stream_info(
+                    t.control_stream, subjects_filter=">")
+            assert not info.state.subjects, info.state.subjects
+            assert (await kv.get(key)).value == b"3"
+
+
+async def test_a_watermark_key_another_edge_spoiled_does_not_stop_the_catch_up_of_the_rest(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """What the open hole above allows today: ``e1`` has a JetStream ack written over
+    ``e2``'s watermark of stream ``a`` (a reply subject). ``e2``'s bridge, catching up
+    after a restart, met that value first and gave up the whole round, so it learned no
+    watermark of any stream until a retransmission made the cloud write them again
+    (30 s). Now the spoiled key is skipped and stream ``b`` is trimmed at once."""
+    async with SecuredNats(tmp_path / "state", log_file=tmp_path / "nats.log") as secured:
+        for edge in (ATTACKER, VICTIM):
+            await secured.add_edge(edge, control_consumer=False)
+        await create_control_consumer(secured.settings_for("admin"), secured.topology, VICTIM)
+        settings = bridge_settings(tmp_path, VICTIM)
+        edge_nats = secured.settings_for("edge", VICTIM, publish_timeout_s=2)
+        ingest = Ingest(IngestSettings(postgres_dsn=pg_dsn, port=0, fetch_timeout_s=0.05),
+                        secured.settings_for("ingest"))
+        async with serving(ingest):
+            pass  # streams and bucket exist; nothing is committed while the bridge ships
+        bridge = Bridge(settings, edge_nats)
+        async with serving(bridge):
+            await publish(bridge.url, "a", 5)
+            await publish(bridge.url, "b", 5)
+            epochs = {s: bridge.buffer.stream_state(s).epoch for s in ("a", "b")}  # type: ignore[union-attr]
+
+            async def shipped() -> bool:
+                return all(bridge.buffer.stream_state(s).shipped_seq == 5  # type: ignore[union-attr]
+                           for s in ("a", "b"))
+
+            await until(shipped, timeout=15, message="not shipped")
+        async with serving(Ingest(IngestSettings(postgres_dsn=pg_dsn, port=0,
+                                                 fetch_timeout_s=0.05),
+                                  secured.settings_for("ingest"))), as_edge(secured, VICTIM) as nc:
+            kv = await nc.jetstream(timeout=5).key_value(secured.topology.watermarks_bucket)
+
+            async def committed() -> bool:
+                try:
+                    values = [(await kv.get(f"{VICTIM}.{s}.{e}")).value
+                              for s, e in epochs.items()]
+                except nats.js.errors.KeyNotFoundError:
+                    return False
+                return values == [b"5", b"5"]
+
+            await until(committed, timeout=15, message="watermarks never written")
+            async with as_edge(secured, ATTACKER) as attacker:
+                await attacker.publish(
+                    f"es.rec.{ATTACKER}.x", b"x",
+                    reply=secured.topology.watermark_subject(VICTIM, "a", epochs["a"]))
+                await attacker.flush()
+
+            async def spoiled() -> bool:
+                return (await kv.get(f"{VICTIM}.a.{epochs['a']}")).value != b"5"
+
+            await until(spoiled, timeout=5)
+        # No ingest now: what the restarted bridge re-ships is not committed again (which
+        # would write the watermarks anew); only its catch-up can trim.
+        bridge = Bridge(settings, edge_nats)
+        async with serving(bridge):
+            async def b_trimmed() -> bool:
+                state = bridge.buffer.stream_state("b")
+                return state is not None and state.committed_seq == 5
+
+            await until(b_trimmed, timeout=10,
+                        message="one spoiled key stopped the catch-up of the others")
+            state = bridge.buffer.stream_state("a")
+            assert state is not None and state.committed_seq == 0  # the spoiled one
