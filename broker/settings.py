@@ -24,7 +24,12 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.errors import ConfigError
-from broker.protocol.stream_limits import RECORDS_MAX_AGE_S, RECORDS_MAX_BYTES
+from broker.protocol.stream_limits import (
+    EVENTS_MAX_BYTES,
+    EVENTS_MAX_MSGS_PER_EDGE,
+    RECORDS_MAX_AGE_S,
+    RECORDS_MAX_BYTES,
+)
 from broker.protocol.tokens import TOKEN_PATTERN, is_valid_token, validate_token
 from broker.protocol.wire import MAX_BATCH_BYTES, MAX_BATCH_RECORDS
 
@@ -82,6 +87,17 @@ class NatsSettings(BaseModel):
         RECORDS_MAX_AGE_S, gt=0,
         description="Seconds the records stream keeps a batch (1 day); the edge keeps every "
         "record until PostgreSQL commits it, so this only bounds the disk.",
+    )
+    events_max_bytes: int = Field(
+        EVENTS_MAX_BYTES, ge=1024,
+        description="Byte cap of the events stream (ES_EVENTS; 10 GiB); the oldest events "
+        "are discarded past it. Without it one edge publishing on its own events subject "
+        "could fill the JetStream store for every stream.",
+    )
+    events_max_msgs_per_edge: int = Field(
+        EVENTS_MAX_MSGS_PER_EDGE, ge=1,
+        description="Events the events stream keeps per edge (50,000: 70 h of 5 s "
+        "heartbeats); past it that edge's oldest are discarded, not other edges'.",
     )
     credentials_file: Path | None = Field(
         None, description="This identity's NATS credentials: the nkey seed file `edgesync "
@@ -410,6 +426,15 @@ class IngestSettings(BaseModel):
         description="Bytes of decoded batches (bodies plus ~400 B per record) a worker holds "
         "at once; a fetched group beyond it is written in parts. Memory stays near "
         "workers x this, whatever the messages expand to.",
+    )
+    max_keys_per_edge: int = Field(
+        10_000,
+        ge=1,
+        description="(stream, epoch) keys one edge may make the cloud hold (each a "
+        "committed_ranges row and a watermark key, kept for good). A bridge holds at most "
+        "2,500 streams and mints an epoch only when its buffer is wiped; past this bound "
+        "a batch, drop marker or trim floor naming a new key is refused (dead letter, "
+        "log line), so one compromised edge cannot fill PostgreSQL and JetStream.",
     )
     watermark_interval_s: float = Field(
         0.25, gt=0, description="Coalescing window of committed-watermark updates per key."

@@ -29,6 +29,7 @@ from nats.js.errors import FetchTimeoutError
 from broker.backoff import backoff_s
 from broker.errors import DecodeError
 from broker.protocol.events import Heartbeat, decode_event
+from broker.protocol.tokens import is_valid_token
 from broker.protocol.topology import Topology
 from cloud_ingest.db_errors import DATABASE_ERRORS, Connection, as_temporary
 from cloud_ingest.dead_letters import DeadLetter, insert_dead_letters
@@ -183,7 +184,11 @@ class EventsConsumer:
             except DecodeError as exc:
                 dead.append((m, str(exc)))
                 continue
-            if m.subject != self._topology.events_subject(event.edge):
+            # The decoder refuses an edge id that is not a token; checked here again because
+            # events_subject raises on one, and a raise here would end the consumer (and the
+            # ingest) on one edge's message, redelivered to every restart.
+            if (not is_valid_token(event.edge)
+                    or m.subject != self._topology.events_subject(event.edge)):
                 dead.append((m, f"event of edge {event.edge!r} on subject {m.subject!r}"))
                 continue
             if type(event) not in self._writers:
@@ -216,6 +221,8 @@ class EventsConsumer:
                     return  # unacked: redelivered to whoever runs next
                 await asyncio.sleep(temporary.delay if temporary is not None
                                     else backoff_s(attempt, base_s=0.5, cap_s=5.0))
+        if dead or refused:  # counted with the records' letters: one rate to watch per fleet
+            self._metrics.dead_letters.inc(len(dead) + len(refused))
         for m, reason in refused:
             log.error("event_dead_lettered", subject=m.subject, reason=reason)
         for action in after:

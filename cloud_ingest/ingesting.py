@@ -111,7 +111,7 @@ class RecordsConsumer:
         self._metrics = metrics
         self._on_committed = on_committed
         self._on_repeated = on_repeated
-        self._writer = GroupWriter(topology)
+        self._writer = GroupWriter(topology, max_keys_per_edge=settings.max_keys_per_edge)
         self._stopping = False
         self._stop = asyncio.Event()
         self.db_ok = True
@@ -359,6 +359,8 @@ class RecordsConsumer:
         metrics.duplicate_records.inc(
             max(0, result.records - result.inserted - result.dead_lettered_records))
         metrics.dead_letters.inc(result.dead_letters)
+        if result.keys_refused:
+            metrics.keys_refused.inc(result.keys_refused)
         metrics.dead_lettered_records.inc(result.dead_lettered_records)
         log.debug("records_committed", batches=result.batches, records=result.records,
                   inserted=result.inserted, dead_letters=result.dead_letters)

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import asyncpg
 
+from broker.errors import InvalidInput
 from cloud_ingest.db_errors import Connection
 
 __all__ = ["REJECTED", "refusal", "write_each"]
@@ -22,6 +23,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 REJECTED: tuple[type[BaseException], ...] = (
+    InvalidInput,  # a writer's own refusal (cloud_ingest.key_limits), reason as raised
     asyncpg.DataError,
     asyncpg.IntegrityConstraintViolationError,
     asyncpg.ProgramLimitExceededError,
@@ -35,6 +37,8 @@ connection: worth narrowing down, never worth retrying as is."""
 
 def refusal(exc: BaseException) -> str:
     """The dead-letter reason for a refusal."""
+    if isinstance(exc, InvalidInput):
+        return str(exc)
     return f"rejected by PostgreSQL: {type(exc).__name__}: {exc}"
 
 
@@ -52,8 +56,9 @@ async def write_each(
     try:
         async with conn.transaction():
             return [await write(conn, list(items))], []
-    except REJECTED:
-        pass
+    except REJECTED as exc:
+        if len(items) == 1:
+            return [], [(0, refusal(exc))]  # tried alone already
     results: list[R] = []
     refused: list[tuple[int, str]] = []
     for i, item in enumerate(items):

@@ -75,6 +75,13 @@ class IngestMetrics:
             "Committed-watermark writes to the KV bucket that JetStream acknowledged (at "
             "most one per key per window: the rate edges learn of commits at).", registry=r,
         )
+        self.keys_refused = Counter(
+            "edgesync_ingest_keys_refused",
+            "Batches, drop markers and trim floors refused because they named a new "
+            "(stream, epoch) key of an edge that holds ingest.max_keys_per_edge keys "
+            "already (a misbehaving or compromised edge; each batch is a dead letter).",
+            registry=r,
+        )
         self.watermark_write_failures = Counter(
             "edgesync_ingest_watermark_write_failures",
             "Watermark writes refused or unanswered; each is kept and written again in "

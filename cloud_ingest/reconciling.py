@@ -33,6 +33,7 @@ import structlog
 from broker.protocol.events import Heartbeat
 from cloud_ingest.db_errors import Connection
 from cloud_ingest.events_consuming import AfterCommit
+from cloud_ingest.key_limits import keys_over_limit
 from cloud_ingest.metrics import IngestMetrics
 from cloud_ingest.ranges import Watermark, accounted
 
@@ -137,10 +138,13 @@ def report_lost(lost: list[Lost], metrics: IngestMetrics | None) -> None:
 
 
 def lost_after_commit_writer(
-    on_watermarks: Callable[[list[Watermark]], None], metrics: IngestMetrics
+    on_watermarks: Callable[[list[Watermark]], None], metrics: IngestMetrics,
+    *, max_keys_per_edge: int | None = None,
 ) -> Callable[[Connection, list[Any]], Any]:
     """A heartbeat writer for the events consumer: reconciles each stream's trim floor;
-    after commit, reports the loss and the watermarks that moved (``on_watermarks``)."""
+    after commit, reports the loss and the watermarks that moved (``on_watermarks``).
+    A floor of a new key of an edge that holds ``max_keys_per_edge`` keys is ignored
+    (logged, counted: :mod:`cloud_ingest.key_limits`); the heartbeat is stored."""
 
     async def write(conn: Connection, beats: list[Heartbeat]) -> AfterCommit | None:
         highest: dict[tuple[str, str, int], int] = {}
@@ -149,6 +153,11 @@ def lost_after_commit_writer(
                 if health.trim_floor > 0:
                     key = (beat.edge, stream, health.epoch)
                     highest[key] = max(highest.get(key, 0), health.trim_floor)
+        if highest and max_keys_per_edge is not None:
+            for key in sorted(await keys_over_limit(conn, highest, max_keys_per_edge)):
+                log.warning("edge_key_limit_reached", edge=key[0], stream=key[1],
+                            epoch=key[2], limit=max_keys_per_edge, trim_floor=highest.pop(key))
+                metrics.keys_refused.inc()
         lost = await record_lost_after_commit(
             conn, [(*key, floor) for key, floor in sorted(highest.items())]
         )

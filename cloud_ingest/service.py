@@ -61,6 +61,8 @@ class Ingest(CloudService):
             prefix=nats_settings.prefix, replicas=nats_settings.replicas,
             records_max_bytes=nats_settings.records_max_bytes,
             records_max_age_s=nats_settings.records_max_age_s,
+            events_max_bytes=nats_settings.events_max_bytes,
+            events_max_msgs_per_edge=nats_settings.events_max_msgs_per_edge,
         ))
         self.settings = settings
         self.metrics = IngestMetrics()
@@ -102,11 +104,15 @@ class Ingest(CloudService):
             js=js, pool=pool, topology=self.topology,
             consumer=self.settings.consumer, metrics=self.metrics,
             writers={
-                DropMarker: drop_marker_writer(self.watermarks.note),
+                DropMarker: drop_marker_writer(
+                    self.watermarks.note, max_keys_per_edge=self.settings.max_keys_per_edge,
+                    metrics=self.metrics),
                 CommandStatusReport: CommandStatusWriter(self.metrics.registry),
                 DesiredStateReport: DesiredReportWriter(self.metrics.registry),
             },
-            on_heartbeats=lost_after_commit_writer(self.watermarks.note, self.metrics),
+            on_heartbeats=lost_after_commit_writer(
+                self.watermarks.note, self.metrics,
+                max_keys_per_edge=self.settings.max_keys_per_edge),
         )
         await self.events.ensure_consumer()
         # JetStream may lose all of it later (a store wiped or restored): made again.

@@ -37,7 +37,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from broker.protocol.tokens import is_valid_token
 from broker.protocol.topology import Topology
+from broker.protocol.wire import MAX_EPOCH
 from cloud_ingest.bulk_publishing import publish_many
 from cloud_ingest.direct_delivery import DeliveringClient, status_of, unsubscribe
 from cloud_ingest.metrics import IngestMetrics
@@ -54,6 +56,13 @@ _ACK_TIMEOUT_S = 5.0
 """How long a window's writes may wait for their acks before they count as failed."""
 _PUBLISHED_MEMORY = 100_000
 """Keys whose last published value is remembered (to skip re-publishing it)."""
+
+
+def _writable(key: _Key) -> bool:
+    """Whether ``key`` can name a watermark's subject: its edge and stream tokens, its
+    epoch as the wire allows it."""
+    edge, stream, epoch = key
+    return is_valid_token(edge) and is_valid_token(stream) and 0 < epoch <= MAX_EPOCH
 
 
 class WatermarkPublisher:
@@ -81,6 +90,8 @@ class WatermarkPublisher:
         """Writes JetStream acknowledged."""
         self.failures = 0
         """Writes refused or unanswered (each kept for the next window)."""
+        self.refused_keys = 0
+        """Keys never written because they cannot name a subject (:func:`_writable`)."""
         self.on_failed: Callable[[], None] | None = None
         """Called after a window with failed writes: the bucket may be gone
         (:mod:`cloud_ingest.topology_keeping`)."""
@@ -142,6 +153,15 @@ class WatermarkPublisher:
             self._publishing = True
             puts: list[tuple[str, str, bytes]] = []
             for key, watermark in window:
+                if not _writable(key):
+                    # Never written: one key that cannot be a subject (whitespace, a name
+                    # longer than a NATS control line) failed its whole window of writes,
+                    # every window, every edge's. The event decoder refuses such names
+                    # (broker.protocol.events); this is the last guard.
+                    log.error("watermark_key_refused", edge=key[0][:80], stream=key[1][:80],
+                              epoch=key[2])
+                    self.refused_keys += 1
+                    continue
                 token = f"{prefix}{next(self._tokens)}"
                 self._in_flight[token] = (key, watermark)
                 puts.append((self._subject_of(*key), token, str(watermark).encode()))

@@ -78,6 +78,7 @@ from cloud_ingest.direct_delivery import header_of
 from cloud_ingest.feeding import record_commit
 from cloud_ingest.gc_pausing import paused_gc
 from cloud_ingest.isolating import REJECTED, refusal
+from cloud_ingest.key_limits import key_limit_reason, keys_over_limit
 from cloud_ingest.ranges import Span, Watermark, merge_committed, spans_of, watermarks_of
 
 __all__ = [
@@ -152,13 +153,20 @@ class GroupResult:
     watermark write lost, an ingest that stopped between its commit and the write),
     so these are written again, even if written before: without that, a stream that
     then goes quiet would keep its last batch unacknowledged, retransmitted for ever."""
+    keys_refused: int = 0
+    """Messages dead-lettered because they named a key past the edge's bound
+    (:mod:`cloud_ingest.key_limits`); counted in ``dead_letters`` too."""
 
 
 class GroupWriter:
     """Writes one fetched group in one transaction (see module docstring)."""
 
-    def __init__(self, topology: Topology) -> None:
+    def __init__(self, topology: Topology, *, max_keys_per_edge: int | None = None) -> None:
+        """``max_keys_per_edge``: the bound of :mod:`cloud_ingest.key_limits` (None: none)."""
         self.topology = topology
+        self.max_keys_per_edge = max_keys_per_edge
+        self.keys_refused = 0
+        """Messages dead-lettered because they named a key past ``max_keys_per_edge``."""
         self._days: set[date] = set()
         """Days whose ``records`` partition this writer has seen exist."""
         self._key_pieces = KeyPieces()
@@ -276,6 +284,8 @@ class GroupWriter:
             if created := await conn.fetchval("SELECT es_records_partition($1)", day):
                 log.warning("records_partition_created_late", partition=created)
             self._days = {day}
+        refused_before = self.keys_refused
+        group = await self._within_key_limit(conn, group)
         refs = await self.stream_keys(conn, {key_of(d.batch) for d in group if d.batch})
         letters: list[DeadLetter] = []
         committed: list[Span] = []
@@ -403,7 +413,30 @@ class GroupWriter:
         dead_records = sum(d.span[4] - d.span[3] + 1 for d in letters if d.span)
         return GroupResult(batches, records, inserted, len(letters), dead_records,
                            [(*k, v) for k, v in wm.items()],
-                           [w for w in repeated if w[:3] not in wm])
+                           [w for w in repeated if w[:3] not in wm],
+                           self.keys_refused - refused_before)
+
+    async def _within_key_limit(self, conn: Connection, group: Sequence[Decoded]
+                                ) -> Sequence[Decoded]:
+        """``group`` with each batch that names a key past ``max_keys_per_edge`` turned
+        into a message-level dead letter (no seq accounted: that would make the key's
+        row). Asks PostgreSQL only about keys this writer does not know."""
+        limit = self.max_keys_per_edge
+        if limit is None:
+            return group
+        new = {key_of(d.batch) for d in group if d.batch is not None} - self._keys.keys()
+        if not new or not (refused := await keys_over_limit(conn, new, limit)):
+            return group
+        out: list[Decoded] = []
+        for d in group:
+            if d.batch is None or (key := key_of(d.batch)) not in refused:
+                out.append(d)
+                continue
+            self.keys_refused += 1
+            log.warning("edge_key_limit_reached", edge=key[0], stream=key[1], epoch=key[2],
+                        limit=limit)
+            out.append(Decoded(d.msg, None, key_limit_reason(key, limit), None, d.cost))
+        return out
 
     async def _insert_isolating(
         self, conn: Connection, rows: CopyRows, *, bisect: bool = True

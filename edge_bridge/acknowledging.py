@@ -105,8 +105,19 @@ class WatermarkFollower:
                         self._topology.watermark_key(self._edge, stream, state.epoch))
                 except KeyNotFoundError:
                     continue
-                if entry.value:
-                    await self.apply(stream, state.epoch, int(entry.value))
+                if not entry.value:
+                    continue
+                try:
+                    watermark = int(entry.value)
+                except ValueError:
+                    # Not the cloud's (another edge can have a JetStream ack written to
+                    # any key: docs/security.md). Skipped alone: it used to end the round,
+                    # and with it the catch-up of every stream after it.
+                    if self._ignored.get((stream, state.epoch)) != -1:
+                        self._ignored[(stream, state.epoch)] = -1
+                        log.warning("watermark_malformed", stream=stream, epoch=state.epoch)
+                    continue
+                await self.apply(stream, state.epoch, watermark)
         except BucketNotFoundError:
             log.debug("watermark_bucket_missing")  # no ingest has started yet
         except ClosedError:

@@ -1,8 +1,9 @@
 """The shipper: reads the oldest unshipped records, packs batches and publishes them.
 
 Streams are served by priority (higher first). Each publish carries a
-``Nats-Msg-Id`` derived from the batch's identity range, so a retried publish
-of the same batch is absorbed by JetStream's duplicate window, and the batch is
+``Nats-Msg-Id`` derived from the batch's identity range and a secret of the process
+(:func:`broker.protocol.wire.msg_id`), so a retried publish of the same batch is
+absorbed by JetStream's duplicate window, and the batch is
 retried with its original boundaries until it is acknowledged. At most
 ``max_in_flight`` batches are held in memory, whatever the backlog on disk.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -78,6 +80,10 @@ class Shipper:
         # Public: the watermark follower and the drop reporter work on what this shipper
         # ships, so they take these from it rather than being handed them again.
         self.buffer, self.edge_id, self.topology = buffer, edge_id, topology
+        self._salt = secrets.token_hex(8)
+        """Of every ``Nats-Msg-Id`` this process publishes (:func:`msg_id` says why); a
+        restarted bridge's first publishes are then not de-duplicated by JetStream, and
+        the ingest's idempotent write absorbs them instead."""
         self.settings = settings
         self._policy_for = policy_for
         self._metrics = metrics
@@ -292,7 +298,7 @@ class Shipper:
             )
             headers["Nats-Msg-Id"] = msg_id(
                 self.edge_id, run.stream, run.epoch, run.first_seq, run.last_seq,
-                generation=generation,
+                generation=generation, salt=self._salt,
             )
             subject = self.topology.records_subject(self.edge_id, run.stream)
             attempt = 0

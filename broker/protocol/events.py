@@ -9,7 +9,8 @@ from typing import Annotated, Any
 import msgspec
 
 from broker.errors import DecodeError
-from broker.protocol.wire import MAX_SEQ
+from broker.protocol.tokens import TOKEN_PATTERN
+from broker.protocol.wire import MAX_EPOCH, MAX_SEQ
 
 __all__ = [
     "CommandStatusReport",
@@ -23,8 +24,17 @@ __all__ = [
 ]
 
 
+_Token = Annotated[str, msgspec.Meta(pattern=rf"\A{TOKEN_PATTERN}\Z")]
+"""An edge id or stream name (:mod:`broker.protocol.tokens`). The cloud turns what an
+event names into subjects (a watermark key ``<edge>.<stream>.<epoch>``) and rows, so an
+event naming anything else is malformed: a stream name with a space, once merged into
+``committed_ranges``, made every watermark write of its window fail, for every edge."""
+_Epoch = Annotated[int, msgspec.Meta(ge=1, le=MAX_EPOCH)]
+"""A buffer's epoch as the wire allows it."""
+
+
 class StreamHealth(msgspec.Struct, frozen=True):
-    epoch: int
+    epoch: _Epoch
     next_seq: int
     """One past the highest seq assigned."""
     shipped_seq: int
@@ -45,7 +55,7 @@ class StreamHealth(msgspec.Struct, frozen=True):
 class Heartbeat(msgspec.Struct, tag="heartbeat", tag_field="type", frozen=True):
     """The bridge's periodic health report."""
 
-    edge: str
+    edge: _Token
     version: str
     sent_at: float
     """Unix seconds, the edge's clock."""
@@ -57,7 +67,7 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", tag_field="type", frozen=True):
     disk_bytes: int
     dropped: dict[str, dict[str, int]]
     """``{stream: {"overflow": n, "ttl": m}}`` since the buffer was created."""
-    streams: dict[str, StreamHealth] = {}
+    streams: dict[_Token, StreamHealth] = {}
 
 
 _Seq = Annotated[int, msgspec.Meta(ge=1, le=MAX_SEQ)]
@@ -67,9 +77,9 @@ _Seq = Annotated[int, msgspec.Meta(ge=1, le=MAX_SEQ)]
 class DropMarker(msgspec.Struct, tag="drop", tag_field="type", frozen=True):
     """The edge dropped a contiguous run of records by policy (reported once per run)."""
 
-    edge: str
-    stream: str
-    epoch: int
+    edge: _Token
+    stream: _Token
+    epoch: _Epoch
     first_seq: _Seq
     last_seq: _Seq
     count: Annotated[int, msgspec.Meta(ge=0)]
@@ -88,7 +98,7 @@ class CommandStatusReport(msgspec.Struct, tag="command_status", tag_field="type"
     ``failed``, ``rejected`` or ``expired``: a
     :class:`~broker.protocol.commands.CommandStatus`); see :mod:`edge_bridge.commanding`."""
 
-    edge: str
+    edge: _Token
     command_id: str
     """The id the command carries (claimed, for commands that failed verification)."""
     digest: str
@@ -109,7 +119,7 @@ class DesiredStateReport(msgspec.Struct, tag="desired_state", tag_field="type", 
     """Where an edge stands against its desired state (:mod:`edge_bridge.desired_state`):
     sent after each change of status or drift, and after every apply."""
 
-    edge: str
+    edge: _Token
     revision: int
     """The revision of the signed desired state this is about (0: none received)."""
     version_id: int

@@ -43,7 +43,12 @@ from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from broker.errors import TopologyMissing
-from broker.protocol.stream_limits import RECORDS_MAX_AGE_S, RECORDS_MAX_BYTES
+from broker.protocol.stream_limits import (
+    EVENTS_MAX_BYTES,
+    EVENTS_MAX_MSGS_PER_EDGE,
+    RECORDS_MAX_AGE_S,
+    RECORDS_MAX_BYTES,
+)
 from broker.protocol.tokens import validate_token
 
 __all__ = ["INIT_HINT", "Topology"]
@@ -63,6 +68,10 @@ class Topology:
     records_max_bytes: int = RECORDS_MAX_BYTES
     """Byte cap of ``ES_RECORDS``; past it the oldest batches are discarded (the edges
     retransmit what was discarded before PostgreSQL committed it)."""
+    events_max_bytes: int = EVENTS_MAX_BYTES
+    """Byte cap of ``ES_EVENTS`` (:data:`~broker.protocol.stream_limits.EVENTS_MAX_BYTES`)."""
+    events_max_msgs_per_edge: int = EVENTS_MAX_MSGS_PER_EDGE
+    """Events ``ES_EVENTS`` keeps per edge subject; past it that edge's oldest go."""
     duplicate_window_s: float = 300.0
     """JetStream's ``Nats-Msg-Id`` de-duplication window for record batches."""
     replicas: int = 1
@@ -152,11 +161,14 @@ class Topology:
                          max_age_s=self.records_max_age_s, max_bytes=self.records_max_bytes),
             self._stream(self.control_stream, f"{self.prefix}.ctl.>",
                          max_age_s=30 * 24 * 3600.0, max_consumers=self.control_max_consumers),
-            self._stream(self.events_stream, self.events_wildcard, max_age_s=7 * 24 * 3600.0),
+            self._stream(self.events_stream, self.events_wildcard, max_age_s=7 * 24 * 3600.0,
+                         max_bytes=self.events_max_bytes,
+                         max_msgs_per_subject=self.events_max_msgs_per_edge),
         ]
 
     def _stream(self, name: str, subjects: str, *, max_age_s: float,
-                max_bytes: int | None = None, max_consumers: int | None = None) -> StreamConfig:
+                max_bytes: int | None = None, max_consumers: int | None = None,
+                max_msgs_per_subject: int = -1) -> StreamConfig:
         """What every edgesync stream shares: limits retention, on file, the oldest
         discarded first, the ``Nats-Msg-Id`` window and the replicas."""
         return StreamConfig(
@@ -170,6 +182,7 @@ class Topology:
             duplicate_window=self.duplicate_window_s,
             num_replicas=self.replicas,
             max_consumers=max_consumers,
+            max_msgs_per_subject=max_msgs_per_subject,
         )
 
     def control_durable(self, edge: str) -> str:

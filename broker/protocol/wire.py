@@ -179,7 +179,8 @@ _RECORD_ARITY: Final = len(Record.__struct_fields__)
 
 
 def msg_id(
-    edge: str, stream: str, epoch: int, first_seq: int, last_seq: int, *, generation: int = 0
+    edge: str, stream: str, epoch: int, first_seq: int, last_seq: int, *, generation: int = 0,
+    salt: str = "",
 ) -> str:
     """The ``Nats-Msg-Id`` of a batch: its identity range, so JetStream de-duplicates
     a retried publish of the same range within its duplicate window.
@@ -187,8 +188,16 @@ def msg_id(
     ``generation`` counts deliberate retransmissions (the cloud never committed the
     range): those must *not* be absorbed by JetStream's duplicate window, since the
     earlier copy is what got lost.
+
+    ``salt``: a secret of the publisher (the shipper mints one per process). JetStream's
+    duplicate window is the stream's, not a subject's: any edge may publish a message
+    with any ``Nats-Msg-Id`` on its own subject, and an id another edge will use, known
+    in advance (the epoch is no secret: stream info lists the watermark keys), made
+    JetStream drop that edge's batch as a duplicate, and every retransmission of it too.
     """
     base = f"{edge}.{stream}.{epoch}.{first_seq}-{last_seq}"
+    if salt:
+        base = f"{base}.{salt}"
     return base if generation == 0 else f"{base}.r{generation}"
 
 
