@@ -19,7 +19,9 @@ trims only what that shipper shipped.
 
 :class:`DropReporter` tells the cloud about every run of records the buffer
 dropped by policy, and repeats itself until the watermark passes the run, so a
-marker lost on the way is sent again.
+marker lost on the way is sent again. A run the buffer extended (more records
+dropped right after it) is sent again at once, with the same first seq and the
+new last seq and count; the cloud keeps the longest marker per first seq.
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ class DropReporter:
         self._shipper = shipper
         self._repeat_after = repeat_after_s
         self._interval = interval_s
-        self._sent: dict[tuple[str, int, int], float] = {}
+        self._sent: dict[tuple[str, int, int, int], float] = {}
 
     async def report_forever(self) -> None:
         while True:
@@ -187,7 +189,8 @@ class DropReporter:
         live = set()
         sent = 0
         for stream, epoch, first, last, count, reason, dropped_at in pending:
-            key = (stream, epoch, first)
+            # A run the buffer extended since it was last sent is news: sent at once.
+            key = (stream, epoch, first, last)
             live.add(key)
             if now - self._sent.get(key, -1e18) < self._repeat_after:
                 continue

@@ -359,3 +359,40 @@ async def test_a_truncated_buffer_opens_and_never_reuses_an_identity(tmp_path: P
     assert quarantined == 1
     assert stats.records < 200
     assert again.epoch != old.epoch or again.first_seq > old.first_seq + old.count - 1
+
+
+async def test_drops_at_every_append_under_a_long_outage_keep_one_pending_run(
+    tmp_path: Path,
+) -> None:
+    """A full drop_oldest stream drops at every append (the uplink is down for days):
+    each drop continues the previous one, so the pending drop runs (a table row each,
+    read by the reporter every second and sent as markers) stay one run covering every
+    dropped seq, with the exact count, not one row per append."""
+    async with make_drop_oldest(tmp_path, room_for=10) as buf:
+        await buf.append("a", encode_chunks(recs(10)))
+        for _ in range(2_000):
+            await buf.append("a", encode_chunks(recs(1)))
+        drops = await buf.pending_drops()
+        stats = await buf.stats()
+    assert stats.dropped["a"]["overflow"] == 2_000
+    assert [(d.first_seq, d.last_seq, d.records, d.reason) for d in drops] == [
+        (1, 2_000, 2_000, "overflow")]
+
+
+async def test_expiry_runs_that_continue_each_other_are_one_pending_run(
+    tmp_path: Path,
+) -> None:
+    """TTL expiry during an outage drops what aged out at each check: consecutive
+    expiries extend one run; a run of another reason is not merged into it."""
+    async with make(tmp_path, max_bytes=record_size(recs(1)[0]) * 10,
+                    policies={"a": StreamPolicy(overflow="drop_oldest")}) as buf:
+        for _ in range(5):
+            await buf.append("a", encode_chunks(recs(2)))
+            assert await buf.expire("a", after_seq=0, ttl_s=1e-9) == 2
+        await buf.append("a", encode_chunks(recs(10)))
+        await buf.append("a", encode_chunks(recs(3)))  # overflow: drops seqs 11..13
+        drops = await buf.pending_drops()
+        stats = await buf.stats()
+    assert stats.dropped["a"] == {"overflow": 3, "ttl": 10}
+    assert [(d.first_seq, d.last_seq, d.records, d.reason) for d in drops] == [
+        (1, 10, 10, "ttl"), (11, 13, 3, "overflow")]
