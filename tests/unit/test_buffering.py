@@ -12,6 +12,7 @@ from broker.errors import BufferFull, ClosedError, InvalidInput
 from broker.protocol.wire import CT_JSON, Record, array_header
 from broker.settings import StreamPolicy
 from edge_bridge.buffer import Buffer, StoredRun, encode_chunks, record_size
+from edge_bridge.buffer.recovery import salvage
 
 
 def recs(n: int, size: int = 10, start: int = 0) -> list[Record]:
@@ -396,3 +397,23 @@ async def test_expiry_runs_that_continue_each_other_are_one_pending_run(
     assert stats.dropped["a"] == {"overflow": 3, "ttl": 10}
     assert [(d.first_seq, d.last_seq, d.records, d.reason) for d in drops] == [
         (1, 10, 10, "ttl"), (11, 13, 3, "overflow")]
+
+
+async def test_a_salvage_finished_before_a_crash_is_taken_at_the_next_open(
+    tmp_path: Path,
+) -> None:
+    """Killed after the damaged file went to quarantine but before the finished salvage
+    file took its place: the next open takes that file (identities and counts kept)
+    instead of starting an empty buffer beside it."""
+    async with make(tmp_path) as buf:
+        first = await buf.append("a", encode_chunks(recs(5)))
+    db = tmp_path / "buf" / "buffer.sqlite3"
+    found = salvage(db, db.with_name("buffer.sqlite3.salvage"))
+    db.rename(tmp_path / "quarantined.sqlite3")  # where the crash left it
+    async with make(tmp_path) as buf:
+        runs = await buf.read_runs("a", 0, max_records=100, max_bytes=10**6)
+        again = await buf.append("a", encode_chunks(recs(1)))
+        kept = buf.recovery.salvaged_records
+    assert found.records == kept == 5
+    assert [x for run in runs for x in decoded(run)] == recs(5)
+    assert (again.epoch, again.first_seq) == (first.epoch, 6)
