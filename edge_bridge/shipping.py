@@ -183,10 +183,6 @@ class Shipper:
             if cursor is not None:
                 await self._expire(stream, cursor, now)
 
-    def _streams_by_priority(self) -> list[str]:
-        names = self.buffer.stream_names()
-        return sorted(names, key=lambda s: -self._policy_for(s).priority)
-
     async def run_forever(self) -> None:
         """Ship until :meth:`begin_shutdown`; then wait for in-flight batches briefly."""
         try:
@@ -224,62 +220,87 @@ class Shipper:
             await asyncio.wait(pending)
 
     async def _ship_round(self) -> bool:
-        """Read and publish what is unshipped, highest priority first.
+        """Read and publish what is unshipped, highest priority first, streams of one
+        priority in turn (round-robin, one read of at most a batch each per turn).
 
-        A stream is only served while every stream of higher priority has
-        nothing left to read: a backlog of low-priority records never delays
-        high-priority ones by more than the batches already in flight.
+        A stream is only served while every stream of higher priority has nothing
+        left to read: a backlog of low-priority records never delays high-priority
+        ones by more than the batches already in flight. Within a priority no stream
+        waits for another's backlog: each turn gives every stream with records one
+        read (a stream that was served until it had nothing left kept the others of
+        its priority waiting for its whole backlog, or for ever under a steady load).
+        A stream with nothing above its read cursor costs no read.
         """
         progressed = False
         now = time.monotonic()
-        for stream in self._streams_by_priority():
+        levels: dict[int, list[tuple[str, _StreamCursor]]] = {}
+        for stream in self.buffer.stream_names():
             cursor = self._cursor(stream)
             if cursor is None:
                 continue
             self._maybe_retransmit(stream, cursor, now)
             await self._expire(stream, cursor, now)
-            while not self._stopping:
-                await self._slots.acquire()
-                try:
-                    runs = await self.buffer.read_runs(
-                        stream,
-                        cursor.read_upto,
-                        max_records=self.settings.batch_max_records,
-                        max_bytes=self.settings.batch_max_bytes,
-                    )
-                except BaseException:
-                    self._slots.release()
-                    raise
-                if not runs:
-                    self._slots.release()
-                    break
-                progressed = True
-                # One slot covers the first run; further runs (after a gap) take their own.
-                for i, run in enumerate(runs):
-                    if i > 0:
-                        await self._slots.acquire()
-                    cursor.in_flight[run.first_seq] = run.last_seq
-                    cursor.read_upto = run.last_seq
-                    task = asyncio.create_task(
-                        self._publish(run, cursor, cursor.generation),
-                        name=f"publish:{stream}:{run.first_seq}",
-                    )
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-                if self._higher_priority_waiting(stream):
-                    return True
+            levels.setdefault(self._policy_for(stream).priority, []).append((stream, cursor))
+        higher: list[tuple[str, _StreamCursor]] = []
+        for priority in sorted(levels, reverse=True):
+            turn = levels[priority]
+            while turn and not self._stopping:
+                waiting = []
+                for stream, cursor in turn:
+                    if self._stopping:
+                        break
+                    if not await self._ship_once(stream, cursor):
+                        continue
+                    progressed = True
+                    waiting.append((stream, cursor))
+                    if self._any_unread(higher):
+                        return True
+                turn = waiting
+            higher.extend(levels[priority])
         return progressed
 
-    def _higher_priority_waiting(self, stream: str) -> bool:
-        mine = self._policy_for(stream).priority
-        for other in self.buffer.stream_names():
-            if self._policy_for(other).priority <= mine:
-                continue
-            state = self.buffer.stream_state(other)
-            cursor = self._cursors.get(other)
-            if state is not None and state.next_seq - 1 > (cursor.read_upto if cursor else 0):
-                return True
-        return False
+    def _unread(self, stream: str, cursor: _StreamCursor) -> bool:
+        """Whether ``stream`` has records above its read cursor (no query: the next seq
+        is ahead of the commit, so this may say yes early, never no wrongly)."""
+        state = self.buffer.stream_state(stream)
+        return (state is not None and state.epoch == cursor.epoch
+                and state.next_seq - 1 > cursor.read_upto)
+
+    def _any_unread(self, streams: list[tuple[str, _StreamCursor]]) -> bool:
+        return any(self._unread(stream, cursor) for stream, cursor in streams)
+
+    async def _ship_once(self, stream: str, cursor: _StreamCursor) -> bool:
+        """Read at most one batch's worth of ``stream`` above its cursor and publish it
+        (a gap splits it into runs, each its own batch); False when nothing was read."""
+        if not self._unread(stream, cursor):
+            return False
+        await self._slots.acquire()
+        try:
+            runs = await self.buffer.read_runs(
+                stream,
+                cursor.read_upto,
+                max_records=self.settings.batch_max_records,
+                max_bytes=self.settings.batch_max_bytes,
+            )
+        except BaseException:
+            self._slots.release()
+            raise
+        if not runs:
+            self._slots.release()
+            return False
+        # One slot covers the first run; further runs (after a gap) take their own.
+        for i, run in enumerate(runs):
+            if i > 0:
+                await self._slots.acquire()
+            cursor.in_flight[run.first_seq] = run.last_seq
+            cursor.read_upto = run.last_seq
+            task = asyncio.create_task(
+                self._publish(run, cursor, cursor.generation),
+                name=f"publish:{stream}:{run.first_seq}",
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return True
 
     async def _publish(self, run: StoredRun, cursor: _StreamCursor, generation: int) -> None:
         try:
