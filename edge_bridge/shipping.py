@@ -6,6 +6,11 @@ of the same batch is absorbed by JetStream's duplicate window, and the batch is
 retried with its original boundaries until it is acknowledged. At most
 ``max_in_flight`` batches are held in memory, whatever the backlog on disk.
 
+Flow control: at most ``max_unconfirmed_bytes`` (all streams) may be shipped or in
+flight without the cloud's committed watermark covering them. While the ingest or
+PostgreSQL is down the shipper stops there instead of shipping the whole backlog,
+and each retransmission round ships that window again, not the backlog.
+
 The shipped watermark of a stream is "everything below the oldest batch still
 in flight": it tolerates gaps left by dropped records and never runs ahead of
 an unacknowledged batch.
@@ -44,8 +49,11 @@ class _StreamCursor:
     """Highest seq handed to a publish task."""
     in_flight: dict[int, int] = field(default_factory=dict)
     """first_seq -> last_seq of batches published but not yet acknowledged."""
-    uncommitted: deque[tuple[int, float]] = field(default_factory=deque)
-    """(last_seq, acked_at) of batches JetStream acked but Postgres has not committed."""
+    uncommitted: deque[tuple[int, float, int]] = field(default_factory=deque)
+    """(last_seq, acked_at, bytes) of batches JetStream acked but Postgres has not
+    committed."""
+    unconfirmed_bytes: int = 0
+    """Bytes of the batches in flight or in ``uncommitted``."""
     retransmit_factor: float = 1.0
     """Doubles with each retransmission that brought no progress; 1 after progress."""
     generation: int = 0
@@ -83,6 +91,8 @@ class Shipper:
         self._metrics = metrics
         self._publish_timeout = publish_timeout_s
         self._cursors: dict[str, _StreamCursor] = {}
+        self._unconfirmed_bytes = 0
+        """Sum of the cursors' ``unconfirmed_bytes`` (see ``max_unconfirmed_bytes``)."""
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -113,6 +123,8 @@ class Shipper:
             return None
         cursor = self._cursors.get(stream)
         if cursor is None or cursor.epoch != state.epoch:
+            if cursor is not None:
+                self._unconfirmed_bytes -= cursor.unconfirmed_bytes
             start = max(state.shipped_seq, state.committed_seq)
             cursor = _StreamCursor(epoch=state.epoch, read_upto=start)
             self._cursors[stream] = cursor
@@ -136,10 +148,11 @@ class Shipper:
             return
         progressed = False
         while cursor.uncommitted and cursor.uncommitted[0][0] <= watermark:
-            cursor.uncommitted.popleft()
+            self._confirmed(cursor, cursor.uncommitted.popleft()[2])
             progressed = True
         if progressed:
             cursor.retransmit_factor = 1.0
+            self.buffer.appended.set()  # room in the window: the main loop may read again
         if watermark > cursor.read_upto and not cursor.in_flight:
             cursor.read_upto = watermark
 
@@ -161,6 +174,7 @@ class Shipper:
         )
         self._metrics.retransmissions.inc()
         cursor.read_upto = state.committed_seq
+        self._confirmed(cursor, sum(entry[2] for entry in cursor.uncommitted))
         cursor.uncommitted.clear()
         cursor.retransmit_factor *= 2
         cursor.generation += 1
@@ -259,6 +273,14 @@ class Shipper:
             higher.extend(levels[priority])
         return progressed
 
+    def _confirmed(self, cursor: _StreamCursor, nbytes: int) -> None:
+        """``nbytes`` of ``cursor``'s batches no longer await confirmation."""
+        cursor.unconfirmed_bytes -= nbytes
+        self._unconfirmed_bytes -= nbytes
+
+    def _window_full(self) -> bool:
+        return self._unconfirmed_bytes >= self.settings.max_unconfirmed_bytes
+
     def _unread(self, stream: str, cursor: _StreamCursor) -> bool:
         """Whether ``stream`` has records above its read cursor (no query: the next seq
         is ahead of the commit, so this may say yes early, never no wrongly)."""
@@ -271,8 +293,9 @@ class Shipper:
 
     async def _ship_once(self, stream: str, cursor: _StreamCursor) -> bool:
         """Read at most one batch's worth of ``stream`` above its cursor and publish it
-        (a gap splits it into runs, each its own batch); False when nothing was read."""
-        if not self._unread(stream, cursor):
+        (a gap splits it into runs, each its own batch); False when nothing was read
+        (or ``max_unconfirmed_bytes`` await the cloud's commit)."""
+        if not self._unread(stream, cursor) or self._window_full():
             return False
         await self._slots.acquire()
         try:
@@ -294,6 +317,8 @@ class Shipper:
                 await self._slots.acquire()
             cursor.in_flight[run.first_seq] = run.last_seq
             cursor.read_upto = run.last_seq
+            cursor.unconfirmed_bytes += run.nbytes
+            self._unconfirmed_bytes += run.nbytes
             task = asyncio.create_task(
                 self._publish(run, cursor, cursor.generation),
                 name=f"publish:{stream}:{run.first_seq}",
@@ -347,7 +372,7 @@ class Shipper:
             self._metrics.records_shipped.labels(run.stream).inc(run.count)
             self._metrics.bytes_shipped.inc(len(body))
             del cursor.in_flight[run.first_seq]
-            cursor.uncommitted.append((run.last_seq, time.monotonic()))
+            cursor.uncommitted.append((run.last_seq, time.monotonic(), run.nbytes))
             cursor.shipped_high = max(cursor.shipped_high, cursor.shipped_upto())
             self.buffer.mark_shipped(run.stream, cursor.shipped_upto())
         finally:

@@ -12,7 +12,13 @@ from broker.runtime.embedded_nats import EmbeddedNats
 from broker.settings import ShipperSettings, StreamPolicy
 from edge_bridge.buffer import Buffer, encode_chunks
 from tests.helpers import until
-from tests.integration.harness import bridge_settings, running_bridge
+from tests.integration.harness import (
+    bridge_settings,
+    buffered_is,
+    running_bridge,
+    running_ingest,
+    wait_for_records,
+)
 
 STREAMS = ("a", "b", "c")
 BATCHES_EACH = 60
@@ -50,3 +56,43 @@ async def test_streams_of_one_priority_ship_their_backlogs_in_turn(
     first = order[:12]
     assert set(first) == set(STREAMS), f"first batches shipped: {first}"
     assert sorted(order) == sorted(s for s in STREAMS for _ in range(BATCHES_EACH))
+
+
+WINDOW = 1024**2
+BACKLOG_RECORDS = 200_000  # ~22 MiB charged
+
+
+async def test_with_the_ingest_down_a_backlog_ships_one_window_per_retransmission(
+    tmp_path: Path, nats_server: EmbeddedNats, pg_dsn: str
+) -> None:
+    """NATS is up, the ingest is down, a 22 MiB backlog waits: the shipper ships
+    max_unconfirmed_bytes (1 MiB) and waits for commits, and each retransmission
+    round ships that window again (before: the whole backlog went out at once and
+    again every round, ~22 MiB each time, for as long as the ingest stayed down).
+    When the ingest returns, every record is committed once and the buffer empties."""
+    settings = bridge_settings(tmp_path, shipper=ShipperSettings(
+        linger_ms=1, retransmit_timeout_s=1, retransmit_backoff_max_s=2,
+        max_unconfirmed_bytes=WINDOW))
+    chunks = encode_chunks([Record(1, CT_RAW, b"x" * 80) for _ in range(1_000)])
+    async with Buffer(settings.buffer_dir, max_bytes=settings.buffer_max_bytes,
+                      policy_for=lambda s: StreamPolicy()) as buf:
+        for i in range(BACKLOG_RECORDS // 1_000):
+            await buf.append(f"s{i % 4}", chunks)
+    nc = await nats.connect(nats_server.url)
+    try:
+        async with running_bridge(settings, nats_server.url) as bridge:
+            js = nc.jetstream()
+            # Three retransmission rounds at least (timeout 1 s, then 2 s).
+            await until(lambda: bridge.metrics.retransmissions._value.get() >= 3,
+                        timeout=30, message="no retransmission")
+            shipped = (await js.stream_info("ES_RECORDS")).state.bytes
+            rounds = int(bridge.metrics.retransmissions._value.get())
+            print(f"\n{shipped >> 10} KiB in ES_RECORDS after {rounds} retransmissions")
+            # The first window plus one per round (a round may start one read over).
+            assert shipped < (rounds + 1) * (WINDOW + 600 * 1024)
+            async with running_ingest(pg_dsn, nats_server.url):
+                await wait_for_records(pg_dsn, BACKLOG_RECORDS, timeout=120)
+                await until(lambda: buffered_is(bridge, 0), timeout=30,
+                            message="the buffer did not empty")
+    finally:
+        await nc.close()
