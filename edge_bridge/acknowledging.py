@@ -12,7 +12,11 @@ bug or a forged KV write, would delete records the cloud never received; it is
 ignored, logged (``watermark_ignored``) and counted
 (``edgesync_watermarks_ignored_total``). ``above_shipped`` also happens legitimately
 for a moment after a bridge restart, until the backlog is shipped again;
-``beyond_assigned`` (a seq this bridge never gave out) never does.
+``beyond_assigned`` (a seq this bridge never gave out) never does. An
+``above_shipped`` value is still passed to the shipper
+(:meth:`~edge_bridge.shipping.Shipper.on_watermark_seen`): it trims nothing, but
+the batches below it stop holding room in the shipper's ``max_unconfirmed_bytes``
+window, which would otherwise wait for ever for a watermark it cannot apply.
 
 Both work on one :class:`~edge_bridge.shipping.Shipper`'s buffer: a watermark
 trims only what that shipper shipped.
@@ -125,6 +129,8 @@ class WatermarkFollower:
             bound = await self._disposed_upto(stream, epoch)
             if watermark > bound:
                 self._refuse(stream, epoch, watermark, bound, assigned=state.next_seq - 1)
+                if watermark < state.next_seq:  # above_shipped: ours, not yet shipped again
+                    self._shipper.on_watermark_seen(stream, epoch, watermark)
                 return
         async with self._lock:
             deleted = await self._buffer.trim(stream, epoch, watermark)

@@ -54,6 +54,10 @@ class _StreamCursor:
     committed."""
     unconfirmed_bytes: int = 0
     """Bytes of the batches in flight or in ``uncommitted``."""
+    cloud_upto: int = 0
+    """Highest watermark the cloud reported for this epoch, applied or not (after a
+    restart it may lie above what this bridge shipped since: not applied until the
+    shipper got there, yet those seqs need no room in the window)."""
     retransmit_factor: float = 1.0
     """Doubles with each retransmission that brought no progress; 1 after progress."""
     generation: int = 0
@@ -155,6 +159,20 @@ class Shipper:
             self.buffer.appended.set()  # room in the window: the main loop may read again
         if watermark > cursor.read_upto and not cursor.in_flight:
             cursor.read_upto = watermark
+
+    def on_watermark_seen(self, stream: str, epoch: int, watermark: int) -> None:
+        """The cloud reports ``watermark`` for ``stream``/``epoch``, which the follower
+        cannot apply yet (above what this bridge shipped since it started). Batches up
+        to it no longer hold room in the ``max_unconfirmed_bytes`` window: the shipper
+        must ship up to it again before the buffer may be trimmed, and a window that
+        waited for that watermark would wait for ever."""
+        cursor = self._cursors.get(stream)
+        if cursor is None or cursor.epoch != epoch or watermark <= cursor.cloud_upto:
+            return
+        cursor.cloud_upto = watermark
+        while cursor.uncommitted and cursor.uncommitted[0][0] <= watermark:
+            self._confirmed(cursor, cursor.uncommitted.popleft()[2])
+        self.buffer.appended.set()
 
     def _maybe_retransmit(self, stream: str, cursor: _StreamCursor, now: float) -> None:
         """Ship again what JetStream acked but Postgres never committed in time."""
@@ -372,7 +390,10 @@ class Shipper:
             self._metrics.records_shipped.labels(run.stream).inc(run.count)
             self._metrics.bytes_shipped.inc(len(body))
             del cursor.in_flight[run.first_seq]
-            cursor.uncommitted.append((run.last_seq, time.monotonic(), run.nbytes))
+            if run.last_seq <= cursor.cloud_upto:  # the cloud has it: no wait, no room
+                self._confirmed(cursor, run.nbytes)
+            else:
+                cursor.uncommitted.append((run.last_seq, time.monotonic(), run.nbytes))
             cursor.shipped_high = max(cursor.shipped_high, cursor.shipped_upto())
             self.buffer.mark_shipped(run.stream, cursor.shipped_upto())
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import nats
@@ -15,6 +16,7 @@ from tests.helpers import until
 from tests.integration.harness import (
     bridge_settings,
     buffered_is,
+    count_records,
     running_bridge,
     running_ingest,
     wait_for_records,
@@ -96,3 +98,34 @@ async def test_with_the_ingest_down_a_backlog_ships_one_window_per_retransmissio
                             message="the buffer did not empty")
     finally:
         await nc.close()
+
+
+async def test_a_bridge_restarted_behind_the_clouds_watermark_ships_past_the_window(
+    tmp_path: Path, nats_server: EmbeddedNats, pg_dsn: str
+) -> None:
+    """A bridge that restarts from a buffer the cloud had already committed in full
+    (killed before its trims were written, or a restored copy of its disk) cannot
+    apply the cloud's watermark until it has shipped that far again. The
+    max_unconfirmed_bytes window must not wait for that watermark (it would wait for
+    ever, the buffer never emptying): the backlog is shipped again past the window,
+    absorbed by the ingest, then trimmed; every record is still stored once."""
+    settings = bridge_settings(tmp_path, shipper=ShipperSettings(
+        linger_ms=1, batch_max_bytes=64 * 1024, max_unconfirmed_bytes=256 * 1024))
+    chunks = encode_chunks([Record(1, CT_RAW, b"x" * 80) for _ in range(1_000)])
+    async with Buffer(settings.buffer_dir, max_bytes=settings.buffer_max_bytes,
+                      policy_for=lambda s: StreamPolicy()) as buf:
+        for i in range(20):
+            await buf.append(f"s{i % 2}", chunks)
+    before = tmp_path / "before-shipping"
+    shutil.copytree(settings.buffer_dir, before)
+    async with running_ingest(pg_dsn, nats_server.url):
+        async with running_bridge(settings, nats_server.url) as bridge:
+            await wait_for_records(pg_dsn, 20_000, timeout=60)
+            await until(lambda: buffered_is(bridge, 0), timeout=30,
+                        message="the first bridge did not trim")
+        shutil.rmtree(settings.buffer_dir)
+        shutil.copytree(before, settings.buffer_dir)
+        async with running_bridge(settings, nats_server.url) as bridge:
+            await until(lambda: buffered_is(bridge, 0), timeout=60,
+                        message="the restarted bridge never got past the window")
+    assert await count_records(pg_dsn) == 20_000
