@@ -417,3 +417,32 @@ async def test_a_salvage_finished_before_a_crash_is_taken_at_the_next_open(
     assert found.records == kept == 5
     assert [x for run in runs for x in decoded(run)] == recs(5)
     assert (again.epoch, again.first_seq) == (first.epoch, 6)
+
+
+async def test_stats_over_many_streams_take_one_trip_to_the_reader_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Heartbeats and gauges read every stream's oldest record: with 500 streams that
+    is one job on the reader thread (the shipper reads on it too), not one per stream
+    (two per stream and heartbeat before: ~0.5 s of that thread every 5 s with 2,000
+    streams); the answers are each stream's own."""
+    async with make(tmp_path) as buf:
+        for i in range(500):
+            await buf.append(f"s{i}", encode_chunks(recs(2)))
+        buf.mark_shipped("s0", 2)
+        trips = 0
+        in_reader = buf._in_reader
+
+        async def counted(*args: object) -> object:
+            nonlocal trips
+            trips += 1
+            return await in_reader(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(buf, "_in_reader", counted)
+        stats = await buf.stats()
+        oldest = await buf.oldest_received_each(unshipped=False)
+        unshipped = await buf.oldest_received_each(unshipped=True)
+        assert trips == 4  # stats: the oldest records and the file sizes; then one each
+    assert stats.records == 1_000 and stats.oldest_unshipped_age_s >= 0
+    assert len(oldest) == 500 and all(v is not None for v in oldest.values())
+    assert unshipped["s0"] is None and unshipped["s1"] == oldest["s1"]
