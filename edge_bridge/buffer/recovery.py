@@ -14,10 +14,13 @@ salvage holds a few MiB whatever the backlog. Rows behind a damaged page are
 skipped by probing rowids one at a time; what cannot be read is counted, so
 the loss is a number, not a guess. Salvaged records keep their identities;
 ``next_seq`` never moves back, so a seq once handed out is never reused.
-Streams not salvaged get new epochs when next seen. A bridge killed at any
-step of this (kill -9, OOM) salvages again, or takes the finished salvage
-file, at its next start (:func:`open_checked`): the backlog is never left
-behind in quarantine.
+Every seq handed out above a stream's trim floor that is neither salvaged nor a
+salvaged drop run becomes a drop run with reason ``damaged``, reported to the
+cloud like any drop, so the stream's watermark passes the loss instead of
+stopping below it for good. Streams not salvaged get new epochs when next seen.
+A bridge killed at any step of this (kill -9, OOM) salvages again, or takes the
+finished salvage file, at its next start (:func:`open_checked`): the backlog is
+never left behind in quarantine.
 
 Only damage is quarantined: locked, unwritable or full disks are not the
 file's fault and fail start-up, leaving the buffer alone.
@@ -62,6 +65,7 @@ _MAX_MISSES: Final = 10_000
 _COPY_ROWS: Final = 64
 """Chunks copied per salvage transaction: a chunk holds at most ~256 KiB, so a page of
 them bounds what a salvage holds in memory at once, whatever the backlog."""
+_DROP_COLUMNS: Final = "sid, epoch, first_seq, last_seq, count, reason, at"
 _SALVAGE_SUFFIX: Final = ".salvage"
 _SALVAGED_KEY: Final = "salvaged"
 """``meta`` key of a salvage file's last transaction: ``[records kept, records lost]``."""
@@ -77,7 +81,9 @@ class Salvage:
     records: int = 0
     """Records in chunks that decode, copied with their identities."""
     lost_records: int = 0
-    """Records in chunks that were found but could not be used."""
+    """Records handed out, not yet trimmed, and neither salvaged nor a known drop (in
+    chunks that did not decode, or in rows that could not be read): each run of them
+    is a drop run with reason ``damaged``."""
     unreadable_rows: int = 0
     """Rows (of any table) that could not be read at all: their records are uncounted."""
 
@@ -91,7 +97,8 @@ class Recovery:
     salvaged_records: int = 0
     """Records read back out of a quarantined file (identities unchanged)."""
     lost_records: int = 0
-    """Records of a quarantined file found but unusable (counted, reported)."""
+    """Records of a quarantined file that could not be salvaged (counted, reported to
+    the cloud as drop runs with reason ``damaged``)."""
 
 
 def _rows(conn: sqlite3.Connection, table: str, columns: str, out: Salvage
@@ -159,6 +166,7 @@ def salvage(damaged: Path, target: Path) -> Salvage:
         create_tables(dst)
         streams: list[StreamRow] = []
         next_seq: dict[int, int] = {}
+        drops: list[tuple[Any, ...]] = []
         try:
             src = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True)
         except sqlite3.Error:
@@ -179,15 +187,51 @@ def salvage(damaged: Path, target: Path) -> Salvage:
                         _copy(dst, page, out)
                         page = []
                 _copy(dst, page, out)
+                epochs = {s.sid: s.epoch for s in streams}
+                drops = [row for row in _rows(src, "drops", _DROP_COLUMNS, out)
+                         if epochs.get(row[0]) == row[1]]
         dst.execute("BEGIN IMMEDIATE")
         # next_seq never moves back: a seq once handed out is never reused.
-        insert_streams(dst, [s._replace(next_seq=max(s.next_seq, next_seq[s.sid]))
-                             for s in streams])
+        streams = [s._replace(next_seq=max(s.next_seq, next_seq[s.sid])) for s in streams]
+        insert_streams(dst, streams)
+        dst.executemany(f"INSERT OR IGNORE INTO drops({_DROP_COLUMNS}) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)", drops)
+        out.lost_records = _account_losses(dst, streams)
         out.streams = len(streams)
         dst.execute("INSERT INTO meta(key, value) VALUES (?, ?)",
                     (_SALVAGED_KEY, json.dumps([out.records, out.lost_records])))
         dst.execute("COMMIT")
     return out
+
+
+def _account_losses(dst: sqlite3.Connection, streams: list[StreamRow]) -> int:
+    """Write a drop run (reason ``damaged``) for every seq of every stream that was
+    handed out, is above the trim floor, and is neither a salvaged record nor a
+    salvaged drop run; returns how many. The drop reporter tells the cloud, so the
+    stream's committed watermark passes the loss (a hole it never passed kept every
+    later record of the stream in the buffer for good, and the stream stalled once
+    the buffer filled). Rows that could not be read at all are counted this way too.
+    """
+    lost = 0
+    now = time.time()
+    for s in streams:
+        expect = s.committed_seq + 1
+        gaps: list[tuple[int, int]] = []
+        for first, last in dst.execute(
+            "SELECT first_seq, last_seq FROM chunks WHERE sid=? UNION ALL "
+            "SELECT first_seq, last_seq FROM drops WHERE sid=? AND epoch=? ORDER BY 1",
+            (s.sid, s.sid, s.epoch),
+        ):
+            if first > expect:
+                gaps.append((expect, first - 1))
+            expect = max(expect, last + 1)
+        if expect <= s.next_seq - 1:
+            gaps.append((expect, s.next_seq - 1))
+        dst.executemany(
+            f"INSERT INTO drops({_DROP_COLUMNS}) VALUES (?, ?, ?, ?, ?, 'damaged', ?)",
+            [(s.sid, s.epoch, first, last, last - first + 1, now) for first, last in gaps])
+        lost += sum(last - first + 1 for first, last in gaps)
+    return lost
 
 
 def _copy(dst: sqlite3.Connection, page: list[ChunkRow], out: Salvage) -> None:

@@ -102,6 +102,7 @@ class Buffer(Opened):
         (:mod:`~edge_bridge.buffer.tail`)."""
         self._reader_pool: ThreadPoolExecutor | None = None
         self._reader: sqlite3.Connection | None = None
+        self._drops_at_open = False
         self._state = "new"
         self.appended = asyncio.Event()
         """Set whenever records are appended; the shipper clears and waits on it."""
@@ -135,6 +136,7 @@ class Buffer(Opened):
         )
         self._reader_pool = ThreadPoolExecutor(1, thread_name_prefix="buffer-reader")
         self._reader = await self._in_reader(self._connect)
+        self._drops_at_open = await self._in_reader(lambda: reads.any_drops(self._reading()))
         self._state = "open"
         log.info(
             "buffer_opened",
@@ -338,8 +340,10 @@ class Buffer(Opened):
         """Drop runs the cloud has not yet accounted for."""
         states = self._streams.states()
         # A drop run is written with the drop counters, which only grow: a buffer
-        # that never dropped has none, and the reporter's poll costs no read.
-        if not any(s.dropped_overflow or s.dropped_ttl for s in states):
+        # that never dropped has none, and the reporter's poll costs no read (runs a
+        # salvage wrote, reason damaged, count in no counter: known from the open).
+        if not self._drops_at_open and not any(
+                s.dropped_overflow or s.dropped_ttl for s in states):
             return []
         names = {s.sid: s.name for s in states}
         return await self._in_reader(lambda: reads.pending_drops(self._reading(), names))

@@ -13,9 +13,19 @@ import sys
 import time
 from pathlib import Path
 
+from broker.pg_connecting import connected
 from broker.protocol.wire import CT_RAW, Record
+from broker.runtime.embedded_nats import EmbeddedNats
 from broker.settings import StreamPolicy
 from edge_bridge.buffer import Buffer, encode_chunks
+from tests.helpers import until
+from tests.integration.harness import (
+    bridge_settings,
+    buffered_is,
+    running_bridge,
+    running_ingest,
+    wait_for_records,
+)
 
 BACKLOG_BYTES = 160 * 1024**2
 """The damaged buffer's backlog: far above what the salvage may hold at once."""
@@ -122,3 +132,43 @@ async def test_a_bridge_killed_while_salvaging_salvages_again_and_loses_nothing(
     async with Buffer(directory, max_bytes=10**10, policy_for=lambda s: StreamPolicy()) as buf:
         records = (await buf.stats()).records
     assert records == expected
+
+
+async def test_records_lost_to_damage_are_accounted_and_the_stream_drains(
+    tmp_path: Path, nats_server: EmbeddedNats, pg_dsn: str
+) -> None:
+    """A damaged backlog loses some chunks in the middle of its streams: each lost run
+    is reported to the cloud as a drop run with reason 'damaged', the watermarks pass
+    them, every salvaged record commits once, and the buffer empties (before, the
+    cloud's watermark stopped below the first hole for good, and the bridge kept every
+    later record of the stream until its buffer was full)."""
+    settings = bridge_settings(tmp_path)
+    payload = os.urandom(2_400)
+    chunks = encode_chunks([Record(1, CT_RAW, payload) for _ in range(10)])
+    async with Buffer(settings.buffer_dir, max_bytes=10**10,
+                      policy_for=lambda s: StreamPolicy()) as buf:
+        for i in range(400):
+            await buf.append(f"s{i % 2}", chunks)
+        next_seqs = {s: buf.stream_state(s).next_seq for s in ("s0", "s1")}  # type: ignore[union-attr]
+    db = settings.buffer_dir / "buffer.sqlite3"
+    with db.open("r+b") as f:
+        f.seek(db.stat().st_size // 2)
+        f.write(bytes(range(256)) * 48)
+    async with running_ingest(pg_dsn, nats_server.url), \
+            running_bridge(settings, nats_server.url) as bridge:
+        lost = bridge.buffer.recovery.lost_records
+        kept = bridge.buffer.recovery.salvaged_records
+        assert kept < 4_000  # the damage cost records
+        await until(lambda: buffered_is(bridge, 0), timeout=60,
+                    message="the streams never drained past the damaged records")
+        await wait_for_records(pg_dsn, kept, timeout=30)
+    async with connected(pg_dsn) as conn:
+        rows = await conn.fetch(
+            "SELECT stream, watermark, missing_records, committed_records, dropped_records "
+            "FROM v_completeness ORDER BY stream")
+        damaged = await conn.fetchval(
+            "SELECT sum(count) FROM drop_markers WHERE reason = 'damaged'")
+    assert [(r["stream"], r["watermark"], r["missing_records"]) for r in rows] == [
+        (s, next_seqs[s] - 1, 0) for s in ("s0", "s1")]
+    assert sum(r["committed_records"] for r in rows) == kept
+    assert damaged == lost == 4_000 - kept == sum(r["dropped_records"] for r in rows)
