@@ -183,6 +183,15 @@ class ShipperSettings(BaseModel):
     retransmit_backoff_max_s: float = Field(
         600.0, gt=0, description="Cap of the retransmit timeout's doubling."
     )
+    max_unconfirmed_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of records shipped (or in flight) whose commit in Postgres is "
+        "not yet confirmed, all streams together; the shipper reads no more until "
+        "watermarks pass some. Bounds what one retransmission round ships again "
+        "while the ingest is down (else the whole backlog, every round); the "
+        "throughput it allows is about this / the commit round trip.",
+    )
 
 
 class ControlSettings(BaseModel):

@@ -51,7 +51,12 @@ def drop_marker_writer(
         await conn.executemany(
             "INSERT INTO drop_markers (edge_id, stream, epoch, first_seq, last_seq, count, "
             "reason, dropped_at) VALUES ($1, $2, $3, $4, $5, $6, $7, to_timestamp($8)) "
-            "ON CONFLICT DO NOTHING",
+            # An edge extends a drop run that is still pending (same first seq, more
+            # records dropped right after it): the longer marker wins, a late copy of
+            # a shorter one changes nothing.
+            "ON CONFLICT (edge_id, stream, epoch, first_seq) DO UPDATE "
+            "SET last_seq=EXCLUDED.last_seq, count=EXCLUDED.count "
+            "WHERE EXCLUDED.last_seq > drop_markers.last_seq",
             [(m.edge, m.stream, m.epoch, m.first_seq, m.last_seq, m.count, m.reason,
               m.dropped_at) for m in markers],
         )

@@ -12,14 +12,20 @@ bug or a forged KV write, would delete records the cloud never received; it is
 ignored, logged (``watermark_ignored``) and counted
 (``edgesync_watermarks_ignored_total``). ``above_shipped`` also happens legitimately
 for a moment after a bridge restart, until the backlog is shipped again;
-``beyond_assigned`` (a seq this bridge never gave out) never does.
+``beyond_assigned`` (a seq this bridge never gave out) never does. An
+``above_shipped`` value is still passed to the shipper
+(:meth:`~edge_bridge.shipping.Shipper.on_watermark_seen`): it trims nothing, but
+the batches below it stop holding room in the shipper's ``max_unconfirmed_bytes``
+window, which would otherwise wait for ever for a watermark it cannot apply.
 
 Both work on one :class:`~edge_bridge.shipping.Shipper`'s buffer: a watermark
 trims only what that shipper shipped.
 
 :class:`DropReporter` tells the cloud about every run of records the buffer
 dropped by policy, and repeats itself until the watermark passes the run, so a
-marker lost on the way is sent again.
+marker lost on the way is sent again. A run the buffer extended (more records
+dropped right after it) is sent again at once, with the same first seq and the
+new last seq and count; the cloud keeps the longest marker per first seq.
 """
 
 from __future__ import annotations
@@ -134,6 +140,8 @@ class WatermarkFollower:
             bound = await self._disposed_upto(stream, epoch)
             if watermark > bound:
                 self._refuse(stream, epoch, watermark, bound, assigned=state.next_seq - 1)
+                if watermark < state.next_seq:  # above_shipped: ours, not yet shipped again
+                    self._shipper.on_watermark_seen(stream, epoch, watermark)
                 return
         async with self._lock:
             deleted = await self._buffer.trim(stream, epoch, watermark)
@@ -179,7 +187,7 @@ class DropReporter:
         self._shipper = shipper
         self._repeat_after = repeat_after_s
         self._interval = interval_s
-        self._sent: dict[tuple[str, int, int], float] = {}
+        self._sent: dict[tuple[str, int, int, int], float] = {}
 
     async def report_forever(self) -> None:
         while True:
@@ -198,7 +206,8 @@ class DropReporter:
         live = set()
         sent = 0
         for stream, epoch, first, last, count, reason, dropped_at in pending:
-            key = (stream, epoch, first)
+            # A run the buffer extended since it was last sent is news: sent at once.
+            key = (stream, epoch, first, last)
             live.add(key)
             if now - self._sent.get(key, -1e18) < self._repeat_after:
                 continue

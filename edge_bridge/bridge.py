@@ -263,11 +263,12 @@ class Bridge(Service):
         stats = await self.buffer.stats()
         now = time.time()
         streams = {}
+        oldest_each = await self.buffer.oldest_received_each(unshipped=False)
         for name in self.buffer.stream_names():
             s = self.buffer.stream_state(name)
             if s is None:
                 continue
-            oldest = await self.buffer.oldest_received(name)
+            oldest = oldest_each.get(name)
             streams[name] = StreamHealth(
                 epoch=s.epoch, next_seq=s.next_seq, shipped_seq=s.shipped_seq,
                 committed_seq=s.committed_seq, records=s.records, bytes=s.bytes,

@@ -7,6 +7,11 @@ absorbed by JetStream's duplicate window, and the batch is
 retried with its original boundaries until it is acknowledged. At most
 ``max_in_flight`` batches are held in memory, whatever the backlog on disk.
 
+Flow control: at most ``max_unconfirmed_bytes`` (all streams) may be shipped or in
+flight without the cloud's committed watermark covering them. While the ingest or
+PostgreSQL is down the shipper stops there instead of shipping the whole backlog,
+and each retransmission round ships that window again, not the backlog.
+
 The shipped watermark of a stream is "everything below the oldest batch still
 in flight": it tolerates gaps left by dropped records and never runs ahead of
 an unacknowledged batch.
@@ -46,8 +51,15 @@ class _StreamCursor:
     """Highest seq handed to a publish task."""
     in_flight: dict[int, int] = field(default_factory=dict)
     """first_seq -> last_seq of batches published but not yet acknowledged."""
-    uncommitted: deque[tuple[int, float]] = field(default_factory=deque)
-    """(last_seq, acked_at) of batches JetStream acked but Postgres has not committed."""
+    uncommitted: deque[tuple[int, float, int]] = field(default_factory=deque)
+    """(last_seq, acked_at, bytes) of batches JetStream acked but Postgres has not
+    committed."""
+    unconfirmed_bytes: int = 0
+    """Bytes of the batches in flight or in ``uncommitted``."""
+    cloud_upto: int = 0
+    """Highest watermark the cloud reported for this epoch, applied or not (after a
+    restart it may lie above what this bridge shipped since: not applied until the
+    shipper got there, yet those seqs need no room in the window)."""
     retransmit_factor: float = 1.0
     """Doubles with each retransmission that brought no progress; 1 after progress."""
     generation: int = 0
@@ -89,6 +101,8 @@ class Shipper:
         self._metrics = metrics
         self._publish_timeout = publish_timeout_s
         self._cursors: dict[str, _StreamCursor] = {}
+        self._unconfirmed_bytes = 0
+        """Sum of the cursors' ``unconfirmed_bytes`` (see ``max_unconfirmed_bytes``)."""
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -119,6 +133,8 @@ class Shipper:
             return None
         cursor = self._cursors.get(stream)
         if cursor is None or cursor.epoch != state.epoch:
+            if cursor is not None:
+                self._unconfirmed_bytes -= cursor.unconfirmed_bytes
             start = max(state.shipped_seq, state.committed_seq)
             cursor = _StreamCursor(epoch=state.epoch, read_upto=start)
             self._cursors[stream] = cursor
@@ -142,12 +158,27 @@ class Shipper:
             return
         progressed = False
         while cursor.uncommitted and cursor.uncommitted[0][0] <= watermark:
-            cursor.uncommitted.popleft()
+            self._confirmed(cursor, cursor.uncommitted.popleft()[2])
             progressed = True
         if progressed:
             cursor.retransmit_factor = 1.0
+            self.buffer.appended.set()  # room in the window: the main loop may read again
         if watermark > cursor.read_upto and not cursor.in_flight:
             cursor.read_upto = watermark
+
+    def on_watermark_seen(self, stream: str, epoch: int, watermark: int) -> None:
+        """The cloud reports ``watermark`` for ``stream``/``epoch``, which the follower
+        cannot apply yet (above what this bridge shipped since it started). Batches up
+        to it no longer hold room in the ``max_unconfirmed_bytes`` window: the shipper
+        must ship up to it again before the buffer may be trimmed, and a window that
+        waited for that watermark would wait for ever."""
+        cursor = self._cursors.get(stream)
+        if cursor is None or cursor.epoch != epoch or watermark <= cursor.cloud_upto:
+            return
+        cursor.cloud_upto = watermark
+        while cursor.uncommitted and cursor.uncommitted[0][0] <= watermark:
+            self._confirmed(cursor, cursor.uncommitted.popleft()[2])
+        self.buffer.appended.set()
 
     def _maybe_retransmit(self, stream: str, cursor: _StreamCursor, now: float) -> None:
         """Ship again what JetStream acked but Postgres never committed in time."""
@@ -167,6 +198,7 @@ class Shipper:
         )
         self._metrics.retransmissions.inc()
         cursor.read_upto = state.committed_seq
+        self._confirmed(cursor, sum(entry[2] for entry in cursor.uncommitted))
         cursor.uncommitted.clear()
         cursor.retransmit_factor *= 2
         cursor.generation += 1
@@ -188,10 +220,6 @@ class Shipper:
             cursor = self._cursor(stream)
             if cursor is not None:
                 await self._expire(stream, cursor, now)
-
-    def _streams_by_priority(self) -> list[str]:
-        names = self.buffer.stream_names()
-        return sorted(names, key=lambda s: -self._policy_for(s).priority)
 
     async def run_forever(self) -> None:
         """Ship until :meth:`begin_shutdown`; then wait for in-flight batches briefly."""
@@ -230,62 +258,98 @@ class Shipper:
             await asyncio.wait(pending)
 
     async def _ship_round(self) -> bool:
-        """Read and publish what is unshipped, highest priority first.
+        """Read and publish what is unshipped, highest priority first, streams of one
+        priority in turn (round-robin, one read of at most a batch each per turn).
 
-        A stream is only served while every stream of higher priority has
-        nothing left to read: a backlog of low-priority records never delays
-        high-priority ones by more than the batches already in flight.
+        A stream is only served while every stream of higher priority has nothing
+        left to read: a backlog of low-priority records never delays high-priority
+        ones by more than the batches already in flight. Within a priority no stream
+        waits for another's backlog: each turn gives every stream with records one
+        read (a stream that was served until it had nothing left kept the others of
+        its priority waiting for its whole backlog, or for ever under a steady load).
+        A stream with nothing above its read cursor costs no read.
         """
         progressed = False
         now = time.monotonic()
-        for stream in self._streams_by_priority():
+        levels: dict[int, list[tuple[str, _StreamCursor]]] = {}
+        for stream in self.buffer.stream_names():
             cursor = self._cursor(stream)
             if cursor is None:
                 continue
             self._maybe_retransmit(stream, cursor, now)
             await self._expire(stream, cursor, now)
-            while not self._stopping:
-                await self._slots.acquire()
-                try:
-                    runs = await self.buffer.read_runs(
-                        stream,
-                        cursor.read_upto,
-                        max_records=self.settings.batch_max_records,
-                        max_bytes=self.settings.batch_max_bytes,
-                    )
-                except BaseException:
-                    self._slots.release()
-                    raise
-                if not runs:
-                    self._slots.release()
-                    break
-                progressed = True
-                # One slot covers the first run; further runs (after a gap) take their own.
-                for i, run in enumerate(runs):
-                    if i > 0:
-                        await self._slots.acquire()
-                    cursor.in_flight[run.first_seq] = run.last_seq
-                    cursor.read_upto = run.last_seq
-                    task = asyncio.create_task(
-                        self._publish(run, cursor, cursor.generation),
-                        name=f"publish:{stream}:{run.first_seq}",
-                    )
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-                if self._higher_priority_waiting(stream):
-                    return True
+            levels.setdefault(self._policy_for(stream).priority, []).append((stream, cursor))
+        higher: list[tuple[str, _StreamCursor]] = []
+        for priority in sorted(levels, reverse=True):
+            turn = levels[priority]
+            while turn and not self._stopping:
+                waiting = []
+                for stream, cursor in turn:
+                    if self._stopping:
+                        break
+                    if not await self._ship_once(stream, cursor):
+                        continue
+                    progressed = True
+                    waiting.append((stream, cursor))
+                    if self._any_unread(higher):
+                        return True
+                turn = waiting
+            higher.extend(levels[priority])
         return progressed
 
-    def _higher_priority_waiting(self, stream: str) -> bool:
-        mine = self._policy_for(stream).priority
-        for other in self.buffer.stream_names():
-            if self._policy_for(other).priority <= mine:
-                continue
-            state = self.buffer.stream_state(other)
-            cursor = self._cursors.get(other)
-            if state is not None and state.next_seq - 1 > (cursor.read_upto if cursor else 0):
-                return True
-        return False
+    def _confirmed(self, cursor: _StreamCursor, nbytes: int) -> None:
+        """``nbytes`` of ``cursor``'s batches no longer await confirmation."""
+        cursor.unconfirmed_bytes -= nbytes
+        self._unconfirmed_bytes -= nbytes
+
+    def _window_full(self) -> bool:
+        return self._unconfirmed_bytes >= self.settings.max_unconfirmed_bytes
+
+    def _unread(self, stream: str, cursor: _StreamCursor) -> bool:
+        """Whether ``stream`` has records above its read cursor (no query: the next seq
+        is ahead of the commit, so this may say yes early, never no wrongly)."""
+        state = self.buffer.stream_state(stream)
+        return (state is not None and state.epoch == cursor.epoch
+                and state.next_seq - 1 > cursor.read_upto)
+
+    def _any_unread(self, streams: list[tuple[str, _StreamCursor]]) -> bool:
+        return any(self._unread(stream, cursor) for stream, cursor in streams)
+
+    async def _ship_once(self, stream: str, cursor: _StreamCursor) -> bool:
+        """Read at most one batch's worth of ``stream`` above its cursor and publish it
+        (a gap splits it into runs, each its own batch); False when nothing was read
+        (or ``max_unconfirmed_bytes`` await the cloud's commit)."""
+        if not self._unread(stream, cursor) or self._window_full():
+            return False
+        await self._slots.acquire()
+        try:
+            runs = await self.buffer.read_runs(
+                stream,
+                cursor.read_upto,
+                max_records=self.settings.batch_max_records,
+                max_bytes=self.settings.batch_max_bytes,
+            )
+        except BaseException:
+            self._slots.release()
+            raise
+        if not runs:
+            self._slots.release()
+            return False
+        # One slot covers the first run; further runs (after a gap) take their own.
+        for i, run in enumerate(runs):
+            if i > 0:
+                await self._slots.acquire()
+            cursor.in_flight[run.first_seq] = run.last_seq
+            cursor.read_upto = run.last_seq
+            cursor.unconfirmed_bytes += run.nbytes
+            self._unconfirmed_bytes += run.nbytes
+            task = asyncio.create_task(
+                self._publish(run, cursor, cursor.generation),
+                name=f"publish:{stream}:{run.first_seq}",
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return True
 
     async def _publish(self, run: StoredRun, cursor: _StreamCursor, generation: int) -> None:
         try:
@@ -332,7 +396,10 @@ class Shipper:
             self._metrics.records_shipped.labels(run.stream).inc(run.count)
             self._metrics.bytes_shipped.inc(len(body))
             del cursor.in_flight[run.first_seq]
-            cursor.uncommitted.append((run.last_seq, time.monotonic()))
+            if run.last_seq <= cursor.cloud_upto:  # the cloud has it: no wait, no room
+                self._confirmed(cursor, run.nbytes)
+            else:
+                cursor.uncommitted.append((run.last_seq, time.monotonic(), run.nbytes))
             cursor.shipped_high = max(cursor.shipped_high, cursor.shipped_upto())
             self.buffer.mark_shipped(run.stream, cursor.shipped_upto())
         finally:

@@ -84,7 +84,8 @@ class DropMarker(msgspec.Struct, tag="drop", tag_field="type", frozen=True):
     last_seq: _Seq
     count: Annotated[int, msgspec.Meta(ge=0)]
     reason: str
-    """``overflow`` or ``ttl``."""
+    """``overflow`` or ``ttl`` (policy), or ``damaged`` (lost with a damaged buffer file,
+    counted when it was salvaged)."""
     dropped_at: float
     """Unix seconds, the edge's clock."""
 

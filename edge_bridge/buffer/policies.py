@@ -4,7 +4,9 @@ overflow (``drop_oldest`` at the byte cap, or ``block``) and TTL expiry.
 Every record dropped here is counted in its stream's row and written to the
 ``drops`` table as a run ``(epoch, first_seq..last_seq, count, reason)`` in the
 same transaction as the deletion, so the drop is reported to the cloud (and
-the seqs accounted for) whatever crashes next: never silent.
+the seqs accounted for) whatever crashes next: never silent. A drop that
+continues the stream's latest run (same reason, next seq) extends that run, so
+the table holds about one row per gap, however long an outage keeps dropping.
 
 These are writer-thread operations: each runs inside the transaction of
 :class:`~edge_bridge.buffer.writer.GroupWriter` and keeps the
@@ -158,10 +160,20 @@ def _record_drop(
     count: int,
     reason: str,
 ) -> None:
-    conn.execute(
-        "INSERT OR REPLACE INTO drops VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (state.sid, state.epoch, first_seq, last_seq, count, reason, time.time()),
-    )
+    # A drop that continues the stream's previous run for the same reason extends it
+    # (same first seq) instead of adding a row: under a long outage drop_oldest drops at
+    # every append, and one row per drop grew this table, the reporter's reads and the
+    # markers sent without bound. Rows stay ~ gaps, not drops.
+    extended = conn.execute(
+        "UPDATE drops SET last_seq=?, count=count+? "
+        "WHERE sid=? AND epoch=? AND reason=? AND last_seq=?",
+        (last_seq, count, state.sid, state.epoch, reason, first_seq - 1),
+    ).rowcount
+    if not extended:
+        conn.execute(
+            "INSERT OR REPLACE INTO drops VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (state.sid, state.epoch, first_seq, last_seq, count, reason, time.time()),
+        )
     if reason == "overflow":
         state.dropped_overflow += count
     else:

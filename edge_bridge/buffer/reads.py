@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from edge_bridge.buffer.chunks import STORED_RECORD_OVERHEAD_BYTES, split_chunk
 from edge_bridge.buffer.schema import DropRun
 
-__all__ = ["Row", "StoredRun", "oldest_received", "pending_drops", "read_runs",
-           "runs_from_rows"]
+__all__ = ["Row", "StoredRun", "any_drops", "oldest_received", "oldest_received_each",
+           "pending_drops", "read_runs", "runs_from_rows"]
 
 Row = tuple[int, int, int, bytes]
 """A stored chunk as the reads see it: ``(first_seq, last_seq, size, body)``."""
@@ -139,6 +139,18 @@ def oldest_received(conn: sqlite3.Connection, sid: int, *, after_seq: int) -> fl
         (sid, after_seq),
     ).fetchone()
     return None if row is None else row[0] / 1_000_000
+
+
+def oldest_received_each(conn: sqlite3.Connection, after: dict[int, int]
+                         ) -> dict[int, float | None]:
+    """:func:`oldest_received` of every stream ``sid`` in ``after`` (sid -> after_seq),
+    in one call: one trip to the reader thread for all streams, not one per stream."""
+    return {sid: oldest_received(conn, sid, after_seq=seq) for sid, seq in after.items()}
+
+
+def any_drops(conn: sqlite3.Connection) -> bool:
+    """Whether any drop run is pending."""
+    return bool(conn.execute("SELECT EXISTS (SELECT 1 FROM drops)").fetchone()[0])
 
 
 def pending_drops(conn: sqlite3.Connection, names: dict[int, str]) -> list[DropRun]:

@@ -2,16 +2,25 @@
 
 A bridge that cannot read its buffer must not crash-loop. At open the file
 gets SQLite's ``quick_check``; a damaged one (or one SQLite refuses as
-corrupt or not a database) is moved aside into ``quarantine/<UTC time>/``
-beside it (kept for forensics, counted and logged) and a fresh buffer starts.
+corrupt or not a database) is salvaged, then moved aside into
+``quarantine/<UTC time>/`` beside it (kept for forensics, counted and logged)
+and the salvaged file takes its place.
 
-From the quarantined copy (opened read-only) we salvage what is intact: the
-``streams`` rows (each stream's epoch and next seq, so identities survive) and
-every ``chunks`` row whose pages are intact and whose records still decode.
-Rows behind a damaged page are skipped by probing rowids one at a time; what
-cannot be read is counted, so the loss is a number, not a guess. Salvaged
-records keep their identities; ``next_seq`` never moves back, so a seq once
-handed out is never reused. Streams not salvaged get new epochs when next seen.
+From the damaged file (opened read-only) we salvage what is intact into
+``buffer.sqlite3.salvage``: the ``streams`` rows (each stream's epoch and next
+seq, so identities survive) and every ``chunks`` row whose pages are intact and
+whose records still decode, streamed a page of chunks per transaction, so a
+salvage holds a few MiB whatever the backlog. Rows behind a damaged page are
+skipped by probing rowids one at a time; what cannot be read is counted, so
+the loss is a number, not a guess. Salvaged records keep their identities;
+``next_seq`` never moves back, so a seq once handed out is never reused.
+Every seq handed out above a stream's trim floor that is neither salvaged nor a
+salvaged drop run becomes a drop run with reason ``damaged``, reported to the
+cloud like any drop, so the stream's watermark passes the loss instead of
+stopping below it for good. Streams not salvaged get new epochs when next seen.
+A bridge killed at any step of this (kill -9, OOM) salvages again, or takes the
+finished salvage file, at its next start (:func:`open_checked`): the backlog is
+never left behind in quarantine.
 
 Only damage is quarantined: locked, unwritable or full disks are not the
 file's fault and fail start-up, leaving the buffer alone.
@@ -20,10 +29,12 @@ file's fault and fail start-up, leaving the buffer alone.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import sqlite3
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Container, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -37,7 +48,6 @@ from edge_bridge.buffer.schema import (
     ChunkRow,
     StreamRow,
     create_tables,
-    insert_chunks,
     insert_streams,
 )
 from edge_bridge.buffer.streams import StreamTable
@@ -52,18 +62,28 @@ _DAMAGED: Final = frozenset({11, 26})
 """SQLite error codes that mean a damaged file: SQLITE_CORRUPT, SQLITE_NOTADB."""
 _MAX_MISSES: Final = 10_000
 """Consecutive unreadable rowids after which the scan of a table gives up."""
+_COPY_ROWS: Final = 64
+"""Chunks copied per salvage transaction: a chunk holds at most ~256 KiB, so a page of
+them bounds what a salvage holds in memory at once, whatever the backlog."""
+_DROP_COLUMNS: Final = "sid, epoch, first_seq, last_seq, count, reason, at"
+_SALVAGE_SUFFIX: Final = ".salvage"
+_SALVAGED_KEY: Final = "salvaged"
+"""``meta`` key of a salvage file's last transaction: ``[records kept, records lost]``."""
 _records = msgspec.msgpack.Decoder(list[Record])
 
 
 @dataclass(slots=True)
 class Salvage:
-    """What could be read out of a damaged buffer file."""
+    """What could be read out of a damaged buffer file (counts: the records themselves
+    went straight into the salvage file, a page at a time)."""
 
-    streams: list[StreamRow] = field(default_factory=list)
-    chunks: list[ChunkRow] = field(default_factory=list)
-    """Chunks whose records decode."""
+    streams: int = 0
+    records: int = 0
+    """Records in chunks that decode, copied with their identities."""
     lost_records: int = 0
-    """Records in chunks that were found but could not be used."""
+    """Records handed out, not yet trimmed, and neither salvaged nor a known drop (in
+    chunks that did not decode, or in rows that could not be read): each run of them
+    is a drop run with reason ``damaged``."""
     unreadable_rows: int = 0
     """Rows (of any table) that could not be read at all: their records are uncounted."""
 
@@ -77,18 +97,26 @@ class Recovery:
     salvaged_records: int = 0
     """Records read back out of a quarantined file (identities unchanged)."""
     lost_records: int = 0
-    """Records of a quarantined file found but unusable (counted, reported)."""
+    """Records of a quarantined file that could not be salvaged (counted, reported to
+    the cloud as drop runs with reason ``damaged``)."""
 
 
-def _rows(conn: sqlite3.Connection, table: str, columns: str) -> tuple[list[tuple[Any, ...]], int]:
-    """Every readable row of ``table`` by rowid; returns the rows and the unreadable count."""
+def _rows(conn: sqlite3.Connection, table: str, columns: str, out: Salvage
+          ) -> Iterator[tuple[Any, ...]]:
+    """Every readable row of ``table`` in rowid order, one at a time (a damaged file
+    may hold the whole backlog: never all of it in memory). A scan that meets a
+    damaged page goes on by probing the rowids after the last one read; what cannot
+    be read is counted in ``out.unreadable_rows``."""
+    last = 0
     try:
-        return conn.execute(f"SELECT {columns} FROM {table} ORDER BY rowid").fetchall(), 0
+        for row in conn.execute(f"SELECT rowid, {columns} FROM {table} ORDER BY rowid"):
+            last = row[0]
+            yield row[1:]
+        return
     except sqlite3.DatabaseError:
         pass
-    rows: list[tuple[Any, ...]] = []
-    unreadable = misses = 0
-    rowid = 0
+    misses = 0
+    rowid = last
     try:
         top = conn.execute(f"SELECT max(rowid) FROM {table}").fetchone()[0]
     except sqlite3.DatabaseError:
@@ -100,48 +128,159 @@ def _rows(conn: sqlite3.Connection, table: str, columns: str) -> tuple[list[tupl
                 f"SELECT {columns} FROM {table} WHERE rowid=?", (rowid,)
             ).fetchone()
         except sqlite3.DatabaseError:
-            unreadable += 1
+            out.unreadable_rows += 1
             misses += 1
             continue
         if row is None:
             misses += 1
             continue
         misses = 0
-        rows.append(row)
-    return rows, unreadable
+        yield row
 
 
-def salvage(path: Path) -> Salvage:
-    """Read what is intact in the damaged buffer at ``path`` (opened read-only)."""
+def _decodes(chunk: ChunkRow, known: Container[int]) -> bool:
+    count = chunk.last_seq - chunk.first_seq + 1
+    try:
+        return (
+            chunk.sid in known and count > 0 and isinstance(chunk.body, bytes)
+            and len(_records.decode(array_header(count) + chunk.body)) == count
+        )
+    except (msgspec.DecodeError, msgspec.ValidationError, TypeError):
+        return False
+
+
+def _remove(path: Path) -> None:
+    for suffix in FILE_SUFFIXES:
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def salvage(damaged: Path, target: Path) -> Salvage:
+    """Copy what is intact in the damaged buffer at ``damaged`` (opened read-only) into
+    a new buffer file at ``target`` (replaced if present), :data:`_COPY_ROWS` chunks per
+    transaction; the last one marks ``target`` complete (:func:`_salvaged_counts`)."""
     out = Salvage()
+    _remove(target)
+    dst = sqlite3.connect(target, isolation_level=None)  # rollback journal: one file
+    with contextlib.closing(dst):
+        dst.execute("PRAGMA synchronous=FULL")
+        create_tables(dst)
+        streams: list[StreamRow] = []
+        next_seq: dict[int, int] = {}
+        drops: list[tuple[Any, ...]] = []
+        try:
+            src = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True)
+        except sqlite3.Error:
+            src = None
+        if src is not None:
+            with contextlib.closing(src):
+                streams = [StreamRow(*row) for row in _rows(src, "streams", STREAM_COLUMNS, out)]
+                next_seq = {s.sid: 0 for s in streams}
+                page: list[ChunkRow] = []
+                for chunk in map(ChunkRow._make, _rows(src, "chunks", CHUNK_COLUMNS, out)):
+                    count = chunk.last_seq - chunk.first_seq + 1
+                    if not _decodes(chunk, next_seq):
+                        out.lost_records += max(count, 0)
+                        continue
+                    page.append(chunk)
+                    next_seq[chunk.sid] = max(next_seq[chunk.sid], chunk.last_seq + 1)
+                    if len(page) >= _COPY_ROWS:
+                        _copy(dst, page, out)
+                        page = []
+                _copy(dst, page, out)
+                epochs = {s.sid: s.epoch for s in streams}
+                drops = [row for row in _rows(src, "drops", _DROP_COLUMNS, out)
+                         if epochs.get(row[0]) == row[1]]
+        dst.execute("BEGIN IMMEDIATE")
+        # next_seq never moves back: a seq once handed out is never reused.
+        streams = [s._replace(next_seq=max(s.next_seq, next_seq[s.sid])) for s in streams]
+        insert_streams(dst, streams)
+        dst.executemany(f"INSERT OR IGNORE INTO drops({_DROP_COLUMNS}) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)", drops)
+        out.lost_records = _account_losses(dst, streams)
+        out.streams = len(streams)
+        dst.execute("INSERT INTO meta(key, value) VALUES (?, ?)",
+                    (_SALVAGED_KEY, json.dumps([out.records, out.lost_records])))
+        dst.execute("COMMIT")
+    return out
+
+
+def _account_losses(dst: sqlite3.Connection, streams: list[StreamRow]) -> int:
+    """Write a drop run (reason ``damaged``) for every seq of every stream that was
+    handed out, is above the trim floor, and is neither a salvaged record nor a
+    salvaged drop run; returns how many. The drop reporter tells the cloud, so the
+    stream's committed watermark passes the loss (a hole it never passed kept every
+    later record of the stream in the buffer for good, and the stream stalled once
+    the buffer filled). Rows that could not be read at all are counted this way too.
+    """
+    lost = 0
+    now = time.time()
+    for s in streams:
+        expect = s.committed_seq + 1
+        gaps: list[tuple[int, int]] = []
+        for first, last in dst.execute(
+            "SELECT first_seq, last_seq FROM chunks WHERE sid=? UNION ALL "
+            "SELECT first_seq, last_seq FROM drops WHERE sid=? AND epoch=? ORDER BY 1",
+            (s.sid, s.sid, s.epoch),
+        ):
+            if first > expect:
+                gaps.append((expect, first - 1))
+            expect = max(expect, last + 1)
+        if expect <= s.next_seq - 1:
+            gaps.append((expect, s.next_seq - 1))
+        dst.executemany(
+            f"INSERT INTO drops({_DROP_COLUMNS}) VALUES (?, ?, ?, ?, ?, 'damaged', ?)",
+            [(s.sid, s.epoch, first, last, last - first + 1, now) for first, last in gaps])
+        lost += sum(last - first + 1 for first, last in gaps)
+    return lost
+
+
+def _copy(dst: sqlite3.Connection, page: list[ChunkRow], out: Salvage) -> None:
+    if not page:
+        return
+    dst.execute("BEGIN IMMEDIATE")
+    for chunk in page:
+        count = chunk.last_seq - chunk.first_seq + 1
+        # A damaged index may show a chunk twice: the first copy is kept, the rest counted.
+        if dst.execute(f"INSERT OR IGNORE INTO chunks({CHUNK_COLUMNS}) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", chunk).rowcount:
+            out.records += count
+        else:
+            out.lost_records += count
+    dst.execute("COMMIT")
+
+
+def _salvaged_counts(path: Path) -> tuple[int, int] | None:
+    """``(records kept, records lost)`` of a complete salvage file, None otherwise."""
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.Error:
-        return out
+        return None
     with contextlib.closing(conn):
         try:
-            streams, bad = _rows(conn, "streams", STREAM_COLUMNS)
-            out.streams = [StreamRow(*row) for row in streams]
-            out.unreadable_rows += bad
-            chunks, bad = _rows(conn, "chunks", CHUNK_COLUMNS)
-            out.unreadable_rows += bad
+            row = conn.execute("SELECT value FROM meta WHERE key=?", (_SALVAGED_KEY,)).fetchone()
         except sqlite3.Error:
-            return out  # not even the schema is readable
-    known = {s.sid for s in out.streams}
-    for chunk in map(ChunkRow._make, chunks):
-        count = chunk.last_seq - chunk.first_seq + 1
+            return None
+    if row is None:
+        return None
+    kept, lost = json.loads(row[0])
+    return int(kept), int(lost)
+
+
+def _salvage_path(path: Path) -> Path:
+    return path.with_name(path.name + _SALVAGE_SUFFIX)
+
+
+def _put_in_place(salvaged: Path, path: Path, recovery: Recovery, counts: tuple[int, int]
+                  ) -> None:
+    """The complete salvage file becomes the buffer (one rename: a crash leaves either)."""
+    salvaged.rename(path)
+    with contextlib.suppress(OSError):  # make the rename durable where the OS lets us
+        fd = os.open(path.parent, os.O_RDONLY)
         try:
-            ok = (
-                chunk.sid in known and count > 0 and isinstance(chunk.body, bytes)
-                and len(_records.decode(array_header(count) + chunk.body)) == count
-            )
-        except (msgspec.DecodeError, msgspec.ValidationError, TypeError):
-            ok = False
-        if ok:
-            out.chunks.append(chunk)
-        else:
-            out.lost_records += max(count, 0)
-    return out
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    recovery.salvaged_records, recovery.lost_records = counts
 
 
 def open_checked(
@@ -151,11 +290,23 @@ def open_checked(
     recovery: Recovery,
 ) -> sqlite3.Connection:
     """Connect to the buffer at ``path`` and load ``streams``; a damaged file is
-    quarantined and salvaged (counted in ``recovery``), not fatal.
+    salvaged and quarantined (counted in ``recovery``), not fatal.
+
+    Crash-safe in every step: the intact records are copied into ``<path>.salvage``
+    (marked complete by its last transaction) while the damaged file stays where it
+    is, then the damaged file is moved to quarantine and the salvage file renamed into
+    its place. Killed before the move, the next open salvages again from the start;
+    killed between move and rename, it finds the complete salvage file and takes it.
 
     Raises:
         sqlite3.DatabaseError: a failure that is not damage (locked, unwritable).
     """
+    salvaged = _salvage_path(path)
+    if not path.exists() and salvaged.exists():
+        counts = _salvaged_counts(salvaged)
+        if counts is not None:
+            log.error("buffer_salvage_resumed", path=str(path))
+            _put_in_place(salvaged, path, recovery, counts)
     problem: str | None = None
     conn: sqlite3.Connection | None = None
     try:
@@ -166,6 +317,7 @@ def open_checked(
         else:
             create_tables(conn)
             streams.load(conn)
+            _remove(salvaged)  # left by a salvage killed early: the file is whole
             return conn
     except sqlite3.DatabaseError as exc:
         if getattr(exc, "sqlite_errorcode", None) not in _DAMAGED:
@@ -176,33 +328,19 @@ def open_checked(
     if conn is not None:
         with contextlib.suppress(sqlite3.Error):
             conn.close()
-    damaged = _quarantine(path, problem or "unreadable")
+    found = salvage(path, salvaged)
+    _quarantine(path, problem or "unreadable")
     recovery.quarantined += 1
+    _put_in_place(salvaged, path, recovery, (found.records, found.lost_records))
+    log.error(
+        "buffer_salvaged", streams=found.streams, records_kept=found.records,
+        records_lost=found.lost_records, unreadable_rows=found.unreadable_rows,
+    )
     streams.clear()
     conn = connect()
     create_tables(conn)
-    _restore_salvage(conn, salvage(damaged), recovery)
     streams.load(conn)
     return conn
-
-
-def _restore_salvage(conn: sqlite3.Connection, found: Salvage, recovery: Recovery) -> None:
-    """Write what was salvaged into the fresh buffer, identities unchanged."""
-    next_seq = {s.sid: 0 for s in found.streams}
-    for chunk in found.chunks:
-        next_seq[chunk.sid] = max(next_seq[chunk.sid], chunk.last_seq + 1)
-    conn.execute("BEGIN IMMEDIATE")
-    # next_seq never moves back: a seq once handed out is never reused.
-    insert_streams(conn, [s._replace(next_seq=max(s.next_seq, next_seq[s.sid]))
-                          for s in found.streams])
-    insert_chunks(conn, found.chunks)
-    conn.execute("COMMIT")
-    recovery.salvaged_records = sum(c.last_seq - c.first_seq + 1 for c in found.chunks)
-    recovery.lost_records = found.lost_records
-    log.error(
-        "buffer_salvaged", streams=len(found.streams), records_kept=recovery.salvaged_records,
-        records_lost=found.lost_records, unreadable_rows=found.unreadable_rows,
-    )
 
 
 def _quarantine(path: Path, problem: str) -> Path:

@@ -131,7 +131,7 @@ class DropRun(NamedTuple):
     records: int
     """How many records the run dropped."""
     reason: str
-    """``overflow`` or ``ttl``."""
+    """``overflow`` or ``ttl``, or ``damaged`` (written by a salvage, see :mod:`.recovery`)."""
     dropped_at: float
     """Unix seconds."""
 

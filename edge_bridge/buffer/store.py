@@ -102,6 +102,7 @@ class Buffer(Opened):
         (:mod:`~edge_bridge.buffer.tail`)."""
         self._reader_pool: ThreadPoolExecutor | None = None
         self._reader: sqlite3.Connection | None = None
+        self._drops_at_open = False
         self._state = "new"
         self.appended = asyncio.Event()
         """Set whenever records are appended; the shipper clears and waits on it."""
@@ -135,6 +136,7 @@ class Buffer(Opened):
         )
         self._reader_pool = ThreadPoolExecutor(1, thread_name_prefix="buffer-reader")
         self._reader = await self._in_reader(self._connect)
+        self._drops_at_open = await self._in_reader(lambda: reads.any_drops(self._reading()))
         self._state = "open"
         log.info(
             "buffer_opened",
@@ -324,12 +326,24 @@ class Buffer(Opened):
         return await self._in_reader(
             lambda: reads.oldest_received(self._reading(), sid, after_seq=0))
 
+    async def oldest_received_each(self, *, unshipped: bool) -> dict[str, float | None]:
+        """:meth:`oldest_unshipped_received` (``unshipped``) or :meth:`oldest_received`
+        of every stream, read in one trip to the reader thread (per stream, a heartbeat
+        of 2,000 streams took 4,000 trips, ~0.5 s of the thread the shipper reads on)."""
+        states = self._streams.states()
+        after = {s.sid: (s.shipped_seq if unshipped else 0) for s in states}
+        names = {s.sid: s.name for s in states}
+        found = await self._in_reader(reads.oldest_received_each, self._reading(), after)
+        return {names[sid]: received for sid, received in found.items()}
+
     async def pending_drops(self) -> list[DropRun]:
         """Drop runs the cloud has not yet accounted for."""
         states = self._streams.states()
         # A drop run is written with the drop counters, which only grow: a buffer
-        # that never dropped has none, and the reporter's poll costs no read.
-        if not any(s.dropped_overflow or s.dropped_ttl for s in states):
+        # that never dropped has none, and the reporter's poll costs no read (runs a
+        # salvage wrote, reason damaged, count in no counter: known from the open).
+        if not self._drops_at_open and not any(
+                s.dropped_overflow or s.dropped_ttl for s in states):
             return []
         names = {s.sid: s.name for s in states}
         return await self._in_reader(lambda: reads.pending_drops(self._reading(), names))
@@ -423,13 +437,12 @@ class Buffer(Opened):
     # -- reporting -------------------------------------------------------------------
 
     async def stats(self) -> BufferStats:
-        oldest: float | None = None
         unshipped = 0
-        for name, state in list(self._streams.by_name.items()):
+        for state in self._streams.states():
             unshipped += max(0, state.next_seq - 1 - max(state.shipped_seq, state.committed_seq))
-            received = await self.oldest_unshipped_received(name)
-            if received is not None and (oldest is None or received < oldest):
-                oldest = received
+        received = [r for r in (await self.oldest_received_each(unshipped=True)).values()
+                    if r is not None]
+        oldest = min(received) if received else None
         disk = await self._in_reader(disk_bytes, self._path)
         states = self._streams.states()
         return BufferStats(

@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_CLOSE_TIMEOUT_S",
     "DEFAULT_LINGER_MS",
     "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_MAX_PENDING_BYTES",
     "DEFAULT_MAX_PENDING_RECORDS",
     "DEFAULT_MAX_RECORD_BYTES",
     "DEFAULT_REQUEST_TIMEOUT_S",
@@ -52,7 +53,11 @@ DEFAULT_CLOSE_TIMEOUT_S: Final = 5.0
 what is pending before it fails those records and returns: long enough for a
 bridge that is merely busy, short enough that an application can always stop."""
 DEFAULT_MAX_PENDING_RECORDS: Final = 100_000
-"""Bounds the memory of unconfirmed records."""
+"""Bounds the number of unconfirmed records."""
+DEFAULT_MAX_PENDING_BYTES: Final = 256 * 1024 * 1024
+"""Bounds the memory of unconfirmed records (their payload, key and headers plus
+~16 bytes each): the record count alone let 100,000 records of up to 1 MiB each
+pile up while the bridge answered 503."""
 
 BACKOFF_INITIAL_S: Final = 0.05
 """First retry delay after an error; doubles per failed attempt (with jitter)."""
@@ -81,6 +86,7 @@ class ClientOptions(TypedDict, total=False):
     request_timeout_s: float
     close_timeout_s: float | None
     max_pending_records: int
+    max_pending_bytes: int
     transport: httpx.AsyncBaseTransport | None
     token: str | None
 

@@ -36,6 +36,8 @@ class BatchBook:
         self._unresolved: set[OutgoingBatch] = set()
         """Sealed batches not settled yet."""
         self._outstanding = 0
+        self._outstanding_bytes = 0
+        """Bytes (as batches are sized) of the records published but not yet settled."""
         self._send_failed: dict[str, int] = {}
         self._first_send_error: BaseException | None = None
 
@@ -129,6 +131,7 @@ class BatchBook:
     def _settle(self, batch: OutgoingBatch) -> None:
         batch.settled = True
         self._outstanding -= batch.count
+        self._outstanding_bytes -= batch.nbytes
         batch.waiters = []
         batch.unwaited = 0
         batch.gaps = None

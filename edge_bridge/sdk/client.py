@@ -51,6 +51,7 @@ from edge_bridge.sdk._defaults import (
     DEFAULT_CLOSE_TIMEOUT_S,
     DEFAULT_LINGER_MS,
     DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_PENDING_BYTES,
     DEFAULT_MAX_PENDING_RECORDS,
     DEFAULT_MAX_RECORD_BYTES,
     DEFAULT_REQUEST_TIMEOUT_S,
@@ -132,7 +133,11 @@ class EdgeClient(BatchBook):
             not be stored) and ``close`` returns. ``None`` waits as long as the
             retries go on (``retry_timeout_s`` per request).
         max_pending_records: records published but not yet confirmed beyond
-            which ``publish`` raises :class:`BufferFull`; bounds memory.
+            which ``publish`` raises :class:`BufferFull`.
+        max_pending_bytes: bytes of records (as batches are sized) published
+            but not yet confirmed beyond which ``publish`` raises
+            :class:`BufferFull`; with ``max_pending_records``, bounds memory
+            whatever the records' size.
         transport: an httpx transport to use instead of the network (tests).
         token: this producer's token, when the bridge requires one
             (``bridge.producer_tokens``; docs/ingress-http.md).
@@ -155,6 +160,7 @@ class EdgeClient(BatchBook):
         request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
         close_timeout_s: float | None = DEFAULT_CLOSE_TIMEOUT_S,
         max_pending_records: int = DEFAULT_MAX_PENDING_RECORDS,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         transport: httpx.AsyncBaseTransport | None = None,
         token: str | None = None,
     ) -> None:
@@ -177,6 +183,7 @@ class EdgeClient(BatchBook):
             "close_timeout_s must be >= 0 or None",
         )
         require(max_pending_records >= 1, "max_pending_records must be >= 1")
+        require(max_pending_bytes >= 1, "max_pending_bytes must be >= 1")
         # Caught here: an unsupported scheme would otherwise look like a
         # transport error and be retried for retry_timeout_s.
         require(url.startswith(("http://", "https://")), f"url must be http(s)://..., got {url!r}")
@@ -194,6 +201,7 @@ class EdgeClient(BatchBook):
         self._retry_timeout_s = retry_timeout_s
         self._close_timeout_s = close_timeout_s
         self._max_pending = max_pending_records
+        self._max_pending_bytes = max_pending_bytes
         # Time-based start: see ``producer_id`` above. One process cannot
         # seal a batch per microsecond, so a restart starts above its past.
         self._next_request_seq = time.time_ns() // 1000
@@ -429,9 +437,11 @@ class EdgeClient(BatchBook):
         if batch is not None and ts is None and headers is None and (
                 data := plain_json(payload, key, self._inline_max_bytes)) is not None:
             nbytes = batch.nbytes + len(data) + (_OVERHEAD if key is None else _OVERHEAD + len(key))
-            if nbytes <= self._batch_max_bytes and self._outstanding < self._max_pending:
+            if nbytes <= self._batch_max_bytes and self._outstanding < self._max_pending and (
+                    self._outstanding_bytes < self._max_pending_bytes):
                 (records := batch.records).append((_now_ns() // 1000, CT_JSON, data, key, None))
                 batch.unwaited += 1
+                self._outstanding_bytes += nbytes - batch.nbytes
                 batch.nbytes = nbytes
                 self._outstanding += 1
                 (stats := self.stats).records_published += 1
@@ -448,7 +458,7 @@ class EdgeClient(BatchBook):
         if self._state is not _OPEN:
             raise ClosedError("EdgeClient is closed; it accepts no more records")
         record, nbytes = self._prepare(stream, payload, key, ts, headers)
-        if self._outstanding >= self._max_pending:
+        if self._full():
             raise self._buffer_full(self._outstanding)
         if self._loop is None:
             self._bind_loop()
@@ -481,6 +491,7 @@ class EdgeClient(BatchBook):
             batch.waiters.append(waiter)
         batch.nbytes += nbytes
         self._outstanding += 1
+        self._outstanding_bytes += nbytes
         self.stats.records_published += 1
         if len(batch.records) >= self._batch_max_records or batch.nbytes >= self._batch_max_bytes:
             self._seal(batch)
@@ -505,6 +516,7 @@ class EdgeClient(BatchBook):
                     batch.unwaited += 1
                     batch.nbytes = total
                     appended += 1
+                    self._outstanding_bytes += nbytes
                     if len(records) >= self._batch_max_records or total >= self._batch_max_bytes:
                         self._seal(batch)
                     continue
@@ -522,10 +534,17 @@ class EdgeClient(BatchBook):
             self._count_failed(refused, refused, error.code, error)
             _log.warning("sdk_records_aborted", producer=self._producer, records=refused)
 
+    def _full(self, waiting: int = 0) -> bool:
+        """Whether ``max_pending_records`` or ``max_pending_bytes`` is reached (counting
+        ``waiting`` more records handed over but not queued yet)."""
+        return (self._outstanding + waiting >= self._max_pending
+                or self._outstanding_bytes >= self._max_pending_bytes)
+
     def _buffer_full(self, waiting: int) -> BufferFull:
         return BufferFull(
-            f"{waiting} records await confirmation by the bridge "
-            f"(max_pending_records={self._max_pending}); retry later",
+            f"{waiting} records ({self._outstanding_bytes} bytes) await confirmation by "
+            f"the bridge (max_pending_records={self._max_pending}, "
+            f"max_pending_bytes={self._max_pending_bytes}); retry later",
             retry_after=self._delivery.backpressure_hint_s,
         )
 

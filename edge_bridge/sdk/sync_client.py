@@ -141,7 +141,6 @@ class SyncEdgeClient:
         # Built here so bad arguments raise before a thread exists; it binds
         # to the background loop on first use there.
         self._client = EdgeClient(url, **options)
-        self._max_pending = self._client.max_pending_records
         preparer = self._client._preparer
         self._prepare = preparer.prepare
         self._known_streams = preparer.known_streams
@@ -266,9 +265,8 @@ class SyncEdgeClient:
         # _outstanding is written by the loop thread and other application threads
         # may append at the same time: the bound can be passed by one record per
         # thread, never run away.
-        waiting = self._client._outstanding + len(intake)
-        if waiting >= self._max_pending:
-            raise self._client._buffer_full(waiting)
+        if self._client._full(len(intake)):
+            raise self._client._buffer_full(self._client._outstanding + len(intake))
         intake.append(item)
         if self._closed:
             self._take_back()

@@ -12,6 +12,7 @@ from broker.errors import BufferFull, ClosedError, InvalidInput
 from broker.protocol.wire import CT_JSON, Record, array_header
 from broker.settings import StreamPolicy
 from edge_bridge.buffer import Buffer, StoredRun, encode_chunks, record_size
+from edge_bridge.buffer.recovery import salvage
 
 
 def recs(n: int, size: int = 10, start: int = 0) -> list[Record]:
@@ -359,3 +360,89 @@ async def test_a_truncated_buffer_opens_and_never_reuses_an_identity(tmp_path: P
     assert quarantined == 1
     assert stats.records < 200
     assert again.epoch != old.epoch or again.first_seq > old.first_seq + old.count - 1
+
+
+async def test_drops_at_every_append_under_a_long_outage_keep_one_pending_run(
+    tmp_path: Path,
+) -> None:
+    """A full drop_oldest stream drops at every append (the uplink is down for days):
+    each drop continues the previous one, so the pending drop runs (a table row each,
+    read by the reporter every second and sent as markers) stay one run covering every
+    dropped seq, with the exact count, not one row per append."""
+    async with make_drop_oldest(tmp_path, room_for=10) as buf:
+        await buf.append("a", encode_chunks(recs(10)))
+        for _ in range(2_000):
+            await buf.append("a", encode_chunks(recs(1)))
+        drops = await buf.pending_drops()
+        stats = await buf.stats()
+    assert stats.dropped["a"]["overflow"] == 2_000
+    assert [(d.first_seq, d.last_seq, d.records, d.reason) for d in drops] == [
+        (1, 2_000, 2_000, "overflow")]
+
+
+async def test_expiry_runs_that_continue_each_other_are_one_pending_run(
+    tmp_path: Path,
+) -> None:
+    """TTL expiry during an outage drops what aged out at each check: consecutive
+    expiries extend one run; a run of another reason is not merged into it."""
+    async with make(tmp_path, max_bytes=record_size(recs(1)[0]) * 10,
+                    policies={"a": StreamPolicy(overflow="drop_oldest")}) as buf:
+        for _ in range(5):
+            await buf.append("a", encode_chunks(recs(2)))
+            assert await buf.expire("a", after_seq=0, ttl_s=1e-9) == 2
+        await buf.append("a", encode_chunks(recs(10)))
+        await buf.append("a", encode_chunks(recs(3)))  # overflow: drops seqs 11..13
+        drops = await buf.pending_drops()
+        stats = await buf.stats()
+    assert stats.dropped["a"] == {"overflow": 3, "ttl": 10}
+    assert [(d.first_seq, d.last_seq, d.records, d.reason) for d in drops] == [
+        (1, 10, 10, "ttl"), (11, 13, 3, "overflow")]
+
+
+async def test_a_salvage_finished_before_a_crash_is_taken_at_the_next_open(
+    tmp_path: Path,
+) -> None:
+    """Killed after the damaged file went to quarantine but before the finished salvage
+    file took its place: the next open takes that file (identities and counts kept)
+    instead of starting an empty buffer beside it."""
+    async with make(tmp_path) as buf:
+        first = await buf.append("a", encode_chunks(recs(5)))
+    db = tmp_path / "buf" / "buffer.sqlite3"
+    found = salvage(db, db.with_name("buffer.sqlite3.salvage"))
+    db.rename(tmp_path / "quarantined.sqlite3")  # where the crash left it
+    async with make(tmp_path) as buf:
+        runs = await buf.read_runs("a", 0, max_records=100, max_bytes=10**6)
+        again = await buf.append("a", encode_chunks(recs(1)))
+        kept = buf.recovery.salvaged_records
+    assert found.records == kept == 5
+    assert [x for run in runs for x in decoded(run)] == recs(5)
+    assert (again.epoch, again.first_seq) == (first.epoch, 6)
+
+
+async def test_stats_over_many_streams_take_one_trip_to_the_reader_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Heartbeats and gauges read every stream's oldest record: with 500 streams that
+    is one job on the reader thread (the shipper reads on it too), not one per stream
+    (two per stream and heartbeat before: ~0.5 s of that thread every 5 s with 2,000
+    streams); the answers are each stream's own."""
+    async with make(tmp_path) as buf:
+        for i in range(500):
+            await buf.append(f"s{i}", encode_chunks(recs(2)))
+        buf.mark_shipped("s0", 2)
+        trips = 0
+        in_reader = buf._in_reader
+
+        async def counted(*args: object) -> object:
+            nonlocal trips
+            trips += 1
+            return await in_reader(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(buf, "_in_reader", counted)
+        stats = await buf.stats()
+        oldest = await buf.oldest_received_each(unshipped=False)
+        unshipped = await buf.oldest_received_each(unshipped=True)
+        assert trips == 4  # stats: the oldest records and the file sizes; then one each
+    assert stats.records == 1_000 and stats.oldest_unshipped_age_s >= 0
+    assert len(oldest) == 500 and all(v is not None for v in oldest.values())
+    assert unshipped["s0"] is None and unshipped["s1"] == oldest["s1"]

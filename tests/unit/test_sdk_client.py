@@ -641,3 +641,25 @@ def test_the_package_exports_the_brokers_own_errors() -> None:
     tests/unit/test_exports.py.)"""
     for name in ("BufferFull", "ClosedError", "InvalidInput", "RecordTooLarge", "TemporaryError"):
         assert getattr(edge_bridge.sdk, name) is getattr(errors, name)
+
+
+async def test_publish_raises_buffer_full_beyond_max_pending_bytes(bridge: FakeBridge) -> None:
+    """Large records are bounded by bytes, not only by count: with the bridge full
+    (503), records of 100 kB stop being taken at max_pending_bytes, long before
+    max_pending_records; the error names the bound; once the bridge takes them,
+    publishing goes on."""
+    bridge.default = FakeBridge.status(503, "buffer_full", "full", retry_after="0.05")
+    payload = b"x" * 100_000
+    async with client_for(bridge, max_pending_bytes=1_000_000, batch_max_records=1,
+                          retry_timeout_s=30) as client:
+        futures = []
+        with pytest.raises(BufferFull, match="max_pending_bytes=1000000") as info:
+            for _ in range(1_000):
+                futures.append(client.publish("s", payload))
+        assert 9 <= len(futures) <= 10
+        assert info.value.retry_after > 0
+        bridge.default = FakeBridge.store
+        await client.flush()
+        extra = client.publish("s", payload)
+        await client.flush()
+        assert all(isinstance(ack, RecordAck) for ack in await settled([*futures, extra]))
