@@ -58,8 +58,11 @@ BASELINE_STREAM: Final = "BENCH_EDGE"
 BASELINE_SUBJECT: Final = "bench.edge.edge-1.telemetry"
 FLOOR_RECORDS: Final = 200_000
 """Records the SDK's floor is timed on (fewer in the smoke profile)."""
-NO_RETRANSMIT: Final = {"EDGESYNC_BRIDGE__SHIPPER__RETRANSMIT_TIMEOUT_S": "3600"}
-"""No ingest runs here, so nothing is ever committed: keep the bridge from re-shipping."""
+NO_RETRANSMIT: Final = {"EDGESYNC_BRIDGE__SHIPPER__RETRANSMIT_TIMEOUT_S": "3600",
+                         "EDGESYNC_BRIDGE__SHIPPER__MAX_UNCONFIRMED_BYTES": str(1 << 40)}
+"""No ingest runs here, so nothing is ever committed: keep the bridge from re-shipping,
+and from waiting for commits once its window of unconfirmed bytes (64 MiB by default)
+is shipped: these scenarios measure the edge up to JetStream's acknowledgement."""
 
 
 async def run(env: BenchEnv, profile: Profile, pool: Pool,
