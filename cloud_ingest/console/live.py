@@ -8,10 +8,14 @@ extension swaps each named event into the element that ``sse-swap``s it).
 - ``/ui/data/tail``: committed records as they commit (the commit-ordered feed,
   as ``/v1/records/tail``), one table row each.
 
-A fragment is sent only when it changed. A stream lives :data:`LIFETIME_S` at most
-and then ends; the browser reconnects, and the reconnect is authenticated again,
-so a revoked token stops seeing the fleet within that time. Each open page costs
-one query round every :data:`REFRESH_S`, and a tail holds one connection of its own.
+A fragment is sent only when it changed. The session is checked again before every
+read (the cookie's age, the token against the operators table, the read scope): once
+it has ended (logged out elsewhere, expired, the token revoked) the stream sends one
+``session`` event and ends, and ``console.js`` stops the page's live updates and says
+so, instead of leaving the last numbers on screen as if they were live or retrying
+for ever. A stream also ends after :data:`LIFETIME_S` and the browser reconnects.
+Each open page costs one query round every :data:`REFRESH_S` (plus the token's
+lookup), and a tail holds one connection of its own.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from broker.feed import Filters, follow, parse_start_at, resolve_start
 from broker.protocol.tokens import is_valid_token
-from cloud_ingest.console.pages import PREFIX, Viewer
+from cloud_ingest.console.pages import PREFIX, LoginRequired, Viewer
 from cloud_ingest.console.queries import (
     FleetQuery,
     edge_detail,
@@ -41,13 +45,16 @@ from cloud_ingest.dead_letters import list_dead_letters
 if TYPE_CHECKING:
     from cloud_ingest.api.service import Api
 
-__all__ = ["LIFETIME_S", "REFRESH_S", "console_live", "sse_event"]
+__all__ = ["LIFETIME_S", "REFRESH_S", "SESSION_ENDED", "console_live", "sse_event"]
 
 REFRESH_S: Final = 2.0
 """Seconds between two reads of a live page."""
 
 LIFETIME_S: Final = 120.0
 """Seconds a live stream lasts before the browser reconnects (and re-authenticates)."""
+
+SESSION_ENDED: Final = "session"
+"""The event a stream sends, last, when the viewer's session has ended."""
 
 _TAIL_ROWS_PER_EVENT: Final = 50
 """A tail sends at most this many rows per event: a screen, not a firehose."""
@@ -64,13 +71,28 @@ def _stream(body: AsyncIterator[bytes]) -> StreamingResponse:
     return StreamingResponse(body, media_type="text/event-stream", headers=headers)
 
 
-async def _changes(request: Request, read: Callable[[], Awaitable[dict[str, str]]]
-                   ) -> AsyncIterator[bytes]:
-    """Every :data:`REFRESH_S`, the fragments ``read`` returns that changed."""
+_Recheck = Callable[[Request], Awaitable[Viewer]]
+
+
+async def _session_ended(request: Request, recheck: _Recheck) -> bool:
+    try:
+        await recheck(request)
+    except LoginRequired:
+        return True
+    return False
+
+
+async def _changes(request: Request, read: Callable[[], Awaitable[dict[str, str]]],
+                   recheck: _Recheck) -> AsyncIterator[bytes]:
+    """Every :data:`REFRESH_S`, the fragments ``read`` returns that changed, while the
+    session holds."""
     sent: dict[str, str] = {}
     ends = time.monotonic() + LIFETIME_S
     yield b"retry: 2000\n\n"
     while time.monotonic() < ends and not await request.is_disconnected():
+        if await _session_ended(request, recheck):
+            yield sse_event(SESSION_ENDED, "ended")
+            return
         fragments = await read()
         out = [sse_event(k, v) for k, v in fragments.items() if sent.get(k) != v]
         sent.update(fragments)
@@ -78,8 +100,7 @@ async def _changes(request: Request, read: Callable[[], Awaitable[dict[str, str]
         await asyncio.sleep(REFRESH_S)
 
 
-def console_live(api: Api, renderer: Renderer, viewer: Callable[..., Awaitable[Viewer]]
-                 ) -> APIRouter:
+def console_live(api: Api, renderer: Renderer, viewer: _Recheck) -> APIRouter:
     """The SSE routes; ``viewer`` is the pages' session dependency."""
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
     settings = api.settings
@@ -102,7 +123,7 @@ def console_live(api: Api, renderer: Renderer, viewer: Callable[..., Awaitable[V
             return {"rows": renderer.text("_fleet_rows.html", ctx),
                     "totals": renderer.text("_fleet_totals.html", ctx)}
 
-        return _stream(_changes(request, read))
+        return _stream(_changes(request, read, viewer))
 
     @router.get("/edges/{edge}/events")
     async def edge_events(edge: str, request: Request, v: Viewer = current) -> Response:
@@ -123,7 +144,7 @@ def console_live(api: Api, renderer: Renderer, viewer: Callable[..., Awaitable[V
             return {name: renderer.text(f"_edge_{name}.html", ctx)
                     for name in ("summary", "streams", "commands", "deadletters")}
 
-        return _stream(_changes(request, read))
+        return _stream(_changes(request, read, viewer))
 
     @router.get("/data/tail")
     async def tail(request: Request, v: Viewer = current, edge: str | None = None,
@@ -143,6 +164,9 @@ def console_live(api: Api, renderer: Renderer, viewer: Callable[..., Awaitable[V
                 yield b"retry: 2000\n\n"
                 async for page in follow(conn, start, filters, poll_s=REFRESH_S, idle=True):
                     if time.monotonic() > ends or await request.is_disconnected():
+                        break
+                    if await _session_ended(request, viewer):
+                        yield sse_event(SESSION_ENDED, "ended")
                         break
                     if not page.records:
                         yield b": idle\n\n"

@@ -21,7 +21,7 @@ import structlog
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from broker.errors import Conflict, Unauthorized
+from broker.errors import EdgesyncError, Unauthorized, http_status
 from broker.protocol.command_specs import KINDS, SPEC_MODELS
 from broker.protocol.tokens import is_valid_token
 from cloud_ingest.console.forms import destructive_reason, form_fields, parse_form
@@ -61,6 +61,8 @@ log = structlog.get_logger(__name__)
 PREFIX: Final = "/ui"
 """Where the console lives in the API's URL space."""
 
+_DEFAULT_KIND: Final = "bridge.configure"
+
 
 class LoginRequired(Exception):
     """No valid session: the answer is the login form (see :func:`login_required_response`)."""
@@ -79,8 +81,22 @@ class Viewer:
         self.csrf = csrf
 
     @property
+    def kinds(self) -> tuple[str, ...]:
+        """The command kinds this operator may send (``operate`` or ``operate:<kind>``):
+        the only ones the form offers."""
+        return tuple(k for k in KINDS if self.operator.allows(command_scope(k)))
+
+    @property
     def can_operate(self) -> bool:
-        return any(self.operator.allows(command_scope(k)) for k in KINDS)
+        return bool(self.kinds)
+
+    def kind_or_default(self, kind: str | None) -> str:
+        """``kind`` if this operator may send it, else ``bridge.configure`` (the form's
+        default: it changes nothing that is left empty) or the first kind they may send."""
+        kinds = self.kinds
+        if kind in kinds:
+            return kind
+        return _DEFAULT_KIND if _DEFAULT_KIND in kinds or not kinds else kinds[0]
 
     def context(self, **extra: Any) -> dict[str, Any]:
         return {"viewer": self, "operator": self.operator.name, "csrf": self.csrf,
@@ -203,6 +219,18 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
                                secure=request.url.scheme == "https")
         return response
 
+    @router.get("/session")
+    async def session_state(request: Request) -> Response:
+        """204 while this browser's session holds, 401 once it has ended (logged out,
+        expired, the token revoked): what ``console.js`` asks when a live stream is
+        refused, to say so instead of retrying for ever."""
+        try:
+            await viewer(request)
+        except LoginRequired:
+            return Response("session ended", status_code=401, media_type="text/plain",
+                            headers=SECURITY_HEADERS)
+        return Response(status_code=204, headers=SECURITY_HEADERS)
+
     # -- fleet --------------------------------------------------------------------------
 
     async def fleet_context(query: FleetQuery) -> tuple[dict[str, Any], float]:
@@ -245,23 +273,23 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
 
     @router.get("/edges/{edge}")
     async def edge_page(edge: str, v: Viewer = current,
-                        kind: str = "bridge.configure") -> HTMLResponse:
+                        kind: str | None = None) -> HTMLResponse:
         started = time.perf_counter()
         context = await edge_context(edge) if is_valid_token(edge) else None
         if context is None:
             return renderer.page("not_found.html", v.context(
                 nav="fleet", what=f"No edge {edge!r} has reported to this cloud."), status=404)
         db_s = time.perf_counter() - started
-        kind = kind if kind in SPEC_MODELS else "bridge.configure"
         return renderer.page("edge.html", v.context(
-            nav="fleet", **context, form=_form_context(edge, kind)), started=started, db_s=db_s)
+            nav="fleet", **context, form=_form_context(edge, v.kind_or_default(kind), v.kinds)),
+            started=started, db_s=db_s)
 
     @router.get("/edges/{edge}/command-form")
     async def command_form(edge: str, v: Viewer = current,
-                           kind: str = "bridge.configure") -> HTMLResponse:
-        if kind not in SPEC_MODELS or not is_valid_token(edge):
-            kind = "bridge.configure"
-        return renderer.page("_command_form.html", v.context(form=_form_context(edge, kind)))
+                           kind: str | None = None) -> HTMLResponse:
+        kind = v.kind_or_default(kind if is_valid_token(edge) else None)
+        return renderer.page("_command_form.html",
+                             v.context(form=_form_context(edge, kind, v.kinds)))
 
     @router.post("/edges/{edge}/commands")
     async def issue_command(edge: str, request: Request, v: Viewer = posting) -> HTMLResponse:
@@ -270,7 +298,8 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
         request.state.audit = {"action": "command.issue", "target": edge, "kind": kind,
                                "via": "console"}
         parsed = parse_form(kind, form)
-        ctx = _form_context(edge, kind if kind in SPEC_MODELS else "bridge.configure")
+        ctx = _form_context(edge, kind if kind in SPEC_MODELS else v.kind_or_default(None),
+                            v.kinds)
         ctx.update(values=parsed.values, errors=parsed.errors, ttl=form.get("ttl_seconds", ""))
         if not v.operator.allows(command_scope(kind)):
             ctx["errors"] = {"": f"operator {v.operator.name!r} may not send {kind} commands "
@@ -290,11 +319,15 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
             row, _ = await api.issue(edge, kind, parsed.spec, ttl_s=ttl,
                                      idempotency_key=form.get("idempotency_key") or None,
                                      operator=v.operator.name)
-        except Conflict as exc:  # an idempotency key used for another command
+        except EdgesyncError as exc:
+            # Refused as the API would refuse it (an idempotency key used for another
+            # command: 409; a signed command above what an edge accepts: 413; ...): the
+            # reason on the form, the operator's values kept, never a bare JSON body.
             ctx["errors"][""] = str(exc)
-            return renderer.page("_command_form.html", v.context(form=ctx), status=409)
+            return renderer.page("_command_form.html", v.context(form=ctx),
+                                 status=http_status(exc))
         request.state.audit.update(command=str(row["id"]))
-        fresh = _form_context(edge, kind)
+        fresh = _form_context(edge, kind, v.kinds)
         fresh["issued"] = {"id": str(row["id"]), "kind": kind, "status": row["status"]}
         return renderer.page("_command_form.html", v.context(form=fresh),
                              headers={"HX-Trigger": "command-issued"})
@@ -331,8 +364,8 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
     return router
 
 
-def _form_context(edge: str, kind: str) -> dict[str, Any]:
-    return {"edge": edge, "kind": kind, "kinds": KINDS, "fields": form_fields(kind),
+def _form_context(edge: str, kind: str, kinds: tuple[str, ...]) -> dict[str, Any]:
+    return {"edge": edge, "kind": kind, "kinds": kinds, "fields": form_fields(kind),
             "values": {}, "errors": {}, "ttl": "", "confirm": None, "issued": None,
             "form_id": uuid.uuid4().hex[:8]}
 

@@ -9,9 +9,12 @@ Skipped, saying why, where Debian's ``chromium`` (``/usr/bin/chromium``) or the
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,11 +26,12 @@ import pytest_asyncio
 
 from broker.connecting import connect_options
 from broker.pg_connecting import connected
+from broker.protocol.events import Heartbeat, encode_event
 from broker.protocol.permissions import inbox_prefix
 from broker.protocol.topology import Topology
 from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch
 from broker.settings import NatsSettings
-from cloud_ingest.operators import add_operator
+from cloud_ingest.operators import add_operator, revoke_operator
 from tests.support import UpProcess, edgesync_up, until
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -297,4 +301,168 @@ async def test_a_poison_records_dead_letter_appears_with_its_reason_then_screens
     await page.get_by_role("link", name="Fleet", exact=True).first.click()
     await expect(page.locator("#fleet-rows tr[data-edge]")).to_have_count(2)
     await page.screenshot(path=str(SHOTS / "fleet.png"), full_page=True)
+    await page.context.close()
+
+
+# -- what a hostile edge, a careless operator and a revoked token meet ----------------
+# (after the screenshots: what these leave on edge-1 must not show in docs/console/)
+
+HOSTILE = "<img src=x onerror=\"document.title='PWNED'\">\"><script>document.title='PWNED'</script>"
+"""Markup an edge controls, in every free-text field it sends: shown, never run."""
+
+
+async def _edge_1_nats(runtime: dict[str, Any]) -> Any:
+    """A NATS connection with edge-1's own credentials: what a compromised edge-1 has."""
+    settings = NatsSettings(url=runtime["nats_url"], ca_file=runtime["nats_ca_file"],
+                            credentials_file=runtime["nats_credentials"]["edge-1"])
+    return await nats.connect(runtime["nats_url"], allow_reconnect=False, connect_timeout=5,
+                              **connect_options(settings, inbox_prefix=inbox_prefix(
+                                  Topology(), "edge", "edge-1")))
+
+
+async def _live(page: Any) -> None:
+    """Until the page's live stream is open (htmx's SSE extension keeps its EventSource
+    on the element; evaluated from outside the page, as the CSP allows no eval)."""
+    script = ("(() => { const e = document.querySelector('[sse-connect]'); const d = e && "
+              "e['htmx-internal-data']; return !!(d && d.sseEventSource && "
+              "d.sseEventSource.readyState === 1); })()")
+
+    async def open_() -> bool:
+        return bool(await page.evaluate(script))
+
+    await until(open_, timeout=30, interval=0.1, message="the live stream never opened")
+
+
+async def _no_script_ran(page: Any) -> None:
+    assert await page.locator("img[src='x']").count() == 0  # the markup stayed text
+    assert "PWNED" not in await page.title()
+    assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+
+async def test_what_a_hostile_edge_sends_is_shown_as_text_clipped_and_unreordered(
+    up: UpProcess, browser: Any
+) -> None:
+    """edge-1 (its own credentials) sends records whose key and JSON payload are markup,
+    and a heartbeat whose version is markup, a right-to-left override (U+202E) and
+    20,000 characters. Nothing runs (no element is injected, the title stays); the
+    tail shows the key as text; the fleet row shows at most 40 characters of the
+    version, the edge page 200 with the override made visible as ``[U+202E]``, and
+    neither page scrolls sideways."""
+    dialogs: list[str] = []
+    page = await _logged_in(browser, up)
+    page.on("dialog", lambda d: dialogs.append(d.message))
+    await page.goto(f"{up.runtime['api_url']}/ui/data?edge=edge-1&stream=hostile")
+    await expect(page.get_by_role("heading", name="Live tail")).to_be_visible()
+    await _live(page)
+    nc = await _edge_1_nats(up.runtime)
+    try:
+        payload = json.dumps({"html": HOSTILE, "href": "javascript:alert(1)"}).encode()
+        data, headers = encode_batch(Batch(1, "edge-1", "hostile", 4343, 1, [
+            Record(0, CT_JSON, payload, key=HOSTILE)]))
+        await nc.jetstream().publish(Topology().records_subject("edge-1", "hostile"), data,
+                                     headers=headers or None)
+        # Sent "50 s from now" by its clock: newer than edge-1's real heartbeats for as long.
+        await nc.publish(Topology().events_subject("edge-1"), encode_event(Heartbeat(
+            edge="edge-1", version=HOSTILE + "\u202egpj.exe" + "A" * 20_000,
+            sent_at=time.time() + 50, buffer_records=1, buffer_bytes=1, buffer_max_bytes=10,
+            unshipped_records=0, oldest_unshipped_age_s=0.0, disk_bytes=1, dropped={})))
+        await nc.flush()
+    finally:
+        await nc.close()
+    key_cell = page.locator("#tail-rows tr td:nth-child(5)").first
+    await expect(key_cell).to_have_text(HOSTILE[:79] + "\u2026")
+    await expect(page.locator("#tail-rows tr td:nth-child(6)").first).to_contain_text("<img src=x")
+    await _no_script_ran(page)
+
+    await page.goto(f"{up.runtime['api_url']}/ui/fleet?q=edge-1")
+    version = page.locator('#fleet-rows tr[data-edge="edge-1"] td:last-child')
+    await expect(version).to_have_text(HOSTILE[:39] + "\u2026")
+    await _no_script_ran(page)
+    await page.goto(f"{up.runtime['api_url']}/ui/edges/edge-1")
+    summary = page.locator("#edge-summary")
+    await expect(summary).to_contain_text(HOSTILE + "[U+202E]gpj.exeAAA")
+    assert "\u202e" not in await summary.inner_text()
+    shown = await summary.locator("dd").nth(2).inner_text()  # clipped to 200, U+202E shown
+    assert shown.endswith("\u2026") and len(shown) == 200 - 1 + len("[U+202E]")
+    await _no_script_ran(page)
+    assert dialogs == []
+    await page.context.close()
+
+
+async def test_a_command_the_api_refuses_is_explained_on_the_form_which_stays(
+    up: UpProcess, browser: Any
+) -> None:
+    """A ``configmap.patch`` whose signed command would pass what an edge accepts
+    (256 KiB) is refused with the API's reason on the form, its values kept; one
+    whose form passes the API's 1 MiB body limit gets the guard's JSON refusal, shown
+    as its message on the form (not swapped in for the form); a request that gets no
+    answer says so. Nothing is issued."""
+    page = await _edge_page(browser, up)
+    before = await page.locator("#edge-commands tr[data-command]").count()
+    await page.locator("#command-form").get_by_label("Kind").select_option("configmap.patch")
+    form = page.locator("#command-form")
+    await expect(form.locator("[name='spec.data']")).to_be_visible()
+
+    async def send(entries: int) -> None:
+        await form.locator("[name='spec.namespace']").fill("prod")
+        await form.locator("[name='spec.name']").fill("cfg")
+        await form.locator("[name='spec.data']").fill(
+            json.dumps({f"k{i}": "v" * 1000 for i in range(entries)}))
+        await form.get_by_role("button", name="Send configmap.patch to edge-1").click()
+
+    await send(300)
+    await expect(form.get_by_role("alert")).to_contain_text("an edge accepts at most 262144")
+    await expect(form.locator("[name='spec.namespace']")).to_have_value("prod")
+    await send(1100)
+    await expect(form.get_by_role("alert")).to_contain_text(
+        re.compile(r"^Refused \(413\): request body of \d+ bytes is above the 1048576-byte limit$"))
+    await expect(form.locator("[name='spec.data']")).to_be_visible()
+
+    await page.route("**/ui/edges/edge-1/commands", lambda route: route.abort())
+    await send(1)
+    await expect(form.get_by_role("alert")).to_contain_text("No answer from the console")
+    assert await page.locator("#edge-commands tr[data-command]").count() == before
+    await page.context.close()
+
+
+async def test_an_operator_allowed_one_kind_is_offered_only_that_kind(
+    up: UpProcess, browser: Any
+) -> None:
+    """An operator with ``operate:deployment.restart`` only is offered that kind alone
+    (not a ``bridge.configure`` form it would be refused), and can send it."""
+    async with connected(up.runtime["postgres_dsn"]) as conn:
+        token = await add_operator(conn, "restarter", ["operate:deployment.restart"],
+                                   created_by="test")
+    page = await _logged_in(browser, up, token)
+    await page.goto(f"{up.runtime['api_url']}/ui/edges/edge-1")
+    form = page.locator("#command-form")
+    assert await form.get_by_label("Kind").locator("option").all_inner_texts() == [
+        "deployment.restart"]
+    await form.locator("[name='spec.namespace']").fill("prod")
+    await form.locator("[name='spec.name']").fill("web")
+    await form.get_by_role("button", name="Send deployment.restart to edge-1").click()
+    await expect(page.locator("#command-form [role=status]")).to_contain_text("issued")
+    await page.context.close()
+
+
+async def test_an_open_page_says_when_its_session_ends_and_stops_reconnecting(
+    up: UpProcess, browser: Any
+) -> None:
+    """Revoking an operator while its fleet page is open ends the page's live updates
+    within seconds: the page says the session has ended, with a link to log in again,
+    and no longer reconnects (no stream refused with 401 over and over, no stale
+    numbers passed off as live)."""
+    async with connected(up.runtime["postgres_dsn"]) as conn:
+        token = await add_operator(conn, "leaver", ["read"], created_by="test")
+    page = await _logged_in(browser, up, token)
+    await _live(page)
+    async with connected(up.runtime["postgres_dsn"]) as conn:
+        await revoke_operator(conn, "leaver", revoked_by="test")
+    alert = page.get_by_role("alert")
+    await expect(alert).to_contain_text("Your console session has ended")
+    await expect(alert.get_by_role("link", name="Log in again")).to_have_attribute(
+        "href", "/ui/login?next=%2Fui%2F")
+    # Nothing left for the SSE extension to reconnect to: no loop of refused streams.
+    assert await page.locator("[sse-connect]").count() == 0
+    assert (await page.request.get(f"{up.runtime['api_url']}/ui/session")).status == 401
     await page.context.close()
