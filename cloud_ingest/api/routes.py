@@ -233,12 +233,13 @@ def create_app(api: Api) -> FastAPI:
         responses={**ERROR_RESPONSES, **_NOT_FOUND,
                    409: _error("The rollout's state does not allow that action."),
                    503: _error("NATS did not acknowledge the desired state; retry.")})
+    # One count of the streams that hold a PostgreSQL connection each, for the API's
+    # live tails and NDJSON streams and the console's live tail alike.
+    tails = TailLimit(settings.max_live_tails, api.metrics.live_tails,
+                      api.metrics.tails_refused, per_operator=settings.max_streams_per_operator)
     app.include_router(record_routes(  # committed records, tail, checkpoints
         api._db, settings.postgres_dsn, read=require_read,
-        commit=Depends(require_scope("consume")),
-        tails=TailLimit(settings.max_live_tails, api.metrics.live_tails,
-                        api.metrics.tails_refused,
-                        per_operator=settings.max_streams_per_operator),
+        commit=Depends(require_scope("consume")), tails=tails,
         page_max_bytes=settings.page_max_bytes),
         responses=ERROR_RESPONSES)
 
@@ -269,7 +270,7 @@ def create_app(api: Api) -> FastAPI:
         async with api._db().acquire() as conn:
             return await list_operators(conn, include_revoked=revoked)
 
-    mount_console(app, api)  # the operator console under /ui (its own login, same scopes)
+    mount_console(app, api, tails=tails)  # the operator console under /ui (own login, same scopes)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

@@ -27,6 +27,7 @@ from cloud_ingest.console import rendering as _rendering
 from cloud_ingest.console import sessions as _sessions
 
 if TYPE_CHECKING:
+    from cloud_ingest.api.records import TailLimit
     from cloud_ingest.api.service import Api
 
 __all__ = ["PREFIX", "STATIC_DIR", "mount_console"]
@@ -38,10 +39,13 @@ STATIC_DIR: Final = Path(__file__).parent / "static"
 """htmx, its SSE extension, the stylesheet: packaged in the wheel."""
 
 
-def mount_console(app: FastAPI, api: Api, *, keys: _sessions.SessionKeys | None = None) -> None:
+def mount_console(app: FastAPI, api: Api, *, tails: TailLimit,
+                  keys: _sessions.SessionKeys | None = None) -> None:
     """Serve the console under :data:`PREFIX` of ``app``.
 
     Args:
+        tails: the API's limits on streams that hold a PostgreSQL connection: the
+            console's live tail counts against them like ``/v1/records/tail``.
         keys: the session keys; by default derived from the API's command-signing
             key, so every replica of the API opens every replica's sessions (without
             one configured: a random key, valid for this process only).
@@ -54,7 +58,7 @@ def mount_console(app: FastAPI, api: Api, *, keys: _sessions.SessionKeys | None 
                 else _sessions.SessionKeys(os.urandom(32)))
     renderer = _rendering.Renderer()
     app.include_router(_pages.console_pages(api, keys, renderer))
-    app.include_router(_live.console_live(api, renderer, _pages.session_viewer(keys)))
+    app.include_router(_live.console_live(api, renderer, _pages.session_viewer(keys), tails))
     app.mount(f"{PREFIX}/static", StaticFiles(directory=STATIC_DIR), name="console-static")
 
     @app.exception_handler(_pages.LoginRequired)

@@ -6,7 +6,10 @@ extension swaps each named event into the element that ``sse-swap``s it).
 - ``/ui/edges/{edge}/events``: the edge's summary, streams, chart, commands and
   dead letters;
 - ``/ui/data/tail``: committed records as they commit (the commit-ordered feed,
-  as ``/v1/records/tail``), one table row each.
+  as ``/v1/records/tail``), one table row each. Like that tail it holds a
+  PostgreSQL connection of its own, so it counts against the same limits
+  (``api.max_live_tails`` in all, ``api.max_streams_per_operator`` per operator):
+  one more is refused with a ``refused`` event saying why, not a connection more.
 
 A fragment is sent only when it changed. The session is checked again before every
 read (the cookie's age, the token against the operators table, the read scope): once
@@ -30,6 +33,7 @@ import asyncpg
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
+from broker.errors import EdgesyncError
 from broker.feed import Filters, follow, parse_start_at, resolve_start
 from broker.protocol.tokens import is_valid_token
 from cloud_ingest.console.pages import PREFIX, LoginRequired, Viewer
@@ -41,11 +45,13 @@ from cloud_ingest.console.queries import (
 )
 from cloud_ingest.console.rendering import SECURITY_HEADERS, Renderer
 from cloud_ingest.dead_letters import list_dead_letters
+from cloud_ingest.streaming import ClosingStream
 
 if TYPE_CHECKING:
+    from cloud_ingest.api.records import TailLimit
     from cloud_ingest.api.service import Api
 
-__all__ = ["LIFETIME_S", "REFRESH_S", "SESSION_ENDED", "console_live", "sse_event"]
+__all__ = ["LIFETIME_S", "REFRESH_S", "REFUSED", "SESSION_ENDED", "console_live", "sse_event"]
 
 REFRESH_S: Final = 2.0
 """Seconds between two reads of a live page."""
@@ -55,6 +61,12 @@ LIFETIME_S: Final = 120.0
 
 SESSION_ENDED: Final = "session"
 """The event a stream sends, last, when the viewer's session has ended."""
+
+REFUSED: Final = "refused"
+"""The one event of a live tail the API's stream limits refused (its reason)."""
+
+_REFUSED_RETRY_MS: Final = 15_000
+"""When the browser tries a refused tail again."""
 
 _TAIL_ROWS_PER_EVENT: Final = 50
 """A tail sends at most this many rows per event: a screen, not a firehose."""
@@ -66,9 +78,20 @@ def sse_event(name: str, html: str) -> bytes:
     return f"event: {name}\n{lines}\n".encode()
 
 
-def _stream(body: AsyncIterator[bytes]) -> StreamingResponse:
+def _stream(body: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]] | None = None
+            ) -> StreamingResponse:
     headers = {**SECURITY_HEADERS, "X-Accel-Buffering": "no"}
+    if on_close is not None:  # runs even if the body is never iterated (a client gone)
+        return ClosingStream(body, on_close=on_close, media_type="text/event-stream",
+                             headers=headers)
     return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+
+
+async def _refused(reason: str) -> AsyncIterator[bytes]:
+    """A live tail refused by the API's stream limits: the reason, once, and the
+    browser's next try in :data:`_REFUSED_RETRY_MS`."""
+    yield f"retry: {_REFUSED_RETRY_MS}\n\n".encode()
+    yield sse_event(REFUSED, reason)
 
 
 _Recheck = Callable[[Request], Awaitable[Viewer]]
@@ -100,8 +123,10 @@ async def _changes(request: Request, read: Callable[[], Awaitable[dict[str, str]
         await asyncio.sleep(REFRESH_S)
 
 
-def console_live(api: Api, renderer: Renderer, viewer: _Recheck) -> APIRouter:
-    """The SSE routes; ``viewer`` is the pages' session dependency."""
+def console_live(api: Api, renderer: Renderer, viewer: _Recheck, tails: TailLimit
+                 ) -> APIRouter:
+    """The SSE routes; ``viewer`` is the pages' session dependency, ``tails`` the API's
+    limits on streams that hold a PostgreSQL connection (the live tail does)."""
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
     settings = api.settings
     current = Depends(viewer)
@@ -151,11 +176,25 @@ def console_live(api: Api, renderer: Renderer, viewer: _Recheck) -> APIRouter:
                    stream: str | None = None) -> StreamingResponse:
         filters = Filters.of(edges=[edge] if edge and is_valid_token(edge) else None,
                              streams=[stream] if stream and is_valid_token(stream) else None)
-        conn = await asyncpg.connect(settings.postgres_dsn)
+        try:
+            release = tails.acquire(v.operator.name)
+        except EdgesyncError as exc:  # every tail slot taken, or this operator's share
+            return _stream(_refused(str(exc)))
+        try:
+            conn = await asyncpg.connect(settings.postgres_dsn)
+        except BaseException:
+            release()
+            raise
+
+        async def close() -> None:
+            release()
+            if not conn.is_closed():
+                await conn.close()
+
         try:
             start = await resolve_start(conn, parse_start_at("latest"))
         except BaseException:
-            await conn.close()
+            await close()
             raise
 
         async def events() -> AsyncIterator[bytes]:
@@ -176,9 +215,9 @@ def console_live(api: Api, renderer: Renderer, viewer: _Recheck) -> APIRouter:
                         {**r, "payload_text": _short(r["payload"])} for r in reversed(rows)]})
                     yield sse_event("record", html)
             finally:
-                await conn.close()
+                await close()
 
-        return _stream(events())
+        return _stream(events(), on_close=close)
 
     return router
 

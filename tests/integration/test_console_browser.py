@@ -9,6 +9,7 @@ Skipped, saying why, where Debian's ``chromium`` (``/usr/bin/chromium``) or the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -465,4 +466,36 @@ async def test_an_open_page_says_when_its_session_ends_and_stops_reconnecting(
     # Nothing left for the SSE extension to reconnect to: no loop of refused streams.
     assert await page.locator("[sse-connect]").count() == 0
     assert (await page.request.get(f"{up.runtime['api_url']}/ui/session")).status == 401
+    await page.context.close()
+
+
+async def test_the_consoles_live_tail_counts_against_the_apis_stream_limits(
+    up: UpProcess, browser: Any
+) -> None:
+    """Each live tail holds a PostgreSQL connection of its own: the console's counts
+    against the same limits as ``/v1/records/tail``. With its 10 streams open
+    (``api.max_streams_per_operator``), an operator's data page gets no 11th: the page
+    says why. Once they close, its next try gets one and the message goes."""
+    async with connected(up.runtime["postgres_dsn"]) as conn:
+        token = await add_operator(conn, "tailer", ["read"], created_by="test")
+    page = await _logged_in(browser, up, token)
+    cookie = next(c["value"] for c in await page.context.cookies()
+                  if c["name"] == "edgesync_console")
+    readers = []  # each stream's reader kept: one let go closes its connection
+    async with contextlib.AsyncExitStack() as held, httpx.AsyncClient(
+            base_url=up.runtime["api_url"], cookies={"edgesync_console": cookie},
+            timeout=30) as client:
+        for _ in range(10):
+            answer = await held.enter_async_context(client.stream(
+                "GET", "/ui/data/tail", headers={"Accept": "text/event-stream"}))
+            assert answer.status_code == 200
+            readers.append(answer.aiter_lines())
+            assert await anext(readers[-1]) == "retry: 2000"  # a tail, not a refusal
+        await page.goto(f"{up.runtime['api_url']}/ui/data")
+        await expect(page.get_by_role("alert")).to_contain_text(
+            "Live updates refused: operator 'tailer' has 10 live tails and NDJSON streams "
+            "open")
+        for reader in readers:
+            await reader.aclose()
+    await expect(page.get_by_role("alert")).to_have_count(0)  # retried, and let in
     await page.context.close()

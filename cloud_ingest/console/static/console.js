@@ -73,10 +73,14 @@
 
   document.addEventListener("htmx:sseOpen", function (event) {
     var source = event.detail && event.detail.source;
-    unsay("live-paused");
+    unsay("live-paused");  // (a refused tail opens too: its reason follows at once)
     if (source && !source.edgesyncWatched) {
       source.edgesyncWatched = true;
       source.addEventListener("session", function () { sessionEnded(source); });
+      // A live tail the API's stream limits refused: why, until a later try gets one.
+      source.addEventListener("refused", function (message) {
+        say(main(), "live-paused", "Live updates refused: " + message.data);
+      });
     }
   });
 
