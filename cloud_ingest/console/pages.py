@@ -63,6 +63,9 @@ PREFIX: Final = "/ui"
 
 _DEFAULT_KIND: Final = "bridge.configure"
 
+_DATA_ROWS: Final = 100
+"""Completeness rows the data page shows (by edge id, stream); filters reach the rest."""
+
 
 class LoginRequired(Exception):
     """No valid session: the answer is the login form (see :func:`login_required_response`)."""
@@ -349,9 +352,13 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
         edge = edge if edge and is_valid_token(edge) else None
         stream = stream if stream and is_valid_token(stream) else None
         async with api._db().acquire() as conn:
-            rows = await completeness_rows(conn, edge=edge, stream=stream, limit=100)
+            rows = await completeness_rows(conn, edge=edge, stream=stream,
+                                           limit=_DATA_ROWS + 1)
+        # One more than shown is read to know whether there are more: a fleet of 10,000
+        # edges has 20,000 rows, and a page of the first 100 must not pass for all of them.
         return renderer.page("data.html", v.context(
-            nav="data", rows=rows, edge=edge or "", stream=stream or "",
+            nav="data", rows=rows[:_DATA_ROWS], more=len(rows) > _DATA_ROWS,
+            edge=edge or "", stream=stream or "",
             tail_query=urlencode({k: x for k, x in (("edge", edge), ("stream", stream)) if x})),
             started=started, db_s=time.perf_counter() - started)
 

@@ -499,3 +499,31 @@ async def test_the_consoles_live_tail_counts_against_the_apis_stream_limits(
             await reader.aclose()
     await expect(page.get_by_role("alert")).to_have_count(0)  # retried, and let in
     await page.context.close()
+
+
+async def test_the_data_page_says_when_it_shows_only_the_first_streams(
+    up: UpProcess, browser: Any
+) -> None:
+    """With more (edge, stream, epoch) rows than the data page shows (100: a fleet of
+    10,000 edges has 20,000), the page says it shows only the first ones and how to
+    reach the others; filtered to one edge, all of that edge's rows fit and it does not."""
+    dsn = up.runtime["postgres_dsn"]
+    async with connected(dsn) as conn:  # streams of edges with no bridge: nothing acts on them
+        await conn.execute(
+            "INSERT INTO committed_ranges (edge_id, stream, epoch, ranges)"
+            " SELECT format('crowd-%s', lpad(i::text, 3, '0')), 'telemetry', i,"
+            " int8multirange(int8range(1, 10)) FROM generate_series(1, 101) AS i")
+    try:
+        page = await _logged_in(browser, up)
+        await page.goto(f"{up.runtime['api_url']}/ui/data")
+        await expect(page.locator("table.completeness tbody tr")).to_have_count(100)
+        await expect(page.locator("#compl-h + p")).to_have_text(
+            "Showing the first 100 streams by edge id, not all of them: filter by edge or "
+            "stream to see the others.")
+        await page.goto(f"{up.runtime['api_url']}/ui/data?edge=edge-2")
+        await expect(page.locator("table.completeness tbody tr").first).to_contain_text("edge-2")
+        assert "Showing the first" not in await page.locator("main").inner_text()
+        await page.context.close()
+    finally:
+        async with connected(dsn) as conn:
+            await conn.execute("DELETE FROM committed_ranges WHERE edge_id LIKE 'crowd-%'")
