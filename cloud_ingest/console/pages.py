@@ -125,6 +125,17 @@ def _safe_next(target: str | None) -> str:
     return f"{PREFIX}/"
 
 
+def _over_tls(request: Request) -> bool:
+    """Whether the browser reached the console over TLS: directly, or through a proxy
+    that terminated it and says so in ``X-Forwarded-Proto`` (the Ingress of
+    ``deploy/``). Uvicorn trusts that header from 127.0.0.1 only, so behind an
+    Ingress the request's own scheme is ``http``, and the session cookie went out
+    without ``Secure``: a browser would then send it in clear to any ``http://`` URL of
+    the host. A forged header can only make a cookie Secure, never less."""
+    forwarded = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    return request.url.scheme == "https" or forwarded == "https"
+
+
 def _same_origin(request: Request) -> bool:
     """A POST's ``Origin`` (browsers send it) must be this host; absent is allowed
     (non-browser clients), SameSite=Strict and the CSRF token still apply."""
@@ -210,7 +221,7 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
         response.set_cookie(
             COOKIE, keys.seal(keys.new_session(token.strip())), max_age=SESSION_MAX_AGE_S,
             path=PREFIX, httponly=True, samesite="strict",
-            secure=request.url.scheme == "https")
+            secure=_over_tls(request))
         return response
 
     @router.post("/logout")
@@ -219,7 +230,7 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
         response = RedirectResponse(f"{PREFIX}/login", status_code=303,
                                     headers=SECURITY_HEADERS)
         response.delete_cookie(COOKIE, path=PREFIX, httponly=True, samesite="strict",
-                               secure=request.url.scheme == "https")
+                               secure=_over_tls(request))
         return response
 
     @router.get("/session")

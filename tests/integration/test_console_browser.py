@@ -527,3 +527,27 @@ async def test_the_data_page_says_when_it_shows_only_the_first_streams(
     finally:
         async with connected(dsn) as conn:
             await conn.execute("DELETE FROM committed_ranges WHERE edge_id LIKE 'crowd-%'")
+
+
+async def test_the_session_cookie_is_secure_behind_a_proxy_that_terminated_tls(
+    up: UpProcess,
+) -> None:
+    """Behind an Ingress that terminates TLS (``X-Forwarded-Proto: https``, from an
+    address uvicorn does not trust for it) the login's cookie is ``Secure``, so a
+    browser never sends it over plain HTTP. Reached
+    over plain HTTP without such a proxy (``edgesync up`` on loopback), it is not:
+    the browser could not send it back."""
+    url = up.runtime["api_url"]
+    form = {"token": up.runtime["operator_token"], "next": "/ui/fleet"}
+    # From 127.0.0.2, as a proxy would come from its own address: uvicorn trusts
+    # X-Forwarded-Proto from 127.0.0.1 only (forwarded_allow_ips).
+    proxy = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+    async with httpx.AsyncClient(base_url=url, transport=proxy) as client:
+        behind = await client.post("/ui/login", data=form,
+                                   headers={"X-Forwarded-Proto": "https"})
+        assert behind.status_code == 303
+        flags = [f.strip().lower() for f in behind.headers["set-cookie"].split(";")]
+        assert "secure" in flags and "httponly" in flags and "samesite=strict" in flags
+    async with httpx.AsyncClient(base_url=url) as client:
+        plain = await client.post("/ui/login", data=form)
+        assert "secure" not in plain.headers["set-cookie"].lower()
