@@ -36,7 +36,7 @@ from fastapi.responses import Response, StreamingResponse
 from broker.errors import EdgesyncError
 from broker.feed import Filters, follow, parse_start_at, resolve_start
 from broker.protocol.tokens import is_valid_token
-from cloud_ingest.console.pages import PREFIX, LoginRequired, Viewer
+from cloud_ingest.console.pages import PREFIX, LoginRequired, Viewer, whole_number
 from cloud_ingest.console.queries import (
     FleetQuery,
     edge_detail,
@@ -135,10 +135,10 @@ def console_live(api: Api, renderer: Renderer, viewer: _Recheck, tails: TailLimi
     async def fleet_events(  # noqa: PLR0917 (FastAPI injects by name)
         request: Request, v: Viewer = current, q: str | None = None,
         state: str | None = None, sort: str | None = None, order: str | None = None,
-        page: int | None = None, per_page: int | None = None,
+        page: str | None = None, per_page: str | None = None,
     ) -> StreamingResponse:
-        query = FleetQuery.of(q=q, state=state, sort=sort, order=order, page=page,
-                              per_page=per_page)
+        query = FleetQuery.of(q=q, state=state, sort=sort, order=order,
+                              page=whole_number(page), per_page=whole_number(per_page))
 
         async def read() -> dict[str, str]:
             async with api._db().acquire() as conn:

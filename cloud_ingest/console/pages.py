@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final
 from urllib.parse import quote, urlencode
 
 import structlog
-from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from broker.errors import EdgesyncError, Unauthorized, http_status
@@ -54,6 +54,7 @@ __all__ = [
     "console_pages",
     "login_required_response",
     "session_viewer",
+    "whole_number",
 ]
 
 log = structlog.get_logger(__name__)
@@ -260,12 +261,13 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
     async def fleet(  # noqa: PLR0917 (FastAPI injects by name)
         request: Request, v: Viewer = current, q: str | None = None,
         state: str | None = None, sort: str | None = None, order: str | None = None,
-        page: Annotated[int | None, Query(ge=1)] = None,
-        per_page: Annotated[int | None, Query(ge=1)] = None,
+        page: str | None = None, per_page: str | None = None,
     ) -> HTMLResponse:
         started = time.perf_counter()
-        query = FleetQuery.of(q=q, state=state, sort=sort, order=order, page=page,
-                              per_page=per_page)
+        # Taken as text: a hand-edited page=0 or per_page=all falls back to the default
+        # like every other parameter, instead of a JSON 422 in place of the page.
+        query = FleetQuery.of(q=q, state=state, sort=sort, order=order,
+                              page=whole_number(page), per_page=whole_number(per_page))
         context, db_s = await fleet_context(query)
         fragment = request.headers.get("hx-target") == "fleet-region"
         return renderer.page("_fleet.html" if fragment else "fleet.html",
@@ -380,6 +382,14 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
         return renderer.page("rollouts.html", v.context(nav="rollouts", rollouts=rows))
 
     return router
+
+
+def whole_number(text: str | None) -> int | None:
+    """``text`` as an int, or None if it is not one (the caller's default applies)."""
+    try:
+        return int(text) if text is not None and len(text) <= 18 else None
+    except ValueError:
+        return None
 
 
 def _form_context(edge: str, kind: str, kinds: tuple[str, ...]) -> dict[str, Any]:

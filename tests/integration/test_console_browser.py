@@ -551,3 +551,16 @@ async def test_the_session_cookie_is_secure_behind_a_proxy_that_terminated_tls(
     async with httpx.AsyncClient(base_url=url) as client:
         plain = await client.post("/ui/login", data=form)
         assert "secure" not in plain.headers["set-cookie"].lower()
+
+
+async def test_a_hand_edited_fleet_url_still_shows_the_fleet(up: UpProcess) -> None:
+    """``page=0``, ``page=last`` or ``per_page=all`` typed into the URL fall back to their
+    defaults, as an unknown sort or filter does: the fleet page, not a JSON 422."""
+    async with httpx.AsyncClient(base_url=up.runtime["api_url"]) as client:
+        await client.post("/ui/login", data={"token": up.runtime["operator_token"],
+                                             "next": "/ui/fleet"})
+        for query in ("page=0", "page=last&per_page=all", "page=99999999999999999999999"):
+            answer = await client.get(f"/ui/fleet?{query}")
+            assert answer.status_code == 200, (query, answer.text[:200])
+            assert answer.headers["content-type"].startswith("text/html")
+            assert '<h1>Fleet</h1>' in answer.text
