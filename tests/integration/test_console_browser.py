@@ -27,7 +27,7 @@ import pytest_asyncio
 
 from broker.connecting import connect_options
 from broker.pg_connecting import connected
-from broker.protocol.events import Heartbeat, encode_event
+from broker.protocol.events import DesiredStateReport, Heartbeat, encode_event
 from broker.protocol.permissions import inbox_prefix
 from broker.protocol.topology import Topology
 from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch
@@ -564,3 +564,43 @@ async def test_a_hand_edited_fleet_url_still_shows_the_fleet(up: UpProcess) -> N
             assert answer.status_code == 200, (query, answer.text[:200])
             assert answer.headers["content-type"].startswith("text/html")
             assert '<h1>Fleet</h1>' in answer.text
+
+
+async def test_an_edge_reporting_thousands_of_drifted_fields_gets_a_page_of_them(
+    up: UpProcess, browser: Any
+) -> None:
+    """With a desired state set for edge-1, edge-1 (its own credentials) reports 1,500
+    drifted fields of markup: the edge page lists the first 200 by path, as text, and
+    says there are more and where to read them all."""
+    url, token = up.runtime["api_url"], up.runtime["operator_token"]
+    async with httpx.AsyncClient(base_url=url,
+                                 headers={"Authorization": f"Bearer {token}"}) as client:
+        answer = await client.post("/v1/desired/edges/edge-1",
+                                   json={"document": {"bridge": {"compression": "zstd"}}})
+        assert answer.status_code == 201, answer.text
+        revision = answer.json()["revision"]
+    drift = [{"path": f"bridge.x{i:04d}", "desired": HOSTILE, "observed": i}
+             for i in range(1500)]
+    nc = await _edge_1_nats(up.runtime)
+    try:  # "50 s from now": newer than edge-1's own reports, which would prune it
+        await nc.publish(Topology().events_subject("edge-1"), encode_event(DesiredStateReport(
+            edge="edge-1", revision=revision, version_id=0, digest="0" * 64, status="drifted",
+            reported_at=time.time() + 50, drift=drift, reason=HOSTILE)))
+        await nc.flush()
+    finally:
+        await nc.close()
+    page = await _logged_in(browser, up)
+    rows = page.locator("section:has(#desired-h) tbody tr")
+
+    async def reported() -> bool:
+        await page.goto(f"{url}/ui/edges/edge-1")
+        return await rows.count() > 0
+
+    await until(reported, timeout=30, interval=0.5, message="the drift never showed")
+    assert await rows.count() == 200
+    await expect(rows.first).to_contain_text("bridge.x0000")
+    await expect(page.locator("#desired-h ~ p.note")).to_contain_text(
+        "Showing the first 200 drifted fields by path, not all of them: "
+        "GET /v1/desired/edges/edge-1/diff lists every one.")
+    await _no_script_ran(page)
+    await page.context.close()
