@@ -34,10 +34,13 @@ __all__ = [
 
 # Records an edge dropped by policy, all streams and reasons ({stream: {reason: n}}). Most
 # edges drop nothing: the cheap jsonpath test spares them the sum (nested jsonb_each
-# over 10,000 rows cost ~1 s on 2 busy cores; this ~40 ms).
+# over 10,000 rows cost ~1 s on 2 busy cores; this ~40 ms). The counts are the edge's
+# heartbeat, any JSON number: the sum is held within int8 (and the negative ignored),
+# or one edge reporting 2^62 twice would make every fleet page "bigint out of range".
 _DROPPED_TOTAL: Final = (
     "CASE WHEN jsonb_path_exists(e.dropped, '$.*.* ? (@ > 0)') THEN (SELECT"
-    " coalesce(sum(x::numeric), 0)::int8 FROM jsonb_array_elements_text(jsonb_path_query_array("
+    " least(coalesce(sum(greatest(x::numeric, 0)), 0), 9223372036854775807)::int8"
+    " FROM jsonb_array_elements_text(jsonb_path_query_array("
     "e.dropped, '$.*.* ? (@.type() == \"number\")')) x) ELSE 0 END")
 
 FLEET_SORTS: Final[dict[str, str]] = {

@@ -604,3 +604,34 @@ async def test_an_edge_reporting_thousands_of_drifted_fields_gets_a_page_of_them
         "GET /v1/desired/edges/edge-1/diff lists every one.")
     await _no_script_ran(page)
     await page.context.close()
+
+
+async def test_absurd_numbers_in_one_edges_heartbeat_do_not_take_the_fleet_page_down(
+    up: UpProcess, browser: Any
+) -> None:
+    """edge-1 (its own credentials) reports 2^62 records dropped twice, a buffer cap of 0
+    and a NaN age. The fleet page still shows the whole fleet, sorted by drops too,
+    edge-1's total held at int8's largest value; its own page opens."""
+    nc = await _edge_1_nats(up.runtime)
+    try:
+        await nc.publish(Topology().events_subject("edge-1"), encode_event(Heartbeat(
+            edge="edge-1", version="absurd", sent_at=time.time() + 55, buffer_records=-5,
+            buffer_bytes=2**62, buffer_max_bytes=0, unshipped_records=-1,
+            oldest_unshipped_age_s=float("nan"), disk_bytes=-1,
+            dropped={"telemetry": {"overflow": 2**62, "ttl": 2**62}})))
+        await nc.flush()
+    finally:
+        await nc.close()
+    page = await _logged_in(browser, up)
+    edge_1 = page.locator('#fleet-rows tr[data-edge="edge-1"]')
+
+    async def reported() -> bool:
+        await page.goto(f"{up.runtime['api_url']}/ui/fleet?sort=drops&order=desc")
+        return await edge_1.count() == 1 and "absurd" in await edge_1.inner_text()
+
+    await until(reported, timeout=30, interval=0.5, message="the heartbeat never showed")
+    await expect(page.locator("#fleet-rows tr[data-edge]")).to_have_count(2)
+    await expect(edge_1.locator("td:nth-child(8)")).to_have_text("9,223,372,036,854,775,807")
+    await page.goto(f"{up.runtime['api_url']}/ui/edges/edge-1")
+    await expect(page.get_by_role("heading", name="Edge edge-1")).to_be_visible()
+    await page.context.close()
