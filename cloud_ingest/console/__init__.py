@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.types import Scope
 
 from cloud_ingest.console import live as _live
 from cloud_ingest.console import pages as _pages
@@ -37,6 +38,17 @@ PREFIX: Final = _pages.PREFIX
 
 STATIC_DIR: Final = Path(__file__).parent / "static"
 """htmx, its SSE extension, the stylesheet: packaged in the wheel."""
+
+
+class _Static(StaticFiles):
+    """The console's script and style, ``nosniff`` like its pages: a browser runs
+    them only as what they are served as."""
+
+    def file_response(self, full_path: Any, stat_result: os.stat_result, scope: Scope,
+                      status_code: int = 200) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
 
 
 def mount_console(app: FastAPI, api: Api, *, tails: TailLimit,
@@ -59,7 +71,7 @@ def mount_console(app: FastAPI, api: Api, *, tails: TailLimit,
     renderer = _rendering.Renderer()
     app.include_router(_pages.console_pages(api, keys, renderer))
     app.include_router(_live.console_live(api, renderer, _pages.session_viewer(keys), tails))
-    app.mount(f"{PREFIX}/static", StaticFiles(directory=STATIC_DIR), name="console-static")
+    app.mount(f"{PREFIX}/static", _Static(directory=STATIC_DIR), name="console-static")
 
     @app.exception_handler(_pages.LoginRequired)
     async def login_required(request: Request, exc: _pages.LoginRequired) -> Response:

@@ -553,6 +553,16 @@ async def test_the_session_cookie_is_secure_behind_a_proxy_that_terminated_tls(
         assert "secure" not in plain.headers["set-cookie"].lower()
 
 
+async def test_the_consoles_own_script_and_style_are_served_nosniff(up: UpProcess) -> None:
+    """The static files carry ``X-Content-Type-Options: nosniff`` as the pages do."""
+    async with httpx.AsyncClient(base_url=up.runtime["api_url"]) as client:
+        for path in ("/ui/static/console.js", "/ui/static/console.css",
+                     "/ui/static/vendor/htmx.min.js"):
+            answer = await client.get(path)
+            assert answer.status_code == 200, path
+            assert answer.headers["x-content-type-options"] == "nosniff", path
+
+
 async def test_a_hand_edited_fleet_url_still_shows_the_fleet(up: UpProcess) -> None:
     """``page=0``, ``page=last`` or ``per_page=all`` typed into the URL fall back to their
     defaults, as an unknown sort or filter does: the fleet page, not a JSON 422."""
