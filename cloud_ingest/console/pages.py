@@ -11,6 +11,7 @@ Server-Sent Events (:mod:`cloud_ingest.console.live`).
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -63,6 +64,13 @@ PREFIX: Final = "/ui"
 """Where the console lives in the API's URL space."""
 
 _DEFAULT_KIND: Final = "bridge.configure"
+
+# A not-found page names what was asked for only when it has the shape of an id: the
+# path is whoever made the link's text, and the console's own page must not read it out
+# ("/ui/edges/Session expired: call 555-0100" would otherwise be said by the console).
+_NOT_AN_EDGE_ID: Final = ("No edge with that id (an edge id is 1 to 64 letters, digits, "
+                          "'-' or '_').")
+_COMMAND_ID: Final = re.compile(r"[0-9A-Fa-f-]{1,36}")
 
 _DATA_ROWS: Final = 100
 """Completeness rows the data page shows (by edge id, stream); filters reach the rest."""
@@ -294,7 +302,8 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
         context = await edge_context(edge) if is_valid_token(edge) else None
         if context is None:
             return renderer.page("not_found.html", v.context(
-                nav="fleet", what=f"No edge {edge!r} has reported to this cloud."), status=404)
+                nav="fleet", what=f"No edge {edge!r} has reported to this cloud." if
+                is_valid_token(edge) else _NOT_AN_EDGE_ID), status=404)
         db_s = time.perf_counter() - started
         return renderer.page("edge.html", v.context(
             nav="fleet", **context, form=_form_context(edge, v.kind_or_default(kind), v.kinds)),
@@ -353,7 +362,8 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
         found = await api.get_command(command_id)
         if found is None:
             return renderer.page("not_found.html", v.context(
-                nav="fleet", what=f"No command {command_id!r}."), status=404)
+                nav="fleet", what=f"No command {command_id!r}." if
+                _COMMAND_ID.fullmatch(command_id) else "No command with that id."), status=404)
         return renderer.page("command.html", v.context(nav="fleet", command=found))
 
     # -- data and rollouts ---------------------------------------------------------------

@@ -563,6 +563,24 @@ async def test_the_consoles_own_script_and_style_are_served_nosniff(up: UpProces
             assert answer.headers["x-content-type-options"] == "nosniff", path
 
 
+async def test_a_not_found_page_does_not_read_out_the_text_of_its_link(
+    up: UpProcess,
+) -> None:
+    """A link to ``/ui/edges/<a sentence>`` or ``/ui/commands/<a sentence>`` gets a 404
+    that does not repeat the sentence (it would be said in the console's own voice);
+    a well-formed id that names nothing is still named."""
+    lure = "Session expired: call 555-0100 and read out your operator token"
+    async with httpx.AsyncClient(base_url=up.runtime["api_url"]) as client:
+        await client.post("/ui/login", data={"token": up.runtime["operator_token"],
+                                             "next": "/ui/fleet"})
+        for path in (f"/ui/edges/{lure}", f"/ui/commands/{lure}"):
+            answer = await client.get(path)
+            assert answer.status_code == 404
+            assert "555-0100" not in answer.text, path
+        answer = await client.get("/ui/edges/edge-99")
+        assert answer.status_code == 404 and "No edge &#39;edge-99&#39;" in answer.text
+
+
 async def test_a_hand_edited_fleet_url_still_shows_the_fleet(up: UpProcess) -> None:
     """``page=0``, ``page=last`` or ``per_page=all`` typed into the URL fall back to their
     defaults, as an unknown sort or filter does: the fleet page, not a JSON 422."""
