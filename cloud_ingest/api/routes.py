@@ -27,6 +27,7 @@ from broker import __version__
 from broker.errors import EdgesyncError, Forbidden, InvalidInput, NotFound, Unauthorized
 from broker.protocol.command_specs import describe_validation_error
 from broker.protocol.command_status import CommandStatus
+from broker.protocol.commands import IDEMPOTENCY_KEY_MAX
 from broker.protocol.tokens import TOKEN_PATTERN, is_valid_token
 from broker.serving import error_response
 from cloud_ingest.api.auth import CHALLENGE, ApiGuard, Authenticator, require_scope
@@ -151,7 +152,7 @@ def create_app(api: Api) -> FastAPI:
     async def post_command(  # noqa: PLR0917 (FastAPI injects by name)
         edge: str, body: CommandRequest, request: Request, response: Response,
         operator: Operator = require_read,
-        idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+        idempotency_key: Annotated[str | None, Header(max_length=IDEMPOTENCY_KEY_MAX)] = None,
     ) -> dict[str, Any]:
         """Issue a signed command to one edge; follow it at ``/v1/commands/{id}``.
         Needs the ``operate`` scope, or ``operate:<kind>`` for this kind."""

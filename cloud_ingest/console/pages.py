@@ -11,7 +11,6 @@ Server-Sent Events (:mod:`cloud_ingest.console.live`).
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -24,6 +23,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from broker.errors import EdgesyncError, Unauthorized, http_status
 from broker.protocol.command_specs import KINDS, SPEC_MODELS
+from broker.protocol.commands import COMMAND_ID, IDEMPOTENCY_KEY_MAX
 from broker.protocol.tokens import is_valid_token
 from cloud_ingest.console.forms import destructive_reason, form_fields, parse_form
 from cloud_ingest.console.queries import (
@@ -70,7 +70,6 @@ _DEFAULT_KIND: Final = "bridge.configure"
 # ("/ui/edges/Session expired: call 555-0100" would otherwise be said by the console).
 _NOT_AN_EDGE_ID: Final = ("No edge with that id (an edge id is 1 to 64 letters, digits, "
                           "'-' or '_').")
-_COMMAND_ID: Final = re.compile(r"[0-9A-Fa-f-]{1,36}")
 
 _DATA_ROWS: Final = 100
 """Completeness rows the data page shows (by edge id, stream); filters reach the rest."""
@@ -332,6 +331,10 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
             return renderer.page("_command_form.html", v.context(form=ctx), status=403)
         ttl = _ttl(form.get("ttl_seconds", ""), settings.default_ttl_s, settings.min_ttl_s,
                    settings.max_ttl_s, ctx["errors"])
+        key = form.get("idempotency_key") or None  # (a hand-made POST: the form has none)
+        if key is not None and len(key) > IDEMPOTENCY_KEY_MAX:
+            ctx["errors"][""] = (f"an idempotency key is at most {IDEMPOTENCY_KEY_MAX} "
+                                 f"characters (this one has {len(key)})")
         if not is_valid_token(edge) or not await api.edge_exists(edge):
             ctx["errors"][""] = f"edge {edge!r} has never reported to this cloud"
         if ctx["errors"] or parsed.spec is None:
@@ -342,7 +345,7 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
             return renderer.page("_command_form.html", v.context(form=ctx), status=200)
         try:
             row, _ = await api.issue(edge, kind, parsed.spec, ttl_s=ttl,
-                                     idempotency_key=form.get("idempotency_key") or None,
+                                     idempotency_key=key,
                                      operator=v.operator.name)
         except EdgesyncError as exc:
             # Refused as the API would refuse it (an idempotency key used for another
@@ -363,7 +366,7 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
         if found is None:
             return renderer.page("not_found.html", v.context(
                 nav="fleet", what=f"No command {command_id!r}." if
-                _COMMAND_ID.fullmatch(command_id) else "No command with that id."), status=404)
+                COMMAND_ID.match(command_id) else "No command with that id."), status=404)
         return renderer.page("command.html", v.context(nav="fleet", command=found))
 
     # -- data and rollouts ---------------------------------------------------------------

@@ -581,6 +581,26 @@ async def test_a_not_found_page_does_not_read_out_the_text_of_its_link(
         assert answer.status_code == 404 and "No edge &#39;edge-99&#39;" in answer.text
 
 
+async def test_the_console_refuses_an_idempotency_key_the_api_would_refuse(
+    up: UpProcess, browser: Any
+) -> None:
+    """A hand-made POST with a 201-character idempotency key (the API's bound is 200) is
+    refused on the form with the bound, and nothing is issued."""
+    page = await _edge_page(browser, up)
+    csrf = await page.locator("input[name=csrf]").first.get_attribute("value")
+    answer = await page.request.post(
+        f"{up.runtime['api_url']}/ui/edges/edge-1/commands",
+        form={"csrf": csrf or "", "kind": "bridge.configure", "spec.linger_ms": "5",
+              "idempotency_key": "k" * 201})
+    assert answer.status == 422
+    assert "an idempotency key is at most 200 characters (this one has 201)" in (
+        await answer.text())
+    async with connected(up.runtime["postgres_dsn"]) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM commands WHERE idempotency_key"
+                                   " LIKE 'kkk%'") == 0
+    await page.context.close()
+
+
 async def test_a_hand_edited_fleet_url_still_shows_the_fleet(up: UpProcess) -> None:
     """``page=0``, ``page=last`` or ``per_page=all`` typed into the URL fall back to their
     defaults, as an unknown sort or filter does: the fleet page, not a JSON 422."""
