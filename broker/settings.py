@@ -533,16 +533,18 @@ class ApiSettings(BaseModel):
     max_live_tails: int = Field(
         100,
         ge=0,
-        description="Live tails (SSE, GET /v1/records/tail) open at once; each holds a "
-        "PostgreSQL connection of its own for its life, so this bounds them under the "
-        "server's max_connections. One more is refused with 503 and Retry-After.",
+        description="Live tails (SSE, GET /v1/records/tail and the console's /ui/data/tail) "
+        "open at once; each holds a PostgreSQL connection of its own for its life, so this "
+        "bounds them under the server's max_connections. One more is refused with 503 and "
+        "Retry-After (the console's with a message on the page).",
     )
     max_streams_per_operator: int = Field(
         10,
         ge=1,
-        description="Live tails and NDJSON streams (GET /v1/records?format=ndjson) one "
-        "operator token may have open at once, so that one client cannot take every "
-        "tail slot. One more is refused with 429 too_many_streams and Retry-After.",
+        description="Live tails (the console's included) and NDJSON streams (GET "
+        "/v1/records?format=ndjson) one operator token may have open at once, so that one "
+        "client cannot take every tail slot. One more is refused with 429 too_many_streams "
+        "and Retry-After.",
     )
     page_max_bytes: int = Field(
         8 * 1024**2, ge=1024, le=1024**3,

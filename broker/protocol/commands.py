@@ -49,6 +49,7 @@ from broker.protocol.tokens import validate_token
 __all__ = [
     "COMMAND_ID",
     "ENVELOPE_VERSION",
+    "IDEMPOTENCY_KEY_MAX",
     "MAX_COMMAND_BYTES",
     "CommandEnvelope",
     "CommandSigner",
@@ -69,6 +70,8 @@ MAX_COMMAND_BYTES: Final = 256 * 1024
 """Largest signed command (or desired state) an edge accepts; specs are small, this bounds
 what a forger can make an edge parse. The cloud refuses to sign anything larger, well
 under nats-server's 1 MiB message limit."""
+IDEMPOTENCY_KEY_MAX: Final = 200
+"""Longest idempotency key an operator may give a command (API and console alike)."""
 COMMAND_ID: Final = re.compile(
     r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 """What a command id looks like: a lower-case canonical UUID (``new_envelope`` makes them)."""

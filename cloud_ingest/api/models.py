@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from broker.protocol import command_specs as specs
 from broker.protocol.command_status import CommandStatus
+from broker.protocol.commands import IDEMPOTENCY_KEY_MAX
 
 __all__ = [
     "AuditOut",
@@ -35,7 +36,7 @@ class _CommandRequest(BaseModel):
         None, gt=0, description="Seconds the command stays valid (default from settings)."
     )
     idempotency_key: str | None = Field(
-        None, min_length=1, max_length=200,
+        None, min_length=1, max_length=IDEMPOTENCY_KEY_MAX,
         description="Retries with the same key return the same command (also a header).",
     )
 

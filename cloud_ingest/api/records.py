@@ -19,7 +19,6 @@ makes its consumer skip records.
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -42,6 +41,7 @@ from broker.feed import (
     resolve_start,
 )
 from broker.feed.reading import PAGE_MAX_BYTES, StreamKey
+from cloud_ingest.streaming import ClosingStream
 
 __all__ = ["CheckpointIn", "SubscriptionOut", "TailLimit", "record_routes"]
 
@@ -121,25 +121,6 @@ class TailLimit:
     def _set(self) -> None:
         if self._gauge is not None:
             self._gauge.set(self.open)
-
-
-class _Stream(StreamingResponse):
-    """A streaming response that runs ``on_close`` however it ends: also when it is
-    never iterated (a client gone before the first chunk), which an async generator's
-    own ``finally`` does not see."""
-
-    def __init__(self, content: AsyncIterator[bytes], *, on_close: Callable[[], Any],
-                 **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self._on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            done = self._on_close()
-            if inspect.isawaitable(done):
-                await done
 
 
 def _operator_of(request: Request) -> str:
@@ -264,7 +245,7 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
             finally:
                 release()
 
-        return _Stream(lines(), media_type=_NDJSON, on_close=release)
+        return ClosingStream(lines(), media_type=_NDJSON, on_close=release)
 
     @router.get("/v1/records/tail", responses={200: {"content": {"text/event-stream": {}}}})
     async def tail(
@@ -317,7 +298,7 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
             finally:
                 await close()
 
-        return _Stream(events(), media_type="text/event-stream", on_close=close,
+        return ClosingStream(events(), media_type="text/event-stream", on_close=close,
                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @router.get("/v1/completeness")

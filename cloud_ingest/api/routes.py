@@ -27,6 +27,7 @@ from broker import __version__
 from broker.errors import EdgesyncError, Forbidden, InvalidInput, NotFound, Unauthorized
 from broker.protocol.command_specs import describe_validation_error
 from broker.protocol.command_status import CommandStatus
+from broker.protocol.commands import IDEMPOTENCY_KEY_MAX
 from broker.protocol.tokens import TOKEN_PATTERN, is_valid_token
 from broker.serving import error_response
 from cloud_ingest.api.auth import CHALLENGE, ApiGuard, Authenticator, require_scope
@@ -151,7 +152,7 @@ def create_app(api: Api) -> FastAPI:
     async def post_command(  # noqa: PLR0917 (FastAPI injects by name)
         edge: str, body: CommandRequest, request: Request, response: Response,
         operator: Operator = require_read,
-        idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+        idempotency_key: Annotated[str | None, Header(max_length=IDEMPOTENCY_KEY_MAX)] = None,
     ) -> dict[str, Any]:
         """Issue a signed command to one edge; follow it at ``/v1/commands/{id}``.
         Needs the ``operate`` scope, or ``operate:<kind>`` for this kind."""
@@ -233,12 +234,13 @@ def create_app(api: Api) -> FastAPI:
         responses={**ERROR_RESPONSES, **_NOT_FOUND,
                    409: _error("The rollout's state does not allow that action."),
                    503: _error("NATS did not acknowledge the desired state; retry.")})
+    # One count of the streams that hold a PostgreSQL connection each, for the API's
+    # live tails and NDJSON streams and the console's live tail alike.
+    tails = TailLimit(settings.max_live_tails, api.metrics.live_tails,
+                      api.metrics.tails_refused, per_operator=settings.max_streams_per_operator)
     app.include_router(record_routes(  # committed records, tail, checkpoints
         api._db, settings.postgres_dsn, read=require_read,
-        commit=Depends(require_scope("consume")),
-        tails=TailLimit(settings.max_live_tails, api.metrics.live_tails,
-                        api.metrics.tails_refused,
-                        per_operator=settings.max_streams_per_operator),
+        commit=Depends(require_scope("consume")), tails=tails,
         page_max_bytes=settings.page_max_bytes),
         responses=ERROR_RESPONSES)
 
@@ -269,7 +271,7 @@ def create_app(api: Api) -> FastAPI:
         async with api._db().acquire() as conn:
             return await list_operators(conn, include_revoked=revoked)
 
-    mount_console(app, api)  # the operator console under /ui (its own login, same scopes)
+    mount_console(app, api, tails=tails)  # the operator console under /ui (own login, same scopes)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

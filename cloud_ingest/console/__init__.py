@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.types import Scope
 
 from cloud_ingest.console import live as _live
 from cloud_ingest.console import pages as _pages
@@ -27,6 +28,7 @@ from cloud_ingest.console import rendering as _rendering
 from cloud_ingest.console import sessions as _sessions
 
 if TYPE_CHECKING:
+    from cloud_ingest.api.records import TailLimit
     from cloud_ingest.api.service import Api
 
 __all__ = ["PREFIX", "STATIC_DIR", "mount_console"]
@@ -38,10 +40,24 @@ STATIC_DIR: Final = Path(__file__).parent / "static"
 """htmx, its SSE extension, the stylesheet: packaged in the wheel."""
 
 
-def mount_console(app: FastAPI, api: Api, *, keys: _sessions.SessionKeys | None = None) -> None:
+class _Static(StaticFiles):
+    """The console's script and style, ``nosniff`` like its pages: a browser runs
+    them only as what they are served as."""
+
+    def file_response(self, full_path: Any, stat_result: os.stat_result, scope: Scope,
+                      status_code: int = 200) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+
+def mount_console(app: FastAPI, api: Api, *, tails: TailLimit,
+                  keys: _sessions.SessionKeys | None = None) -> None:
     """Serve the console under :data:`PREFIX` of ``app``.
 
     Args:
+        tails: the API's limits on streams that hold a PostgreSQL connection: the
+            console's live tail counts against them like ``/v1/records/tail``.
         keys: the session keys; by default derived from the API's command-signing
             key, so every replica of the API opens every replica's sessions (without
             one configured: a random key, valid for this process only).
@@ -54,8 +70,8 @@ def mount_console(app: FastAPI, api: Api, *, keys: _sessions.SessionKeys | None 
                 else _sessions.SessionKeys(os.urandom(32)))
     renderer = _rendering.Renderer()
     app.include_router(_pages.console_pages(api, keys, renderer))
-    app.include_router(_live.console_live(api, renderer, _pages.session_viewer(keys)))
-    app.mount(f"{PREFIX}/static", StaticFiles(directory=STATIC_DIR), name="console-static")
+    app.include_router(_live.console_live(api, renderer, _pages.session_viewer(keys), tails))
+    app.mount(f"{PREFIX}/static", _Static(directory=STATIC_DIR), name="console-static")
 
     @app.exception_handler(_pages.LoginRequired)
     async def login_required(request: Request, exc: _pages.LoginRequired) -> Response:

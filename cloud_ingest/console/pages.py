@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Final
 from urllib.parse import quote, urlencode
 
 import structlog
-from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from broker.errors import Conflict, Unauthorized
+from broker.errors import EdgesyncError, Unauthorized, http_status
 from broker.protocol.command_specs import KINDS, SPEC_MODELS
+from broker.protocol.commands import COMMAND_ID, IDEMPOTENCY_KEY_MAX
 from broker.protocol.tokens import is_valid_token
 from cloud_ingest.console.forms import destructive_reason, form_fields, parse_form
 from cloud_ingest.console.queries import (
@@ -54,12 +55,24 @@ __all__ = [
     "console_pages",
     "login_required_response",
     "session_viewer",
+    "whole_number",
 ]
 
 log = structlog.get_logger(__name__)
 
 PREFIX: Final = "/ui"
 """Where the console lives in the API's URL space."""
+
+_DEFAULT_KIND: Final = "bridge.configure"
+
+# A not-found page names what was asked for only when it has the shape of an id: the
+# path is whoever made the link's text, and the console's own page must not read it out
+# ("/ui/edges/Session expired: call 555-0100" would otherwise be said by the console).
+_NOT_AN_EDGE_ID: Final = ("No edge with that id (an edge id is 1 to 64 letters, digits, "
+                          "'-' or '_').")
+
+_DATA_ROWS: Final = 100
+"""Completeness rows the data page shows (by edge id, stream); filters reach the rest."""
 
 
 class LoginRequired(Exception):
@@ -79,8 +92,22 @@ class Viewer:
         self.csrf = csrf
 
     @property
+    def kinds(self) -> tuple[str, ...]:
+        """The command kinds this operator may send (``operate`` or ``operate:<kind>``):
+        the only ones the form offers."""
+        return tuple(k for k in KINDS if self.operator.allows(command_scope(k)))
+
+    @property
     def can_operate(self) -> bool:
-        return any(self.operator.allows(command_scope(k)) for k in KINDS)
+        return bool(self.kinds)
+
+    def kind_or_default(self, kind: str | None) -> str:
+        """``kind`` if this operator may send it, else ``bridge.configure`` (the form's
+        default: it changes nothing that is left empty) or the first kind they may send."""
+        kinds = self.kinds
+        if kind in kinds:
+            return kind
+        return _DEFAULT_KIND if _DEFAULT_KIND in kinds or not kinds else kinds[0]
 
     def context(self, **extra: Any) -> dict[str, Any]:
         return {"viewer": self, "operator": self.operator.name, "csrf": self.csrf,
@@ -104,6 +131,17 @@ def _safe_next(target: str | None) -> str:
             and "\\" not in target:
         return target
     return f"{PREFIX}/"
+
+
+def _over_tls(request: Request) -> bool:
+    """Whether the browser reached the console over TLS: directly, or through a proxy
+    that terminated it and says so in ``X-Forwarded-Proto`` (the Ingress of
+    ``deploy/``). Uvicorn trusts that header from 127.0.0.1 only, so behind an
+    Ingress the request's own scheme is ``http``, and the session cookie went out
+    without ``Secure``: a browser would then send it in clear to any ``http://`` URL of
+    the host. A forged header can only make a cookie Secure, never less."""
+    forwarded = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    return request.url.scheme == "https" or forwarded == "https"
 
 
 def _same_origin(request: Request) -> bool:
@@ -191,7 +229,7 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
         response.set_cookie(
             COOKIE, keys.seal(keys.new_session(token.strip())), max_age=SESSION_MAX_AGE_S,
             path=PREFIX, httponly=True, samesite="strict",
-            secure=request.url.scheme == "https")
+            secure=_over_tls(request))
         return response
 
     @router.post("/logout")
@@ -200,8 +238,20 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
         response = RedirectResponse(f"{PREFIX}/login", status_code=303,
                                     headers=SECURITY_HEADERS)
         response.delete_cookie(COOKIE, path=PREFIX, httponly=True, samesite="strict",
-                               secure=request.url.scheme == "https")
+                               secure=_over_tls(request))
         return response
+
+    @router.get("/session")
+    async def session_state(request: Request) -> Response:
+        """204 while this browser's session holds, 401 once it has ended (logged out,
+        expired, the token revoked): what ``console.js`` asks when a live stream is
+        refused, to say so instead of retrying for ever."""
+        try:
+            await viewer(request)
+        except LoginRequired:
+            return Response("session ended", status_code=401, media_type="text/plain",
+                            headers=SECURITY_HEADERS)
+        return Response(status_code=204, headers=SECURITY_HEADERS)
 
     # -- fleet --------------------------------------------------------------------------
 
@@ -218,12 +268,13 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
     async def fleet(  # noqa: PLR0917 (FastAPI injects by name)
         request: Request, v: Viewer = current, q: str | None = None,
         state: str | None = None, sort: str | None = None, order: str | None = None,
-        page: Annotated[int | None, Query(ge=1)] = None,
-        per_page: Annotated[int | None, Query(ge=1)] = None,
+        page: str | None = None, per_page: str | None = None,
     ) -> HTMLResponse:
         started = time.perf_counter()
-        query = FleetQuery.of(q=q, state=state, sort=sort, order=order, page=page,
-                              per_page=per_page)
+        # Taken as text: a hand-edited page=0 or per_page=all falls back to the default
+        # like every other parameter, instead of a JSON 422 in place of the page.
+        query = FleetQuery.of(q=q, state=state, sort=sort, order=order,
+                              page=whole_number(page), per_page=whole_number(per_page))
         context, db_s = await fleet_context(query)
         fragment = request.headers.get("hx-target") == "fleet-region"
         return renderer.page("_fleet.html" if fragment else "fleet.html",
@@ -245,23 +296,24 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
 
     @router.get("/edges/{edge}")
     async def edge_page(edge: str, v: Viewer = current,
-                        kind: str = "bridge.configure") -> HTMLResponse:
+                        kind: str | None = None) -> HTMLResponse:
         started = time.perf_counter()
         context = await edge_context(edge) if is_valid_token(edge) else None
         if context is None:
             return renderer.page("not_found.html", v.context(
-                nav="fleet", what=f"No edge {edge!r} has reported to this cloud."), status=404)
+                nav="fleet", what=f"No edge {edge!r} has reported to this cloud." if
+                is_valid_token(edge) else _NOT_AN_EDGE_ID), status=404)
         db_s = time.perf_counter() - started
-        kind = kind if kind in SPEC_MODELS else "bridge.configure"
         return renderer.page("edge.html", v.context(
-            nav="fleet", **context, form=_form_context(edge, kind)), started=started, db_s=db_s)
+            nav="fleet", **context, form=_form_context(edge, v.kind_or_default(kind), v.kinds)),
+            started=started, db_s=db_s)
 
     @router.get("/edges/{edge}/command-form")
     async def command_form(edge: str, v: Viewer = current,
-                           kind: str = "bridge.configure") -> HTMLResponse:
-        if kind not in SPEC_MODELS or not is_valid_token(edge):
-            kind = "bridge.configure"
-        return renderer.page("_command_form.html", v.context(form=_form_context(edge, kind)))
+                           kind: str | None = None) -> HTMLResponse:
+        kind = v.kind_or_default(kind if is_valid_token(edge) else None)
+        return renderer.page("_command_form.html",
+                             v.context(form=_form_context(edge, kind, v.kinds)))
 
     @router.post("/edges/{edge}/commands")
     async def issue_command(edge: str, request: Request, v: Viewer = posting) -> HTMLResponse:
@@ -270,7 +322,8 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
         request.state.audit = {"action": "command.issue", "target": edge, "kind": kind,
                                "via": "console"}
         parsed = parse_form(kind, form)
-        ctx = _form_context(edge, kind if kind in SPEC_MODELS else "bridge.configure")
+        ctx = _form_context(edge, kind if kind in SPEC_MODELS else v.kind_or_default(None),
+                            v.kinds)
         ctx.update(values=parsed.values, errors=parsed.errors, ttl=form.get("ttl_seconds", ""))
         if not v.operator.allows(command_scope(kind)):
             ctx["errors"] = {"": f"operator {v.operator.name!r} may not send {kind} commands "
@@ -278,6 +331,10 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
             return renderer.page("_command_form.html", v.context(form=ctx), status=403)
         ttl = _ttl(form.get("ttl_seconds", ""), settings.default_ttl_s, settings.min_ttl_s,
                    settings.max_ttl_s, ctx["errors"])
+        key = form.get("idempotency_key") or None  # (a hand-made POST: the form has none)
+        if key is not None and len(key) > IDEMPOTENCY_KEY_MAX:
+            ctx["errors"][""] = (f"an idempotency key is at most {IDEMPOTENCY_KEY_MAX} "
+                                 f"characters (this one has {len(key)})")
         if not is_valid_token(edge) or not await api.edge_exists(edge):
             ctx["errors"][""] = f"edge {edge!r} has never reported to this cloud"
         if ctx["errors"] or parsed.spec is None:
@@ -288,13 +345,17 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
             return renderer.page("_command_form.html", v.context(form=ctx), status=200)
         try:
             row, _ = await api.issue(edge, kind, parsed.spec, ttl_s=ttl,
-                                     idempotency_key=form.get("idempotency_key") or None,
+                                     idempotency_key=key,
                                      operator=v.operator.name)
-        except Conflict as exc:  # an idempotency key used for another command
+        except EdgesyncError as exc:
+            # Refused as the API would refuse it (an idempotency key used for another
+            # command: 409; a signed command above what an edge accepts: 413; ...): the
+            # reason on the form, the operator's values kept, never a bare JSON body.
             ctx["errors"][""] = str(exc)
-            return renderer.page("_command_form.html", v.context(form=ctx), status=409)
+            return renderer.page("_command_form.html", v.context(form=ctx),
+                                 status=http_status(exc))
         request.state.audit.update(command=str(row["id"]))
-        fresh = _form_context(edge, kind)
+        fresh = _form_context(edge, kind, v.kinds)
         fresh["issued"] = {"id": str(row["id"]), "kind": kind, "status": row["status"]}
         return renderer.page("_command_form.html", v.context(form=fresh),
                              headers={"HX-Trigger": "command-issued"})
@@ -304,7 +365,8 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
         found = await api.get_command(command_id)
         if found is None:
             return renderer.page("not_found.html", v.context(
-                nav="fleet", what=f"No command {command_id!r}."), status=404)
+                nav="fleet", what=f"No command {command_id!r}." if
+                COMMAND_ID.match(command_id) else "No command with that id."), status=404)
         return renderer.page("command.html", v.context(nav="fleet", command=found))
 
     # -- data and rollouts ---------------------------------------------------------------
@@ -316,9 +378,13 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
         edge = edge if edge and is_valid_token(edge) else None
         stream = stream if stream and is_valid_token(stream) else None
         async with api._db().acquire() as conn:
-            rows = await completeness_rows(conn, edge=edge, stream=stream, limit=100)
+            rows = await completeness_rows(conn, edge=edge, stream=stream,
+                                           limit=_DATA_ROWS + 1)
+        # One more than shown is read to know whether there are more: a fleet of 10,000
+        # edges has 20,000 rows, and a page of the first 100 must not pass for all of them.
         return renderer.page("data.html", v.context(
-            nav="data", rows=rows, edge=edge or "", stream=stream or "",
+            nav="data", rows=rows[:_DATA_ROWS], more=len(rows) > _DATA_ROWS,
+            edge=edge or "", stream=stream or "",
             tail_query=urlencode({k: x for k, x in (("edge", edge), ("stream", stream)) if x})),
             started=started, db_s=time.perf_counter() - started)
 
@@ -331,8 +397,16 @@ def console_pages(api: Api, keys: SessionKeys, renderer: Renderer) -> APIRouter:
     return router
 
 
-def _form_context(edge: str, kind: str) -> dict[str, Any]:
-    return {"edge": edge, "kind": kind, "kinds": KINDS, "fields": form_fields(kind),
+def whole_number(text: str | None) -> int | None:
+    """``text`` as an int, or None if it is not one (the caller's default applies)."""
+    try:
+        return int(text) if text is not None and len(text) <= 18 else None
+    except ValueError:
+        return None
+
+
+def _form_context(edge: str, kind: str, kinds: tuple[str, ...]) -> dict[str, Any]:
+    return {"edge": edge, "kind": kind, "kinds": kinds, "fields": form_fields(kind),
             "values": {}, "errors": {}, "ttl": "", "confirm": None, "issued": None,
             "form_id": uuid.uuid4().hex[:8]}
 

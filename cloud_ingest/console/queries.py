@@ -16,6 +16,7 @@ from typing import Any, Final, Literal
 from cloud_ingest.db_errors import Connection
 
 __all__ = [
+    "DRIFT_ROWS",
     "FLEET_SORTS",
     "FLEET_STATES",
     "LAGGING_AFTER_S",
@@ -33,10 +34,13 @@ __all__ = [
 
 # Records an edge dropped by policy, all streams and reasons ({stream: {reason: n}}). Most
 # edges drop nothing: the cheap jsonpath test spares them the sum (nested jsonb_each
-# over 10,000 rows cost ~1 s on 2 busy cores; this ~40 ms).
+# over 10,000 rows cost ~1 s on 2 busy cores; this ~40 ms). The counts are the edge's
+# heartbeat, any JSON number: the sum is held within int8 (and the negative ignored),
+# or one edge reporting 2^62 twice would make every fleet page "bigint out of range".
 _DROPPED_TOTAL: Final = (
     "CASE WHEN jsonb_path_exists(e.dropped, '$.*.* ? (@ > 0)') THEN (SELECT"
-    " coalesce(sum(x::numeric), 0)::int8 FROM jsonb_array_elements_text(jsonb_path_query_array("
+    " least(coalesce(sum(greatest(x::numeric, 0)), 0), 9223372036854775807)::int8"
+    " FROM jsonb_array_elements_text(jsonb_path_query_array("
     "e.dropped, '$.*.* ? (@.type() == \"number\")')) x) ELSE 0 END")
 
 FLEET_SORTS: Final[dict[str, str]] = {
@@ -56,6 +60,9 @@ FLEET_STATES: Final = ("all", "online", "offline", "lagging", "gaps")
 ``gaps`` = some stream of the edge has missing seqs."""
 
 PAGE_SIZES: Final = (25, 50, 100, 200)
+
+DRIFT_ROWS: Final = 200
+"""Drifted fields an edge's page lists (the first by path)."""
 
 LAGGING_AFTER_S: Final = 60.0
 """An online edge whose oldest unshipped record is older than this is lagging (as
@@ -326,7 +333,10 @@ async def desired_state(conn: Connection, edge: str) -> dict[str, Any] | None:
     row = await conn.fetchrow("SELECT * FROM v_edge_desired_state WHERE edge_id = $1", edge)
     if row is None or row["version_id"] is None:
         return None
+    # The paths come from the edge's own reports: a page shows DRIFT_ROWS of them, and
+    # says when there are more (an edge could report thousands).
     drift = await conn.fetch(
         "SELECT path, desired, observed, since, command_id, command_kind, command_issuer"
-        " FROM v_edge_drift WHERE edge_id = $1 ORDER BY path", edge)
-    return {**dict(row), "drift": [dict(d) for d in drift]}
+        " FROM v_edge_drift WHERE edge_id = $1 ORDER BY path LIMIT $2", edge, DRIFT_ROWS + 1)
+    return {**dict(row), "drift": [dict(d) for d in drift[:DRIFT_ROWS]],
+            "drift_more": len(drift) > DRIFT_ROWS}

@@ -1,4 +1,14 @@
-"""Templates and the small formatting filters they use (Jinja2, autoescaped)."""
+"""Templates and the small formatting filters they use (Jinja2, autoescaped).
+
+Most of what the console shows comes from edges (edge ids and stream names are
+tokens, but versions, record keys and payloads, reasons and reports are free text
+of any length), so besides autoescaping every value printed is *finalized*:
+Unicode's bidirectional embedding, override and isolate controls (U+202A-202E,
+U+2066-2069) are shown as ``[U+202E]`` instead of reordering what the operator
+reads (a ``failed`` reason made to read as ``applied``). And the templates
+:func:`clip` free text to a length that fits its place, so one edge's 1 MB
+version string does not make the fleet page 1 MB or push it sideways.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +19,13 @@ from typing import Any, Final
 
 from fastapi.responses import HTMLResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup
 
 from broker import __version__
 from cloud_ingest.console.charts import FATE_COLOURS, completeness_bar, history_chart
 
-__all__ = ["SECURITY_HEADERS", "Renderer", "human_age", "human_bytes"]
+__all__ = ["BIDI_CONTROLS", "SECURITY_HEADERS", "Renderer", "clip", "human_age", "human_bytes",
+           "visible_controls"]
 
 SECURITY_HEADERS: Final = {
     # Scripts and styles only from /ui/static: an injected <script> or style= does nothing.
@@ -26,6 +38,26 @@ SECURITY_HEADERS: Final = {
     "Cache-Control": "no-store",
 }
 """Sent with every console page and fragment."""
+
+
+BIDI_CONTROLS: Final = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+"""The characters that reorder the text after them (embeddings, overrides, isolates)."""
+
+_SHOWN: Final = {ord(c): f"[U+{ord(c):04X}]" for c in BIDI_CONTROLS}
+
+
+def visible_controls(value: Any) -> Any:
+    """The Jinja ``finalize`` hook: a string with its bidi controls made visible (markup
+    the console made itself, such as a chart, is left as it is)."""
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return value.translate(_SHOWN)
+    return value
+
+
+def clip(value: Any, limit: int = 200) -> str:
+    """``value`` as text, at most ``limit`` characters (cut with an ellipsis)."""
+    text = "" if value is None else str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 def human_bytes(n: float | None) -> str:
@@ -72,8 +104,9 @@ class Renderer:
         self.env = Environment(
             loader=PackageLoader("cloud_ingest.console", "templates"),
             autoescape=select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True,
+            finalize=visible_controls,
         )
-        self.env.filters.update(bytes=human_bytes, age=human_age, num=_num, utc=_utc)
+        self.env.filters.update(bytes=human_bytes, age=human_age, num=_num, utc=_utc, clip=clip)
         self.env.globals.update(
             version=__version__, static_version=static_version, fate_colours=FATE_COLOURS,
             completeness_bar=completeness_bar, history_chart=history_chart)

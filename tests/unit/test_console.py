@@ -151,6 +151,35 @@ def test_a_commands_history_names_the_edge_of_each_report() -> None:
     assert "<td>victim</td>" in rows[1]
 
 
+def test_what_an_edge_writes_is_escaped_clipped_and_never_reorders_the_page() -> None:
+    """A record key of markup, a right-to-left override and 10,000 characters: escaped,
+    its U+202E shown as ``[U+202E]`` (it would reverse what follows it), cut to 80
+    characters in the tail (the payload to 160, as before)."""
+    key = "<img src=x onerror=alert(1)>\u202egpj.exe" + "A" * 10_000
+    html = Renderer().text("_tail_rows.html", {"rows": [{
+        "received_at": "2026-01-01T00:00:00.000000Z", "edge": "edge-1", "stream": "s",
+        "seq": 1, "key": key, "payload_text": "{}"}]})
+    cell = html.split("<td")[5]
+    assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;[U+202E]gpj.exe" in cell
+    assert "\u202e" not in html
+    assert cell.count("A") == 80 - len("<img src=x onerror=alert(1)>\u202egpj.exe") - 1
+    assert "A\u2026</td>" in cell
+
+
+def test_an_operator_allowed_some_kinds_is_offered_those_only() -> None:
+    """The form offers the kinds the operator may send, ``bridge.configure`` first when
+    it is one of them; a kind asked for (``?kind=``) that it may not send falls back."""
+    restart = Viewer(Operator("r", frozenset({"operate:deployment.restart"})), None, "")  # type: ignore[arg-type]
+    assert restart.kinds == ("deployment.restart",) and restart.can_operate
+    assert restart.kind_or_default(None) == "deployment.restart"
+    assert restart.kind_or_default("bridge.configure") == "deployment.restart"
+    admin = Viewer(Operator("a", frozenset({"admin"})), None, "")  # type: ignore[arg-type]
+    assert admin.kind_or_default(None) == "bridge.configure"
+    assert admin.kind_or_default("deployment.scale") == "deployment.scale"
+    reader = Viewer(Operator("v", frozenset({"read"})), None, "")  # type: ignore[arg-type]
+    assert reader.kinds == () and not reader.can_operate
+
+
 def test_a_fleet_query_falls_back_to_defaults_for_unknown_parameters() -> None:
     """A stale or hand-edited URL still shows the fleet; nothing of it reaches SQL but
     the closed lists' keys."""
