@@ -92,6 +92,11 @@ class DropMarker(msgspec.Struct, tag="drop", tag_field="type", frozen=True):
     def __post_init__(self) -> None:
         if self.last_seq < self.first_seq:  # decoding: a ValidationError, so malformed
             raise ValueError(f"drop range {self.first_seq}..{self.last_seq} is reversed")
+        if self.count > self.last_seq - self.first_seq + 1:
+            # No run drops more records than its seqs: 2**62 from one edge made the
+            # analytics view's dropped counts overflow bigint (v_completeness failed).
+            raise ValueError(f"drop count {self.count} exceeds the run "
+                             f"{self.first_seq}..{self.last_seq}")
 
 
 class CommandStatusReport(msgspec.Struct, tag="command_status", tag_field="type", frozen=True):

@@ -39,9 +39,10 @@ CREATE VIEW v_stream_progress AS
            updated_at
     FROM committed_ranges;
 
--- @since 008
+-- @since 014
 -- Missing records told from those dropped on purpose, dead-lettered, lost after
 -- commit (the edge trimmed them, the cloud no longer holds them) or retired by retention.
+-- The dropped counts are the edges' own claims, summed: held within bigint (014).
 CREATE VIEW v_completeness AS
     SELECT c.edge_id, c.stream, c.epoch,
            es_count(c.ranges) AS committed_records,
@@ -52,12 +53,14 @@ CREATE VIEW v_completeness AS
                AS highest_seq,
            c.dropped - c.ranges AS dropped_ranges,
            es_count(c.dropped - c.ranges) AS dropped_records,
-           coalesce((SELECT sum(d.count) FILTER (WHERE d.reason = 'overflow')
-                     FROM drop_markers d WHERE (d.edge_id, d.stream, d.epoch)
-                     = (c.edge_id, c.stream, c.epoch)), 0)::bigint AS dropped_overflow,
-           coalesce((SELECT sum(d.count) FILTER (WHERE d.reason = 'ttl')
-                     FROM drop_markers d WHERE (d.edge_id, d.stream, d.epoch)
-                     = (c.edge_id, c.stream, c.epoch)), 0)::bigint AS dropped_ttl,
+           least(coalesce((SELECT sum(d.count) FILTER (WHERE d.reason = 'overflow')
+                           FROM drop_markers d WHERE (d.edge_id, d.stream, d.epoch)
+                           = (c.edge_id, c.stream, c.epoch)), 0),
+                 9223372036854775807)::bigint AS dropped_overflow,
+           least(coalesce((SELECT sum(d.count) FILTER (WHERE d.reason = 'ttl')
+                           FROM drop_markers d WHERE (d.edge_id, d.stream, d.epoch)
+                           = (c.edge_id, c.stream, c.epoch)), 0),
+                 9223372036854775807)::bigint AS dropped_ttl,
            c.dead_lettered - c.ranges - c.dropped AS dead_lettered_ranges,
            es_count(c.dead_lettered - c.ranges - c.dropped) AS dead_lettered_records,
            int8multirange(int8range(1, coalesce(

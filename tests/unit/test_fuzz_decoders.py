@@ -197,3 +197,15 @@ def test_a_reversed_drop_range_is_malformed() -> None:
         "last_seq": 4, "count": 0, "reason": "ttl", "dropped_at": 1.0})
     with pytest.raises(DecodeError, match="reversed"):
         decode_event(body)
+
+
+def test_a_drop_marker_counting_more_records_than_its_run_is_malformed() -> None:
+    """One edge's markers with counts near 2^62 made v_completeness's dropped counts
+    overflow bigint: a run of n seqs drops at most n records."""
+    body = msgspec.msgpack.encode({
+        "type": "drop", "edge": "edge-1", "stream": "s", "epoch": 7, "first_seq": 5,
+        "last_seq": 9, "count": 6, "reason": "overflow", "dropped_at": 1.0})
+    with pytest.raises(DecodeError, match="exceeds the run"):
+        decode_event(body)
+    exact = decode_event(encode_event(DropMarker("edge-1", "s", 7, 5, 9, 5, "overflow", 1.0)))
+    assert isinstance(exact, DropMarker) and exact.count == 5
