@@ -39,10 +39,12 @@ CREATE VIEW v_stream_progress AS
            updated_at
     FROM committed_ranges;
 
--- @since 014
+-- @since 008
 -- Missing records told from those dropped on purpose, dead-lettered, lost after
 -- commit (the edge trimmed them, the cloud no longer holds them) or retired by retention.
--- The dropped counts are the edges' own claims, summed: held within bigint (014).
+-- The dropped counts are the edges' own claims, summed: held within bigint (changed with
+-- 014, which only makes databases past 008 create the views again; the form reads 008's
+-- tables, so its @since stays).
 CREATE VIEW v_completeness AS
     SELECT c.edge_id, c.stream, c.epoch,
            es_count(c.ranges) AS committed_records,
