@@ -56,7 +56,10 @@ def drop_marker_writer(
             # a shorter one changes nothing.
             "ON CONFLICT (edge_id, stream, epoch, first_seq) DO UPDATE "
             "SET last_seq=EXCLUDED.last_seq, count=EXCLUDED.count "
-            "WHERE EXCLUDED.last_seq > drop_markers.last_seq",
+            "WHERE EXCLUDED.last_seq > drop_markers.last_seq "
+            # ... of the same reason: a run of another reason at the same first seq (a
+            # salvage's damage after a policy run) never re-labels what is stored.
+            "AND EXCLUDED.reason = drop_markers.reason",
             [(m.edge, m.stream, m.epoch, m.first_seq, m.last_seq, m.count, m.reason,
               m.dropped_at) for m in markers],
         )

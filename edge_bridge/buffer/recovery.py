@@ -106,7 +106,13 @@ def _rows(conn: sqlite3.Connection, table: str, columns: str, out: Salvage
     """Every readable row of ``table`` in rowid order, one at a time (a damaged file
     may hold the whole backlog: never all of it in memory). A scan that meets a
     damaged page goes on by probing the rowids after the last one read; what cannot
-    be read is counted in ``out.unreadable_rows``."""
+    be read is counted in ``out.unreadable_rows``.
+
+    A rowid that is simply not there (a trimmed chunk) is no damage: the probe skips to
+    the next rowid the table holds, where its index can still say (a busy stream's
+    thousands of trimmed rowids after a stuck stream's old chunks once made the probe
+    give up, and every intact chunk after them was reported lost). It gives up only
+    after :data:`_MAX_MISSES` unreadable rowids in a row."""
     last = 0
     try:
         for row in conn.execute(f"SELECT rowid, {columns} FROM {table} ORDER BY rowid"):
@@ -132,10 +138,34 @@ def _rows(conn: sqlite3.Connection, table: str, columns: str, out: Salvage
             misses += 1
             continue
         if row is None:
-            misses += 1
+            try:
+                after = conn.execute(f"SELECT min(rowid) FROM {table} WHERE rowid > ?",
+                                     (rowid,)).fetchone()[0]
+            except sqlite3.DatabaseError:  # the index is damaged there too: step by one
+                if top is None:
+                    misses += 1
+                continue
+            if after is None:
+                return
+            rowid = after - 1
             continue
         misses = 0
         yield row
+
+
+def _drop_rows(conn: sqlite3.Connection, out: Salvage) -> list[tuple[Any, ...]]:
+    """The pending drop runs of a damaged file. ``drops`` is WITHOUT ROWID (no rowid to
+    probe by: :func:`_rows` found none, counted 10,000 unreadable rows and kept no run,
+    so runs dropped by policy were accounted again as ``damaged``): read in key order as
+    far as it reads; a damaged page ends it, counted once."""
+    rows: list[tuple[Any, ...]] = []
+    try:
+        for row in conn.execute(f"SELECT {_DROP_COLUMNS} FROM drops "
+                                "ORDER BY sid, epoch, first_seq"):
+            rows.append(row)
+    except sqlite3.DatabaseError:
+        out.unreadable_rows += 1
+    return rows
 
 
 def _decodes(chunk: ChunkRow, known: Container[int]) -> bool:
@@ -188,8 +218,7 @@ def salvage(damaged: Path, target: Path) -> Salvage:
                         page = []
                 _copy(dst, page, out)
                 epochs = {s.sid: s.epoch for s in streams}
-                drops = [row for row in _rows(src, "drops", _DROP_COLUMNS, out)
-                         if epochs.get(row[0]) == row[1]]
+                drops = [row for row in _drop_rows(src, out) if epochs.get(row[0]) == row[1]]
         dst.execute("BEGIN IMMEDIATE")
         # next_seq never moves back: a seq once handed out is never reused.
         streams = [s._replace(next_seq=max(s.next_seq, next_seq[s.sid])) for s in streams]

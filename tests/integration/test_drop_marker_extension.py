@@ -8,9 +8,9 @@ from broker.protocol.events import DropMarker
 from cloud_ingest.completeness import drop_marker_writer
 
 
-def marker(last_seq: int, count: int) -> DropMarker:
+def marker(last_seq: int, count: int, reason: str = "overflow") -> DropMarker:
     return DropMarker(edge="e", stream="s", epoch=7, first_seq=1, last_seq=last_seq,
-                      count=count, reason="overflow", dropped_at=1_700_000_000.0)
+                      count=count, reason=reason, dropped_at=1_700_000_000.0)
 
 
 async def test_an_extended_drop_run_replaces_the_shorter_marker_and_a_late_copy_does_not(
@@ -31,3 +31,22 @@ async def test_an_extended_drop_run_replaces_the_shorter_marker_and_a_late_copy_
         "WHERE edge_id='e' AND stream='s' AND epoch=7")
     assert (row["last_seq"], row["count"]) == (2_000, 2_000)
     assert (done["dropped_overflow"], done["watermark"]) == (2_000, 2_000)
+
+
+async def test_a_longer_run_of_another_reason_does_not_relabel_the_stored_marker(
+    migrated_conn: asyncpg.Connection,
+) -> None:
+    """An overflow run 1..100 is stored; a ``damaged`` run 1..150 with the same first
+    seq (a salvage after it) must not turn those drops into damage nor the damage into
+    overflow: the stored marker stays as it was, and the watermark passes both."""
+    write = drop_marker_writer(lambda _: None)
+    for m in (marker(100, 100), marker(150, 150, "damaged")):
+        async with migrated_conn.transaction():
+            await write(migrated_conn, [m])
+    row = await migrated_conn.fetchrow(
+        "SELECT last_seq, count, reason FROM drop_markers WHERE edge_id='e' AND stream='s'")
+    done = await migrated_conn.fetchrow(
+        "SELECT dropped_overflow, watermark FROM v_completeness "
+        "WHERE edge_id='e' AND stream='s' AND epoch=7")
+    assert tuple(row) == (100, 100, "overflow")
+    assert (done["dropped_overflow"], done["watermark"]) == (100, 150)
