@@ -123,6 +123,12 @@ class Shipper:
         self._link_changed.set()
         self._link_changed = asyncio.Event()
 
+    @property
+    def unconfirmed_bytes(self) -> int:
+        """Bytes shipped or in flight that no committed watermark covers yet (bounded
+        by ``max_unconfirmed_bytes``)."""
+        return self._unconfirmed_bytes
+
     def begin_shutdown(self) -> None:
         self._stopping = True
         self.buffer.appended.set()
@@ -156,6 +162,11 @@ class Shipper:
         cursor = self._cursors.get(stream)
         if cursor is None or cursor.epoch != epoch:
             return
+        # A batch in flight that this covers (a retransmitted copy, the first one
+        # committed meanwhile) needs no room once acked: remembered, as for a watermark
+        # seen but not applied. Else its bytes held the window until a retransmission
+        # round, itself spurious, and doubled the stream's retransmit timeout.
+        cursor.cloud_upto = max(cursor.cloud_upto, watermark)
         progressed = False
         while cursor.uncommitted and cursor.uncommitted[0][0] <= watermark:
             self._confirmed(cursor, cursor.uncommitted.popleft()[2])

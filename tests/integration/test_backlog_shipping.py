@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
 import nats
 from nats.aio.msg import Msg
 
+from broker.protocol.topology import Topology
 from broker.protocol.wire import CT_RAW, Record
 from broker.runtime.embedded_nats import EmbeddedNats
 from broker.settings import ShipperSettings, StreamPolicy
 from edge_bridge.buffer import Buffer, encode_chunks
+from edge_bridge.metrics import BridgeMetrics
+from edge_bridge.shipping import Shipper
+from tests.chaos.proxy import ChaosProxy
 from tests.helpers import until
 from tests.integration.harness import (
     bridge_settings,
     buffered_is,
     count_records,
+    init_topology,
     running_bridge,
     running_ingest,
     wait_for_records,
@@ -129,3 +135,52 @@ async def test_a_bridge_restarted_behind_the_clouds_watermark_ships_past_the_win
             await until(lambda: buffered_is(bridge, 0), timeout=60,
                         message="the restarted bridge never got past the window")
     assert await count_records(pg_dsn) == 20_000
+
+
+async def test_a_commit_seen_while_a_retransmitted_batch_is_in_flight_frees_its_room(
+    tmp_path: Path, nats_server: EmbeddedNats
+) -> None:
+    """A retransmission round ships a batch again; while that copy is in flight the first
+    copy commits (the follower trims and tells the shipper). Once the copy is acked,
+    nothing of the stream awaits the cloud: the window holds no bytes. Before, the
+    copy's bytes held the window until a spurious retransmission round, which also
+    doubled the stream's retransmit timeout. The link
+    to a real nats-server runs through a proxy that delays it, so the copy stays in
+    flight long enough to be overtaken."""
+    await init_topology(nats_server.url)
+    proxy = ChaosProxy(lambda: nats_server.port)
+    await proxy.start()
+    nc = await nats.connect(proxy.url)
+    settings = ShipperSettings(linger_ms=0, retransmit_timeout_s=0.3,
+                               retransmit_backoff_max_s=600)
+    try:
+        async with Buffer(tmp_path / "buffer", max_bytes=64 * 1024**2,
+                          policy_for=lambda s: StreamPolicy()) as buf:
+            await buf.append("s", encode_chunks([Record(1, CT_RAW, b"x" * 80)] * 100))
+            metrics = BridgeMetrics("edge-1")
+            shipper = Shipper(buf, edge_id="edge-1", topology=Topology(), settings=settings,
+                              policy_for=lambda s: StreamPolicy(), metrics=metrics,
+                              publish_timeout_s=5.0)
+            shipper.attach(nc.jetstream())
+            shipping = asyncio.create_task(shipper.run_forever())
+            try:
+                state = buf.stream_state("s")
+                assert state is not None
+                await until(lambda: shipper.shipped_high("s", state.epoch) >= 100,
+                            message="the batch was never shipped")
+                proxy.set_mode("pass", latency_s=1.0)  # the copy's ack comes 1-2 s late
+                retransmitted = metrics.retransmissions._value  # type: ignore[attr-defined]
+                await until(lambda: retransmitted.get() == 1, timeout=10,
+                            message="no retransmission round")
+                await buf.trim("s", state.epoch, 100)  # the first copy commits
+                shipper.on_committed("s", state.epoch, 100)
+                shipped = metrics.batches_shipped._value  # type: ignore[attr-defined]
+                await until(lambda: shipped.get() == 2, timeout=10,
+                            message="the copy was never acked")
+                assert shipper.unconfirmed_bytes == 0
+            finally:
+                shipper.begin_shutdown()
+                await shipping
+    finally:
+        await nc.close()
+        await proxy.close()
