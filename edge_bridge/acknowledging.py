@@ -217,7 +217,12 @@ class DropReporter:
                                 dropped_at=dropped_at)
             await self._js.publish(
                 self._shipper.topology.events_subject(edge), encode_event(marker),
-                headers={"Nats-Msg-Id": f"drop.{edge}.{stream}.{epoch}.{first}-{last}"},
+                # Salted as the batches' ids are (broker.protocol.wire.msg_id): ES_EVENTS'
+                # duplicate window is the stream's, and another edge publishing this id
+                # first on its own subject would have the marker dropped, its stream
+                # left below the gap.
+                headers={"Nats-Msg-Id": f"drop.{edge}.{stream}.{epoch}.{first}-{last}"
+                                        f".{self._shipper.salt}"},
             )
             self._sent[key] = now
             sent += 1

@@ -92,7 +92,7 @@ class Shipper:
         # Public: the watermark follower and the drop reporter work on what this shipper
         # ships, so they take these from it rather than being handed them again.
         self.buffer, self.edge_id, self.topology = buffer, edge_id, topology
-        self._salt = secrets.token_hex(8)
+        self.salt = secrets.token_hex(8)
         """Of every ``Nats-Msg-Id`` this process publishes (:func:`msg_id` says why); a
         restarted bridge's first publishes are then not de-duplicated by JetStream, and
         the ingest's idempotent write absorbs them instead."""
@@ -373,7 +373,7 @@ class Shipper:
             )
             headers["Nats-Msg-Id"] = msg_id(
                 self.edge_id, run.stream, run.epoch, run.first_seq, run.last_seq,
-                generation=generation, salt=self._salt,
+                generation=generation, salt=self.salt,
             )
             subject = self.topology.records_subject(self.edge_id, run.stream)
             attempt = 0

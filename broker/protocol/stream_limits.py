@@ -21,4 +21,6 @@ Past it the oldest events go (the ingest consumes them as they come)."""
 EVENTS_MAX_MSGS_PER_EDGE = 50_000
 """Default cap of the events ``ES_EVENTS`` keeps per edge (``max_msgs_per_subject``:
 the subject is ``<p>.evt.<edge>``): 70 hours of 5-second heartbeats, so that one edge
-flooding its subject discards its own oldest events, not the other edges'."""
+flooding its subject with small events discards its own oldest events first. Events of
+up to 1 MiB can still pass :data:`EVENTS_MAX_BYTES` first, and then the oldest of any
+edge go (docs/security.md says what is at stake)."""
