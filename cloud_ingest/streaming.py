@@ -5,12 +5,13 @@ connection and a slot of the API's stream limits for as long as they run."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import asyncpg
 from fastapi.responses import StreamingResponse
 
-__all__ = ["ClosingStream"]
+__all__ = ["ClosingStream", "tail_connection"]
 
 
 class ClosingStream(StreamingResponse):
@@ -30,3 +31,22 @@ class ClosingStream(StreamingResponse):
             done = self._on_close()
             if inspect.isawaitable(done):
                 await done
+
+
+async def tail_connection(dsn: str, release: Callable[[], None]
+                          ) -> tuple[asyncpg.Connection, Callable[[], Awaitable[None]]]:
+    """A live tail's own PostgreSQL connection, and the close that gives back both it
+    and the tail's slot (``release``, of the API's stream limits); a failed connect
+    gives the slot back at once."""
+    try:
+        conn = await asyncpg.connect(dsn)
+    except BaseException:
+        release()
+        raise
+
+    async def close() -> None:
+        release()
+        if not conn.is_closed():
+            await conn.close()
+
+    return conn, close

@@ -41,7 +41,7 @@ from broker.feed import (
     resolve_start,
 )
 from broker.feed.reading import PAGE_MAX_BYTES, StreamKey
-from cloud_ingest.streaming import ClosingStream
+from cloud_ingest.streaming import ClosingStream, tail_connection
 
 __all__ = ["CheckpointIn", "SubscriptionOut", "TailLimit", "record_routes"]
 
@@ -263,17 +263,7 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
         record as JSON, ``event: completeness`` when a stream's watermark moves; every
         event's ``id`` is the cursor after it, so a reconnect resumes exactly."""
         filters = filters_of(edge, stream, None, None)
-        release = tails.acquire(_operator_of(request))
-        try:
-            conn = await asyncpg.connect(dsn)
-        except BaseException:
-            release()
-            raise
-
-        async def close() -> None:
-            release()
-            if not conn.is_closed():
-                await conn.close()
+        conn, close = await tail_connection(dsn, tails.acquire(_operator_of(request)))
 
         try:
             start = (await checked_cursor(conn, last_event_id) if last_event_id

@@ -29,7 +29,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
-import asyncpg
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
@@ -45,7 +44,7 @@ from cloud_ingest.console.queries import (
 )
 from cloud_ingest.console.rendering import SECURITY_HEADERS, Renderer
 from cloud_ingest.dead_letters import list_dead_letters
-from cloud_ingest.streaming import ClosingStream
+from cloud_ingest.streaming import ClosingStream, tail_connection
 
 if TYPE_CHECKING:
     from cloud_ingest.api.records import TailLimit
@@ -180,16 +179,7 @@ def console_live(api: Api, renderer: Renderer, viewer: _Recheck, tails: TailLimi
             release = tails.acquire(v.operator.name)
         except EdgesyncError as exc:  # every tail slot taken, or this operator's share
             return _stream(_refused(str(exc)))
-        try:
-            conn = await asyncpg.connect(settings.postgres_dsn)
-        except BaseException:
-            release()
-            raise
-
-        async def close() -> None:
-            release()
-            if not conn.is_closed():
-                await conn.close()
+        conn, close = await tail_connection(settings.postgres_dsn, release)
 
         try:
             start = await resolve_start(conn, parse_start_at("latest"))
