@@ -30,6 +30,7 @@ from broker.pg_connecting import connected
 from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch
 from broker.runtime.embedded_nats import EmbeddedNats
 from broker.runtime.embedded_postgres import EmbeddedPostgres
+from cloud_ingest.service import Ingest
 from tests.helpers import until
 from tests.integration.harness import running_ingest, wait_for_records
 
@@ -78,11 +79,7 @@ async def test_missing_relation_files_stall_the_ingest_instead_of_dead_lettering
         await own_pg.start()
         await _publish(nats_server.url, 11, 10)
 
-        def waiting_out_an_outage() -> bool:
-            return ingest.metrics.db_up._value.get() == 0  # type: ignore[attr-defined]
-
-        await until(waiting_out_an_outage, timeout=30,
-                    message="the ingest did not take the missing files for an outage")
+        await _waits_it_out(ingest, "UndefinedFileError")
         async with connected(dsn) as conn:
             assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 0
         await own_pg.stop()
@@ -107,18 +104,25 @@ async def test_a_database_that_takes_no_writes_stalls_the_ingest_instead_of_fail
             await _drop_other_sessions(admin)  # the ingest reconnects: read-only now
             await _publish(nats_server.url, 11, 10)
 
-            def waiting_out_an_outage() -> bool:
-                return ingest.metrics.db_up._value.get() == 0  # type: ignore[attr-defined]
-
-            await until(waiting_out_an_outage, timeout=30,
-                        message="the ingest did not take a read-only database for an outage")
-            failures = ingest.metrics.group_failures.labels("ReadOnlySQLTransactionError")
-            assert failures._value.get() == 0  # type: ignore[attr-defined]
+            await _waits_it_out(ingest, "ReadOnlySQLTransactionError")
         finally:
             await admin.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
         await _drop_other_sessions(admin)
         await wait_for_records(pg_dsn, 20)
         assert await admin.fetchval("SELECT count(*) FROM dead_letters") == 0
+
+
+async def _waits_it_out(ingest: Ingest, error: str) -> None:
+    """The ingest takes ``error`` for an outage (``db_up`` 0), never for the group's
+    fault (no group failure of that type)."""
+
+    def waiting_out_an_outage() -> bool:
+        return ingest.metrics.db_up._value.get() == 0  # type: ignore[attr-defined]
+
+    await until(waiting_out_an_outage, timeout=30,
+                message=f"the ingest did not take {error} for an outage")
+    failures = ingest.metrics.group_failures.labels(error)
+    assert failures._value.get() == 0  # type: ignore[attr-defined]
 
 
 async def _drop_other_sessions(admin: object) -> None:
@@ -141,13 +145,7 @@ async def test_refused_connections_stall_the_ingest_instead_of_failing_groups(
             await _drop_other_sessions(admin)
             await _publish(nats_server.url, 11, 10)
 
-            def waiting_out_an_outage() -> bool:
-                return ingest.metrics.db_up._value.get() == 0  # type: ignore[attr-defined]
-
-            await until(waiting_out_an_outage, timeout=30,
-                        message="the ingest did not take refused connections for an outage")
-            failures = ingest.metrics.group_failures.labels("InvalidPasswordError")
-            assert failures._value.get() == 0  # type: ignore[attr-defined]
+            await _waits_it_out(ingest, "InvalidPasswordError")
         finally:
             await admin.execute(f'ALTER ROLE "{role}" PASSWORD \'{password}\'')
         await wait_for_records(dsn, 20)
