@@ -443,7 +443,9 @@ class IngestSettings(BaseModel):
         "committed_ranges row and a watermark key, kept for good). A bridge holds at most "
         "2,500 streams and mints an epoch only when its buffer is wiped; past this bound "
         "a batch, drop marker or trim floor naming a new key is refused (dead letter, "
-        "log line), so one compromised edge cannot fill PostgreSQL and JetStream.",
+        "log line), so one compromised edge cannot fill PostgreSQL and JetStream. Keys "
+        "are never removed: an edge with thousands of streams whose buffer was wiped "
+        "several times can reach it (edge_key_limit_reached); raise it for such a fleet.",
     )
     watermark_interval_s: float = Field(
         0.25, gt=0, description="Coalescing window of committed-watermark updates per key."
