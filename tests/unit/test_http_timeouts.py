@@ -20,8 +20,8 @@ from starlette.routing import Route
 from broker import http_protocol
 from broker.serving import TICK_S, embedded_server, listen_tcp, wait_started
 
-HEAD_S = 0.6
-BODY_S = 0.8
+HEAD_S = 1.0
+BODY_S = 1.5
 
 
 @pytest.fixture(autouse=True)
@@ -136,7 +136,7 @@ async def test_a_head_sent_slowly_but_in_time_is_served_then_the_next_one_is_tim
             for piece in (b"GET / HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"):
                 writer.write(piece)
                 await writer.drain()
-                await asyncio.sleep(HEAD_S / 5)
+                await asyncio.sleep(HEAD_S / 10)
             first = await asyncio.wait_for(reader.readuntil(b"hi"), timeout=10)
             assert first.startswith(b"HTTP/1.1 200 ")
             writer.write(b"GET / HTTP/1.1\r\nHo")
@@ -160,16 +160,16 @@ async def test_a_body_sent_in_pauses_shorter_than_the_bound_is_read_whole() -> N
     async with _server(_App()) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n"
+            writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n"
                          b"Connection: close\r\n\r\n")
-            for _ in range(4):  # 4 pauses: their sum passes the bound, none alone does
-                await asyncio.sleep(BODY_S / 2)
+            for _ in range(6):  # 6 pauses: their sum passes the bound, none alone does
+                await asyncio.sleep(BODY_S / 5)
                 writer.write(b"b" * 10)
                 await writer.drain()
             answer = await _read_until_closed(reader)
         finally:
             writer.close()
-        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"b" * 40)
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"b" * 60)
 
 
 async def test_a_response_that_takes_longer_than_both_bounds_is_not_cut() -> None:
