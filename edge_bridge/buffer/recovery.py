@@ -207,9 +207,7 @@ def salvage(damaged: Path, target: Path) -> Salvage:
                 next_seq = {s.sid: 0 for s in streams}
                 page: list[ChunkRow] = []
                 for chunk in map(ChunkRow._make, _rows(src, "chunks", CHUNK_COLUMNS, out)):
-                    count = chunk.last_seq - chunk.first_seq + 1
-                    if not _decodes(chunk, next_seq):
-                        out.lost_records += max(count, 0)
+                    if not _decodes(chunk, next_seq):  # its seqs are lost: _account_losses
                         continue
                     page.append(chunk)
                     next_seq[chunk.sid] = max(next_seq[chunk.sid], chunk.last_seq + 1)
@@ -268,13 +266,10 @@ def _copy(dst: sqlite3.Connection, page: list[ChunkRow], out: Salvage) -> None:
         return
     dst.execute("BEGIN IMMEDIATE")
     for chunk in page:
-        count = chunk.last_seq - chunk.first_seq + 1
-        # A damaged index may show a chunk twice: the first copy is kept, the rest counted.
+        # A damaged index may show a chunk twice: the first copy is kept.
         if dst.execute(f"INSERT OR IGNORE INTO chunks({CHUNK_COLUMNS}) "
                        "VALUES (?, ?, ?, ?, ?, ?)", chunk).rowcount:
-            out.records += count
-        else:
-            out.lost_records += count
+            out.records += chunk.last_seq - chunk.first_seq + 1
     dst.execute("COMMIT")
 
 
