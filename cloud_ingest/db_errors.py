@@ -4,8 +4,9 @@ Every cloud call site that talks to PostgreSQL (the pool at start-up, the
 records and events consumers, the operator API) hands a foreign error to
 :func:`as_temporary`: a database that is unavailable (connection refused or
 lost, starting up, shutting down, out of connections, a timeout, its disk full,
-its files failing, taking no writes, or refusing our role) becomes
-:class:`~broker.errors.TemporaryError` whose
+its files failing, taking no writes, or refusing our role) or busy (a deadlock, a
+serialization failure, a lock not granted within ``lock_timeout``: see
+:func:`is_contention`) becomes :class:`~broker.errors.TemporaryError` whose
 ``delay`` is :func:`broker.backoff.backoff_s` for the attempt; anything else
 (the database answered, and said no) is not temporary and yields None.
 
@@ -19,7 +20,7 @@ import asyncpg
 from broker.backoff import backoff_s
 from broker.errors import TemporaryError
 
-__all__ = ["DATABASE_ERRORS", "Connection", "as_temporary"]
+__all__ = ["DATABASE_ERRORS", "Connection", "as_temporary", "is_contention"]
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 """A connection, whether pooled or not."""
@@ -59,6 +60,24 @@ _UNAVAILABLE: tuple[type[Exception], ...] = (
     asyncpg.InsufficientPrivilegeError,
 )
 
+_CONTENTION: tuple[type[Exception], ...] = (
+    # Transactions in each other's way, never the data's fault: PostgreSQL rolled one
+    # back (a deadlock, 40P01; a serialization failure, 40001, under a stricter
+    # default_transaction_isolation) or a lock was not granted within a lock_timeout
+    # a DBA set (55P03), say while a maintenance statement held the table. Counted as
+    # the group's failures, they had the ingest bisect good groups and dead-letter
+    # their records one by one while the lock was held.
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.LockNotAvailableError,
+)
+
+
+def is_contention(exc: BaseException) -> bool:
+    """True when ``exc`` says other transactions were in the way (the database is up:
+    retry the same work, do not report an outage)."""
+    return isinstance(exc, _CONTENTION)
+
 
 def as_temporary(
     exc: BaseException, *, attempt: int = 1, cap_s: float = 5.0, connecting: bool = False
@@ -77,12 +96,14 @@ def as_temporary(
         A :class:`TemporaryError` (``raise ... from exc`` it, or sleep its
         ``delay``) when retrying may succeed, else None.
     """
-    retryable = isinstance(exc, _UNAVAILABLE) or (
+    busy = is_contention(exc)
+    retryable = busy or isinstance(exc, _UNAVAILABLE) or (
         connecting and isinstance(exc, asyncpg.PostgresError)
     )
     if not retryable:
         return None
-    error = TemporaryError(f"database unavailable: {type(exc).__name__}: {exc}",
+    what = "busy" if busy else "unavailable"
+    error = TemporaryError(f"database {what}: {type(exc).__name__}: {exc}",
                            delay=backoff_s(attempt, cap_s=cap_s))
     error.__cause__ = exc
     return error

@@ -41,7 +41,7 @@ from broker.backoff import backoff_s
 from broker.protocol.topology import Topology
 from broker.settings import IngestSettings
 from cloud_ingest.bulk_publishing import ack_all
-from cloud_ingest.db_errors import as_temporary
+from cloud_ingest.db_errors import as_temporary, is_contention
 from cloud_ingest.direct_delivery import header_of
 from cloud_ingest.gc_pausing import held_gc, paused_gc
 from cloud_ingest.metrics import IngestMetrics
@@ -286,13 +286,19 @@ class RecordsConsumer:
                 temporary = as_temporary(exc, attempt=attempt + 1,
                                          cap_s=self._settings.db_retry_max_s)
                 if temporary is not None:
-                    # Database unavailable: keep the group, do not ack, retry when it returns.
+                    # Database unavailable or busy: keep the group, do not ack, retry.
                     attempt += 1
-                    self.db_ok = False
-                    self._metrics.db_up.set(0)
-                    log.warning("database_unavailable", attempt=attempt,
-                                retry_in_s=round(temporary.delay, 2),
-                                error=f"{type(exc).__name__}: {exc}")
+                    if is_contention(exc):  # up, but other transactions were in the way
+                        self._metrics.group_contentions.inc()
+                        log.warning("group_write_contended", attempt=attempt,
+                                    retry_in_s=round(temporary.delay, 2),
+                                    error=f"{type(exc).__name__}: {exc}")
+                    else:
+                        self.db_ok = False
+                        self._metrics.db_up.set(0)
+                        log.warning("database_unavailable", attempt=attempt,
+                                    retry_in_s=round(temporary.delay, 2),
+                                    error=f"{type(exc).__name__}: {exc}")
                     await asyncio.sleep(temporary.delay)
                     continue
                 # Not an outage: something about this group. Retry a few times (it may

@@ -30,6 +30,13 @@ class IngestMetrics:
             "Records whose seq was dead-lettered (invalid, or refused by PostgreSQL).",
             registry=r,
         )
+        self.group_contentions = Counter(
+            "edgesync_ingest_group_contentions",
+            "Group writes that other transactions were in the way of (a deadlock, a "
+            "serialization failure, a lock not granted within lock_timeout); each is "
+            "retried with backoff, never counted against the group.",
+            registry=r,
+        )
         self.group_failures = Counter(
             "edgesync_ingest_group_failures",
             "Unexpected failures writing a group (not outages), by exception type; each is "

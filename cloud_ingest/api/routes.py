@@ -44,7 +44,7 @@ from cloud_ingest.api.models import (
 from cloud_ingest.api.records import TailLimit, record_routes
 from cloud_ingest.console import PREFIX as CONSOLE_PREFIX
 from cloud_ingest.console import mount_console
-from cloud_ingest.db_errors import DATABASE_ERRORS, as_temporary
+from cloud_ingest.db_errors import DATABASE_ERRORS, as_temporary, is_contention
 from cloud_ingest.dead_letters import dead_letter_routes
 from cloud_ingest.operators import Operator, command_scope, list_audit, list_operators
 
@@ -123,7 +123,8 @@ def create_app(api: Api) -> FastAPI:
         if temporary is None:
             return JSONResponse({"error": "database_error", "message": "the database refused "
                                  "the request"}, status_code=500)
-        return error_response(temporary, message="database unavailable; retry")
+        busy = "database busy" if is_contention(exc) else "database unavailable"
+        return error_response(temporary, message=f"{busy}; retry")
 
     for foreign in DATABASE_ERRORS:
         app.add_exception_handler(foreign, database_error)

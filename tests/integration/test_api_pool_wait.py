@@ -61,3 +61,35 @@ async def test_a_request_that_cannot_get_a_connection_in_time_is_answered_503(
         # it to one of the API's own loops blocked the same way (503): either is right.
         assert (await asyncio.wait_for(first, timeout=10)).status_code in (200, 503)
     assert (await plane.http.get("/v1/edges")).status_code == 200  # served again
+
+
+async def test_a_lock_not_granted_within_lock_timeout_is_answered_503_busy(
+        plane: ControlPlane) -> None:
+    """A ``lock_timeout`` on the API's session and a maintenance lock on ``edges``: the
+    request fails with 55P03, which is no server error (500) but a busy database to
+    retry (503, JSON, Retry-After)."""
+    async with connected(plane.pg_dsn) as locker:
+        database = await locker.fetchval("SELECT current_database()")
+        await locker.execute(f"ALTER DATABASE \"{database}\" SET lock_timeout = '100ms'")
+        try:
+            await locker.execute(  # the API's one connection reconnects with the timeout
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            async with locker.transaction():
+                await locker.execute("LOCK TABLE edges IN ACCESS EXCLUSIVE MODE")
+                busy = None
+                for _ in range(20):  # the first may meet the terminated connection
+                    busy = await plane.http.get("/v1/edges")
+                    if "database busy" in busy.text:
+                        break
+        finally:
+            await locker.execute(f'ALTER DATABASE "{database}" RESET lock_timeout')
+    assert busy is not None and busy.status_code == 503, busy and busy.text
+    assert busy.json()["error"] == "unavailable"
+    assert busy.json()["message"].startswith("database busy; retry"), busy.text
+    assert int(busy.headers["Retry-After"]) >= 1
+    await until(lambda: _served(plane), timeout=10, message="the API did not serve again")
+
+
+async def _served(plane: ControlPlane) -> bool:
+    return (await plane.http.get("/v1/edges")).status_code == 200

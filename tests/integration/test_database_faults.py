@@ -150,3 +150,39 @@ async def test_refused_connections_stall_the_ingest_instead_of_failing_groups(
             await admin.execute(f'ALTER ROLE "{role}" PASSWORD \'{password}\'')
         await wait_for_records(dsn, 20)
         assert await admin.fetchval("SELECT count(*) FROM dead_letters") == 0
+
+
+async def test_a_lock_held_past_lock_timeout_is_waited_out_not_dead_lettered(
+        pg_dsn: str, nats_server: EmbeddedNats) -> None:
+    """A DBA's ``lock_timeout`` and a maintenance statement holding ``records``: every
+    write of the group fails with 55P03 while the lock is held. The ingest took that for
+    the group's fault, split it and dead-lettered its good records (the dead letter
+    itself does not touch ``records``). It retries until the lock is released."""
+    async with running_ingest(pg_dsn, nats_server.url) as ingest, connected(pg_dsn) as admin:
+        await _publish(nats_server.url, 1, 10)
+        await wait_for_records(pg_dsn, 10)
+        database = await admin.fetchval("SELECT current_database()")
+        await admin.execute(f"ALTER DATABASE \"{database}\" SET lock_timeout = '100ms'")
+        try:
+            await _drop_other_sessions(admin)  # the ingest reconnects with the timeout
+            async with connected(pg_dsn) as holder, holder.transaction():
+                await holder.execute("LOCK TABLE records IN ACCESS EXCLUSIVE MODE")
+                await _publish(nats_server.url, 11, 10)
+                contentions = ingest.metrics.group_contentions
+
+                def retried_well_past_a_split() -> bool:
+                    # A split came after 3 failures, the dead letter after 3 more.
+                    return contentions._value.get() >= 8  # type: ignore[attr-defined]
+
+                await until(retried_well_past_a_split, timeout=30,
+                            message="the ingest did not retry the locked-out group")
+                failures = ingest.metrics.group_failures.labels("LockNotAvailableError")
+                assert failures._value.get() == 0  # type: ignore[attr-defined]
+                assert ingest.metrics.db_up._value.get() == 1  # type: ignore[attr-defined]
+                assert await admin.fetchval("SELECT count(*) FROM dead_letters") == 0
+        finally:
+            await admin.execute(f'ALTER DATABASE "{database}" RESET lock_timeout')
+        await wait_for_records(pg_dsn, 20)
+        assert await admin.fetchval("SELECT count(*) FROM dead_letters") == 0
+        assert await admin.fetchval(
+            "SELECT count(DISTINCT seq) FROM v_records WHERE edge_id = 'edge-1'") == 20

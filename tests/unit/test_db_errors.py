@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 
 from broker.errors import TemporaryError
-from cloud_ingest.db_errors import DATABASE_ERRORS, as_temporary
+from cloud_ingest.db_errors import DATABASE_ERRORS, as_temporary, is_contention
 
 
 def test_a_connection_left_mid_operation_is_an_outage_every_loop_waits_out() -> None:
@@ -41,3 +41,20 @@ def test_the_databases_own_faults_are_an_outage_not_the_groups() -> None:
                 asyncpg.InsufficientPrivilegeError("permission denied for table records")):
         assert isinstance(as_temporary(exc), TemporaryError), exc
     assert as_temporary(asyncpg.InternalServerError("unexpected")) is None
+
+
+def test_transactions_in_each_others_way_are_retried_not_blamed_on_the_group() -> None:
+    """A deadlock (40P01), a serialization failure (40001) or a lock not granted within
+    lock_timeout (55P03) is temporary and says "busy", not "unavailable"; a deferred
+    constraint's rollback (40002) is about the data, so it is not."""
+    for exc in (asyncpg.DeadlockDetectedError("deadlock detected"),
+                asyncpg.SerializationError("could not serialize access"),
+                asyncpg.LockNotAvailableError("canceling statement due to lock timeout")):
+        assert is_contention(exc), exc
+        temporary = as_temporary(exc)
+        assert isinstance(temporary, TemporaryError), exc
+        assert str(temporary).startswith("database busy: "), temporary
+    rollback = asyncpg.TransactionIntegrityConstraintViolationError("deferred check")
+    assert not is_contention(rollback)
+    assert as_temporary(rollback) is None
+    assert str(as_temporary(OSError("refused"))).startswith("database unavailable: ")
