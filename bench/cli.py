@@ -121,6 +121,9 @@ async def _run(args: argparse.Namespace, profile: Profile, argv: Sequence[str] |
                                     start_timeout=60.0,  # a busy shared machine starts slowly
                                     synchronous_commit=True,
                                     settings=PRELOAD if args.pg_statements else None,
+                                    # a database per scenario, dropped WITH (FORCE)
+                                    may_create_databases=True,
+                                    superuser=bool(args.pg_statements),
                                     ) as postgres:
             meta["machine"] = machine_info()
             meta["cores_shared_by"] = (

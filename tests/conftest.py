@@ -51,7 +51,8 @@ def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgCluster]:
     if os.environ.get("PGHOST"):
         yield PgCluster(admin_dsn=dsn_from_env())
         return
-    cluster = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+    # Its role makes a database per test; otherwise it is `edgesync up`'s: no superuser.
+    cluster = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data", may_create_databases=True)
     asyncio.run(cluster.start())
     try:
         yield PgCluster(admin_dsn=cluster.dsn_for("postgres"), embedded=cluster)

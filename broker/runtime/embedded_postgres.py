@@ -54,7 +54,12 @@ from broker.runtime.postgres_binaries import find_postgres_bindir as find_postgr
 from broker.runtime.postgres_cluster import ClusterDir, ClusterSource
 from broker.runtime.postgres_os_user import OsUser, credentials, server_os_user
 from broker.runtime.postgres_os_user import server_os_group as server_os_group  # noqa: PLC0414
-from broker.runtime.postgres_securing import BOOTSTRAP_USER, quote_ident, secure_cluster
+from broker.runtime.postgres_securing import (
+    BOOTSTRAP_USER,
+    app_password,
+    quote_ident,
+    secure_cluster,
+)
 from broker.runtime.postgres_template import template_dir_for as template_dir_for  # noqa: PLC0414
 from broker.runtime.processes import die_with_parent, kill_with_children
 
@@ -100,8 +105,16 @@ class EmbeddedPostgres(ChildServer[_Run]):
             there (from the cached template when present).
         port: TCP port on 127.0.0.1; 0 picks a free one on first start.
             Restarts reuse the port of the first start.
-        user: superuser role the :attr:`dsn` connects as; created if missing,
-            and owner of the ``edgesync`` database.
+        user: the role the :attr:`dsn` connects as; created if missing, owner of the
+            ``edgesync`` database and of what it creates there, but no superuser (the
+            bootstrap superuser, with a password of its own, only makes it). A role
+            made superuser by an older edgesync is demoted on start.
+        may_create_databases: give :attr:`user` ``CREATEDB`` and ``pg_signal_backend``
+            (the tests' cluster makes a database per test as that role and drops it
+            ``WITH (FORCE)``); :meth:`create_database` needs neither.
+        superuser: make :attr:`user` a superuser after all: only for tooling that
+            needs it (the bench's ``--pg-statements`` creates and resets
+            ``pg_stat_statements``), never for the services.
         fsync: False (the default, for tests) sets ``fsync``,
             ``full_page_writes`` and ``synchronous_commit`` off.
         synchronous_commit: override for ``synchronous_commit``; None follows
@@ -128,6 +141,8 @@ class EmbeddedPostgres(ChildServer[_Run]):
         ephemeral: bool = True,
         start_timeout: float = 10.0,
         settings: Mapping[str, str] | None = None,
+        may_create_databases: bool = False,
+        superuser: bool = False,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be 0..65535, got {port}")
@@ -139,6 +154,8 @@ class EmbeddedPostgres(ChildServer[_Run]):
         self._ephemeral = ephemeral
         self._start_timeout = start_timeout
         self._settings = dict(settings or {})
+        self._may_create_databases = may_create_databases
+        self._superuser = superuser
         self._run: _Run | None = None
         self.source: ClusterSource | None = None
         """Where the running cluster came from: ``initdb``, ``template`` (a copy of the
@@ -147,6 +164,8 @@ class EmbeddedPostgres(ChildServer[_Run]):
         self._os_user: OsUser | None = None
         self._bindir: Path | None = None
         self._password: str | None = None
+        """The bootstrap superuser's (never in a DSN this class hands out)."""
+        self._app_password: str | None = None
 
     # -- properties -------------------------------------------------------------------------
 
@@ -157,7 +176,7 @@ class EmbeddedPostgres(ChildServer[_Run]):
 
     @property
     def user(self) -> str:
-        """The superuser role the DSNs connect as."""
+        """The role the DSNs connect as (owner of the ``edgesync`` database, no superuser)."""
         return self._user
 
     @property
@@ -172,10 +191,10 @@ class EmbeddedPostgres(ChildServer[_Run]):
 
     @property
     def password(self) -> str:
-        """The cluster's generated password (of :attr:`user` and the bootstrap role)."""
-        if self._password is None:
+        """The generated password of :attr:`user` (the bootstrap superuser has its own)."""
+        if self._app_password is None:
             raise RuntimeError("EmbeddedPostgres has not started yet; its password is not known")
-        return self._password
+        return self._app_password
 
     def dsn_for(self, dbname: str) -> str:
         """DSN of database ``dbname`` on this cluster, as :attr:`user`, with its password."""
@@ -297,7 +316,7 @@ class EmbeddedPostgres(ChildServer[_Run]):
         """Create database ``name`` owned by :attr:`user` and return its DSN."""
         if not self.running:
             raise RuntimeError(f"{self!r} is not running")
-        conn = await self._connect(self._user, "postgres")
+        conn = await self._connect_as_bootstrap("postgres")
         try:
             await conn.execute(
                 f"CREATE DATABASE {quote_ident(name)} "
@@ -324,6 +343,7 @@ class EmbeddedPostgres(ChildServer[_Run]):
         source = self._cluster.prepare(bindir, self._os_user)
         assert self._cluster.real is not None
         self._password = secure_cluster(bindir, self._cluster.real, self._os_user)
+        self._app_password = app_password(self._cluster.real)
         return source
 
     # -- internals: server process ------------------------------------------------------------
@@ -388,8 +408,8 @@ class EmbeddedPostgres(ChildServer[_Run]):
                     f"{self._log_tail(run)}"
                 )
             try:
-                conn = await self._connect(
-                    BOOTSTRAP_USER, "postgres", port=run.port, timeout=min(remaining, 2.0)
+                conn = await self._connect_as_bootstrap(
+                    "postgres", port=run.port, timeout=min(remaining, 2.0)
                 )
             except (OSError, TimeoutError, asyncpg.CannotConnectNowError,
                     asyncpg.PostgresConnectionError):  # fmt: skip
@@ -416,10 +436,25 @@ class EmbeddedPostgres(ChildServer[_Run]):
             raise RuntimeUnavailable(
                 f"port {self._port} is served by another PostgreSQL (data_directory={served})"
             )
+        if self._user == BOOTSTRAP_USER:
+            raise RuntimeUnavailable(
+                f"the services' role cannot be the bootstrap superuser {BOOTSTRAP_USER!r}")
+        # Least privilege: the owner of its database, nothing more. Every start, so that a
+        # role made by an older edgesync (a superuser, sharing the superuser's password)
+        # is demoted and gets its own password.
+        rights = ("LOGIN " + ("SUPERUSER" if self._superuser else "NOSUPERUSER")
+                  + " NOCREATEROLE NOREPLICATION NOBYPASSRLS "
+                  + ("CREATEDB" if self._may_create_databases else "NOCREATEDB"))
+        role = quote_ident(self._user)
         if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", self._user):
-            await conn.execute(f"CREATE ROLE {quote_ident(self._user)} SUPERUSER LOGIN")
-        # Every start: a role made before passwords (or renamed user) gets this one.
-        await conn.execute(f"ALTER ROLE {quote_ident(self._user)} PASSWORD '{self.password}'")
+            await conn.execute(f"CREATE ROLE {role} {rights}")
+        await conn.execute(f"ALTER ROLE {role} WITH {rights} PASSWORD '{self.password}'")
+        signal = await conn.fetchval("SELECT pg_has_role($1, 'pg_signal_backend', 'MEMBER')",
+                                     self._user)
+        if signal != self._may_create_databases:
+            grant = (f"GRANT pg_signal_backend TO {role}" if self._may_create_databases
+                     else f"REVOKE pg_signal_backend FROM {role}")
+            await conn.execute(grant)
         if not await conn.fetchval(
             "SELECT 1 FROM pg_database WHERE datname = $1", DEFAULT_DATABASE
         ):
@@ -427,13 +462,13 @@ class EmbeddedPostgres(ChildServer[_Run]):
                 f"CREATE DATABASE {quote_ident(DEFAULT_DATABASE)} OWNER {quote_ident(self._user)}"
             )
 
-    async def _connect(
-        self, user: str, database: str, *, port: int | None = None, timeout: float = 10.0
+    async def _connect_as_bootstrap(
+        self, database: str, *, port: int | None = None, timeout: float = 10.0
     ) -> asyncpg.Connection:
         return await asyncpg.connect(
             host="127.0.0.1",
             port=port or self._port,
-            user=user,
+            user=BOOTSTRAP_USER,
             password=self._password,
             database=database,
             ssl=False,  # the server has no TLS; do not let PGSSLMODE from the env interfere

@@ -1,10 +1,14 @@
-"""Securing an embedded PostgreSQL cluster: its own password, password-only access.
+"""Securing an embedded PostgreSQL cluster: its own passwords, password-only access.
 
 Every connection, TCP and socket alike, authenticates with ``scram-sha-256``:
 another local user cannot walk in. Each cluster gets its own generated
-password, set in single-user mode before the server first listens and kept in
-``<data_dir>/edgesync.password`` (0600). A cluster made by an older edgesync
-(trust) is switched over the same way on its next start.
+password for the bootstrap superuser, set in single-user mode before the server
+first listens and kept in ``<data_dir>/edgesync.password`` (0600). A cluster made
+by an older edgesync (trust) is switched over the same way on its next start.
+
+The services never hold that one: they connect as a role that owns their
+database and is no superuser, with a password of its own
+(``<data_dir>/edgesync.app.password``, 0600; :func:`app_password`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from broker.errors import RuntimeUnavailable
 from broker.runtime.postgres_binaries import OUTPUT_TAIL_CHARS, run_to_completion
 from broker.runtime.postgres_os_user import OsUser
 
-__all__ = ["BOOTSTRAP_USER", "quote_ident", "secure_cluster"]
+__all__ = ["BOOTSTRAP_USER", "app_password", "quote_ident", "secure_cluster"]
 
 log = structlog.get_logger(__name__)
 
@@ -29,6 +33,7 @@ BOOTSTRAP_USER: Final = "postgres"
 fixed name lets one cached template serve every role a cluster is asked for."""
 
 _PASSWORD_FILE: Final = "edgesync.password"
+_APP_PASSWORD_FILE: Final = "edgesync.app.password"
 _PG_HBA: Final = """\
 # Written by edgesync (broker/runtime/postgres_securing.py): passwords, always.
 local   all  all                 scram-sha-256
@@ -71,8 +76,23 @@ def secure_cluster(bindir: Path, cluster: Path, os_user: OsUser | None) -> str:
     hba.write_text(_PG_HBA)
     if os_user is not None:
         os_user.chown(hba)
-    fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(password + "\n")
+    _write_secret(password_file, password)
     log.info("postgres_password_set", data_dir=str(cluster))
     return password
+
+
+def app_password(cluster: Path) -> str:
+    """The password of the role the services connect as, made once per cluster and
+    kept beside the superuser's (0600). Blocking."""
+    password_file = cluster / _APP_PASSWORD_FILE
+    if password_file.exists():
+        return password_file.read_text().strip()
+    password = secrets.token_urlsafe(24)
+    _write_secret(password_file, password)
+    return password
+
+
+def _write_secret(path: Path, secret: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret + "\n")

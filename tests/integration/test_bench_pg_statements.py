@@ -16,7 +16,7 @@ from broker.runtime.embedded_postgres import EmbeddedPostgres
 
 
 async def test_a_window_keeps_its_statements_and_prints_them(tmp_path: Path) -> None:
-    async with (EmbeddedPostgres(tmp_path / "pg", settings=PRELOAD) as pg,
+    async with (EmbeddedPostgres(tmp_path / "pg", settings=PRELOAD, superuser=True) as pg,
                 connected(pg.dsn) as conn):
         await conn.execute("CREATE TABLE t (n int)")
         await conn.execute("INSERT INTO t SELECT 1")  # before the window: not kept

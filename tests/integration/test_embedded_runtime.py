@@ -21,6 +21,7 @@ from broker.pg_connecting import connected
 from broker.runtime.embedded_nats import EmbeddedNats, find_nats_server
 from broker.runtime.embedded_postgres import EmbeddedPostgres, find_postgres_bindir
 from broker.runtime.processes import child_pids
+from cloud_ingest.schema import migrate
 from tests.support import PgCluster, alive, until
 
 
@@ -353,3 +354,42 @@ async def test_pg_dsn_is_a_fresh_database_per_test(pg_dsn: str) -> None:
     assert name.startswith("t_")
     assert len(name) == 14
     assert tables == 0
+
+
+async def test_postgres_services_role_is_its_databases_owner_and_no_superuser(
+        reachable_dir: Path) -> None:
+    """The role the DSN connects as (`edgesync up`'s services) owns its database, can
+    migrate it, and has no other right: no superuser, no CREATEDB, no reading the
+    server's files, and not the superuser's password. A role an older edgesync made
+    superuser (sharing that password) is demoted on the next start."""
+    data_dir = reachable_dir / "state" / "pg"
+    async with EmbeddedPostgres(data_dir, ephemeral=False) as pg, connected(pg.dsn) as conn:
+        await migrate(conn)
+        assert await conn.fetchval("SELECT count(*) FROM committed_ranges") == 0
+        owner = await conn.fetchval(
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()")
+        assert owner == pg.user
+        assert await _role_rights(conn) == {
+            "rolsuper": False, "rolcreatedb": False, "rolcreaterole": False,
+            "rolreplication": False, "rolbypassrls": False}
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.fetchval("SELECT pg_read_file('postgresql.conf')")
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await asyncpg.connect(host="127.0.0.1", port=pg.port, user="postgres",
+                                  password=pg.password, database="postgres")
+        for secret in ("edgesync.password", "edgesync.app.password"):
+            assert (data_dir / secret).stat().st_mode & 0o777 == 0o600, secret
+        superuser_password = (data_dir / "edgesync.password").read_text().strip()
+        async with connected(f"postgresql://postgres:{superuser_password}@127.0.0.1:{pg.port}"
+                             "/postgres") as bootstrap:  # as an older edgesync left it
+            await bootstrap.execute(f'ALTER ROLE "{pg.user}" SUPERUSER CREATEDB')
+    async with EmbeddedPostgres(data_dir) as again, connected(again.dsn) as conn:
+        assert not any((await _role_rights(conn)).values())
+        assert await conn.fetchval("SELECT count(*) FROM committed_ranges") == 0
+
+
+async def _role_rights(conn: asyncpg.Connection) -> dict[str, bool]:
+    row = await conn.fetchrow(
+        "SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls "
+        "FROM pg_roles WHERE rolname = current_user")
+    return dict(row)
