@@ -293,6 +293,17 @@ class RecordsConsumer:
                         log.warning("group_write_contended", attempt=attempt,
                                     retry_in_s=round(temporary.delay, 2),
                                     error=f"{type(exc).__name__}: {exc}")
+                    elif isinstance(exc, asyncpg.QueryCanceledError) and len(decoded) > 1:
+                        # A statement_timeout the group's write outlasts (or a DBA's
+                        # cancel): retried whole, a group too big for the timeout would
+                        # stall the ingest for ever. Each half commits on its own.
+                        self._metrics.group_contentions.inc()
+                        log.warning("group_write_canceled", messages=len(decoded),
+                                    error=f"{type(exc).__name__}: {exc}")
+                        half = len(decoded) // 2
+                        await self._commit(decoded[:half])
+                        await self._commit(decoded[half:])
+                        return
                     else:
                         self.db_ok = False
                         self._metrics.db_up.set(0)

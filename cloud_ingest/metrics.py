@@ -33,8 +33,9 @@ class IngestMetrics:
         self.group_contentions = Counter(
             "edgesync_ingest_group_contentions",
             "Group writes that other transactions were in the way of (a deadlock, a "
-            "serialization failure, a lock not granted within lock_timeout); each is "
-            "retried with backoff, never counted against the group.",
+            "serialization failure, a lock not granted within lock_timeout; retried with "
+            "backoff) or that outlasted statement_timeout (split in halves); never counted "
+            "against the group.",
             registry=r,
         )
         self.group_failures = Counter(

@@ -27,9 +27,11 @@ import nats
 import pytest
 
 from broker.pg_connecting import connected
+from broker.protocol.topology import Topology
 from broker.protocol.wire import CT_JSON, Batch, Record, encode_batch
 from broker.runtime.embedded_nats import EmbeddedNats
 from broker.runtime.embedded_postgres import EmbeddedPostgres
+from cloud_ingest.schema import migrate
 from cloud_ingest.service import Ingest
 from tests.helpers import until
 from tests.integration.harness import running_ingest, wait_for_records
@@ -186,3 +188,38 @@ async def test_a_lock_held_past_lock_timeout_is_waited_out_not_dead_lettered(
         assert await admin.fetchval("SELECT count(*) FROM dead_letters") == 0
         assert await admin.fetchval(
             "SELECT count(DISTINCT seq) FROM v_records WHERE edge_id = 'edge-1'") == 20
+
+
+async def test_a_group_that_outlasts_statement_timeout_is_split_not_retried_for_ever(
+        pg_dsn: str, nats_server: EmbeddedNats) -> None:
+    """A DBA's ``statement_timeout`` shorter than a big group's write (here: a row trigger
+    that takes 10 ms a row, 200 one-record messages, a 500 ms timeout): every write of
+    the whole group is canceled (57014), which the ingest waited out as an outage, for
+    ever. It writes the group in halves until the parts fit, each committed once."""
+    async with connected(pg_dsn) as admin:
+        await migrate(admin)
+        await admin.execute(
+            "CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN PERFORM pg_sleep(0.01); RETURN NEW; END $$")
+        await admin.execute("CREATE TRIGGER slow BEFORE INSERT ON records "
+                            "FOR EACH ROW EXECUTE FUNCTION slow_row()")
+        database = await admin.fetchval("SELECT current_database()")
+        await admin.execute(f"ALTER DATABASE \"{database}\" SET statement_timeout = '500ms'")
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            await Topology().ensure_all(js)
+            for seq in range(1, 201):  # all waiting before the ingest's first fetch
+                body, headers = encode_batch(Batch(1, "edge-1", "s", 7, seq, [GOOD]))
+                await js.publish("es.rec.edge-1.s", body, headers=headers)
+        finally:
+            await nc.close()
+        try:
+            async with running_ingest(pg_dsn, nats_server.url) as ingest:
+                await wait_for_records(pg_dsn, 200, timeout=60)
+                assert ingest.metrics.group_contentions._value.get() >= 1  # type: ignore[attr-defined]
+        finally:
+            await admin.execute(f'ALTER DATABASE "{database}" RESET statement_timeout')
+        assert await admin.fetchval("SELECT count(*) FROM dead_letters") == 0
+        assert await admin.fetchval(
+            "SELECT count(DISTINCT seq) FROM v_records WHERE edge_id = 'edge-1'") == 200
