@@ -123,6 +123,11 @@ def create_app(api: Api) -> FastAPI:
         if temporary is None:
             return JSONResponse({"error": "database_error", "message": "the database refused "
                                  "the request"}, status_code=500)
+        if isinstance(exc, asyncpg.QueryCanceledError):  # 57014: no outage, a limit
+            return error_response(temporary, message=(
+                "the database canceled the query (its statement_timeout, or an "
+                "administrator); retry, or ask for less: a shorter time range, a smaller "
+                "page"))
         busy = "database busy" if is_contention(exc) else "database unavailable"
         return error_response(temporary, message=f"{busy}; retry")
 

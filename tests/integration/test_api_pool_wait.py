@@ -93,3 +93,31 @@ async def test_a_lock_not_granted_within_lock_timeout_is_answered_503_busy(
 
 async def _served(plane: ControlPlane) -> bool:
     return (await plane.http.get("/v1/edges")).status_code == 200
+
+
+async def test_a_query_canceled_by_statement_timeout_says_so(plane: ControlPlane) -> None:
+    """A ``statement_timeout`` the query outlasts (here: waiting on a maintenance lock on
+    ``edges``) is 503 with Retry-After, as before, but says what happened and what to
+    do: it is a limit of the database, not an outage."""
+    async with connected(plane.pg_dsn) as locker:
+        database = await locker.fetchval("SELECT current_database()")
+        await locker.execute(f"ALTER DATABASE \"{database}\" SET statement_timeout = '200ms'")
+        try:
+            await locker.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            async with locker.transaction():
+                await locker.execute("SET LOCAL statement_timeout = 0")
+                await locker.execute("LOCK TABLE edges IN ACCESS EXCLUSIVE MODE")
+                canceled = None
+                for _ in range(20):  # the first may meet the terminated connection
+                    canceled = await plane.http.get("/v1/edges")
+                    if "canceled the query" in canceled.text:
+                        break
+        finally:
+            await locker.execute(f'ALTER DATABASE "{database}" RESET statement_timeout')
+    assert canceled is not None and canceled.status_code == 503, canceled and canceled.text
+    assert "statement_timeout" in canceled.json()["message"], canceled.text
+    assert "ask for less" in canceled.json()["message"], canceled.text
+    assert int(canceled.headers["Retry-After"]) >= 1
+    await until(lambda: _served(plane), timeout=10, message="the API did not serve again")
