@@ -10,12 +10,14 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from broker.pg_connecting import connected
 from broker.runtime.embedded_nats import EmbeddedNats
 from tests.helpers import until
 from tests.integration.control_harness import ControlPlane, control_plane
+from tests.support import database_setting
 
 WAIT_S = 0.5
 
@@ -68,23 +70,12 @@ async def test_a_lock_not_granted_within_lock_timeout_is_answered_503_busy(
     """A ``lock_timeout`` on the API's session and a maintenance lock on ``edges``: the
     request fails with 55P03, which is no server error (500) but a busy database to
     retry (503, JSON, Retry-After)."""
-    async with connected(plane.pg_dsn) as locker:
-        database = await locker.fetchval("SELECT current_database()")
-        await locker.execute(f"ALTER DATABASE \"{database}\" SET lock_timeout = '100ms'")
-        try:
-            await locker.execute(  # the API's one connection reconnects with the timeout
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()")
-            async with locker.transaction():
-                await locker.execute("LOCK TABLE edges IN ACCESS EXCLUSIVE MODE")
-                busy = None
-                for _ in range(20):  # the first may meet the terminated connection
-                    busy = await plane.http.get("/v1/edges")
-                    if "database busy" in busy.text:
-                        break
-        finally:
-            await locker.execute(f'ALTER DATABASE "{database}" RESET lock_timeout')
-    assert busy is not None and busy.status_code == 503, busy and busy.text
+    # The API's one connection reconnects with the timeout.
+    async with (connected(plane.pg_dsn) as locker,
+                database_setting(locker, "lock_timeout", "100ms"), locker.transaction()):
+        await locker.execute("LOCK TABLE edges IN ACCESS EXCLUSIVE MODE")
+        busy = await _answer_mentioning(plane, "database busy")
+    assert busy.status_code == 503, busy.text
     assert busy.json()["error"] == "unavailable"
     assert busy.json()["message"].startswith("database busy; retry"), busy.text
     assert int(busy.headers["Retry-After"]) >= 1
@@ -95,28 +86,26 @@ async def _served(plane: ControlPlane) -> bool:
     return (await plane.http.get("/v1/edges")).status_code == 200
 
 
+async def _answer_mentioning(plane: ControlPlane, text: str) -> httpx.Response:
+    """``GET /v1/edges`` until its answer mentions ``text`` (the first ones may meet a
+    connection a DBA's setting ended), at most 20 times: the last answer."""
+    for _ in range(20):
+        answer = await plane.http.get("/v1/edges")
+        if text in answer.text:
+            break
+    return answer
+
+
 async def test_a_query_canceled_by_statement_timeout_says_so(plane: ControlPlane) -> None:
     """A ``statement_timeout`` the query outlasts (here: waiting on a maintenance lock on
     ``edges``) is 503 with Retry-After, as before, but says what happened and what to
     do: it is a limit of the database, not an outage."""
-    async with connected(plane.pg_dsn) as locker:
-        database = await locker.fetchval("SELECT current_database()")
-        await locker.execute(f"ALTER DATABASE \"{database}\" SET statement_timeout = '200ms'")
-        try:
-            await locker.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()")
-            async with locker.transaction():
-                await locker.execute("SET LOCAL statement_timeout = 0")
-                await locker.execute("LOCK TABLE edges IN ACCESS EXCLUSIVE MODE")
-                canceled = None
-                for _ in range(20):  # the first may meet the terminated connection
-                    canceled = await plane.http.get("/v1/edges")
-                    if "canceled the query" in canceled.text:
-                        break
-        finally:
-            await locker.execute(f'ALTER DATABASE "{database}" RESET statement_timeout')
-    assert canceled is not None and canceled.status_code == 503, canceled and canceled.text
+    async with (connected(plane.pg_dsn) as locker,
+                database_setting(locker, "statement_timeout", "200ms"), locker.transaction()):
+        await locker.execute("SET LOCAL statement_timeout = 0")
+        await locker.execute("LOCK TABLE edges IN ACCESS EXCLUSIVE MODE")
+        canceled = await _answer_mentioning(plane, "canceled the query")
+    assert canceled.status_code == 503, canceled.text
     assert "statement_timeout" in canceled.json()["message"], canceled.text
     assert "ask for less" in canceled.json()["message"], canceled.text
     assert int(canceled.headers["Retry-After"]) >= 1

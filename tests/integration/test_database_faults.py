@@ -35,6 +35,7 @@ from cloud_ingest.schema import migrate
 from cloud_ingest.service import Ingest
 from tests.helpers import until
 from tests.integration.harness import running_ingest, wait_for_records
+from tests.support import database_setting, end_other_sessions
 
 GOOD = Record(1_700_000_000_000_000, CT_JSON, b'{"ok": true}')
 
@@ -100,16 +101,11 @@ async def test_a_database_that_takes_no_writes_stalls_the_ingest_instead_of_fail
     async with running_ingest(pg_dsn, nats_server.url) as ingest, connected(pg_dsn) as admin:
         await _publish(nats_server.url, 1, 10)
         await wait_for_records(pg_dsn, 10)
-        database = await admin.fetchval("SELECT current_database()")
-        await admin.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
-        try:
-            await _drop_other_sessions(admin)  # the ingest reconnects: read-only now
+        # The ingest reconnects: read-only now.
+        async with database_setting(admin, "default_transaction_read_only", "on"):
             await _publish(nats_server.url, 11, 10)
-
             await _waits_it_out(ingest, "ReadOnlySQLTransactionError")
-        finally:
-            await admin.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
-        await _drop_other_sessions(admin)
+        await end_other_sessions(admin)
         await wait_for_records(pg_dsn, 20)
         assert await admin.fetchval("SELECT count(*) FROM dead_letters") == 0
 
@@ -127,12 +123,6 @@ async def _waits_it_out(ingest: Ingest, error: str) -> None:
     assert failures._value.get() == 0  # type: ignore[attr-defined]
 
 
-async def _drop_other_sessions(admin: object) -> None:
-    await admin.execute(  # type: ignore[attr-defined]
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND pid <> pg_backend_pid()")
-
-
 async def test_refused_connections_stall_the_ingest_instead_of_failing_groups(
         own_pg: EmbeddedPostgres, nats_server: EmbeddedNats) -> None:
     dsn = own_pg.dsn
@@ -144,7 +134,7 @@ async def test_refused_connections_stall_the_ingest_instead_of_failing_groups(
         # A password rotated on the server, not yet in the ingest's DSN.
         await admin.execute(f'ALTER ROLE "{role}" PASSWORD \'rotated-{password}\'')
         try:
-            await _drop_other_sessions(admin)
+            await end_other_sessions(admin)
             await _publish(nats_server.url, 11, 10)
 
             await _waits_it_out(ingest, "InvalidPasswordError")
@@ -163,27 +153,23 @@ async def test_a_lock_held_past_lock_timeout_is_waited_out_not_dead_lettered(
     async with running_ingest(pg_dsn, nats_server.url) as ingest, connected(pg_dsn) as admin:
         await _publish(nats_server.url, 1, 10)
         await wait_for_records(pg_dsn, 10)
-        database = await admin.fetchval("SELECT current_database()")
-        await admin.execute(f"ALTER DATABASE \"{database}\" SET lock_timeout = '100ms'")
-        try:
-            await _drop_other_sessions(admin)  # the ingest reconnects with the timeout
-            async with connected(pg_dsn) as holder, holder.transaction():
-                await holder.execute("LOCK TABLE records IN ACCESS EXCLUSIVE MODE")
-                await _publish(nats_server.url, 11, 10)
-                contentions = ingest.metrics.group_contentions
+        # The ingest reconnects with the timeout.
+        async with (database_setting(admin, "lock_timeout", "100ms"),
+                    connected(pg_dsn) as holder, holder.transaction()):
+            await holder.execute("LOCK TABLE records IN ACCESS EXCLUSIVE MODE")
+            await _publish(nats_server.url, 11, 10)
+            contentions = ingest.metrics.group_contentions
 
-                def retried_well_past_a_split() -> bool:
-                    # A split came after 3 failures, the dead letter after 3 more.
-                    return contentions._value.get() >= 8  # type: ignore[attr-defined]
+            def retried_well_past_a_split() -> bool:
+                # A split came after 3 failures, the dead letter after 3 more.
+                return contentions._value.get() >= 8  # type: ignore[attr-defined]
 
-                await until(retried_well_past_a_split, timeout=30,
-                            message="the ingest did not retry the locked-out group")
-                failures = ingest.metrics.group_failures.labels("LockNotAvailableError")
-                assert failures._value.get() == 0  # type: ignore[attr-defined]
-                assert ingest.metrics.db_up._value.get() == 1  # type: ignore[attr-defined]
-                assert await admin.fetchval("SELECT count(*) FROM dead_letters") == 0
-        finally:
-            await admin.execute(f'ALTER DATABASE "{database}" RESET lock_timeout')
+            await until(retried_well_past_a_split, timeout=30,
+                        message="the ingest did not retry the locked-out group")
+            failures = ingest.metrics.group_failures.labels("LockNotAvailableError")
+            assert failures._value.get() == 0  # type: ignore[attr-defined]
+            assert ingest.metrics.db_up._value.get() == 1  # type: ignore[attr-defined]
+            assert await admin.fetchval("SELECT count(*) FROM dead_letters") == 0
         await wait_for_records(pg_dsn, 20)
         assert await admin.fetchval("SELECT count(*) FROM dead_letters") == 0
         assert await admin.fetchval(
@@ -203,8 +189,6 @@ async def test_a_group_that_outlasts_statement_timeout_is_split_not_retried_for_
             "$$ BEGIN PERFORM pg_sleep(0.01); RETURN NEW; END $$")
         await admin.execute("CREATE TRIGGER slow BEFORE INSERT ON records "
                             "FOR EACH ROW EXECUTE FUNCTION slow_row()")
-        database = await admin.fetchval("SELECT current_database()")
-        await admin.execute(f"ALTER DATABASE \"{database}\" SET statement_timeout = '500ms'")
         nc = await nats.connect(nats_server.url)
         try:
             js = nc.jetstream()
@@ -214,12 +198,10 @@ async def test_a_group_that_outlasts_statement_timeout_is_split_not_retried_for_
                 await js.publish("es.rec.edge-1.s", body, headers=headers)
         finally:
             await nc.close()
-        try:
-            async with running_ingest(pg_dsn, nats_server.url) as ingest:
-                await wait_for_records(pg_dsn, 200, timeout=60)
-                assert ingest.metrics.group_contentions._value.get() >= 1  # type: ignore[attr-defined]
-        finally:
-            await admin.execute(f'ALTER DATABASE "{database}" RESET statement_timeout')
+        async with (database_setting(admin, "statement_timeout", "500ms"),
+                    running_ingest(pg_dsn, nats_server.url) as ingest):
+            await wait_for_records(pg_dsn, 200, timeout=60)
+            assert ingest.metrics.group_contentions._value.get() >= 1  # type: ignore[attr-defined]
         assert await admin.fetchval("SELECT count(*) FROM dead_letters") == 0
         assert await admin.fetchval(
             "SELECT count(DISTINCT seq) FROM v_records WHERE edge_id = 'edge-1'") == 200
@@ -234,10 +216,8 @@ async def test_serialization_failures_under_a_serializable_default_are_retried_n
     here met 2 to 4 serialization failures each; without the fix three of three failed."""
     async with connected(pg_dsn) as admin:
         await migrate(admin)
-        database = await admin.fetchval("SELECT current_database()")
-        await admin.execute(
-            f"ALTER DATABASE \"{database}\" SET default_transaction_isolation = 'serializable'")
-        async with running_ingest(pg_dsn, nats_server.url) as ingest:
+        async with (database_setting(admin, "default_transaction_isolation", "serializable"),
+                    running_ingest(pg_dsn, nats_server.url) as ingest):
             nc = await nats.connect(nats_server.url)
             try:
                 js = nc.jetstream()

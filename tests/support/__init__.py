@@ -17,7 +17,9 @@
 from broker.runtime.children import ServiceProcess, settings_env
 from tests.support.postgres import (
     PgCluster,
+    database_setting,
     dsn_from_env,
+    end_other_sessions,
     retrying_deadlocks,
     waiting_on_a_lock,
 )
@@ -38,8 +40,10 @@ __all__ = [
     "ServiceProcess",
     "UpProcess",
     "alive",
+    "database_setting",
     "dsn_from_env",
     "edgesync_up",
+    "end_other_sessions",
     "init_topology",
     "port_for_config",
     "refused_port",

@@ -19,7 +19,10 @@ import asyncpg
 from broker.pg_connecting import connected
 from broker.runtime.embedded_postgres import EmbeddedPostgres
 
-__all__ = ["PgCluster", "dsn_from_env", "retrying_deadlocks", "waiting_on_a_lock"]
+__all__ = [
+    "PgCluster", "database_setting", "dsn_from_env", "end_other_sessions", "retrying_deadlocks",
+    "waiting_on_a_lock",
+]
 
 
 async def waiting_on_a_lock(observer: asyncpg.Connection, pid: int) -> bool:
@@ -97,3 +100,25 @@ class PgCluster:
             async with connected(self.admin_dsn) as conn:
                 # FORCE: a test that leaked a connection must not leak the database too.
                 await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def end_other_sessions(conn: asyncpg.Connection) -> None:
+    """End every other session of ``conn``'s database (its services reconnect)."""
+    await conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+
+
+@contextlib.asynccontextmanager
+async def database_setting(conn: asyncpg.Connection, name: str, value: str
+                           ) -> AsyncIterator[None]:
+    """``ALTER DATABASE … SET name = 'value'`` on ``conn``'s database for the block, as a
+    DBA would: every other session is ended first, so that the services reconnect with
+    it. Reset on exit (sessions opened meanwhile keep it until they reconnect)."""
+    database = await conn.fetchval("SELECT current_database()")
+    await conn.execute(f"ALTER DATABASE \"{database}\" SET {name} = '{value}'")
+    try:
+        await end_other_sessions(conn)
+        yield
+    finally:
+        await conn.execute(f'ALTER DATABASE "{database}" RESET {name}')
