@@ -275,6 +275,11 @@ class RecordsConsumer:
         dead_lettering = False  # the group is one message, now only its dead letter
         last_progress = time.monotonic()
         while True:
+            if time.monotonic() - last_progress > self._settings.ack_wait_s / 3:
+                # Keep JetStream from redelivering a group we still hold (through an
+                # outage, contention or failures alike).
+                await _holding(decoded)
+                last_progress = time.monotonic()
             started = time.perf_counter()
             try:
                 async with self._pool.acquire() as conn:
@@ -288,22 +293,26 @@ class RecordsConsumer:
                 if temporary is not None:
                     # Database unavailable or busy: keep the group, do not ack, retry.
                     attempt += 1
-                    if is_contention(exc):  # up, but other transactions were in the way
-                        self._metrics.group_contentions.inc()
-                        log.warning("group_write_contended", attempt=attempt,
-                                    retry_in_s=round(temporary.delay, 2),
-                                    error=f"{type(exc).__name__}: {exc}")
-                    elif isinstance(exc, asyncpg.QueryCanceledError) and len(decoded) > 1:
+                    canceled = isinstance(exc, asyncpg.QueryCanceledError)
+                    if canceled and len(decoded) > 1:
                         # A statement_timeout the group's write outlasts (or a DBA's
                         # cancel): retried whole, a group too big for the timeout would
-                        # stall the ingest for ever. Each half commits on its own.
+                        # stall the ingest for ever. Each half commits on its own; the
+                        # half that waits is kept from redelivery first.
                         self._metrics.group_contentions.inc()
                         log.warning("group_write_canceled", messages=len(decoded),
                                     error=f"{type(exc).__name__}: {exc}")
                         half = len(decoded) // 2
+                        await _holding(decoded)
                         await self._commit(decoded[:half])
+                        await _holding(decoded[half:])
                         await self._commit(decoded[half:])
                         return
+                    if canceled or is_contention(exc):  # the database is up: not an outage
+                        self._metrics.group_contentions.inc()
+                        log.warning("group_write_contended", attempt=attempt,
+                                    retry_in_s=round(temporary.delay, 2),
+                                    error=f"{type(exc).__name__}: {exc}")
                     else:
                         self.db_ok = False
                         self._metrics.db_up.set(0)
@@ -352,11 +361,6 @@ class RecordsConsumer:
                     log.error("message_dead_lettered", subject=only.msg.subject, error=error)
                     continue
                 await asyncio.sleep(backoff_s(failures, cap_s=self._settings.db_retry_max_s))
-            if time.monotonic() - last_progress > self._settings.ack_wait_s / 3:
-                # Keep JetStream from redelivering a group we still hold.
-                for d in decoded:
-                    await _quietly(d.msg.in_progress())
-                last_progress = time.monotonic()
         await self._committed(result, [d.msg for d in decoded], started)
 
     async def _committed(self, result: GroupResult, msgs: list[Msg], started: float) -> None:
@@ -415,6 +419,13 @@ def _records_hint(msg: Msg) -> int:
         return max(1, int(last) - int(first) + 1)
     except ValueError:
         return 1
+
+
+async def _holding(decoded: list[Decoded]) -> None:
+    """Tell JetStream the group's messages are still being worked on (``in_progress``),
+    so that it does not redeliver them to another worker meanwhile."""
+    for d in decoded:
+        await _quietly(d.msg.in_progress())
 
 
 async def _quietly(aw: Any) -> None:

@@ -449,8 +449,9 @@ class EmbeddedPostgres(ChildServer[_Run]):
         if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", self._user):
             await conn.execute(f"CREATE ROLE {role} {rights}")
         await conn.execute(f"ALTER ROLE {role} WITH {rights} PASSWORD '{self.password}'")
-        signal = await conn.fetchval("SELECT pg_has_role($1, 'pg_signal_backend', 'MEMBER')",
-                                     self._user)
+        signal = bool(await conn.fetchval(  # membership itself (a superuser is "member" of all)
+            "SELECT 1 FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member "
+            "WHERE r.rolname = $1 AND m.roleid = 'pg_signal_backend'::regrole", self._user))
         if signal != self._may_create_databases:
             grant = (f"GRANT pg_signal_backend TO {role}" if self._may_create_databases
                      else f"REVOKE pg_signal_backend FROM {role}")

@@ -55,8 +55,8 @@ def secure_cluster(bindir: Path, cluster: Path, os_user: OsUser | None) -> str:
         RuntimeUnavailable: single-user mode failed; the message carries its output.
     """
     password_file = cluster / _PASSWORD_FILE
-    if password_file.exists():
-        return password_file.read_text().strip()
+    if (kept := _read_secret(password_file)) is not None:
+        return kept
     password = secrets.token_urlsafe(24)  # URL-safe: goes into DSNs as is
     # Single-user mode reads SQL on stdin and opens no socket: the password is
     # set before the server ever listens, and never appears on a command line.
@@ -85,14 +85,28 @@ def app_password(cluster: Path) -> str:
     """The password of the role the services connect as, made once per cluster and
     kept beside the superuser's (0600). Blocking."""
     password_file = cluster / _APP_PASSWORD_FILE
-    if password_file.exists():
-        return password_file.read_text().strip()
+    if (kept := _read_secret(password_file)) is not None:
+        return kept
     password = secrets.token_urlsafe(24)
     _write_secret(password_file, password)
     return password
 
 
+def _read_secret(path: Path) -> str | None:
+    """The secret kept in ``path``; None when there is none (no file, or an empty one a
+    crash left behind: a new secret is then made and set)."""
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
 def _write_secret(path: Path, secret: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Write ``secret`` to ``path`` (0600) whole or not at all: a temporary file renamed."""
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(secret + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(temporary, path)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.js.api import ConsumerInfo
 
 from broker.pg_connecting import connected
 from broker.protocol.topology import Topology
@@ -110,6 +111,18 @@ async def test_a_database_that_takes_no_writes_stalls_the_ingest_instead_of_fail
         assert await admin.fetchval("SELECT count(*) FROM dead_letters") == 0
 
 
+ACK_WAIT_S = 2.0
+
+
+async def _records_consumer(nats_url: str, ingest: Ingest) -> ConsumerInfo:
+    nc = await nats.connect(nats_url)
+    try:
+        return await nc.jetstream().consumer_info(
+            Topology().records_stream, ingest.settings.consumer)
+    finally:
+        await nc.close()
+
+
 async def _waits_it_out(ingest: Ingest, error: str) -> None:
     """The ingest takes ``error`` for an outage (``db_up`` 0), never for the group's
     fault (no group failure of that type)."""
@@ -149,13 +162,16 @@ async def test_a_lock_held_past_lock_timeout_is_waited_out_not_dead_lettered(
     """A DBA's ``lock_timeout`` and a maintenance statement holding ``records``: every
     write of the group fails with 55P03 while the lock is held. The ingest took that for
     the group's fault, split it and dead-lettered its good records (the dead letter
-    itself does not touch ``records``). It retries until the lock is released."""
-    async with running_ingest(pg_dsn, nats_server.url) as ingest, connected(pg_dsn) as admin:
+    itself does not touch ``records``). It retries until the lock is released, and keeps
+    JetStream from redelivering the group meanwhile (a lock held past ``ack_wait``)."""
+    async with (running_ingest(pg_dsn, nats_server.url, ack_wait_s=ACK_WAIT_S) as ingest,
+                connected(pg_dsn) as admin):
         await _publish(nats_server.url, 1, 10)
         await wait_for_records(pg_dsn, 10)
         # The ingest reconnects with the timeout.
         async with (database_setting(admin, "lock_timeout", "100ms"),
                     connected(pg_dsn) as holder, holder.transaction()):
+            await holder.execute("SET LOCAL lock_timeout = 0")  # the holder waits its turn
             await holder.execute("LOCK TABLE records IN ACCESS EXCLUSIVE MODE")
             await _publish(nats_server.url, 11, 10)
             contentions = ingest.metrics.group_contentions
@@ -166,6 +182,15 @@ async def test_a_lock_held_past_lock_timeout_is_waited_out_not_dead_lettered(
 
             await until(retried_well_past_a_split, timeout=30,
                         message="the ingest did not retry the locked-out group")
+            first = contentions._value.get()  # type: ignore[attr-defined]
+
+            def held_past_ack_wait() -> bool:  # at most 0.5 s between retries
+                return contentions._value.get() >= first + 3 * ACK_WAIT_S / 0.5  # type: ignore[attr-defined]
+
+            await until(held_past_ack_wait, timeout=60,
+                        message="the ingest stopped retrying the locked-out group")
+            info = await _records_consumer(nats_server.url, ingest)
+            assert info.num_redelivered == 0, info
             failures = ingest.metrics.group_failures.labels("LockNotAvailableError")
             assert failures._value.get() == 0  # type: ignore[attr-defined]
             assert ingest.metrics.db_up._value.get() == 1  # type: ignore[attr-defined]
@@ -231,4 +256,6 @@ async def test_serialization_failures_under_a_serializable_default_are_retried_n
             await wait_for_records(pg_dsn, 10_000, timeout=120)
             failures = ingest.metrics.group_failures.labels("SerializationError")
             assert failures._value.get() == 0  # type: ignore[attr-defined]
+            # Not vacuous: the workers did get in each other's way.
+            assert ingest.metrics.group_contentions._value.get() >= 1  # type: ignore[attr-defined]
         assert await admin.fetchval("SELECT count(*) FROM dead_letters") == 0

@@ -103,10 +103,12 @@ class PgCluster:
 
 
 async def end_other_sessions(conn: asyncpg.Connection) -> None:
-    """End every other session of ``conn``'s database (its services reconnect)."""
+    """End every other client session of ``conn``'s role on its database (its services
+    reconnect); background workers such as autovacuum's are not the role's to end."""
     await conn.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+        "AND backend_type = 'client backend' AND usename = current_user")
 
 
 @contextlib.asynccontextmanager
