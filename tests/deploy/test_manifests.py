@@ -234,3 +234,22 @@ def test_the_second_site_differs_only_where_a_site_does() -> None:
     assert env["EDGESYNC_BRIDGE__EDGE_ID"] == "site-002"
     assert bridge["spec"]["template"]["metadata"]["labels"]["edgesync.io/edge-id"] == "site-002"
     BridgeSettings(edge_id=env["EDGESYNC_BRIDGE__EDGE_ID"])  # a valid edge id
+
+
+def test_the_cloud_services_verify_postgresqls_certificate() -> None:
+    """The ingest and the API talk to PostgreSQL over TLS with its certificate checked
+    against CloudNativePG's CA (PGSSLMODE=verify-full, which asyncpg reads when the DSN
+    says nothing of TLS), and see that CA's certificate only, never its key."""
+    for doc in render("cloud"):
+        if doc["kind"] != "Deployment" or doc["metadata"]["name"] not in (
+                "edgesync-ingest", "edgesync-api"):
+            continue
+        (container,) = containers(doc)
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["PGSSLMODE"] == "verify-full", doc["metadata"]["name"]
+        root = Path(env["PGSSLROOTCERT"])
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(root.parent))
+        volume = next(v for v in pod_spec(doc)["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["secretName"] == "edgesync-pg-ca"
+        assert [i["key"] for i in volume["secret"]["items"]] == ["ca.crt"]
+        assert volume["secret"]["items"][0]["path"] == root.name

@@ -21,9 +21,9 @@ from broker.identities import IdentityStore, public_key_of
 from broker.protocol.topology import Topology
 from tests.deploy.rendering import DEPLOY, OVERLAYS, ROOT, containers, pod_spec, render, renderer
 
-# Not ours to generate: CloudNativePG writes the database's, cert-manager (or the
-# operator, by hand) the Ingress certificate.
-EXTERNAL = {"edgesync-pg-app", "edgesync-api-tls"}
+# Not ours to generate: CloudNativePG writes the database's (its app user's DSN, its
+# CA), cert-manager (or the operator, by hand) the Ingress certificate.
+EXTERNAL = {"edgesync-pg-app", "edgesync-pg-ca", "edgesync-api-tls"}
 
 
 def _references(docs: list[dict[str, Any]]) -> set[tuple[str, str, str | None]]:
