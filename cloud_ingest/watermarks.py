@@ -10,16 +10,31 @@ offline learn the current value when it returns: it reads the key; an online
 edge sees each update live on the bucket's subject.
 
 A fleet touches thousands of keys per window, so a window's writes are KV puts
-done by hand: each a publish to ``$KV.<bucket>.<key>`` whose JetStream ack comes
-back on one reply subscription shared by all of them, a bounded number in
-flight, handed to the client as one write (:mod:`cloud_ingest.bulk_publishing`).
-(nats-py's ``kv.put`` is a request each: a task, a timer, an inbox future and a
-parsed ``PubAck`` per key, which was a fifth of the ingest's CPU under fan-in.)
-On the ingest's :class:`~cloud_ingest.direct_delivery.DeliveringClient` the acks
-are handed over as they are read (no ``Msg``, queue or task switch per ack: a
-fleet's window acks about as many puts as its groups carried batches).
-A write that is refused or not acked in time is kept for the next window, unless
-a newer value for its key came in meanwhile.
+done by hand: each a publish to ``$KV.<bucket>.<key>``, handed to the client as one
+write (:mod:`cloud_ingest.bulk_publishing`). (nats-py's ``kv.put`` is a request each:
+a task, a timer, an inbox future and a parsed ``PubAck`` per key, which was a fifth
+of the ingest's CPU under fan-in.)
+
+Only the last put of each run of up to ``_RUN_PUTS`` asks for JetStream's ack, and
+that ack vouches for the whole run: one connection's publishes to one stream are
+handled in the order they were sent, and what would refuse one put of a run refuses
+its last one too (no bucket, no stream leader, JetStream out of storage; values are
+a few bytes, with no limit of their own). The exception is a connection lost in the
+middle of a run (its first puts in the dead socket, the rest sent after the
+reconnect): an ack read after a reconnect vouches for nothing, and the run is
+written again. A fleet's window thus costs nats-server one ack per thousand puts,
+not one per put (about a third of a put's cost there), and the ingest as few
+replies to read. On the ingest's
+:class:`~cloud_ingest.direct_delivery.DeliveringClient` the acks are handed over as
+they are read (no ``Msg``, queue or task switch per ack). A run that is refused or
+not acked in time is kept for the next window, except the writes whose key got a
+newer value meanwhile.
+
+A watermark is advice, never what makes a record safe (PostgreSQL is): should a
+put be lost all the same (a clustered stream's leader changing in the middle of a
+run), the key's next commit writes it again, and an edge whose stream went quiet
+retransmits what stays unconfirmed (``shipper.retransmit_timeout_s``), which the
+ingest answers by writing the key's watermark again (``GroupResult.repeated``).
 
 Several ingest processes may write the same key; an edge only ever moves its
 watermark forward, so a stale write is harmless.
@@ -50,10 +65,11 @@ log = structlog.get_logger(__name__)
 
 _Key = tuple[str, str, int]
 
-_PUTS_IN_FLIGHT = 1_024
-"""Watermark writes awaiting their JetStream ack at once (bounded like a shipper window)."""
+_RUN_PUTS = 1_024
+"""Watermark puts in one run, whose last put alone is acked (module docstring); a
+window's runs are written one after another."""
 _ACK_TIMEOUT_S = 5.0
-"""How long a window's writes may wait for their acks before they count as failed."""
+"""How long a run may wait for its ack before its writes count as failed."""
 _PUBLISHED_MEMORY = 100_000
 """Keys whose last published value is remembered (to skip re-publishing it)."""
 
@@ -63,6 +79,20 @@ def _writable(key: _Key) -> bool:
     epoch as the wire allows it."""
     edge, stream, epoch = key
     return is_valid_token(edge) and is_valid_token(stream) and 0 < epoch <= MAX_EPOCH
+
+
+def _refusal(data: bytes, status: str | None, *, reconnected: bool) -> str | None:
+    """Why the reply to a run's acked put does not vouch for the run (None: it does).
+
+    A JetStream ack is ``{"stream":…,"seq":…}``; a refusal ``{"error":{…}}``; no
+    stream at all is an empty 503 status message (no responders). An ack read after
+    the client reconnected vouches for nothing: the run's first puts may have been
+    lost with the old connection."""
+    if reconnected:
+        return "reconnected while the run was written"
+    if data and b'"error"' not in data:
+        return None
+    return data.decode(errors="replace") or status or "no reply"
 
 
 class WatermarkPublisher:
@@ -82,7 +112,9 @@ class WatermarkPublisher:
         self._replies: Subscription | None = None
         self._reply_prefix = ""
         self._tokens = itertools.count()
-        self._in_flight: dict[str, tuple[_Key, int]] = {}
+        self._in_flight: dict[str, tuple[list[tuple[_Key, int]], int]] = {}
+        """The acked put of each run in flight: the run's writes, and the client's
+        reconnect count when they were handed to it."""
         self._acked = asyncio.Event()
         self._publishing = False
         self._refused: list[tuple[_Key, int, str]] = []
@@ -133,8 +165,8 @@ class WatermarkPublisher:
         pending, self._pending = self._pending, {}
         items = list(pending.items())
         published, failures = self.published, self.failures
-        for i in range(0, len(items), _PUTS_IN_FLIGHT):
-            await self._put_window(items[i:i + _PUTS_IN_FLIGHT])
+        for i in range(0, len(items), _RUN_PUTS):
+            await self._put_run(items[i:i + _RUN_PUTS])
         if (metrics := self._metrics) is not None:  # once per window, not per write
             metrics.watermark_writes.inc(self.published - published)
             metrics.watermark_write_failures.inc(self.failures - failures)
@@ -144,15 +176,16 @@ class WatermarkPublisher:
             for key in list(self._published)[:_PUBLISHED_MEMORY // 2]:
                 del self._published[key]
 
-    async def _put_window(self, window: list[tuple[_Key, int]]) -> None:
-        """Publish ``window``'s writes and wait for their acks (or the timeout)."""
+    async def _put_run(self, run: list[tuple[_Key, int]]) -> None:
+        """Publish ``run``'s writes and wait for the ack of its last (or the timeout)."""
         failed: list[tuple[_Key, int, str]] = []
         try:
             prefix = await self._reply_subscription()
             self._acked.clear()
             self._publishing = True
+            writes: list[tuple[_Key, int]] = []
             puts: list[tuple[str, str, bytes]] = []
-            for key, watermark in window:
+            for key, watermark in run:
                 if not _writable(key):
                     # Never written: one key that cannot be a subject (whitespace, a name
                     # longer than a NATS control line) failed its whole window of writes,
@@ -162,10 +195,14 @@ class WatermarkPublisher:
                               epoch=key[2])
                     self.refused_keys += 1
                     continue
+                writes.append((key, watermark))
+                puts.append((self._subject_of(*key), "", str(watermark).encode()))
+            if puts:  # the last put asks for the ack that vouches for the run
                 token = f"{prefix}{next(self._tokens)}"
-                self._in_flight[token] = (key, watermark)
-                puts.append((self._subject_of(*key), token, str(watermark).encode()))
-            await publish_many(self._nc, puts)  # the window's puts as one write
+                subject, _, payload = puts[-1]
+                puts[-1] = (subject, token, payload)
+                self._in_flight[token] = (writes, self._reconnects())
+            await publish_many(self._nc, puts)  # the run's puts as one write
             self._publishing = False
             if not self._in_flight:
                 self._acked.set()
@@ -175,10 +212,11 @@ class WatermarkPublisher:
             raise
         except Exception as exc:  # NATS unavailable: what was not acked is kept (below)
             failed.extend((key, w, f"{type(exc).__name__}: {exc}")
-                          for key, w in self._in_flight.values())
+                          for writes, _ in self._in_flight.values() for key, w in writes)
             self._in_flight.clear()
         self._publishing = False
-        failed.extend((key, w, "no ack in time") for key, w in self._in_flight.values())
+        failed.extend((key, w, "no ack in time")
+                      for writes, _ in self._in_flight.values() for key, w in writes)
         self._in_flight.clear()
         failed.extend(self._refused)
         self._refused.clear()
@@ -203,6 +241,9 @@ class WatermarkPublisher:
                 self._nc.deliver_directly(self._replies, self._take_ack)
         return self._reply_prefix
 
+    def _reconnects(self) -> int:
+        return int(self._nc.stats["reconnects"])
+
     async def _on_ack(self, msg: Msg) -> None:
         self._answered(msg.subject, msg.data, (msg.headers or {}).get("Status"))
 
@@ -213,18 +254,18 @@ class WatermarkPublisher:
         return True
 
     def _answered(self, subject: str, data: bytes, status: str | None) -> None:
-        put = self._in_flight.pop(subject, None)
-        if put is None:
-            return  # late: its window already counted it as failed
-        key, watermark = put
-        # A JetStream ack is {"stream":…,"seq":…}; a refusal {"error":{…}}; no stream
-        # at all is an empty 503 status message (no responders).
-        if data and b'"error"' not in data:
-            if watermark > self._published.get(key, 0):
-                self._published[key] = watermark
-            self.published += 1
+        run = self._in_flight.pop(subject, None)
+        if run is None:
+            return  # late: its run already counted as failed
+        writes, reconnects = run
+        refusal = _refusal(data, status, reconnected=reconnects != self._reconnects())
+        if refusal is None:
+            published = self._published
+            for key, watermark in writes:
+                if watermark > published.get(key, 0):
+                    published[key] = watermark
+            self.published += len(writes)
         else:
-            reason = data.decode(errors="replace") or status or "no reply"
-            self._refused.append((key, watermark, reason))
+            self._refused.extend((key, watermark, refusal) for key, watermark in writes)
         if not self._in_flight and not self._publishing:
             self._acked.set()

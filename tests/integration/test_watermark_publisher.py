@@ -1,6 +1,6 @@
 """The ingest's watermark writes: the newest value of every key reaches the KV
-bucket, and a write nobody stored is kept and written again; the ingest's metrics
-count both."""
+bucket, one ack vouching for a run of puts, and a run nobody stored is kept and
+written again; the ingest's metrics count both."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from broker.protocol.topology import Topology
 from broker.runtime.embedded_nats import EmbeddedNats
 from cloud_ingest.direct_delivery import DeliveringClient
 from cloud_ingest.metrics import IngestMetrics
-from cloud_ingest.watermarks import WatermarkPublisher
+from cloud_ingest.watermarks import _RUN_PUTS, WatermarkPublisher, _refusal
 from tests.support import until
 
 
@@ -66,14 +66,18 @@ async def value(nc: NATS, topology: Topology, key: str) -> int | None:
 async def test_a_fleet_window_lands_every_key_at_its_newest_value(nc: NATS) -> None:
     topology = Topology(prefix="es")
     await topology.ensure_all(nc.jetstream())
-    edges = 3_000  # more than one window of writes in flight
+    edges = 3_000  # more than one run of puts
     metrics = IngestMetrics()
+    replies_before = nc.stats["in_msgs"]
     async with publishing(nc, topology, metrics) as publisher:
         publisher.note([(f"e{i}", "t", 1, 5) for i in range(edges)])
         publisher.note([(f"e{i}", "t", 1, 9) for i in range(0, edges, 2)])
         publisher.note([("e1", "t", 1, 3)])  # older than what was noted: never written
         await until(lambda: publisher.published >= edges, timeout=30,
                     message="every key written once")
+    # One window (noted before the publisher ran), in runs of _RUN_PUTS puts: one ack
+    # for each run, not one for each put.
+    assert nc.stats["in_msgs"] - replies_before == -(-edges // _RUN_PUTS)
     assert await value(nc, topology, "e0.t.1") == 9
     assert await value(nc, topology, "e1.t.1") == 5
     assert await value(nc, topology, f"e{edges - 1}.t.1") == 5
@@ -83,26 +87,39 @@ async def test_a_fleet_window_lands_every_key_at_its_newest_value(nc: NATS) -> N
     assert sample(metrics, "edgesync_ingest_watermark_write_failures_total") == 0
     assert sample(metrics, "edgesync_ingest_watermark_keys_pending") == 0
     if isinstance(nc, DeliveringClient):
-        assert direct_deliveries(nc) >= edges  # every ack taken directly
+        assert direct_deliveries(nc) == -(-edges // _RUN_PUTS)  # every ack taken directly
 
 
-async def test_a_write_nobody_stored_is_written_again(nc: NATS) -> None:
+async def test_a_run_nobody_stored_is_written_again(nc: NATS) -> None:
     topology = Topology(prefix="es")
     js = nc.jetstream()
-    await topology.ensure_streams(js)  # no watermark bucket yet: the write has no responder
+    await topology.ensure_streams(js)  # no watermark bucket yet: the writes have no responder
     metrics = IngestMetrics()
+    keys = 50  # one run: its acked put's 503 fails every write of it
     async with publishing(nc, topology, metrics) as publisher:
-        publisher.note([("edge-a", "t", 7, 42)])
+        publisher.note([(f"edge-{i}", "t", 7, 40 + i) for i in range(keys)])
         await until(lambda: (sample(metrics, "edgesync_ingest_watermark_write_failures_total")
-                             or 0) > 0,
-                    timeout=10, message="the unanswered write counted as failed")
+                             or 0) >= keys,
+                    timeout=10, message="the unanswered run counted as failed, write by write")
         assert publisher.published == 0
         assert sample(metrics, "edgesync_ingest_watermark_writes_total") == 0
         if isinstance(nc, DeliveringClient):
             assert direct_deliveries(nc) >= 1  # the 503 (no responders), read directly
         await topology.ensure_watermark_bucket(js)
-        await until(lambda: publisher.published == 1, timeout=10,
-                    message="the kept write landed once the bucket exists")
-    assert await value(nc, topology, "edge-a.t.7") == 42
-    assert sample(metrics, "edgesync_ingest_watermark_writes_total") == 1
+        await until(lambda: publisher.published == keys, timeout=10,
+                    message="the kept writes landed once the bucket exists")
+    for i in (0, keys - 1):
+        assert await value(nc, topology, f"edge-{i}.t.7") == 40 + i
+    assert sample(metrics, "edgesync_ingest_watermark_writes_total") == keys
     assert sample(metrics, "edgesync_ingest_watermark_keys_pending") == 0
+
+
+def test_only_an_ack_on_the_same_connection_vouches_for_a_run() -> None:
+    ack = b'{"stream":"KV_ES_WATERMARKS","seq":7}'
+    assert _refusal(ack, None, reconnected=False) is None
+    # The run's first puts may have gone down with the old connection.
+    assert _refusal(ack, None, reconnected=True) == "reconnected while the run was written"
+    refused = b'{"error":{"code":503,"description":"JetStream resource limits exceeded"}}'
+    assert _refusal(refused, None, reconnected=False) == refused.decode()
+    assert _refusal(b"", "503", reconnected=False) == "503"  # no responders
+    assert _refusal(b"", None, reconnected=False) == "no reply"
