@@ -188,7 +188,7 @@ class WatermarkPublisher:
             for key, watermark in run:
                 if not _writable(key):
                     # Never written: one key that cannot be a subject (whitespace, a name
-                    # longer than a NATS control line) failed its whole window of writes,
+                    # longer than a NATS control line) would fail its whole run of writes,
                     # every window, every edge's. The event decoder refuses such names
                     # (broker.protocol.events); this is the last guard.
                     log.error("watermark_key_refused", edge=key[0][:80], stream=key[1][:80],
