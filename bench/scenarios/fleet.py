@@ -143,7 +143,8 @@ async def _drains(env: BenchEnv, profile: Profile, pool: Pool, step: Callable[[s
                     bulk_rps=bulk, fanin2_rps=fanin2, drain_pairs=pairs)
 
 
-async def _preload(js: JetStreamContext, topology: Topology, wire: Sequence[Batch]) -> None:
+async def preload(js: JetStreamContext, topology: Topology, wire: Sequence[Batch]) -> None:
+    """``wire`` into the records stream, as the edges publish it (``Nats-Msg-Id`` and all)."""
     acks = []
     for b in wire:
         body, headers = encode_batch(b)
@@ -162,7 +163,7 @@ async def _drain(env: BenchEnv, name: str, wire: Sequence[Batch], processes: int
             js = nc.jetstream(timeout=30)
             topology = Topology()
             await topology.ensure_streams(js)
-            await _preload(js, topology, wire)
+            await preload(js, topology, wire)
         finally:
             await nc.close()
         ingests = [env.ingest(f"{name}-{i}", nats_server.url, dsn) for i in range(processes)]

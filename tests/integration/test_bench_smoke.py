@@ -78,3 +78,16 @@ async def test_the_tls_cost_script_runs_both_configurations() -> None:
     results = await measure(300, rounds=1)
     assert set(results) == {OPEN, SECURED}
     assert all(edge > 0 and ingest > 0 for edge, ingest in results.values())
+
+
+async def test_the_ingest_cpu_script_times_every_stage_of_both_shapes() -> None:
+    """`python -m bench.ingest_cpu` runs the worker's stages on a fan-in and a bulk group
+    against real servers, every record written once (it checks the row count), and
+    reports CPU for each stage (speed is not asserted)."""
+    from bench.ingest_cpu import BULK, FAN_IN, STAGES, measure
+
+    results = await measure(1)
+    assert set(results) == {FAN_IN, BULK}
+    for stages in results.values():
+        assert set(stages) == set(STAGES)
+        assert all(stages[s] > 0 for s in ("fetch", "decode", "commit"))
