@@ -60,9 +60,10 @@ from cloud_ingest.pulling import Puller
 from cloud_ingest.schema import migrate
 from cloud_ingest.watermarks import WatermarkPublisher
 
-__all__ = ["BULK", "FAN_IN", "STAGES", "main", "measure"]
+__all__ = ["BULK", "FAN_IN", "GROUP_RECORDS", "STAGES", "main", "measure"]
 
-FAN_IN, BULK = "fan-in (1,600 x 10 records)", "bulk (8 x 2,000 records)"
+FAN_IN = "fan-in (1,600 x 10 records)"
+BULK = "bulk (8 x 2,000 records)"
 STAGES = ("fetch", "decode", "commit", "watermarks", "PostgreSQL (commit)")
 GROUP_RECORDS = 16_000
 """Records per group: the ingest's default ``group_max_records``."""

@@ -64,6 +64,7 @@ __all__ = [
     "KEY",
     "TITLE",
     "TOKEN",
+    "preload",
     "run",
 ]
 
