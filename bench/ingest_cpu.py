@@ -1,4 +1,4 @@
-"""The ingest's own CPU per group, fan-in against bulk, without the scheduling noise.
+"""The ingest's own CPU per group, fan-in against bulk, without the drains' scheduling noise.
 
 ``python -m bench.ingest_cpu [--rounds R]`` writes the same 16,000 records per group
 two ways, alternating: as a fleet's 1,600 10-record batches (2,000 edges x 2 streams,
@@ -21,11 +21,13 @@ The stages are the worker's own methods, called one by one (``_fetch_group``,
 tests/integration/test_bench_smoke.py runs this script against. Each stage is timed
 in this process's CPU time (``time.process_time``), and the
 PostgreSQL backend's CPU over the commit from its ``/proc/<pid>/schedstat`` (Linux,
-the database on this machine). Nothing else shares the work, so what a fan-in
-message costs beyond its records shows within a few per cent, where scenario 7's
-drains (three processes on two cores) spread by ±10 % from run to run. The table's
-last column is the difference per message: what the fan-in pays for being many small
-batches, side by side, stage by stage.
+the database on this machine). Nothing else shares the work, and each fan-in group is
+read against a bulk group timed in the same minute, so what a fan-in message costs
+beyond its records moves far less than scenario 7's ratio (three processes on two
+cores, ±10 % from run to run): a microsecond per message shows in a few runs, taken in
+turn with the code it is compared with (the machine's own speed still drifts). The
+table's last column is that difference per message: what the fan-in pays for being many
+small batches, stage by stage.
 """
 
 from __future__ import annotations
@@ -169,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=20,
                         help="groups of each shape, alternating; medians are shown")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     configure_logging("warning", "console")
     result = asyncio.run(measure(args.rounds))
     fan, bulk = result[FAN_IN], result[BULK]

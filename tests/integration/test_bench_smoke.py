@@ -91,3 +91,11 @@ async def test_the_ingest_cpu_script_times_every_stage_of_both_shapes() -> None:
     for stages in results.values():
         assert set(stages) == set(STAGES)
         assert all(stages[s] > 0 for s in ("fetch", "decode", "commit"))
+
+
+def test_the_ingest_cpu_script_refuses_no_rounds() -> None:
+    """`--rounds 0` would have no group to take a median of: a usage error, not a crash."""
+    proc = subprocess.run([sys.executable, "-m", "bench.ingest_cpu", "--rounds", "0"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert "--rounds must be at least 1, got 0" in proc.stderr
