@@ -1,9 +1,9 @@
 """The ingest's own CPU per group, fan-in against bulk, without the drains' scheduling noise.
 
-``python -m bench.ingest_cpu [--rounds R]`` writes the same 16,000 records per group
-two ways, alternating: as a fleet's 1,600 10-record batches (2,000 edges x 2 streams,
-scenario 7's fan-in) and as one edge's 8 2,000-record batches (its bulk), through the
-ingest's own code, in this process:
+``python -m bench.ingest_cpu [--rounds R]`` writes groups of 16,000 records (new seqs
+each, payloads from the bench's pool) two ways, alternating: as a fleet's 1,600
+10-record batches (2,000 edges x 2 streams, scenario 7's fan-in) and as one edge's 8
+2,000-record batches (its bulk), through the ingest's own code, in this process:
 
 - **fetch**: the worker's fetch of the group from the records stream of a real
   nats-server (pull requests, the deliveries read by :mod:`cloud_ingest.direct_delivery`,
