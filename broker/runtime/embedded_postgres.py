@@ -30,11 +30,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -91,7 +89,6 @@ class _Run:
 
     proc: subprocess.Popen[bytes]
     port: int
-    socket_dir: Path
     log_fh: IO[bytes]
     log_offset: int  # where this run's output starts in the log file
 
@@ -351,15 +348,17 @@ class EmbeddedPostgres(ChildServer[_Run]):
     def _spawn(self, bindir: Path, port: int) -> _Run:
         real = self._cluster.real
         assert real is not None
-        socket_dir = Path(tempfile.mkdtemp(prefix="edgesync-pgsock-"))
         log_path = real / "log" / "postgres.log"
         log_path.parent.mkdir(exist_ok=True)
         log_fh = log_path.open("ab")
         if self._os_user is not None:
-            self._os_user.chown(socket_dir, log_path.parent, log_path)
+            self._os_user.chown(log_path.parent, log_path)
         settings = {
             "listen_addresses": "127.0.0.1",
-            "unix_socket_directories": str(socket_dir),
+            # TCP on loopback only: no Unix socket (nothing of ours connects through
+            # one), so none to guard and no directory left behind in /tmp when a
+            # run is killed before it can clean up.
+            "unix_socket_directories": "",
             "max_connections": "200",
             "shared_buffers": "128MB",
         }
@@ -387,9 +386,8 @@ class EmbeddedPostgres(ChildServer[_Run]):
             )
         except OSError as exc:
             log_fh.close()
-            shutil.rmtree(socket_dir, ignore_errors=True)
             raise RuntimeUnavailable(f"cannot execute {args[0]}: {exc}") from exc
-        return _Run(proc, port, socket_dir, log_fh, log_offset=log_fh.tell())
+        return _Run(proc, port, log_fh, log_offset=log_fh.tell())
 
     async def _wait_ready(self, run: _Run, *, deadline: float) -> None:
         while True:
@@ -502,4 +500,3 @@ class _PortClash(Exception):
 
 def _release(run: _Run) -> None:
     run.log_fh.close()
-    shutil.rmtree(run.socket_dir, ignore_errors=True)

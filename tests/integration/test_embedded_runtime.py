@@ -55,6 +55,11 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def _unix_sockets() -> str:
+    """The paths of this network namespace's Unix sockets, as the kernel lists them."""
+    return Path("/proc/net/unix").read_text()
+
+
 @pytest.fixture
 def reachable_dir() -> Iterator[Path]:
     """A directory the unprivileged server user can traverse (pytest's tmp_path is 0700)."""
@@ -247,6 +252,22 @@ async def test_postgres_kill_ends_every_process_and_restart_recovers(tmp_path: P
         async with connected(pg.dsn) as conn2:
             assert await conn2.fetchval("SELECT count(*) FROM acked") == 50
         conn.terminate()  # its server is gone
+
+
+async def test_postgres_listens_on_loopback_tcp_only_and_a_kill_leaves_no_socket_dir(
+    reachable_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server has no Unix socket (nothing connects through one): none to guard, and
+    no socket directory left in the temp dir by a run killed before it cleaned up."""
+    tmp = reachable_dir / "tmp"
+    tmp.mkdir(mode=0o755)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # where mkdtemp() puts things
+    async with EmbeddedPostgres(reachable_dir / "pg") as pg:
+        async with connected(pg.dsn) as conn:  # over TCP, as every client of ours
+            assert await conn.fetchval("SELECT inet_server_addr()::text") == "127.0.0.1/32"
+        assert f".s.PGSQL.{pg.port}" not in _unix_sockets()
+        await pg.kill()
+        assert list(tmp.iterdir()) == []
 
 
 async def test_postgres_stop_is_idempotent_and_ephemeral_cluster_is_removed(
