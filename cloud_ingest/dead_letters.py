@@ -43,6 +43,7 @@ from broker.protocol.validation import record_problem
 from broker.protocol.wire import CT_JSON, Record, decode_records
 from cloud_ingest.db_errors import Connection
 from cloud_ingest.feeding import record_commit
+from cloud_ingest.isolating import REFUSED_BY_POSTGRES
 from cloud_ingest.ranges import Span, Watermark, merge_ranges, spans_of
 
 __all__ = [
@@ -243,7 +244,7 @@ async def replay_dead_letter(conn: Connection, letter_id: int) -> ReplayResult:
                     [_json.encode(r.headers).decode() if r.headers else None
                      for _, r in fresh], received_us,
                 )
-        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+        except REFUSED_BY_POSTGRES as exc:
             raise NotReplayable(
                 "still_invalid", f"rejected by PostgreSQL: {type(exc).__name__}: {exc}"
             ) from exc

@@ -17,16 +17,25 @@ import asyncpg
 from broker.errors import InvalidInput
 from cloud_ingest.db_errors import Connection
 
-__all__ = ["REJECTED", "refusal", "write_each"]
+__all__ = ["REFUSED_BY_POSTGRES", "REJECTED", "refusal", "write_each"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-REJECTED: tuple[type[BaseException], ...] = (
-    InvalidInput,  # a writer's own refusal (cloud_ingest.key_limits), reason as raised
+REFUSED_BY_POSTGRES: tuple[type[BaseException], ...] = (
     asyncpg.DataError,
     asyncpg.IntegrityConstraintViolationError,
     asyncpg.ProgramLimitExceededError,
+    # PL/pgSQL refusing the row: a trigger's RAISE EXCEPTION (P0001), a failed ASSERT, a
+    # STRICT lookup that found no row or several. A rule of the operator's, as a CHECK
+    # is; taken for an unexpected failure, it dead-lettered the row's whole batch.
+    asyncpg.exceptions.PLPGSQLError,
+)
+"""What PostgreSQL answers when it refuses the data of a statement (not the
+connection, not the transaction's timing)."""
+REJECTED: tuple[type[BaseException], ...] = (
+    InvalidInput,  # a writer's own refusal (cloud_ingest.key_limits), reason as raised
+    *REFUSED_BY_POSTGRES,
     OverflowError,  # a value the client-side codecs cannot encode
     ValueError,
     TypeError,

@@ -195,16 +195,59 @@ async def test_a_record_postgres_refuses_is_isolated_and_replayed_exactly_once(
     assert (after["committed_records"], after["dead_lettered_records"]) == (200, 0)
 
 
+@pytest.mark.parametrize("refusal", [
+    "RAISE EXCEPTION 'refused by the trigger'",
+    "ASSERT NEW.key <> 'refused', 'refused by the trigger'",
+])
+async def test_a_record_a_trigger_refuses_is_isolated_and_replayed_once_allowed(
+    nats_server: EmbeddedNats, pg_dsn: str, pg: asyncpg.Connection, refusal: str
+) -> None:
+    """A trigger's refusal (RAISE EXCEPTION, a failed ASSERT) is the operator's rule, as
+    a CHECK is: the record alone is dead-lettered with PostgreSQL's reason and the rest
+    of its batch commits; replay answers still_invalid while the trigger refuses, and
+    lands the record once it no longer does."""
+    await _migrated(pg_dsn, nats_server)
+    await pg.execute(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"IF NEW.key = 'refused' THEN {refusal}; END IF; RETURN NEW; END $$; "
+        "CREATE TRIGGER refuse BEFORE INSERT ON records FOR EACH ROW "
+        "EXECUTE FUNCTION refuse()")
+    records = good(3)
+    records[1] = Record(GOOD.ts, CT_JSON, b'{"ok": true}', key="refused")
+    async with running_ingest(pg_dsn, nats_server.url):
+        nc = await nats.connect(nats_server.url)
+        try:
+            await nc.jetstream().publish(
+                "es.rec.e1.s", encode_batch(batch("e1", "s", 1, records))[0])
+        finally:
+            await nc.close()
+        progress = await until(lambda: _complete(pg, "e1", "s", 3), timeout=15)
+    letter = await pg.fetchrow("SELECT id, kind, seq, last_seq, reason FROM dead_letters")
+    assert (letter["kind"], letter["seq"], letter["last_seq"]) == ("record", 2, 2)
+    assert "refused by the trigger" in letter["reason"]
+    assert await _seqs(pg) == [1, 3]
+    assert progress["dead_lettered_records"] == 1
+
+    with pytest.raises(NotReplayable, match="refused by the trigger") as refused:
+        await replay_dead_letter(pg, letter["id"])
+    assert refused.value.code == "still_invalid"
+    await pg.execute("DROP TRIGGER refuse ON records")
+    assert (await replay_dead_letter(pg, letter["id"])).inserted == 1
+    assert await _seqs(pg) == [1, 2, 3]
+
+
 async def test_an_unexpected_failure_is_contained_to_its_message(
     nats_server: EmbeddedNats, pg_dsn: str, pg: asyncpg.Connection
 ) -> None:
-    """A failure that is neither an outage nor a data error (a trigger raising) is
-    retried, narrowed down to its message, and that message dead-lettered whole with
-    its identity; the messages fetched with it and everything after commit."""
+    """A failure that is neither an outage nor a refusal of the data (a trigger failing
+    with feature_not_supported) is retried, narrowed down to its message, and that
+    message dead-lettered whole with its identity; the messages fetched with it and
+    everything after commit."""
     await _migrated(pg_dsn, nats_server)
     await pg.execute(
         "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-        "IF NEW.key = 'boom' THEN RAISE EXCEPTION 'boom'; END IF; RETURN NEW; END $$; "
+        "IF NEW.key = 'boom' THEN RAISE EXCEPTION 'boom' USING ERRCODE = "
+        "'feature_not_supported'; END IF; RETURN NEW; END $$; "
         "CREATE TRIGGER boom BEFORE INSERT ON records FOR EACH ROW EXECUTE FUNCTION boom()")
     async with running_ingest(pg_dsn, nats_server.url, db_retry_max_s=0.05, fetch_batch=8):
         nc = await nats.connect(nats_server.url)
