@@ -90,6 +90,7 @@ async def connect_with_retry(
     inbox_prefix: str | None = None,
     disconnected_cb: Callable[[], Awaitable[None]] | None = None,
     reconnected_cb: Callable[[], Awaitable[None]] | None = None,
+    closed_cb: Callable[[], Awaitable[None]] | None = None,
     max_backoff_s: float = 5.0,
     client: Callable[[], NATS] = NATS,
 ) -> NATS:
@@ -98,6 +99,9 @@ async def connect_with_retry(
     Args:
         inbox_prefix: reply subjects below this prefix (what the identity may
             subscribe to); default nats-py's ``_INBOX``.
+        closed_cb: called once the returned client is closed for good: by its
+            ``close()``, or by nats-py giving the connection up (a server error it
+            does not retry), after which nothing reconnects it.
         client: makes the unconnected client (a subclass of nats-py's, e.g. the
             ingest's :class:`cloud_ingest.direct_delivery.DeliveringClient`); it is
             connected with the same options as ``nats.connect`` would be.
@@ -138,6 +142,10 @@ async def connect_with_retry(
         if disconnected_cb is not None:
             await disconnected_cb()
 
+    async def on_closed() -> None:
+        if connected and closed_cb is not None:  # not an attempt given up
+            await closed_cb()
+
     async def on_reconnected() -> None:
         log.info("nats_reconnected", client=name)
         if reconnected_cb is not None:
@@ -153,6 +161,7 @@ async def connect_with_retry(
         error_cb=on_error,
         disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,
+        closed_cb=on_closed,
         ping_interval=5,
         max_outstanding_pings=3,
     )

@@ -40,7 +40,7 @@ from edge_bridge.configuring import RuntimeConfig
 from edge_bridge.ingress import create_ingress
 from edge_bridge.metrics import BridgeMetrics
 from edge_bridge.producers import ProducerGate
-from edge_bridge.shipping import Shipper
+from edge_bridge.shipping import BATCH_OVERHEAD_BYTES, Shipper
 
 if TYPE_CHECKING:
     from broker.protocol.command_specs import BridgeConfigure
@@ -49,6 +49,10 @@ if TYPE_CHECKING:
 __all__ = ["Bridge"]
 
 log = structlog.get_logger(__name__)
+
+_STABLE_CONNECTION_S = 60.0
+"""A NATS connection that lived this long before it was given up resets the pacing of
+new ones."""
 
 
 
@@ -177,7 +181,31 @@ class Bridge(Service):
         await asyncio.wait(roots.roots)
 
     async def _connect_and_follow(self) -> None:
-        """Connect (retrying), then follow committed watermarks and report drops."""
+        """Connect (retrying), then follow committed watermarks and report drops; connect
+        anew whenever the connection is closed for good.
+
+        nats-py reconnects by itself after a lost link, but gives a connection up (closed,
+        never reconnected) when the server ends it with an error it does not retry (e.g.
+        a message over ``max_payload``): the bridge then makes a new one, or it would
+        stay cut off until restarted."""
+        given_up = 0
+        while True:
+            closed = asyncio.Event()
+            started = time.monotonic()
+            await self._connect_and_follow_once(closed)
+            self.shipper.attach(None)
+            self.metrics.nats_connected.set(0)
+            old, self._nc = self._nc, None
+            if old is not None:
+                await close_nats(old)
+            # Paced, should the server keep ending fresh connections at once.
+            given_up = 1 if time.monotonic() - started > _STABLE_CONNECTION_S else given_up + 1
+            delay = backoff_s(given_up, base_s=0.5, cap_s=5.0)
+            log.error("nats_connection_given_up", reconnect_in_s=round(delay, 2))
+            await asyncio.sleep(delay)
+
+    async def _connect_and_follow_once(self, closed: asyncio.Event) -> None:
+        """One connection's life: returns once nats-py has closed it for good."""
         js: JetStreamContext | None = None
 
         async def disconnected() -> None:
@@ -187,20 +215,24 @@ class Bridge(Service):
         async def reconnected() -> None:
             self.metrics.nats_connected.set(1)
             if js is not None:
-                self.shipper.attach(js)
+                self.shipper.attach(js, max_payload=nc.max_payload)
             if self.control is not None:
                 self.control.reconnected()
+
+        async def on_closed() -> None:
+            closed.set()
 
         nc = await connect_with_retry(
             self.nats_settings, name=f"edgesync-bridge-{self.edge_id}",
             inbox_prefix=inbox_prefix(self.topology, "edge", self.edge_id),
-            disconnected_cb=disconnected, reconnected_cb=reconnected,
+            disconnected_cb=disconnected, reconnected_cb=reconnected, closed_cb=on_closed,
         )
         self._nc = nc
         self.metrics.nats_connected.set(1)
+        self._check_max_payload(nc.max_payload)
         js = nc.jetstream(timeout=self.nats_settings.publish_timeout_s)
         await self._wait_for_streams(js)
-        self.shipper.attach(js)
+        self.shipper.attach(js, max_payload=nc.max_payload)
         if self.control is not None:
             self.control.attach(js, nc)
         self._heartbeat_wake.set()  # tell the cloud we are here now, not an interval later
@@ -211,8 +243,22 @@ class Bridge(Service):
             js=js, shipper=self.shipper, repeat_after_s=self.settings.shipper.retransmit_timeout_s,
         )
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self.watermarks.follow_forever(), name="watermarks")
-            tasks.create_task(self.drops.report_forever(), name="drop-reports")
+            follow = tasks.create_task(self.watermarks.follow_forever(), name="watermarks")
+            report = tasks.create_task(self.drops.report_forever(), name="drop-reports")
+            await closed.wait()
+            follow.cancel()
+            report.cancel()
+
+    def _check_max_payload(self, max_payload: int) -> None:
+        """Say so, loudly, when the server takes smaller messages than this bridge's
+        largest batch may be (the shipper then holds such a batch: see ``TooLarge``)."""
+        largest = (max(self.settings.max_record_bytes, self.settings.shipper.batch_max_bytes)
+                   + BATCH_OVERHEAD_BYTES)
+        if max_payload < largest:
+            log.error("nats_max_payload_too_small", max_payload=max_payload,
+                      largest_batch_bytes=largest,
+                      fix="raise max_payload in nats-server's configuration (edgesync's "
+                          "own servers use 8MB) or lower max_record_bytes")
 
     async def _wait_for_streams(self, js: JetStreamContext) -> None:
         """Wait until the streams this bridge uses exist. The cloud owns them: a bridge

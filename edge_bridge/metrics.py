@@ -35,6 +35,11 @@ class BridgeMetrics:
         self.publish_failures = Counter(
             "edgesync_publish_failures", "Failed batch publish attempts (retried).", registry=r
         )
+        self.batches_too_large = Counter(
+            "edgesync_batches_too_large",
+            "Publish attempts held back: the batch is bigger than nats-server's max_payload.",
+            registry=r,
+        )
         self.retransmissions = Counter(
             "edgesync_retransmissions",
             "Times a stream's uncommitted records were shipped again.", registry=r,

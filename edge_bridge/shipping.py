@@ -37,9 +37,28 @@ from broker.settings import ShipperSettings, StreamPolicy
 from edge_bridge.buffer import Buffer, StoredRun
 from edge_bridge.metrics import BridgeMetrics
 
-__all__ = ["Shipper"]
+__all__ = ["BATCH_OVERHEAD_BYTES", "Shipper", "TooLarge", "message_bytes"]
 
 log = structlog.get_logger(__name__)
+
+_HEADER_BLOCK_BYTES = len(b"NATS/1.0\r\n\r\n")
+BATCH_OVERHEAD_BYTES = 128 * 1024
+"""A bound on a batch message's bytes beyond its records' payloads and ``batch_max_bytes``:
+the envelope, a record's key (at most 1 KiB) and headers (at most 64 KiB), the message's
+NATS headers."""
+
+
+class TooLarge(Exception):
+    """A batch is a bigger message than the connected nats-server takes."""
+
+
+def message_bytes(body: bytes, headers: dict[str, str]) -> int:
+    """What nats-server counts against its ``max_payload`` for a message: the body and
+    the header block nats-py writes (``NATS/1.0``, ``Name: value`` lines, a blank
+    line). nats-py checks the body alone; a message whose headers pushed it over the
+    limit reached the server, which closed the connection (and nats-py gave it up)."""
+    return len(body) + _HEADER_BLOCK_BYTES + sum(
+        len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
 
 
 
@@ -107,14 +126,18 @@ class Shipper:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._js: JetStreamContext | None = None
+        self._max_payload: int | None = None
         self._connected = asyncio.Event()
         self._link_changed = asyncio.Event()
 
-    def attach(self, js: JetStreamContext | None) -> None:
+    def attach(self, js: JetStreamContext | None, *, max_payload: int | None = None) -> None:
         """Give the shipper a JetStream context, or None while disconnected: then no new
         batches are read (so none queue up behind a dead link, where they would
-        delay higher-priority records once it heals)."""
+        delay higher-priority records once it heals). ``max_payload``: the largest
+        message the server takes (its INFO), headers included."""
         self._js = js
+        if max_payload is not None:
+            self._max_payload = max_payload
         if js is None:
             self._connected.clear()
         else:
@@ -382,6 +405,16 @@ class Shipper:
                 try:
                     if js is None:
                         raise ConnectionError("not connected to NATS")
+                    if (limit := self._max_payload) is not None and (
+                            size := message_bytes(body, headers)) > limit:
+                        # Sent, nats-server would refuse it by closing the connection
+                        # (every stream's link). Held instead, loudly, until a server
+                        # that takes it (a reconnect brings its limit).
+                        self._metrics.batches_too_large.inc()
+                        raise TooLarge(
+                            f"the batch is a {size}-byte message; nats-server takes at "
+                            f"most {limit} (its max_payload): raise max_payload (edgesync's "
+                            "own servers use 8MB) or lower max_record_bytes")
                     await js.publish(
                         subject, body, timeout=self._publish_timeout, headers=headers
                     )
@@ -392,7 +425,7 @@ class Shipper:
                         attempt, base_s=0.05, cap_s=self.settings.retry_backoff_max_s
                     )
                     self._metrics.publish_failures.inc()
-                    log.warning(
+                    (log.error if isinstance(exc, TooLarge) else log.warning)(
                         "batch_publish_failed",
                         stream=run.stream,
                         first_seq=run.first_seq,
