@@ -83,7 +83,8 @@ def _pyarrow() -> Any:
         import pyarrow
         import pyarrow.parquet
     except ImportError as exc:
-        raise InvalidInput("Parquet export needs pyarrow: pip install 'edgesync[parquet]'",
+        raise InvalidInput("Parquet export needs pyarrow: pip install pyarrow (or the "
+                           "project's extra: pip install -e '.[parquet]' in its clone)",
                            code="missing_extra") from exc
     return pyarrow
 
@@ -220,7 +221,7 @@ def export_cmd(
     progress = Progress(TextColumn("export"), BarColumn(), MofNCompleteColumn(),
                         TimeRemainingColumn(), console=err, transient=False)
     task = progress.add_task("rows", total=None)
-    with exit_when_unavailable(err, "export", dsn=dsn, state_dir=state_dir):
+    with exit_when_unavailable("export", dsn=dsn, state_dir=state_dir):
         try:
             with progress, _output(output) as out:
                 written = asyncio.run(export(

@@ -51,6 +51,12 @@ _SSE_HEARTBEAT_S = 15.0
 an idle stream."""
 
 
+_JSON_PAGE_DEFAULT = 1000
+"""Records of a JSON page when the request gives no ``limit``."""
+_NDJSON_DEFAULT = 1_000_000
+"""Records of an NDJSON stream when the request gives no ``limit``: the end of the feed,
+in practice (it is streamed page by page), as its documentation promises; it was the
+JSON page's 1,000, so a large range stopped after 1,000 records."""
 _NDJSON_PAGE = 1000
 """Records per read of an NDJSON stream (and at most ``page_max_bytes`` of them): what
 one stalled client keeps in memory is a few such pages (the one being sent, the one
@@ -199,9 +205,10 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
         since: Annotated[datetime | None, Query(description="Event time at or after.")]
         = None,
         until: Annotated[datetime | None, Query(description="Event time before.")] = None,
-        limit: Annotated[int, Query(ge=1, le=1_000_000, description=(
-            "Records at most (JSON pages: up to 10,000; a page also ends at "
-            "api.page_max_bytes of records, with caught_up false)."))] = 1000,
+        limit: Annotated[int | None, Query(ge=1, le=1_000_000, description=(
+            "Records at most (JSON pages: up to 10,000, default 1,000; a page also ends "
+            "at api.page_max_bytes of records, with caught_up false; ndjson: default "
+            "1,000,000)."))] = None,
         format: Annotated[Literal["json", "ndjson"], Query(description=(
             "json: one page with next_cursor; ndjson: records streamed up to the end "
             "of the feed (or limit), then a last line with next_cursor."))] = "json",
@@ -210,6 +217,7 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
         as ``after`` for the next page; it moves even when the filters match nothing."""
         filters = filters_of(edge, stream, since, until)
         if format == "json":
+            limit = _JSON_PAGE_DEFAULT if limit is None else limit
             if limit > 10_000:
                 raise InvalidInput("limit: at most 10,000 per JSON page (use format=ndjson)",
                                    code="invalid_request")
@@ -224,7 +232,7 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
         release = tails.acquire(_operator_of(request), tail=False)
 
         async def lines() -> AsyncIterator[bytes]:
-            cursor, left = start, limit
+            cursor, left = start, _NDJSON_DEFAULT if limit is None else limit
             try:
                 while left > 0:
                     # A connection per page, back in the pool before the page is sent:

@@ -96,6 +96,21 @@ async def test_ndjson_streams_everything_then_the_next_cursor(plane: ControlPlan
     assert rest["records"] == []
 
 
+async def test_ndjson_without_a_limit_streams_past_a_json_pages_default(
+    plane: ControlPlane, nats_server: EmbeddedNats, pg_dsn: str
+) -> None:
+    """With no limit, an NDJSON stream is not cut at the JSON page's default of 1,000
+    records (it was: the documented "large range, streamed" stopped there); a JSON page
+    still is."""
+    await publish(nats_server.url, "e3", "big", 1, 1500)
+    await wait_for_records(pg_dsn, 1590)
+    resp = await plane.http.get("/v1/records", params={"format": "ndjson", "edge": "e3"})
+    lines = [json.loads(line) for line in resp.text.splitlines()]
+    assert ids(lines[:-1]) == [("e3", "big", s) for s in range(1, 1501)]
+    page = (await plane.http.get("/v1/records", params={"edge": "e3"})).json()
+    assert len(page["records"]) == 1000
+
+
 class _Sse:
     """Reads an SSE response's events (one line iterator for its whole life)."""
 
