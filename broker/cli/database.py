@@ -30,6 +30,9 @@ __all__ = [
 
 T = TypeVar("T")
 
+_errors = Console(stderr=True, soft_wrap=True)
+"""Where the CLI's errors go: stderr, never into the data a command prints."""
+
 EXIT_REFUSED = 1
 """The command was refused by our rules (bad input, unknown name): retrying will not help."""
 EXIT_UNAVAILABLE = 2
@@ -64,10 +67,11 @@ def _not_located(dsn: str | None, state_dir: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def exit_when_unavailable(console: Console, doing: str, *, dsn: str | None = None,
+def exit_when_unavailable(doing: str, *, dsn: str | None = None,
                           state_dir: Path | None = None) -> Iterator[None]:
     """A database that cannot be reached or refuses the work (``OSError``,
-    ``asyncpg.PostgresError``) inside the block prints ``cannot <doing>: …`` and exits
+    ``asyncpg.PostgresError``) inside the block prints ``cannot <doing>: …`` (on stderr,
+    as every error of the CLI: stdout is the command's data) and exits
     :data:`EXIT_UNAVAILABLE`; the one rule of every command that reads PostgreSQL.
 
     Args:
@@ -79,18 +83,18 @@ def exit_when_unavailable(console: Console, doing: str, *, dsn: str | None = Non
     try:
         yield
     except ConfigError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        _errors.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from exc
     except (OSError, asyncpg.PostgresError) as exc:
-        console.print(f"[red]cannot {doing}:[/red] {escape(reason(exc))}")
+        _errors.print(f"[red]cannot {doing}:[/red] {escape(reason(exc))}")
         note = None if state_dir is None else _not_located(dsn, state_dir)
         if note is not None:
-            console.print(escape(note))
+            _errors.print(escape(note))
         raise typer.Exit(EXIT_UNAVAILABLE) from exc
 
 
 def run_on_database(dsn: str | None, state_dir: Path, job: Callable[[Any], Awaitable[T]], *,
-                    console: Console, doing: str, migrate: bool = False) -> T:
+                    doing: str, migrate: bool = False) -> T:
     """Run ``job(connection)`` on one connection to the resolved DSN and return its result.
 
     Our own refusals (:class:`~broker.errors.EdgesyncError`) print their message and exit
@@ -113,13 +117,13 @@ def run_on_database(dsn: str | None, state_dir: Path, job: Callable[[Any], Await
                 await apply_migrations(conn)
             return await job(conn)
 
-    with exit_when_unavailable(console, doing, dsn=dsn, state_dir=state_dir):
+    with exit_when_unavailable(doing, dsn=dsn, state_dir=state_dir):
         try:
             return asyncio.run(main())
         except EdgesyncError as exc:
-            console.print(f"[red]refused:[/red] {escape(str(exc))}")
+            _errors.print(f"[red]refused:[/red] {escape(str(exc))}")
             raise typer.Exit(EXIT_REFUSED) from exc
         except asyncpg.UndefinedTableError as exc:
-            console.print(f"[red]cannot {doing}:[/red] {escape(str(exc))} (the schema is not "
+            _errors.print(f"[red]cannot {doing}:[/red] {escape(str(exc))} (the schema is not "
                           "there yet: start the ingest once, it applies the migrations)")
             raise typer.Exit(EXIT_UNAVAILABLE) from exc

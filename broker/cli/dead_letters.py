@@ -30,6 +30,7 @@ __all__ = [
 ]
 
 console = Console()
+_errors = Console(stderr=True, soft_wrap=True)  # errors: never into the data
 dead_letters_app = typer.Typer(
     no_args_is_help=True, help="Inspect and replay dead letters (records the cloud refused).")
 T = TypeVar("T")
@@ -38,7 +39,7 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a ta
 
 
 def _run(dsn: str | None, state_dir: Path, job: Callable[[Any], Awaitable[T]]) -> T:
-    return run_on_database(dsn, state_dir, job, console=console, doing="read dead letters")
+    return run_on_database(dsn, state_dir, job, doing="read dead letters")
 
 
 
@@ -80,7 +81,7 @@ def show(letter_id: int, *, dsn: Dsn = None, state_dir: StateDir = Path(".edgesy
 
     found = _run(dsn, state_dir, lambda conn: get_dead_letter(conn, letter_id))
     if found is None:
-        console.print(f"[red]no dead letter {letter_id}[/red]")
+        _errors.print(f"[red]no dead letter {letter_id}[/red]")
         raise typer.Exit(1)
     found["data_b64"] = base64.b64encode(found.pop("data")).decode()
     typer.echo(json.dumps(found, default=str, indent=2))

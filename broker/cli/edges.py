@@ -54,6 +54,7 @@ __all__ = [
 edges_app = typer.Typer(no_args_is_help=True,
                         help="Provision and revoke edges' NATS identities.")
 console = Console()
+_errors = Console(stderr=True, soft_wrap=True)  # errors: never into the data
 
 StateDir = Annotated[Path, typer.Option(help="Where `edgesync up` keeps its state.")]
 AuthDir = Annotated[Path | None, typer.Option(
@@ -91,7 +92,7 @@ def _existing_store(state_dir: Path, auth_dir: Path | None) -> IdentityStore:
         return IdentityStore(auth_dir or state_dir / "nats-auth", Topology(prefix=prefix),
                              create=False)
     except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}: run where `edgesync up` runs, or pass "
+        _errors.print(f"[red]error:[/red] {exc}: run where `edgesync up` runs, or pass "
                       "--state-dir or --auth-dir")
         raise typer.Exit(2) from exc
 
@@ -188,7 +189,7 @@ def add(
         store = _store(state_dir, auth_dir)
         store.add_edge(edge, public_key=public_key)
     except (EdgesyncError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        _errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     if public_key is None:
         console.print(f"edge {edge}: credentials in {store.edge_credentials(edge)} (0600); "
@@ -202,7 +203,7 @@ def add(
         asyncio.run(_create_control_consumer(_admin_settings(store, runtime), store.topology,
                                              edge, just_reloaded=reloaded))
     except Exception as exc:
-        console.print(f"[red]control consumer not created:[/red] {type(exc).__name__}: "
+        _errors.print(f"[red]control consumer not created:[/red] {type(exc).__name__}: "
                       f"{reason(exc)}; run `edgesync edges add` again once NATS is reachable")
         if (note := nats_not_located(state_dir)) is not None:
             console.print(note)
@@ -230,7 +231,7 @@ def repair(
         created = asyncio.run(restore_control_consumers(
             _admin_settings(store, runtime), store.topology, edges))
     except Exception as exc:
-        console.print(f"[red]control consumers not repaired:[/red] {type(exc).__name__}: "
+        _errors.print(f"[red]control consumers not repaired:[/red] {type(exc).__name__}: "
                       f"{reason(exc)}; run `edgesync edges repair` again once NATS is "
                       "reachable")
         if (note := nats_not_located(state_dir)) is not None:
@@ -256,7 +257,7 @@ def revoke(
     try:
         removed = store.revoke_edge(edge)
     except (EdgesyncError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        _errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     if not removed:
         console.print(f"[yellow]edge {edge} has no identity; nothing to revoke[/yellow]")

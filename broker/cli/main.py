@@ -12,6 +12,7 @@ Service imports are lazy so ``edgesync --help`` stays fast.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -61,6 +62,7 @@ log = structlog.get_logger(__name__)
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="edgesync: durable edge-to-cloud sync over NATS JetStream into PostgreSQL.")
 console = Console(soft_wrap=True)  # piped (a log file), lines stay whole
+_errors = Console(stderr=True, soft_wrap=True)  # errors: never into a pipe's data
 app.add_typer(cmd_app, name="cmd")
 app.add_typer(keys_app, name="keys")
 app.add_typer(dead_letters_app, name="dead-letters")
@@ -87,7 +89,7 @@ def _run_from_env(
 
 def _exit_with(code: int, error: BaseException | None) -> None:
     if code == EXIT_ERROR and error is not None:
-        console.print(f"[red]error:[/red] {error}")
+        _errors.print(f"[red]error:[/red] {error}")
     if code:
         raise typer.Exit(code) from error
 
@@ -119,8 +121,16 @@ def up(
     `up` stops before starting anything: pass 0 for free ports."""
     from broker.cli.local_run import LocalRunOptions, run_local
 
+    if ignored := sorted(k for k in os.environ
+                         if k.startswith("EDGESYNC_") and k not in _UP_READS):
+        # Someone who set EDGESYNC_BRIDGE__PRODUCER_TOKENS expects it enforced: say that
+        # it is not, rather than run without it in silence.
+        _errors.print(
+            f"[yellow]warning:[/yellow] `edgesync up` runs on its embedded defaults and "
+            f"ignores {', '.join(ignored)}; to configure a service, run it on its own "
+            "(`edgesync bridge`, `edgesync ingest`, `edgesync api`: docs/operations.md)")
     if bridge_port and bridge_port <= api_port < bridge_port + edges:
-        console.print(f"[red]error:[/red] --api-port {api_port} is one of the {edges} "
+        _errors.print(f"[red]error:[/red] --api-port {api_port} is one of the {edges} "
                       f"bridges' ports from --bridge-port {bridge_port}: move one of them")
         raise typer.Exit(2)
     _exit_if_taken(bridge_port, edges, "--bridge-port")
@@ -130,6 +140,10 @@ def up(
                               bridge_port=bridge_port, api_port=api_port, fresh=fresh)
     _exit_with(*run_service(lambda stop: run_local(options, stop=stop,
                                                    print_line=console.print)))
+
+
+_UP_READS = frozenset({"EDGESYNC_PG_TEMPLATE_DIR"})
+"""The ``EDGESYNC_*`` variables ``edgesync up`` does read."""
 
 
 def _exit_if_taken(first: int, count: int, flag: str) -> None:
@@ -147,7 +161,7 @@ def _exit_if_taken(first: int, count: int, flag: str) -> None:
             with socket.create_server(("127.0.0.1", port)):
                 pass
         except OSError as exc:
-            console.print(f"[red]error:[/red] port {port} ({flag} {first}) is not free "
+            _errors.print(f"[red]error:[/red] port {port} ({flag} {first}) is not free "
                           f"({exc.strerror or exc}); another `edgesync up` may hold it: stop "
                           f"it, pass {flag} with another port, or {flag} 0 for a free one")
             raise typer.Exit(2) from exc
@@ -197,7 +211,7 @@ def status(
     from broker.settings import ApiSettings
 
     offline_after_s = ApiSettings.model_fields["edge_offline_after_s"].default
-    with exit_when_unavailable(console, "read status", dsn=dsn, state_dir=state_dir):
+    with exit_when_unavailable("read status", dsn=dsn, state_dir=state_dir):
         asyncio.run(show_status(resolve_dsn(dsn, state_dir), console, gaps=gaps, limit=limit,
                                 offline_after_s=offline_after_s))
 
@@ -231,7 +245,7 @@ def settings_cmd(
         head, rest = text.split(BEGIN, 1)
         _, tail = rest.split(END, 1)
     except ValueError as exc:
-        console.print(f"[red]{write_docs} has no {BEGIN} ... {END} markers[/red]")
+        _errors.print(f"[red]{write_docs} has no {BEGIN} ... {END} markers[/red]")
         raise typer.Exit(2) from exc
     write_docs.write_text(f"{head}{BEGIN}\n{table}{END}{tail}")
 
@@ -245,5 +259,5 @@ def main() -> None:
     try:
         app()
     except ConfigError as exc:  # e.g. an invalid EDGESYNC_* setting: one line, status 2
-        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(exc))}")
+        _errors.print(f"[red]error:[/red] {escape(str(exc))}")
         sys.exit(2)

@@ -39,7 +39,7 @@ def _who() -> str:
 
 def _run(dsn: str | None, state_dir: Path, job: Callable[[Any], Awaitable[T]]) -> T:
     # Operators may come before the API's first start: the schema is applied first.
-    return run_on_database(dsn, state_dir, job, console=console, doing="reach the database",
+    return run_on_database(dsn, state_dir, job, doing="reach the database",
                            migrate=True)
 
 

@@ -24,6 +24,7 @@ from broker.errors import InvalidInput
 __all__ = ["StreamArg", "apply", "console", "list_", "retention_app", "set_", "unset"]
 
 console = Console()
+_errors = Console(stderr=True, soft_wrap=True)  # errors: never into the data
 retention_app = typer.Typer(
     no_args_is_help=True,
     help="How long each stream's records are kept (whole day partitions are dropped).")
@@ -34,7 +35,7 @@ StreamArg = Annotated[str, typer.Argument(help="A stream name, or '*' for the de
 
 
 def _run(dsn: str | None, state_dir: Path, job: Callable[[Any], Awaitable[T]]) -> T:
-    return run_on_database(dsn, state_dir, job, console=console, doing="reach PostgreSQL")
+    return run_on_database(dsn, state_dir, job, doing="reach PostgreSQL")
 
 
 @retention_app.command("set")
@@ -47,7 +48,7 @@ def set_(stream: StreamArg, keep: Annotated[str, typer.Argument(help="12h, 30d, 
     try:
         duration = parse_keep(keep)
     except InvalidInput as exc:
-        console.print(f"[red]{escape(str(exc))}[/red]")
+        _errors.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1) from exc
     async def job(conn: Any) -> bool:
         await set_retention(conn, stream, duration)

@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 console = Console()
+_errors = Console(stderr=True, soft_wrap=True)  # errors: never into the data
 streams_app = typer.Typer(no_args_is_help=True,
                           help="Create or check the JetStream streams and KV bucket (admin).")
 EXIT_MISMATCH, EXIT_ERROR = 1, 2
@@ -136,7 +137,7 @@ def _run(body: Callable[[JetStreamContext], Awaitable[list[StreamCheck]]],
     try:
         return asyncio.run(_with_js(settings, body))
     except Exception as exc:  # the CLI boundary: any failure to talk to NATS is exit 2
-        console.print(f"[red]cannot reach NATS at {settings.url}:[/red] "
+        _errors.print(f"[red]cannot reach NATS at {settings.url}:[/red] "
                       f"{type(exc).__name__}: {reason(exc)}")
         if (note := nats_not_located(state_dir)) is not None:
             console.print(note)

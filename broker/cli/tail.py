@@ -93,15 +93,15 @@ def tail_cmd(
     """Print records as they commit (NDJSON, or a table on a terminal)."""
     console = Console()
     table = output == "table" or (output == "auto" and console.is_terminal)
-    with exit_when_unavailable(console, "read records", dsn=dsn, state_dir=state_dir):
+    with exit_when_unavailable("read records", dsn=dsn, state_dir=state_dir):
         try:
             asyncio.run(tail(resolve_dsn(dsn, state_dir), console, streams=stream or [],
                              edges=edge or [], start=from_, table=table, follow_feed=follow,
                              limit=limit))
         except KeyboardInterrupt:
             return
-        except EdgesyncError as exc:
-            console.print(f"[red]error:[/red] {exc}")
+        except EdgesyncError as exc:  # on stderr: stdout may be piped into jq
+            Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from exc
 
 

@@ -31,21 +31,23 @@ def _held(port: int = 0) -> Iterator[int]:
         yield int(server.getsockname()[1])
 
 
-def _up(tmp_path: Path, *args: str) -> tuple[int, str]:
-    """Run `edgesync up ARGS`; its exit code and output. One that does not refuse within
-    the deadline is stopped as Ctrl-C would stop it, and fails the test."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESYNC_")}
+def _up(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run `edgesync up ARGS`; its exit code and what it said on stderr (its refusals
+    belong there: nothing on stdout, which it must leave empty). One that does not refuse
+    within the deadline is stopped as Ctrl-C would stop it, and fails the test."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("EDGESYNC_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "broker", "up", "--state-dir", str(tmp_path / "state"), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**env, "COLUMNS": "300"}, cwd=tmp_path)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**clean, "COLUMNS": "300", **(env or {})}, cwd=tmp_path)
     try:
-        out, _ = proc.communicate(timeout=_DEADLINE_S)
+        out, err = proc.communicate(timeout=_DEADLINE_S)
     except subprocess.TimeoutExpired:
         proc.terminate()  # SIGTERM: `up` stops what it started
-        out, _ = proc.communicate(timeout=_DEADLINE_S)
-        pytest.fail(f"edgesync up started instead of refusing:\n{out}")
-    return proc.returncode, " ".join(out.split())
+        out, err = proc.communicate(timeout=_DEADLINE_S)
+        pytest.fail(f"edgesync up started instead of refusing:\n{out}{err}")
+    assert out == "", out
+    return proc.returncode, " ".join(err.split())
 
 
 @pytest.mark.parametrize("flag", ["--bridge-port", "--api-port"])
@@ -96,3 +98,15 @@ def test_an_api_port_among_the_bridge_ports_is_an_error(tmp_path: Path) -> None:
     assert code == 2, said
     assert "--api-port 8789 is one of the 3 bridges' ports from --bridge-port 8787" in said
     assert not (tmp_path / "state").exists()
+
+
+def test_edgesync_settings_up_ignores_are_named_not_ignored_in_silence(tmp_path: Path) -> None:
+    """`up` runs on embedded defaults: an EDGESYNC_* setting someone exported (a producer
+    token they expect enforced) is named as ignored, on stderr, before anything else."""
+    code, said = _up(tmp_path, "--edges", "3",
+                     env={"EDGESYNC_BRIDGE__PRODUCER_TOKENS": '{"t": ["*"]}',
+                          "EDGESYNC_PG_TEMPLATE_DIR": str(tmp_path / "template")})
+    assert code == 2, said
+    assert said.startswith("warning: `edgesync up` runs on its embedded defaults and ignores "
+                           "EDGESYNC_BRIDGE__PRODUCER_TOKENS;"), said
+    assert "EDGESYNC_PG_TEMPLATE_DIR" not in said  # the one it reads
