@@ -22,7 +22,15 @@ Non-asyncio applications use :class:`SyncEdgeClient` the same way, with
 ``with SyncEdgeClient(...) as client:``.
 """
 
-from broker.errors import BufferFull, ClosedError, InvalidInput, RecordTooLarge, TemporaryError
+from broker.errors import (
+    BufferFull,
+    ClosedError,
+    Forbidden,
+    InvalidInput,
+    RecordTooLarge,
+    TemporaryError,
+    Unauthorized,
+)
 from edge_bridge.sdk.client import EdgeClient
 from edge_bridge.sdk.results import ClientStats, RecordAck, SendFailed
 from edge_bridge.sdk.sync_client import SyncEdgeClient
@@ -32,10 +40,12 @@ __all__ = [
     "ClientStats",
     "ClosedError",
     "EdgeClient",
+    "Forbidden",
     "InvalidInput",
     "RecordAck",
     "RecordTooLarge",
     "SendFailed",
     "SyncEdgeClient",
     "TemporaryError",
+    "Unauthorized",
 ]

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from broker.errors import InvalidInput, RecordTooLarge
+from broker.errors import EdgesyncError, Forbidden, InvalidInput, RecordTooLarge, Unauthorized
 from broker.protocol.ingress import IngressResponse
 from edge_bridge.sdk._defaults import RETRY_AFTER_MIN_S
 from edge_bridge.sdk._http import Answer
@@ -52,8 +52,10 @@ def retry_after_s(response: Answer) -> float | None:
     return max(seconds, RETRY_AFTER_MIN_S)
 
 
-def rejection(response: Answer) -> InvalidInput:
-    """Translate a permanent 4xx answer into the error its records fail with."""
+def rejection(response: Answer) -> EdgesyncError:
+    """Translate a permanent 4xx answer into the error its records fail with: a missing or
+    wrong producer token (401) and a stream the token may not write (403) as such, not as
+    bad input (``stats.failed_by_reason`` then says ``unauthorized`` / ``forbidden``)."""
     code = "unknown"
     message = response.text[:500] or response.reason_phrase
     try:
@@ -64,4 +66,10 @@ def rejection(response: Answer) -> InvalidInput:
         code = str(body.get("error", code))
         message = str(body.get("message", message))
     text = f"bridge rejected the request: {message} (HTTP {response.status_code} {code})"
-    return RecordTooLarge(text) if response.status_code == 413 else InvalidInput(text)
+    kind = _REJECTIONS.get(response.status_code, InvalidInput)
+    return kind(text)
+
+
+_REJECTIONS: dict[int, type[EdgesyncError]] = {
+    401: Unauthorized, 403: Forbidden, 413: RecordTooLarge,
+}

@@ -23,18 +23,21 @@ import pytest
 
 import edge_bridge.sdk
 from broker import errors
+from broker.errors import EdgesyncError
 from broker.protocol.ingress import IngressRequest
 from broker.protocol.wire import Record
 from edge_bridge.sdk import (
     BufferFull,
     ClosedError,
     EdgeClient,
+    Forbidden,
     InvalidInput,
     RecordAck,
     RecordTooLarge,
     SendFailed,
     SyncEdgeClient,
     TemporaryError,
+    Unauthorized,
 )
 from edge_bridge.sdk._answers import retry_after_s
 from edge_bridge.sdk._defaults import RETRY_AFTER_MIN_S
@@ -340,12 +343,14 @@ async def test_an_unreachable_bridge_fails_the_records_with_temporary_error_at_t
 
 @pytest.mark.parametrize(
     ("code", "error_type"),
-    [(400, InvalidInput), (413, RecordTooLarge), (415, InvalidInput), (422, InvalidInput)],
+    [(400, InvalidInput), (401, Unauthorized), (403, Forbidden), (413, RecordTooLarge),
+     (415, InvalidInput), (422, InvalidInput)],
 )
 async def test_a_4xx_answer_fails_the_records_with_the_bridges_message_and_is_not_retried(
-    bridge: FakeBridge, code: int, error_type: type[InvalidInput]
+    bridge: FakeBridge, code: int, error_type: type[EdgesyncError]
 ) -> None:
-    """Permanent rejections fail every record of the batch at once, carrying the message."""
+    """Permanent rejections fail every record of the batch at once, carrying the message;
+    a token refused (401, 403) fails them as such, not as bad input."""
     bridge.default = FakeBridge.status(code, "bad_thing", "the bridge explains why")
     async with client_for(bridge, linger_ms=0.0) as client:
         outcomes = await settled([client.publish("s", i) for i in range(2)])
@@ -355,6 +360,7 @@ async def test_a_4xx_answer_fails_the_records_with_the_bridges_message_and_is_no
         assert f"HTTP {code} bad_thing" in str(outcome)
     assert len(bridge.requests) == 1
     assert client.stats.retries == 0
+    assert client.stats.failed_by_reason == {error_type.default_code: 2}
 
 
 async def test_a_failed_batch_is_logged_once_not_once_per_record(
