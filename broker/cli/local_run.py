@@ -259,6 +259,8 @@ async def run_local(
                            f"postgres: {redact_dsn(postgres.dsn)}")
                 print_line(f"  console: {api.url}/ui   api: {api.url}/docs   (token in "
                            "runtime.json; try `edgesync cmd edges`)")
+                print_line(f"  ingest health and metrics: http://127.0.0.1:{ingest.port}"
+                           "/healthz, /metrics")
                 print_line("Ctrl-C to stop.")
             if ready is not None:
                 ready.set()
@@ -397,8 +399,11 @@ def _counter(registry: Any, name: str) -> float:
 
 async def _summarise(bridges: list[Any], ingest: Any, stop: asyncio.Event, interval: float,
                      print_line: Callable[[str], None] | None) -> None:
+    """A line of counts and rates every ``interval`` while they move, and one when they
+    stop; none while idle (a line every 2 s of an idle run grew a nohup log without end)."""
     last = (0.0, 0.0, 0.0)
     last_t = time.monotonic()
+    was_moving = False
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=interval)
@@ -410,8 +415,11 @@ async def _summarise(bridges: list[Any], ingest: Any, stop: asyncio.Event, inter
         committed = _counter(ingest.metrics.registry, "edgesync_records_committed_total")
         dt = max(now - last_t, 1e-6)
         rates = [(v - p) / dt for v, p in zip((accepted, shipped, committed), last, strict=True)]
+        moving = (accepted, shipped, committed) != last
         last, last_t = (accepted, shipped, committed), now
-        if print_line is not None:
+        # One line more once they stop (its rates 0/s), then quiet until they move.
+        show, was_moving = moving or was_moving, moving
+        if print_line is not None and show:
             print_line(
                 f"accepted {accepted:>10,.0f} ({rates[0]:>8,.0f}/s)  "
                 f"shipped {shipped:>10,.0f} ({rates[1]:>8,.0f}/s)  "
