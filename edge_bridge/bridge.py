@@ -231,7 +231,8 @@ class Bridge(Service):
         self.metrics.nats_connected.set(1)
         self._check_max_payload(nc.max_payload)
         js = nc.jetstream(timeout=self.nats_settings.publish_timeout_s)
-        await self._wait_for_streams(js)
+        if not await self._wait_for_streams(js, closed):
+            return
         self.shipper.attach(js, max_payload=nc.max_payload)
         if self.control is not None:
             self.control.attach(js, nc)
@@ -260,23 +261,26 @@ class Bridge(Service):
                       fix="raise max_payload in nats-server's configuration (edgesync's "
                           "own servers use 8MB) or lower max_record_bytes")
 
-    async def _wait_for_streams(self, js: JetStreamContext) -> None:
-        """Wait until the streams this bridge uses exist. The cloud owns them: a bridge
-        only checks, never creates or updates (see :mod:`broker.protocol.topology`)."""
+    async def _wait_for_streams(self, js: JetStreamContext, closed: asyncio.Event) -> bool:
+        """Wait until the streams this bridge uses exist (True), or the connection is
+        given up meanwhile (False). The cloud owns them: a bridge only checks, never
+        creates or updates (see :mod:`broker.protocol.topology`)."""
         needed = [self.topology.records_stream, self.topology.events_stream]
         if self.control is not None:
             needed.append(self.topology.control_stream)
         attempt = 0
-        while True:
+        while not closed.is_set():
             try:
                 await self.topology.require_streams(js, needed)
-                return
+                return True
             except Exception as exc:
                 attempt += 1
                 delay = backoff_s(attempt, base_s=0.5, cap_s=5.0)
                 log.warning("streams_not_ready", error=f"{type(exc).__name__}: {exc}",
                             retry_in_s=round(delay, 2))
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(closed.wait(), timeout=delay)
+        return False
 
     async def _heartbeat_forever(self) -> None:
         while True:

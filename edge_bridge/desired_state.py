@@ -208,8 +208,9 @@ class Reconciler:
     async def run_forever(self) -> None:
         await self._attached.wait()
         assert self._nc is not None
-        sub = await self._nc.subscribe(self._topology.desired_subject(self.edge_id),
-                                       cb=self._on_update)
+        sub_nc = self._nc
+        sub = await sub_nc.subscribe(self._topology.desired_subject(self.edge_id),
+                                     cb=self._on_update)
         if self._appliers.kubernetes is not None:
             try:  # a rollout's deadline should not pay for importing the client
                 await self._appliers.kubernetes.connect()
@@ -222,6 +223,14 @@ class Reconciler:
                     await asyncio.wait_for(self._wake.wait(),
                                            timeout=self._settings.desired_recheck_interval_s)
                 self._wake.clear()
+                if self._nc is not sub_nc and self._nc is not None:
+                    # A new connection (the bridge made one after nats-py gave the
+                    # last up): the pushes come on it now.
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+                    sub_nc = self._nc
+                    sub = await sub_nc.subscribe(
+                        self._topology.desired_subject(self.edge_id), cb=self._on_update)
                 try:
                     await self.reconcile_once()
                 except TemporaryError as exc:

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from broker.cli.locating import not_located, read_runtime, reason
+from broker.cli.output import stderr_console, stdout_console
 from broker.protocol.command_status import FINAL_STATUSES, CommandStatus
 
 __all__ = [
@@ -53,8 +53,8 @@ __all__ = [
     "status",
 ]
 
-console = Console()
-err_console = Console(stderr=True)
+console = stdout_console()
+err_console = stderr_console()
 
 cmd_app = typer.Typer(no_args_is_help=True, help="Send signed commands to edges and follow them.")
 keys_app = typer.Typer(no_args_is_help=True, help="Manage the command signing keys.")

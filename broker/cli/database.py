@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from broker.cli.locating import not_located, read_runtime, reason
+from broker.cli.output import stderr_console
 from broker.errors import ConfigError, EdgesyncError
 from broker.settings import load_settings
 
@@ -30,7 +30,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-_errors = Console(stderr=True, soft_wrap=True)
+_errors = stderr_console()
 """Where the CLI's errors go: stderr, never into the data a command prints."""
 
 EXIT_REFUSED = 1

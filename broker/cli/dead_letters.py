@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from broker.cli.database import Dsn, StateDir, run_on_database
+from broker.cli.output import stderr_console, stdout_console
 
 __all__ = [
     "AsJson",
@@ -29,8 +29,8 @@ __all__ = [
     "show",
 ]
 
-console = Console()
-_errors = Console(stderr=True, soft_wrap=True)  # errors: never into the data
+console = stdout_console()
+_errors = stderr_console()  # errors: never into the data
 dead_letters_app = typer.Typer(
     no_args_is_help=True, help="Inspect and replay dead letters (records the cloud refused).")
 T = TypeVar("T")

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from broker.cli.locating import not_located, read_runtime, reason
+from broker.cli.output import stderr_console, stdout_console
 from broker.errors import ConfigError, EdgesyncError
 from broker.identities import IdentityStore
 from broker.protocol.topology import Topology
@@ -53,8 +53,8 @@ __all__ = [
 
 edges_app = typer.Typer(no_args_is_help=True,
                         help="Provision and revoke edges' NATS identities.")
-console = Console()
-_errors = Console(stderr=True, soft_wrap=True)  # errors: never into the data
+console = stdout_console()
+_errors = stderr_console()  # errors: never into the data
 
 StateDir = Annotated[Path, typer.Option(help="Where `edgesync up` keeps its state.")]
 AuthDir = Annotated[Path | None, typer.Option(

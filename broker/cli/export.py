@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import IO, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from broker.cli.database import Dsn, StateDir, exit_when_unavailable, resolve_dsn
+from broker.cli.output import stderr_console
 from broker.errors import InvalidInput
 from broker.protocol.tokens import validate_token
 
@@ -208,7 +208,7 @@ def export_cmd(
     state_dir: StateDir = Path(".edgesync"),
 ) -> None:
     """Export one stream's records over a time range to NDJSON, CSV or Parquet."""
-    err = Console(stderr=True)
+    err = stderr_console()
     try:
         start, end = _parse_time(from_, "--from"), _parse_time(to, "--to")
         if fmt is Format.parquet:

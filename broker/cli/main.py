@@ -20,7 +20,6 @@ from typing import Annotated, Any
 
 import structlog
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from broker.cli.commands import cmd_app, keys_app
@@ -30,6 +29,7 @@ from broker.cli.desired import desired_app, label_edge, rollout_app
 from broker.cli.edges import edges_app
 from broker.cli.export import export_cmd
 from broker.cli.operators import operators_app
+from broker.cli.output import stderr_console, stdout_console
 from broker.cli.retention import retention_app
 from broker.cli.services import (
     EXIT_ERROR,
@@ -61,8 +61,8 @@ log = structlog.get_logger(__name__)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="edgesync: durable edge-to-cloud sync over NATS JetStream into PostgreSQL.")
-console = Console(soft_wrap=True)  # piped (a log file), lines stay whole
-_errors = Console(stderr=True, soft_wrap=True)  # errors: never into a pipe's data
+console = stdout_console(soft_wrap=True)  # piped (a log file), lines stay whole
+_errors = stderr_console()  # errors: never into a pipe's data
 app.add_typer(cmd_app, name="cmd")
 app.add_typer(keys_app, name="keys")
 app.add_typer(dead_letters_app, name="dead-letters")

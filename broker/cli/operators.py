@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from broker.cli.database import Dsn, StateDir, run_on_database
+from broker.cli.output import stdout_console
 
 __all__ = ["add", "console", "list_", "operators_app", "revoke"]
 
-console = Console()
+console = stdout_console()
 operators_app = typer.Typer(
     no_args_is_help=True, help="Operator tokens and scopes for the operator API.")
 T = TypeVar("T")

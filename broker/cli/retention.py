@@ -14,17 +14,17 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from broker.cli.database import Dsn, StateDir, run_on_database
+from broker.cli.output import stderr_console, stdout_console
 from broker.errors import InvalidInput
 
 __all__ = ["StreamArg", "apply", "console", "list_", "retention_app", "set_", "unset"]
 
-console = Console()
-_errors = Console(stderr=True, soft_wrap=True)  # errors: never into the data
+console = stdout_console()
+_errors = stderr_console()  # errors: never into the data
 retention_app = typer.Typer(
     no_args_is_help=True,
     help="How long each stream's records are kept (whole day partitions are dropped).")

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from broker.cli.output import stderr_console, stdout_console
 from broker.settings import NatsSettings
 
 if TYPE_CHECKING:  # imported when used: `edgesync --help` stays fast
@@ -46,8 +46,8 @@ __all__ = [
     "streams_app",
 ]
 
-console = Console()
-_errors = Console(stderr=True, soft_wrap=True)  # errors: never into the data
+console = stdout_console()
+_errors = stderr_console()  # errors: never into the data
 streams_app = typer.Typer(no_args_is_help=True,
                           help="Create or check the JetStream streams and KV bucket (admin).")
 EXIT_MISMATCH, EXIT_ERROR = 1, 2

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from broker.cli.database import Dsn, StateDir, exit_when_unavailable, resolve_dsn
+from broker.cli.output import stderr_console, stdout_console
 from broker.errors import EdgesyncError
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ def tail_cmd(
     state_dir: StateDir = Path(".edgesync"),
 ) -> None:
     """Print records as they commit (NDJSON, or a table on a terminal)."""
-    console = Console()
+    console = stdout_console()
     table = output == "table" or (output == "auto" and console.is_terminal)
     with exit_when_unavailable("read records", dsn=dsn, state_dir=state_dir):
         try:
@@ -101,7 +102,7 @@ def tail_cmd(
         except KeyboardInterrupt:
             return
         except EdgesyncError as exc:  # on stderr: stdout may be piped into jq
-            Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {exc}")
+            stderr_console().print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from exc
 
 
