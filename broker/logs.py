@@ -50,7 +50,11 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        # A traceback without the frames' local variables: rich's default printed them,
+        # and with them a request's bearer token and the secrets of its body (an
+        # uncaught error in the API wrote both to `edgesync up`'s log).
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(),
+                                           exception_formatter=structlog.dev.plain_traceback)
     )
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
@@ -60,7 +64,9 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     )
     handler = logging.StreamHandler(_STDERR)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        processor=renderer, foreign_pre_chain=shared
+        # A library's exception (uvicorn's "Exception in ASGI application") as the
+        # traceback's text: in JSON it was the repr of the exc_info tuple, no traceback.
+        processor=renderer, foreign_pre_chain=[*shared, structlog.processors.format_exc_info]
     ))
     root = logging.getLogger()
     root.handlers[:] = [handler]
