@@ -45,6 +45,7 @@ from cloud_ingest.db_errors import Connection
 from cloud_ingest.feeding import record_commit
 from cloud_ingest.isolating import REFUSED_BY_POSTGRES
 from cloud_ingest.ranges import Span, Watermark, merge_ranges, spans_of
+from cloud_ingest.strict_json import StrictJsonRoute
 
 __all__ = [
     "DeadLetter",
@@ -307,7 +308,8 @@ def dead_letter_routes(
         pool: returns the API's PostgreSQL pool.
         read: the dependency guarding reads; ``write``: the one guarding replays.
     """
-    router = APIRouter(prefix="/v1/dead-letters", tags=["dead letters"])
+    router = APIRouter(prefix="/v1/dead-letters", tags=["dead letters"],
+                       route_class=StrictJsonRoute)
     not_found = {"description": "No such dead letter.",
                  "content": {"application/json": {"example": {
                      "error": "unknown_dead_letter", "message": "no dead letter 7"}}}}

@@ -246,6 +246,10 @@ def describe_validation_error(
     items = errors.errors() if isinstance(errors, ValidationError) else errors
     parts = []
     for err in items:
+        if err.get("type") == "json_invalid":  # FastAPI's: the reason is in its ctx
+            reason = (err.get("ctx") or {}).get("error") or err.get("msg")
+            parts.append(f"the body is not JSON: {reason}")
+            continue
         where = tuple(err.get("loc", ()))
         if where[:1] == ("body",):
             where = where[1:]

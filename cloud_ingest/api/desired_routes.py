@@ -36,6 +36,7 @@ from cloud_ingest.desired import (
 )
 from cloud_ingest.operators import Operator
 from cloud_ingest.rollouts import change_state, rollout_status, start_rollout
+from cloud_ingest.strict_json import StrictJsonRoute
 
 if TYPE_CHECKING:
     from cloud_ingest.api.service import Api
@@ -93,7 +94,7 @@ class RolloutRequest(_Body):
 def desired_routes(api: Api, *, read: Any, write: Any) -> APIRouter:
     """The routes, on ``api``'s pool and rollout driver; ``read`` / ``write`` are the scope
     dependencies."""
-    router = APIRouter(tags=["desired state"])
+    router = APIRouter(tags=["desired state"], route_class=StrictJsonRoute)
 
     @router.get("/v1/edges/{edge}/labels", dependencies=[read])
     async def get_edge_labels(edge: _Name) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from broker.feed import (
 )
 from broker.feed.reading import PAGE_MAX_BYTES, StreamKey
 from cloud_ingest.streaming import ClosingStream, tail_connection
+from cloud_ingest.strict_json import StrictJsonRoute
 
 __all__ = ["CheckpointIn", "SubscriptionOut", "TailLimit", "record_routes"]
 
@@ -171,7 +172,7 @@ def record_routes(pool: Callable[[], asyncpg.Pool], dsn: str, *, read: Any,
             an NDJSON stream or of a tail); a single larger record comes alone.
     """
     tails = tails or TailLimit(100)
-    router = APIRouter(tags=["records"], dependencies=[read])
+    router = APIRouter(tags=["records"], dependencies=[read], route_class=StrictJsonRoute)
 
     def filters_of(edge: list[str] | None, stream: list[str] | None,
                    since: datetime | None, until: datetime | None) -> Filters:

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import asyncpg
 import structlog
 from fastapi import Depends, FastAPI, Header, Query, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import generate_latest
@@ -47,6 +46,7 @@ from cloud_ingest.console import mount_console
 from cloud_ingest.db_errors import DATABASE_ERRORS, as_temporary, is_contention
 from cloud_ingest.dead_letters import dead_letter_routes
 from cloud_ingest.operators import Operator, command_scope, list_audit, list_operators
+from cloud_ingest.strict_json import StrictJsonRoute
 
 if TYPE_CHECKING:
     from cloud_ingest.api.service import Api
@@ -85,6 +85,7 @@ def create_app(api: Api) -> FastAPI:
         title="edgesync operator API", version=__version__,
         description="Signed control commands to edge sites, their status, and edge health.",
     )
+    app.router.route_class = StrictJsonRoute  # before any route: bodies as strict JSON
     settings = api.settings
     app.state.authenticator = authenticator = Authenticator(settings, api._db)
     require_read = Depends(require_scope("read"))
@@ -99,7 +100,9 @@ def create_app(api: Api) -> FastAPI:
         errors = list(exc.errors())
         return JSONResponse(status_code=422, content={
             "error": "invalid_request", "message": describe_validation_error(errors),
-            "detail": jsonable_encoder(errors, custom_encoder={Exception: str}),
+            # Where and what, not the value refused: echoed, a value JSON cannot hold
+            # made the answer itself fail (a 500), and a secret sent by mistake came back.
+            "detail": [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in errors],
         })
 
     @app.exception_handler(StarletteHTTPException)

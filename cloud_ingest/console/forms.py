@@ -12,6 +12,7 @@ type, and then the model itself validates it, so the console accepts exactly wha
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -19,6 +20,7 @@ from typing import Any, Final
 from pydantic import ValidationError
 
 from broker.protocol.command_specs import SPEC_MODELS
+from cloud_ingest import strict_json
 
 __all__ = ["DESTRUCTIVE", "FormField", "ParsedForm", "destructive_reason", "form_fields",
            "parse_form"]
@@ -145,15 +147,20 @@ def _convert(f: FormField, text: str) -> Any:
             raise ValueError(f"{text!r} is not a whole number") from None
     if f.widget == "number":
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             raise ValueError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):  # float() takes "nan" and "inf"; JSON has neither
+            raise ValueError(f"{text!r} is not a finite number")
+        return value
     if f.widget == "json":
         try:
-            return json.loads(text)
+            return strict_json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"not valid JSON: {exc.msg} (line {exc.lineno}, column "
                              f"{exc.colno})") from None
+        except RecursionError:  # a textarea of 200,000 brackets was a 500
+            raise ValueError("not valid JSON: nested too deeply") from None
     return text
 
 

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from broker.runtime.embedded_nats import EmbeddedNats
 from tests.integration.control_harness import ControlPlane, control_plane
 from tests.integration.harness import bridge_settings, running_bridge
+from tests.integration.test_api_auth import operator
 
 SHORT = 25
 LONG = int(os.environ.get("EDGESYNC_FUZZ_EXAMPLES", "2000"))
@@ -142,3 +143,31 @@ async def test_what_the_fuzzers_found_stays_fixed(plane: tuple[ControlPlane, Any
         response = await http.post("/v1/streams/s/records",
                                    json={"records": [{"payload_b64": "Zm9v\U0007867a"}]})
         assert response.status_code == 422 and response.json()["error"] == "invalid_records"
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+async def test_a_non_finite_number_in_a_body_is_a_422_for_any_operator(
+        plane: tuple[ControlPlane, Any], number: str) -> None:
+    """Python's JSON parser takes NaN and Infinity (and reads 1e400 as infinity); such a
+    value made every write route answer 500, read-only operators included, because the
+    422 echoing it could not be written. Now it is a JSON error: 422, for everyone."""
+    api, _ = plane
+    reader = await operator(api, f"reader-{number.strip('-').lower()}", "read")
+    writes = [
+        ("POST", "/v1/edges/edge-1/commands", '{"kind": "bridge.configure", "spec": '
+                                               f'{{"linger_ms": {number}}}}}'),
+        ("POST", "/v1/edges/edge-1/commands", f'{{"kind": {number}}}'),
+        ("PUT", "/v1/edges/edge-1/labels", f'{{"labels": {{"tier": {number}}}}}'),
+        ("POST", "/v1/rollouts", f'{{"version_id": 1, "max_failures": {number}}}'),
+        ("PUT", "/v1/subscriptions/reports", f'{{"cursor": {number}}}'),
+    ]
+    async with reader:
+        for client in (api.http, reader):
+            for method, path, body in writes:
+                response = await client.request(
+                    method, path, content=body, headers={"content-type": "application/json"})
+                assert response.status_code == 422, (method, path, body, response.text)
+                refusal = response.json()
+                assert refusal["error"] == "invalid_request"
+                assert refusal["message"].startswith("the body is not JSON: "), refusal
+                assert number.strip("-") in refusal["message"], refusal

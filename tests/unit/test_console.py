@@ -99,6 +99,18 @@ def test_each_bad_field_gets_its_own_error_and_no_spec() -> None:
     assert "unknown command kind" in parsed.errors[""]
 
 
+def test_json_too_deep_or_not_finite_is_a_fields_error_not_a_500() -> None:
+    """A textarea of 200,000 brackets raised RecursionError (a 500), and NaN or
+    Infinity in a JSON or number field passed on to a spec JSON cannot hold."""
+    parsed = parse_form("bridge.configure", {"spec.streams": "[" * 200_000 + "]" * 200_000})
+    assert parsed.errors["streams"] == "not valid JSON: nested too deeply"
+    parsed = parse_form("bridge.configure", {"spec.streams": '{"s": {"ttl_s": NaN}}'})
+    assert parsed.errors["streams"].startswith("not valid JSON: NaN is not a JSON number")
+    parsed = parse_form("bridge.configure", {"spec.linger_ms": "inf"})
+    assert parsed.errors["linger_ms"] == "'inf' is not a finite number"
+    assert parsed.spec is None
+
+
 def test_scale_to_zero_and_image_changes_need_a_confirmation() -> None:
     scale = {"namespace": "prod", "name": "web"}
     assert destructive_reason("deployment.scale", {**scale, "replicas": 0}) is not None
