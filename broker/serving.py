@@ -82,9 +82,12 @@ def embedded_server(app: Any, *, graceful_s: int = HTTP_GRACEFUL_S) -> EmbeddedS
     # httptools (uvicorn's C parser, a dependency) rather than h11: parsing is per
     # request, and on the edge path h11 cost ~20 % of the bridge's CPU per record. Its
     # protocol bounds a request's head, as h11 did (broker.http_protocol).
+    # proxy_headers off: the client of a request (the audit log's, the login log's) is
+    # its TCP peer. uvicorn's default believed X-Forwarded-For from 127.0.0.1, so under
+    # `edgesync up` any local process could name itself 6.6.6.6 in the audit log.
     config = uvicorn.Config(
         app, http=BoundedHttpToolsProtocol, log_config=None, access_log=False, lifespan="off",
-        timeout_graceful_shutdown=graceful_s,
+        timeout_graceful_shutdown=graceful_s, proxy_headers=False,
     )
     return EmbeddedServer(config)
 

@@ -191,7 +191,15 @@ class ApiGuard:
                 f"request body is above the {self.max_body_bytes}-byte limit"),
                 scope, receive, send)
             return
-        await self.app(scope, _replay(body, receive), self._audited(scope, send))
+        responded: list[int] = []
+        try:
+            await self.app(scope, _replay(body, receive), self._audited(scope, send, responded))
+        except Exception:
+            # An error no handler answered (Starlette's outer middleware sends the 500,
+            # past this guard): the write was attempted, so it is audited as a 500.
+            if not responded and scope["method"] not in _READS:
+                await self._audit(scope, 500)
+            raise
 
     async def _read_body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
@@ -214,12 +222,14 @@ class ApiGuard:
         headers = CHALLENGE if isinstance(exc, Unauthorized) else None
         await error_response(exc, headers=headers)(scope, receive, send)
 
-    def _audited(self, scope: Scope, send: Send) -> Send:
+    def _audited(self, scope: Scope, send: Send, responded: list[int]) -> Send:
+        """``send``, auditing a write's answer first (its status joins ``responded``)."""
         method: str = scope["method"]
 
         async def send_after_audit(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                responded.append(status)
                 # A 401 is anonymous noise (a console login with a wrong token): counted
                 # in the request metrics, not audited, as the guard's own 401s.
                 if (method not in _READS or status == 403) and status != 401:

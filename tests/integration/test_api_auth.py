@@ -112,7 +112,9 @@ async def test_the_audit_log_records_who_what_when_and_from_where_and_is_append_
     reader = await operator(plane, "rita", "read")
     try:
         before = time.time()
-        accepted = (await plane.http.post("/v1/edges/edge-1/commands", json=SCALE)).json()
+        accepted = (await plane.http.post(  # the client is the peer, whatever it says
+            "/v1/edges/edge-1/commands", json=SCALE,
+            headers={"X-Forwarded-For": "6.6.6.6", "Forwarded": "for=6.6.6.6"})).json()
         await reader.post("/v1/edges/edge-1/commands", json=SCALE)  # 403: audited too
         await reader.get("/v1/edges")  # reads are not audited
         rows = (await plane.http.get("/v1/audit")).json()
@@ -206,3 +208,20 @@ async def test_a_weak_or_empty_bootstrap_token_stops_the_api_at_start(
     with pytest.raises(ConfigError, match="operator_token is too weak"):
         async with Api(settings, NatsSettings()):
             pass
+
+
+async def test_a_write_that_fails_unanswered_is_audited_as_a_500(
+        plane: ControlPlane, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error no handler answers becomes Starlette's 500 outside the guard's audited
+    send; the attempted write is in the audit log all the same."""
+    from cloud_ingest.api import desired_routes
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in a write route")
+
+    monkeypatch.setattr(desired_routes, "set_labels", broken)
+    response = await plane.http.put("/v1/edges/edge-1/labels", json={"labels": {"a": "b"}})
+    assert response.status_code == 500
+    rows = (await plane.http.get("/v1/audit")).json()
+    assert (rows[0]["operator"], rows[0]["status"]) == ("bootstrap", 500)
+    assert (rows[0]["action"], rows[0]["target"]) == ("edge.label", "edge-1")
