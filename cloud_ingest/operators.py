@@ -132,10 +132,17 @@ async def add_operator(conn: Connection, name: str, scopes: Iterable[str], *, cr
         if taken:
             raise Conflict(f"operator {name!r} exists; revoke it first to issue a new token",
                            code="operator_exists")
+        digest = token_sha256(token)
+        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM operators "
+                               "WHERE token_sha256 = $1)", digest):
+            # A token is one operator's, for good (revoked ones included): it was a
+            # unique-key error, "cannot reach the database".
+            raise Conflict("that token is (or was) another operator's: bring a fresh one",
+                           code="token_taken")
         await conn.execute(
             "INSERT INTO operators (name, scopes, token_sha256, token_prefix, created_by)"
             " VALUES ($1, $2, $3, $4, $5)",
-            name, sorted(granted), token_sha256(token), token[:8], created_by)
+            name, sorted(granted), digest, token[:8], created_by)
         await audit(conn, operator=created_by, action="operator.add", target=name,
                     client=client, detail={"scopes": sorted(granted)})
     return token

@@ -217,14 +217,16 @@ class CliResult:
     stderr: str
 
 
-async def run_cli(*args: str, timeout: float = 60) -> CliResult:
-    """``edgesync ARGS`` in a child process."""
+async def run_cli(*args: str, timeout: float = 60, stdin: str | None = None) -> CliResult:
+    """``edgesync ARGS`` in a child process (``stdin``: what it reads there)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "broker", *args,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "COLUMNS": "200"},
     )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    out, err = await asyncio.wait_for(
+        proc.communicate(None if stdin is None else stdin.encode()), timeout)
     assert proc.returncode is not None
     return CliResult(proc.returncode, out.decode(), err.decode())
 

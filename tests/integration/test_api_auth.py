@@ -147,6 +147,19 @@ async def test_a_revoked_operator_is_refused_from_the_next_request(plane: Contro
         await client.aclose()
 
 
+async def test_a_token_already_an_operators_is_refused_with_the_reason(
+        plane: ControlPlane) -> None:
+    """A brought token is one operator's for good (revoked ones included): a second
+    operator with it is refused as such (it was "cannot reach the database")."""
+    token = "bring-your-own-" + "k" * 40
+    for name, code in (("first", 0), ("second", 1)):
+        result = await run_cli("operators", "add", name, "--scope", "read",
+                               "--token-stdin", "--dsn", plane.pg_dsn, stdin=f"{token}\n")
+        assert result.exit_code == code, result
+    assert "that token is (or was) another operator's" in result.stderr
+    assert "cannot reach" not in result.stderr
+
+
 async def test_bodies_above_the_limit_are_refused_before_reading_or_authentication(
         plane: ControlPlane) -> None:
     """A declared 40 MiB body is 413 at once, token or not; a chunked body is cut off at
