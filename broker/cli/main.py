@@ -140,6 +140,8 @@ def up(
                               bridge_port=bridge_port, api_port=api_port, fresh=fresh)
     _exit_with(*run_service(lambda stop: run_local(options, stop=stop,
                                                    print_line=console.print)))
+    # Said once everything it started has stopped (a stop used to end in silence).
+    console.print(f"edgesync up stopped; its state is kept in {state_dir}")
 
 
 _UP_READS = frozenset({"EDGESYNC_PG_TEMPLATE_DIR"})

@@ -34,6 +34,7 @@ async def test_up_with_simulation_commits_growing_rows_and_stops_cleanly(
             for setting in ("fsync", "full_page_writes", "synchronous_commit"):
                 assert await conn.fetchval(f"SHOW {setting}") == "on", setting
         assert up.interrupt() == 0, up.log_tail()
+        assert "edgesync up stopped; its state is kept in" in up.log_tail()
     for pid in (runtime["nats_pid"], runtime["postgres_pid"]):
         await until(lambda pid=pid: not alive(pid), timeout=10,
                     message=f"process {pid} outlived edgesync up")
