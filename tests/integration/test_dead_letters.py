@@ -165,12 +165,7 @@ async def test_a_record_postgres_refuses_is_isolated_and_replayed_exactly_once(
     async with running_ingest(pg_dsn, nats_server.url):
         await pg.execute("ALTER TABLE records ADD CONSTRAINT no_forbidden "
                          "CHECK (key IS DISTINCT FROM 'forbidden')")
-        nc = await nats.connect(nats_server.url)
-        try:
-            await nc.jetstream().publish(
-                "es.rec.e1.s", encode_batch(batch("e1", "s", 1, records))[0])
-        finally:
-            await nc.close()
+        await _publish(nats_server.url, records)
         await wait_for_records(pg_dsn, 199)
         progress = await until(lambda: _complete(pg, "e1", "s", 200), timeout=15)
     letter = await pg.fetchrow("SELECT id, seq, reason FROM dead_letters")
@@ -215,12 +210,7 @@ async def test_a_record_a_trigger_refuses_is_isolated_and_replayed_once_allowed(
     records = good(3)
     records[1] = Record(GOOD.ts, CT_JSON, b'{"ok": true}', key="refused")
     async with running_ingest(pg_dsn, nats_server.url):
-        nc = await nats.connect(nats_server.url)
-        try:
-            await nc.jetstream().publish(
-                "es.rec.e1.s", encode_batch(batch("e1", "s", 1, records))[0])
-        finally:
-            await nc.close()
+        await _publish(nats_server.url, records)
         progress = await until(lambda: _complete(pg, "e1", "s", 3), timeout=15)
     letter = await pg.fetchrow("SELECT id, kind, seq, last_seq, reason FROM dead_letters")
     assert (letter["kind"], letter["seq"], letter["last_seq"]) == ("record", 2, 2)
@@ -265,6 +255,16 @@ async def test_an_unexpected_failure_is_contained_to_its_message(
     assert "boom" in letter["reason"]
     assert await _seqs(pg) == [1, 2, 3, 6, 7, 8]
     assert progress["dead_lettered_records"] == 2
+
+
+async def _publish(nats_url: str, records: list[Record]) -> None:
+    """One batch of ``records`` from edge e1, stream s, seqs from 1."""
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.jetstream().publish("es.rec.e1.s",
+                                     encode_batch(batch("e1", "s", 1, records))[0])
+    finally:
+        await nc.close()
 
 
 async def _migrated(dsn: str, nats_server: EmbeddedNats) -> None:
