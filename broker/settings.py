@@ -429,6 +429,15 @@ class IngestSettings(BaseModel):
     workers: int = Field(2, ge=1, le=64, description="Concurrent fetch-commit loops per process.")
     pool_size: int = Field(4, ge=1, description="Postgres connections per process.")
     db_retry_max_s: float = Field(5.0, gt=0, description="Backoff cap while Postgres is down.")
+    db_probe_interval_s: float = Field(
+        5.0, gt=0, le=300,
+        description="How often a connection of its own asks PostgreSQL `SELECT 1`: a database "
+        "that hangs rather than refuses turns readiness false within interval + timeout, "
+        "not at a write's 60 s command timeout.",
+    )
+    db_probe_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="How long that probe (and its connect) may take.",
+    )
     group_budget_bytes: int = Field(
         64 * 1024**2,
         ge=1024**2,

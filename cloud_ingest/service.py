@@ -29,6 +29,7 @@ from broker.settings import IngestSettings, NatsSettings
 from cloud_ingest.cloud_service import CloudService
 from cloud_ingest.command_status import CommandStatusWriter
 from cloud_ingest.completeness import drop_marker_writer
+from cloud_ingest.db_watching import DatabaseWatch
 from cloud_ingest.desired_reports import DesiredReportWriter
 from cloud_ingest.direct_delivery import DeliveringClient
 from cloud_ingest.events_consuming import EventsConsumer
@@ -71,6 +72,7 @@ class Ingest(CloudService):
         self.watermarks: WatermarkPublisher | None = None
         self.maintenance: Maintenance | None = None
         self.keeper: TopologyKeeper | None = None
+        self.db_watch: DatabaseWatch | None = None
 
     async def _open(self) -> None:
         self._listen(self.settings.host, self.settings.port)
@@ -78,6 +80,9 @@ class Ingest(CloudService):
             self.settings.postgres_dsn, size=self.settings.pool_size, init=init_connection,
             retry_max_s=self.settings.db_retry_max_s,
         )
+        self.db_watch = DatabaseWatch(
+            self.settings.postgres_dsn, interval_s=self.settings.db_probe_interval_s,
+            timeout_s=self.settings.db_probe_timeout_s, on_change=self._db_answering)
         async with pool.acquire() as conn:
             # Today's partition and the next days' exist before the first write.
             self.metrics.partitions_created.inc(
@@ -134,7 +139,14 @@ class Ingest(CloudService):
             and self.consumer.db_ok
             and self.keeper is not None
             and self.keeper.ok
+            and self.db_watch is not None
+            and self.db_watch.answering
         )
+
+    def _db_answering(self, answering: bool) -> None:
+        """The watch's verdict, in the metric the consumer's writes also set."""
+        self.metrics.db_up.set(
+            1 if answering and self.consumer is not None and self.consumer.db_ok else 0)
 
     def health_app(self) -> FastAPI:
         app = FastAPI(title="edgesync ingest", docs_url=None, redoc_url=None)
@@ -174,6 +186,8 @@ class Ingest(CloudService):
             roots.start(watermarks.publish_forever(), name="watermarks")
             roots.start(maintenance.run_forever(), name="maintenance")
             roots.start(keeper.keep_forever(), name="topology")
+            assert self.db_watch is not None
+            roots.start(self.db_watch.watch_forever(), name="db-watch")
             roots.start(server.serve(sockets=[self.listener]), name="health")
 
             async def shutdown() -> None:
