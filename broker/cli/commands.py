@@ -178,7 +178,7 @@ def _send(ctx: typer.Context, edge: str, kind: str, spec: dict[str, Any], *, ttl
             console.print(f"command {accepted['id']} {accepted['status']} ({kind} on {edge})")
         return
     if not as_json:
-        console.print(f"command {accepted['id']} sent ({kind} on {edge})")
+        console.print(f"command {accepted['id']} accepted ({kind} on {edge})")
     _follow(client, accepted["id"], timeout=timeout, as_json=as_json)
 
 
@@ -197,7 +197,11 @@ def _follow(client: _Client, command_id: str, *, timeout: float, as_json: bool) 
                 console.print_json(data=command)
             raise typer.Exit(0 if status == CommandStatus.APPLIED else EXIT_FAILED)
         if time.monotonic() >= deadline:
-            err_console.print(f"[yellow]still {status} after {timeout:g}s[/yellow]")
+            # Accepted is not sent: say which side of NATS it waits on.
+            where = ("not yet published: the API could not reach NATS and keeps trying"
+                     if command.get("published_at") is None else
+                     "published; the edge has not reported (offline, or busy)")
+            err_console.print(f"[yellow]still {status} after {timeout:g}s: {where}[/yellow]")
             raise typer.Exit(EXIT_TIMEOUT)
         time.sleep(delay)
         delay = min(1.0, delay * 1.5)

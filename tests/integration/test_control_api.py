@@ -131,3 +131,23 @@ async def test_edges_are_listed_online_and_the_openapi_docs_are_served(
     assert (await plane.http.get("/docs")).status_code == 200
     metrics = (await plane.http.get("/metrics")).text
     assert "edgesync_api_requests_total" in metrics
+
+
+async def test_a_wait_that_times_out_says_which_side_of_nats_the_command_waits_on(
+        plane: ControlPlane, nats_server: EmbeddedNats) -> None:
+    """`cmd ... --wait` past its timeout says whether the command reached NATS (the
+    edge has not reported) or not (the API could not publish it); it said "sent", then
+    only "still pending", when NATS was away."""
+    published = await plane.cli("configure", "edge-1", "--linger-ms", "5", "--wait",
+                                "--timeout", "1")
+    assert published.exit_code == 3, published
+    assert "accepted (bridge.configure on edge-1)" in published.output
+    assert "still pending after 1s: published; the edge has not reported" in published.stderr
+    await nats_server.stop()
+    try:
+        stored = await plane.cli("configure", "edge-1", "--linger-ms", "6", "--wait",
+                                 "--timeout", "1")
+    finally:
+        await nats_server.start()
+    assert stored.exit_code == 3, stored
+    assert "not yet published: the API could not reach NATS" in stored.stderr
