@@ -14,6 +14,7 @@ load every pooled connection may be busy with a long write, which is no outage.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 import asyncpg
@@ -36,11 +37,17 @@ class DatabaseWatch:
         self._timeout_s = timeout_s
         self._on_change = on_change
         self._conn: asyncpg.Connection | None = None
+        self._stopping = asyncio.Event()
         self.answering = True
 
+    def begin_shutdown(self) -> None:
+        """End :meth:`watch_forever` at once (the ingest's shutdown waits for its roots)."""
+        self._stopping.set()
+
     async def watch_forever(self) -> None:
+        """Ask every ``interval_s`` until :meth:`begin_shutdown`."""
         try:
-            while True:
+            while not self._stopping.is_set():
                 held = self._conn is not None
                 error, hung = await self._ask()
                 if error is not None and held and not hung:
@@ -49,7 +56,8 @@ class DatabaseWatch:
                     # reconnecting): no outage by itself, so ask again on a new one.
                     error, hung = await self._ask()
                 self._set(error is None, error=error or "")
-                await asyncio.sleep(self._interval_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=self._interval_s)
         finally:
             if self._conn is not None:
                 self._conn.terminate()

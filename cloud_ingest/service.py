@@ -177,8 +177,8 @@ class Ingest(CloudService):
         assert self.watermarks is not None and self.maintenance is not None
         consumer, events, watermarks = self.consumer, self.events, self.watermarks
         maintenance = self.maintenance
-        assert self.keeper is not None
-        keeper = self.keeper
+        assert self.keeper is not None and self.db_watch is not None
+        keeper, db_watch = self.keeper, self.db_watch
         server = embedded_server(self.health_app())
         async with Supervisor("ingest") as roots:
             consume = roots.start(consumer.consume_forever(), name="consume")
@@ -186,8 +186,7 @@ class Ingest(CloudService):
             roots.start(watermarks.publish_forever(), name="watermarks")
             roots.start(maintenance.run_forever(), name="maintenance")
             roots.start(keeper.keep_forever(), name="topology")
-            assert self.db_watch is not None
-            roots.start(self.db_watch.watch_forever(), name="db-watch")
+            roots.start(db_watch.watch_forever(), name="db-watch")
             roots.start(server.serve(sockets=[self.listener]), name="health")
 
             async def shutdown() -> None:
@@ -195,6 +194,7 @@ class Ingest(CloudService):
                 events.begin_shutdown()
                 maintenance.begin_shutdown()
                 keeper.begin_shutdown()
+                db_watch.begin_shutdown()
                 server.should_exit = True
                 await asyncio.wait([consume, consume_events], timeout=DRAIN_S)
                 watermarks.begin_shutdown()  # after the last commit: publish its watermarks

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +15,7 @@ from broker.pg_connecting import connected
 from broker.runtime.embedded_nats import EmbeddedNats
 from broker.runtime.embedded_postgres import EmbeddedPostgres
 from broker.runtime.processes import child_pids
+from cloud_ingest.service import DRAIN_S
 from tests.integration.harness import running_ingest
 from tests.support import until
 
@@ -76,3 +78,16 @@ async def test_a_watch_connection_ended_by_an_administrator_is_no_outage(
                         message="the watch did not ask again on a new connection")
         assert changes == []
         assert ingest.ready and _db_up(ingest) == 1
+
+
+async def test_the_watch_ends_with_the_ingest_not_at_its_drain_deadline(
+        pg_dsn: str, nats_server: EmbeddedNats) -> None:
+    """The shutdown waits for every root task up to DRAIN_S: a watch that did not end
+    when asked held every stop of the ingest for that long (8 s)."""
+    async with running_ingest(pg_dsn, nats_server.url) as ingest:
+        watch = ingest.db_watch
+        assert watch is not None
+        await until(lambda: watch._conn is not None, message="the watch never connected")
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < DRAIN_S
+    assert watch._conn is None  # its connection went with it
