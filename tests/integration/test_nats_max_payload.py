@@ -17,13 +17,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from annotated_types import Le
 
 from broker.connecting import close_nats, connect_with_retry
 from broker.runtime.embedded_nats import EmbeddedNats
 from broker.runtime.secured_nats import NATS_MAX_PAYLOAD, SecuredNats
-from broker.settings import ShipperSettings
+from broker.settings import BridgeSettings, ShipperSettings
 from edge_bridge.bridge import Bridge
-from edge_bridge.shipping import message_bytes
+from edge_bridge.shipping import BATCH_OVERHEAD_BYTES, message_bytes
 from tests.integration.harness import (
     bridge_settings,
     running_bridge,
@@ -113,12 +114,15 @@ async def test_a_connection_the_server_ends_for_good_is_made_anew(
 async def test_edgesyncs_own_nats_server_takes_a_batch_of_the_largest_record(
     tmp_path: Path
 ) -> None:
-    """``edgesync up``'s nats-server takes a batch of one record of the bridge's largest
-    allowed ``max_record_bytes`` (4 MiB) with its framing."""
+    """``edgesync up``'s nats-server announces a ``max_payload`` that holds a batch of one
+    record of the largest ``max_record_bytes`` the bridge's settings allow, with its
+    framing (the bound follows the setting's own limit, should that be raised)."""
     async with SecuredNats(tmp_path / "state", log_file=tmp_path / "nats.log") as secured:
         nc = await connect_with_retry(secured.settings_for("admin"), name="max-payload-test")
         try:
-            assert nc.max_payload == NATS_MAX_PAYLOAD
+            announced = nc.max_payload
         finally:
             await close_nats(nc)
-    assert NATS_MAX_PAYLOAD > 4 * 1024 * 1024 + 128 * 1024
+    field = BridgeSettings.model_fields["max_record_bytes"]
+    largest_record = next(m.le for m in field.metadata if isinstance(m, Le))
+    assert announced == NATS_MAX_PAYLOAD >= largest_record + BATCH_OVERHEAD_BYTES
